@@ -1,0 +1,327 @@
+//! Hyper-parameters of a Llama-family decoder, read from an HF `config.json`
+//! (GGUF metadata is mapped onto the same struct in `gguf.rs`).
+
+use std::path::Path;
+
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::error::{ModelError, Result};
+
+/// The decoder families r3 runs. They share one implementation; the enum
+/// only decides details such as q/k/v biases and the name written on export.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Architecture {
+    Llama,
+    Qwen2,
+    Mistral,
+}
+
+impl Architecture {
+    /// The `architectures[0]` string transformers expects in `config.json`.
+    pub fn hf_name(self) -> &'static str {
+        match self {
+            Self::Llama => "LlamaForCausalLM",
+            Self::Qwen2 => "Qwen2ForCausalLM",
+            Self::Mistral => "MistralForCausalLM",
+        }
+    }
+
+    /// The `model_type` transformers expects in `config.json`.
+    pub fn model_type(self) -> &'static str {
+        match self {
+            Self::Llama => "llama",
+            Self::Qwen2 => "qwen2",
+            Self::Mistral => "mistral",
+        }
+    }
+
+    fn from_hf_name(name: &str) -> Option<Self> {
+        match name {
+            "LlamaForCausalLM" => Some(Self::Llama),
+            "Qwen2ForCausalLM" => Some(Self::Qwen2),
+            "MistralForCausalLM" => Some(Self::Mistral),
+            _ => None,
+        }
+    }
+}
+
+/// How rotary frequencies deviate from the plain `theta^(-2i/d)` schedule.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeScaling {
+    None,
+    /// Positions divided by a constant factor.
+    Linear {
+        factor: f64,
+    },
+    /// Llama 3.1's piecewise frequency scaling.
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: f64,
+    },
+    /// Per-frequency divisors, as llama.cpp stores them in `rope_freqs.weight`.
+    Factors(Vec<f32>),
+}
+
+/// Everything the decoder needs to know about a model's shape.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelConfig {
+    pub architecture: Architecture,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    pub rope_scaling: RopeScaling,
+    pub max_position_embeddings: usize,
+    pub tie_word_embeddings: bool,
+    /// q/k/v projections carry biases (always for Qwen2, optional for Llama).
+    pub attention_bias: bool,
+    /// Keys further back than this many positions are invisible (Mistral).
+    pub sliding_window: Option<usize>,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+}
+
+#[derive(Deserialize)]
+struct HfConfig {
+    architectures: Option<Vec<String>>,
+    vocab_size: Option<usize>,
+    hidden_size: Option<usize>,
+    intermediate_size: Option<usize>,
+    num_hidden_layers: Option<usize>,
+    num_attention_heads: Option<usize>,
+    num_key_value_heads: Option<usize>,
+    head_dim: Option<usize>,
+    rms_norm_eps: Option<f64>,
+    rope_theta: Option<f64>,
+    rope_scaling: Option<serde_json::Value>,
+    max_position_embeddings: Option<usize>,
+    tie_word_embeddings: Option<bool>,
+    attention_bias: Option<bool>,
+    sliding_window: Option<usize>,
+    use_sliding_window: Option<bool>,
+    bos_token_id: Option<serde_json::Value>,
+    eos_token_id: Option<serde_json::Value>,
+}
+
+/// Reads a token id field that HF writes as a number, a list of numbers or null.
+pub(crate) fn token_ids(value: Option<&serde_json::Value>) -> Vec<u32> {
+    match value {
+        Some(serde_json::Value::Number(n)) => {
+            n.as_u64().map(|v| vec![v as u32]).unwrap_or_default()
+        }
+        Some(serde_json::Value::Array(items)) => items
+            .iter()
+            .filter_map(|v| v.as_u64().map(|v| v as u32))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+impl ModelConfig {
+    /// Parses an HF `config.json`, rejecting architectures the decoder does not implement.
+    pub fn from_hf_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
+        let raw: HfConfig = serde_json::from_str(&text).map_err(|source| ModelError::Json {
+            path: path.into(),
+            source,
+        })?;
+        let arch_name = raw
+            .architectures
+            .as_ref()
+            .and_then(|a| a.first().cloned())
+            .ok_or_else(|| ModelError::invalid(path, "missing 'architectures'"))?;
+        let architecture = Architecture::from_hf_name(&arch_name).ok_or_else(|| {
+            ModelError::UnsupportedArchitecture {
+                path: path.into(),
+                arch: arch_name.clone(),
+            }
+        })?;
+        let need = |v: Option<usize>, key: &str| {
+            v.filter(|&v| v > 0)
+                .ok_or_else(|| ModelError::invalid(path, format!("missing or zero '{key}'")))
+        };
+        let hidden_size = need(raw.hidden_size, "hidden_size")?;
+        let num_heads = need(raw.num_attention_heads, "num_attention_heads")?;
+        let rope_scaling = parse_rope_scaling(path, raw.rope_scaling.as_ref())?;
+        let config = Self {
+            architecture,
+            vocab_size: need(raw.vocab_size, "vocab_size")?,
+            hidden_size,
+            intermediate_size: need(raw.intermediate_size, "intermediate_size")?,
+            num_layers: need(raw.num_hidden_layers, "num_hidden_layers")?,
+            num_heads,
+            num_kv_heads: raw.num_key_value_heads.unwrap_or(num_heads),
+            head_dim: raw.head_dim.unwrap_or(hidden_size / num_heads),
+            rms_norm_eps: raw.rms_norm_eps.unwrap_or(1e-6),
+            rope_theta: raw.rope_theta.unwrap_or(10_000.0),
+            rope_scaling,
+            max_position_embeddings: raw.max_position_embeddings.unwrap_or(4096),
+            tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
+            attention_bias: architecture == Architecture::Qwen2
+                || raw.attention_bias.unwrap_or(false),
+            sliding_window: match architecture {
+                Architecture::Mistral => raw.sliding_window,
+                Architecture::Qwen2 if raw.use_sliding_window == Some(true) => raw.sliding_window,
+                _ => None,
+            },
+            bos_token_id: token_ids(raw.bos_token_id.as_ref()).first().copied(),
+            eos_token_ids: token_ids(raw.eos_token_id.as_ref()),
+        };
+        config
+            .validate()
+            .map_err(|m| ModelError::invalid(path, m))?;
+        Ok(config)
+    }
+
+    /// Checks the relations between sizes that the decoder relies on.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if self.num_kv_heads == 0 || self.num_heads % self.num_kv_heads != 0 {
+            return Err(format!(
+                "num_attention_heads ({}) is not a multiple of num_key_value_heads ({})",
+                self.num_heads, self.num_kv_heads
+            ));
+        }
+        if self.head_dim == 0 || self.head_dim % 2 != 0 {
+            return Err(format!(
+                "head_dim {} must be even and non-zero",
+                self.head_dim
+            ));
+        }
+        if let RopeScaling::Factors(f) = &self.rope_scaling {
+            if f.len() != self.head_dim / 2 {
+                return Err(format!(
+                    "rope frequency factors have {} entries, expected head_dim/2 = {}",
+                    f.len(),
+                    self.head_dim / 2
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Inverse rotary frequencies, one per pair of head dimensions, with the
+    /// model's scaling applied: computed once so that every forward agrees.
+    pub fn inv_freq(&self) -> Vec<f32> {
+        let d = self.head_dim as f64;
+        let base: Vec<f64> = (0..self.head_dim / 2)
+            .map(|i| 1.0 / self.rope_theta.powf(2.0 * i as f64 / d))
+            .collect();
+        let scaled: Vec<f64> = match &self.rope_scaling {
+            RopeScaling::None => base,
+            RopeScaling::Linear { factor } => base.iter().map(|f| f / factor).collect(),
+            RopeScaling::Factors(factors) => base
+                .iter()
+                .zip(factors)
+                .map(|(f, s)| f / *s as f64)
+                .collect(),
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => {
+                let low_wavelen = original_max_position_embeddings / low_freq_factor;
+                let high_wavelen = original_max_position_embeddings / high_freq_factor;
+                base.iter()
+                    .map(|&f| {
+                        let wavelen = 2.0 * std::f64::consts::PI / f;
+                        if wavelen < high_wavelen {
+                            f
+                        } else if wavelen > low_wavelen {
+                            f / factor
+                        } else {
+                            let smooth = (original_max_position_embeddings / wavelen
+                                - low_freq_factor)
+                                / (high_freq_factor - low_freq_factor);
+                            (1.0 - smooth) * f / factor + smooth * f
+                        }
+                    })
+                    .collect()
+            }
+        };
+        scaled.into_iter().map(|f| f as f32).collect()
+    }
+
+    /// An HF `config.json` for this model, so that exported checkpoints load
+    /// in transformers even when the input was a GGUF file.
+    pub fn to_hf_json(&self) -> serde_json::Value {
+        let rope_scaling = match &self.rope_scaling {
+            RopeScaling::None | RopeScaling::Factors(_) => serde_json::Value::Null,
+            RopeScaling::Linear { factor } => json!({"rope_type": "linear", "factor": factor}),
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => json!({
+                "rope_type": "llama3",
+                "factor": factor,
+                "low_freq_factor": low_freq_factor,
+                "high_freq_factor": high_freq_factor,
+                "original_max_position_embeddings": original_max_position_embeddings,
+            }),
+        };
+        json!({
+            "architectures": [self.architecture.hf_name()],
+            "model_type": self.architecture.model_type(),
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": rope_scaling,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "attention_bias": self.attention_bias,
+            "sliding_window": self.sliding_window,
+            "hidden_act": "silu",
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_ids,
+            "torch_dtype": "float32",
+        })
+    }
+}
+
+fn parse_rope_scaling(path: &Path, value: Option<&serde_json::Value>) -> Result<RopeScaling> {
+    let Some(obj) = value.and_then(|v| v.as_object()) else {
+        return Ok(RopeScaling::None);
+    };
+    let kind = obj
+        .get("rope_type")
+        .or_else(|| obj.get("type"))
+        .and_then(|v| v.as_str())
+        .unwrap_or("default");
+    let num = |key: &str| {
+        obj.get(key).and_then(|v| v.as_f64()).ok_or_else(|| {
+            ModelError::invalid(path, format!("rope_scaling: missing number '{key}'"))
+        })
+    };
+    match kind {
+        "default" => Ok(RopeScaling::None),
+        "linear" => Ok(RopeScaling::Linear {
+            factor: num("factor")?,
+        }),
+        "llama3" => Ok(RopeScaling::Llama3 {
+            factor: num("factor")?,
+            low_freq_factor: num("low_freq_factor")?,
+            high_freq_factor: num("high_freq_factor")?,
+            original_max_position_embeddings: num("original_max_position_embeddings")?,
+        }),
+        other => Err(ModelError::invalid(
+            path,
+            format!("rope_scaling type '{other}' is not supported (default, linear, llama3 are)"),
+        )),
+    }
+}

@@ -1,0 +1,66 @@
+use std::path::PathBuf;
+
+/// Everything that can go wrong between a path on disk and a runnable model.
+/// Each variant names the file involved, because "invalid tensor" alone
+/// never tells a user which of six files to look at.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: invalid JSON: {source}")]
+    Json {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+    #[error("{path}: unsupported architecture '{arch}' (supported: LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM; GGUF: llama, qwen2, mistral)")]
+    UnsupportedArchitecture { path: PathBuf, arch: String },
+    #[error("{path}: tensor '{name}': {message}")]
+    Tensor {
+        path: PathBuf,
+        name: String,
+        message: String,
+    },
+    #[error("{path}: chat template: {message}")]
+    ChatTemplate { path: PathBuf, message: String },
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    #[error("default model: {0}")]
+    Fetch(String),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+impl ModelError {
+    pub(crate) fn invalid(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
+        Self::Invalid {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Self::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    pub(crate) fn tensor(
+        path: impl Into<PathBuf>,
+        name: impl Into<String>,
+        message: impl std::fmt::Display,
+    ) -> Self {
+        Self::Tensor {
+            path: path.into(),
+            name: name.into(),
+            message: message.to_string(),
+        }
+    }
+}
+
+pub type Result<T, E = ModelError> = std::result::Result<T, E>;

@@ -1,0 +1,26 @@
+//! The model stage of r3: configs, weights in (HF safetensors, GGUF) and
+//! out (safetensors), tokenizer, chat template, and the batched decoder with
+//! its KV cache and differentiable per-token log-probabilities.
+//!
+//! It knows nothing about tasks or rewards.
+
+pub mod cache;
+pub mod chat;
+pub mod config;
+pub mod default_model;
+pub mod error;
+pub mod gguf;
+pub mod llama;
+pub mod loader;
+pub mod logprob;
+pub mod tokenizer;
+pub mod weights;
+
+pub use cache::KvCache;
+pub use chat::{ChatTemplate, Message};
+pub use config::{Architecture, ModelConfig, RopeScaling};
+pub use error::{ModelError, Result};
+pub use llama::Llama;
+pub use loader::{load, GenerationDefaults, LoadedModel, ModelFormat};
+pub use tokenizer::Tokenizer;
+pub use weights::Weights;

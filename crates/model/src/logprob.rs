@@ -1,0 +1,257 @@
+//! log p(target) = h·w_target − logsumexp(h·Wᵀ), for chosen positions only.
+//!
+//! A candle custom op with its own backward: the vocabulary projection is
+//! computed a chunk of rows at a time and recomputed in the backward pass,
+//! so peak memory is one `[chunk, vocab]` block instead of the full logits
+//! (and the 3–4 copies of them autograd would keep) for every position.
+//!
+//! Gradients, with p = softmax(h·Wᵀ) and g the incoming gradient per row:
+//!   ∂/∂h_i = g_i (w_{t_i} − Σ_v p_iv w_v)     ∂/∂W = Σ_i g_i (onehot(t_i) − p_i) ⊗ h_i
+
+use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Storage, Tensor};
+use rayon::prelude::*;
+
+use crate::error::{ModelError, Result};
+
+/// Logits held at once: about 16 MiB of f32.
+const CHUNK_ELEMENTS: usize = 1 << 22;
+
+/// Differentiable log-probabilities `[n]` of `targets` under `hidden [n, h]`
+/// projected by `weight [vocab, h]`.
+pub fn token_logprobs(hidden: &Tensor, weight: &Tensor, targets: &[u32]) -> Result<Tensor> {
+    let (n, _) = hidden.dims2()?;
+    let (vocab, _) = weight.dims2()?;
+    if targets.len() != n {
+        return Err(ModelError::Tokenizer(format!(
+            "{} targets for {n} hidden rows",
+            targets.len()
+        )));
+    }
+    if let Some(&bad) = targets.iter().find(|&&t| t as usize >= vocab) {
+        return Err(ModelError::Tokenizer(format!(
+            "target id {bad} is outside the vocabulary of {vocab}"
+        )));
+    }
+    let hidden = hidden.contiguous()?;
+    let weight = weight.contiguous()?;
+    Ok(hidden.apply_op2(
+        &weight,
+        TokenLogprobs {
+            targets: targets.to_vec(),
+        },
+    )?)
+}
+
+struct TokenLogprobs {
+    targets: Vec<u32>,
+}
+
+/// A strided matrix operand for [`gemm`]: base pointer and element strides.
+#[derive(Clone, Copy)]
+struct Mat {
+    ptr: *const f32,
+    row_stride: isize,
+    col_stride: isize,
+}
+
+/// `dst[m × n] (+)= a[m × k] · b[k × n]`, dst row-major with `n` columns.
+fn gemm(m: usize, n: usize, k: usize, dst: &mut [f32], accumulate: bool, a: Mat, b: Mat) {
+    assert_eq!(dst.len(), m * n);
+    let threads = candle_core::utils::get_num_threads();
+    // SAFETY: the pointers cover the extents given by the strides (checked
+    // by the callers' slice lengths), and dst is an exclusive borrow.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.ptr,
+            a.col_stride,
+            a.row_stride,
+            b.ptr,
+            b.col_stride,
+            b.row_stride,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            if threads > 1 {
+                gemm::Parallelism::Rayon(threads)
+            } else {
+                gemm::Parallelism::None
+            },
+        )
+    }
+}
+
+impl TokenLogprobs {
+    fn chunk_rows(vocab: usize, n: usize) -> usize {
+        (CHUNK_ELEMENTS / vocab.max(1)).clamp(1, n.max(1))
+    }
+
+    /// logits[c × vocab] = hidden[rows] · Wᵀ for one chunk of rows.
+    fn chunk_logits(hidden: &[f32], weight: &[f32], h: usize, vocab: usize, logits: &mut [f32]) {
+        let rows = hidden.len() / h;
+        let a = Mat {
+            ptr: hidden.as_ptr(),
+            row_stride: h as isize,
+            col_stride: 1,
+        };
+        let w_t = Mat {
+            ptr: weight.as_ptr(),
+            row_stride: 1,
+            col_stride: h as isize,
+        };
+        gemm(rows, vocab, h, logits, false, a, w_t);
+    }
+}
+
+/// Replaces a row of logits by its softmax and returns its logsumexp.
+fn softmax_in_place(row: &mut [f32]) -> f32 {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0f64;
+    for x in row.iter_mut() {
+        *x = (*x - max).exp();
+        sum += *x as f64;
+    }
+    let inv = (1.0 / sum) as f32;
+    row.iter_mut().for_each(|x| *x *= inv);
+    max + (sum as f32).ln()
+}
+
+fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> candle_core::Result<&'a [f32]> {
+    let data = storage.as_slice::<f32>()?;
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => candle_core::bail!("token-logprobs needs contiguous inputs"),
+    }
+}
+
+fn tensor_f32(t: &Tensor) -> candle_core::Result<Vec<f32>> {
+    t.contiguous()?.flatten_all()?.to_vec1::<f32>()
+}
+
+impl CustomOp2 for TokenLogprobs {
+    fn name(&self) -> &'static str {
+        "token-logprobs"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let hidden = f32_slice(s1, l1)?;
+        let weight = f32_slice(s2, l2)?;
+        let (n, h) = l1.shape().dims2()?;
+        let (vocab, _) = l2.shape().dims2()?;
+        let chunk = Self::chunk_rows(vocab, n);
+        let mut out = vec![0f32; n];
+        let mut logits = vec![0f32; chunk * vocab];
+        for (c, out_chunk) in out.chunks_mut(chunk).enumerate() {
+            let rows = out_chunk.len();
+            let start = c * chunk;
+            let logits = &mut logits[..rows * vocab];
+            Self::chunk_logits(
+                &hidden[start * h..(start + rows) * h],
+                weight,
+                h,
+                vocab,
+                logits,
+            );
+            out_chunk
+                .par_iter_mut()
+                .zip(logits.par_chunks_mut(vocab))
+                .zip(&self.targets[start..start + rows])
+                .for_each(|((o, row), &target)| {
+                    let picked = row[target as usize];
+                    *o = picked - softmax_in_place(row);
+                });
+        }
+        Ok((CpuStorage::F32(out), Shape::from(n)))
+    }
+
+    fn bwd(
+        &self,
+        hidden: &Tensor,
+        weight: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (n, h) = hidden.dims2()?;
+        let (vocab, _) = weight.dims2()?;
+        let hidden_data = tensor_f32(&hidden.detach())?;
+        let grad_out = tensor_f32(&grad_res.detach())?;
+        let weight = weight.detach().contiguous()?;
+        let (storage, layout) = weight.storage_and_layout();
+        let Storage::Cpu(cpu) = &*storage else {
+            candle_core::bail!("token-logprobs runs on the CPU only");
+        };
+        let weight_data = f32_slice(cpu, layout)?;
+        let chunk = Self::chunk_rows(vocab, n);
+        let mut grad_hidden = vec![0f32; n * h];
+        let mut grad_weight = vec![0f32; vocab * h];
+        let mut coeff = vec![0f32; chunk * vocab];
+        for start in (0..n).step_by(chunk) {
+            let rows = chunk.min(n - start);
+            let hidden_chunk = &hidden_data[start * h..(start + rows) * h];
+            let coeff = &mut coeff[..rows * vocab];
+            Self::chunk_logits(hidden_chunk, weight_data, h, vocab, coeff);
+            // coeff = g · (onehot(target) − softmax)
+            coeff
+                .par_chunks_mut(vocab)
+                .zip(&self.targets[start..start + rows])
+                .zip(&grad_out[start..start + rows])
+                .for_each(|((row, &target), &g)| {
+                    softmax_in_place(row);
+                    row.iter_mut().for_each(|x| *x *= -g);
+                    row[target as usize] += g;
+                });
+            let coeff_mat = Mat {
+                ptr: coeff.as_ptr(),
+                row_stride: vocab as isize,
+                col_stride: 1,
+            };
+            // ∂h = coeff · W
+            let w = Mat {
+                ptr: weight_data.as_ptr(),
+                row_stride: h as isize,
+                col_stride: 1,
+            };
+            gemm(
+                rows,
+                h,
+                vocab,
+                &mut grad_hidden[start * h..(start + rows) * h],
+                false,
+                coeff_mat,
+                w,
+            );
+            // ∂W += coeffᵀ · h
+            let coeff_t = Mat {
+                ptr: coeff.as_ptr(),
+                row_stride: 1,
+                col_stride: vocab as isize,
+            };
+            let hid = Mat {
+                ptr: hidden_chunk.as_ptr(),
+                row_stride: h as isize,
+                col_stride: 1,
+            };
+            gemm(vocab, h, rows, &mut grad_weight, true, coeff_t, hid);
+        }
+        drop(storage);
+        let device = hidden.device();
+        Ok((
+            Some(Tensor::from_vec(grad_hidden, (n, h), device)?),
+            Some(Tensor::from_vec(grad_weight, (vocab, h), device)?),
+        ))
+    }
+}
