@@ -243,7 +243,7 @@ impl KvCache {
                 None => None,
                 Some((k, v)) => {
                     let pick = |x: &Tensor| -> Result<Tensor> {
-                        let x = x.narrow(2, first_used, len)?.index_select(&index, 0)?;
+                        let x = x.index_select(&index, 0)?.narrow(2, first_used, len)?;
                         out.restore_capacity(x, self.capacity())
                     };
                     Some((pick(k)?, pick(v)?))

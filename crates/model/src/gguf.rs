@@ -235,34 +235,62 @@ fn value_as_u64(v: &Value) -> Option<u64> {
     }
 }
 
-/// Maps llama.cpp tensor names to transformers' names.
-fn hf_name(gguf: &str) -> Option<String> {
-    let fixed = match gguf {
-        "token_embd.weight" => Some("model.embed_tokens.weight"),
-        "output_norm.weight" => Some("model.norm.weight"),
-        "output.weight" => Some("lm_head.weight"),
-        _ => None,
+/// llama.cpp's names for the model-wide tensors, beside transformers'.
+const GLOBAL_NAMES: [(&str, &str); 3] = [
+    ("token_embd.weight", "model.embed_tokens.weight"),
+    ("output_norm.weight", "model.norm.weight"),
+    ("output.weight", "lm_head.weight"),
+];
+
+/// llama.cpp's names for the modules of layer `i` (`blk.i.*`), beside
+/// transformers' (`model.layers.i.*`).
+const LAYER_NAMES: [(&str, &str); 9] = [
+    ("attn_norm", "input_layernorm"),
+    ("ffn_norm", "post_attention_layernorm"),
+    ("attn_q", "self_attn.q_proj"),
+    ("attn_k", "self_attn.k_proj"),
+    ("attn_v", "self_attn.v_proj"),
+    ("attn_output", "self_attn.o_proj"),
+    ("ffn_gate", "mlp.gate_proj"),
+    ("ffn_up", "mlp.up_proj"),
+    ("ffn_down", "mlp.down_proj"),
+];
+
+/// Maps a tensor name between llama.cpp's and transformers' schemes;
+/// `to_hf` picks the direction.
+fn rename(name: &str, to_hf: bool) -> Option<String> {
+    let oriented = |pair: &(&'static str, &'static str)| {
+        if to_hf {
+            *pair
+        } else {
+            (pair.1, pair.0)
+        }
     };
-    if let Some(name) = fixed {
-        return Some(name.to_string());
+    let from = |pair: &(&'static str, &'static str)| oriented(pair).0;
+    let to = |pair: &(&'static str, &'static str)| oriented(pair).1;
+    if let Some(pair) = GLOBAL_NAMES.iter().find(|p| from(p) == name) {
+        return Some(to(pair).to_string());
     }
-    let rest = gguf.strip_prefix("blk.")?;
-    let (layer, tail) = rest.split_once('.')?;
-    let layer: usize = layer.parse().ok()?;
-    let (part, kind) = tail.rsplit_once('.')?;
-    let module = match part {
-        "attn_norm" => "input_layernorm",
-        "ffn_norm" => "post_attention_layernorm",
-        "attn_q" => "self_attn.q_proj",
-        "attn_k" => "self_attn.k_proj",
-        "attn_v" => "self_attn.v_proj",
-        "attn_output" => "self_attn.o_proj",
-        "ffn_gate" => "mlp.gate_proj",
-        "ffn_up" => "mlp.up_proj",
-        "ffn_down" => "mlp.down_proj",
-        _ => return None,
+    let (from_prefix, to_prefix) = if to_hf {
+        ("blk.", "model.layers.")
+    } else {
+        ("model.layers.", "blk.")
     };
-    Some(format!("model.layers.{layer}.{module}.{kind}"))
+    let (layer, tail) = name.strip_prefix(from_prefix)?.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (module, kind) = tail.rsplit_once('.')?;
+    let pair = LAYER_NAMES.iter().find(|p| from(p) == module)?;
+    Some(format!("{to_prefix}{layer}.{}.{kind}", to(pair)))
+}
+
+/// transformers' name of a llama.cpp tensor.
+fn hf_name(gguf: &str) -> Option<String> {
+    rename(gguf, true)
+}
+
+/// llama.cpp's name of a transformers tensor, for writing GGUF files.
+pub fn gguf_name(hf: &str) -> Option<String> {
+    rename(hf, false)
 }
 
 /// The inverse of llama.cpp's rope permutation, also used to write GGUF

@@ -13,6 +13,7 @@ pub mod gguf;
 pub mod llama;
 pub mod loader;
 pub mod logprob;
+pub mod tiny;
 pub mod tokenizer;
 pub mod weights;
 

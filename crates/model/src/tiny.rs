@@ -1,0 +1,286 @@
+//! Tiny random models written to disk in both forms r3 loads (an HF
+//! directory and a GGUF file). Tests use them where speed matters, so that
+//! the loaders are exercised on files the project wrote itself.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::quantized::gguf_file::{self, Value};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{DType, Device, Tensor};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use tokenizers::models::bpe::BPE;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::AddedToken;
+
+use crate::config::{Architecture, ModelConfig, RopeScaling};
+use crate::error::{ModelError, Result};
+use crate::gguf::{gguf_name, permute_rope_rows};
+use crate::weights::Weights;
+
+/// ChatML, as SmolLM2 and Qwen2 write it.
+pub const CHAT_TEMPLATE: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+/// Merges on top of the 256 byte tokens, so BPE merging is exercised.
+const MERGES: &[(&str, &str)] = &[("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "n"), ("Ġ", "a")];
+const SPECIALS: &[&str] = &["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
+
+/// A tiny model: its config and random weights under HF names.
+pub struct TinyModel {
+    pub config: ModelConfig,
+    pub weights: HashMap<String, Tensor>,
+    tokens: Vec<String>,
+}
+
+impl TinyModel {
+    /// Random weights for a model of `hidden` width with `layers` layers;
+    /// `hidden` must be a multiple of 256 for K-quant GGUF files.
+    pub fn new(
+        architecture: Architecture,
+        hidden: usize,
+        layers: usize,
+        seed: u64,
+    ) -> Result<Self> {
+        let mut tokens: Vec<String> = {
+            let mut bytes: Vec<char> = ByteLevel::alphabet().into_iter().collect();
+            bytes.sort_unstable();
+            bytes.into_iter().map(String::from).collect()
+        };
+        tokens.extend(MERGES.iter().map(|(a, b)| format!("{a}{b}")));
+        tokens.extend(SPECIALS.iter().map(|s| s.to_string()));
+        let head_dim = 32;
+        let config = ModelConfig {
+            architecture,
+            vocab_size: tokens.len() + 7,
+            hidden_size: hidden,
+            intermediate_size: 2 * hidden,
+            num_layers: layers,
+            num_heads: hidden / head_dim,
+            num_kv_heads: (hidden / head_dim / 2).max(1),
+            head_dim,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10_000.0,
+            rope_scaling: RopeScaling::None,
+            max_position_embeddings: 2048,
+            tie_word_embeddings: true,
+            attention_bias: architecture == Architecture::Qwen2,
+            sliding_window: None,
+            bos_token_id: Some(tokens.len() as u32 - 2),
+            eos_token_ids: vec![tokens.len() as u32 - 1],
+        };
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let c = &config;
+        let (q, kv) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+        let mut weights = HashMap::new();
+        let mut put = |name: String, shape: &[usize], scale: f64| -> Result<()> {
+            // Norm weights (scale 0) are drawn around 1, the rest around 0.
+            let (mean, std) = if scale == 0.0 {
+                (1.0, 0.1)
+            } else {
+                (0.0, scale)
+            };
+            let n: usize = shape.iter().product();
+            let values: Vec<f32> = (0..n)
+                .map(|_| {
+                    // Box–Muller: a normal draw from two uniforms.
+                    let (u1, u2): (f64, f64) = (rng.random::<f64>().max(1e-12), rng.random());
+                    let z = (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos();
+                    (mean + std * z) as f32
+                })
+                .collect();
+            weights.insert(name, Tensor::from_vec(values, shape, &Device::Cpu)?);
+            Ok(())
+        };
+        put(
+            "model.embed_tokens.weight".into(),
+            &[c.vocab_size, hidden],
+            1.0,
+        )?;
+        put("model.norm.weight".into(), &[hidden], 0.0)?;
+        let s = 1.0 / (hidden as f64).sqrt();
+        for i in 0..layers {
+            let p = format!("model.layers.{i}");
+            put(format!("{p}.input_layernorm.weight"), &[hidden], 0.0)?;
+            put(
+                format!("{p}.post_attention_layernorm.weight"),
+                &[hidden],
+                0.0,
+            )?;
+            put(format!("{p}.self_attn.q_proj.weight"), &[q, hidden], s)?;
+            put(format!("{p}.self_attn.k_proj.weight"), &[kv, hidden], s)?;
+            put(format!("{p}.self_attn.v_proj.weight"), &[kv, hidden], s)?;
+            put(format!("{p}.self_attn.o_proj.weight"), &[hidden, q], s)?;
+            if c.attention_bias {
+                put(format!("{p}.self_attn.q_proj.bias"), &[q], 0.1)?;
+                put(format!("{p}.self_attn.k_proj.bias"), &[kv], 0.1)?;
+                put(format!("{p}.self_attn.v_proj.bias"), &[kv], 0.1)?;
+            }
+            put(
+                format!("{p}.mlp.gate_proj.weight"),
+                &[2 * hidden, hidden],
+                s,
+            )?;
+            put(format!("{p}.mlp.up_proj.weight"), &[2 * hidden, hidden], s)?;
+            put(
+                format!("{p}.mlp.down_proj.weight"),
+                &[hidden, 2 * hidden],
+                s,
+            )?;
+        }
+        Ok(Self {
+            config,
+            weights,
+            tokens,
+        })
+    }
+
+    pub fn weights(&self) -> Weights {
+        Weights::new("<tiny model>", self.weights.clone())
+    }
+
+    fn tokenizer(&self) -> Result<tokenizers::Tokenizer> {
+        let vocab: tokenizers::models::bpe::Vocab = self
+            .tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), i as u32))
+            .collect();
+        let merges = MERGES
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect();
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .build()
+            .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+        let mut tok = tokenizers::Tokenizer::new(bpe);
+        tok.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
+        tok.with_decoder(Some(ByteLevel::default()));
+        tok.add_special_tokens(SPECIALS.iter().map(|s| AddedToken::from(*s, true)))
+            .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+        Ok(tok)
+    }
+
+    /// Writes an HF model directory with weights stored as `dtype`.
+    pub fn write_hf_dir(&self, dir: &Path, dtype: DType) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
+        let write = |name: &str, text: String| -> Result<()> {
+            let path = dir.join(name);
+            std::fs::write(&path, text).map_err(|e| ModelError::io(path, e))
+        };
+        write("config.json", self.config.to_hf_json().to_string())?;
+        write(
+            "tokenizer_config.json",
+            serde_json::json!({
+                "chat_template": CHAT_TEMPLATE,
+                "bos_token": "<|im_start|>",
+                "eos_token": "<|im_end|>",
+            })
+            .to_string(),
+        )?;
+        let tok_path = dir.join("tokenizer.json");
+        self.tokenizer()?
+            .save(&tok_path, false)
+            .map_err(|e| ModelError::invalid(&tok_path, e.to_string()))?;
+        let converted = self
+            .weights
+            .iter()
+            .map(|(k, v)| Ok((k.clone(), v.to_dtype(dtype)?)))
+            .collect::<Result<HashMap<_, _>>>()?;
+        let path = dir.join("model.safetensors");
+        candle_core::safetensors::save(&converted, &path)
+            .map_err(|e| ModelError::invalid(&path, e.to_string()))
+    }
+
+    /// Writes a GGUF file the way llama.cpp's converter does: llama.cpp
+    /// tensor names, q/k rows permuted, matrices quantized to `dtype`
+    /// (norms stay f32).
+    pub fn write_gguf(&self, path: &Path, dtype: GgmlDType) -> Result<()> {
+        let c = &self.config;
+        let arch = match c.architecture {
+            Architecture::Qwen2 => "qwen2",
+            _ => "llama",
+        };
+        let permute = arch == "llama";
+        let mut tensors: Vec<(String, QTensor)> = Vec::new();
+        let mut names: Vec<&String> = self.weights.keys().collect();
+        names.sort();
+        for hf in names {
+            let mut t = self.weights[hf].clone();
+            if permute && hf.contains("q_proj") {
+                t = permute_rope_rows(&t, c.num_heads)?;
+            } else if permute && hf.contains("k_proj") {
+                t = permute_rope_rows(&t, c.num_kv_heads)?;
+            }
+            let q = if t.rank() == 2 {
+                QTensor::quantize(&t, dtype)?
+            } else {
+                QTensor::quantize(&t, GgmlDType::F32)?
+            };
+            let name = gguf_name(hf)
+                .ok_or_else(|| ModelError::tensor("<tiny model>", hf, "has no GGUF name"))?;
+            tensors.push((name, q));
+        }
+        let s = |v: &str| Value::String(v.to_string());
+        let u = |v: usize| Value::U32(v as u32);
+        let token_types: Vec<Value> = self
+            .tokens
+            .iter()
+            .map(|t| Value::I32(if SPECIALS.contains(&t.as_str()) { 3 } else { 1 }))
+            .collect();
+        let metadata: Vec<(String, Value)> = vec![
+            ("general.architecture".into(), s(arch)),
+            (
+                format!("{arch}.context_length"),
+                u(c.max_position_embeddings),
+            ),
+            (format!("{arch}.embedding_length"), u(c.hidden_size)),
+            (format!("{arch}.block_count"), u(c.num_layers)),
+            (
+                format!("{arch}.feed_forward_length"),
+                u(c.intermediate_size),
+            ),
+            (format!("{arch}.attention.head_count"), u(c.num_heads)),
+            (format!("{arch}.attention.head_count_kv"), u(c.num_kv_heads)),
+            (
+                format!("{arch}.attention.layer_norm_rms_epsilon"),
+                Value::F32(c.rms_norm_eps as f32),
+            ),
+            (
+                format!("{arch}.rope.freq_base"),
+                Value::F32(c.rope_theta as f32),
+            ),
+            ("tokenizer.ggml.model".into(), s("gpt2")),
+            ("tokenizer.ggml.pre".into(), s("default")),
+            (
+                "tokenizer.ggml.tokens".into(),
+                Value::Array(self.tokens.iter().map(|t| s(t)).collect()),
+            ),
+            (
+                "tokenizer.ggml.merges".into(),
+                Value::Array(MERGES.iter().map(|(a, b)| s(&format!("{a} {b}"))).collect()),
+            ),
+            (
+                "tokenizer.ggml.token_type".into(),
+                Value::Array(token_types),
+            ),
+            (
+                "tokenizer.ggml.bos_token_id".into(),
+                Value::U32(c.bos_token_id.unwrap_or(0)),
+            ),
+            (
+                "tokenizer.ggml.eos_token_id".into(),
+                Value::U32(c.eos_token_ids[0]),
+            ),
+            ("tokenizer.chat_template".into(), s(CHAT_TEMPLATE)),
+        ];
+        let mut file = std::fs::File::create(path).map_err(|e| ModelError::io(path, e))?;
+        let meta_refs: Vec<(&str, &Value)> =
+            metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        let tensor_refs: Vec<(&str, &QTensor)> =
+            tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        gguf_file::write(&mut file, &meta_refs, &tensor_refs)
+            .map_err(|e| ModelError::invalid(path, e.to_string()))
+    }
+}

@@ -1,0 +1,357 @@
+//! The decoder on tiny random models the test writes itself: both file
+//! forms load to the same model, padding/forking/concatenation do not
+//! change any row's logits, and gradients are right.
+
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{DType, IndexOp, Tensor, Var, D};
+use r3_model::gguf::{permute_rope_rows, unpermute_rope_rows};
+use r3_model::tiny::TinyModel;
+use r3_model::{Architecture, KvCache, Llama, Weights};
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
+}
+
+fn last_logits(model: &Llama, ids: &[u32]) -> Tensor {
+    let mut cache = KvCache::new(&model.config, 1, 64);
+    let hidden = model.forward(&[ids], &mut cache).unwrap();
+    model.last_logits(&hidden).unwrap().i(0).unwrap()
+}
+
+#[test]
+fn hf_directory_and_gguf_load_the_same_model() {
+    for arch in [Architecture::Llama, Architecture::Qwen2] {
+        let tiny = TinyModel::new(arch, 64, 2, 1).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        tiny.write_hf_dir(&dir.path().join("hf"), DType::F32)
+            .unwrap();
+        tiny.write_gguf(&dir.path().join("m.gguf"), GgmlDType::F32)
+            .unwrap();
+        let hf = r3_model::load(&dir.path().join("hf")).unwrap();
+        let gg = r3_model::load(&dir.path().join("m.gguf")).unwrap();
+        // GGUF stores the norm epsilon as f32.
+        assert!((hf.config.rms_norm_eps - gg.config.rms_norm_eps).abs() < 1e-10);
+        let gg_config = r3_model::ModelConfig {
+            rms_norm_eps: hf.config.rms_norm_eps,
+            ..gg.config.clone()
+        };
+        assert_eq!(hf.config, gg_config, "{arch:?}: config");
+        assert_eq!(hf.eos_token_ids, gg.eos_token_ids);
+        let text = "<|im_start|>user\nthe thin ant ate in the tent, 12 × 7 = 84?<|im_end|>\n";
+        let ids = hf.tokenizer.encode(text).unwrap();
+        assert_eq!(
+            ids,
+            gg.tokenizer.encode(text).unwrap(),
+            "{arch:?}: tokenizers agree"
+        );
+        assert_eq!(hf.tokenizer.decode(&ids).unwrap(), text);
+        let a = last_logits(&Llama::new(&hf.config, &hf.weights).unwrap(), &ids);
+        let b = last_logits(&Llama::new(&gg.config, &gg.weights).unwrap(), &ids);
+        assert_eq!(max_abs_diff(&a, &b), 0.0, "{arch:?}: identical logits");
+    }
+}
+
+#[test]
+fn half_precision_safetensors_load_as_f32() {
+    let tiny = TinyModel::new(Architecture::Llama, 64, 1, 2).unwrap();
+    for dtype in [DType::F16, DType::BF16] {
+        let dir = tempfile::tempdir().unwrap();
+        tiny.write_hf_dir(dir.path(), dtype).unwrap();
+        let loaded = r3_model::load(dir.path()).unwrap();
+        for (name, original) in &tiny.weights {
+            let expected = original
+                .to_dtype(dtype)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap();
+            let got = loaded.weights.get(name, original.dims()).unwrap();
+            assert_eq!(got.dtype(), DType::F32);
+            assert_eq!(max_abs_diff(&got, &expected), 0.0, "{dtype:?} {name}");
+        }
+    }
+}
+
+#[test]
+fn gguf_quantizations_dequantize_to_the_stored_values() {
+    // K-quants work on blocks of 256, hence the width.
+    let tiny = TinyModel::new(Architecture::Llama, 256, 1, 3).unwrap();
+    let c = &tiny.config;
+    for dtype in [
+        GgmlDType::F16,
+        GgmlDType::BF16,
+        GgmlDType::Q8_0,
+        GgmlDType::Q4_0,
+        GgmlDType::Q4_1,
+        GgmlDType::Q4K,
+        GgmlDType::Q5K,
+        GgmlDType::Q6K,
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.gguf");
+        tiny.write_gguf(&path, dtype).unwrap();
+        let loaded = r3_model::load(&path).unwrap();
+        for (name, original) in &tiny.weights {
+            let heads = if name.contains("q_proj") {
+                Some(c.num_heads)
+            } else if name.contains("k_proj") {
+                Some(c.num_kv_heads)
+            } else {
+                None
+            };
+            let stored = match heads {
+                Some(h) => permute_rope_rows(original, h).unwrap(),
+                None => original.clone(),
+            };
+            let q = if stored.rank() == 2 {
+                dtype
+            } else {
+                GgmlDType::F32
+            };
+            let mut expected = QTensor::quantize(&stored, q)
+                .unwrap()
+                .dequantize(&candle_core::Device::Cpu)
+                .unwrap();
+            if let Some(h) = heads {
+                expected = unpermute_rope_rows(&expected, h).unwrap();
+            }
+            let got = loaded.weights.get(name, original.dims()).unwrap();
+            assert_eq!(max_abs_diff(&got, &expected), 0.0, "{dtype:?} {name}");
+            // And the quantized model is still the same model, roughly.
+            let err = max_abs_diff(&got, original);
+            assert!(
+                err < 0.6,
+                "{dtype:?} {name}: dequantized weights off by {err}"
+            );
+        }
+    }
+}
+
+fn tiny_model(arch: Architecture, seed: u64) -> Llama {
+    let tiny = TinyModel::new(arch, 64, 2, seed).unwrap();
+    Llama::new(&tiny.config, &tiny.weights()).unwrap()
+}
+
+#[test]
+fn a_padded_batch_gives_each_row_its_own_logits() {
+    for arch in [Architecture::Llama, Architecture::Qwen2] {
+        let model = tiny_model(arch, 4);
+        let rows: [&[u32]; 3] = [&[5, 17, 99, 3, 42, 8, 250], &[7, 7], &[100, 200, 33, 4]];
+        let mut cache = KvCache::new(&model.config, 3, 8);
+        let hidden = model.forward(&rows, &mut cache).unwrap();
+        let logits = model.all_logits(&hidden).unwrap();
+        let t = hidden.dim(1).unwrap();
+        for (r, ids) in rows.iter().enumerate() {
+            let mut alone = KvCache::new(&model.config, 1, 8);
+            let single = model
+                .all_logits(&model.forward(&[ids], &mut alone).unwrap())
+                .unwrap();
+            let padded = logits.i((r, t - ids.len().., ..)).unwrap();
+            let diff = max_abs_diff(&padded, &single.i(0).unwrap());
+            assert!(
+                diff < 1e-4,
+                "{arch:?} row {r}: padded logits differ by {diff}"
+            );
+        }
+        // One-token decode steps keep agreeing, past the initial capacity.
+        let mut alone: Vec<KvCache> = rows
+            .iter()
+            .map(|ids| {
+                let mut c = KvCache::new(&model.config, 1, 8);
+                model.forward(&[ids], &mut c).unwrap();
+                c
+            })
+            .collect();
+        for step in 0..6u32 {
+            let next: Vec<[u32; 1]> = (0..3).map(|r| [(step * 31 + r * 7) % 260]).collect();
+            let segs: Vec<&[u32]> = next.iter().map(|n| n.as_slice()).collect();
+            let batched = model
+                .last_logits(&model.forward(&segs, &mut cache).unwrap())
+                .unwrap();
+            for (r, c) in alone.iter_mut().enumerate() {
+                let single = model
+                    .last_logits(&model.forward(&[segs[r]], c).unwrap())
+                    .unwrap();
+                let diff = max_abs_diff(&batched.i(r).unwrap(), &single.i(0).unwrap());
+                assert!(diff < 1e-4, "{arch:?} step {step} row {r}: {diff}");
+            }
+        }
+    }
+}
+
+#[test]
+fn forked_selected_and_concatenated_caches_continue_like_a_fresh_prefill() {
+    let model = tiny_model(Architecture::Llama, 5);
+    let prefix: &[u32] = &[1, 50, 60, 70, 80, 90];
+    let continuations: [&[u32]; 3] = [&[11, 12, 13], &[21], &[31, 32]];
+    let fresh = |ids: Vec<u32>| last_logits(&model, &ids);
+
+    // Fork one prefill three ways; continue with segments of different lengths.
+    let mut shared = KvCache::new(&model.config, 1, 16);
+    model.forward(&[prefix], &mut shared).unwrap();
+    let mut forked = shared.select_rows(&[0, 0, 0]).unwrap();
+    let out = model
+        .last_logits(&model.forward(&continuations, &mut forked).unwrap())
+        .unwrap();
+    for (r, cont) in continuations.iter().enumerate() {
+        let expected = fresh([prefix, cont].concat());
+        let diff = max_abs_diff(&out.i(r).unwrap(), &expected);
+        assert!(diff < 1e-4, "fork row {r}: {diff}");
+    }
+
+    // Drop the middle row, then concatenate with a cache of another length.
+    let kept = forked.select_rows(&[2, 0]).unwrap();
+    let mut other = KvCache::new(&model.config, 1, 4);
+    model.forward(&[&[9u32, 8][..]], &mut other).unwrap();
+    let mut merged = KvCache::concat(&[kept, other]).unwrap();
+    assert_eq!(merged.batch(), 3);
+    let next: [&[u32]; 3] = [&[40], &[41, 42], &[43]];
+    let out = model
+        .last_logits(&model.forward(&next, &mut merged).unwrap())
+        .unwrap();
+    let histories = [
+        [prefix, continuations[2], next[0]].concat(),
+        [prefix, continuations[0], next[1]].concat(),
+        [&[9u32, 8][..], next[2]].concat(),
+    ];
+    for (r, history) in histories.into_iter().enumerate() {
+        let diff = max_abs_diff(&out.i(r).unwrap(), &fresh(history));
+        assert!(diff < 1e-4, "concat row {r}: {diff}");
+    }
+}
+
+/// The model with every weight a `Var`, for gradient tests.
+fn trainable(seed: u64) -> (Llama, Vec<(String, Var)>) {
+    let tiny = TinyModel::new(Architecture::Qwen2, 64, 2, seed).unwrap();
+    let vars: Vec<(String, Var)> = tiny
+        .weights
+        .iter()
+        .map(|(k, t)| (k.clone(), Var::from_tensor(t).unwrap()))
+        .collect();
+    let weights = Weights::new(
+        "<vars>",
+        vars.iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+            .collect(),
+    );
+    (Llama::new(&tiny.config, &weights).unwrap(), vars)
+}
+
+/// A training-style objective: a shared prefix computed once and forked,
+/// continuations scored with `token_logprobs` at chosen positions.
+fn objective(model: &Llama) -> Tensor {
+    let prefix: &[u32] = &[3, 70, 71, 72, 9];
+    let continuations: [&[u32]; 2] = [&[9, 40, 41, 42], &[9, 50, 51]];
+    let mut cache = KvCache::differentiable(&model.config, 1);
+    model.forward(&[&prefix[..4]], &mut cache).unwrap();
+    let mut cache = cache.select_rows(&[0, 0]).unwrap();
+    let hidden = model.forward(&continuations, &mut cache).unwrap();
+    // Row 0 predicts 40, 41, 42; row 1 (one leading hole) predicts 50, 51.
+    let rows = Tensor::cat(
+        &[
+            hidden.i((0, 0..3, ..)).unwrap(),
+            hidden.i((1, 1..3, ..)).unwrap(),
+        ],
+        0,
+    )
+    .unwrap();
+    let lp = model.token_logprobs(&rows, &[40, 41, 42, 50, 51]).unwrap();
+    let weights = Tensor::new(&[0.5f32, -1.0, 2.0, 1.5, -0.7], lp.device()).unwrap();
+    (lp * weights).unwrap().sum_all().unwrap()
+}
+
+#[test]
+fn token_logprobs_match_a_full_log_softmax() {
+    let (model, _) = trainable(6);
+    let mut cache = KvCache::differentiable(&model.config, 1);
+    let hidden = model
+        .forward(&[&[4u32, 5, 6, 7, 8][..]], &mut cache)
+        .unwrap()
+        .i(0)
+        .unwrap();
+    let targets = [9u32, 10, 266, 0, 100];
+    let chunked = model.token_logprobs(&hidden, &targets).unwrap();
+    let full = candle_nn::ops::log_softmax(
+        &model
+            .all_logits(&hidden.unsqueeze(0).unwrap())
+            .unwrap()
+            .i(0)
+            .unwrap(),
+        D::Minus1,
+    )
+    .unwrap();
+    let index = Tensor::new(&targets, hidden.device())
+        .unwrap()
+        .unsqueeze(1)
+        .unwrap();
+    let gathered = full.gather(&index, 1).unwrap().squeeze(1).unwrap();
+    assert!(max_abs_diff(&chunked, &gathered) < 1e-5);
+}
+
+#[test]
+fn every_parameter_gets_a_gradient_and_it_matches_finite_differences() {
+    let (model, vars) = trainable(7);
+    let grads = objective(&model).backward().unwrap();
+    for (name, var) in &vars {
+        let g = grads
+            .get(var)
+            .unwrap_or_else(|| panic!("{name}: no gradient"));
+        let norm: f32 = g.sqr().unwrap().sum_all().unwrap().to_scalar().unwrap();
+        assert!(
+            norm.is_finite() && norm > 0.0,
+            "{name}: gradient norm {norm}"
+        );
+    }
+    // Central differences on a few entries of several kinds of parameter.
+    let probes = [
+        ("model.embed_tokens.weight", 40 * 64 + 3),
+        ("model.embed_tokens.weight", 71 * 64 + 10),
+        ("model.layers.0.self_attn.q_proj.weight", 100),
+        ("model.layers.0.self_attn.k_proj.bias", 5),
+        ("model.layers.1.self_attn.v_proj.weight", 77),
+        ("model.layers.1.mlp.down_proj.weight", 1234),
+        ("model.layers.0.input_layernorm.weight", 9),
+        ("model.norm.weight", 30),
+    ];
+    let eps = 1e-2f32;
+    for (name, index) in probes {
+        let var = &vars.iter().find(|(n, _)| n == name).unwrap().1;
+        let analytic: f32 = grads
+            .get(var)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .i(index)
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        let original = var
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let mut eval = |delta: f32| -> f32 {
+            let mut data = original.clone();
+            data[index] += delta;
+            var.set(&Tensor::from_vec(data, var.shape(), var.device()).unwrap())
+                .unwrap();
+            objective(&model).to_scalar::<f32>().unwrap()
+        };
+        let numeric = (eval(eps) - eval(-eps)) / (2.0 * eps);
+        eval(0.0);
+        let tolerance = 2e-2 * analytic.abs().max(numeric.abs()).max(1e-2);
+        assert!(
+            (analytic - numeric).abs() <= tolerance,
+            "{name}[{index}]: autograd {analytic} vs finite differences {numeric}"
+        );
+    }
+}
