@@ -1,0 +1,140 @@
+//! Broken model files give one clear error naming the file, never a panic.
+
+use candle_core::quantized::GgmlDType;
+use candle_core::DType;
+use r3_model::tiny::TinyModel;
+use r3_model::{Architecture, Llama, ModelError};
+
+fn tiny() -> TinyModel {
+    TinyModel::new(Architecture::Llama, 64, 1, 9).unwrap()
+}
+
+fn error_of(path: &std::path::Path) -> String {
+    match r3_model::load(path) {
+        Ok(m) => match Llama::new(&m.config, &m.weights) {
+            Ok(_) => panic!("{} loaded", path.display()),
+            Err(e) => e.to_string(),
+        },
+        Err(e) => e.to_string(),
+    }
+}
+
+fn hf_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    tiny().write_hf_dir(dir.path(), DType::F32).unwrap();
+    dir
+}
+
+fn edit_json(path: &std::path::Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    edit(&mut v);
+    std::fs::write(path, v.to_string()).unwrap();
+}
+
+#[test]
+fn missing_path() {
+    let e = error_of(std::path::Path::new("/nonexistent/model.gguf"));
+    assert!(e.contains("/nonexistent/model.gguf"), "{e}");
+}
+
+#[test]
+fn truncated_safetensors() {
+    let dir = hf_dir();
+    let st = dir.path().join("model.safetensors");
+    let bytes = std::fs::read(&st).unwrap();
+    std::fs::write(&st, &bytes[..bytes.len() / 2]).unwrap();
+    let e = error_of(dir.path());
+    assert!(
+        e.contains("model.safetensors") && e.contains("not a valid safetensors"),
+        "{e}"
+    );
+}
+
+#[test]
+fn truncated_and_garbage_gguf() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.gguf");
+    tiny().write_gguf(&path, GgmlDType::Q8_0).unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    for cut in [10, 200, bytes.len() - 100] {
+        std::fs::write(&path, &bytes[..cut]).unwrap();
+        let e = error_of(&path);
+        assert!(e.contains("m.gguf"), "cut at {cut}: {e}");
+    }
+    std::fs::write(&path, b"definitely not a model").unwrap();
+    let e = error_of(&path);
+    assert!(e.contains("not a valid GGUF"), "{e}");
+}
+
+#[test]
+fn tensor_with_the_wrong_shape() {
+    let mut t = tiny();
+    let name = "model.layers.0.mlp.up_proj.weight";
+    t.weights.insert(
+        name.into(),
+        candle_core::Tensor::zeros((3, 5), DType::F32, &candle_core::Device::Cpu).unwrap(),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    t.write_hf_dir(dir.path(), DType::F32).unwrap();
+    let e = error_of(dir.path());
+    assert!(
+        e.contains(name) && e.contains("[3, 5]") && e.contains("expected"),
+        "{e}"
+    );
+}
+
+#[test]
+fn unsupported_architecture() {
+    let dir = hf_dir();
+    edit_json(&dir.path().join("config.json"), |v| {
+        v["architectures"] = serde_json::json!(["GPTNeoXForCausalLM"])
+    });
+    let e = error_of(dir.path());
+    assert!(
+        e.contains("config.json") && e.contains("GPTNeoXForCausalLM"),
+        "{e}"
+    );
+}
+
+#[test]
+fn tokenizer_larger_than_the_vocabulary() {
+    let dir = hf_dir();
+    edit_json(&dir.path().join("config.json"), |v| {
+        v["vocab_size"] = serde_json::json!(100)
+    });
+    let e = error_of(dir.path());
+    assert!(e.contains("tokenizer has") && e.contains("100"), "{e}");
+}
+
+#[test]
+fn chat_template_that_does_not_compile_or_render() {
+    let dir = hf_dir();
+    let tc = dir.path().join("tokenizer_config.json");
+    edit_json(&tc, |v| {
+        v["chat_template"] = serde_json::json!("{% for m in messages %}")
+    });
+    let e = error_of(dir.path());
+    assert!(
+        e.contains("tokenizer_config.json") && e.contains("chat template"),
+        "{e}"
+    );
+
+    edit_json(&tc, |v| {
+        v["chat_template"] = serde_json::json!("{{ raise_exception('roles must alternate') }}")
+    });
+    let loaded = r3_model::load(dir.path()).unwrap();
+    let e = loaded.chat_template.render(&[], true).unwrap_err();
+    assert!(matches!(e, ModelError::ChatTemplate { .. }));
+    assert!(e.to_string().contains("roles must alternate"), "{e}");
+}
+
+#[test]
+fn model_without_a_chat_template() {
+    let dir = hf_dir();
+    edit_json(&dir.path().join("tokenizer_config.json"), |v| {
+        v.as_object_mut().unwrap().remove("chat_template");
+    });
+    let e = error_of(dir.path());
+    assert!(e.contains("no chat template"), "{e}");
+}
