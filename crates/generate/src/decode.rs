@@ -1,0 +1,229 @@
+//! Batched generation over the model's KV cache: prefill, then one token per
+//! active row per step. Finished rows leave the batch at once, so they stop
+//! costing compute; their caches can be kept to continue the conversation.
+
+use candle_core::Tensor;
+use r3_model::{KvCache, Llama, Tokenizer};
+use serde::Serialize;
+
+use crate::sampler::{Sampler, SamplingParams};
+use crate::Result;
+
+/// Columns prefilled per forward: bounds the attention scores' memory on
+/// long prompts without changing any result.
+const PREFILL_CHUNK: usize = 256;
+
+/// Why a row stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// It sampled an end-of-sequence token (kept as the last token).
+    Eos,
+    /// Its text reached a stop string (cut from `text`).
+    Stop,
+    /// It used its whole token budget.
+    Length,
+}
+
+/// One row's output.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Completion {
+    /// Exactly the sampled ids, the end-of-sequence token included.
+    pub tokens: Vec<u32>,
+    /// The reply text, without the end-of-sequence token or stop string.
+    pub text: String,
+    pub finish: FinishReason,
+}
+
+/// Generation outputs, and for each row (when asked for) a one-row cache
+/// holding its prompt and every sampled token but the last.
+pub struct Decoded {
+    pub completions: Vec<Completion>,
+    pub caches: Vec<Option<KvCache>>,
+}
+
+/// A model with what generation needs to know about its vocabulary.
+pub struct Generator<'a> {
+    pub model: &'a Llama,
+    pub tokenizer: &'a Tokenizer,
+    pub eos_token_ids: &'a [u32],
+}
+
+impl<'a> Generator<'a> {
+    pub fn new(model: &'a Llama, tokenizer: &'a Tokenizer, eos_token_ids: &'a [u32]) -> Self {
+        Self {
+            model,
+            tokenizer,
+            eos_token_ids,
+        }
+    }
+
+    /// Appends one non-empty segment per row to `cache` (in column chunks)
+    /// and returns the logits `[batch, vocab]` of each row's last token.
+    pub fn prefill(&self, cache: &mut KvCache, segments: &[&[u32]]) -> Result<Tensor> {
+        let width = segments.iter().map(|s| s.len()).max().unwrap_or(0);
+        let mut hidden = None;
+        for start in (0..width).step_by(PREFILL_CHUNK) {
+            let end = (start + PREFILL_CHUNK).min(width);
+            let chunk: Vec<&[u32]> = segments
+                .iter()
+                .map(|s| {
+                    let pad = width - s.len();
+                    &s[start.max(pad) - pad..end.max(pad) - pad]
+                })
+                .collect();
+            hidden = Some(self.model.forward(&chunk, cache)?);
+        }
+        let hidden = hidden.ok_or_else(|| crate::GenerateError::EmptyPrompt)?;
+        Ok(self.model.last_logits(&hidden)?)
+    }
+
+    /// Completes every prompt (token ids of rendered chats).
+    pub fn generate(
+        &self,
+        prompts: &[Vec<u32>],
+        params: &SamplingParams,
+    ) -> Result<Vec<Completion>> {
+        if prompts.iter().any(|p| p.is_empty()) {
+            return Err(crate::GenerateError::EmptyPrompt);
+        }
+        let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+        let mut cache = KvCache::new(
+            &self.model.config,
+            prompts.len(),
+            longest + params.max_new_tokens,
+        );
+        let segments: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
+        let logits = self.prefill(&mut cache, &segments)?;
+        let samplers = (0..prompts.len() as u64)
+            .map(|row| Sampler::new(params, row))
+            .collect();
+        Ok(self
+            .decode(cache, logits, params, samplers, false)?
+            .completions)
+    }
+
+    /// Samples continuations for every row of `cache`, starting from the
+    /// logits of its last token, with one sampler per row.
+    pub fn decode(
+        &self,
+        mut cache: KvCache,
+        logits: Tensor,
+        params: &SamplingParams,
+        mut samplers: Vec<Sampler>,
+        keep_caches: bool,
+    ) -> Result<Decoded> {
+        let n = cache.batch();
+        let mut completions: Vec<Completion> = (0..n)
+            .map(|_| Completion {
+                tokens: Vec::with_capacity(params.max_new_tokens),
+                text: String::new(),
+                finish: FinishReason::Length,
+            })
+            .collect();
+        let mut caches: Vec<Option<KvCache>> = vec![None; n];
+        if params.max_new_tokens == 0 {
+            return Ok(Decoded {
+                completions,
+                caches,
+            });
+        }
+        let stop_window = params
+            .stop_strings
+            .iter()
+            .map(|s| s.len())
+            .max()
+            .unwrap_or(0)
+            + 2;
+        // `active[slot]` is the original row held in cache row `slot`.
+        let mut active: Vec<usize> = (0..n).collect();
+        let mut logits = logits;
+        let mut next_tokens: Vec<[u32; 1]> = Vec::with_capacity(n);
+        loop {
+            let vocab = logits.dim(1)?;
+            let flat: Vec<f32> = logits.flatten_all()?.to_vec1()?;
+            next_tokens.clear();
+            let mut still_running = Vec::with_capacity(active.len());
+            for (slot, &row) in active.iter().enumerate() {
+                let token = samplers[row].sample(&flat[slot * vocab..(slot + 1) * vocab]);
+                let completion = &mut completions[row];
+                completion.tokens.push(token);
+                let finish = if self.eos_token_ids.contains(&token) {
+                    Some(FinishReason::Eos)
+                } else if self.hits_stop_string(&completion.tokens, params, stop_window)? {
+                    Some(FinishReason::Stop)
+                } else if completion.tokens.len() >= params.max_new_tokens {
+                    Some(FinishReason::Length)
+                } else {
+                    None
+                };
+                match finish {
+                    Some(reason) => {
+                        completion.finish = reason;
+                        if keep_caches {
+                            caches[row] = Some(cache.select_rows(&[slot])?);
+                        }
+                    }
+                    None => {
+                        still_running.push(slot);
+                        next_tokens.push([token]);
+                    }
+                }
+            }
+            if still_running.is_empty() {
+                break;
+            }
+            if still_running.len() < active.len() {
+                cache = cache.select_rows(&still_running)?;
+                active = still_running.iter().map(|&slot| active[slot]).collect();
+            }
+            let segments: Vec<&[u32]> = next_tokens.iter().map(|t| t.as_slice()).collect();
+            let hidden = self.model.forward(&segments, &mut cache)?;
+            logits = self.model.last_logits(&hidden)?;
+        }
+        for completion in &mut completions {
+            completion.text = self.reply_text(completion, params)?;
+        }
+        Ok(Decoded {
+            completions,
+            caches,
+        })
+    }
+
+    fn hits_stop_string(
+        &self,
+        tokens: &[u32],
+        params: &SamplingParams,
+        window: usize,
+    ) -> Result<bool> {
+        if params.stop_strings.is_empty() {
+            return Ok(false);
+        }
+        let tail = self
+            .tokenizer
+            .decode(&tokens[tokens.len().saturating_sub(window)..])?;
+        Ok(params
+            .stop_strings
+            .iter()
+            .any(|s| tail.contains(s.as_str())))
+    }
+
+    fn reply_text(&self, completion: &Completion, params: &SamplingParams) -> Result<String> {
+        let tokens = match completion.finish {
+            FinishReason::Eos => &completion.tokens[..completion.tokens.len() - 1],
+            _ => &completion.tokens[..],
+        };
+        let mut text = self.tokenizer.decode(tokens)?;
+        if completion.finish == FinishReason::Stop {
+            if let Some(cut) = params
+                .stop_strings
+                .iter()
+                .filter_map(|s| text.find(s.as_str()))
+                .min()
+            {
+                text.truncate(cut);
+            }
+        }
+        Ok(text)
+    }
+}

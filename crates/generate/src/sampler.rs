@@ -1,0 +1,155 @@
+//! Turning one row of logits into one token: greedy, or temperature with
+//! top-k and top-p. Each row of a batch has its own seeded RNG, so a row's
+//! output depends on the seed and its index, not on what else is batched.
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+/// How tokens are drawn; `temperature == 0` means greedy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SamplingParams {
+    pub temperature: f64,
+    /// Nucleus size; 1.0 disables it.
+    pub top_p: f64,
+    /// Keep only the k most likely tokens; 0 disables it.
+    pub top_k: usize,
+    pub max_new_tokens: usize,
+    /// Generation ends when the text contains one of these (which is then
+    /// cut from the text).
+    pub stop_strings: Vec<String>,
+    pub seed: u64,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self {
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: 0,
+            max_new_tokens: 256,
+            stop_strings: Vec::new(),
+            seed: 0,
+        }
+    }
+}
+
+/// Draws tokens for one row, reusing its scratch buffers across steps.
+pub struct Sampler {
+    rng: ChaCha8Rng,
+    temperature: f32,
+    top_p: f32,
+    top_k: usize,
+    /// (probability, token) candidates; reused so that a step allocates nothing.
+    candidates: Vec<(f32, u32)>,
+    probs: Vec<f32>,
+}
+
+impl Sampler {
+    /// A sampler for row `row` of a batch generated with `params`.
+    pub fn new(params: &SamplingParams, row: u64) -> Self {
+        let mut rng = ChaCha8Rng::seed_from_u64(params.seed);
+        rng.set_stream(row);
+        Self {
+            rng,
+            temperature: params.temperature as f32,
+            top_p: params.top_p as f32,
+            top_k: params.top_k,
+            candidates: Vec::new(),
+            probs: Vec::new(),
+        }
+    }
+
+    pub fn sample(&mut self, logits: &[f32]) -> u32 {
+        if self.temperature <= 0.0 {
+            return argmax(logits);
+        }
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let inv_t = 1.0 / self.temperature;
+        self.probs.clear();
+        self.probs
+            .extend(logits.iter().map(|&l| ((l - max) * inv_t).exp()));
+        let total: f32 = self.probs.iter().sum();
+        self.probs.iter_mut().for_each(|p| *p /= total);
+        if self.top_k == 0 && self.top_p >= 1.0 {
+            return draw(
+                &mut self.rng,
+                self.probs
+                    .iter()
+                    .copied()
+                    .enumerate()
+                    .map(|(i, p)| (p, i as u32)),
+                1.0,
+            );
+        }
+        self.collect_candidates();
+        let mass: f32 = self.candidates.iter().map(|c| c.0).sum();
+        draw(&mut self.rng, self.candidates.iter().copied(), mass)
+    }
+
+    /// Fills `candidates` with the top-k / top-p set, most likely first,
+    /// sorting only the tokens that can be in it.
+    fn collect_candidates(&mut self) {
+        let k = if self.top_k == 0 {
+            self.probs.len()
+        } else {
+            self.top_k.min(self.probs.len())
+        };
+        // The final set is a prefix of the tokens sorted by probability, and
+        // so is {p >= floor}: once that holds k tokens or top_p of the mass,
+        // it contains the final set, and only it needs sorting.
+        let mut floor = 1e-3f32;
+        loop {
+            self.candidates.clear();
+            self.candidates.extend(
+                self.probs
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, &p)| p >= floor)
+                    .map(|(i, &p)| (p, i as u32)),
+            );
+            let mass: f32 = self.candidates.iter().map(|c| c.0).sum();
+            if self.candidates.len() >= k || mass >= self.top_p || floor == 0.0 {
+                break;
+            }
+            floor = if floor < 1e-12 { 0.0 } else { floor * 1e-3 };
+        }
+        self.candidates
+            .sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+        self.candidates.truncate(k);
+        let mut cumulative = 0.0;
+        let mut keep = self.candidates.len();
+        for (i, c) in self.candidates.iter().enumerate() {
+            cumulative += c.0;
+            if cumulative >= self.top_p {
+                keep = i + 1;
+                break;
+            }
+        }
+        self.candidates.truncate(keep);
+    }
+}
+
+/// Index of the largest logit (the first on ties, as torch's argmax).
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &l) in logits.iter().enumerate() {
+        if l > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+fn draw(rng: &mut ChaCha8Rng, items: impl Iterator<Item = (f32, u32)>, mass: f32) -> u32 {
+    let mut u = rng.random::<f32>() * mass;
+    let mut last = 0;
+    for (p, token) in items {
+        last = token;
+        if u < p {
+            return token;
+        }
+        u -= p;
+    }
+    last
+}

@@ -1,0 +1,289 @@
+//! Sampling and batched decoding on a tiny model the test builds itself.
+
+use r3_generate::{argmax, FinishReason, Generator, Sampler, SamplingParams};
+use r3_model::tiny::TinyModel;
+use r3_model::{Architecture, KvCache, Llama, Tokenizer};
+
+struct Fixture {
+    model: Llama,
+    tokenizer: Tokenizer,
+    eos: Vec<u32>,
+    _dir: tempfile::TempDir,
+}
+
+fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    TinyModel::new(Architecture::Llama, 64, 2, 11)
+        .unwrap()
+        .write_hf_dir(dir.path(), candle_core::DType::F32)
+        .unwrap();
+    let loaded = r3_model::load(dir.path()).unwrap();
+    Fixture {
+        model: Llama::new(&loaded.config, &loaded.weights).unwrap(),
+        tokenizer: loaded.tokenizer,
+        eos: loaded.eos_token_ids,
+        _dir: dir,
+    }
+}
+
+fn prompts() -> Vec<Vec<u32>> {
+    vec![
+        vec![5, 80, 81, 82, 83, 84],
+        vec![9, 10],
+        vec![100, 101, 102],
+    ]
+}
+
+#[test]
+fn same_seed_same_output_and_rows_independent_of_the_batch() {
+    let f = fixture();
+    let g = Generator::new(&f.model, &f.tokenizer, &f.eos);
+    // The tiny model's tied embeddings make it very sure of itself: a high
+    // temperature gives the sampler something to choose between.
+    let params = SamplingParams {
+        temperature: 20.0,
+        top_p: 0.95,
+        top_k: 50,
+        max_new_tokens: 12,
+        seed: 42,
+        ..Default::default()
+    };
+    let a = g.generate(&prompts(), &params).unwrap();
+    let b = g.generate(&prompts(), &params).unwrap();
+    assert_eq!(a, b);
+    // Row 0 alone, with the same stream, samples the same tokens.
+    let alone = g.generate(&prompts()[..1], &params).unwrap();
+    assert_eq!(alone[0], a[0]);
+    let other = g
+        .generate(
+            &prompts(),
+            &SamplingParams {
+                seed: 43,
+                ..params.clone()
+            },
+        )
+        .unwrap();
+    assert_ne!(a, other, "a different seed should sample differently");
+}
+
+#[test]
+fn greedy_batched_equals_an_argmax_loop_per_row() {
+    let f = fixture();
+    let g = Generator::new(&f.model, &f.tokenizer, &f.eos);
+    let params = SamplingParams {
+        max_new_tokens: 10,
+        ..Default::default()
+    };
+    let batched = g.generate(&prompts(), &params).unwrap();
+    for (prompt, completion) in prompts().iter().zip(&batched) {
+        let mut cache = KvCache::new(&f.model.config, 1, 32);
+        let mut ids = prompt.clone();
+        let mut out = Vec::new();
+        let mut hidden = f.model.forward(&[&ids], &mut cache).unwrap();
+        for _ in 0..10 {
+            let logits: Vec<f32> = f
+                .model
+                .last_logits(&hidden)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let next = argmax(&logits);
+            out.push(next);
+            if f.eos.contains(&next) {
+                break;
+            }
+            ids.push(next);
+            hidden = f.model.forward(&[&[next]], &mut cache).unwrap();
+        }
+        assert_eq!(completion.tokens, out);
+    }
+}
+
+#[test]
+fn finish_reasons_and_stop_strings() {
+    let f = fixture();
+    let g = Generator::new(&f.model, &f.tokenizer, &f.eos);
+    let params = SamplingParams {
+        temperature: 1.0,
+        max_new_tokens: 7,
+        seed: 1,
+        ..Default::default()
+    };
+    for c in g.generate(&prompts(), &params).unwrap() {
+        match c.finish {
+            FinishReason::Length => assert_eq!(c.tokens.len(), 7),
+            FinishReason::Eos => assert!(f.eos.contains(c.tokens.last().unwrap())),
+            FinishReason::Stop => panic!("no stop strings were given"),
+        }
+    }
+    // Stop at whatever text the first unconstrained completion produced.
+    let free = g
+        .generate(
+            &prompts()[..1],
+            &SamplingParams {
+                max_new_tokens: 30,
+                ..params.clone()
+            },
+        )
+        .unwrap();
+    let text = f.tokenizer.decode(&free[0].tokens).unwrap();
+    let stop: String = text.chars().skip(3).take(2).collect();
+    let stopped = g
+        .generate(
+            &prompts()[..1],
+            &SamplingParams {
+                max_new_tokens: 30,
+                stop_strings: vec![stop.clone()],
+                ..params
+            },
+        )
+        .unwrap();
+    assert_eq!(stopped[0].finish, FinishReason::Stop);
+    assert!(!stopped[0].text.contains(&stop));
+    assert!(text.starts_with(&stopped[0].text));
+}
+
+#[test]
+fn kept_caches_continue_like_a_fresh_prefill() {
+    let f = fixture();
+    let g = Generator::new(&f.model, &f.tokenizer, &f.eos);
+    let params = SamplingParams {
+        temperature: 0.9,
+        max_new_tokens: 6,
+        seed: 3,
+        ..Default::default()
+    };
+    let mut cache = KvCache::new(&f.model.config, 1, 16);
+    let logits = g.prefill(&mut cache, &[&prompts()[0]]).unwrap();
+    // Fork the prompt four ways, as the G reflections of one failure are.
+    let forked = cache.select_rows(&[0, 0, 0, 0]).unwrap();
+    let logits = logits
+        .broadcast_as((4, logits.dim(1).unwrap()))
+        .unwrap()
+        .contiguous()
+        .unwrap();
+    let samplers = (0..4).map(|r| Sampler::new(&params, r)).collect();
+    let out = g.decode(forked, logits, &params, samplers, true).unwrap();
+    let caches: Vec<KvCache> = out.caches.into_iter().map(Option::unwrap).collect();
+    let mut merged = KvCache::concat(&caches).unwrap();
+    let last: Vec<[u32; 1]> = out
+        .completions
+        .iter()
+        .map(|c| [*c.tokens.last().unwrap()])
+        .collect();
+    let segs: Vec<&[u32]> = last.iter().map(|t| t.as_slice()).collect();
+    let continued = f
+        .model
+        .last_logits(&f.model.forward(&segs, &mut merged).unwrap())
+        .unwrap();
+    for (r, c) in out.completions.iter().enumerate() {
+        let history = [prompts()[0].clone(), c.tokens.clone()].concat();
+        let mut fresh = KvCache::new(&f.model.config, 1, 16);
+        let expected = f
+            .model
+            .last_logits(&f.model.forward(&[&history], &mut fresh).unwrap())
+            .unwrap();
+        let diff: f32 = (continued.get(r).unwrap() - expected.get(0).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!(diff < 1e-4, "row {r}: {diff}");
+    }
+}
+
+#[test]
+fn sampler_candidates_match_a_full_sort() {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+    for case in 0..200 {
+        let vocab = rng.random_range(2..3000);
+        let spread = rng.random_range(0.1f32..20.0);
+        let logits: Vec<f32> = (0..vocab).map(|_| rng.random::<f32>() * spread).collect();
+        let top_k = if case % 3 == 0 {
+            0
+        } else {
+            rng.random_range(1..vocab + 5)
+        };
+        let top_p: f64 = if case % 4 == 0 {
+            1.0
+        } else {
+            rng.random_range(0.01..1.0)
+        };
+        let params = SamplingParams {
+            temperature: 0.7,
+            top_k,
+            top_p,
+            ..Default::default()
+        };
+        // Expected support: sort all, keep k, keep the nucleus.
+        let max = logits.iter().copied().fold(f32::MIN, f32::max);
+        let mut probs: Vec<(f32, u32)> = logits
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| (((l - max) / 0.7).exp(), i as u32))
+            .collect();
+        let total: f32 = probs.iter().map(|p| p.0).sum();
+        probs.iter_mut().for_each(|p| p.0 /= total);
+        probs.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+        if top_k > 0 {
+            probs.truncate(top_k);
+        }
+        let mut cum = 0.0;
+        let keep = probs
+            .iter()
+            .position(|p| {
+                cum += p.0;
+                cum >= top_p as f32
+            })
+            .map_or(probs.len(), |i| i + 1);
+        let support: std::collections::HashSet<u32> = probs[..keep].iter().map(|p| p.1).collect();
+        let mut sampler = Sampler::new(&params, case);
+        for _ in 0..50 {
+            let t = sampler.sample(&logits);
+            assert!(
+                support.contains(&t),
+                "case {case}: sampled {t} outside the top-k/top-p set"
+            );
+        }
+    }
+    // top_k = 1 is greedy.
+    let logits = [0.1f32, 3.0, 2.9, -1.0];
+    let mut s = Sampler::new(
+        &SamplingParams {
+            temperature: 1.0,
+            top_k: 1,
+            ..Default::default()
+        },
+        0,
+    );
+    assert!((0..100).all(|_| s.sample(&logits) == 1));
+}
+
+#[test]
+fn sampling_follows_the_softmax_distribution() {
+    let logits = [0.0f32, 1.0, 2.0];
+    let mut s = Sampler::new(
+        &SamplingParams {
+            temperature: 1.0,
+            ..Default::default()
+        },
+        0,
+    );
+    let mut counts = [0usize; 3];
+    let n = 60_000;
+    for _ in 0..n {
+        counts[s.sample(&logits) as usize] += 1;
+    }
+    let z: f64 = logits.iter().map(|&l| (l as f64).exp()).sum();
+    for (i, &c) in counts.iter().enumerate() {
+        let p = (logits[i] as f64).exp() / z;
+        let freq = c as f64 / n as f64;
+        assert!((freq - p).abs() < 0.01, "token {i}: {freq} vs {p}");
+    }
+}
