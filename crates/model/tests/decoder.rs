@@ -339,7 +339,7 @@ fn every_parameter_gets_a_gradient_and_it_matches_finite_differences() {
             .unwrap()
             .to_vec1::<f32>()
             .unwrap();
-        let mut eval = |delta: f32| -> f32 {
+        let eval = |delta: f32| -> f32 {
             let mut data = original.clone();
             data[index] += delta;
             var.set(&Tensor::from_vec(data, var.shape(), var.device()).unwrap())
