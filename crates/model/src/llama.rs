@@ -19,13 +19,28 @@ use crate::weights::Weights;
 #[derive(Debug, Clone)]
 struct Linear {
     weight: Tensor,
+    /// `weightᵀ` stored contiguously `[in, out]` for frozen weights: gemm
+    /// then reads it in place, where the row-major weight would be repacked
+    /// on every call (the dominant cost of batched decoding). Trainable
+    /// weights use `weight.t()` so gradients reach them.
+    frozen_t: Option<Tensor>,
     bias: Option<Tensor>,
+}
+
+/// The transposed contiguous copy of a weight that cannot need a gradient.
+fn frozen_transpose(weight: &Tensor) -> Result<Option<Tensor>> {
+    if weight.track_op() {
+        return Ok(None);
+    }
+    Ok(Some(weight.t()?.contiguous()?))
 }
 
 impl Linear {
     fn load(w: &Weights, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Self> {
+        let weight = w.get(&format!("{prefix}.weight"), &[out, inp])?;
         Ok(Self {
-            weight: w.get(&format!("{prefix}.weight"), &[out, inp])?,
+            frozen_t: frozen_transpose(&weight)?,
+            weight,
             bias: if bias {
                 Some(w.get(&format!("{prefix}.bias"), &[out])?)
             } else {
@@ -38,7 +53,11 @@ impl Linear {
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let (b, t, inp) = x.dims3()?;
-        let y = x.reshape((b * t, inp))?.matmul(&self.weight.t()?)?;
+        let x = x.reshape((b * t, inp))?;
+        let y = match &self.frozen_t {
+            Some(w_t) => x.matmul(w_t)?,
+            None => x.matmul(&self.weight.t()?)?,
+        };
         let y = match &self.bias {
             Some(bias) => y.broadcast_add(bias)?,
             None => y,
@@ -259,6 +278,8 @@ pub struct Llama {
     norm: RmsNorm,
     /// The output projection `[vocab, hidden]`; the embedding itself when tied.
     lm_head: Tensor,
+    /// `lm_headᵀ` `[hidden, vocab]` when frozen (see [`Linear`]).
+    lm_head_frozen_t: Option<Tensor>,
     inv_freq: Vec<f32>,
 }
 
@@ -290,6 +311,7 @@ impl Llama {
                 weight: weights.get("model.norm.weight", &[c.hidden_size])?,
                 eps: c.rms_norm_eps,
             },
+            lm_head_frozen_t: frozen_transpose(&lm_head)?,
             lm_head,
             inv_freq: c.inv_freq(),
         })
@@ -337,16 +359,22 @@ impl Llama {
     pub fn last_logits(&self, hidden: &Tensor) -> Result<Tensor> {
         let t = hidden.dim(1)?;
         let last = hidden.narrow(1, t - 1, 1)?.squeeze(1)?;
-        Ok(last.matmul(&self.lm_head.t()?)?)
+        self.project(&last)
+    }
+
+    fn project(&self, rows: &Tensor) -> Result<Tensor> {
+        Ok(match &self.lm_head_frozen_t {
+            Some(w_t) => rows.matmul(w_t)?,
+            None => rows.matmul(&self.lm_head.t()?)?,
+        })
     }
 
     /// Logits `[batch, t, vocab]` at every position; for inspection only —
     /// training uses [`Llama::token_logprobs`], which never materialises them.
     pub fn all_logits(&self, hidden: &Tensor) -> Result<Tensor> {
         let (b, t, h) = hidden.dims3()?;
-        Ok(hidden
-            .reshape((b * t, h))?
-            .matmul(&self.lm_head.t()?)?
+        Ok(self
+            .project(&hidden.reshape((b * t, h))?)?
             .reshape((b, t, ()))?)
     }
 
