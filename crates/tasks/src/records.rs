@@ -1,0 +1,68 @@
+//! Task records from JSONL files, streamed line by line so that a 60k-line
+//! file is never read into one string.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+
+use serde_json::Value;
+
+use crate::{Result, Task, TaskError};
+
+/// One record and where it came from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Record {
+    /// 1-based line in the file.
+    pub line: usize,
+    pub value: Value,
+}
+
+/// What reading a file found: the records, and how many bad lines were
+/// skipped (only with `skip_invalid`).
+#[derive(Debug)]
+pub struct Records {
+    pub records: Vec<Record>,
+    pub skipped: usize,
+}
+
+/// Reads every non-blank line of `path` as a JSON object the task accepts.
+/// A bad line is an error naming the file and line, or, with
+/// `skip_invalid`, is skipped and counted.
+pub fn read_records(path: &Path, task: &dyn Task, skip_invalid: bool) -> Result<Records> {
+    let name = path.display().to_string();
+    let io = |source| TaskError::Io {
+        path: name.clone(),
+        source,
+    };
+    let reader = BufReader::new(std::fs::File::open(path).map_err(io)?);
+    let mut records = Vec::new();
+    let mut skipped = 0;
+    for (index, line) in reader.lines().enumerate() {
+        let line_no = index + 1;
+        let text = line.map_err(io)?;
+        if text.trim().is_empty() {
+            continue;
+        }
+        let checked = serde_json::from_str::<Value>(&text)
+            .map_err(|e| format!("invalid JSON: {e}"))
+            .and_then(|value| match value.is_object() {
+                true => Ok(value),
+                false => Err("expected a JSON object".to_string()),
+            })
+            .and_then(|value| task.check_record(&value).map(|_| value));
+        match checked {
+            Ok(value) => records.push(Record {
+                line: line_no,
+                value,
+            }),
+            Err(_) if skip_invalid => skipped += 1,
+            Err(message) => {
+                return Err(TaskError::Record {
+                    path: name,
+                    line: line_no,
+                    message,
+                })
+            }
+        }
+    }
+    Ok(Records { records, skipped })
+}

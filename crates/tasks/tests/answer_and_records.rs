@@ -1,0 +1,139 @@
+//! Plain answers, JSONL reading and prompt overrides.
+
+use std::io::Write;
+
+use proptest::prelude::*;
+use r3_tasks::answer::{normalize, reply_number};
+use r3_tasks::{read_records, Prompts, Task, TaskError};
+use serde_json::json;
+
+fn verdict(record: serde_json::Value, reply: &str) -> r3_tasks::Verdict {
+    r3_tasks::builtin("answer").unwrap().verify(&record, reply)
+}
+
+#[test]
+fn numeric_answers() {
+    let r = json!({"prompt": "What is 21 - 7? Reply with the number only.", "answer": 14});
+    for (reply, ok) in [
+        ("14", true),
+        ("The answer is 14.", true),
+        ("21 - 7 = 14", true),
+        ("14.0", true),
+        ("I think 12... no, #### 14", true),
+        ("#### 14\nActually 15", true),
+        ("15", false),
+        ("fourteen", false),
+        ("", false),
+        ("-14", false),
+    ] {
+        assert_eq!(
+            verdict(r.clone(), reply).success,
+            ok,
+            "{reply:?}: {}",
+            verdict(r.clone(), reply).reason
+        );
+    }
+    let big = json!({"prompt": "p", "answer": "1,234,567"});
+    assert!(verdict(big.clone(), "It is 1,234,567 in total").success);
+    assert!(verdict(json!({"prompt": "p", "answer": -3}), "x = -3").success);
+    assert!(verdict(json!({"prompt": "p", "answer": 2.5}), "2.50").success);
+    assert_eq!(verdict(r, "15").reason, "answered 15, expected 14");
+}
+
+#[test]
+fn text_answers() {
+    let r = json!({"prompt": "Capital of France?", "answer": "Paris"});
+    assert!(verdict(r.clone(), "  paris. ").success);
+    assert!(!verdict(r.clone(), "Lyon").success);
+    let exact = json!({"prompt": "p", "answer": "Paris", "match": "exact"});
+    assert!(verdict(exact.clone(), "Paris\n").success);
+    assert!(!verdict(exact, "paris").success);
+    assert_eq!(normalize("  Hello,   World! "), "hello world");
+    assert_eq!(reply_number("no numbers"), None);
+    let task = r3_tasks::builtin("answer").unwrap();
+    assert!(task
+        .check_record(&json!({"prompt": "p", "answer": "x", "match": "fuzzy"}))
+        .is_err());
+    assert!(task
+        .check_record(&json!({"prompt": "p", "answer": "x", "match": "numeric"}))
+        .is_err());
+}
+
+#[test]
+fn malformed_lines_name_the_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("data.jsonl");
+    let mut f = std::fs::File::create(&path).unwrap();
+    writeln!(f, "{}", json!({"nums": [1, 2], "target": 3})).unwrap();
+    writeln!(f).unwrap();
+    writeln!(f, "{{\"nums\": [1, 2], ").unwrap();
+    writeln!(f, "{}", json!({"nums": [1, 2]})).unwrap();
+    writeln!(f, "[1, 2]").unwrap();
+    writeln!(f, "{}", json!({"nums": [4, 5], "target": 9})).unwrap();
+    drop(f);
+    let task = r3_tasks::builtin("countdown").unwrap();
+    match read_records(&path, task.as_ref(), false) {
+        Err(TaskError::Record {
+            path: p,
+            line,
+            message,
+        }) => {
+            assert!(p.ends_with("data.jsonl"));
+            assert_eq!(line, 3);
+            assert!(message.contains("invalid JSON"), "{message}");
+        }
+        other => panic!("expected a record error, got {other:?}"),
+    }
+    let read = read_records(&path, task.as_ref(), true).unwrap();
+    assert_eq!(read.skipped, 3);
+    assert_eq!(
+        read.records.iter().map(|r| r.line).collect::<Vec<_>>(),
+        vec![1, 6]
+    );
+    let e = read_records(&dir.path().join("missing.jsonl"), task.as_ref(), false).unwrap_err();
+    assert!(e.to_string().contains("missing.jsonl"));
+}
+
+#[test]
+fn prompts_default_to_the_paper_and_can_be_overridden() {
+    let task = r3_tasks::builtin("function-calling").unwrap();
+    let defaults = Prompts::for_task(task.as_ref());
+    assert!(defaults
+        .reflection
+        .contains("failed to produce the correct tool call"));
+    assert_eq!(
+        defaults.retry_text("the original question"),
+        "the original question"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("prompts.toml");
+    std::fs::write(
+        &path,
+        "reflection = \"Why did that fail?\"\nretry = \"Try again.\"\n",
+    )
+    .unwrap();
+    let p = Prompts::from_file(task.as_ref(), &path).unwrap();
+    assert_eq!(p.reflection, "Why did that fail?");
+    assert_eq!(p.retry_text("q"), "Try again.");
+    std::fs::write(&path, "reflektion = \"typo\"\n").unwrap();
+    let e = Prompts::from_file(task.as_ref(), &path)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("prompts.toml") && e.contains("reflektion"),
+        "{e}"
+    );
+    let countdown = r3_tasks::builtin("countdown").unwrap();
+    assert!(Prompts::for_task(countdown.as_ref())
+        .reflection
+        .contains("got the wrong answer"));
+}
+
+proptest! {
+    #[test]
+    fn number_extraction_never_panics(s in "\\PC{0,200}") {
+        let _ = reply_number(&s);
+        let _ = verdict(json!({"prompt": "p", "answer": 3}), &s);
+        let _ = verdict(json!({"prompt": "p", "answer": "three"}), &s);
+    }
+}
