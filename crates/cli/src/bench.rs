@@ -6,6 +6,7 @@ use anyhow::{bail, Result};
 use clap::{Args, Subcommand};
 use r3_generate::{Generator, Sampler, SamplingParams};
 use r3_model::{KvCache, Message};
+use r3_tasks::Task;
 
 use crate::{model, ModelArgs};
 
@@ -13,6 +14,21 @@ use crate::{model, ModelArgs};
 pub enum BenchCommand {
     /// Prefill and decode throughput of batched generation
     Generate(GenerateBench),
+    /// Verdicts per second of the verifiers
+    Verify(VerifyBench),
+}
+
+#[derive(Args)]
+pub struct VerifyBench {
+    /// Function-calling records to judge
+    #[arg(long, default_value = "data/function_calling.jsonl")]
+    data: std::path::PathBuf,
+    /// Also time an external verifier command (JSON lines, see README)
+    #[arg(long)]
+    verifier: Option<String>,
+    /// Seconds to spend on each verifier
+    #[arg(long, default_value_t = 2.0)]
+    seconds: f64,
 }
 
 #[derive(Args)]
@@ -35,6 +51,7 @@ pub struct GenerateBench {
 pub fn run(command: BenchCommand) -> Result<()> {
     match command {
         BenchCommand::Generate(args) => generate(args),
+        BenchCommand::Verify(args) => verify(args),
     }
 }
 
@@ -104,6 +121,101 @@ fn generate(args: GenerateBench) -> Result<()> {
         "decode_seconds": decode_s,
         "decode_tokens_per_s": decoded as f64 / decode_s,
         "peak_rss_bytes": peak_rss_bytes(),
+    });
+    println!("{report}");
+    Ok(())
+}
+
+/// Judges (record, answer) pairs round-robin for about `seconds`; returns
+/// verdicts per second and the fraction judged correct.
+fn verdicts_per_second(
+    task: &dyn Task,
+    cases: &[(serde_json::Value, String)],
+    seconds: f64,
+) -> (f64, f64) {
+    let start = Instant::now();
+    let (mut n, mut passed) = (0usize, 0usize);
+    while start.elapsed().as_secs_f64() < seconds {
+        for (record, answer) in cases {
+            passed += task.verify(record, answer).success as usize;
+        }
+        n += cases.len();
+    }
+    (
+        n as f64 / start.elapsed().as_secs_f64(),
+        passed as f64 / n.max(1) as f64,
+    )
+}
+
+fn verify(args: VerifyBench) -> Result<()> {
+    let difficulty = r3_tasks::countdown_data::Difficulty {
+        count: 3..=4,
+        max_number: 100,
+        target: 1..=100,
+    };
+    let puzzles =
+        r3_tasks::countdown_data::generate(500, &difficulty, 0).map_err(anyhow::Error::msg)?;
+    // Half right (the solver's equation), half wrong (the numbers summed).
+    let countdown_cases: Vec<(serde_json::Value, String)> = puzzles
+        .into_iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let answer = if i % 2 == 0 {
+                p["solution"].as_str().unwrap_or_default().to_string()
+            } else {
+                let nums: Vec<String> = p["nums"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|n| n.to_string())
+                    .collect();
+                nums.join(" + ")
+            };
+            (p, format!("Let me think. <answer>{answer}</answer>"))
+        })
+        .collect();
+    let countdown = r3_tasks::countdown::Countdown;
+    let (countdown_rate, countdown_ok) =
+        verdicts_per_second(&countdown, &countdown_cases, args.seconds);
+
+    let fc = r3_tasks::function_calling::FunctionCalling;
+    let records = r3_tasks::read_records(&args.data, &fc, false)?.records;
+    let fc_cases: Vec<(serde_json::Value, String)> = records
+        .into_iter()
+        .map(|r| {
+            let answers = r.value["answers"].as_str().unwrap_or("[]").to_string();
+            (
+                r.value,
+                format!("Here are the calls:\n```json\n{answers}\n```"),
+            )
+        })
+        .collect();
+    let (fc_rate, fc_ok) = verdicts_per_second(&fc, &fc_cases, args.seconds);
+
+    let external = match &args.verifier {
+        None => serde_json::Value::Null,
+        Some(command) => {
+            let v = r3_tasks::external::ExternalVerifier::new(
+                command,
+                std::time::Duration::from_secs(10),
+            );
+            let cases = vec![(
+                serde_json::json!({"prompt": "p", "answer": "42"}),
+                "42".to_string(),
+            )];
+            let (rate, ok) = verdicts_per_second(&v, &cases, args.seconds);
+            serde_json::json!({"command": command, "calls_per_s": rate, "round_trip_us": 1e6 / rate, "fraction_correct": ok})
+        }
+    };
+    let report = serde_json::json!({
+        "bench": "verify",
+        "countdown_verdicts_per_s": countdown_rate,
+        "countdown_fraction_correct": countdown_ok,
+        "function_calling_verdicts_per_s": fc_rate,
+        "function_calling_fraction_correct": fc_ok,
+        "function_calling_records": fc_cases.len(),
+        "external": external,
+        "threads": 1,
     });
     println!("{report}");
     Ok(())

@@ -4,6 +4,7 @@
 mod bench;
 mod commands;
 mod model;
+mod tasks;
 
 use std::path::PathBuf;
 
@@ -65,6 +66,13 @@ enum Command {
     Generate(commands::GenerateArgs),
     /// Print input ids, per-position argmax and last-position top-k logits as JSON
     Logits(commands::LogitsArgs),
+    /// Judge one answer; prints {"success", "reason"} as one JSON line
+    Verify(tasks::VerifyArgs),
+    /// Make task data
+    Data {
+        #[command(subcommand)]
+        what: tasks::DataCommand,
+    },
     /// Measure speed and memory; prints one JSON object
     Bench {
         #[command(subcommand)]
@@ -78,6 +86,8 @@ fn main() {
     let result = match cli.command {
         Command::Generate(args) => commands::generate(args),
         Command::Logits(args) => commands::logits(args),
+        Command::Verify(args) => tasks::verify(args),
+        Command::Data { what } => tasks::data(what),
         Command::Bench { what } => bench::run(what),
     };
     if let Err(e) = result {

@@ -4,7 +4,7 @@ use std::io::Write;
 
 use proptest::prelude::*;
 use r3_tasks::answer::{normalize, reply_number};
-use r3_tasks::{read_records, Prompts, Task, TaskError};
+use r3_tasks::{read_records, Prompts, TaskError};
 use serde_json::json;
 
 fn verdict(record: serde_json::Value, reply: &str) -> r3_tasks::Verdict {

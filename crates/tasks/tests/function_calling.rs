@@ -3,7 +3,7 @@
 
 use proptest::prelude::*;
 use r3_tasks::function_calling::extract_calls;
-use r3_tasks::Task;
+
 use serde_json::{json, Value};
 
 fn record(answers: Value) -> Value {

@@ -1,0 +1,170 @@
+//! `r3 verify` and `r3 data`: the task side, usable without a model.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use r3_tasks::countdown_data::{generate, Difficulty};
+use r3_tasks::external::ExternalVerifier;
+use r3_tasks::Task;
+
+/// Which task judges answers: a built-in one, or an external command.
+#[derive(Args, Clone)]
+pub struct TaskArgs {
+    /// countdown, function-calling or answer
+    #[arg(long, required_unless_present = "verifier")]
+    pub task: Option<String>,
+    /// An external verifier command speaking JSON lines (see README)
+    #[arg(long, conflicts_with = "task")]
+    pub verifier: Option<String>,
+    /// Seconds an external verifier may take per answer
+    #[arg(long, default_value_t = 10.0)]
+    pub verifier_timeout: f64,
+}
+
+impl TaskArgs {
+    pub fn build(&self) -> Result<Box<dyn Task>> {
+        match (&self.task, &self.verifier) {
+            (_, Some(command)) => {
+                if self.verifier_timeout.is_nan() || self.verifier_timeout <= 0.0 {
+                    bail!("--verifier-timeout must be positive");
+                }
+                Ok(Box::new(ExternalVerifier::new(
+                    command,
+                    Duration::from_secs_f64(self.verifier_timeout),
+                )))
+            }
+            (Some(name), None) => Ok(r3_tasks::builtin(name)?),
+            (None, None) => bail!("give --task or --verifier"),
+        }
+    }
+}
+
+#[derive(Args)]
+pub struct VerifyArgs {
+    #[command(flatten)]
+    task: TaskArgs,
+    /// The record as JSON
+    #[arg(long, conflicts_with_all = ["data", "index"], required_unless_present = "data")]
+    record: Option<String>,
+    /// A JSONL file of records
+    #[arg(long, requires = "index")]
+    data: Option<PathBuf>,
+    /// 0-based index of the record in --data
+    #[arg(long)]
+    index: Option<usize>,
+    /// Skip malformed lines of --data (and say how many) instead of failing
+    #[arg(long)]
+    skip_invalid: bool,
+    /// The model's answer text
+    #[arg(long)]
+    answer: String,
+}
+
+pub fn verify(args: VerifyArgs) -> Result<()> {
+    let task = args.task.build()?;
+    let record = match (&args.record, &args.data, args.index) {
+        (Some(json), _, _) => {
+            let value: serde_json::Value =
+                serde_json::from_str(json).context("--record is not valid JSON")?;
+            task.check_record(&value)
+                .map_err(|e| anyhow::anyhow!("--record: {e}"))?;
+            value
+        }
+        (None, Some(path), Some(index)) => {
+            let read = r3_tasks::read_records(path, task.as_ref(), args.skip_invalid)?;
+            if read.skipped > 0 {
+                eprintln!(
+                    "{}: skipped {} malformed line(s)",
+                    path.display(),
+                    read.skipped
+                );
+            }
+            match read.records.into_iter().nth(index) {
+                Some(r) => r.value,
+                None => bail!("{}: there is no record {index}", path.display()),
+            }
+        }
+        _ => bail!("give --record JSON, or --data FILE with --index I"),
+    };
+    let verdict = task.verify(&record, &args.answer);
+    println!("{}", serde_json::to_string(&verdict)?);
+    Ok(())
+}
+
+#[derive(Subcommand)]
+pub enum DataCommand {
+    /// Seeded, solvable Countdown puzzles as JSONL
+    Countdown(CountdownData),
+}
+
+#[derive(Args)]
+pub struct CountdownData {
+    #[arg(long, default_value_t = 1000)]
+    count: usize,
+    /// How many numbers per puzzle, e.g. 3..=4 or 3
+    #[arg(long, default_value = "3..=4")]
+    numbers: String,
+    /// Numbers are drawn from 1..=max-number
+    #[arg(long, default_value_t = 100)]
+    max_number: u64,
+    /// Smallest target
+    #[arg(long, default_value_t = 1)]
+    min_target: i64,
+    /// Largest target
+    #[arg(long, default_value_t = 100)]
+    max_target: i64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long)]
+    out: PathBuf,
+}
+
+fn parse_range(text: &str) -> Result<std::ops::RangeInclusive<usize>> {
+    let parse = |s: &str| {
+        s.trim()
+            .parse::<usize>()
+            .with_context(|| format!("'{text}' is not a count or a range like 3..=4"))
+    };
+    match text.split_once("..=").or_else(|| text.split_once("..")) {
+        Some((a, b)) => Ok(parse(a)?..=parse(b)?),
+        None => {
+            let n = parse(text)?;
+            Ok(n..=n)
+        }
+    }
+}
+
+pub fn data(command: DataCommand) -> Result<()> {
+    match command {
+        DataCommand::Countdown(args) => {
+            let difficulty = Difficulty {
+                count: parse_range(&args.numbers)?,
+                max_number: args.max_number,
+                target: args.min_target..=args.max_target,
+            };
+            let records =
+                generate(args.count, &difficulty, args.seed).map_err(anyhow::Error::msg)?;
+            let tmp = args.out.with_extension("jsonl.tmp");
+            let mut file = std::io::BufWriter::new(
+                std::fs::File::create(&tmp)
+                    .with_context(|| format!("cannot write {}", tmp.display()))?,
+            );
+            for r in &records {
+                writeln!(file, "{r}")?;
+            }
+            file.flush()?;
+            drop(file);
+            std::fs::rename(&tmp, &args.out)
+                .with_context(|| format!("cannot write {}", args.out.display()))?;
+            eprintln!(
+                "wrote {} solvable puzzles to {}",
+                records.len(),
+                args.out.display()
+            );
+            Ok(())
+        }
+    }
+}
