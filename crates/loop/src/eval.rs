@@ -1,0 +1,147 @@
+//! `r3 eval`: first-try accuracy, and second-try accuracy after one
+//! reflection and one retry per failure.
+
+use r3_generate::SamplingParams;
+use r3_tasks::Record;
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::rollout::{Attempt, Failure, Rollouts};
+use crate::Result;
+
+/// Sampling of each turn; greedy everywhere by default.
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalSettings {
+    pub attempt: SamplingParams,
+    pub reflection: SamplingParams,
+    pub retry: SamplingParams,
+}
+
+/// A proportion with its 95% Wilson score interval.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Proportion {
+    pub correct: usize,
+    pub n: usize,
+    pub accuracy: f64,
+    pub low: f64,
+    pub high: f64,
+}
+
+impl Proportion {
+    pub fn new(correct: usize, n: usize) -> Self {
+        if n == 0 {
+            return Self {
+                correct,
+                n,
+                accuracy: 0.0,
+                low: 0.0,
+                high: 0.0,
+            };
+        }
+        let (p, nf, z) = (correct as f64 / n as f64, n as f64, 1.96f64);
+        let denom = 1.0 + z * z / nf;
+        let center = (p + z * z / (2.0 * nf)) / denom;
+        let half = z * (p * (1.0 - p) / nf + z * z / (4.0 * nf * nf)).sqrt() / denom;
+        Self {
+            correct,
+            n,
+            accuracy: p,
+            low: (center - half).max(0.0),
+            high: (center + half).min(1.0),
+        }
+    }
+}
+
+/// What `summary.json` holds.
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalSummary {
+    pub n: usize,
+    pub first_try_accuracy: f64,
+    pub second_try_accuracy: f64,
+    pub first_try: Proportion,
+    pub second_try: Proportion,
+    /// Failures whose retry succeeded.
+    pub fixed_by_retry: usize,
+    pub settings: EvalSettings,
+}
+
+/// One line of `transcripts.jsonl`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Transcript {
+    /// Line of the record in its file.
+    pub line: usize,
+    pub record: Value,
+    pub attempt: Attempt,
+    pub reflection: Option<String>,
+    pub retry: Option<Attempt>,
+}
+
+/// Evaluates `records`; `progress(phase, done)` reports each batch.
+pub fn evaluate(
+    rollouts: &Rollouts<'_>,
+    records: &[Record],
+    settings: &EvalSettings,
+    progress: &mut dyn FnMut(&str, usize),
+) -> Result<(EvalSummary, Vec<Transcript>)> {
+    let values: Vec<&Value> = records.iter().map(|r| &r.value).collect();
+    let attempts = rollouts.attempts(&values, 1, &settings.attempt, 0, &mut |n| {
+        progress("attempt", n)
+    })?;
+    let mut transcripts: Vec<Transcript> = records
+        .iter()
+        .zip(attempts)
+        .map(|(r, mut a)| Transcript {
+            line: r.line,
+            record: r.value.clone(),
+            attempt: a.remove(0),
+            reflection: None,
+            retry: None,
+        })
+        .collect();
+    let failed: Vec<usize> = (0..transcripts.len())
+        .filter(|&i| !transcripts[i].attempt.verdict.success)
+        .collect();
+    let failures: Vec<Failure<'_>> = failed
+        .iter()
+        .map(|&i| Failure {
+            record: &records[i].value,
+            attempt_tokens: transcripts[i].attempt.tokens.clone(),
+        })
+        .collect();
+    let groups = rollouts.reflect_and_retry(
+        &failures,
+        1,
+        &settings.reflection,
+        &settings.retry,
+        0,
+        &mut |n| progress("reflect+retry", n),
+    )?;
+    for (&i, mut group) in failed.iter().zip(groups) {
+        let rollout = group.remove(0);
+        transcripts[i].reflection = Some(rollout.reflection_text);
+        transcripts[i].retry = Some(rollout.retry);
+    }
+    let n = transcripts.len();
+    let first = transcripts
+        .iter()
+        .filter(|t| t.attempt.verdict.success)
+        .count();
+    let fixed = transcripts
+        .iter()
+        .filter(|t| t.retry.as_ref().is_some_and(|r| r.verdict.success))
+        .count();
+    let first_try = Proportion::new(first, n);
+    let second_try = Proportion::new(first + fixed, n);
+    Ok((
+        EvalSummary {
+            n,
+            first_try_accuracy: first_try.accuracy,
+            second_try_accuracy: second_try.accuracy,
+            first_try,
+            second_try,
+            fixed_by_retry: fixed,
+            settings: settings.clone(),
+        },
+        transcripts,
+    ))
+}

@@ -1,0 +1,27 @@
+//! The r3 loop: conversations built turn by turn from sampled ids,
+//! rollouts (attempt → reflect × G → retry), evaluation and the dataset of
+//! failures. It knows nothing of optimizers.
+
+pub mod conversation;
+pub mod eval;
+pub mod mine;
+pub mod rollout;
+
+pub use conversation::ChatEncoder;
+pub use rollout::{Attempt, Failure, Policy, Rollout, Rollouts};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoopError {
+    #[error("chat template: {0}")]
+    Template(String),
+    #[error(transparent)]
+    Model(#[from] r3_model::ModelError),
+    #[error(transparent)]
+    Generate(#[from] r3_generate::GenerateError),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+pub type Result<T, E = LoopError> = std::result::Result<T, E>;

@@ -1,0 +1,298 @@
+//! Rollouts: first attempts, then for each failure G reflections sampled
+//! from one shared prefix (prefilled once, the cache forked G ways), and one
+//! retry per reflection continuing that reflection's own cache.
+
+use std::ops::Range;
+
+use candle_core::Tensor;
+use r3_generate::{Completion, FinishReason, Generator, Sampler, SamplingParams};
+use r3_model::{KvCache, Llama, Message, Tokenizer};
+use r3_tasks::{Prompts, Task, Verdict};
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::conversation::ChatEncoder;
+use crate::Result;
+
+/// A model with everything needed to hold a conversation with it.
+pub struct Policy<'a> {
+    pub model: &'a Llama,
+    pub tokenizer: &'a Tokenizer,
+    pub chat: ChatEncoder<'a>,
+    pub eos_token_ids: &'a [u32],
+}
+
+/// The loop's view of a run: a policy, a task and the prompt set.
+pub struct Rollouts<'a> {
+    pub policy: &'a Policy<'a>,
+    pub task: &'a dyn Task,
+    pub prompts: &'a Prompts,
+    /// Most rows decoded at once; bounds the KV cache's memory.
+    pub max_rows: usize,
+}
+
+/// One sampled answer and its verdict.
+#[derive(Debug, Clone, Serialize)]
+pub struct Attempt {
+    pub tokens: Vec<u32>,
+    pub text: String,
+    pub finish: FinishReason,
+    pub verdict: Verdict,
+}
+
+/// A failed first attempt to reflect on.
+#[derive(Debug, Clone)]
+pub struct Failure<'r> {
+    pub record: &'r Value,
+    /// The attempt's sampled ids (its end-of-turn token included).
+    pub attempt_tokens: Vec<u32>,
+}
+
+/// One reflect-and-retry rollout of a failure.
+#[derive(Debug, Clone, Serialize)]
+pub struct Rollout {
+    /// The whole conversation as ids: prompt, attempt, reflection request,
+    /// reflection, retry request, retry — sampled ids exactly as sampled.
+    pub ids: Vec<u32>,
+    /// Where the reflection's ids (end-of-turn token included) lie in `ids`:
+    /// the only tokens GRPO trains.
+    pub reflection: Range<usize>,
+    pub reflection_text: String,
+    pub reflection_finish: FinishReason,
+    pub retry: Attempt,
+}
+
+impl Rollout {
+    /// The binary reward: 1 when the retry was verified correct.
+    pub fn reward(&self) -> f32 {
+        if self.retry.verdict.success {
+            1.0
+        } else {
+            0.0
+        }
+    }
+}
+
+impl<'a> Rollouts<'a> {
+    /// The first-attempt conversation of a record.
+    pub fn first_messages(&self, record: &Value) -> Vec<Message> {
+        let mut messages = Vec::with_capacity(2);
+        if let Some(system) = &self.prompts.system {
+            messages.push(Message::new("system", system.as_str()));
+        }
+        messages.push(Message::new("user", self.task.user_prompt(record)));
+        messages
+    }
+
+    fn generator(&self) -> Generator<'_> {
+        Generator::new(
+            self.policy.model,
+            self.policy.tokenizer,
+            self.policy.eos_token_ids,
+        )
+    }
+
+    fn judge(&self, record: &Value, completion: Completion) -> Attempt {
+        let verdict = self.task.verify(record, &completion.text);
+        Attempt {
+            tokens: completion.tokens,
+            text: completion.text,
+            finish: completion.finish,
+            verdict,
+        }
+    }
+
+    /// Prefills one prefix per entry once, then forks each `copies` times:
+    /// returns the forked cache and the logits of every row's last token.
+    fn prefill_forked(
+        &self,
+        prefixes: &[Vec<u32>],
+        copies: usize,
+        extra: usize,
+    ) -> Result<(KvCache, Tensor)> {
+        let longest = prefixes.iter().map(Vec::len).max().unwrap_or(0);
+        let mut cache = KvCache::new(&self.policy.model.config, prefixes.len(), longest + extra);
+        let segments: Vec<&[u32]> = prefixes.iter().map(Vec::as_slice).collect();
+        let logits = self.generator().prefill(&mut cache, &segments)?;
+        let rows: Vec<usize> = (0..prefixes.len())
+            .flat_map(|p| std::iter::repeat_n(p, copies))
+            .collect();
+        let index = Tensor::from_vec(
+            rows.iter().map(|&r| r as u32).collect::<Vec<_>>(),
+            rows.len(),
+            logits.device(),
+        )?;
+        Ok((cache.select_rows(&rows)?, logits.index_select(&index, 0)?))
+    }
+
+    /// `samples` first attempts at every record, each prompt prefilled once.
+    /// Row `r` of the whole call samples with stream `stream_offset + r`.
+    pub fn attempts(
+        &self,
+        records: &[&Value],
+        samples: usize,
+        params: &SamplingParams,
+        stream_offset: u64,
+        progress: &mut dyn FnMut(usize),
+    ) -> Result<Vec<Vec<Attempt>>> {
+        let per_chunk = (self.max_rows / samples.max(1)).max(1);
+        let mut out = Vec::with_capacity(records.len());
+        for (c, chunk) in records.chunks(per_chunk).enumerate() {
+            let prompts = chunk
+                .iter()
+                .map(|r| self.policy.chat.prompt(&self.first_messages(r)))
+                .collect::<Result<Vec<_>>>()?;
+            let (cache, logits) = self.prefill_forked(&prompts, samples, params.max_new_tokens)?;
+            let first_row = stream_offset + (c * per_chunk * samples) as u64;
+            let samplers = (0..(chunk.len() * samples) as u64)
+                .map(|r| Sampler::new(params, first_row + r))
+                .collect();
+            let decoded = self
+                .generator()
+                .decode(cache, logits, params, samplers, false)?;
+            let mut completions = decoded.completions.into_iter();
+            for record in chunk {
+                let attempts = (0..samples)
+                    .map(|_| {
+                        self.judge(record, completions.next().expect("one completion per row"))
+                    })
+                    .collect();
+                out.push(attempts);
+            }
+            progress(chunk.len());
+        }
+        Ok(out)
+    }
+
+    /// For each failure, `group` reflections sampled from its shared prefix
+    /// and one retry per reflection, verified. Failure `f`'s reflection `g`
+    /// samples with stream `stream_offset + f * group + g`.
+    pub fn reflect_and_retry(
+        &self,
+        failures: &[Failure<'_>],
+        group: usize,
+        reflect: &SamplingParams,
+        retry: &SamplingParams,
+        stream_offset: u64,
+        progress: &mut dyn FnMut(usize),
+    ) -> Result<Vec<Vec<Rollout>>> {
+        let per_chunk = (self.max_rows / group.max(1)).max(1);
+        let mut out = Vec::with_capacity(failures.len());
+        for (c, chunk) in failures.chunks(per_chunk).enumerate() {
+            let first_row = stream_offset + (c * per_chunk * group) as u64;
+            out.extend(self.reflect_and_retry_chunk(chunk, group, reflect, retry, first_row)?);
+            progress(chunk.len());
+        }
+        Ok(out)
+    }
+
+    fn reflect_and_retry_chunk(
+        &self,
+        failures: &[Failure<'_>],
+        group: usize,
+        reflect: &SamplingParams,
+        retry: &SamplingParams,
+        first_row: u64,
+    ) -> Result<Vec<Vec<Rollout>>> {
+        let chat = &self.policy.chat;
+        let eos = self.policy.eos_token_ids;
+        let tok = self.policy.tokenizer;
+        // Conversations up to the reflection request, and the prefixes' ids.
+        let mut histories = Vec::with_capacity(failures.len());
+        let mut prefixes = Vec::with_capacity(failures.len());
+        for f in failures {
+            let mut history = self.first_messages(f.record);
+            let mut ids = chat.prompt(&history)?;
+            let ended_eos = f.attempt_tokens.last().is_some_and(|t| eos.contains(t));
+            ids.extend(&f.attempt_tokens);
+            ids.extend(chat.next_turn(&history, &self.prompts.reflection, ended_eos)?);
+            let attempt_text = tok.decode(strip_eos(&f.attempt_tokens, eos))?;
+            history.push(Message::new("assistant", attempt_text));
+            history.push(Message::new("user", self.prompts.reflection.as_str()));
+            histories.push(history);
+            prefixes.push(ids);
+        }
+        let extra = reflect.max_new_tokens + retry.max_new_tokens + 256;
+        let (cache, logits) = self.prefill_forked(&prefixes, group, extra)?;
+        let samplers = (0..(failures.len() * group) as u64)
+            .map(|r| Sampler::new(reflect, first_row + r))
+            .collect();
+        let reflections = self
+            .generator()
+            .decode(cache, logits, reflect, samplers, true)?;
+
+        // Each reflection's own cache continues with the retry request.
+        let mut caches = Vec::with_capacity(reflections.caches.len());
+        let mut continuations = Vec::with_capacity(reflections.caches.len());
+        for (row, (completion, cache)) in reflections
+            .completions
+            .iter()
+            .zip(reflections.caches)
+            .enumerate()
+        {
+            let f = row / group;
+            let original = self.task.user_prompt(failures[f].record);
+            let ended_eos = completion.finish == FinishReason::Eos;
+            let mut segment = vec![*completion
+                .tokens
+                .last()
+                .expect("a reflection has at least one token")];
+            segment.extend(chat.next_turn(
+                &histories[f],
+                self.prompts.retry_text(&original),
+                ended_eos,
+            )?);
+            continuations.push(segment);
+            caches.push(cache.expect("kept caches were asked for"));
+        }
+        let mut cache = KvCache::concat(&caches)?;
+        drop(caches);
+        let segments: Vec<&[u32]> = continuations.iter().map(Vec::as_slice).collect();
+        let logits = self.generator().prefill(&mut cache, &segments)?;
+        let samplers = (0..continuations.len() as u64)
+            .map(|r| Sampler::new(retry, first_row + r))
+            .collect();
+        let retries = self
+            .generator()
+            .decode(cache, logits, retry, samplers, false)?;
+
+        let mut out: Vec<Vec<Rollout>> = (0..failures.len())
+            .map(|_| Vec::with_capacity(group))
+            .collect();
+        let rows = reflections
+            .completions
+            .into_iter()
+            .zip(continuations)
+            .zip(retries.completions);
+        for (row, ((reflection, continuation), retry_completion)) in rows.enumerate() {
+            let f = row / group;
+            let prefix = &prefixes[f];
+            let mut ids = Vec::with_capacity(
+                prefix.len()
+                    + reflection.tokens.len()
+                    + continuation.len()
+                    + retry_completion.tokens.len(),
+            );
+            ids.extend(prefix);
+            ids.extend(&reflection.tokens);
+            let reflection_span = prefix.len()..ids.len();
+            ids.extend(&continuation[1..]);
+            ids.extend(&retry_completion.tokens);
+            out[f].push(Rollout {
+                ids,
+                reflection: reflection_span,
+                reflection_text: reflection.text,
+                reflection_finish: reflection.finish,
+                retry: self.judge(failures[f].record, retry_completion),
+            });
+        }
+        Ok(out)
+    }
+}
+
+fn strip_eos<'t>(tokens: &'t [u32], eos: &[u32]) -> &'t [u32] {
+    match tokens.last() {
+        Some(t) if eos.contains(t) => &tokens[..tokens.len() - 1],
+        _ => tokens,
+    }
+}
