@@ -1,0 +1,160 @@
+//! The GRPO pieces against hand-computed values.
+
+use candle_core::{Device, Tensor, Var};
+use r3_train::grpo::{
+    group_advantages, grpo_loss, has_signal, reflection_mask, token_weights, LossType, Objective,
+    TokenTerms,
+};
+
+fn close(a: f64, b: f64) -> bool {
+    (a - b).abs() <= 1e-5 * (1.0 + b.abs())
+}
+
+#[test]
+fn advantages_are_normalised_within_the_group() {
+    let a = group_advantages(&[1.0, 0.0, 0.0, 1.0], true);
+    let std = (1.0f64 / 3.0).sqrt();
+    for (got, sign) in a.iter().zip([1.0, -1.0, -1.0, 1.0]) {
+        assert!(close(*got as f64, sign * 0.5 / (std + 1e-4)), "{got}");
+    }
+    assert_eq!(
+        group_advantages(&[1.0, 0.0, 0.0, 0.0], false),
+        vec![0.75, -0.25, -0.25, -0.25]
+    );
+    assert_eq!(
+        group_advantages(&[1.0, 1.0, 1.0], true),
+        vec![0.0, 0.0, 0.0]
+    );
+    assert!(!has_signal(&[0.0, 0.0]) && !has_signal(&[1.0, 1.0, 1.0]) && has_signal(&[0.0, 1.0]));
+}
+
+#[test]
+fn the_mask_covers_exactly_the_positions_predicting_reflection_ids() {
+    // ids 4, 5, 6 are the reflection; positions 3, 4, 5 predict them.
+    assert_eq!(
+        reflection_mask(10, &(4..7)),
+        vec![0., 0., 0., 1., 1., 1., 0., 0., 0., 0.]
+    );
+    assert_eq!(reflection_mask(3, &(0..0)), vec![0.0; 3]);
+}
+
+#[test]
+fn token_weights_follow_each_loss_type() {
+    let lengths = [2, 4];
+    assert_eq!(
+        token_weights(&lengths, LossType::Grpo, 8),
+        vec![vec![0.25; 2], vec![0.125; 4]]
+    );
+    assert_eq!(
+        token_weights(&lengths, LossType::Bnpo, 8),
+        vec![vec![1.0 / 6.0; 2], vec![1.0 / 6.0; 4]]
+    );
+    assert_eq!(
+        token_weights(&lengths, LossType::DrGrpo, 8),
+        vec![vec![1.0 / 16.0; 2], vec![1.0 / 16.0; 4]]
+    );
+}
+
+#[test]
+fn loss_and_gradient_match_a_hand_computation() {
+    let lp = [-1.0f32, -2.0, -0.5, -2.0, -0.5];
+    let old = [-1.0f32, -1.5, -0.8, -1.5, -0.8];
+    let reference = [-1.2f32, -2.0, -0.3, -1.0, -0.9];
+    let adv = [1.0f32, 1.0, 1.0, -1.0, -1.0];
+    let weights = [0.1f32, 0.2, 0.3, 0.25, 0.15];
+    let objective = Objective {
+        epsilon_low: 0.2,
+        epsilon_high: 0.2,
+        beta: 0.04,
+    };
+    let var = Var::new(&lp, &Device::Cpu).unwrap();
+    let old_t = Tensor::new(&old, &Device::Cpu).unwrap();
+    let ref_t = Tensor::new(&reference, &Device::Cpu).unwrap();
+    let terms = TokenTerms {
+        logprobs: var.as_tensor(),
+        old_logprobs: &old_t,
+        ref_logprobs: Some(&ref_t),
+        advantages: &adv,
+        weights: &weights,
+    };
+    let (loss, stats) = grpo_loss(&terms, &objective).unwrap();
+    let grads = loss.backward().unwrap();
+    let grad: Vec<f32> = grads.get(var.as_tensor()).unwrap().to_vec1().unwrap();
+
+    // By hand: ratio, which term of the min is active, its derivative.
+    let mut expected_loss = 0.0f64;
+    let mut expected_kl = 0.0f64;
+    for i in 0..5 {
+        let (l, o, r, a, w) = (
+            lp[i] as f64,
+            old[i] as f64,
+            reference[i] as f64,
+            adv[i] as f64,
+            weights[i] as f64,
+        );
+        let ratio = (l - o).exp();
+        let clipped = ratio.clamp(0.8, 1.2);
+        let (pg, dpg) = if clipped * a < ratio * a {
+            (-clipped * a, 0.0)
+        } else {
+            (-ratio * a, -ratio * a)
+        };
+        let kl = (r - l).exp() - (r - l) - 1.0;
+        let dkl = 1.0 - (r - l).exp();
+        expected_loss += w * (pg + 0.04 * kl);
+        expected_kl += w * kl;
+        let expected_grad = w * (dpg + 0.04 * dkl);
+        assert!(
+            close(grad[i] as f64, expected_grad),
+            "token {i}: {} vs {expected_grad}",
+            grad[i]
+        );
+    }
+    // Tokens 2 (ratio above 1.2, A > 0) and 3 (below 0.8, A < 0) are clipped.
+    assert_eq!(stats.clipped_tokens, 2);
+    assert!(close(
+        loss.to_scalar::<f32>().unwrap() as f64,
+        expected_loss
+    ));
+    assert!(close(stats.kl, expected_kl));
+    assert!(
+        grad[2] != 0.0 && grad[3] != 0.0,
+        "the KL term still acts on clipped tokens"
+    );
+}
+
+#[test]
+fn each_loss_type_aggregates_per_token_losses_as_documented() {
+    // Two sequences of 2 and 3 tokens, ratio 1 (old = logp), β = 0:
+    // per-token loss = −A.
+    let lp = [-1.0f32; 5];
+    let adv = [0.5f32, 0.5, -2.0, -2.0, -2.0];
+    let t = Tensor::new(&lp, &Device::Cpu).unwrap();
+    let objective = Objective {
+        epsilon_low: 0.2,
+        epsilon_high: 0.2,
+        beta: 0.0,
+    };
+    for (loss_type, expected) in [
+        (
+            LossType::Grpo,
+            ((-0.5 - 0.5) / 2.0 + (2.0 * 3.0) / 3.0) / 2.0,
+        ),
+        (LossType::Bnpo, (-1.0 + 6.0) / 5.0),
+        (LossType::DrGrpo, (-1.0 + 6.0) / (2.0 * 10.0)),
+    ] {
+        let weights: Vec<f32> = token_weights(&[2, 3], loss_type, 10).concat();
+        let terms = TokenTerms {
+            logprobs: &t,
+            old_logprobs: &t,
+            ref_logprobs: None,
+            advantages: &adv,
+            weights: &weights,
+        };
+        let (loss, _) = grpo_loss(&terms, &objective).unwrap();
+        assert!(
+            close(loss.to_scalar::<f32>().unwrap() as f64, expected),
+            "{loss_type:?}"
+        );
+    }
+}
