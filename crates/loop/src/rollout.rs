@@ -29,6 +29,8 @@ pub struct Rollouts<'a> {
     pub prompts: &'a Prompts,
     /// Most rows decoded at once; bounds the KV cache's memory.
     pub max_rows: usize,
+    /// Seconds spent in the verifier so far (for per-phase timings).
+    pub verify_seconds: std::cell::Cell<f64>,
 }
 
 /// One sampled answer and its verdict.
@@ -63,6 +65,11 @@ pub struct Rollout {
 }
 
 impl Rollout {
+    /// Where the retry's sampled ids lie in `ids`.
+    pub fn retry_span(&self) -> Range<usize> {
+        self.ids.len() - self.retry.tokens.len()..self.ids.len()
+    }
+
     /// The binary reward: 1 when the retry was verified correct.
     pub fn reward(&self) -> f32 {
         if self.retry.verdict.success {
@@ -93,7 +100,10 @@ impl<'a> Rollouts<'a> {
     }
 
     fn judge(&self, record: &Value, completion: Completion) -> Attempt {
+        let started = std::time::Instant::now();
         let verdict = self.task.verify(record, &completion.text);
+        self.verify_seconds
+            .set(self.verify_seconds.get() + started.elapsed().as_secs_f64());
         Attempt {
             tokens: completion.tokens,
             text: completion.text,

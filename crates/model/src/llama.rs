@@ -28,18 +28,25 @@ struct Linear {
 }
 
 /// The transposed contiguous copy of a weight that cannot need a gradient.
-fn frozen_transpose(weight: &Tensor) -> Result<Option<Tensor>> {
-    if weight.track_op() {
+fn frozen_transpose(weight: &Tensor, wanted: bool) -> Result<Option<Tensor>> {
+    if !wanted || weight.track_op() {
         return Ok(None);
     }
     Ok(Some(weight.t()?.contiguous()?))
 }
 
 impl Linear {
-    fn load(w: &Weights, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Self> {
+    fn load(
+        w: &Weights,
+        prefix: &str,
+        out: usize,
+        inp: usize,
+        bias: bool,
+        transposed: bool,
+    ) -> Result<Self> {
         let weight = w.get(&format!("{prefix}.weight"), &[out, inp])?;
         Ok(Self {
-            frozen_t: frozen_transpose(&weight)?,
+            frozen_t: frozen_transpose(&weight, transposed)?,
             weight,
             bias: if bias {
                 Some(w.get(&format!("{prefix}.bias"), &[out])?)
@@ -143,17 +150,17 @@ struct Attention {
 }
 
 impl Attention {
-    fn load(w: &Weights, prefix: &str, c: &ModelConfig) -> Result<Self> {
+    fn load(w: &Weights, prefix: &str, c: &ModelConfig, t: bool) -> Result<Self> {
         let (h, q, kv) = (
             c.hidden_size,
             c.num_heads * c.head_dim,
             c.num_kv_heads * c.head_dim,
         );
         Ok(Self {
-            q_proj: Linear::load(w, &format!("{prefix}.q_proj"), q, h, c.attention_bias)?,
-            k_proj: Linear::load(w, &format!("{prefix}.k_proj"), kv, h, c.attention_bias)?,
-            v_proj: Linear::load(w, &format!("{prefix}.v_proj"), kv, h, c.attention_bias)?,
-            o_proj: Linear::load(w, &format!("{prefix}.o_proj"), h, q, false)?,
+            q_proj: Linear::load(w, &format!("{prefix}.q_proj"), q, h, c.attention_bias, t)?,
+            k_proj: Linear::load(w, &format!("{prefix}.k_proj"), kv, h, c.attention_bias, t)?,
+            v_proj: Linear::load(w, &format!("{prefix}.v_proj"), kv, h, c.attention_bias, t)?,
+            o_proj: Linear::load(w, &format!("{prefix}.o_proj"), h, q, false, t)?,
             num_heads: c.num_heads,
             num_kv_heads: c.num_kv_heads,
             head_dim: c.head_dim,
@@ -204,12 +211,12 @@ struct Mlp {
 }
 
 impl Mlp {
-    fn load(w: &Weights, prefix: &str, c: &ModelConfig) -> Result<Self> {
+    fn load(w: &Weights, prefix: &str, c: &ModelConfig, t: bool) -> Result<Self> {
         let (h, i) = (c.hidden_size, c.intermediate_size);
         Ok(Self {
-            gate_proj: Linear::load(w, &format!("{prefix}.gate_proj"), i, h, false)?,
-            up_proj: Linear::load(w, &format!("{prefix}.up_proj"), i, h, false)?,
-            down_proj: Linear::load(w, &format!("{prefix}.down_proj"), h, i, false)?,
+            gate_proj: Linear::load(w, &format!("{prefix}.gate_proj"), i, h, false, t)?,
+            up_proj: Linear::load(w, &format!("{prefix}.up_proj"), i, h, false, t)?,
+            down_proj: Linear::load(w, &format!("{prefix}.down_proj"), h, i, false, t)?,
         })
     }
 }
@@ -230,7 +237,7 @@ struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    fn load(w: &Weights, i: usize, c: &ModelConfig) -> Result<Self> {
+    fn load(w: &Weights, i: usize, c: &ModelConfig, t: bool) -> Result<Self> {
         let prefix = format!("model.layers.{i}");
         let norm = |name: &str| -> Result<RmsNorm> {
             Ok(RmsNorm {
@@ -240,9 +247,9 @@ impl DecoderLayer {
         };
         Ok(Self {
             input_layernorm: norm("input_layernorm")?,
-            self_attn: Attention::load(w, &format!("{prefix}.self_attn"), c)?,
+            self_attn: Attention::load(w, &format!("{prefix}.self_attn"), c, t)?,
             post_attention_layernorm: norm("post_attention_layernorm")?,
-            mlp: Mlp::load(w, &format!("{prefix}.mlp"), c)?,
+            mlp: Mlp::load(w, &format!("{prefix}.mlp"), c, t)?,
         })
     }
 
@@ -286,6 +293,16 @@ pub struct Llama {
 impl Llama {
     /// Builds the decoder from HF-named weights, checking every shape.
     pub fn new(config: &ModelConfig, weights: &Weights) -> Result<Self> {
+        Self::build(config, weights, true)
+    }
+
+    /// The decoder without transposed copies of frozen weights: half the
+    /// memory, slower decoding. For a reference model that only scores.
+    pub fn new_compact(config: &ModelConfig, weights: &Weights) -> Result<Self> {
+        Self::build(config, weights, false)
+    }
+
+    fn build(config: &ModelConfig, weights: &Weights, transposed: bool) -> Result<Self> {
         let c = config;
         let embed_tokens =
             weights.get("model.embed_tokens.weight", &[c.vocab_size, c.hidden_size])?;
@@ -301,7 +318,7 @@ impl Llama {
             ));
         };
         let layers = (0..c.num_layers)
-            .map(|i| DecoderLayer::load(weights, i, c))
+            .map(|i| DecoderLayer::load(weights, i, c, transposed))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             config: c.clone(),
@@ -311,7 +328,7 @@ impl Llama {
                 weight: weights.get("model.norm.weight", &[c.hidden_size])?,
                 eps: c.rms_norm_eps,
             },
-            lm_head_frozen_t: frozen_transpose(&lm_head)?,
+            lm_head_frozen_t: frozen_transpose(&lm_head, transposed)?,
             lm_head,
             inv_freq: c.inv_freq(),
         })

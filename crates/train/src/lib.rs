@@ -2,7 +2,12 @@
 //! reflection mask, a KL penalty to a frozen reference, AdamW, schedules,
 //! checkpoints and exact resume. It never sees prompts as text.
 
+pub mod checkpoint;
+pub mod config;
 pub mod grpo;
+pub mod optim;
+pub mod score;
+pub mod trainer;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {

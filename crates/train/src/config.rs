@@ -1,0 +1,260 @@
+//! `r3 train`'s configuration: a TOML file whose names follow TRL's
+//! GRPOConfig where the idea is the same, overridable key by key from the
+//! command line, and checked before any work starts.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::grpo::LossType;
+use crate::{Result, TrainError};
+
+/// How the learning rate moves after warm-up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Schedule {
+    Constant,
+    Linear,
+    Cosine,
+}
+
+/// Which tokens carry the loss. `reflection` is Reflect, Retry, Reward;
+/// `retry` is the ablation that rewards the retry's tokens instead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TrainOn {
+    Reflection,
+    Retry,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    /// HF directory or GGUF file; empty for the default model.
+    pub model: String,
+    /// countdown, function-calling or answer (ignored with `verifier`).
+    pub task: String,
+    /// External verifier command (JSON lines), replacing `task`'s verifier.
+    pub verifier: Option<String>,
+    pub verifier_timeout: f64,
+    /// The dataset of failures written by `r3 mine`.
+    pub failures: PathBuf,
+    /// TOML file overriding the reflection/retry prompts.
+    pub prompts: Option<PathBuf>,
+    pub output_dir: PathBuf,
+    pub seed: u64,
+    /// Optimizer steps.
+    pub max_steps: usize,
+    /// Failures per rollout batch (B); each gets `num_generations` reflections.
+    pub failures_per_step: usize,
+    /// Reflections per failure (G).
+    pub num_generations: usize,
+    /// Reflection sampling.
+    pub temperature: f64,
+    pub top_p: f64,
+    pub top_k: usize,
+    /// Longest reflection, in tokens.
+    pub max_completion_length: usize,
+    /// Retry sampling: its own knobs, greedy by default.
+    pub retry_temperature: f64,
+    pub retry_max_tokens: usize,
+    pub beta: f64,
+    pub epsilon: f64,
+    /// Upper clipping bound; `epsilon` when unset.
+    pub epsilon_high: Option<f64>,
+    pub num_iterations: usize,
+    pub loss_type: LossType,
+    pub scale_rewards: bool,
+    pub learning_rate: f64,
+    pub lr_scheduler_type: Schedule,
+    pub warmup_steps: usize,
+    pub warmup_ratio: f64,
+    pub weight_decay: f64,
+    pub adam_beta1: f64,
+    pub adam_beta2: f64,
+    pub adam_epsilon: f64,
+    pub max_grad_norm: f64,
+    pub gradient_accumulation_steps: usize,
+    /// Checkpoint every this many steps (0: only at the end).
+    pub save_steps: usize,
+    /// Full transcripts written to samples.jsonl per step.
+    pub log_completions: usize,
+    /// Reflections per forward/backward pass: the memory knob.
+    pub micro_batch_size: usize,
+    /// Most rows decoded at once during rollouts.
+    pub generation_batch_rows: usize,
+    /// The tokens that learn (an ablation knob; keep `reflection`).
+    pub train_on: TrainOn,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            model: String::new(),
+            task: "answer".into(),
+            verifier: None,
+            verifier_timeout: 10.0,
+            failures: PathBuf::from("failures.jsonl"),
+            prompts: None,
+            output_dir: PathBuf::from("runs/train"),
+            seed: 0,
+            max_steps: 100,
+            failures_per_step: 4,
+            num_generations: 8,
+            temperature: 0.9,
+            top_p: 1.0,
+            top_k: 0,
+            max_completion_length: 128,
+            retry_temperature: 0.0,
+            retry_max_tokens: 128,
+            beta: 0.001,
+            epsilon: 0.2,
+            epsilon_high: None,
+            num_iterations: 1,
+            loss_type: LossType::Grpo,
+            scale_rewards: true,
+            learning_rate: 5e-7,
+            lr_scheduler_type: Schedule::Constant,
+            warmup_steps: 0,
+            warmup_ratio: 0.0,
+            weight_decay: 0.0,
+            adam_beta1: 0.9,
+            adam_beta2: 0.999,
+            adam_epsilon: 1e-8,
+            max_grad_norm: 1.0,
+            gradient_accumulation_steps: 1,
+            save_steps: 50,
+            log_completions: 2,
+            micro_batch_size: 8,
+            generation_batch_rows: 32,
+            train_on: TrainOn::Reflection,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Reads `path` (if any), applies `key=value` overrides (values in TOML
+    /// syntax; bare words are strings) and validates the result.
+    pub fn load(path: Option<&Path>, overrides: &[String]) -> Result<Self> {
+        let mut table = match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|source| TrainError::Io {
+                    path: p.display().to_string(),
+                    source,
+                })?;
+                text.parse::<toml::Table>()
+                    .map_err(|e| TrainError::Config(format!("{}: {e}", p.display())))?
+            }
+            None => toml::Table::new(),
+        };
+        for item in overrides {
+            let (key, value) = item
+                .split_once('=')
+                .ok_or_else(|| TrainError::Config(format!("override '{item}' is not key=value")))?;
+            let value = format!("v = {value}")
+                .parse::<toml::Table>()
+                .ok()
+                .and_then(|mut t| t.remove("v"))
+                .unwrap_or_else(|| toml::Value::String(value.to_string()));
+            table.insert(key.trim().to_string(), value);
+        }
+        let where_ = path
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "flags".into());
+        let config: Self = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e| TrainError::Config(format!("{where_}: {e}")))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Rejects impossible values, naming the key.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |key: &str, why: &str| Err(TrainError::Config(format!("'{key}' {why}")));
+        if self.num_generations < 2 {
+            return bad(
+                "num_generations",
+                "must be at least 2: a group of one has no advantage",
+            );
+        }
+        if !(self.learning_rate > 0.0 && self.learning_rate.is_finite()) {
+            return bad("learning_rate", "must be a positive number");
+        }
+        if self.max_steps == 0 {
+            return bad("max_steps", "must be at least 1");
+        }
+        if self.failures_per_step == 0 {
+            return bad("failures_per_step", "must be at least 1");
+        }
+        if self.max_completion_length == 0 || self.retry_max_tokens == 0 {
+            return bad(
+                "max_completion_length/retry_max_tokens",
+                "must be at least 1",
+            );
+        }
+        if !(self.temperature >= 0.0) || !(self.retry_temperature >= 0.0) {
+            return bad("temperature", "must be ≥ 0");
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return bad("top_p", "must be in (0, 1]");
+        }
+        if !(self.beta >= 0.0) {
+            return bad("beta", "must be ≥ 0");
+        }
+        if !(self.epsilon > 0.0) || self.epsilon_high.is_some_and(|e| !(e > 0.0)) {
+            return bad("epsilon", "must be positive");
+        }
+        if self.num_iterations == 0 || self.gradient_accumulation_steps == 0 {
+            return bad(
+                "num_iterations/gradient_accumulation_steps",
+                "must be at least 1",
+            );
+        }
+        if !(0.0..1.0).contains(&self.warmup_ratio) {
+            return bad("warmup_ratio", "must be in [0, 1)");
+        }
+        if !(self.weight_decay >= 0.0) || !(self.max_grad_norm >= 0.0) {
+            return bad("weight_decay/max_grad_norm", "must be ≥ 0");
+        }
+        if !(0.0..1.0).contains(&self.adam_beta1) || !(0.0..1.0).contains(&self.adam_beta2) {
+            return bad("adam_beta1/adam_beta2", "must be in [0, 1)");
+        }
+        if self.micro_batch_size == 0 || self.generation_batch_rows == 0 {
+            return bad(
+                "micro_batch_size/generation_batch_rows",
+                "must be at least 1",
+            );
+        }
+        if self.verifier.is_none()
+            && !["countdown", "function-calling", "answer"].contains(&self.task.as_str())
+        {
+            return bad(
+                "task",
+                "must be countdown, function-calling or answer (or set verifier)",
+            );
+        }
+        Ok(())
+    }
+
+    /// Warm-up steps, from `warmup_steps` or `warmup_ratio`.
+    pub fn warmup(&self) -> usize {
+        self.warmup_steps
+            .max((self.warmup_ratio * self.max_steps as f64).round() as usize)
+    }
+
+    /// The learning rate at optimizer step `step` (0-based).
+    pub fn learning_rate_at(&self, step: usize) -> f64 {
+        let warmup = self.warmup();
+        if step < warmup {
+            return self.learning_rate * (step + 1) as f64 / warmup as f64;
+        }
+        let progress = (step - warmup) as f64 / (self.max_steps - warmup).max(1) as f64;
+        match self.lr_scheduler_type {
+            Schedule::Constant => self.learning_rate,
+            Schedule::Linear => self.learning_rate * (1.0 - progress),
+            Schedule::Cosine => {
+                self.learning_rate * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
+            }
+        }
+    }
+}
