@@ -1,0 +1,82 @@
+//! Credit goes where the paper says. In a toy world where only the
+//! reflection "C" makes the retry answer right (see `common`), training on
+//! reflection tokens teaches the model to reflect "C"; training on the
+//! retry's tokens instead (the mask inverted) makes the retry right without
+//! teaching the reflection anything.
+
+mod common;
+
+use r3_model::Llama;
+use r3_train::config::{TrainConfig, TrainOn};
+use r3_train::trainer::Trainer;
+
+/// Trains on `train_on` tokens; returns (retry success, P(good reflection)).
+fn train(toy: &common::Toy, train_on: TrainOn) -> (f64, f64) {
+    let out = tempfile::tempdir().unwrap();
+    let config = TrainConfig {
+        output_dir: out.path().to_path_buf(),
+        max_steps: 30,
+        failures_per_step: 2,
+        num_generations: 8,
+        temperature: 1.0,
+        top_k: 4,
+        max_completion_length: 1,
+        retry_max_tokens: 1,
+        beta: 0.0,
+        learning_rate: 1e-3,
+        save_steps: 0,
+        seed: 1,
+        train_on,
+        ..TrainConfig::default()
+    };
+    let mut trainer = Trainer::new(
+        config,
+        &toy.loaded,
+        None,
+        &toy.task,
+        common::prompts(),
+        toy.failures.clone(),
+        None,
+    )
+    .unwrap();
+    let checkpoint = trainer.run(&mut |_| {}).unwrap();
+    let trained = r3_model::load(&checkpoint).unwrap();
+    let model = Llama::new(&trained.config, &trained.weights).unwrap();
+    (
+        common::retry_success(toy, &model, 64),
+        common::good_reflection_probability(toy, &model),
+    )
+}
+
+#[test]
+fn reflection_credit_teaches_the_reflection_and_retry_credit_does_not() {
+    let toy = common::toy();
+    let base = Llama::new(&toy.loaded.config, &toy.loaded.weights).unwrap();
+    let (before, p_before) = (
+        common::retry_success(&toy, &base, 64),
+        common::good_reflection_probability(&toy, &base),
+    );
+    assert!(
+        before < 0.5 && (p_before - 0.25).abs() < 0.05,
+        "the toy starts at chance: {before}, {p_before}"
+    );
+
+    let (after, p_after) = train(&toy, TrainOn::Reflection);
+    let (after_inverted, p_inverted) = train(&toy, TrainOn::Retry);
+    eprintln!(
+        "retry success {before:.2} → {after:.2} (reflection credit) / {after_inverted:.2} (retry credit); \
+         P(reflect C) {p_before:.2} → {p_after:.2} / {p_inverted:.2}"
+    );
+    assert!(
+        after >= 0.9,
+        "reflection credit: retry success {before:.2} → {after:.2}"
+    );
+    assert!(
+        p_after >= 0.9,
+        "reflection credit: P(good reflection) {p_before:.2} → {p_after:.2}"
+    );
+    assert!(
+        p_inverted < p_before + 0.1,
+        "retry credit taught the reflection: P(good reflection) {p_before:.2} → {p_inverted:.2}"
+    );
+}
