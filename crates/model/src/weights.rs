@@ -46,8 +46,8 @@ impl Weights {
         self.tensors.contains_key(name)
     }
 
-    pub fn names(&self) -> impl Iterator<Item = &String> {
-        self.tensors.keys()
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &Tensor)> {
+        self.tensors.iter()
     }
 
     /// Loads `model.safetensors`, or every shard listed in

@@ -1,0 +1,250 @@
+//! The reflection mask gives exactly zero gradient outside the reflection,
+//! the efficient scoring path agrees with a full forward, and a resumed run
+//! continues exactly like an uninterrupted one.
+
+mod common;
+
+use candle_core::{IndexOp, Tensor, Var, D};
+use r3_model::tiny::TinyModel;
+use r3_model::{Architecture, KvCache, Llama, Weights};
+use r3_train::config::TrainConfig;
+use r3_train::grpo::{grpo_loss, reflection_mask, Objective, TokenTerms};
+use r3_train::score::span_logprobs;
+use r3_train::trainer::Trainer;
+
+fn trainable() -> (Llama, Vec<(String, Var)>) {
+    let tiny = TinyModel::new(Architecture::Llama, 64, 2, 21).unwrap();
+    let vars: Vec<(String, Var)> = tiny
+        .weights
+        .iter()
+        .map(|(n, t)| (n.clone(), Var::from_tensor(t).unwrap()))
+        .collect();
+    let weights = Weights::new(
+        "<vars>",
+        vars.iter()
+            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+            .collect(),
+    );
+    (Llama::new(&tiny.config, &weights).unwrap(), vars)
+}
+
+#[test]
+fn gradient_on_logits_is_zero_outside_the_reflection() {
+    let (model, vars) = trainable();
+    // prompt 0..8 | attempt 8..12 | request 12..15 | reflection 15..20 | retry request 20..24 | retry 24..28
+    let ids: Vec<u32> = (0..28).map(|i| (i * 37 + 11) % 260).collect();
+    let reflection = 15..20;
+    let mut cache = KvCache::differentiable(&model.config, 1);
+    let hidden = model.forward(&[&ids], &mut cache).unwrap();
+    let logits = model.all_logits(&hidden).unwrap().i(0).unwrap(); // [28, vocab]
+    let mask = reflection_mask(ids.len(), &reflection);
+    let objective = Objective {
+        epsilon_low: 0.2,
+        epsilon_high: 0.2,
+        beta: 0.04,
+    };
+    // The masked GRPO loss over every position of the conversation.
+    let masked_loss = |logits: &Tensor| -> (Tensor, Tensor) {
+        let logp_all = candle_nn::ops::log_softmax(logits, D::Minus1).unwrap();
+        let targets = Tensor::new(&ids[1..], logits.device())
+            .unwrap()
+            .unsqueeze(1)
+            .unwrap();
+        let logprobs = logp_all
+            .narrow(0, 0, 27)
+            .unwrap()
+            .gather(&targets, 1)
+            .unwrap()
+            .squeeze(1)
+            .unwrap();
+        let weights: Vec<f32> = mask[..27].iter().map(|m| m * 0.2).collect();
+        let advantages = vec![1.5f32; 27];
+        let reference = (logprobs.detach() - 0.3).unwrap();
+        let old = logprobs.detach();
+        let terms = TokenTerms {
+            logprobs: &logprobs,
+            old_logprobs: &old,
+            ref_logprobs: Some(&reference),
+            advantages: &advantages,
+            weights: &weights,
+        };
+        (grpo_loss(&terms, &objective).unwrap().0, logprobs)
+    };
+    // Gradient with respect to the logits themselves (a leaf here).
+    let logits_leaf = Var::from_tensor(&logits.detach()).unwrap();
+    let grad_logits: Vec<Vec<f32>> = masked_loss(logits_leaf.as_tensor())
+        .0
+        .backward()
+        .unwrap()
+        .get(logits_leaf.as_tensor())
+        .unwrap()
+        .to_vec2()
+        .unwrap();
+    for (p, row) in grad_logits.iter().enumerate() {
+        let trained = p < 27 && mask[p] == 1.0;
+        if trained {
+            assert!(
+                row.iter().any(|&g| g != 0.0),
+                "position {p} predicts a reflection token but has no gradient"
+            );
+        } else {
+            assert!(
+                row.iter().all(|&g| g == 0.0),
+                "position {p} is outside the reflection but has gradient"
+            );
+        }
+    }
+
+    // The efficient path (shared prefix, reflection positions only) computes
+    // the same log-probs and the same parameter gradients.
+    let (loss, logprobs) = masked_loss(&logits);
+    let grads = loss.backward().unwrap();
+    let fast = span_logprobs(
+        &model,
+        &[&ids[..reflection.start]],
+        &[&ids[reflection.clone()]],
+        true,
+    )
+    .unwrap();
+    let full: Vec<f32> = logprobs.to_vec1().unwrap();
+    let fast_values: Vec<f32> = fast.to_vec1().unwrap();
+    for (i, v) in fast_values.iter().enumerate() {
+        assert!(
+            (v - full[reflection.start - 1 + i]).abs() < 1e-4,
+            "token {i}: {v} vs {}",
+            full[reflection.start - 1 + i]
+        );
+    }
+    let w: Vec<f32> = vec![0.2; 5];
+    let adv = vec![1.5f32; 5];
+    let fast_ref = (fast.detach() - 0.3).unwrap();
+    let terms = TokenTerms {
+        logprobs: &fast,
+        old_logprobs: &fast.detach(),
+        ref_logprobs: Some(&fast_ref),
+        advantages: &adv,
+        weights: &w,
+    };
+    let (fast_loss, _) = grpo_loss(&terms, &objective).unwrap();
+    let fast_grads = fast_loss.backward().unwrap();
+    for (name, var) in &vars {
+        let (a, b) = (
+            grads.get(var.as_tensor()).unwrap(),
+            fast_grads.get(var.as_tensor()).unwrap(),
+        );
+        let diff: f32 = (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        let scale: f32 = a
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!(
+            diff <= 1e-3 * scale.max(1e-6),
+            "{name}: gradients differ by {diff} (scale {scale})"
+        );
+    }
+}
+
+fn comparable(line: &str) -> serde_json::Value {
+    let mut v: serde_json::Value = serde_json::from_str(line).unwrap();
+    let obj = v.as_object_mut().unwrap();
+    obj.retain(|k, _| !k.starts_with("seconds_") && k != "tokens_per_s");
+    v
+}
+
+#[test]
+fn a_resumed_run_matches_an_uninterrupted_one() {
+    let toy = common::toy();
+    let config = |dir: &std::path::Path, steps: usize| TrainConfig {
+        output_dir: dir.to_path_buf(),
+        max_steps: steps,
+        failures_per_step: 2,
+        num_generations: 4,
+        temperature: 1.0,
+        top_k: 4,
+        max_completion_length: 1,
+        retry_max_tokens: 1,
+        beta: 0.04,
+        learning_rate: 2e-4,
+        save_steps: 2,
+        seed: 5,
+        ..TrainConfig::default()
+    };
+    let whole = tempfile::tempdir().unwrap();
+    Trainer::new(
+        config(whole.path(), 4),
+        &toy.loaded,
+        Some(&toy.loaded),
+        &toy.task,
+        common::prompts(),
+        toy.failures.clone(),
+        None,
+    )
+    .unwrap()
+    .run(&mut |_| {})
+    .unwrap();
+
+    let parts = tempfile::tempdir().unwrap();
+    Trainer::new(
+        config(parts.path(), 2),
+        &toy.loaded,
+        Some(&toy.loaded),
+        &toy.task,
+        common::prompts(),
+        toy.failures.clone(),
+        None,
+    )
+    .unwrap()
+    .run(&mut |_| {})
+    .unwrap();
+    let checkpoint = parts.path().join("checkpoint-2");
+    let resumed = r3_model::load(&checkpoint).unwrap();
+    Trainer::new(
+        config(parts.path(), 4),
+        &resumed,
+        Some(&toy.loaded),
+        &toy.task,
+        common::prompts(),
+        toy.failures.clone(),
+        Some(&checkpoint),
+    )
+    .unwrap()
+    .run(&mut |_| {})
+    .unwrap();
+
+    let read = |dir: &std::path::Path| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(dir.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(comparable)
+            .collect()
+    };
+    let (a, b) = (read(whole.path()), read(parts.path()));
+    assert_eq!(a.len(), 4);
+    assert_eq!(a, b, "resumed metrics differ");
+    assert!(
+        a.iter().any(|m| m["grad_norm"].as_f64().unwrap() > 0.0),
+        "the run should have trained"
+    );
+    let final_a = r3_model::load(&whole.path().join("checkpoint-4")).unwrap();
+    let final_b = r3_model::load(&parts.path().join("checkpoint-4")).unwrap();
+    for (name, a) in final_a.weights.iter() {
+        let b = final_b.weights.get(name, a.dims()).unwrap();
+        let same = a.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            == b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!(same, "{name}: final weights differ");
+    }
+}
