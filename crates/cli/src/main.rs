@@ -3,8 +3,11 @@
 
 mod bench;
 mod commands;
+mod evaluate;
 mod model;
+mod progress;
 mod tasks;
+mod train;
 
 use std::path::PathBuf;
 
@@ -66,6 +69,12 @@ enum Command {
     Generate(commands::GenerateArgs),
     /// Print input ids, per-position argmax and last-position top-k logits as JSON
     Logits(commands::LogitsArgs),
+    /// First-try and second-try (reflect + retry) accuracy on a data set
+    Eval(evaluate::EvalArgs),
+    /// Build the dataset of failures: K sampled first attempts per record
+    Mine(evaluate::MineArgs),
+    /// Train reflections with GRPO (reflection tokens only)
+    Train(train::TrainArgs),
     /// Judge one answer; prints {"success", "reason"} as one JSON line
     Verify(tasks::VerifyArgs),
     /// Make task data
@@ -86,6 +95,9 @@ fn main() {
     let result = match cli.command {
         Command::Generate(args) => commands::generate(args),
         Command::Logits(args) => commands::logits(args),
+        Command::Eval(args) => evaluate::eval(args),
+        Command::Mine(args) => evaluate::mine(args),
+        Command::Train(args) => train::train(args),
         Command::Verify(args) => tasks::verify(args),
         Command::Data { what } => tasks::data(what),
         Command::Bench { what } => bench::run(what),

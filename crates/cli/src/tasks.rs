@@ -98,6 +98,35 @@ pub fn verify(args: VerifyArgs) -> Result<()> {
 pub enum DataCommand {
     /// Seeded, solvable Countdown puzzles as JSONL
     Countdown(CountdownData),
+    /// Seeded two-number arithmetic as plain-answer JSONL (the demo's task)
+    Arithmetic(ArithmeticData),
+}
+
+#[derive(Args)]
+pub struct ArithmeticData {
+    #[arg(long, default_value_t = 200)]
+    count: usize,
+    /// Operands are drawn from 1..=max-operand
+    #[arg(long, default_value_t = 30)]
+    max_operand: u32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long)]
+    out: PathBuf,
+}
+
+/// Writes JSONL records through a temporary file.
+pub fn write_jsonl(path: &std::path::Path, records: &[serde_json::Value]) -> Result<()> {
+    let tmp = path.with_extension("jsonl.tmp");
+    let mut file = std::io::BufWriter::new(
+        std::fs::File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?,
+    );
+    for r in records {
+        writeln!(file, "{r}")?;
+    }
+    file.flush()?;
+    drop(file);
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
 }
 
 #[derive(Args)]
@@ -147,20 +176,22 @@ pub fn data(command: DataCommand) -> Result<()> {
             };
             let records =
                 generate(args.count, &difficulty, args.seed).map_err(anyhow::Error::msg)?;
-            let tmp = args.out.with_extension("jsonl.tmp");
-            let mut file = std::io::BufWriter::new(
-                std::fs::File::create(&tmp)
-                    .with_context(|| format!("cannot write {}", tmp.display()))?,
-            );
-            for r in &records {
-                writeln!(file, "{r}")?;
-            }
-            file.flush()?;
-            drop(file);
-            std::fs::rename(&tmp, &args.out)
-                .with_context(|| format!("cannot write {}", args.out.display()))?;
+            write_jsonl(&args.out, &records)?;
             eprintln!(
                 "wrote {} solvable puzzles to {}",
+                records.len(),
+                args.out.display()
+            );
+            Ok(())
+        }
+        DataCommand::Arithmetic(args) => {
+            if args.max_operand == 0 {
+                bail!("--max-operand must be at least 1");
+            }
+            let records = r3_tasks::arithmetic::generate(args.count, args.max_operand, args.seed);
+            write_jsonl(&args.out, &records)?;
+            eprintln!(
+                "wrote {} arithmetic records to {}",
                 records.len(),
                 args.out.display()
             );

@@ -76,16 +76,16 @@ pub struct Transcript {
     pub retry: Option<Attempt>,
 }
 
-/// Evaluates `records`; `progress(phase, done)` reports each batch.
+/// Evaluates `records`; `progress(phase, done, phase_total)` reports each batch.
 pub fn evaluate(
     rollouts: &Rollouts<'_>,
     records: &[Record],
     settings: &EvalSettings,
-    progress: &mut dyn FnMut(&str, usize),
+    progress: &mut dyn FnMut(&str, usize, usize),
 ) -> Result<(EvalSummary, Vec<Transcript>)> {
     let values: Vec<&Value> = records.iter().map(|r| &r.value).collect();
     let attempts = rollouts.attempts(&values, 1, &settings.attempt, 0, &mut |n| {
-        progress("attempt", n)
+        progress("first attempts", n, values.len())
     })?;
     let mut transcripts: Vec<Transcript> = records
         .iter()
@@ -108,13 +108,14 @@ pub fn evaluate(
             attempt_tokens: transcripts[i].attempt.tokens.clone(),
         })
         .collect();
+    let total = failures.len();
     let groups = rollouts.reflect_and_retry(
         &failures,
         1,
         &settings.reflection,
         &settings.retry,
         0,
-        &mut |n| progress("reflect+retry", n),
+        &mut |n| progress("reflect + retry", n, total),
     )?;
     for (&i, mut group) in failed.iter().zip(groups) {
         let rollout = group.remove(0);

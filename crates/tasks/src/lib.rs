@@ -4,6 +4,7 @@
 //! binary verdict. It knows nothing about tensors.
 
 pub mod answer;
+pub mod arithmetic;
 pub mod countdown;
 pub mod countdown_data;
 pub mod external;

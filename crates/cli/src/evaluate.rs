@@ -1,0 +1,260 @@
+//! `r3 eval` and `r3 mine`: measure a model's first and second tries, and
+//! build the dataset of failures.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use r3_generate::SamplingParams;
+use r3_loop::eval::{evaluate, EvalSettings, EvalSummary};
+use r3_loop::{ChatEncoder, Policy, Rollouts};
+use r3_tasks::{Prompts, Record, Task};
+
+use crate::model::Model;
+use crate::progress::{bar, Phases};
+use crate::tasks::TaskArgs;
+use crate::{model, ModelArgs};
+
+/// Where records come from.
+#[derive(Args, Clone)]
+pub struct DataArgs {
+    /// A JSONL file of task records
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Use only the first N records
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Skip malformed lines (and say how many) instead of failing
+    #[arg(long)]
+    pub skip_invalid: bool,
+    /// TOML overriding the prompts: system, reflection, retry
+    #[arg(long)]
+    pub prompts: Option<PathBuf>,
+    /// Most sequences decoded at once
+    #[arg(long, default_value_t = 32)]
+    pub batch_rows: usize,
+}
+
+impl DataArgs {
+    pub fn records(&self, task: &dyn Task) -> Result<Vec<Record>> {
+        let read = r3_tasks::read_records(&self.data, task, self.skip_invalid)?;
+        if read.skipped > 0 {
+            eprintln!(
+                "{}: skipped {} malformed line(s)",
+                self.data.display(),
+                read.skipped
+            );
+        }
+        let mut records = read.records;
+        if let Some(limit) = self.limit {
+            records.truncate(limit);
+        }
+        if records.is_empty() {
+            bail!("{}: no records", self.data.display());
+        }
+        Ok(records)
+    }
+
+    pub fn prompts(&self, task: &dyn Task) -> Result<Prompts> {
+        Ok(match &self.prompts {
+            Some(path) => Prompts::from_file(task, path)?,
+            None => Prompts::for_task(task),
+        })
+    }
+}
+
+/// The conversation side of a loaded model.
+pub fn policy(model: &Model) -> Policy<'_> {
+    Policy {
+        model: &model.llama,
+        tokenizer: &model.loaded.tokenizer,
+        chat: ChatEncoder::new(
+            &model.loaded.chat_template,
+            &model.loaded.tokenizer,
+            &model.loaded.eos_token,
+        ),
+        eos_token_ids: &model.loaded.eos_token_ids,
+    }
+}
+
+#[derive(Args)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub task: TaskArgs,
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Directory for summary.json and transcripts.jsonl
+    #[arg(long, default_value = "runs/eval")]
+    pub out: PathBuf,
+    /// Sampling temperature of every turn (0: greedy)
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Token budget of the first attempt and of the retry
+    #[arg(long, default_value_t = 256)]
+    pub max_new_tokens: usize,
+    /// Token budget of the reflection
+    #[arg(long, default_value_t = 256)]
+    pub reflection_max_tokens: usize,
+}
+
+pub fn eval(args: EvalArgs) -> Result<()> {
+    let model = model::load(&args.model)?;
+    let summary = run_eval(&args, &model)?;
+    print_summary(&summary);
+    eprintln!(
+        "wrote {}/summary.json and transcripts.jsonl",
+        args.out.display()
+    );
+    Ok(())
+}
+
+/// Evaluates and writes summary.json and transcripts.jsonl into `args.out`.
+pub fn run_eval(args: &EvalArgs, model: &Model) -> Result<EvalSummary> {
+    let task = args.task.build()?;
+    let records = args.data.records(task.as_ref())?;
+    let prompts = args.data.prompts(task.as_ref())?;
+    let policy = policy(model);
+    let rollouts = Rollouts {
+        policy: &policy,
+        task: task.as_ref(),
+        prompts: &prompts,
+        max_rows: args.data.batch_rows,
+        verify_seconds: Default::default(),
+    };
+    let turn = |max_new_tokens| SamplingParams {
+        temperature: args.temperature,
+        top_p: args.top_p,
+        max_new_tokens,
+        seed: args.seed,
+        ..Default::default()
+    };
+    let settings = EvalSettings {
+        attempt: turn(args.max_new_tokens),
+        reflection: turn(args.reflection_max_tokens),
+        retry: turn(args.max_new_tokens),
+    };
+    let mut phases = Phases::new();
+    let (summary, transcripts) = evaluate(&rollouts, &records, &settings, &mut |p, n, t| {
+        phases.report(p, n, t)
+    })?;
+    phases.finish();
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("cannot create {}", args.out.display()))?;
+    write_atomic(
+        &args.out.join("summary.json"),
+        serde_json::to_string_pretty(&summary)?.as_bytes(),
+    )?;
+    let mut lines = Vec::new();
+    for t in &transcripts {
+        writeln!(lines, "{}", serde_json::to_string(t)?)?;
+    }
+    write_atomic(&args.out.join("transcripts.jsonl"), &lines)?;
+    Ok(summary)
+}
+
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes)
+        .and_then(|_| std::fs::rename(&tmp, path))
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
+pub fn print_summary(s: &EvalSummary) {
+    println!(
+        "{:<12} {:>9} {:>9} {:>18}",
+        "", "correct", "accuracy", "95% interval"
+    );
+    for (name, p) in [("first try", s.first_try), ("second try", s.second_try)] {
+        println!(
+            "{:<12} {:>9} {:>9.3} {:>18}",
+            name,
+            format!("{}/{}", p.correct, p.n),
+            p.accuracy,
+            format!("[{:.3}, {:.3}]", p.low, p.high)
+        );
+    }
+    println!("{:<12} {:>9}", "fixed", s.fixed_by_retry);
+}
+
+#[derive(Args)]
+pub struct MineArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub task: TaskArgs,
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// First attempts sampled per record (the paper: up to 64)
+    #[arg(long, default_value_t = 8)]
+    pub samples: usize,
+    #[arg(long, default_value_t = 0.9)]
+    pub temperature: f64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long, default_value_t = 256)]
+    pub max_new_tokens: usize,
+    /// The dataset of failures (JSONL); resumed if a previous run stopped
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+pub fn mine(args: MineArgs) -> Result<()> {
+    let model = model::load(&args.model)?;
+    run_mine(&args, &model)
+}
+
+pub fn run_mine(args: &MineArgs, model: &Model) -> Result<()> {
+    if args.samples == 0 {
+        bail!("--samples must be at least 1");
+    }
+    let task = args.task.build()?;
+    let records = args.data.records(task.as_ref())?;
+    let prompts = args.data.prompts(task.as_ref())?;
+    let policy = policy(model);
+    let rollouts = Rollouts {
+        policy: &policy,
+        task: task.as_ref(),
+        prompts: &prompts,
+        max_rows: args.data.batch_rows,
+        verify_seconds: Default::default(),
+    };
+    let params = SamplingParams {
+        temperature: args.temperature,
+        max_new_tokens: args.max_new_tokens,
+        seed: args.seed,
+        ..Default::default()
+    };
+    let progress = bar("mining", records.len());
+    let summary = r3_loop::mine::mine(
+        &rollouts,
+        &records,
+        args.samples,
+        &params,
+        &args.out,
+        &mut |n| progress.inc(n as u64),
+    )?;
+    progress.finish();
+    if summary.resumed_from > 0 {
+        eprintln!("resumed at record {}", summary.resumed_from);
+    }
+    eprintln!(
+        "{} of {} records failed at least once in {} samples; wrote {}",
+        summary.failures_kept,
+        summary.records_done,
+        args.samples,
+        args.out.display()
+    );
+    if summary.failures_kept == 0 {
+        eprintln!(
+            "the model never failed: there is nothing for r3 train to learn from on this data"
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,138 @@
+//! `r3 train`: GRPO on reflection tokens, from a TOML config whose keys
+//! follow TRL's GRPOConfig; `--set key=value` overrides any key.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use r3_tasks::external::ExternalVerifier;
+use r3_tasks::{Prompts, Task};
+use r3_train::config::TrainConfig;
+use r3_train::trainer::Trainer;
+
+use crate::progress::bar;
+
+#[derive(Args)]
+pub struct TrainArgs {
+    /// A TOML file of training settings (see README)
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Override one setting, e.g. --set learning_rate=1e-6 (repeatable)
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// Continue from a checkpoint directory written by a previous run
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
+}
+
+pub fn train(args: TrainArgs) -> Result<()> {
+    let config = TrainConfig::load(args.config.as_deref(), &args.set)?;
+    let checkpoint = run_train(config, args.resume.as_deref())?;
+    eprintln!("final checkpoint: {}", checkpoint.display());
+    Ok(())
+}
+
+fn task_of(config: &TrainConfig) -> Result<Box<dyn Task>> {
+    Ok(match &config.verifier {
+        Some(command) => Box::new(ExternalVerifier::new(
+            command,
+            Duration::from_secs_f64(config.verifier_timeout),
+        )),
+        None => r3_tasks::builtin(&config.task)?,
+    })
+}
+
+fn model_path(spec: &str) -> Result<PathBuf> {
+    if spec.is_empty() {
+        return Ok(r3_model::default_model::path()?);
+    }
+    Ok(PathBuf::from(spec))
+}
+
+/// Trains to `config.max_steps` and returns the final checkpoint.
+pub fn run_train(config: TrainConfig, resume: Option<&Path>) -> Result<PathBuf> {
+    let task = task_of(&config)?;
+    let prompts = match &config.prompts {
+        Some(path) => Prompts::from_file(task.as_ref(), path)?,
+        None => Prompts::for_task(task.as_ref()),
+    };
+    let failures = r3_loop::mine::read_failures(&config.failures).with_context(|| {
+        format!(
+            "cannot read the dataset of failures {}",
+            config.failures.display()
+        )
+    })?;
+    let (policy_path, base_path) = match resume {
+        Some(dir) => {
+            let state = r3_train::checkpoint::read_state(dir)?;
+            (dir.to_path_buf(), PathBuf::from(state.base_model))
+        }
+        None => {
+            let p = model_path(&config.model)?;
+            (p.clone(), p)
+        }
+    };
+    let loaded = r3_model::load(&policy_path)
+        .with_context(|| format!("cannot load model {}", policy_path.display()))?;
+    let base =
+        match (config.beta > 0.0, resume) {
+            (true, Some(_)) => Some(r3_model::load(&base_path).with_context(|| {
+                format!("cannot load the reference model {}", base_path.display())
+            })?),
+            _ => None,
+        };
+    let reference = if config.beta > 0.0 {
+        Some(base.as_ref().unwrap_or(&loaded))
+    } else {
+        None
+    };
+    std::fs::create_dir_all(&config.output_dir)
+        .with_context(|| format!("cannot create {}", config.output_dir.display()))?;
+    let max_steps = config.max_steps;
+    let mut trainer = Trainer::new(
+        config,
+        &loaded,
+        reference,
+        task.as_ref(),
+        prompts,
+        failures,
+        resume,
+    )?;
+    if trainer.step >= max_steps {
+        bail!(
+            "the checkpoint is already at step {} of max_steps = {max_steps}",
+            trainer.step
+        );
+    }
+    let progress = bar("training", max_steps);
+    progress.set_position(trainer.step as u64);
+    let mut silent_steps = 0;
+    let checkpoint =
+        trainer.run(&mut |m| {
+            progress.set_position(m.step as u64);
+            progress.set_message(format!(
+                "reward {:.2} kl {:.4} {:.0} tok/s",
+                m.reward_mean, m.kl, m.tokens_per_s
+            ));
+            if m.zero_signal_groups == m.groups {
+                silent_steps += 1;
+                if silent_steps == 3 && m.step == 3 {
+                    progress.suspend(|| {
+                        eprintln!(
+                        "warning: for 3 steps every group's retries all {} — no learning signal. \
+                         {}",
+                        if m.reward_mean == 0.0 { "failed" } else { "succeeded" },
+                        if m.reward_mean == 0.0 {
+                            "Check the task/verifier, or use a task the model sometimes solves."
+                        } else {
+                            "The failures are too easy on a retry; mine harder ones."
+                        }
+                    )
+                    });
+                }
+            }
+        })?;
+    progress.finish();
+    Ok(checkpoint)
+}
