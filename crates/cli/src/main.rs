@@ -3,9 +3,11 @@
 
 mod bench;
 mod commands;
+mod demo;
 mod evaluate;
 mod model;
 mod progress;
+mod report;
 mod tasks;
 mod train;
 
@@ -69,12 +71,16 @@ enum Command {
     Generate(commands::GenerateArgs),
     /// Print input ids, per-position argmax and last-position top-k logits as JSON
     Logits(commands::LogitsArgs),
+    /// The whole loop on the default model in minutes: eval, mine, train, eval
+    Demo(demo::DemoArgs),
     /// First-try and second-try (reflect + retry) accuracy on a data set
     Eval(evaluate::EvalArgs),
     /// Build the dataset of failures: K sampled first attempts per record
     Mine(evaluate::MineArgs),
     /// Train reflections with GRPO (reflection tokens only)
     Train(train::TrainArgs),
+    /// Charts and a summary of a training run, or two evaluations compared
+    Report(report::ReportArgs),
     /// Judge one answer; prints {"success", "reason"} as one JSON line
     Verify(tasks::VerifyArgs),
     /// Make task data
@@ -95,9 +101,11 @@ fn main() {
     let result = match cli.command {
         Command::Generate(args) => commands::generate(args),
         Command::Logits(args) => commands::logits(args),
+        Command::Demo(args) => demo::demo(args),
         Command::Eval(args) => evaluate::eval(args),
         Command::Mine(args) => evaluate::mine(args),
         Command::Train(args) => train::train(args),
+        Command::Report(args) => report::report(args),
         Command::Verify(args) => tasks::verify(args),
         Command::Data { what } => tasks::data(what),
         Command::Bench { what } => bench::run(what),

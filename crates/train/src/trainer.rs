@@ -322,6 +322,7 @@ impl<'a> Trainer<'a> {
         if groups.is_empty() {
             self.step += 1;
             m.seconds_step = started.elapsed().as_secs_f64();
+            m.tokens_per_s = m.generated_tokens as f64 / m.seconds_step;
             return Ok((m, samples));
         }
 

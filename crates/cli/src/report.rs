@@ -1,0 +1,257 @@
+//! `r3 report`: PNG charts and a markdown summary of a training run, and a
+//! side-by-side comparison of two evaluations.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use plotters::prelude::*;
+use serde_json::Value;
+
+#[derive(Args)]
+pub struct ReportArgs {
+    /// A training output directory (with metrics.jsonl) or a demo directory
+    #[arg(required_unless_present = "compare")]
+    run: Option<PathBuf>,
+    /// Two `r3 eval` output directories to compare
+    #[arg(long, num_args = 2, value_names = ["A", "B"])]
+    compare: Option<Vec<PathBuf>>,
+}
+
+pub fn report(args: ReportArgs) -> Result<()> {
+    if let Some(dirs) = &args.compare {
+        println!("{}", compare(&dirs[0], &dirs[1])?);
+        return Ok(());
+    }
+    let run = args.run.expect("clap requires a run directory");
+    let (markdown, png) = training_report(&run)?;
+    println!("{markdown}");
+    eprintln!(
+        "wrote {} and {}",
+        png.display(),
+        run.join("report.md").display()
+    );
+    Ok(())
+}
+
+fn read_json(path: &Path) -> Result<Value> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))
+}
+
+/// Markdown comparing two eval summaries.
+pub fn compare(a: &Path, b: &Path) -> Result<String> {
+    let (sa, sb) = (
+        read_json(&a.join("summary.json"))?,
+        read_json(&b.join("summary.json"))?,
+    );
+    let cell = |s: &Value, key: &str| {
+        let p = &s[key];
+        format!(
+            "{:.1}% ({}/{}) [{:.1}, {:.1}]",
+            p["accuracy"].as_f64().unwrap_or(0.0) * 100.0,
+            p["correct"],
+            p["n"],
+            p["low"].as_f64().unwrap_or(0.0) * 100.0,
+            p["high"].as_f64().unwrap_or(0.0) * 100.0
+        )
+    };
+    let mut out = format!("| | {} | {} |\n|---|---|---|\n", a.display(), b.display());
+    for (label, key) in [("first try", "first_try"), ("second try", "second_try")] {
+        out.push_str(&format!(
+            "| {label} | {} | {} |\n",
+            cell(&sa, key),
+            cell(&sb, key)
+        ));
+    }
+    out.push_str(&format!(
+        "| fixed by the retry | {} | {} |\n",
+        sa["fixed_by_retry"], sb["fixed_by_retry"]
+    ));
+    Ok(out)
+}
+
+/// Registers a system sans-serif font for chart text (plotters draws text
+/// itself); `R3_FONT` names one explicitly.
+fn register_font() -> Result<()> {
+    let candidates = [
+        "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+        "/usr/share/fonts/TTF/DejaVuSans.ttf",
+        "/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf",
+        "/usr/share/fonts/liberation/LiberationSans-Regular.ttf",
+        "/System/Library/Fonts/Supplemental/Arial.ttf",
+        "/Library/Fonts/Arial.ttf",
+    ];
+    let chosen = std::env::var("R3_FONT")
+        .ok()
+        .map(PathBuf::from)
+        .into_iter()
+        .chain(candidates.iter().map(PathBuf::from))
+        .find(|p| p.exists());
+    let Some(path) = chosen else {
+        bail!("no TrueType font found for chart text: install one (Debian: fonts-dejavu-core) or set R3_FONT=/path/to/font.ttf");
+    };
+    let bytes: &'static [u8] = Box::leak(
+        std::fs::read(&path)
+            .with_context(|| format!("cannot read {}", path.display()))?
+            .into_boxed_slice(),
+    );
+    plotters::style::register_font("sans-serif", FontStyle::Normal, bytes)
+        .map_err(|_| anyhow::anyhow!("{}: not a usable font", path.display()))?;
+    Ok(())
+}
+
+/// Charts of a run's metrics.jsonl into training.png, and report.md.
+pub fn training_report(run: &Path) -> Result<(String, PathBuf)> {
+    let train_dir = if run.join("metrics.jsonl").exists() {
+        run.to_path_buf()
+    } else {
+        run.join("train")
+    };
+    let metrics_path = train_dir.join("metrics.jsonl");
+    let text = std::fs::read_to_string(&metrics_path)
+        .with_context(|| format!("cannot read {}", metrics_path.display()))?;
+    let rows: Vec<Value> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .enumerate()
+        .map(|(i, l)| {
+            serde_json::from_str(l)
+                .with_context(|| format!("{}:{}: invalid JSON", metrics_path.display(), i + 1))
+        })
+        .collect::<Result<_>>()?;
+    if rows.is_empty() {
+        bail!("{}: no steps logged yet", metrics_path.display());
+    }
+    let series = |key: &str| -> Vec<(f64, f64)> {
+        rows.iter()
+            .map(|r| {
+                (
+                    r["step"].as_f64().unwrap_or(0.0),
+                    r[key].as_f64().unwrap_or(0.0),
+                )
+            })
+            .collect()
+    };
+    register_font()?;
+    let png = train_dir.join("training.png");
+    {
+        let root = BitMapBackend::new(&png, (1500, 900)).into_drawing_area();
+        root.fill(&WHITE)?;
+        let panels = root.split_evenly((2, 3));
+        let charts: [(&str, Vec<(&str, Vec<(f64, f64)>)>); 5] = [
+            (
+                "reward (= retry success)",
+                vec![("reward", series("reward_mean"))],
+            ),
+            ("KL to reference (k3)", vec![("kl", series("kl"))]),
+            ("loss", vec![("loss", series("loss"))]),
+            (
+                "reflection length (tokens)",
+                vec![("length", series("reflection_length"))],
+            ),
+            (
+                "throughput (tokens/s)",
+                vec![("tokens/s", series("tokens_per_s"))],
+            ),
+        ];
+        for (panel, (title, lines)) in panels.iter().zip(charts) {
+            draw_panel(panel, title, &lines)?;
+        }
+        let groups = series("groups");
+        let zero: Vec<(f64, f64)> = series("zero_signal_groups")
+            .iter()
+            .zip(&groups)
+            .map(|(z, g)| (z.0, z.1 / g.1.max(1.0)))
+            .collect();
+        draw_panel(
+            &panels[5],
+            "groups without signal (fraction)",
+            &[("zero-signal", zero)],
+        )?;
+        root.present()?;
+    }
+    let first = &rows[0];
+    let last = &rows[rows.len() - 1];
+    let mean = |key: &str| {
+        rows.iter()
+            .map(|r| r[key].as_f64().unwrap_or(0.0))
+            .sum::<f64>()
+            / rows.len() as f64
+    };
+    let mut md = format!(
+        "# r3 training report: {}\n\n![training](training.png)\n\n| | |\n|---|---|\n\
+         | steps | {} |\n| reward, first → last step | {:.3} → {:.3} |\n| mean reward | {:.3} |\n\
+         | mean KL | {:.5} |\n| groups without signal | {:.0}% |\n| mean reflection length | {:.1} tokens |\n\
+         | seconds per step | {:.1} (generation {:.1}, forward+backward {:.1}, optimizer {:.1}) |\n| tokens/s | {:.0} |\n",
+        run.display(),
+        rows.len(),
+        first["reward_mean"].as_f64().unwrap_or(0.0),
+        last["reward_mean"].as_f64().unwrap_or(0.0),
+        mean("reward_mean"),
+        mean("kl"),
+        100.0 * mean("zero_signal_groups") / mean("groups").max(1.0),
+        mean("reflection_length"),
+        mean("seconds_step"),
+        mean("seconds_generation"),
+        mean("seconds_forward_backward"),
+        mean("seconds_optimizer"),
+        mean("tokens_per_s"),
+    );
+    let (base, trained) = (run.join("eval-base"), run.join("eval-trained"));
+    if base.join("summary.json").exists() && trained.join("summary.json").exists() {
+        md.push_str("\n## Held-out evaluation\n\n");
+        md.push_str(&compare(&base, &trained)?);
+    }
+    std::fs::write(train_dir.join("report.md"), &md)?;
+    if train_dir != run {
+        std::fs::write(
+            run.join("report.md"),
+            md.replace("](training.png)", "](train/training.png)"),
+        )?;
+    }
+    Ok((md, png))
+}
+
+fn draw_panel(
+    area: &DrawingArea<BitMapBackend<'_>, plotters::coord::Shift>,
+    title: &str,
+    lines: &[(&str, Vec<(f64, f64)>)],
+) -> Result<()> {
+    let points = lines.iter().flat_map(|(_, s)| s.iter());
+    let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
+    for &(x, y) in points {
+        (x0, x1, y0, y1) = (x0.min(x), x1.max(x), y0.min(y), y1.max(y));
+    }
+    if x1 <= x0 {
+        x1 = x0 + 1.0;
+    }
+    let pad = ((y1 - y0) * 0.1).max(1e-6);
+    let mut chart = ChartBuilder::on(area)
+        .caption(title, ("sans-serif", 22))
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(64)
+        .build_cartesian_2d(x0..x1, (y0 - pad)..(y1 + pad))?;
+    let small = (y1 - y0).abs() < 0.01 || y1.abs().max(y0.abs()) < 0.01;
+    let format_y = |v: &f64| {
+        if small {
+            format!("{v:.1e}")
+        } else {
+            format!("{v:.3}")
+        }
+    };
+    chart
+        .configure_mesh()
+        .x_desc("step")
+        .label_style(("sans-serif", 14))
+        .y_label_formatter(&format_y)
+        .draw()?;
+    for (i, (_, s)) in lines.iter().enumerate() {
+        let color = Palette99::pick(i);
+        chart.draw_series(LineSeries::new(s.iter().copied(), color.stroke_width(2)))?;
+        chart.draw_series(s.iter().map(|&p| Circle::new(p, 3, color.filled())))?;
+    }
+    Ok(())
+}
