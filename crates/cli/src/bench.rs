@@ -16,6 +16,55 @@ pub enum BenchCommand {
     Generate(GenerateBench),
     /// Verdicts per second of the verifiers
     Verify(VerifyBench),
+    /// Seconds per GRPO step, split by phase, and peak memory
+    Train(TrainBench),
+}
+
+#[derive(Args)]
+pub struct TrainBench {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Failures per step (B)
+    #[arg(long, default_value_t = 4)]
+    batch: usize,
+    /// Reflections per failure (G)
+    #[arg(long, default_value_t = 8)]
+    group: usize,
+    #[arg(long, default_value_t = 128)]
+    max_reflection_tokens: usize,
+    #[arg(long, default_value_t = 128)]
+    max_retry_tokens: usize,
+    #[arg(long, default_value_t = 2)]
+    steps: usize,
+    /// Reflections per forward/backward pass
+    #[arg(long, default_value_t = 8)]
+    micro_batch_size: usize,
+}
+
+/// A verifier that flips a coin seeded by the answer: every group gets
+/// mixed rewards, so every step runs its backward pass.
+struct CoinFlip;
+
+impl Task for CoinFlip {
+    fn name(&self) -> &'static str {
+        "coin-flip"
+    }
+    fn check_record(&self, _: &serde_json::Value) -> std::result::Result<(), String> {
+        Ok(())
+    }
+    fn user_prompt(&self, record: &serde_json::Value) -> String {
+        record["prompt"].as_str().unwrap_or_default().to_string()
+    }
+    fn verify(&self, _: &serde_json::Value, answer: &str) -> r3_tasks::Verdict {
+        let hash = answer.bytes().fold(0xcbf29ce484222325u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x100000001b3)
+        });
+        if hash % 2 == 0 {
+            r3_tasks::Verdict::pass()
+        } else {
+            r3_tasks::Verdict::fail("tails")
+        }
+    }
 }
 
 #[derive(Args)]
@@ -52,6 +101,7 @@ pub fn run(command: BenchCommand) -> Result<()> {
     match command {
         BenchCommand::Generate(args) => generate(args),
         BenchCommand::Verify(args) => verify(args),
+        BenchCommand::Train(args) => train(args),
     }
 }
 
@@ -216,6 +266,104 @@ fn verify(args: VerifyBench) -> Result<()> {
         "function_calling_records": fc_cases.len(),
         "external": external,
         "threads": 1,
+    });
+    println!("{report}");
+    Ok(())
+}
+
+fn train(args: TrainBench) -> Result<()> {
+    if args.batch == 0 || args.group < 2 || args.steps == 0 {
+        bail!("need --batch ≥ 1, --group ≥ 2 and --steps ≥ 1");
+    }
+    let model = model::load(&args.model)?;
+    let task = CoinFlip;
+    let prompts = r3_tasks::Prompts::for_task(&task);
+    // First attempts at arithmetic questions stand in for mined failures.
+    let records = r3_tasks::arithmetic::generate(args.batch * args.steps, 30, 0);
+    let values: Vec<&serde_json::Value> = records.iter().collect();
+    let policy = crate::evaluate::policy(&model);
+    let rollouts = r3_loop::Rollouts {
+        policy: &policy,
+        task: &task,
+        prompts: &prompts,
+        max_rows: 32,
+        verify_seconds: Default::default(),
+    };
+    let greedy = SamplingParams {
+        max_new_tokens: 32,
+        ..Default::default()
+    };
+    let attempts = rollouts.attempts(&values, 1, &greedy, 0, &mut |_| {})?;
+    let failures: Vec<r3_loop::mine::MinedFailure> = records
+        .iter()
+        .zip(attempts)
+        .enumerate()
+        .map(|(index, (record, mut a))| {
+            let a = a.remove(0);
+            r3_loop::mine::MinedFailure {
+                index,
+                record: record.clone(),
+                attempt: a.text,
+                attempt_tokens: a.tokens,
+                reason: String::new(),
+                samples: 1,
+                failures: 1,
+                failure_rate: 1.0,
+            }
+        })
+        .collect();
+    let out = std::env::temp_dir().join(format!("r3-bench-train-{}", std::process::id()));
+    let config = r3_train::config::TrainConfig {
+        output_dir: out.clone(),
+        max_steps: args.steps,
+        failures_per_step: args.batch,
+        num_generations: args.group,
+        max_completion_length: args.max_reflection_tokens,
+        retry_max_tokens: args.max_retry_tokens,
+        retry_temperature: 0.9,
+        micro_batch_size: args.micro_batch_size,
+        save_steps: 0,
+        ..Default::default()
+    };
+    let mut trainer = r3_train::trainer::Trainer::new(
+        config.clone(),
+        &model.loaded,
+        Some(&model.loaded),
+        &task,
+        prompts,
+        failures,
+        None,
+    )?;
+    let mut steps = Vec::new();
+    for _ in 0..args.steps {
+        steps.push(trainer.train_step()?.0);
+    }
+    let _ = std::fs::remove_dir_all(&out);
+    let mean = |f: &dyn Fn(&r3_train::trainer::StepMetrics) -> f64| {
+        steps.iter().map(f).sum::<f64>() / steps.len() as f64
+    };
+    let report = serde_json::json!({
+        "bench": "train",
+        "model": model.loaded.path,
+        "batch": args.batch,
+        "group": args.group,
+        "max_reflection_tokens": args.max_reflection_tokens,
+        "max_retry_tokens": args.max_retry_tokens,
+        "micro_batch_size": args.micro_batch_size,
+        "steps": args.steps,
+        "beta": config.beta,
+        "threads": candle_core::utils::get_num_threads(),
+        "seconds_per_step": mean(&|m| m.seconds_step),
+        "seconds_generation": mean(&|m| m.seconds_generation),
+        "seconds_verification": mean(&|m| m.seconds_verification),
+        "seconds_reference": mean(&|m| m.seconds_reference),
+        "seconds_forward_backward": mean(&|m| m.seconds_forward_backward),
+        "seconds_optimizer": mean(&|m| m.seconds_optimizer),
+        "generated_tokens_per_step": mean(&|m| m.generated_tokens as f64),
+        "trained_tokens_per_step": mean(&|m| m.trained_tokens as f64),
+        "tokens_per_s": mean(&|m| m.tokens_per_s),
+        "zero_signal_groups_per_step": mean(&|m| m.zero_signal_groups as f64),
+        "peak_rss_bytes": peak_rss_bytes(),
     });
     println!("{report}");
     Ok(())
