@@ -140,24 +140,15 @@ pub fn training_report(run: &Path) -> Result<(String, PathBuf)> {
         let root = BitMapBackend::new(&png, (1500, 900)).into_drawing_area();
         root.fill(&WHITE)?;
         let panels = root.split_evenly((2, 3));
-        let charts: [(&str, Vec<(&str, Vec<(f64, f64)>)>); 5] = [
-            (
-                "reward (= retry success)",
-                vec![("reward", series("reward_mean"))],
-            ),
-            ("KL to reference (k3)", vec![("kl", series("kl"))]),
-            ("loss", vec![("loss", series("loss"))]),
-            (
-                "reflection length (tokens)",
-                vec![("length", series("reflection_length"))],
-            ),
-            (
-                "throughput (tokens/s)",
-                vec![("tokens/s", series("tokens_per_s"))],
-            ),
+        let charts = [
+            ("reward (= retry success)", "reward_mean"),
+            ("KL to reference (k3)", "kl"),
+            ("loss", "loss"),
+            ("reflection length (tokens)", "reflection_length"),
+            ("throughput (tokens/s)", "tokens_per_s"),
         ];
-        for (panel, (title, lines)) in panels.iter().zip(charts) {
-            draw_panel(panel, title, &lines)?;
+        for (panel, (title, key)) in panels.iter().zip(charts) {
+            draw_panel(panel, title, &series(key))?;
         }
         let groups = series("groups");
         let zero: Vec<(f64, f64)> = series("zero_signal_groups")
@@ -165,11 +156,7 @@ pub fn training_report(run: &Path) -> Result<(String, PathBuf)> {
             .zip(&groups)
             .map(|(z, g)| (z.0, z.1 / g.1.max(1.0)))
             .collect();
-        draw_panel(
-            &panels[5],
-            "groups without signal (fraction)",
-            &[("zero-signal", zero)],
-        )?;
+        draw_panel(&panels[5], "groups without signal (fraction)", &zero)?;
         root.present()?;
     }
     let first = &rows[0];
@@ -217,9 +204,8 @@ pub fn training_report(run: &Path) -> Result<(String, PathBuf)> {
 fn draw_panel(
     area: &DrawingArea<BitMapBackend<'_>, plotters::coord::Shift>,
     title: &str,
-    lines: &[(&str, Vec<(f64, f64)>)],
+    points: &[(f64, f64)],
 ) -> Result<()> {
-    let points = lines.iter().flat_map(|(_, s)| s.iter());
     let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
     for &(x, y) in points {
         (x0, x1, y0, y1) = (x0.min(x), x1.max(x), y0.min(y), y1.max(y));
@@ -248,10 +234,11 @@ fn draw_panel(
         .label_style(("sans-serif", 14))
         .y_label_formatter(&format_y)
         .draw()?;
-    for (i, (_, s)) in lines.iter().enumerate() {
-        let color = Palette99::pick(i);
-        chart.draw_series(LineSeries::new(s.iter().copied(), color.stroke_width(2)))?;
-        chart.draw_series(s.iter().map(|&p| Circle::new(p, 3, color.filled())))?;
-    }
+    let color = Palette99::pick(0);
+    chart.draw_series(LineSeries::new(
+        points.iter().copied(),
+        color.stroke_width(2),
+    ))?;
+    chart.draw_series(points.iter().map(|&p| Circle::new(p, 3, color.filled())))?;
     Ok(())
 }

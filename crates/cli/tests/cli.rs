@@ -152,3 +152,45 @@ fn countdown_data_is_deterministic_and_verifies() {
     ]);
     assert!(ok && out.contains(r#""success":true"#), "{out}");
 }
+
+#[test]
+fn report_draws_charts_and_compares_evaluations() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut lines = String::new();
+    for step in 1..=3 {
+        let m = serde_json::json!({
+            "step": step, "reward_mean": 0.1 * step as f64, "kl": 1e-4 * step as f64, "loss": -0.01,
+            "reflection_length": 40.0 + step as f64, "tokens_per_s": 100.0, "groups": 4, "zero_signal_groups": 1,
+            "seconds_step": 20.0, "seconds_generation": 12.0, "seconds_forward_backward": 6.0, "seconds_optimizer": 1.0,
+        });
+        lines.push_str(&format!("{m}\n"));
+    }
+    std::fs::write(dir.path().join("metrics.jsonl"), lines).unwrap();
+    let (ok, out, err) = r3(&["report", dir.path().to_str().unwrap()]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("| steps | 3 |") && out.contains("0.100 → 0.300"),
+        "{out}"
+    );
+    let png = std::fs::read(dir.path().join("training.png")).unwrap();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+
+    for (name, correct) in [("a", 10), ("b", 15)] {
+        let d = dir.path().join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        let p = |c: usize| serde_json::json!({"correct": c, "n": 40, "accuracy": c as f64 / 40.0, "low": 0.1, "high": 0.5});
+        let summary = serde_json::json!({"n": 40, "first_try": p(correct), "second_try": p(correct + 2), "fixed_by_retry": 2});
+        std::fs::write(d.join("summary.json"), summary.to_string()).unwrap();
+    }
+    let (ok, out, err) = r3(&[
+        "report",
+        "--compare",
+        dir.path().join("a").to_str().unwrap(),
+        dir.path().join("b").to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("| first try | 25.0% (10/40)") && out.contains("37.5% (15/40)"),
+        "{out}"
+    );
+}

@@ -28,6 +28,7 @@ fn rollout_ids_decode_to_the_rendered_conversation() {
             task: task.as_ref(),
             prompts: &prompts,
             max_rows: 8,
+            verify_seconds: Default::default(),
         };
         let record = json!({"nums": [3, 7, 25], "target": 46});
         let params = SamplingParams {

@@ -168,7 +168,9 @@ impl TrainConfig {
         Ok(config)
     }
 
-    /// Rejects impossible values, naming the key.
+    /// Rejects impossible values, naming the key. The comparisons are
+    /// negated on purpose: a NaN fails every one of them.
+    #[allow(clippy::neg_cmp_op_on_partial_ord)]
     pub fn validate(&self) -> Result<()> {
         let bad = |key: &str, why: &str| Err(TrainError::Config(format!("'{key}' {why}")));
         if self.num_generations < 2 {

@@ -288,7 +288,6 @@ impl<'a> Trainer<'a> {
                 });
             }
         }
-        drop(policy);
         drop(snapshot);
         m.seconds_generation = started.elapsed().as_secs_f64() - m.seconds_verification;
 
@@ -506,7 +505,7 @@ impl<'a> Trainer<'a> {
                 })?;
             }
             on_step(&m);
-            if self.config.save_steps > 0 && self.step % self.config.save_steps == 0 {
+            if self.config.save_steps > 0 && self.step.is_multiple_of(self.config.save_steps) {
                 last = Some(self.save_checkpoint()?);
             }
         }
