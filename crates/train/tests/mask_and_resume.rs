@@ -248,3 +248,30 @@ fn a_resumed_run_matches_an_uninterrupted_one() {
         assert!(same, "{name}: final weights differ");
     }
 }
+
+#[test]
+fn empty_or_too_small_failure_sets_are_rejected() {
+    let toy = common::toy();
+    let out = tempfile::tempdir().unwrap();
+    let config = TrainConfig {
+        output_dir: out.path().to_path_buf(),
+        failures_per_step: 8,
+        beta: 0.0,
+        ..TrainConfig::default()
+    };
+    let err = |failures| match Trainer::new(
+        config.clone(),
+        &toy.loaded,
+        None,
+        &toy.task,
+        common::prompts(),
+        failures,
+        None,
+    ) {
+        Ok(_) => panic!("accepted"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err(Vec::new()).contains("dataset of failures is empty"));
+    assert!(err(toy.failures.clone())
+        .contains("'failures_per_step' (8) is larger than the dataset of failures (4)"));
+}

@@ -1,0 +1,58 @@
+//! Bad training configs are rejected before any work starts, naming the key.
+
+use r3_train::config::{Schedule, TrainConfig};
+
+fn error(text: &str, overrides: &[&str]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("r3.toml");
+    std::fs::write(&path, text).unwrap();
+    let overrides: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
+    TrainConfig::load(Some(&path), &overrides)
+        .unwrap_err()
+        .to_string()
+}
+
+#[test]
+fn unknown_keys_and_impossible_values_name_the_key() {
+    assert!(error("learnig_rate = 1e-6\n", &[]).contains("learnig_rate"));
+    assert!(error("num_generations = 1\n", &[]).contains("num_generations"));
+    assert!(error("learning_rate = -1e-6\n", &[]).contains("learning_rate"));
+    assert!(error("loss_type = \"ppo\"\n", &[]).contains("ppo"));
+    assert!(error("", &["beta=-0.1"]).contains("beta"));
+    assert!(error("", &["top_p=0"]).contains("top_p"));
+    assert!(error("", &["nonsense"]).contains("key=value"));
+    assert!(error("max_steps = \"many\"\n", &[]).contains("max_steps"));
+}
+
+#[test]
+fn flags_override_the_file_and_defaults_follow_the_paper() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("r3.toml");
+    std::fs::write(
+        &path,
+        "learning_rate = 1e-6\nmax_steps = 10\nlr_scheduler_type = \"cosine\"\nwarmup_steps = 2\n",
+    )
+    .unwrap();
+    let c = TrainConfig::load(
+        Some(&path),
+        &["max_steps=20".into(), "task=countdown".into()],
+    )
+    .unwrap();
+    assert_eq!(
+        (c.max_steps, c.task.as_str(), c.learning_rate),
+        (20, "countdown", 1e-6)
+    );
+    assert_eq!(c.lr_scheduler_type, Schedule::Cosine);
+    assert!((c.learning_rate_at(0) - 0.5e-6).abs() < 1e-15, "warm-up");
+    assert!(
+        (c.learning_rate_at(2) - 1e-6).abs() < 1e-15,
+        "peak after warm-up"
+    );
+    assert!(c.learning_rate_at(19) < 0.01e-6, "cosine decays to ~0");
+    let d = TrainConfig::default();
+    assert_eq!(
+        (d.num_generations, d.temperature, d.beta, d.learning_rate),
+        (8, 0.9, 0.001, 5e-7)
+    );
+    assert_eq!(d.retry_temperature, 0.0);
+}
