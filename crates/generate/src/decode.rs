@@ -161,7 +161,7 @@ impl<'a> Generator<'a> {
                     Some(reason) => {
                         completion.finish = reason;
                         if keep_caches {
-                            caches[row] = Some(cache.select_rows(&[slot])?);
+                            caches[row] = Some(cache.take_row(slot)?);
                         }
                     }
                     None => {

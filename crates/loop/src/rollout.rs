@@ -222,8 +222,8 @@ impl<'a> Rollouts<'a> {
             histories.push(history);
             prefixes.push(ids);
         }
-        let extra = reflect.max_new_tokens + retry.max_new_tokens + 256;
-        let (cache, logits) = self.prefill_forked(&prefixes, group, extra)?;
+        // Room for the reflections only: the retry phase builds its own cache.
+        let (cache, logits) = self.prefill_forked(&prefixes, group, reflect.max_new_tokens)?;
         let samplers = (0..(failures.len() * group) as u64)
             .map(|r| Sampler::new(reflect, first_row + r))
             .collect();

@@ -205,6 +205,16 @@ impl KvCache {
     /// is how one prefix is forked into G continuations. Leading columns that
     /// are holes in every kept row are dropped.
     pub fn select_rows(&self, rows: &[usize]) -> Result<Self> {
+        self.gather_rows(rows, self.capacity())
+    }
+
+    /// One row alone, with no spare capacity: how a finished row's cache is
+    /// kept until its conversation continues, at the smallest memory cost.
+    pub fn take_row(&self, row: usize) -> Result<Self> {
+        self.gather_rows(&[row], 0)
+    }
+
+    fn gather_rows(&self, rows: &[usize], capacity: usize) -> Result<Self> {
         let first_used = rows
             .iter()
             .map(|&r| {
@@ -244,7 +254,7 @@ impl KvCache {
                 Some((k, v)) => {
                     let pick = |x: &Tensor| -> Result<Tensor> {
                         let x = x.index_select(&index, 0)?.narrow(2, first_used, len)?;
-                        out.restore_capacity(x, self.capacity())
+                        out.restore_capacity(x, capacity)
                     };
                     Some((pick(k)?, pick(v)?))
                 }
