@@ -37,7 +37,7 @@ pub struct TrainBench {
     #[arg(long, default_value_t = 2)]
     steps: usize,
     /// Reflections per forward/backward pass
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 2)]
     micro_batch_size: usize,
 }
 

@@ -125,7 +125,7 @@ impl Default for TrainConfig {
             gradient_accumulation_steps: 1,
             save_steps: 50,
             log_completions: 2,
-            micro_batch_size: 8,
+            micro_batch_size: 2,
             generation_batch_rows: 32,
             train_on: TrainOn::Reflection,
         }
