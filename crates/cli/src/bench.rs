@@ -282,13 +282,7 @@ fn train(args: TrainBench) -> Result<()> {
     let records = r3_tasks::arithmetic::generate(args.batch * args.steps, 30, 0);
     let values: Vec<&serde_json::Value> = records.iter().collect();
     let policy = crate::evaluate::policy(&model);
-    let rollouts = r3_loop::Rollouts {
-        policy: &policy,
-        task: &task,
-        prompts: &prompts,
-        max_rows: 32,
-        verify_seconds: Default::default(),
-    };
+    let rollouts = r3_loop::Rollouts::new(&policy, &task, &prompts, 32);
     let greedy = SamplingParams {
         max_new_tokens: 32,
         ..Default::default()

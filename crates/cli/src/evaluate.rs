@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use r3_generate::SamplingParams;
 use r3_loop::eval::{evaluate, EvalSettings, EvalSummary};
-use r3_loop::{ChatEncoder, Policy, Rollouts};
+use r3_loop::{Policy, Rollouts};
 use r3_tasks::{Prompts, Record, Task};
 
 use crate::model::Model;
@@ -66,16 +66,15 @@ impl DataArgs {
 
 /// The conversation side of a loaded model.
 pub fn policy(model: &Model) -> Policy<'_> {
-    Policy {
-        model: &model.llama,
-        tokenizer: &model.loaded.tokenizer,
-        chat: ChatEncoder::new(
-            &model.loaded.chat_template,
-            &model.loaded.tokenizer,
-            &model.loaded.eos_token,
-        ),
-        eos_token_ids: &model.loaded.eos_token_ids,
-    }
+    Policy::new(&model.llama, &model.loaded)
+}
+
+/// The task, its records and the prompt set a command runs on.
+fn setup(task: &TaskArgs, data: &DataArgs) -> Result<(Box<dyn Task>, Vec<Record>, Prompts)> {
+    let task = task.build()?;
+    let records = data.records(task.as_ref())?;
+    let prompts = data.prompts(task.as_ref())?;
+    Ok((task, records, prompts))
 }
 
 #[derive(Args)]
@@ -117,17 +116,9 @@ pub fn eval(args: EvalArgs) -> Result<()> {
 
 /// Evaluates and writes summary.json and transcripts.jsonl into `args.out`.
 pub fn run_eval(args: &EvalArgs, model: &Model) -> Result<EvalSummary> {
-    let task = args.task.build()?;
-    let records = args.data.records(task.as_ref())?;
-    let prompts = args.data.prompts(task.as_ref())?;
+    let (task, records, prompts) = setup(&args.task, &args.data)?;
     let policy = policy(model);
-    let rollouts = Rollouts {
-        policy: &policy,
-        task: task.as_ref(),
-        prompts: &prompts,
-        max_rows: args.data.batch_rows,
-        verify_seconds: Default::default(),
-    };
+    let rollouts = Rollouts::new(&policy, task.as_ref(), &prompts, args.data.batch_rows);
     let turn = |max_new_tokens| SamplingParams {
         temperature: args.temperature,
         top_p: args.top_p,
@@ -214,17 +205,9 @@ pub fn run_mine(args: &MineArgs, model: &Model) -> Result<()> {
     if args.samples == 0 {
         bail!("--samples must be at least 1");
     }
-    let task = args.task.build()?;
-    let records = args.data.records(task.as_ref())?;
-    let prompts = args.data.prompts(task.as_ref())?;
+    let (task, records, prompts) = setup(&args.task, &args.data)?;
     let policy = policy(model);
-    let rollouts = Rollouts {
-        policy: &policy,
-        task: task.as_ref(),
-        prompts: &prompts,
-        max_rows: args.data.batch_rows,
-        verify_seconds: Default::default(),
-    };
+    let rollouts = Rollouts::new(&policy, task.as_ref(), &prompts, args.data.batch_rows);
     let params = SamplingParams {
         temperature: args.temperature,
         max_new_tokens: args.max_new_tokens,

@@ -6,7 +6,7 @@ use std::ops::Range;
 
 use candle_core::Tensor;
 use r3_generate::{Completion, FinishReason, Generator, Sampler, SamplingParams};
-use r3_model::{KvCache, Llama, Message, Tokenizer};
+use r3_model::{KvCache, Llama, LoadedModel, Message, Tokenizer};
 use r3_tasks::{Prompts, Task, Verdict};
 use serde::Serialize;
 use serde_json::Value;
@@ -20,6 +20,19 @@ pub struct Policy<'a> {
     pub tokenizer: &'a Tokenizer,
     pub chat: ChatEncoder<'a>,
     pub eos_token_ids: &'a [u32],
+}
+
+impl<'a> Policy<'a> {
+    /// The policy of a decoder built from `loaded`'s weights (or weights
+    /// derived from them, as during training).
+    pub fn new(model: &'a Llama, loaded: &'a LoadedModel) -> Self {
+        Self {
+            model,
+            tokenizer: &loaded.tokenizer,
+            chat: ChatEncoder::new(&loaded.chat_template, &loaded.tokenizer, &loaded.eos_token),
+            eos_token_ids: &loaded.eos_token_ids,
+        }
+    }
 }
 
 /// The loop's view of a run: a policy, a task and the prompt set.
@@ -81,6 +94,21 @@ impl Rollout {
 }
 
 impl<'a> Rollouts<'a> {
+    pub fn new(
+        policy: &'a Policy<'a>,
+        task: &'a dyn Task,
+        prompts: &'a Prompts,
+        max_rows: usize,
+    ) -> Self {
+        Self {
+            policy,
+            task,
+            prompts,
+            max_rows,
+            verify_seconds: Default::default(),
+        }
+    }
+
     /// The first-attempt conversation of a record.
     pub fn first_messages(&self, record: &Value) -> Vec<Message> {
         let mut messages = Vec::with_capacity(2);

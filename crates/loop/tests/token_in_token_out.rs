@@ -2,7 +2,7 @@
 //! the text the default model's chat template renders for it.
 
 use r3_generate::{FinishReason, SamplingParams};
-use r3_loop::{ChatEncoder, Failure, Policy, Rollouts};
+use r3_loop::{Failure, Policy, Rollouts};
 use r3_model::{Llama, Message};
 use r3_tasks::Prompts;
 use serde_json::json;
@@ -11,25 +11,14 @@ use serde_json::json;
 fn rollout_ids_decode_to_the_rendered_conversation() {
     let loaded = r3_model::load(&r3_model::default_model::path().unwrap()).unwrap();
     let model = Llama::new(&loaded.config, &loaded.weights).unwrap();
-    let policy = Policy {
-        model: &model,
-        tokenizer: &loaded.tokenizer,
-        chat: ChatEncoder::new(&loaded.chat_template, &loaded.tokenizer, &loaded.eos_token),
-        eos_token_ids: &loaded.eos_token_ids,
-    };
+    let policy = Policy::new(&model, &loaded);
     let task = r3_tasks::builtin("countdown").unwrap();
     for system in [None, Some("Answer briefly.".to_string())] {
         let prompts = Prompts {
             system: system.clone(),
             ..Prompts::for_task(task.as_ref())
         };
-        let rollouts = Rollouts {
-            policy: &policy,
-            task: task.as_ref(),
-            prompts: &prompts,
-            max_rows: 8,
-            verify_seconds: Default::default(),
-        };
+        let rollouts = Rollouts::new(&policy, task.as_ref(), &prompts, 8);
         let record = json!({"nums": [3, 7, 25], "target": 46});
         let params = SamplingParams {
             temperature: 0.9,

@@ -16,7 +16,7 @@ use std::time::Instant;
 use candle_core::{Tensor, Var};
 use r3_generate::SamplingParams;
 use r3_loop::mine::MinedFailure;
-use r3_loop::{ChatEncoder, Failure, Policy, Rollout, Rollouts};
+use r3_loop::{Failure, Policy, Rollout, Rollouts};
 use r3_model::{Llama, LoadedModel, Weights};
 use r3_tasks::{Prompts, Task};
 use rand::seq::SliceRandom;
@@ -232,16 +232,7 @@ impl<'a> Trainer<'a> {
 
         // 1. Rollouts with the current policy.
         let snapshot = self.policy_snapshot()?;
-        let policy = Policy {
-            model: &snapshot,
-            tokenizer: &self.model.tokenizer,
-            chat: ChatEncoder::new(
-                &self.model.chat_template,
-                &self.model.tokenizer,
-                &self.model.eos_token,
-            ),
-            eos_token_ids: &self.model.eos_token_ids,
-        };
+        let policy = Policy::new(&snapshot, self.model);
         let mut groups = Vec::new();
         let mut samples = Vec::new();
         for accum in 0..c.gradient_accumulation_steps {
@@ -254,13 +245,8 @@ impl<'a> Trainer<'a> {
                     attempt_tokens: f.attempt_tokens.clone(),
                 })
                 .collect();
-            let rollouts = Rollouts {
-                policy: &policy,
-                task: self.task,
-                prompts: &self.prompts,
-                max_rows: c.generation_batch_rows,
-                verify_seconds: Default::default(),
-            };
+            let rollouts =
+                Rollouts::new(&policy, self.task, &self.prompts, c.generation_batch_rows);
             let produced = rollouts.reflect_and_retry(
                 &failures,
                 c.num_generations,

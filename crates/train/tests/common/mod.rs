@@ -194,24 +194,9 @@ pub fn toy() -> Toy {
 
 /// Retry success of `samples` reflections drawn as training draws them.
 pub fn retry_success(toy: &Toy, model: &Llama, samples: usize) -> f64 {
-    let policy = Policy {
-        model,
-        tokenizer: &toy.loaded.tokenizer,
-        chat: ChatEncoder::new(
-            &toy.loaded.chat_template,
-            &toy.loaded.tokenizer,
-            &toy.loaded.eos_token,
-        ),
-        eos_token_ids: &toy.loaded.eos_token_ids,
-    };
+    let policy = Policy::new(model, &toy.loaded);
     let prompts = prompts();
-    let rollouts = Rollouts {
-        policy: &policy,
-        task: &toy.task,
-        prompts: &prompts,
-        max_rows: 64,
-        verify_seconds: Default::default(),
-    };
+    let rollouts = Rollouts::new(&policy, &toy.task, &prompts, 64);
     let record = json!({"prompt": "?"});
     let failure = Failure {
         record: &record,
