@@ -73,6 +73,69 @@ impl Module for Linear {
     }
 }
 
+/// Frozen projections of one input computed as a single, wider GEMM
+/// (q/k/v; gate/up): fewer calls, each reading a larger weight block.
+#[derive(Debug, Clone)]
+struct FusedLinear {
+    /// `[in, Σ out]`, the parts' transposed weights side by side.
+    weight_t: Tensor,
+    bias: Option<Tensor>,
+    widths: Vec<usize>,
+}
+
+impl FusedLinear {
+    /// Takes over the parts' transposed copies; `None` (parts untouched)
+    /// when any part is trainable or only some have biases.
+    fn new(parts: &mut [&mut Linear]) -> Result<Option<Self>> {
+        let with_bias = parts.iter().filter(|p| p.bias.is_some()).count();
+        if parts.iter().any(|p| p.frozen_t.is_none())
+            || (with_bias != 0 && with_bias != parts.len())
+        {
+            return Ok(None);
+        }
+        let transposed: Vec<Tensor> = parts
+            .iter_mut()
+            .map(|p| p.frozen_t.take().expect("checked"))
+            .collect();
+        let widths = transposed
+            .iter()
+            .map(|t| t.dim(1))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let bias = if with_bias > 0 {
+            let biases: Vec<&Tensor> = parts
+                .iter()
+                .map(|p| p.bias.as_ref().expect("checked"))
+                .collect();
+            Some(Tensor::cat(&biases, 0)?)
+        } else {
+            None
+        };
+        Ok(Some(Self {
+            weight_t: Tensor::cat(&transposed, 1)?,
+            bias,
+            widths,
+        }))
+    }
+
+    /// Each part's output `[b, t, out_i]`.
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Vec<Tensor>> {
+        let (b, t, inp) = x.dims3()?;
+        let mut y = x.reshape((b * t, inp))?.matmul(&self.weight_t)?;
+        if let Some(bias) = &self.bias {
+            y = y.broadcast_add(bias)?;
+        }
+        let mut offset = 0;
+        self.widths
+            .iter()
+            .map(|&w| {
+                let part = y.narrow(1, offset, w)?.reshape((b, t, w));
+                offset += w;
+                part
+            })
+            .collect()
+    }
+}
+
 #[derive(Debug, Clone)]
 struct RmsNorm {
     weight: Tensor,
@@ -144,6 +207,8 @@ struct Attention {
     k_proj: Linear,
     v_proj: Linear,
     o_proj: Linear,
+    /// q, k and v in one GEMM when the weights are frozen.
+    qkv: Option<FusedLinear>,
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
@@ -156,7 +221,7 @@ impl Attention {
             c.num_heads * c.head_dim,
             c.num_kv_heads * c.head_dim,
         );
-        Ok(Self {
+        let mut attention = Self {
             q_proj: Linear::load(w, &format!("{prefix}.q_proj"), q, h, c.attention_bias, t)?,
             k_proj: Linear::load(w, &format!("{prefix}.k_proj"), kv, h, c.attention_bias, t)?,
             v_proj: Linear::load(w, &format!("{prefix}.v_proj"), kv, h, c.attention_bias, t)?,
@@ -164,7 +229,14 @@ impl Attention {
             num_heads: c.num_heads,
             num_kv_heads: c.num_kv_heads,
             head_dim: c.head_dim,
-        })
+            qkv: None,
+        };
+        attention.qkv = FusedLinear::new(&mut [
+            &mut attention.q_proj,
+            &mut attention.k_proj,
+            &mut attention.v_proj,
+        ])?;
+        Ok(attention)
     }
 
     fn forward(
@@ -180,9 +252,21 @@ impl Attention {
         let heads = |y: Tensor, n: usize| -> candle_core::Result<Tensor> {
             y.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous()
         };
-        let q = rotary.apply(&heads(self.q_proj.forward(x)?, h)?)?;
-        let k = rotary.apply(&heads(self.k_proj.forward(x)?, kvh)?)?;
-        let v = heads(self.v_proj.forward(x)?, kvh)?;
+        let (q, k, v) = match &self.qkv {
+            Some(fused) => {
+                let mut parts = fused.forward(x)?.into_iter();
+                let mut next = || parts.next().expect("three parts");
+                (next(), next(), next())
+            }
+            None => (
+                self.q_proj.forward(x)?,
+                self.k_proj.forward(x)?,
+                self.v_proj.forward(x)?,
+            ),
+        };
+        let q = rotary.apply(&heads(q, h)?)?;
+        let k = rotary.apply(&heads(k, kvh)?)?;
+        let v = heads(v, kvh)?;
         let (k, v) = cache.append_layer(layer, k.contiguous()?, v)?;
         let len = k.dim(2)?;
         // The query heads that share one kv head are stacked along the time
@@ -208,23 +292,34 @@ struct Mlp {
     gate_proj: Linear,
     up_proj: Linear,
     down_proj: Linear,
+    /// gate and up in one GEMM when the weights are frozen.
+    gate_up: Option<FusedLinear>,
 }
 
 impl Mlp {
     fn load(w: &Weights, prefix: &str, c: &ModelConfig, t: bool) -> Result<Self> {
         let (h, i) = (c.hidden_size, c.intermediate_size);
-        Ok(Self {
+        let mut mlp = Self {
             gate_proj: Linear::load(w, &format!("{prefix}.gate_proj"), i, h, false, t)?,
             up_proj: Linear::load(w, &format!("{prefix}.up_proj"), i, h, false, t)?,
             down_proj: Linear::load(w, &format!("{prefix}.down_proj"), h, i, false, t)?,
-        })
+            gate_up: None,
+        };
+        mlp.gate_up = FusedLinear::new(&mut [&mut mlp.gate_proj, &mut mlp.up_proj])?;
+        Ok(mlp)
     }
 }
 
 impl Module for Mlp {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let gate = self.gate_proj.forward(x)?.silu()?;
-        self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
+        let (gate, up) = match &self.gate_up {
+            Some(fused) => {
+                let mut parts = fused.forward(x)?.into_iter();
+                (parts.next().expect("gate"), parts.next().expect("up"))
+            }
+            None => (self.gate_proj.forward(x)?, self.up_proj.forward(x)?),
+        };
+        self.down_proj.forward(&(gate.silu()? * up)?)
     }
 }
 
