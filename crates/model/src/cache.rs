@@ -104,11 +104,6 @@ impl KvCache {
         self.len == 0
     }
 
-    /// How many real tokens row `row` holds (its next rotary position).
-    pub fn row_tokens(&self, row: usize) -> usize {
-        self.rows[row].next_position as usize
-    }
-
     /// Registers one segment of new tokens per row and returns the inputs of
     /// the forward that will fill them in. Shorter segments are left-padded
     /// with holes (token id 0, never attended to).
