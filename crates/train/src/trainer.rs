@@ -95,6 +95,9 @@ pub struct Trainer<'a> {
     optimizer: AdamW,
     pub step: usize,
     cursor: usize,
+    /// The epoch whose shuffled failure order is cached in `order`.
+    order_epoch: Option<usize>,
+    order: Vec<usize>,
     base_model: String,
 }
 
@@ -167,6 +170,8 @@ impl<'a> Trainer<'a> {
             optimizer,
             step,
             cursor,
+            order_epoch: None,
+            order: Vec::new(),
             base_model,
         })
     }
@@ -191,12 +196,14 @@ impl<'a> Trainer<'a> {
         (0..self.config.failures_per_step)
             .map(|_| {
                 let (epoch, offset) = (self.cursor / n, self.cursor % n);
-                let mut order: Vec<usize> = (0..n).collect();
-                order.shuffle(&mut ChaCha8Rng::seed_from_u64(
-                    self.config.seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9),
-                ));
+                if self.order_epoch != Some(epoch) {
+                    self.order = (0..n).collect();
+                    let seed = self.config.seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9);
+                    self.order.shuffle(&mut ChaCha8Rng::seed_from_u64(seed));
+                    self.order_epoch = Some(epoch);
+                }
                 self.cursor += 1;
-                self.failures[order[offset]].clone()
+                self.failures[self.order[offset]].clone()
             })
             .collect()
     }
