@@ -7,7 +7,7 @@ use std::path::Path;
 
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tokenizers::models::bpe::BPE;
@@ -17,6 +17,7 @@ use tokenizers::AddedToken;
 use crate::config::{Architecture, ModelConfig, RopeScaling};
 use crate::error::{ModelError, Result};
 use crate::gguf::{gguf_name, permute_rope_rows};
+use crate::llama::Llama;
 use crate::weights::Weights;
 
 /// ChatML, as SmolLM2 and Qwen2 write it.
@@ -137,6 +138,22 @@ impl TinyModel {
 
     pub fn weights(&self) -> Weights {
         Weights::new("<tiny model>", self.weights.clone())
+    }
+
+    /// The decoder with every weight a `Var`, and the vars by name: what
+    /// gradient tests and toy training start from.
+    pub fn trainable(&self) -> Result<(Llama, Vec<(String, Var)>)> {
+        let vars = self
+            .weights
+            .iter()
+            .map(|(n, t)| Ok((n.clone(), Var::from_tensor(t)?)))
+            .collect::<Result<Vec<_>>>()?;
+        let tensors = vars
+            .iter()
+            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+            .collect();
+        let model = Llama::new(&self.config, &Weights::new("<tiny model vars>", tensors))?;
+        Ok((model, vars))
     }
 
     fn tokenizer(&self) -> Result<tokenizers::Tokenizer> {

@@ -6,7 +6,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, IndexOp, Tensor, Var, D};
 use r3_model::gguf::{permute_rope_rows, unpermute_rope_rows};
 use r3_model::tiny::TinyModel;
-use r3_model::{Architecture, KvCache, Llama, Weights};
+use r3_model::{Architecture, KvCache, Llama};
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     (a - b)
@@ -230,19 +230,10 @@ fn forked_selected_and_concatenated_caches_continue_like_a_fresh_prefill() {
 
 /// The model with every weight a `Var`, for gradient tests.
 fn trainable(seed: u64) -> (Llama, Vec<(String, Var)>) {
-    let tiny = TinyModel::new(Architecture::Qwen2, 64, 2, seed).unwrap();
-    let vars: Vec<(String, Var)> = tiny
-        .weights
-        .iter()
-        .map(|(k, t)| (k.clone(), Var::from_tensor(t).unwrap()))
-        .collect();
-    let weights = Weights::new(
-        "<vars>",
-        vars.iter()
-            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
-            .collect(),
-    );
-    (Llama::new(&tiny.config, &weights).unwrap(), vars)
+    TinyModel::new(Architecture::Qwen2, 64, 2, seed)
+        .unwrap()
+        .trainable()
+        .unwrap()
 }
 
 /// A training-style objective: a shared prefix computed once and forked,

@@ -123,18 +123,13 @@ impl Task for PlainAnswer {
     }
 
     fn check_record(&self, record: &Value) -> Result<(), String> {
-        record
-            .get("prompt")
-            .and_then(Value::as_str)
-            .ok_or("missing 'prompt' (a string)")?;
+        crate::records::prompt_field(record)?;
         expected(record).map(|_| ())
     }
 
     fn user_prompt(&self, record: &Value) -> String {
-        record
-            .get("prompt")
-            .and_then(Value::as_str)
-            .unwrap_or("")
+        crate::records::prompt_field(record)
+            .unwrap_or_default()
             .to_string()
     }
 

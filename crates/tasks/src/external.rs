@@ -159,18 +159,12 @@ impl Task for ExternalVerifier {
     }
 
     fn check_record(&self, record: &Value) -> Result<(), String> {
-        record
-            .get("prompt")
-            .and_then(Value::as_str)
-            .map(|_| ())
-            .ok_or_else(|| "missing 'prompt' (a string)".into())
+        crate::records::prompt_field(record).map(|_| ())
     }
 
     fn user_prompt(&self, record: &Value) -> String {
-        record
-            .get("prompt")
-            .and_then(Value::as_str)
-            .unwrap_or("")
+        crate::records::prompt_field(record)
+            .unwrap_or_default()
             .to_string()
     }
 

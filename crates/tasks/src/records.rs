@@ -6,7 +6,7 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use crate::{Result, Task, TaskError};
+use crate::{Task, TaskError};
 
 /// One record and where it came from.
 #[derive(Debug, Clone, PartialEq)]
@@ -27,7 +27,7 @@ pub struct Records {
 /// Reads every non-blank line of `path` as a JSON object the task accepts.
 /// A bad line is an error naming the file and line, or, with
 /// `skip_invalid`, is skipped and counted.
-pub fn read_records(path: &Path, task: &dyn Task, skip_invalid: bool) -> Result<Records> {
+pub fn read_records(path: &Path, task: &dyn Task, skip_invalid: bool) -> crate::Result<Records> {
     let name = path.display().to_string();
     let io = |source| TaskError::Io {
         path: name.clone(),
@@ -65,4 +65,12 @@ pub fn read_records(path: &Path, task: &dyn Task, skip_invalid: bool) -> Result<
         }
     }
     Ok(Records { records, skipped })
+}
+
+/// The `prompt` string of a plain record (answer tasks, external verifiers).
+pub fn prompt_field(record: &Value) -> Result<&str, String> {
+    record
+        .get("prompt")
+        .and_then(Value::as_str)
+        .ok_or_else(|| "missing 'prompt' (a string)".to_string())
 }

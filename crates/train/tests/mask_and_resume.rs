@@ -6,26 +6,17 @@ mod common;
 
 use candle_core::{IndexOp, Tensor, Var, D};
 use r3_model::tiny::TinyModel;
-use r3_model::{Architecture, KvCache, Llama, Weights};
+use r3_model::{Architecture, KvCache, Llama};
 use r3_train::config::TrainConfig;
 use r3_train::grpo::{grpo_loss, reflection_mask, Objective, TokenTerms};
 use r3_train::score::span_logprobs;
 use r3_train::trainer::Trainer;
 
 fn trainable() -> (Llama, Vec<(String, Var)>) {
-    let tiny = TinyModel::new(Architecture::Llama, 64, 2, 21).unwrap();
-    let vars: Vec<(String, Var)> = tiny
-        .weights
-        .iter()
-        .map(|(n, t)| (n.clone(), Var::from_tensor(t).unwrap()))
-        .collect();
-    let weights = Weights::new(
-        "<vars>",
-        vars.iter()
-            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
-            .collect(),
-    );
-    (Llama::new(&tiny.config, &weights).unwrap(), vars)
+    TinyModel::new(Architecture::Llama, 64, 2, 21)
+        .unwrap()
+        .trainable()
+        .unwrap()
 }
 
 #[test]

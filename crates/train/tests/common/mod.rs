@@ -10,11 +10,11 @@
 
 use std::collections::HashMap;
 
-use candle_core::{DType, Tensor, Var};
+use candle_core::{DType, Tensor};
 use r3_loop::mine::MinedFailure;
 use r3_loop::{ChatEncoder, Failure, Policy, Rollouts};
 use r3_model::tiny::TinyModel;
-use r3_model::{Architecture, Llama, LoadedModel, Message, Weights};
+use r3_model::{Architecture, Llama, LoadedModel, Message};
 use r3_tasks::{Prompts, Task, Verdict};
 use r3_train::optim::AdamW;
 use r3_train::score::span_logprobs;
@@ -97,23 +97,12 @@ fn layout(loaded: &LoadedModel, attempt: &[u32], letters: &[u32]) -> Layout {
 /// Teaches a tiny random model the toy world with plain supervised steps.
 fn teach(
     tiny: &mut TinyModel,
-    loaded: &LoadedModel,
+    _loaded: &LoadedModel,
     layout: &Layout,
     letters: &[u32],
     digits: &[u32],
 ) {
-    let vars: Vec<(String, Var)> = tiny
-        .weights
-        .iter()
-        .map(|(n, t)| (n.clone(), Var::from_tensor(t).unwrap()))
-        .collect();
-    let weights = Weights::new(
-        "<toy>",
-        vars.iter()
-            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
-            .collect(),
-    );
-    let model = Llama::new(&loaded.config, &weights).unwrap();
+    let (model, vars) = tiny.trainable().unwrap();
     let mut adam = AdamW::new(vars, 0.9, 0.999, 1e-8, 0.0).unwrap();
     for _ in 0..200 {
         // Every letter equally likely as the reflection…
