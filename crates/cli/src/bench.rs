@@ -37,8 +37,11 @@ pub struct TrainBench {
     #[arg(long, default_value_t = 2)]
     steps: usize,
     /// Reflections per forward/backward pass
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 8)]
     micro_batch_size: usize,
+    /// Keep every activation instead of recomputing them in the backward
+    #[arg(long)]
+    no_gradient_checkpointing: bool,
 }
 
 /// A verifier that flips a coin seeded by the answer: every group gets
@@ -271,24 +274,23 @@ fn verify(args: VerifyBench) -> Result<()> {
     Ok(())
 }
 
-fn train(args: TrainBench) -> Result<()> {
-    if args.batch == 0 || args.group < 2 || args.steps == 0 {
-        bail!("need --batch ≥ 1, --group ≥ 2 and --steps ≥ 1");
-    }
-    let model = model::load(&args.model)?;
-    let task = CoinFlip;
-    let prompts = r3_tasks::Prompts::for_task(&task);
-    // First attempts at arithmetic questions stand in for mined failures.
-    let records = r3_tasks::arithmetic::generate(args.batch * args.steps, 30, 0);
+/// First attempts at arithmetic questions, standing in for mined failures.
+fn stand_in_failures(
+    model: &model::Model,
+    task: &dyn Task,
+    prompts: &r3_tasks::Prompts,
+    n: usize,
+) -> Result<Vec<r3_loop::mine::MinedFailure>> {
+    let records = r3_tasks::arithmetic::generate(n, 30, 0);
     let values: Vec<&serde_json::Value> = records.iter().collect();
-    let policy = crate::evaluate::policy(&model);
-    let rollouts = r3_loop::Rollouts::new(&policy, &task, &prompts, 32);
+    let policy = crate::evaluate::policy(model);
+    let rollouts = r3_loop::Rollouts::new(&policy, task, prompts, 32);
     let greedy = SamplingParams {
         max_new_tokens: 32,
         ..Default::default()
     };
     let attempts = rollouts.attempts(&values, 1, &greedy, 0, &mut |_| {})?;
-    let failures: Vec<r3_loop::mine::MinedFailure> = records
+    Ok(records
         .iter()
         .zip(attempts)
         .enumerate()
@@ -305,7 +307,19 @@ fn train(args: TrainBench) -> Result<()> {
                 failure_rate: 1.0,
             }
         })
-        .collect();
+        .collect())
+}
+
+fn train(args: TrainBench) -> Result<()> {
+    if args.batch == 0 || args.group < 2 || args.steps == 0 {
+        bail!("need --batch ≥ 1, --group ≥ 2 and --steps ≥ 1");
+    }
+    let model = model::load(&args.model)?;
+    let task = CoinFlip;
+    let prompts = r3_tasks::Prompts::for_task(&task);
+    let failures = stand_in_failures(&model, &task, &prompts, args.batch * args.steps)?;
+    // The trainer builds its own decoders: keep only the loaded weights.
+    let model = model.loaded;
     let out = std::env::temp_dir().join(format!("r3-bench-train-{}", std::process::id()));
     let config = r3_train::config::TrainConfig {
         output_dir: out.clone(),
@@ -316,13 +330,14 @@ fn train(args: TrainBench) -> Result<()> {
         retry_max_tokens: args.max_retry_tokens,
         retry_temperature: 0.9,
         micro_batch_size: args.micro_batch_size,
+        gradient_checkpointing: !args.no_gradient_checkpointing,
         save_steps: 0,
         ..Default::default()
     };
     let mut trainer = r3_train::trainer::Trainer::new(
         config.clone(),
-        &model.loaded,
-        Some(&model.loaded),
+        &model,
+        Some(&model),
         &task,
         prompts,
         failures,
@@ -338,12 +353,13 @@ fn train(args: TrainBench) -> Result<()> {
     };
     let report = serde_json::json!({
         "bench": "train",
-        "model": model.loaded.path,
+        "model": model.path,
         "batch": args.batch,
         "group": args.group,
         "max_reflection_tokens": args.max_reflection_tokens,
         "max_retry_tokens": args.max_retry_tokens,
         "micro_batch_size": args.micro_batch_size,
+        "gradient_checkpointing": config.gradient_checkpointing,
         "steps": args.steps,
         "beta": config.beta,
         "threads": candle_core::utils::get_num_threads(),

@@ -21,7 +21,7 @@ pub use cache::KvCache;
 pub use chat::{ChatTemplate, Message};
 pub use config::{Architecture, ModelConfig, RopeScaling};
 pub use error::{ModelError, Result};
-pub use llama::Llama;
+pub use llama::{ForwardInputs, Llama};
 pub use loader::{load, GenerationDefaults, LoadedModel, ModelFormat};
 pub use tokenizer::Tokenizer;
 pub use weights::Weights;

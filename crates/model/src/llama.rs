@@ -1,11 +1,20 @@
 //! The Llama-family decoder (Llama 2/3, SmolLM2, Qwen2/2.5, Mistral): one
 //! struct per layer, a plain `forward`, batched with per-row positions.
 //!
+//! Weights live in the layout the forward wants rather than HF's: every
+//! projection transposed to `[in, out]` and contiguous (gemm reads it in
+//! place, where a row-major weight is repacked on every call — the dominant
+//! cost of batched decoding), and the projections of one input (q/k/v;
+//! gate/up) side by side, so that one wider GEMM serves them. Training
+//! updates this layout directly; [`Llama::hf_weights`] converts back.
+//!
 //! candle's fused kernels (rms-norm, softmax, rope) have no backward pass, so
 //! each op below takes the fused kernel only when none of its inputs can need
 //! a gradient, and otherwise composes basic ops that autograd records.
 
-use candle_core::{Device, Module, Tensor, D};
+use std::collections::HashMap;
+
+use candle_core::{Device, Module, Tensor, Var, D};
 
 use crate::cache::KvCache;
 use crate::config::ModelConfig;
@@ -13,108 +22,86 @@ use crate::error::{ModelError, Result};
 use crate::logprob;
 use crate::weights::Weights;
 
-/// A dense layer as `x · Wᵀ (+ b)`, flattening the batch first so that one
-/// GEMM serves every row (a broadcast batched matmul would re-read the
-/// weights once per row during decoding).
-#[derive(Debug, Clone)]
-struct Linear {
-    weight: Tensor,
-    /// `weightᵀ` stored contiguously `[in, out]` for frozen weights: gemm
-    /// then reads it in place, where the row-major weight would be repacked
-    /// on every call (the dominant cost of batched decoding). Trainable
-    /// weights use `weight.t()` so gradients reach them.
-    frozen_t: Option<Tensor>,
-    bias: Option<Tensor>,
+/// How a decoder holds its projections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Layout {
+    /// Transposed, fused copies of the loaded weights.
+    Fast,
+    /// Transposed views of the loaded weights: no copy, slower GEMMs.
+    Compact,
 }
 
-/// The transposed contiguous copy of a weight that cannot need a gradient.
-fn frozen_transpose(weight: &Tensor, wanted: bool) -> Result<Option<Tensor>> {
-    if !wanted || weight.track_op() {
-        return Ok(None);
-    }
-    Ok(Some(weight.t()?.contiguous()?))
+/// Projections of one input, `x · W (+ b)` with `W` `[in, Σ out]`,
+/// flattening the batch first so that one GEMM serves every row (a
+/// broadcast batched matmul would re-read the weights once per row).
+#[derive(Debug, Clone)]
+struct Linear {
+    weight_t: Tensor,
+    bias: Option<Tensor>,
+    /// HF name (without `.weight`) and output width of each part, in
+    /// column order.
+    parts: Vec<(String, usize)>,
 }
 
 impl Linear {
+    /// The parts `(HF name, out)` of an input of width `inp`: fused into one
+    /// contiguous copy (fast), or one transposed view each (compact).
     fn load(
         w: &Weights,
-        prefix: &str,
-        out: usize,
+        parts: &[(String, usize)],
         inp: usize,
         bias: bool,
-        transposed: bool,
-    ) -> Result<Self> {
-        let weight = w.get(&format!("{prefix}.weight"), &[out, inp])?;
-        Ok(Self {
-            frozen_t: frozen_transpose(&weight, transposed)?,
-            weight,
-            bias: if bias {
-                Some(w.get(&format!("{prefix}.bias"), &[out])?)
-            } else {
-                None
-            },
-        })
-    }
-}
-
-impl Module for Linear {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let (b, t, inp) = x.dims3()?;
-        let x = x.reshape((b * t, inp))?;
-        let y = match &self.frozen_t {
-            Some(w_t) => x.matmul(w_t)?,
-            None => x.matmul(&self.weight.t()?)?,
+        layout: Layout,
+    ) -> Result<Vec<Self>> {
+        let load_one = |(name, out): &(String, usize)| -> Result<(Tensor, Option<Tensor>)> {
+            let weight = w.get(&format!("{name}.weight"), &[*out, inp])?;
+            let b = match bias {
+                true => Some(w.get(&format!("{name}.bias"), &[*out])?),
+                false => None,
+            };
+            Ok((weight, b))
         };
-        let y = match &self.bias {
-            Some(bias) => y.broadcast_add(bias)?,
-            None => y,
-        };
-        y.reshape((b, t, ()))
-    }
-}
-
-/// Frozen projections of one input computed as a single, wider GEMM
-/// (q/k/v; gate/up): fewer calls, each reading a larger weight block.
-#[derive(Debug, Clone)]
-struct FusedLinear {
-    /// `[in, Σ out]`, the parts' transposed weights side by side.
-    weight_t: Tensor,
-    bias: Option<Tensor>,
-    widths: Vec<usize>,
-}
-
-impl FusedLinear {
-    /// Takes over the parts' transposed copies; `None` (parts untouched)
-    /// when any part is trainable or only some have biases.
-    fn new(parts: &mut [&mut Linear]) -> Result<Option<Self>> {
-        let with_bias = parts.iter().filter(|p| p.bias.is_some()).count();
-        if parts.iter().any(|p| p.frozen_t.is_none())
-            || (with_bias != 0 && with_bias != parts.len())
-        {
-            return Ok(None);
-        }
-        let transposed: Vec<Tensor> = parts
-            .iter_mut()
-            .map(|p| p.frozen_t.take().expect("checked"))
-            .collect();
-        let widths = transposed
-            .iter()
-            .map(|t| t.dim(1))
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        let bias = if with_bias > 0 {
-            let biases: Vec<&Tensor> = parts
+        let loaded = parts.iter().map(load_one).collect::<Result<Vec<_>>>()?;
+        if layout == Layout::Compact {
+            return parts
                 .iter()
-                .map(|p| p.bias.as_ref().expect("checked"))
+                .zip(loaded)
+                .map(|(part, (weight, bias))| {
+                    Ok(Self {
+                        weight_t: weight.t()?,
+                        bias,
+                        parts: vec![part.clone()],
+                    })
+                })
                 .collect();
-            Some(Tensor::cat(&biases, 0)?)
-        } else {
-            None
+        }
+        let transposed = loaded
+            .iter()
+            .map(|(weight, _)| weight.t())
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let bias = match bias {
+            true => {
+                let biases: Vec<&Tensor> = loaded.iter().filter_map(|(_, b)| b.as_ref()).collect();
+                Some(Tensor::cat(&biases, 0)?)
+            }
+            false => None,
         };
-        Ok(Some(Self {
-            weight_t: Tensor::cat(&transposed, 1)?,
+        Ok(vec![Self {
+            weight_t: Tensor::cat(&transposed, 1)?.contiguous()?,
             bias,
-            widths,
-        }))
+            parts: parts.to_vec(),
+        }])
+    }
+
+    /// The parameter name: the first part's HF name, then the last path
+    /// component of each other part (`…q_proj+k_proj+v_proj`).
+    fn name(&self) -> String {
+        let mut name = self.parts[0].0.clone();
+        for (part, _) in &self.parts[1..] {
+            name.push('+');
+            name.push_str(part.rsplit('.').next().unwrap_or(part));
+        }
+        name
     }
 
     /// Each part's output `[b, t, out_i]`.
@@ -124,16 +111,51 @@ impl FusedLinear {
         if let Some(bias) = &self.bias {
             y = y.broadcast_add(bias)?;
         }
+        if self.parts.len() == 1 {
+            return Ok(vec![y.reshape((b, t, ()))?]);
+        }
         let mut offset = 0;
-        self.widths
+        self.parts
             .iter()
-            .map(|&w| {
-                let part = y.narrow(1, offset, w)?.reshape((b, t, w));
-                offset += w;
+            .map(|&(_, width)| {
+                let part = y.narrow(1, offset, width)?.reshape((b, t, width));
+                offset += width;
                 part
             })
             .collect()
     }
+
+    /// Each part's weight (and bias) back in HF's layout and names.
+    fn hf_weights(&self, out: &mut HashMap<String, Tensor>) -> Result<()> {
+        let mut offset = 0;
+        for (name, width) in &self.parts {
+            let weight = self.weight_t.narrow(1, offset, *width)?.t()?.contiguous()?;
+            out.insert(format!("{name}.weight"), weight);
+            if let Some(bias) = &self.bias {
+                out.insert(
+                    format!("{name}.bias"),
+                    bias.narrow(0, offset, *width)?.contiguous()?,
+                );
+            }
+            offset += width;
+        }
+        Ok(())
+    }
+}
+
+/// The outputs of every part of `linears`, in order.
+fn project_all(linears: &[Linear], x: &Tensor) -> candle_core::Result<Vec<Tensor>> {
+    let mut outputs = Vec::with_capacity(3);
+    for linear in linears {
+        outputs.extend(linear.forward(x)?);
+    }
+    Ok(outputs)
+}
+
+/// The single output of a one-part projection.
+fn project_one(linear: &Linear, x: &Tensor) -> candle_core::Result<Tensor> {
+    let mut outputs = linear.forward(x)?;
+    Ok(outputs.remove(0))
 }
 
 #[derive(Debug, Clone)]
@@ -203,40 +225,31 @@ impl Rotary {
 
 #[derive(Debug, Clone)]
 struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
+    /// q, k and v: one fused projection, or three (compact).
+    qkv: Vec<Linear>,
     o_proj: Linear,
-    /// q, k and v in one GEMM when the weights are frozen.
-    qkv: Option<FusedLinear>,
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
 }
 
 impl Attention {
-    fn load(w: &Weights, prefix: &str, c: &ModelConfig, t: bool) -> Result<Self> {
+    fn load(w: &Weights, prefix: &str, c: &ModelConfig, layout: Layout) -> Result<Self> {
         let (h, q, kv) = (
             c.hidden_size,
             c.num_heads * c.head_dim,
             c.num_kv_heads * c.head_dim,
         );
-        let mut attention = Self {
-            q_proj: Linear::load(w, &format!("{prefix}.q_proj"), q, h, c.attention_bias, t)?,
-            k_proj: Linear::load(w, &format!("{prefix}.k_proj"), kv, h, c.attention_bias, t)?,
-            v_proj: Linear::load(w, &format!("{prefix}.v_proj"), kv, h, c.attention_bias, t)?,
-            o_proj: Linear::load(w, &format!("{prefix}.o_proj"), h, q, false, t)?,
+        let part = |name: &str, out| (format!("{prefix}.{name}"), out);
+        let qkv = [part("q_proj", q), part("k_proj", kv), part("v_proj", kv)];
+        let mut o_proj = Linear::load(w, &[part("o_proj", h)], q, false, layout)?;
+        Ok(Self {
+            qkv: Linear::load(w, &qkv, h, c.attention_bias, layout)?,
+            o_proj: o_proj.remove(0),
             num_heads: c.num_heads,
             num_kv_heads: c.num_kv_heads,
             head_dim: c.head_dim,
-            qkv: None,
-        };
-        attention.qkv = FusedLinear::new(&mut [
-            &mut attention.q_proj,
-            &mut attention.k_proj,
-            &mut attention.v_proj,
-        ])?;
-        Ok(attention)
+        })
     }
 
     fn forward(
@@ -252,18 +265,9 @@ impl Attention {
         let heads = |y: Tensor, n: usize| -> candle_core::Result<Tensor> {
             y.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous()
         };
-        let (q, k, v) = match &self.qkv {
-            Some(fused) => {
-                let mut parts = fused.forward(x)?.into_iter();
-                let mut next = || parts.next().expect("three parts");
-                (next(), next(), next())
-            }
-            None => (
-                self.q_proj.forward(x)?,
-                self.k_proj.forward(x)?,
-                self.v_proj.forward(x)?,
-            ),
-        };
+        let mut qkv = project_all(&self.qkv, x)?.into_iter();
+        let mut next = || qkv.next().expect("q, k and v");
+        let (q, k, v) = (next(), next(), next());
         let q = rotary.apply(&heads(q, h)?)?;
         let k = rotary.apply(&heads(k, kvh)?)?;
         let v = heads(v, kvh)?;
@@ -283,43 +287,35 @@ impl Attention {
             .reshape((b, h, t, d))?
             .transpose(1, 2)?
             .reshape((b, t, h * d))?;
-        Ok(self.o_proj.forward(&out)?)
+        Ok(project_one(&self.o_proj, &out)?)
     }
 }
 
 #[derive(Debug, Clone)]
 struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
+    /// gate and up: one fused projection, or two (compact).
+    gate_up: Vec<Linear>,
     down_proj: Linear,
-    /// gate and up in one GEMM when the weights are frozen.
-    gate_up: Option<FusedLinear>,
 }
 
 impl Mlp {
-    fn load(w: &Weights, prefix: &str, c: &ModelConfig, t: bool) -> Result<Self> {
+    fn load(w: &Weights, prefix: &str, c: &ModelConfig, layout: Layout) -> Result<Self> {
         let (h, i) = (c.hidden_size, c.intermediate_size);
-        let mut mlp = Self {
-            gate_proj: Linear::load(w, &format!("{prefix}.gate_proj"), i, h, false, t)?,
-            up_proj: Linear::load(w, &format!("{prefix}.up_proj"), i, h, false, t)?,
-            down_proj: Linear::load(w, &format!("{prefix}.down_proj"), h, i, false, t)?,
-            gate_up: None,
-        };
-        mlp.gate_up = FusedLinear::new(&mut [&mut mlp.gate_proj, &mut mlp.up_proj])?;
-        Ok(mlp)
+        let part = |name: &str, out| (format!("{prefix}.{name}"), out);
+        let gate_up = [part("gate_proj", i), part("up_proj", i)];
+        let mut down_proj = Linear::load(w, &[part("down_proj", h)], i, false, layout)?;
+        Ok(Self {
+            gate_up: Linear::load(w, &gate_up, h, false, layout)?,
+            down_proj: down_proj.remove(0),
+        })
     }
 }
 
 impl Module for Mlp {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let (gate, up) = match &self.gate_up {
-            Some(fused) => {
-                let mut parts = fused.forward(x)?.into_iter();
-                (parts.next().expect("gate"), parts.next().expect("up"))
-            }
-            None => (self.gate_proj.forward(x)?, self.up_proj.forward(x)?),
-        };
-        self.down_proj.forward(&(gate.silu()? * up)?)
+        let mut gate_up = project_all(&self.gate_up, x)?.into_iter();
+        let (gate, up) = (gate_up.next().expect("gate"), gate_up.next().expect("up"));
+        project_one(&self.down_proj, &(gate.silu()? * up)?)
     }
 }
 
@@ -332,7 +328,7 @@ struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    fn load(w: &Weights, i: usize, c: &ModelConfig, t: bool) -> Result<Self> {
+    fn load(w: &Weights, i: usize, c: &ModelConfig, layout: Layout) -> Result<Self> {
         let prefix = format!("model.layers.{i}");
         let norm = |name: &str| -> Result<RmsNorm> {
             Ok(RmsNorm {
@@ -342,9 +338,9 @@ impl DecoderLayer {
         };
         Ok(Self {
             input_layernorm: norm("input_layernorm")?,
-            self_attn: Attention::load(w, &format!("{prefix}.self_attn"), c, t)?,
+            self_attn: Attention::load(w, &format!("{prefix}.self_attn"), c, layout)?,
             post_attention_layernorm: norm("post_attention_layernorm")?,
-            mlp: Mlp::load(w, &format!("{prefix}.mlp"), c, t)?,
+            mlp: Mlp::load(w, &format!("{prefix}.mlp"), c, layout)?,
         })
     }
 
@@ -369,6 +365,45 @@ impl DecoderLayer {
             .forward(&self.post_attention_layernorm.forward(&x)?)?;
         Ok((x + mlp)?)
     }
+
+    /// Every parameter of the layer with its name, mutably.
+    fn tensors_mut(&mut self, prefix: &str) -> Vec<(String, &mut Tensor)> {
+        let mut out = vec![
+            (
+                format!("{prefix}.input_layernorm.weight"),
+                &mut self.input_layernorm.weight,
+            ),
+            (
+                format!("{prefix}.post_attention_layernorm.weight"),
+                &mut self.post_attention_layernorm.weight,
+            ),
+        ];
+        let linears = self
+            .self_attn
+            .qkv
+            .iter_mut()
+            .chain(std::iter::once(&mut self.self_attn.o_proj))
+            .chain(self.mlp.gate_up.iter_mut())
+            .chain(std::iter::once(&mut self.mlp.down_proj));
+        for linear in linears {
+            let name = linear.name();
+            out.push((format!("{name}.weight_t"), &mut linear.weight_t));
+            if let Some(bias) = &mut linear.bias {
+                out.push((format!("{name}.bias"), bias));
+            }
+        }
+        out
+    }
+}
+
+/// What every layer of one forward shares, planned against the cache: the
+/// new tokens, their additive attention mask and rotary angles.
+pub struct ForwardInputs {
+    tokens: Tensor,
+    mask: Tensor,
+    rotary: Rotary,
+    batch: usize,
+    t: usize,
 }
 
 /// A causal language model of the Llama family.
@@ -378,33 +413,53 @@ pub struct Llama {
     embed_tokens: Tensor,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
-    /// The output projection `[vocab, hidden]`; the embedding itself when tied.
-    lm_head: Tensor,
-    /// `lm_headᵀ` `[hidden, vocab]` when frozen (see [`Linear`]).
-    lm_head_frozen_t: Option<Tensor>,
+    /// The output projection `[vocab, hidden]`; `None` when tied to the
+    /// embeddings.
+    lm_head: Option<Tensor>,
+    /// The output projection transposed `[hidden, vocab]` and contiguous,
+    /// for fast logits when generating (see the module doc).
+    lm_head_t: Option<Tensor>,
     inv_freq: Vec<f32>,
 }
 
 impl Llama {
     /// Builds the decoder from HF-named weights, checking every shape.
     pub fn new(config: &ModelConfig, weights: &Weights) -> Result<Self> {
-        Self::build(config, weights, true)
+        Self::build(config, weights, Layout::Fast)
     }
 
-    /// The decoder without transposed copies of frozen weights: half the
-    /// memory, slower decoding. For a reference model that only scores.
+    /// The decoder on views of `weights`, without transposed copies: no
+    /// extra memory, slower GEMMs. For a reference model that only scores.
     pub fn new_compact(config: &ModelConfig, weights: &Weights) -> Result<Self> {
-        Self::build(config, weights, false)
+        Self::build(config, weights, Layout::Compact)
     }
 
-    fn build(config: &ModelConfig, weights: &Weights, transposed: bool) -> Result<Self> {
+    /// The decoder with every parameter a `Var` (in the decoder's own
+    /// layout, named as [`Llama::parameters`] names them): what training
+    /// updates in place.
+    pub fn trainable(
+        config: &ModelConfig,
+        weights: &Weights,
+    ) -> Result<(Self, Vec<(String, Var)>)> {
+        let mut model = Self::new(config, weights)?;
+        model.lm_head_t = None;
+        let mut vars = Vec::new();
+        for (name, tensor) in model.tensors_mut() {
+            let var = Var::from_tensor(tensor)?;
+            *tensor = var.as_tensor().clone();
+            vars.push((name, var));
+        }
+        Ok((model, vars))
+    }
+
+    fn build(config: &ModelConfig, weights: &Weights, layout: Layout) -> Result<Self> {
         let c = config;
         let embed_tokens =
             weights.get("model.embed_tokens.weight", &[c.vocab_size, c.hidden_size])?;
         let lm_head = if weights.contains("lm_head.weight") {
-            weights.get("lm_head.weight", &[c.vocab_size, c.hidden_size])?
+            Some(weights.get("lm_head.weight", &[c.vocab_size, c.hidden_size])?)
         } else if c.tie_word_embeddings {
-            embed_tokens.clone()
+            None
         } else {
             return Err(ModelError::tensor(
                 &weights.source,
@@ -413,8 +468,13 @@ impl Llama {
             ));
         };
         let layers = (0..c.num_layers)
-            .map(|i| DecoderLayer::load(weights, i, c, transposed))
+            .map(|i| DecoderLayer::load(weights, i, c, layout))
             .collect::<Result<Vec<_>>>()?;
+        let output = lm_head.as_ref().unwrap_or(&embed_tokens);
+        let lm_head_t = match layout {
+            Layout::Fast => Some(output.t()?.contiguous()?),
+            Layout::Compact => None,
+        };
         Ok(Self {
             config: c.clone(),
             embed_tokens,
@@ -423,10 +483,100 @@ impl Llama {
                 weight: weights.get("model.norm.weight", &[c.hidden_size])?,
                 eps: c.rms_norm_eps,
             },
-            lm_head_frozen_t: frozen_transpose(&lm_head, transposed)?,
             lm_head,
+            lm_head_t,
             inv_freq: c.inv_freq(),
         })
+    }
+
+    /// The output projection `[vocab, hidden]`.
+    fn output_weight(&self) -> &Tensor {
+        self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
+    }
+
+    /// Every parameter with its name, mutably, in a fixed order. Projection
+    /// names follow the decoder's layout (`…q_proj+k_proj+v_proj.weight_t`);
+    /// the others are HF's.
+    fn tensors_mut(&mut self) -> Vec<(String, &mut Tensor)> {
+        let mut out = vec![(
+            "model.embed_tokens.weight".to_string(),
+            &mut self.embed_tokens,
+        )];
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            out.extend(layer.tensors_mut(&format!("model.layers.{i}")));
+        }
+        out.push(("model.norm.weight".to_string(), &mut self.norm.weight));
+        if let Some(lm_head) = &mut self.lm_head {
+            out.push(("lm_head.weight".to_string(), lm_head));
+        }
+        out
+    }
+
+    /// Every parameter under the decoder's names, for optimizers.
+    pub fn parameters(&self) -> Vec<(String, Tensor)> {
+        self.clone()
+            .tensors_mut()
+            .into_iter()
+            .map(|(name, t)| (name, t.clone()))
+            .collect()
+    }
+
+    /// Every weight back under its HF name and shape: what a checkpoint
+    /// saves, for r3 and transformers alike.
+    pub fn hf_weights(&self) -> Result<HashMap<String, Tensor>> {
+        let mut out = HashMap::new();
+        out.insert(
+            "model.embed_tokens.weight".to_string(),
+            self.embed_tokens.detach(),
+        );
+        for (i, layer) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            out.insert(
+                format!("{p}.input_layernorm.weight"),
+                layer.input_layernorm.weight.detach(),
+            );
+            out.insert(
+                format!("{p}.post_attention_layernorm.weight"),
+                layer.post_attention_layernorm.weight.detach(),
+            );
+            let (attn, mlp) = (&layer.self_attn, &layer.mlp);
+            let linears = attn
+                .qkv
+                .iter()
+                .chain([&attn.o_proj])
+                .chain(&mlp.gate_up)
+                .chain([&mlp.down_proj]);
+            for linear in linears {
+                linear.hf_weights(&mut out)?;
+            }
+        }
+        out.insert("model.norm.weight".to_string(), self.norm.weight.detach());
+        if let Some(lm_head) = &self.lm_head {
+            out.insert("lm_head.weight".to_string(), lm_head.detach());
+        }
+        Ok(out)
+    }
+
+    /// The same model with every weight detached from autograd, sharing
+    /// storage (so it follows in-place updates): fused kernels and no graph,
+    /// for forwards whose gradient is not wanted.
+    pub fn detached(&self) -> Self {
+        let mut view = self.clone();
+        for (_, tensor) in view.tensors_mut() {
+            *tensor = tensor.detach();
+        }
+        view.lm_head_t = view.lm_head_t.as_ref().map(Tensor::detach);
+        view
+    }
+
+    /// [`Llama::detached`] with the transposed output projection that fast
+    /// generation wants (a copy, when the model has none).
+    pub fn for_generation(&self) -> Result<Self> {
+        let mut view = self.detached();
+        if view.lm_head_t.is_none() {
+            view.lm_head_t = Some(view.output_weight().t()?.contiguous()?);
+        }
+        Ok(view)
     }
 
     /// Runs one segment of new tokens per cache row through the decoder,
@@ -434,6 +584,19 @@ impl Llama {
     /// states `[batch, t, hidden]`, right-aligned like the cache (the last
     /// column holds every row's newest token).
     pub fn forward(&self, segments: &[&[u32]], cache: &mut KvCache) -> Result<Tensor> {
+        let inputs = self.plan(segments, cache)?;
+        let mut x = self.embed(&inputs)?;
+        for layer in 0..self.layers.len() {
+            x = self.layer_forward(layer, &x, &inputs, cache)?;
+        }
+        self.final_norm(&x)
+    }
+
+    /// Registers one segment of new tokens per cache row and prepares what
+    /// every layer of that forward shares. [`Llama::forward`] is `plan`,
+    /// `embed`, each `layer_forward`, `final_norm`; they are public so that
+    /// training can recompute one layer at a time.
+    pub fn plan(&self, segments: &[&[u32]], cache: &mut KvCache) -> Result<ForwardInputs> {
         let vocab = self.config.vocab_size as u32;
         if let Some(&bad) = segments
             .iter()
@@ -454,17 +617,42 @@ impl Llama {
         let plan = cache.plan_append(segments);
         let (b, t) = (segments.len(), plan.t);
         let total = cache.len();
-        let tokens = Tensor::from_vec(plan.tokens, b * t, &Device::Cpu)?;
-        let mask = Tensor::from_vec(plan.mask, (b, 1, 1, t, total), &Device::Cpu)?;
-        let rotary = Rotary::new(&self.inv_freq, &plan.positions, b, t)?;
-        let mut x = self
+        Ok(ForwardInputs {
+            tokens: Tensor::from_vec(plan.tokens, b * t, &Device::Cpu)?,
+            mask: Tensor::from_vec(plan.mask, (b, 1, 1, t, total), &Device::Cpu)?,
+            rotary: Rotary::new(&self.inv_freq, &plan.positions, b, t)?,
+            batch: b,
+            t,
+        })
+    }
+
+    /// The token embeddings `[batch, t, hidden]` of a planned forward.
+    pub fn embed(&self, inputs: &ForwardInputs) -> Result<Tensor> {
+        Ok(self
             .embed_tokens
-            .index_select(&tokens, 0)?
-            .reshape((b, t, ()))?;
-        for (i, layer) in self.layers.iter().enumerate() {
-            x = layer.forward(&x, &rotary, &mask, cache, i)?;
-        }
-        Ok(self.norm.forward(&x)?)
+            .index_select(&inputs.tokens, 0)?
+            .reshape((inputs.batch, inputs.t, ()))?)
+    }
+
+    /// Decoder layer `layer` on `x` `[batch, t, hidden]`, appending its keys
+    /// and values to `cache`.
+    pub fn layer_forward(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        inputs: &ForwardInputs,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        self.layers[layer].forward(x, &inputs.rotary, &inputs.mask, cache, layer)
+    }
+
+    /// The last RMSNorm, applied to the last layer's output.
+    pub fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(self.norm.forward(x)?)
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
     }
 
     /// Logits `[batch, vocab]` of the last column of `hidden`.
@@ -475,9 +663,9 @@ impl Llama {
     }
 
     fn project(&self, rows: &Tensor) -> Result<Tensor> {
-        Ok(match &self.lm_head_frozen_t {
+        Ok(match &self.lm_head_t {
             Some(w_t) => rows.matmul(w_t)?,
-            None => rows.matmul(&self.lm_head.t()?)?,
+            None => rows.matmul(&self.output_weight().t()?)?,
         })
     }
 
@@ -494,47 +682,6 @@ impl Llama {
     /// one place a token's log-probability is computed. Differentiable; the
     /// vocabulary is processed in chunks.
     pub fn token_logprobs(&self, hidden: &Tensor, targets: &[u32]) -> Result<Tensor> {
-        logprob::token_logprobs(hidden, &self.lm_head, targets)
-    }
-
-    /// Every parameter under its HF name, for optimizers and export. The
-    /// output projection is listed only when it is not tied.
-    pub fn parameters(&self) -> Vec<(String, Tensor)> {
-        let mut out = vec![(
-            "model.embed_tokens.weight".to_string(),
-            self.embed_tokens.clone(),
-        )];
-        for (i, l) in self.layers.iter().enumerate() {
-            let p = format!("model.layers.{i}");
-            let a = &l.self_attn;
-            let linears = [
-                ("self_attn.q_proj", &a.q_proj),
-                ("self_attn.k_proj", &a.k_proj),
-                ("self_attn.v_proj", &a.v_proj),
-                ("self_attn.o_proj", &a.o_proj),
-                ("mlp.gate_proj", &l.mlp.gate_proj),
-                ("mlp.up_proj", &l.mlp.up_proj),
-                ("mlp.down_proj", &l.mlp.down_proj),
-            ];
-            for (name, lin) in linears {
-                out.push((format!("{p}.{name}.weight"), lin.weight.clone()));
-                if let Some(b) = &lin.bias {
-                    out.push((format!("{p}.{name}.bias"), b.clone()));
-                }
-            }
-            out.push((
-                format!("{p}.input_layernorm.weight"),
-                l.input_layernorm.weight.clone(),
-            ));
-            out.push((
-                format!("{p}.post_attention_layernorm.weight"),
-                l.post_attention_layernorm.weight.clone(),
-            ));
-        }
-        out.push(("model.norm.weight".to_string(), self.norm.weight.clone()));
-        if self.lm_head.id() != self.embed_tokens.id() {
-            out.push(("lm_head.weight".to_string(), self.lm_head.clone()));
-        }
-        out
+        logprob::token_logprobs(hidden, self.output_weight(), targets)
     }
 }

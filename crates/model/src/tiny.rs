@@ -143,17 +143,7 @@ impl TinyModel {
     /// The decoder with every weight a `Var`, and the vars by name: what
     /// gradient tests and toy training start from.
     pub fn trainable(&self) -> Result<(Llama, Vec<(String, Var)>)> {
-        let vars = self
-            .weights
-            .iter()
-            .map(|(n, t)| Ok((n.clone(), Var::from_tensor(t)?)))
-            .collect::<Result<Vec<_>>>()?;
-        let tensors = vars
-            .iter()
-            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
-            .collect();
-        let model = Llama::new(&self.config, &Weights::new("<tiny model vars>", tensors))?;
-        Ok((model, vars))
+        Llama::trainable(&self.config, &self.weights())
     }
 
     fn tokenizer(&self) -> Result<tokenizers::Tokenizer> {

@@ -46,6 +46,7 @@ fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
 pub fn save(
     output_dir: &Path,
     model: &LoadedModel,
+    weights: HashMap<String, Tensor>,
     optimizer: &AdamW,
     state: &TrainerState,
 ) -> Result<PathBuf> {
@@ -55,12 +56,7 @@ pub fn save(
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
 
-    let tensors: HashMap<String, Tensor> = optimizer
-        .params
-        .iter()
-        .map(|(n, v)| (n.clone(), v.as_tensor().detach()))
-        .collect();
-    Weights::new(&tmp, tensors).save_safetensors(&tmp.join("model.safetensors"))?;
+    Weights::new(&tmp, weights).save_safetensors(&tmp.join("model.safetensors"))?;
     write_json(&tmp.join("config.json"), &model.config.to_hf_json())?;
     model.tokenizer.save(&tmp.join("tokenizer.json"))?;
     write_json(

@@ -79,8 +79,13 @@ pub struct TrainConfig {
     pub save_steps: usize,
     /// Full transcripts written to samples.jsonl per step.
     pub log_completions: usize,
-    /// Reflections per forward/backward pass: the memory knob.
+    /// Reflections per forward/backward pass; with gradient checkpointing a
+    /// whole group (G) fits, so its shared prefix runs once.
     pub micro_batch_size: usize,
+    /// Keep only each layer's input during the forward and recompute its
+    /// activations in the backward pass: one more forward, a fraction of
+    /// the memory.
+    pub gradient_checkpointing: bool,
     /// Most rows decoded at once during rollouts.
     pub generation_batch_rows: usize,
     /// The tokens that learn (an ablation knob; keep `reflection`).
@@ -125,7 +130,8 @@ impl Default for TrainConfig {
             gradient_accumulation_steps: 1,
             save_steps: 50,
             log_completions: 2,
-            micro_batch_size: 2,
+            micro_batch_size: 8,
+            gradient_checkpointing: true,
             generation_batch_rows: 32,
             train_on: TrainOn::Reflection,
         }

@@ -1,7 +1,10 @@
 //! AdamW over named parameters, with the global gradient norm computed and
 //! clipped by hand (candle-nn has neither clipping nor parameter groups).
 
-use candle_core::{Tensor, Var};
+use std::collections::HashMap;
+
+use candle_core::backprop::GradStore;
+use candle_core::{Tensor, TensorId, Var};
 
 use crate::{Result, TrainError};
 
@@ -53,6 +56,7 @@ impl AdamW {
         let t = self.step as i32;
         let (c1, c2) = (1.0 - self.beta1.powi(t), 1.0 - self.beta2.powi(t));
         for (i, ((_, param), g)) in self.params.iter().zip(grads).enumerate() {
+            let g = &g.detach();
             let m = ((&self.m[i] * self.beta1)? + (g * (1.0 - self.beta1))?)?;
             let v = ((&self.v[i] * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?;
             let step = ((&m / c1)? / ((&v / c2)?.sqrt()? + self.eps)?)?;
@@ -67,6 +71,52 @@ impl AdamW {
             self.v[i] = v;
         }
         Ok(())
+    }
+}
+
+/// Per-parameter sums of gradients over micro-batches (and over the layers
+/// a recomputed backward replays one at a time), in the optimizer's order.
+pub struct Gradients {
+    index: HashMap<TensorId, usize>,
+    sums: Vec<Option<Tensor>>,
+}
+
+impl Gradients {
+    pub fn new(params: &[(String, Var)]) -> Self {
+        Self {
+            index: params
+                .iter()
+                .enumerate()
+                .map(|(i, (_, v))| (v.as_tensor().id(), i))
+                .collect(),
+            sums: vec![None; params.len()],
+        }
+    }
+
+    /// Adds every parameter gradient found in `store`. candle leaves a
+    /// parameter's gradient attached to the graph that produced it (and so
+    /// to every activation); the sums are detached so that graph is freed.
+    pub fn add(&mut self, store: &GradStore) -> Result<()> {
+        for id in store.get_ids() {
+            if let (Some(&i), Some(g)) = (self.index.get(id), store.get_id(*id)) {
+                let g = g.detach();
+                self.sums[i] = Some(match self.sums[i].take() {
+                    Some(sum) => (sum + g)?,
+                    None => g,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The sums, zeros for parameters that received no gradient.
+    pub fn into_tensors(self, params: &[(String, Var)]) -> Result<Vec<Tensor>> {
+        Ok(self
+            .sums
+            .into_iter()
+            .zip(params)
+            .map(|(g, (_, v))| g.map_or_else(|| v.as_tensor().zeros_like(), Ok))
+            .collect::<candle_core::Result<_>>()?)
     }
 }
 

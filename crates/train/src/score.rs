@@ -2,68 +2,286 @@
 //! shared prompt prefix is run once and forked, and log-probs are computed
 //! only at the trained positions — the training forward stops at the end of
 //! each reflection.
+//!
+//! The differentiable forward comes in two forms. The plain one keeps every
+//! activation for autograd. The recomputed one ("gradient checkpointing")
+//! keeps only each layer's input and replays one layer at a time during the
+//! backward pass: one extra forward, and the memory of one layer's
+//! activations instead of all of them.
 
-use candle_core::Tensor;
-use r3_model::{KvCache, Llama};
+use candle_core::{Tensor, Var};
+use r3_model::{ForwardInputs, KvCache, Llama};
 
+use crate::optim::Gradients;
 use crate::Result;
+
+/// A batch of spans laid out for the decoder: a head pass over the prefixes
+/// (once when every row shares it), a fork to one cache row per span, and a
+/// tail pass whose outputs predict exactly the trained ids.
+struct Layout<'a> {
+    /// Each distinct prefix but its last id.
+    heads: Vec<&'a [u32]>,
+    /// Cache rows to fork after the head pass; `None` when prefixes differ.
+    fork: Option<Vec<usize>>,
+    /// Per row: its prefix's last id, then its trained ids but the last.
+    tails: Vec<Vec<u32>>,
+    /// The trained ids, row after row.
+    targets: Vec<u32>,
+    /// Trained ids per row.
+    lengths: Vec<usize>,
+}
+
+impl<'a> Layout<'a> {
+    fn new(prefixes: &[&'a [u32]], tokens: &[&[u32]]) -> Self {
+        let shared = prefixes.windows(2).all(|w| w[0] == w[1]);
+        let distinct = if shared { &prefixes[..1] } else { prefixes };
+        Self {
+            heads: distinct.iter().map(|p| &p[..p.len() - 1]).collect(),
+            fork: shared.then(|| vec![0; tokens.len()]),
+            tails: prefixes
+                .iter()
+                .zip(tokens)
+                .map(|(p, r)| {
+                    std::iter::once(p[p.len() - 1])
+                        .chain(r[..r.len() - 1].iter().copied())
+                        .collect()
+                })
+                .collect(),
+            targets: tokens.iter().flat_map(|r| r.iter().copied()).collect(),
+            lengths: tokens.iter().map(|r| r.len()).collect(),
+        }
+    }
+
+    fn has_heads(&self) -> bool {
+        self.heads.iter().any(|h| !h.is_empty())
+    }
+
+    fn tail_refs(&self) -> Vec<&[u32]> {
+        self.tails.iter().map(Vec::as_slice).collect()
+    }
+
+    /// The cache after the head pass, with one row per span.
+    fn fork(&self, cache: KvCache) -> Result<KvCache> {
+        Ok(match &self.fork {
+            Some(rows) => cache.select_rows(rows)?,
+            None => cache,
+        })
+    }
+
+    /// log p of the trained ids from the tail pass's final hidden states
+    /// `[rows, width, hidden]` (right-aligned: each row's span ends last).
+    fn logprobs(&self, model: &Llama, hidden: &Tensor) -> Result<Tensor> {
+        let (rows, width, size) = hidden.dims3()?;
+        let positions: Vec<u32> = self
+            .lengths
+            .iter()
+            .enumerate()
+            .flat_map(|(row, &n)| (width - n..width).map(move |col| (row * width + col) as u32))
+            .collect();
+        let n = positions.len();
+        let positions = Tensor::from_vec(positions, n, hidden.device())?;
+        let picked = hidden
+            .reshape((rows * width, size))?
+            .index_select(&positions, 0)?;
+        Ok(model.token_logprobs(&picked, &self.targets)?)
+    }
+}
 
 /// log p of every trained token, concatenated row after row: row `i`
 /// scores `tokens[i]` following `prefixes[i]`. When every row has the same
 /// prefix (the G reflections of one failure) it is computed once and forked.
-/// With `differentiable` the result stays in the autograd graph (policy);
-/// without, it is computed on the fast path (reference, old policy).
+/// With `differentiable` the result stays in the autograd graph (the plain
+/// training forward); without, it is computed on the fast path (reference,
+/// old policy).
 pub fn span_logprobs(
     model: &Llama,
     prefixes: &[&[u32]],
     tokens: &[&[u32]],
     differentiable: bool,
 ) -> Result<Tensor> {
-    let shared = prefixes.windows(2).all(|w| w[0] == w[1]);
-    let heads: Vec<&[u32]> = if shared {
-        vec![prefixes[0]]
-    } else {
-        prefixes.to_vec()
-    };
-    let longest = heads.iter().map(|h| h.len()).max().unwrap_or(0);
+    let layout = Layout::new(prefixes, tokens);
     let mut cache = if differentiable {
-        KvCache::differentiable(&model.config, heads.len())
+        KvCache::differentiable(&model.config, layout.heads.len())
     } else {
-        KvCache::new(&model.config, heads.len(), longest + 1)
+        let longest = layout.heads.iter().map(|h| h.len()).max().unwrap_or(0);
+        KvCache::new(&model.config, layout.heads.len(), longest + 1)
     };
-    let head_ids: Vec<&[u32]> = heads.iter().map(|h| &h[..h.len() - 1]).collect();
-    if head_ids.iter().any(|h| !h.is_empty()) {
-        model.forward(&head_ids, &mut cache)?;
+    if layout.has_heads() {
+        model.forward(&layout.heads, &mut cache)?;
     }
-    let mut cache = if shared {
-        cache.select_rows(&vec![0; tokens.len()])?
-    } else {
-        cache
-    };
-    // Each row feeds its prefix's last id and its tokens but the last:
-    // outputs at those positions predict exactly the trained ids.
-    let segments: Vec<Vec<u32>> = prefixes
-        .iter()
-        .zip(tokens)
-        .map(|(p, r)| {
-            std::iter::once(p[p.len() - 1])
-                .chain(r[..r.len() - 1].iter().copied())
-                .collect()
+    let mut cache = layout.fork(cache)?;
+    let hidden = model.forward(&layout.tail_refs(), &mut cache)?;
+    layout.logprobs(model, &hidden)
+}
+
+/// The differentiable forward of one micro-batch, and its backward pass.
+pub struct TrainingForward<'m, 'a> {
+    logprobs: Tensor,
+    recompute: Option<Recompute<'m, 'a>>,
+}
+
+impl<'m, 'a> TrainingForward<'m, 'a> {
+    /// `recompute` chooses gradient checkpointing (see the module doc).
+    pub fn new(
+        model: &'m Llama,
+        prefixes: &[&'a [u32]],
+        tokens: &[&[u32]],
+        recompute: bool,
+    ) -> Result<Self> {
+        if !recompute {
+            return Ok(Self {
+                logprobs: span_logprobs(model, prefixes, tokens, true)?,
+                recompute: None,
+            });
+        }
+        let (recompute, logprobs) = Recompute::forward(model, Layout::new(prefixes, tokens))?;
+        Ok(Self {
+            logprobs,
+            recompute: Some(recompute),
         })
-        .collect();
-    let refs: Vec<&[u32]> = segments.iter().map(Vec::as_slice).collect();
-    let hidden = model.forward(&refs, &mut cache)?;
-    let (rows, width, size) = hidden.dims3()?;
-    let positions: Vec<u32> = tokens
-        .iter()
-        .enumerate()
-        .flat_map(|(row, r)| (width - r.len()..width).map(move |col| (row * width + col) as u32))
-        .collect();
-    let n = positions.len();
-    let positions = Tensor::from_vec(positions, n, hidden.device())?;
-    let picked = hidden
-        .reshape((rows * width, size))?
-        .index_select(&positions, 0)?;
-    let targets: Vec<u32> = tokens.iter().flat_map(|r| r.iter().copied()).collect();
-    Ok(model.token_logprobs(&picked, &targets)?)
+    }
+
+    /// log p of the trained tokens, as [`span_logprobs`] lays them out.
+    pub fn logprobs(&self) -> &Tensor {
+        &self.logprobs
+    }
+
+    /// Back-propagates `loss` (computed from [`Self::logprobs`]) to every
+    /// parameter, adding the gradients into `grads`.
+    pub fn backward(self, loss: &Tensor, grads: &mut Gradients) -> Result<()> {
+        let store = loss.backward()?;
+        grads.add(&store)?;
+        match self.recompute {
+            Some(recompute) => {
+                let top = store.get(recompute.top.as_tensor()).cloned();
+                drop(store);
+                recompute.backward(top, grads)
+            }
+            None => Ok(()),
+        }
+    }
+}
+
+/// What the recomputed forward keeps: each layer's inputs and the last
+/// layer's output as a leaf of the loss graph.
+struct Recompute<'m, 'a> {
+    model: &'m Llama,
+    layout: Layout<'a>,
+    /// Per layer: its input in the head pass (when there is one) and in the
+    /// tail pass, detached.
+    inputs: Vec<(Option<Tensor>, Tensor)>,
+    top: Var,
+}
+
+impl<'m, 'a> Recompute<'m, 'a> {
+    /// The forward on the fast path, keeping each layer's inputs; returns the
+    /// log-probs, differentiable from the last layer's output up.
+    fn forward(model: &'m Llama, layout: Layout<'a>) -> Result<(Self, Tensor)> {
+        let fast = model.detached();
+        let layers = model.num_layers();
+        let longest = layout.heads.iter().map(|h| h.len()).max().unwrap_or(0);
+        let mut cache = KvCache::new(&model.config, layout.heads.len(), longest + 1);
+        let mut head_inputs = Vec::with_capacity(layers);
+        if layout.has_heads() {
+            let planned = fast.plan(&layout.heads, &mut cache)?;
+            let mut x = fast.embed(&planned)?;
+            for layer in 0..layers {
+                let next = fast.layer_forward(layer, &x, &planned, &mut cache)?;
+                head_inputs.push(x);
+                x = next;
+            }
+        }
+        let mut cache = layout.fork(cache)?;
+        let planned = fast.plan(&layout.tail_refs(), &mut cache)?;
+        let mut x = fast.embed(&planned)?;
+        let mut inputs = Vec::with_capacity(layers);
+        let mut head_inputs = head_inputs.into_iter();
+        for layer in 0..layers {
+            let next = fast.layer_forward(layer, &x, &planned, &mut cache)?;
+            inputs.push((head_inputs.next(), x));
+            x = next;
+        }
+        drop(cache);
+        let top = Var::from_tensor(&x)?;
+        let logprobs = layout.logprobs(model, &model.final_norm(top.as_tensor())?)?;
+        Ok((
+            Self {
+                model,
+                layout,
+                inputs,
+                top,
+            },
+            logprobs,
+        ))
+    }
+
+    /// From the gradient at the last layer's output down to the embeddings,
+    /// one layer replayed at a time.
+    fn backward(self, top: Option<Tensor>, grads: &mut Gradients) -> Result<()> {
+        let Some(mut tail_grad) = top else {
+            return Ok(());
+        };
+        let mut head_grad = None;
+        for layer in (0..self.inputs.len()).rev() {
+            (head_grad, tail_grad) = self.replay(Some(layer), head_grad, tail_grad, grads)?;
+        }
+        self.replay(None, head_grad, tail_grad, grads)?;
+        Ok(())
+    }
+
+    /// Re-runs one stage of the forward with autograd on — decoder layer
+    /// `Some(layer)`, or the embedding lookup — and back-propagates the
+    /// gradients at its outputs: into `grads` for the parameters, returned
+    /// for its inputs (head pass, tail pass).
+    fn replay(
+        &self,
+        layer: Option<usize>,
+        head_grad: Option<Tensor>,
+        tail_grad: Tensor,
+        grads: &mut Gradients,
+    ) -> Result<(Option<Tensor>, Tensor)> {
+        let model = self.model;
+        let (head_input, tail_input) = match layer {
+            Some(l) => {
+                let (head, tail) = &self.inputs[l];
+                (
+                    head.as_ref().map(Var::from_tensor).transpose()?,
+                    Some(Var::from_tensor(tail)?),
+                )
+            }
+            None => (None, None),
+        };
+        let run =
+            |input: Option<&Var>, planned: &ForwardInputs, cache: &mut KvCache| -> Result<Tensor> {
+                Ok(match (layer, input) {
+                    (Some(l), Some(x)) => model.layer_forward(l, x.as_tensor(), planned, cache)?,
+                    _ => model.embed(planned)?,
+                })
+            };
+        let mut cache = KvCache::differentiable(&model.config, self.layout.heads.len());
+        let mut surrogate = None;
+        if self.layout.has_heads() {
+            let planned = model.plan(&self.layout.heads, &mut cache)?;
+            let out = run(head_input.as_ref(), &planned, &mut cache)?;
+            if let Some(g) = &head_grad {
+                surrogate = Some((out * g)?.sum_all()?);
+            }
+        }
+        let mut cache = self.layout.fork(cache)?;
+        let planned = model.plan(&self.layout.tail_refs(), &mut cache)?;
+        let out = run(tail_input.as_ref(), &planned, &mut cache)?;
+        let tail_term = (out * &tail_grad)?.sum_all()?;
+        let surrogate = match surrogate {
+            Some(head_term) => (head_term + tail_term)?,
+            None => tail_term,
+        };
+        let store = surrogate.backward()?;
+        grads.add(&store)?;
+        let head_grad = head_input.and_then(|x| store.get(x.as_tensor()).cloned());
+        let tail_grad = match tail_input.and_then(|x| store.get(x.as_tensor()).cloned()) {
+            Some(g) => g,
+            None => tail_grad.zeros_like()?,
+        };
+        Ok((head_grad, tail_grad))
+    }
 }

@@ -8,16 +8,15 @@
 //! 4. forward + backward on reflection tokens only, in micro-batches;
 //! 5. clip the global gradient norm and take an AdamW step.
 
-use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::{Tensor, Var};
+use candle_core::Tensor;
 use r3_generate::SamplingParams;
 use r3_loop::mine::MinedFailure;
 use r3_loop::{Failure, Policy, Rollout, Rollouts};
-use r3_model::{Llama, LoadedModel, Weights};
+use r3_model::{Llama, LoadedModel};
 use r3_tasks::{Prompts, Task};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -29,8 +28,8 @@ use crate::config::{TrainConfig, TrainOn};
 use crate::grpo::{
     group_advantages, grpo_loss, has_signal, token_weights, LossStats, Objective, TokenTerms,
 };
-use crate::optim::{clip, global_norm, AdamW};
-use crate::score::span_logprobs;
+use crate::optim::{clip, global_norm, AdamW, Gradients};
+use crate::score::{span_logprobs, TrainingForward};
 use crate::{Result, TrainError};
 
 /// One line of `metrics.jsonl`.
@@ -124,18 +123,7 @@ impl<'a> Trainer<'a> {
                 failures.len()
             )));
         }
-        let base = Llama::new_compact(&model.config, &model.weights)?;
-        let params: Vec<(String, Var)> = base
-            .parameters()
-            .into_iter()
-            .map(|(name, t)| Ok((name, Var::from_tensor(&t)?)))
-            .collect::<Result<_>>()?;
-        drop(base);
-        let as_weights: HashMap<String, Tensor> = params
-            .iter()
-            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
-            .collect();
-        let train_model = Llama::new(&model.config, &Weights::new(&model.path, as_weights))?;
+        let (train_model, params) = Llama::trainable(&model.config, &model.weights)?;
         let reference = match (config.beta > 0.0, reference) {
             (true, Some(r)) => Some(Llama::new_compact(&r.config, &r.weights)?),
             (true, None) => {
@@ -174,20 +162,6 @@ impl<'a> Trainer<'a> {
             order: Vec::new(),
             base_model,
         })
-    }
-
-    /// The current weights on candle's fast inference path.
-    fn policy_snapshot(&self) -> Result<Llama> {
-        let weights: HashMap<String, Tensor> = self
-            .optimizer
-            .params
-            .iter()
-            .map(|(n, v)| (n.clone(), v.as_tensor().detach()))
-            .collect();
-        Ok(Llama::new(
-            &self.model.config,
-            &Weights::new(&self.model.path, weights),
-        )?)
     }
 
     /// The next B failures, in an order reshuffled (from the seed) every epoch.
@@ -238,7 +212,7 @@ impl<'a> Trainer<'a> {
         };
 
         // 1. Rollouts with the current policy.
-        let snapshot = self.policy_snapshot()?;
+        let snapshot = self.train_model.for_generation()?;
         let policy = Policy::new(&snapshot, self.model);
         let mut groups = Vec::new();
         let mut samples = Vec::new();
@@ -342,7 +316,7 @@ impl<'a> Trainer<'a> {
             None => None,
         };
         let old = if c.num_iterations > 1 {
-            Some(score_all(&self.policy_snapshot()?)?)
+            Some(score_all(&self.train_model.detached())?)
         } else {
             None
         };
@@ -357,7 +331,7 @@ impl<'a> Trainer<'a> {
         for _ in 0..c.num_iterations {
             // 4. Forward + backward over the trained tokens, in micro-batches.
             let t_fb = Instant::now();
-            let mut grads: Vec<Option<Tensor>> = vec![None; self.optimizer.params.len()];
+            let mut grads = Gradients::new(&self.optimizer.params);
             let (mut loss_total, mut stats_total) = (0f64, LossStats::default());
             let mut sequence = 0;
             for (gi, g) in groups.iter().enumerate() {
@@ -370,7 +344,13 @@ impl<'a> Trainer<'a> {
                     let prefixes: Vec<&[u32]> = rows.iter().map(|&i| spans[i].0).collect();
                     let tokens: Vec<&[u32]> = rows.iter().map(|&i| spans[i].1).collect();
                     let n: usize = tokens.iter().map(|t| t.len()).sum();
-                    let logprobs = span_logprobs(&self.train_model, &prefixes, &tokens, true)?;
+                    let forward = TrainingForward::new(
+                        &self.train_model,
+                        &prefixes,
+                        &tokens,
+                        c.gradient_checkpointing,
+                    )?;
+                    let logprobs = forward.logprobs();
                     let advantages: Vec<f32> = rows
                         .iter()
                         .flat_map(|&i| std::iter::repeat_n(g.advantages[i], spans[i].1.len()))
@@ -388,7 +368,7 @@ impl<'a> Trainer<'a> {
                         None => None,
                     };
                     let terms = TokenTerms {
-                        logprobs: &logprobs,
+                        logprobs,
                         old_logprobs: &old_lp,
                         ref_logprobs: ref_lp.as_ref(),
                         advantages: &advantages,
@@ -406,15 +386,7 @@ impl<'a> Trainer<'a> {
                     stats_total.kl += stats.kl;
                     stats_total.clipped_tokens += stats.clipped_tokens;
                     stats_total.tokens += stats.tokens;
-                    let store = loss.backward()?;
-                    for (slot, (_, var)) in grads.iter_mut().zip(&self.optimizer.params) {
-                        if let Some(g) = store.get(var.as_tensor()) {
-                            *slot = Some(match slot.take() {
-                                Some(acc) => (acc + g)?,
-                                None => g.clone(),
-                            });
-                        }
-                    }
+                    forward.backward(&loss, &mut grads)?;
                     token_offset += n;
                 }
                 sequence += spans.len();
@@ -423,11 +395,7 @@ impl<'a> Trainer<'a> {
 
             // 5. Clip and update.
             let t_opt = Instant::now();
-            let mut grads: Vec<Tensor> = grads
-                .into_iter()
-                .zip(&self.optimizer.params)
-                .map(|(g, (_, v))| g.map_or_else(|| v.as_tensor().zeros_like(), Ok))
-                .collect::<candle_core::Result<_>>()?;
+            let mut grads = grads.into_tensors(&self.optimizer.params)?;
             let names: Vec<&str> = self
                 .optimizer
                 .params
@@ -457,7 +425,13 @@ impl<'a> Trainer<'a> {
             base_model: self.base_model.clone(),
             config: self.config.clone(),
         };
-        checkpoint::save(&self.config.output_dir, self.model, &self.optimizer, &state)
+        checkpoint::save(
+            &self.config.output_dir,
+            self.model,
+            self.train_model.hf_weights()?,
+            &self.optimizer,
+            &state,
+        )
     }
 
     /// Runs to `max_steps`, appending to metrics.jsonl and samples.jsonl and

@@ -8,8 +8,6 @@
 // Each test binary uses a different part of this module.
 #![allow(dead_code)]
 
-use std::collections::HashMap;
-
 use candle_core::{DType, Tensor};
 use r3_loop::mine::MinedFailure;
 use r3_loop::{ChatEncoder, Failure, Policy, Rollouts};
@@ -134,11 +132,7 @@ fn teach(
             .collect();
         adam.update(&g, 3e-3).unwrap();
     }
-    tiny.weights = adam
-        .params
-        .iter()
-        .map(|(n, v)| (n.clone(), v.as_tensor().detach()))
-        .collect::<HashMap<_, _>>();
+    tiny.weights = model.hf_weights().unwrap();
 }
 
 pub fn toy() -> Toy {
