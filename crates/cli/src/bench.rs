@@ -37,7 +37,7 @@ pub struct TrainBench {
     #[arg(long, default_value_t = 2)]
     steps: usize,
     /// Reflections per forward/backward pass
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 4)]
     micro_batch_size: usize,
     /// Keep every activation instead of recomputing them in the backward
     #[arg(long)]
@@ -319,7 +319,12 @@ fn train(args: TrainBench) -> Result<()> {
     let prompts = r3_tasks::Prompts::for_task(&task);
     let failures = stand_in_failures(&model, &task, &prompts, args.batch * args.steps)?;
     // The trainer builds its own decoders: keep only the loaded weights.
-    let model = model.loaded;
+    let model::Model {
+        loaded: model,
+        llama,
+    } = model;
+    drop(llama);
+    crate::release_freed_memory();
     let out = std::env::temp_dir().join(format!("r3-bench-train-{}", std::process::id()));
     let config = r3_train::config::TrainConfig {
         output_dir: out.clone(),
@@ -343,6 +348,7 @@ fn train(args: TrainBench) -> Result<()> {
         failures,
         None,
     )?;
+    trainer.set_memory_release(crate::release_freed_memory);
     let mut steps = Vec::new();
     for _ in 0..args.steps {
         steps.push(trainer.train_step()?.0);

@@ -21,12 +21,25 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// mimalloc's `mi_option_purge_delay` (v2 and v3 headers).
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
+/// How long freed memory stays committed before mimalloc returns it: longer
+/// than any phase of a training step. (Not -1, "never": memory freed under
+/// that setting can never be returned, not even by a forced collection.)
+const KEEP_FREED_MS: std::os::raw::c_long = 600_000;
+
 /// Every tensor op allocates its output; returning those pages to the OS
 /// and having the kernel zero them again costs a third of a training step
 /// (CANDLE.md). Keep freed memory instead.
 fn keep_freed_memory() {
     // SAFETY: sets a process-wide allocator option; no memory is touched.
-    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, KEEP_FREED_MS) };
+}
+
+/// Returns the memory freed so far to the OS. Called between the phases of
+/// a training step, whose allocations differ in size, so that one phase's
+/// leftovers do not add to the next one's peak.
+pub fn release_freed_memory() {
+    // SAFETY: allocator options and a collection; no live memory is touched.
+    unsafe { libmimalloc_sys::mi_collect(true) };
 }
 
 #[derive(Parser)]

@@ -99,6 +99,7 @@ pub fn run_train(config: TrainConfig, resume: Option<&Path>) -> Result<PathBuf> 
         failures,
         resume,
     )?;
+    trainer.set_memory_release(crate::release_freed_memory);
     if trainer.step >= max_steps {
         bail!(
             "the checkpoint is already at step {} of max_steps = {max_steps}",

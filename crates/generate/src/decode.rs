@@ -1,6 +1,7 @@
 //! Batched generation over the model's KV cache: prefill, then one token per
 //! active row per step. Finished rows leave the batch at once, so they stop
-//! costing compute; their caches can be kept to continue the conversation.
+//! costing compute; their keys and values stay in the cache, which can be
+//! kept to continue every conversation.
 
 use candle_core::Tensor;
 use r3_model::{KvCache, Llama, Tokenizer};
@@ -35,11 +36,12 @@ pub struct Completion {
     pub finish: FinishReason,
 }
 
-/// Generation outputs, and for each row (when asked for) a one-row cache
-/// holding its prompt and every sampled token but the last.
+/// Generation outputs, and (when asked for) the cache with every row active
+/// again, in order, each holding its prompt and every sampled token but the
+/// last.
 pub struct Decoded {
     pub completions: Vec<Completion>,
-    pub caches: Vec<Option<KvCache>>,
+    pub cache: Option<KvCache>,
 }
 
 /// A model with what generation needs to know about its vocabulary.
@@ -111,7 +113,7 @@ impl<'a> Generator<'a> {
         logits: Tensor,
         params: &SamplingParams,
         mut samplers: Vec<Sampler>,
-        keep_caches: bool,
+        keep_cache: bool,
     ) -> Result<Decoded> {
         let n = cache.batch();
         let mut completions: Vec<Completion> = (0..n)
@@ -121,11 +123,10 @@ impl<'a> Generator<'a> {
                 finish: FinishReason::Length,
             })
             .collect();
-        let mut caches: Vec<Option<KvCache>> = vec![None; n];
         if params.max_new_tokens == 0 {
             return Ok(Decoded {
                 completions,
-                caches,
+                cache: keep_cache.then_some(cache),
             });
         }
         let stop_window = params
@@ -135,15 +136,15 @@ impl<'a> Generator<'a> {
             .max()
             .unwrap_or(0)
             + 2;
-        // `active[slot]` is the original row held in cache row `slot`.
+        // `active[slot]` is the row held in active cache slot `slot`.
         let mut active: Vec<usize> = (0..n).collect();
         let mut logits = logits;
+        let mut finished = Vec::with_capacity(n);
         let mut next_tokens: Vec<[u32; 1]> = Vec::with_capacity(n);
         loop {
             let vocab = logits.dim(1)?;
             let flat: Vec<f32> = logits.flatten_all()?.to_vec1()?;
-            next_tokens.clear();
-            let mut still_running = Vec::with_capacity(active.len());
+            finished.clear();
             for (slot, &row) in active.iter().enumerate() {
                 let token = samplers[row].sample(&flat[slot * vocab..(slot + 1) * vocab]);
                 let completion = &mut completions[row];
@@ -157,26 +158,26 @@ impl<'a> Generator<'a> {
                 } else {
                     None
                 };
-                match finish {
-                    Some(reason) => {
-                        completion.finish = reason;
-                        if keep_caches {
-                            caches[row] = Some(cache.take_row(slot)?);
-                        }
-                    }
-                    None => {
-                        still_running.push(slot);
-                        next_tokens.push([token]);
-                    }
+                if let Some(reason) = finish {
+                    completion.finish = reason;
+                    finished.push(slot);
                 }
             }
-            if still_running.is_empty() {
+            // Highest slot first: each trades places with the last active
+            // slot, which is then never a finished one still to move.
+            for &slot in finished.iter().rev() {
+                cache.deactivate(slot)?;
+                active.swap_remove(slot);
+            }
+            if active.is_empty() {
                 break;
             }
-            if still_running.len() < active.len() {
-                cache = cache.select_rows(&still_running)?;
-                active = still_running.iter().map(|&slot| active[slot]).collect();
-            }
+            next_tokens.clear();
+            next_tokens.extend(
+                active
+                    .iter()
+                    .map(|&row| [*completions[row].tokens.last().expect("sampled")]),
+            );
             let segments: Vec<&[u32]> = next_tokens.iter().map(|t| t.as_slice()).collect();
             let hidden = self.model.forward(&segments, &mut cache)?;
             logits = self.model.last_logits(&hidden)?;
@@ -184,10 +185,13 @@ impl<'a> Generator<'a> {
         for completion in &mut completions {
             completion.text = self.reply_text(completion, params)?;
         }
-        Ok(Decoded {
-            completions,
-            caches,
-        })
+        let cache = if keep_cache {
+            cache.activate_all()?;
+            Some(cache)
+        } else {
+            None
+        };
+        Ok(Decoded { completions, cache })
     }
 
     fn hits_stop_string(

@@ -146,7 +146,7 @@ fn finish_reasons_and_stop_strings() {
 }
 
 #[test]
-fn kept_caches_continue_like_a_fresh_prefill() {
+fn a_kept_cache_continues_like_a_fresh_prefill() {
     let f = fixture();
     let g = Generator::new(&f.model, &f.tokenizer, &f.eos);
     let params = SamplingParams {
@@ -158,7 +158,7 @@ fn kept_caches_continue_like_a_fresh_prefill() {
     let mut cache = KvCache::new(&f.model.config, 1, 16);
     let logits = g.prefill(&mut cache, &[&prompts()[0]]).unwrap();
     // Fork the prompt four ways, as the G reflections of one failure are.
-    let forked = cache.select_rows(&[0, 0, 0, 0]).unwrap();
+    let forked = cache.select_rows(&[0, 0, 0, 0], 16).unwrap();
     let logits = logits
         .broadcast_as((4, logits.dim(1).unwrap()))
         .unwrap()
@@ -166,8 +166,7 @@ fn kept_caches_continue_like_a_fresh_prefill() {
         .unwrap();
     let samplers = (0..4).map(|r| Sampler::new(&params, r)).collect();
     let out = g.decode(forked, logits, &params, samplers, true).unwrap();
-    let caches: Vec<KvCache> = out.caches.into_iter().map(Option::unwrap).collect();
-    let mut merged = KvCache::concat(&caches).unwrap();
+    let mut merged = out.cache.unwrap();
     let last: Vec<[u32; 1]> = out
         .completions
         .iter()

@@ -140,8 +140,9 @@ impl<'a> Rollouts<'a> {
         }
     }
 
-    /// Prefills one prefix per entry once, then forks each `copies` times:
-    /// returns the forked cache and the logits of every row's last token.
+    /// Prefills one prefix per entry once, then forks each `copies` times
+    /// into a cache with room for `extra` more columns: returns the forked
+    /// cache and the logits of every row's last token.
     fn prefill_forked(
         &self,
         prefixes: &[Vec<u32>],
@@ -149,7 +150,7 @@ impl<'a> Rollouts<'a> {
         extra: usize,
     ) -> Result<(KvCache, Tensor)> {
         let longest = prefixes.iter().map(Vec::len).max().unwrap_or(0);
-        let mut cache = KvCache::new(&self.policy.model.config, prefixes.len(), longest + extra);
+        let mut cache = KvCache::new(&self.policy.model.config, prefixes.len(), longest);
         let segments: Vec<&[u32]> = prefixes.iter().map(Vec::as_slice).collect();
         let logits = self.generator().prefill(&mut cache, &segments)?;
         let rows: Vec<usize> = (0..prefixes.len())
@@ -160,7 +161,10 @@ impl<'a> Rollouts<'a> {
             rows.len(),
             logits.device(),
         )?;
-        Ok((cache.select_rows(&rows)?, logits.index_select(&index, 0)?))
+        Ok((
+            cache.select_rows(&rows, longest + extra)?,
+            logits.index_select(&index, 0)?,
+        ))
     }
 
     /// `samples` first attempts at every record, each prompt prefilled once.
@@ -250,8 +254,25 @@ impl<'a> Rollouts<'a> {
             histories.push(history);
             prefixes.push(ids);
         }
-        // Room for the reflections only: the retry phase builds its own cache.
-        let (cache, logits) = self.prefill_forked(&prefixes, group, reflect.max_new_tokens)?;
+        // The retry request that follows a reflection, as it ended with or
+        // without the end-of-turn token: known before any reflection is.
+        let retry_turns = failures
+            .iter()
+            .zip(&histories)
+            .map(|(f, history)| {
+                let original = self.task.user_prompt(f.record);
+                let retry_text = self.prompts.retry_text(&original);
+                Ok([
+                    chat.next_turn(history, retry_text, false)?,
+                    chat.next_turn(history, retry_text, true)?,
+                ])
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let longest_turn = retry_turns.iter().flatten().map(Vec::len).max();
+        // One cache for both phases: room for the reflection, the retry
+        // request (after the reflection's last token) and the retry.
+        let room = reflect.max_new_tokens + 1 + longest_turn.unwrap_or(0) + retry.max_new_tokens;
+        let (cache, logits) = self.prefill_forked(&prefixes, group, room)?;
         let samplers = (0..(failures.len() * group) as u64)
             .map(|r| Sampler::new(reflect, first_row + r))
             .collect();
@@ -259,32 +280,23 @@ impl<'a> Rollouts<'a> {
             .generator()
             .decode(cache, logits, reflect, samplers, true)?;
 
-        // Each reflection's own cache continues with the retry request.
-        let mut caches = Vec::with_capacity(reflections.caches.len());
-        let mut continuations = Vec::with_capacity(reflections.caches.len());
-        for (row, (completion, cache)) in reflections
+        // Each row continues its own reflection with the retry request.
+        let continuations: Vec<Vec<u32>> = reflections
             .completions
             .iter()
-            .zip(reflections.caches)
             .enumerate()
-        {
-            let f = row / group;
-            let original = self.task.user_prompt(failures[f].record);
-            let ended_eos = completion.finish == FinishReason::Eos;
-            let mut segment = vec![*completion
-                .tokens
-                .last()
-                .expect("a reflection has at least one token")];
-            segment.extend(chat.next_turn(
-                &histories[f],
-                self.prompts.retry_text(&original),
-                ended_eos,
-            )?);
-            continuations.push(segment);
-            caches.push(cache.expect("kept caches were asked for"));
-        }
-        let mut cache = KvCache::concat(&caches)?;
-        drop(caches);
+            .map(|(row, completion)| {
+                let ended_eos = completion.finish == FinishReason::Eos;
+                let last = *completion
+                    .tokens
+                    .last()
+                    .expect("a reflection has at least one token");
+                std::iter::once(last)
+                    .chain(retry_turns[row / group][ended_eos as usize].iter().copied())
+                    .collect()
+            })
+            .collect();
+        let mut cache = reflections.cache.expect("the cache was asked for");
         let segments: Vec<&[u32]> = continuations.iter().map(Vec::as_slice).collect();
         let logits = self.generator().prefill(&mut cache, &segments)?;
         let samplers = (0..continuations.len() as u64)

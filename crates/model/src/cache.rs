@@ -5,13 +5,14 @@
 //! of different lengths, the shorter ones are left-padded with *holes* —
 //! columns no query may attend to. Prefilling a fresh batch (left padding),
 //! appending a new chat turn to every row, and one-token decode steps are all
-//! the same operation. Rows can be dropped, forked (one prefix, G copies) and
-//! concatenated again.
+//! the same operation. A prefix can be forked into G rows, and a row that has
+//! finished decoding can leave the forwards while keeping its keys and values
+//! in place, to continue later with the next turn of its conversation.
 
 use candle_core::{DType, Device, Tensor};
 
 use crate::config::ModelConfig;
-use crate::error::Result;
+use crate::error::{ModelError, Result};
 
 /// Large negative but finite, so a row with no visible key stays finite.
 const MASKED: f32 = -1e9;
@@ -42,6 +43,11 @@ pub struct KvCache {
     /// (`capacity == len` when differentiable). `None` until first written.
     layers: Vec<Option<(Tensor, Tensor)>>,
     rows: Vec<Row>,
+    /// Rows `0..active` take part in forwards; the rest are set aside.
+    active: usize,
+    /// The row each slot held when every row was last active, so that
+    /// [`KvCache::activate_all`] can put them back in order.
+    order: Vec<usize>,
     len: usize,
     /// Columns to allocate on first write, so decoding does not regrow.
     initial_capacity: usize,
@@ -83,6 +89,8 @@ impl KvCache {
                 };
                 batch
             ],
+            active: batch,
+            order: (0..batch).collect(),
             len: 0,
             initial_capacity: capacity,
             sliding_window: config.sliding_window,
@@ -91,7 +99,13 @@ impl KvCache {
         }
     }
 
+    /// Rows taking part in forwards: one segment each.
     pub fn batch(&self) -> usize {
+        self.active
+    }
+
+    /// All rows, set-aside ones included.
+    pub fn rows(&self) -> usize {
         self.rows.len()
     }
 
@@ -109,10 +123,13 @@ impl KvCache {
     /// with holes (token id 0, never attended to).
     pub(crate) fn plan_append(&mut self, segments: &[&[u32]]) -> AppendPlan {
         let batch = self.batch();
-        assert_eq!(segments.len(), batch, "one segment per cache row");
+        assert_eq!(segments.len(), batch, "one segment per active cache row");
         let t = segments.iter().map(|s| s.len()).max().unwrap_or(0);
         let start = self.len;
         let total = start + t;
+        for row in &mut self.rows[batch..] {
+            row.positions.extend(std::iter::repeat_n(None, t));
+        }
         let mut tokens = vec![0u32; batch * t];
         let mut positions = vec![0u32; batch * t];
         let mut mask = vec![MASKED; batch * t * total];
@@ -183,6 +200,7 @@ impl KvCache {
             self.layers[layer] = Some((kb, vb));
         }
         let (kb, vb) = self.layers[layer].as_ref().expect("allocated above");
+        let (kb, vb) = (kb.narrow(0, 0, self.active)?, vb.narrow(0, 0, self.active)?);
         kb.slice_set(&k, 2, start)?;
         vb.slice_set(&v, 2, start)?;
         Ok((kb.narrow(2, 0, self.len)?, vb.narrow(2, 0, self.len)?))
@@ -190,7 +208,7 @@ impl KvCache {
 
     fn zeros(&self, capacity: usize) -> Result<Tensor> {
         Ok(Tensor::zeros(
-            (self.batch(), self.kv_heads, capacity, self.head_dim),
+            (self.rows(), self.kv_heads, capacity, self.head_dim),
             DType::F32,
             &Device::Cpu,
         )?)
@@ -198,18 +216,15 @@ impl KvCache {
 
     /// A cache holding the given rows, in that order; a row may repeat, which
     /// is how one prefix is forked into G continuations. Leading columns that
-    /// are holes in every kept row are dropped.
-    pub fn select_rows(&self, rows: &[usize]) -> Result<Self> {
-        self.gather_rows(rows, self.capacity())
-    }
-
-    /// One row alone, with no spare capacity: how a finished row's cache is
-    /// kept until its conversation continues, at the smallest memory cost.
-    pub fn take_row(&self, row: usize) -> Result<Self> {
-        self.gather_rows(&[row], 0)
-    }
-
-    fn gather_rows(&self, rows: &[usize], capacity: usize) -> Result<Self> {
+    /// are holes in every kept row are dropped; `capacity` columns (at least
+    /// the length) are allocated, so that decoding after the fork does not
+    /// regrow. Every row must be active.
+    pub fn select_rows(&self, rows: &[usize], capacity: usize) -> Result<Self> {
+        if self.active != self.rows.len() {
+            return Err(ModelError::Cache(
+                "select_rows needs every row active".into(),
+            ));
+        }
         let first_used = rows
             .iter()
             .map(|&r| {
@@ -237,6 +252,8 @@ impl KvCache {
                     next_position: self.rows[r].next_position,
                 })
                 .collect(),
+            active: rows.len(),
+            order: (0..rows.len()).collect(),
             len,
             initial_capacity: self.initial_capacity,
             sliding_window: self.sliding_window,
@@ -249,7 +266,7 @@ impl KvCache {
                 Some((k, v)) => {
                     let pick = |x: &Tensor| -> Result<Tensor> {
                         let x = x.index_select(&index, 0)?.narrow(2, first_used, len)?;
-                        out.restore_capacity(x, capacity)
+                        out.with_capacity(x, capacity)
                     };
                     Some((pick(k)?, pick(v)?))
                 }
@@ -259,60 +276,55 @@ impl KvCache {
         Ok(out)
     }
 
-    /// Rows of several caches in one batch, right-aligned: shorter caches get
-    /// leading holes. The retry turns of many reflections run as one batch.
-    pub fn concat(caches: &[Self]) -> Result<Self> {
-        let first = caches.first().expect("concat needs at least one cache");
-        let len = caches.iter().map(|c| c.len).max().unwrap_or(0);
-        let mut out = Self {
-            storage: first.storage,
-            layers: Vec::with_capacity(first.layers.len()),
-            rows: Vec::new(),
-            len,
-            initial_capacity: first.initial_capacity,
-            sliding_window: first.sliding_window,
-            kv_heads: first.kv_heads,
-            head_dim: first.head_dim,
-        };
-        for cache in caches {
-            for row in &cache.rows {
-                let mut positions = vec![None; len - cache.len];
-                positions.extend_from_slice(&row.positions);
-                out.rows.push(Row {
-                    positions,
-                    next_position: row.next_position,
-                });
-            }
+    /// Sets active row `slot` aside: later forwards skip it, its keys and
+    /// values stay. (It trades places with the last active row, whose slot
+    /// number changes accordingly.) Finished rows leave a decode batch this
+    /// way and continue later with [`KvCache::activate_all`].
+    pub fn deactivate(&mut self, slot: usize) -> Result<()> {
+        if self.storage == Storage::Differentiable || slot >= self.active {
+            return Err(ModelError::Cache(format!(
+                "cannot set aside row {slot} of {} active rows",
+                self.active
+            )));
         }
-        let capacity = caches.iter().map(Self::capacity).max().unwrap_or(len);
-        for layer in 0..first.layers.len() {
-            let mut keys = Vec::with_capacity(caches.len());
-            let mut values = Vec::with_capacity(caches.len());
-            for cache in caches {
-                let (k, v) = match &cache.layers[layer] {
-                    Some((k, v)) => (k.narrow(2, 0, cache.len)?, v.narrow(2, 0, cache.len)?),
-                    None => (cache.zeros(0)?, cache.zeros(0)?),
-                };
-                keys.push(left_pad(&k, len - cache.len)?);
-                values.push(left_pad(&v, len - cache.len)?);
-            }
-            let k = out.restore_capacity(Tensor::cat(&keys, 0)?, capacity)?;
-            let v = out.restore_capacity(Tensor::cat(&values, 0)?, capacity)?;
-            out.layers.push(Some((k, v)));
-        }
-        Ok(out)
+        let last = self.active - 1;
+        self.swap_rows(slot, last)?;
+        self.active = last;
+        Ok(())
     }
 
-    fn capacity(&self) -> usize {
-        match &self.layers.first() {
-            Some(Some((k, _))) => k.dim(2).unwrap_or(self.len),
-            _ => self.len,
+    /// Every row active again, in the order they had before any was set
+    /// aside.
+    pub fn activate_all(&mut self) -> Result<()> {
+        for slot in 0..self.rows.len() {
+            while self.order[slot] != slot {
+                let home = self.order[slot];
+                self.swap_rows(slot, home)?;
+            }
         }
+        self.active = self.rows.len();
+        Ok(())
     }
 
-    /// Gives a freshly gathered `[b, h, len, d]` tensor back its spare
-    /// columns, so that decoding after a select does not regrow at once.
-    fn restore_capacity(&self, x: Tensor, capacity: usize) -> Result<Tensor> {
+    fn swap_rows(&mut self, a: usize, b: usize) -> Result<()> {
+        if a == b {
+            return Ok(());
+        }
+        for (k, v) in self.layers.iter().flatten() {
+            for x in [k, v] {
+                let (row_a, row_b) = (x.narrow(0, a, 1)?.copy()?, x.narrow(0, b, 1)?.copy()?);
+                x.slice_set(&row_b, 0, a)?;
+                x.slice_set(&row_a, 0, b)?;
+            }
+        }
+        self.rows.swap(a, b);
+        self.order.swap(a, b);
+        Ok(())
+    }
+
+    /// A freshly gathered `[b, h, len, d]` tensor in a buffer of
+    /// `capacity` columns (when that is more than `len`).
+    fn with_capacity(&self, x: Tensor, capacity: usize) -> Result<Tensor> {
         if self.storage == Storage::Differentiable || capacity <= self.len {
             return Ok(x);
         }
@@ -324,13 +336,4 @@ impl KvCache {
         buffer.slice_set(&x.contiguous()?, 2, 0)?;
         Ok(buffer)
     }
-}
-
-fn left_pad(x: &Tensor, pad: usize) -> Result<Tensor> {
-    if pad == 0 {
-        return Ok(x.clone());
-    }
-    let (b, h, _, d) = x.dims4()?;
-    let zeros = Tensor::zeros((b, h, pad, d), x.dtype(), x.device())?;
-    Ok(Tensor::cat(&[&zeros, x], 2)?)
 }

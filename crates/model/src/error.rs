@@ -31,6 +31,8 @@ pub enum ModelError {
     Tokenizer(String),
     #[error("default model: {0}")]
     Fetch(String),
+    #[error("KV cache: {0}")]
+    Cache(String),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }

@@ -608,8 +608,8 @@ impl Llama {
             )));
         }
         if segments.len() != cache.batch() {
-            return Err(ModelError::Tokenizer(format!(
-                "{} segments for a cache of {} rows",
+            return Err(ModelError::Cache(format!(
+                "{} segments for a cache of {} active rows",
                 segments.len(),
                 cache.batch()
             )));

@@ -188,7 +188,7 @@ fn a_padded_batch_gives_each_row_its_own_logits() {
 }
 
 #[test]
-fn forked_selected_and_concatenated_caches_continue_like_a_fresh_prefill() {
+fn forked_selected_and_set_aside_rows_continue_like_a_fresh_prefill() {
     let model = tiny_model(Architecture::Llama, 5);
     let prefix: &[u32] = &[1, 50, 60, 70, 80, 90];
     let continuations: [&[u32]; 3] = [&[11, 12, 13], &[21], &[31, 32]];
@@ -197,7 +197,7 @@ fn forked_selected_and_concatenated_caches_continue_like_a_fresh_prefill() {
     // Fork one prefill three ways; continue with segments of different lengths.
     let mut shared = KvCache::new(&model.config, 1, 16);
     model.forward(&[prefix], &mut shared).unwrap();
-    let mut forked = shared.select_rows(&[0, 0, 0]).unwrap();
+    let mut forked = shared.select_rows(&[0, 0, 0], 16).unwrap();
     let out = model
         .last_logits(&model.forward(&continuations, &mut forked).unwrap())
         .unwrap();
@@ -207,24 +207,25 @@ fn forked_selected_and_concatenated_caches_continue_like_a_fresh_prefill() {
         assert!(diff < 1e-4, "fork row {r}: {diff}");
     }
 
-    // Drop the middle row, then concatenate with a cache of another length.
-    let kept = forked.select_rows(&[2, 0]).unwrap();
-    let mut other = KvCache::new(&model.config, 1, 4);
-    model.forward(&[&[9u32, 8][..]], &mut other).unwrap();
-    let mut merged = KvCache::concat(&[kept, other]).unwrap();
-    assert_eq!(merged.batch(), 3);
-    let next: [&[u32]; 3] = [&[40], &[41, 42], &[43]];
+    // Drop the middle row, in a cache too small for what follows (it grows).
+    let mut kept = forked.select_rows(&[2, 0], 10).unwrap();
+    // Set row 0 aside while row 1 goes on, then continue both.
+    kept.deactivate(0).unwrap();
+    assert_eq!((kept.batch(), kept.rows()), (1, 2));
+    model.forward(&[&[40u32, 41][..]], &mut kept).unwrap();
+    kept.activate_all().unwrap();
+    assert_eq!(kept.batch(), 2);
+    let next: [&[u32]; 2] = [&[42], &[43, 44]];
     let out = model
-        .last_logits(&model.forward(&next, &mut merged).unwrap())
+        .last_logits(&model.forward(&next, &mut kept).unwrap())
         .unwrap();
     let histories = [
         [prefix, continuations[2], next[0]].concat(),
-        [prefix, continuations[0], next[1]].concat(),
-        [&[9u32, 8][..], next[2]].concat(),
+        [prefix, continuations[0], &[40, 41], next[1]].concat(),
     ];
     for (r, history) in histories.into_iter().enumerate() {
         let diff = max_abs_diff(&out.i(r).unwrap(), &fresh(history));
-        assert!(diff < 1e-4, "concat row {r}: {diff}");
+        assert!(diff < 1e-4, "set-aside row {r}: {diff}");
     }
 }
 
@@ -243,7 +244,7 @@ fn objective(model: &Llama) -> Tensor {
     let continuations: [&[u32]; 2] = [&[9, 40, 41, 42], &[9, 50, 51]];
     let mut cache = KvCache::differentiable(&model.config, 1);
     model.forward(&[&prefix[..4]], &mut cache).unwrap();
-    let mut cache = cache.select_rows(&[0, 0]).unwrap();
+    let mut cache = cache.select_rows(&[0, 0], 0).unwrap();
     let hidden = model.forward(&continuations, &mut cache).unwrap();
     // Row 0 predicts 40, 41, 42; row 1 (one leading hole) predicts 50, 51.
     let rows = Tensor::cat(

@@ -79,8 +79,8 @@ pub struct TrainConfig {
     pub save_steps: usize,
     /// Full transcripts written to samples.jsonl per step.
     pub log_completions: usize,
-    /// Reflections per forward/backward pass; with gradient checkpointing a
-    /// whole group (G) fits, so its shared prefix runs once.
+    /// Reflections per forward/backward pass: the memory knob. A group's
+    /// shared prefix runs once per micro-batch, so larger is faster.
     pub micro_batch_size: usize,
     /// Keep only each layer's input during the forward and recompute its
     /// activations in the backward pass: one more forward, a fraction of
@@ -130,7 +130,7 @@ impl Default for TrainConfig {
             gradient_accumulation_steps: 1,
             save_steps: 50,
             log_completions: 2,
-            micro_batch_size: 8,
+            micro_batch_size: 4,
             gradient_checkpointing: true,
             generation_batch_rows: 32,
             train_on: TrainOn::Reflection,

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use candle_core::backprop::GradStore;
-use candle_core::{Tensor, TensorId, Var};
+use candle_core::{CpuStorage, InplaceOp2, InplaceOp3, Layout, Tensor, TensorId, Var};
 
 use crate::{Result, TrainError};
 
@@ -49,26 +49,156 @@ impl AdamW {
         })
     }
 
-    /// One update with `grads` (one per parameter, in order) at rate `lr`.
-    /// Norm and bias vectors are not decayed.
-    pub fn update(&mut self, grads: &[Tensor], lr: f64) -> Result<()> {
+    /// One update with `grads` (one per parameter, in order) multiplied by
+    /// `grad_scale` (gradient clipping), at rate `lr`. Norm and bias vectors
+    /// are not decayed. Moments and parameters are updated in place: no
+    /// allocation per parameter.
+    pub fn update(&mut self, grads: &[Tensor], lr: f64, grad_scale: f64) -> Result<()> {
         self.step += 1;
         let t = self.step as i32;
-        let (c1, c2) = (1.0 - self.beta1.powi(t), 1.0 - self.beta2.powi(t));
         for (i, ((_, param), g)) in self.params.iter().zip(grads).enumerate() {
-            let g = &g.detach();
-            let m = ((&self.m[i] * self.beta1)? + (g * (1.0 - self.beta1))?)?;
-            let v = ((&self.v[i] * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?;
-            let step = ((&m / c1)? / ((&v / c2)?.sqrt()? + self.eps)?)?;
-            let p = param.as_tensor();
-            let decayed = if self.weight_decay > 0.0 && p.rank() > 1 {
-                (p * (1.0 - lr * self.weight_decay))?
-            } else {
-                p.clone()
+            let g = g.detach().contiguous()?;
+            let moments = Moments {
+                beta1: self.beta1 as f32,
+                beta2: self.beta2 as f32,
+                grad_scale: grad_scale as f32,
+                second: false,
             };
-            param.set(&(decayed - (step * lr)?)?)?;
-            self.m[i] = m;
-            self.v[i] = v;
+            self.m[i].inplace_op2(&g, &moments)?;
+            self.v[i].inplace_op2(
+                &g,
+                &Moments {
+                    second: true,
+                    ..moments
+                },
+            )?;
+            let decay = if param.as_tensor().rank() > 1 {
+                self.weight_decay
+            } else {
+                0.0
+            };
+            let step = AdamStep {
+                lr: lr as f32,
+                bias1: (1.0 - self.beta1.powi(t)) as f32,
+                bias2: (1.0 - self.beta2.powi(t)) as f32,
+                eps: self.eps as f32,
+                decay: (lr * decay) as f32,
+            };
+            param
+                .as_tensor()
+                .inplace_op3(&self.m[i], &self.v[i], &step)?;
+        }
+        Ok(())
+    }
+}
+
+/// The elements of a contiguous f32 tensor.
+fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> candle_core::Result<&'a [f32]> {
+    match (storage, layout.contiguous_offsets()) {
+        (CpuStorage::F32(data), Some((start, end))) => Ok(&data[start..end]),
+        _ => candle_core::bail!("the optimizer needs contiguous f32 tensors"),
+    }
+}
+
+fn f32_slice_mut<'a>(
+    storage: &'a mut CpuStorage,
+    layout: &Layout,
+) -> candle_core::Result<&'a mut [f32]> {
+    match (storage, layout.contiguous_offsets()) {
+        (CpuStorage::F32(data), Some((start, end))) => Ok(&mut data[start..end]),
+        _ => candle_core::bail!("the optimizer needs contiguous f32 tensors"),
+    }
+}
+
+/// `sum ← sum + g`.
+struct AddInPlace;
+
+impl InplaceOp2 for AddInPlace {
+    fn name(&self) -> &'static str {
+        "add-in-place"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sum: &mut CpuStorage,
+        sum_layout: &Layout,
+        grad: &CpuStorage,
+        grad_layout: &Layout,
+    ) -> candle_core::Result<()> {
+        let sum = f32_slice_mut(sum, sum_layout)?;
+        for (s, g) in sum.iter_mut().zip(f32_slice(grad, grad_layout)?) {
+            *s += g;
+        }
+        Ok(())
+    }
+}
+
+/// `m ← β1·m + (1−β1)·g`, or with `second`, `v ← β2·v + (1−β2)·g²`, where
+/// `g` is the gradient times `grad_scale`.
+struct Moments {
+    beta1: f32,
+    beta2: f32,
+    grad_scale: f32,
+    second: bool,
+}
+
+impl InplaceOp2 for Moments {
+    fn name(&self) -> &'static str {
+        "adam-moments"
+    }
+
+    fn cpu_fwd(
+        &self,
+        moment: &mut CpuStorage,
+        moment_layout: &Layout,
+        grad: &CpuStorage,
+        grad_layout: &Layout,
+    ) -> candle_core::Result<()> {
+        let moment = f32_slice_mut(moment, moment_layout)?;
+        let grad = f32_slice(grad, grad_layout)?;
+        let s = self.grad_scale;
+        if self.second {
+            for (v, g) in moment.iter_mut().zip(grad) {
+                *v = self.beta2 * *v + (1.0 - self.beta2) * (g * s) * (g * s);
+            }
+        } else {
+            for (m, g) in moment.iter_mut().zip(grad) {
+                *m = self.beta1 * *m + (1.0 - self.beta1) * g * s;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `p ← p·(1 − lr·λ) − lr·m̂/(√v̂ + ε)` with bias-corrected moments.
+struct AdamStep {
+    lr: f32,
+    bias1: f32,
+    bias2: f32,
+    eps: f32,
+    /// `lr × weight_decay`.
+    decay: f32,
+}
+
+impl InplaceOp3 for AdamStep {
+    fn name(&self) -> &'static str {
+        "adamw-step"
+    }
+
+    fn cpu_fwd(
+        &self,
+        param: &mut CpuStorage,
+        param_layout: &Layout,
+        m: &CpuStorage,
+        m_layout: &Layout,
+        v: &CpuStorage,
+        v_layout: &Layout,
+    ) -> candle_core::Result<()> {
+        let param = f32_slice_mut(param, param_layout)?;
+        let (m, v) = (f32_slice(m, m_layout)?, f32_slice(v, v_layout)?);
+        for ((p, m), v) in param.iter_mut().zip(m).zip(v) {
+            let update = (m / self.bias1) / ((v / self.bias2).sqrt() + self.eps);
+            *p = *p * (1.0 - self.decay) - self.lr * update;
         }
         Ok(())
     }
@@ -76,47 +206,65 @@ impl AdamW {
 
 /// Per-parameter sums of gradients over micro-batches (and over the layers
 /// a recomputed backward replays one at a time), in the optimizer's order.
+/// Allocated once and reused every step, so that these long-lived buffers
+/// do not fragment the memory of each step's short-lived activations.
 pub struct Gradients {
     index: HashMap<TensorId, usize>,
-    sums: Vec<Option<Tensor>>,
+    sums: Vec<Tensor>,
 }
 
 impl Gradients {
-    pub fn new(params: &[(String, Var)]) -> Self {
-        Self {
+    pub fn new(params: &[(String, Var)]) -> Result<Self> {
+        Ok(Self {
             index: params
                 .iter()
                 .enumerate()
                 .map(|(i, (_, v))| (v.as_tensor().id(), i))
                 .collect(),
-            sums: vec![None; params.len()],
-        }
+            sums: params
+                .iter()
+                .map(|(_, v)| v.as_tensor().zeros_like())
+                .collect::<candle_core::Result<_>>()?,
+        })
     }
 
-    /// Adds every parameter gradient found in `store`. candle leaves a
-    /// parameter's gradient attached to the graph that produced it (and so
-    /// to every activation); the sums are detached so that graph is freed.
+    /// Adds every parameter gradient found in `store`, in place (candle
+    /// leaves a parameter's gradient attached to the graph that produced
+    /// it; nothing here keeps that graph alive).
     pub fn add(&mut self, store: &GradStore) -> Result<()> {
         for id in store.get_ids() {
             if let (Some(&i), Some(g)) = (self.index.get(id), store.get_id(*id)) {
-                let g = g.detach();
-                self.sums[i] = Some(match self.sums[i].take() {
-                    Some(sum) => (sum + g)?,
-                    None => g,
-                });
+                self.sums[i].inplace_op2(&g.contiguous()?, &AddInPlace)?;
             }
         }
         Ok(())
     }
 
-    /// The sums, zeros for parameters that received no gradient.
-    pub fn into_tensors(self, params: &[(String, Var)]) -> Result<Vec<Tensor>> {
-        Ok(self
-            .sums
-            .into_iter()
-            .zip(params)
-            .map(|(g, (_, v))| g.map_or_else(|| v.as_tensor().zeros_like(), Ok))
-            .collect::<candle_core::Result<_>>()?)
+    /// The sums, one per parameter.
+    pub fn sums(&self) -> &[Tensor] {
+        &self.sums
+    }
+
+    /// Every sum back to zero, for the next step.
+    pub fn zero(&mut self) -> Result<()> {
+        for sum in &self.sums {
+            sum.inplace_op1(&Zero)?;
+        }
+        Ok(())
+    }
+}
+
+/// `x ← 0`.
+struct Zero;
+
+impl candle_core::InplaceOp1 for Zero {
+    fn name(&self) -> &'static str {
+        "zero"
+    }
+
+    fn cpu_fwd(&self, x: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
+        f32_slice_mut(x, layout)?.fill(0.0);
+        Ok(())
     }
 }
 
@@ -136,13 +284,12 @@ pub fn global_norm(names: &[&str], grads: &[Tensor]) -> Result<f64> {
     Ok(total.sqrt())
 }
 
-/// Scales `grads` so their global norm is at most `max_norm` (0: no clip).
-pub fn clip(grads: &mut [Tensor], norm: f64, max_norm: f64) -> Result<()> {
+/// The factor that brings a global gradient norm down to `max_norm`
+/// (1 when it is below, or when `max_norm` is 0: no clipping).
+pub fn clip_scale(norm: f64, max_norm: f64) -> f64 {
     if max_norm > 0.0 && norm > max_norm {
-        let scale = max_norm / (norm + 1e-6);
-        for g in grads.iter_mut() {
-            *g = (&*g * scale)?;
-        }
+        max_norm / (norm + 1e-6)
+    } else {
+        1.0
     }
-    Ok(())
 }

@@ -52,6 +52,16 @@ impl<'a> Layout<'a> {
         }
     }
 
+    /// Columns a cache needs for the head pass, and for the tail pass too
+    /// when the rows are not forked (a fork allocates its own).
+    fn capacity(&self) -> usize {
+        let longest_head = self.heads.iter().map(|h| h.len()).max().unwrap_or(0);
+        match self.fork {
+            Some(_) => longest_head,
+            None => longest_head + self.tails.iter().map(Vec::len).max().unwrap_or(0),
+        }
+    }
+
     fn has_heads(&self) -> bool {
         self.heads.iter().any(|h| !h.is_empty())
     }
@@ -60,10 +70,12 @@ impl<'a> Layout<'a> {
         self.tails.iter().map(Vec::as_slice).collect()
     }
 
-    /// The cache after the head pass, with one row per span.
+    /// The cache after the head pass, with one row per span and room for
+    /// the tail pass.
     fn fork(&self, cache: KvCache) -> Result<KvCache> {
+        let longest_tail = self.tails.iter().map(Vec::len).max().unwrap_or(0);
         Ok(match &self.fork {
-            Some(rows) => cache.select_rows(rows)?,
+            Some(rows) => cache.select_rows(rows, cache.len() + longest_tail)?,
             None => cache,
         })
     }
@@ -103,8 +115,7 @@ pub fn span_logprobs(
     let mut cache = if differentiable {
         KvCache::differentiable(&model.config, layout.heads.len())
     } else {
-        let longest = layout.heads.iter().map(|h| h.len()).max().unwrap_or(0);
-        KvCache::new(&model.config, layout.heads.len(), longest + 1)
+        KvCache::new(&model.config, layout.heads.len(), layout.capacity())
     };
     if layout.has_heads() {
         model.forward(&layout.heads, &mut cache)?;
@@ -179,8 +190,7 @@ impl<'m, 'a> Recompute<'m, 'a> {
     fn forward(model: &'m Llama, layout: Layout<'a>) -> Result<(Self, Tensor)> {
         let fast = model.detached();
         let layers = model.num_layers();
-        let longest = layout.heads.iter().map(|h| h.len()).max().unwrap_or(0);
-        let mut cache = KvCache::new(&model.config, layout.heads.len(), longest + 1);
+        let mut cache = KvCache::new(&model.config, layout.heads.len(), layout.capacity());
         let mut head_inputs = Vec::with_capacity(layers);
         if layout.has_heads() {
             let planned = fast.plan(&layout.heads, &mut cache)?;

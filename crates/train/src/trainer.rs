@@ -28,7 +28,7 @@ use crate::config::{TrainConfig, TrainOn};
 use crate::grpo::{
     group_advantages, grpo_loss, has_signal, token_weights, LossStats, Objective, TokenTerms,
 };
-use crate::optim::{clip, global_norm, AdamW, Gradients};
+use crate::optim::{clip_scale, global_norm, AdamW, Gradients};
 use crate::score::{span_logprobs, TrainingForward};
 use crate::{Result, TrainError};
 
@@ -90,6 +90,7 @@ pub struct Trainer<'a> {
     failures: Vec<MinedFailure>,
     /// The policy as trained: every weight a `Var`.
     train_model: Llama,
+    grads: Gradients,
     reference: Option<Llama>,
     optimizer: AdamW,
     pub step: usize,
@@ -98,6 +99,8 @@ pub struct Trainer<'a> {
     order_epoch: Option<usize>,
     order: Vec<usize>,
     base_model: String,
+    /// Called between the phases of a step (see [`Trainer::set_memory_release`]).
+    release_memory: fn(),
 }
 
 impl<'a> Trainer<'a> {
@@ -148,6 +151,7 @@ impl<'a> Trainer<'a> {
             (step, cursor, base_model) = (state.step, state.cursor, state.base_model);
         }
         Ok(Self {
+            grads: Gradients::new(&optimizer.params)?,
             config,
             model,
             task,
@@ -161,7 +165,16 @@ impl<'a> Trainer<'a> {
             order_epoch: None,
             order: Vec::new(),
             base_model,
+            release_memory: || {},
         })
+    }
+
+    /// Sets what returns freed memory to the OS between the phases of a
+    /// step (generation, scoring, backward, update): an allocator that
+    /// keeps freed memory for speed would otherwise hold every phase's
+    /// leftovers at once. The binary owns the allocator, so it provides this.
+    pub fn set_memory_release(&mut self, release: fn()) {
+        self.release_memory = release;
     }
 
     /// The next B failures, in an order reshuffled (from the seed) every epoch.
@@ -256,6 +269,7 @@ impl<'a> Trainer<'a> {
             }
         }
         drop(snapshot);
+        (self.release_memory)();
         m.seconds_generation = started.elapsed().as_secs_f64() - m.seconds_verification;
 
         // 2. Rewards and advantages; groups without signal are skipped.
@@ -331,7 +345,8 @@ impl<'a> Trainer<'a> {
         for _ in 0..c.num_iterations {
             // 4. Forward + backward over the trained tokens, in micro-batches.
             let t_fb = Instant::now();
-            let mut grads = Gradients::new(&self.optimizer.params);
+            let grads = &mut self.grads;
+            grads.zero()?;
             let (mut loss_total, mut stats_total) = (0f64, LossStats::default());
             let mut sequence = 0;
             for (gi, g) in groups.iter().enumerate() {
@@ -386,30 +401,32 @@ impl<'a> Trainer<'a> {
                     stats_total.kl += stats.kl;
                     stats_total.clipped_tokens += stats.clipped_tokens;
                     stats_total.tokens += stats.tokens;
-                    forward.backward(&loss, &mut grads)?;
+                    forward.backward(&loss, grads)?;
                     token_offset += n;
                 }
                 sequence += spans.len();
             }
             m.seconds_forward_backward += t_fb.elapsed().as_secs_f64();
 
+            (self.release_memory)();
             // 5. Clip and update.
             let t_opt = Instant::now();
-            let mut grads = grads.into_tensors(&self.optimizer.params)?;
+            let grads = self.grads.sums();
             let names: Vec<&str> = self
                 .optimizer
                 .params
                 .iter()
                 .map(|(n, _)| n.as_str())
                 .collect();
-            m.grad_norm = global_norm(&names, &grads)?;
-            clip(&mut grads, m.grad_norm, c.max_grad_norm)?;
-            self.optimizer.update(&grads, m.learning_rate)?;
+            m.grad_norm = global_norm(&names, grads)?;
+            let scale = clip_scale(m.grad_norm, c.max_grad_norm);
+            self.optimizer.update(grads, m.learning_rate, scale)?;
             m.seconds_optimizer += t_opt.elapsed().as_secs_f64();
             m.loss = loss_total;
             m.kl = stats_total.kl;
             m.clip_fraction = stats_total.clipped_tokens as f64 / stats_total.tokens.max(1) as f64;
         }
+        (self.release_memory)();
         self.step += 1;
         m.seconds_step = started.elapsed().as_secs_f64();
         m.tokens_per_s =

@@ -130,7 +130,7 @@ fn teach(
                     .unwrap_or_else(|| v.as_tensor().zeros_like().unwrap())
             })
             .collect();
-        adam.update(&g, 3e-3).unwrap();
+        adam.update(&g, 3e-3, 1.0).unwrap();
     }
     tiny.weights = model.hf_weights().unwrap();
 }
