@@ -1,5 +1,5 @@
 //! The decoder on tiny random models the test writes itself: both file
-//! forms load to the same model, padding/forking/concatenation do not
+//! forms load to the same model, padding/forking/setting rows aside do not
 //! change any row's logits, and gradients are right.
 
 use candle_core::quantized::{GgmlDType, QTensor};
