@@ -9,7 +9,7 @@ use r3_model::{Llama, Message};
 #[test]
 fn batched_greedy_matches_transformers() {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../../shared/reference/smollm2-135m-instruct.json");
+        .join("../../reference/smollm2-135m-instruct.json");
     let reference: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     let loaded = r3_model::load(&r3_model::default_model::path().unwrap()).unwrap();

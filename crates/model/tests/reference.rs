@@ -1,5 +1,6 @@
 //! The decoder against HF transformers' float32 numbers for the default model
-//! (`../shared/reference/smollm2-135m-instruct.json`).
+//! (`reference/smollm2-135m-instruct.json`, a copy of
+//! `../shared/reference/` kept in the repository so a bare clone can test).
 
 use std::path::PathBuf;
 
@@ -9,7 +10,7 @@ use serde_json::Value;
 
 fn reference() -> Value {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../../shared/reference/smollm2-135m-instruct.json");
+        .join("../../reference/smollm2-135m-instruct.json");
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     serde_json::from_str(&text).unwrap()
 }
