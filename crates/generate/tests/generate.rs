@@ -1,7 +1,7 @@
 //! Sampling and batched decoding on a tiny model the test builds itself.
 
 use r3_generate::{argmax, FinishReason, Generator, Sampler, SamplingParams};
-use r3_model::tiny::TinyModel;
+use r3_model::tiny::{max_abs, TinyModel};
 use r3_model::{Architecture, KvCache, Llama, Tokenizer};
 
 struct Fixture {
@@ -184,14 +184,8 @@ fn a_kept_cache_continues_like_a_fresh_prefill() {
             .model
             .last_logits(&f.model.forward(&[&history], &mut fresh).unwrap())
             .unwrap();
-        let diff: f32 = (continued.get(r).unwrap() - expected.get(0).unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap();
+        let diff =
+            max_abs(&(continued.get(r).unwrap() - expected.get(0).unwrap()).unwrap()).unwrap();
         assert!(diff < 1e-4, "row {r}: {diff}");
     }
 }

@@ -291,3 +291,9 @@ impl TinyModel {
             .map_err(|e| ModelError::invalid(path, e.to_string()))
     }
 }
+
+/// The largest absolute entry of `t`: how tests measure how far two
+/// tensors (logits, gradients) are apart.
+pub fn max_abs(t: &Tensor) -> Result<f32> {
+    Ok(t.abs()?.flatten_all()?.max(0)?.to_scalar()?)
+}

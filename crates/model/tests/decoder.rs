@@ -5,20 +5,11 @@
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, IndexOp, Tensor, Var, D};
 use r3_model::gguf::{permute_rope_rows, unpermute_rope_rows};
-use r3_model::tiny::TinyModel;
+use r3_model::tiny::{max_abs, TinyModel};
 use r3_model::{Architecture, KvCache, Llama};
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
+    max_abs(&(a - b).unwrap()).unwrap()
 }
 
 fn last_logits(model: &Llama, ids: &[u32]) -> Tensor {

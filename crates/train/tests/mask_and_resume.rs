@@ -5,7 +5,7 @@
 mod common;
 
 use candle_core::{IndexOp, Tensor, Var, D};
-use r3_model::tiny::TinyModel;
+use r3_model::tiny::{max_abs, TinyModel};
 use r3_model::{Architecture, KvCache, Llama};
 use r3_train::config::TrainConfig;
 use r3_train::grpo::{grpo_loss, reflection_mask, Objective, TokenTerms};
@@ -123,25 +123,8 @@ fn gradient_on_logits_is_zero_outside_the_reflection() {
             grads.get(var.as_tensor()).unwrap(),
             fast_grads.get(var.as_tensor()).unwrap(),
         );
-        let diff: f32 = (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap();
-        let scale: f32 = a
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap();
+        let diff = max_abs(&(a - b).unwrap()).unwrap();
+        let scale = max_abs(a).unwrap();
         assert!(
             diff <= 1e-3 * scale.max(1e-6),
             "{name}: gradients differ by {diff} (scale {scale})"
@@ -174,47 +157,26 @@ fn a_resumed_run_matches_an_uninterrupted_one() {
         seed: 5,
         ..TrainConfig::default()
     };
+    let train = |dir: &std::path::Path, steps: usize, resume: Option<&std::path::Path>| {
+        let start = resume.map(|c| r3_model::load(c).unwrap());
+        Trainer::new(
+            config(dir, steps),
+            start.as_ref().unwrap_or(&toy.loaded),
+            Some(&toy.loaded),
+            &toy.task,
+            common::prompts(),
+            toy.failures.clone(),
+            resume,
+        )
+        .unwrap()
+        .run(&mut |_| {})
+        .unwrap();
+    };
     let whole = tempfile::tempdir().unwrap();
-    Trainer::new(
-        config(whole.path(), 4),
-        &toy.loaded,
-        Some(&toy.loaded),
-        &toy.task,
-        common::prompts(),
-        toy.failures.clone(),
-        None,
-    )
-    .unwrap()
-    .run(&mut |_| {})
-    .unwrap();
-
+    train(whole.path(), 4, None);
     let parts = tempfile::tempdir().unwrap();
-    Trainer::new(
-        config(parts.path(), 2),
-        &toy.loaded,
-        Some(&toy.loaded),
-        &toy.task,
-        common::prompts(),
-        toy.failures.clone(),
-        None,
-    )
-    .unwrap()
-    .run(&mut |_| {})
-    .unwrap();
-    let checkpoint = parts.path().join("checkpoint-2");
-    let resumed = r3_model::load(&checkpoint).unwrap();
-    Trainer::new(
-        config(parts.path(), 4),
-        &resumed,
-        Some(&toy.loaded),
-        &toy.task,
-        common::prompts(),
-        toy.failures.clone(),
-        Some(&checkpoint),
-    )
-    .unwrap()
-    .run(&mut |_| {})
-    .unwrap();
+    train(parts.path(), 2, None);
+    train(parts.path(), 4, Some(&parts.path().join("checkpoint-2")));
 
     let read = |dir: &std::path::Path| -> Vec<serde_json::Value> {
         std::fs::read_to_string(dir.join("metrics.jsonl"))
