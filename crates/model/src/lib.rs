@@ -4,6 +4,7 @@
 //!
 //! It knows nothing about tasks or rewards.
 
+mod attention;
 pub mod cache;
 pub mod chat;
 pub mod config;

@@ -16,6 +16,7 @@ use std::collections::HashMap;
 
 use candle_core::{Device, Module, Tensor, Var, D};
 
+use crate::attention::{cached_attention, MAX_FUSED_TOKENS};
 use crate::cache::KvCache;
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
@@ -272,11 +273,17 @@ impl Attention {
         let k = rotary.apply(&heads(k, kvh)?)?;
         let v = heads(v, kvh)?;
         let (k, v) = cache.append_layer(layer, k.contiguous()?, v)?;
+        let scale = 1.0 / (d as f64).sqrt();
+        let needs_grad = q.track_op() || k.track_op() || v.track_op();
+        if t <= MAX_FUSED_TOKENS && !needs_grad && q.device().is_cpu() {
+            let out = cached_attention(&q, &k, &v, mask, scale as f32)?;
+            return Ok(project_one(&self.o_proj, &out)?);
+        }
         let len = k.dim(2)?;
         // The query heads that share one kv head are stacked along the time
         // axis, so grouped-query attention needs no copy of the keys.
         let group = h / kvh;
-        let q = (q * (1.0 / (d as f64).sqrt()))?.reshape((b, kvh, group * t, d))?;
+        let q = (q * scale)?.reshape((b, kvh, group * t, d))?;
         let scores = q
             .matmul(&k.t()?)?
             .reshape((b, kvh, group, t, len))?

@@ -346,3 +346,42 @@ fn every_parameter_gets_a_gradient_and_it_matches_finite_differences() {
         );
     }
 }
+
+#[test]
+fn fused_decode_attention_matches_the_matmul_path() {
+    // Var weights send every forward down the differentiable matmul path;
+    // the detached view of the same weights takes the fused path for
+    // segments of up to four tokens.
+    for (arch, window) in [
+        (Architecture::Llama, None),
+        (Architecture::Qwen2, None),
+        (Architecture::Mistral, Some(3)),
+    ] {
+        let mut tiny = TinyModel::new(arch, 128, 2, 9).unwrap();
+        tiny.config.sliding_window = window;
+        assert_eq!(tiny.config.num_heads / tiny.config.num_kv_heads, 2);
+        let (matmul, _vars) = Llama::trainable(&tiny.config, &tiny.weights()).unwrap();
+        let fused = matmul.detached();
+        let prompts: [&[u32]; 3] = [&[1, 2, 3, 4, 5, 6, 7], &[8, 9], &[10, 11, 12, 13, 14]];
+        let steps: [[&[u32]; 3]; 3] = [
+            [&[20], &[21], &[22]],
+            [&[30, 31], &[32], &[33, 34, 35]],
+            [&[40, 41, 42, 43], &[44], &[45]],
+        ];
+        let mut caches = [0, 1].map(|_| KvCache::new(&tiny.config, 3, 8));
+        for (model, cache) in [&matmul, &fused].into_iter().zip(&mut caches) {
+            model.forward(&prompts, cache).unwrap();
+        }
+        for (s, segments) in steps.iter().enumerate() {
+            let [a, b] = [&matmul, &fused].map(|model| {
+                let i = usize::from(std::ptr::eq(model, &fused));
+                let hidden = model.forward(segments, &mut caches[i]).unwrap();
+                model.all_logits(&hidden).unwrap()
+            });
+            assert!(a.track_op() && !b.track_op(), "the two paths differ");
+            // Logits here are O(100): the paths agree to float rounding.
+            let (diff, scale) = (max_abs_diff(&a.detach(), &b), max_abs(&b).unwrap());
+            assert!(diff <= 1e-6 * scale, "{arch:?} step {s}: {diff} of {scale}");
+        }
+    }
+}

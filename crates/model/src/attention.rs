@@ -1,0 +1,260 @@
+//! Attention of a few new tokens per row over the whole KV cache, in one
+//! pass: for generation, where a step brings one token per row.
+//!
+//! Written as matmuls, a decode step's attention is `batch · kv_heads` tiny
+//! GEMMs per layer (three query rows against a few hundred keys), each with
+//! its own dispatch and thread fan-out: about a millisecond per layer at
+//! batch 32, a fifth of the step. Here each row is one task: scores, softmax
+//! and the weighted sum of values for every head, reading the cache in
+//! place and writing the output in the `[batch, t, heads · head_dim]` layout
+//! the output projection wants. There is no backward: forwards that need
+//! gradients take the matmul path.
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Storage, Tensor};
+use rayon::prelude::*;
+
+use crate::error::{ModelError, Result};
+
+/// Rows with at most this many new tokens take the fused path; longer
+/// segments (prefill) are better served by real GEMMs.
+pub(crate) const MAX_FUSED_TOKENS: usize = 4;
+
+/// Softmax attention of `q` `[batch, heads, t, head_dim]` (contiguous) over
+/// the cache's `k`, `v` `[batch, kv_heads, len, head_dim]` (each row of
+/// `head_dim` contiguous), with the additive `mask` `[batch, 1, 1, t, len]`
+/// (contiguous). Query head `h` reads kv head `h / (heads / kv_heads)`.
+/// Returns `[batch, t, heads · head_dim]`.
+pub(crate) fn cached_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    scale: f32,
+) -> Result<Tensor> {
+    let (mask_storage, mask_layout) = mask.storage_and_layout();
+    let Storage::Cpu(CpuStorage::F32(mask_values)) = &*mask_storage else {
+        return Err(ModelError::Cache(
+            "fused attention needs an f32 mask on the CPU".into(),
+        ));
+    };
+    let Some((start, end)) = mask_layout.contiguous_offsets() else {
+        return Err(ModelError::Cache(
+            "fused attention needs a contiguous mask".into(),
+        ));
+    };
+    let op = CachedAttention {
+        mask: &mask_values[start..end],
+        scale,
+    };
+    Ok(q.apply_op3_no_bwd(k, v, &op)?)
+}
+
+struct CachedAttention<'a> {
+    /// `[batch, t, len]`, additive.
+    mask: &'a [f32],
+    scale: f32,
+}
+
+/// Where one `[batch, heads, len, head_dim]` cache tensor's rows are.
+struct Rows<'a> {
+    data: &'a [f32],
+    batch_stride: usize,
+    head_stride: usize,
+    len_stride: usize,
+}
+
+impl<'a> Rows<'a> {
+    fn new(storage: &'a CpuStorage, layout: &Layout) -> candle_core::Result<Self> {
+        let CpuStorage::F32(data) = storage else {
+            candle_core::bail!("fused attention: the cache must be f32")
+        };
+        let stride = layout.stride();
+        if stride[3] != 1 {
+            candle_core::bail!("fused attention: cache rows must be contiguous")
+        }
+        Ok(Self {
+            data: &data[layout.start_offset()..],
+            batch_stride: stride[0],
+            head_stride: stride[1],
+            len_stride: stride[2],
+        })
+    }
+
+    #[inline(always)]
+    fn row(&self, b: usize, h: usize, j: usize, d: usize) -> &'a [f32] {
+        let at = b * self.batch_stride + h * self.head_stride + j * self.len_stride;
+        &self.data[at..at + d]
+    }
+}
+
+impl CustomOp3 for CachedAttention<'_> {
+    fn name(&self) -> &'static str {
+        "cached-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        q_storage: &CpuStorage,
+        q_layout: &Layout,
+        k_storage: &CpuStorage,
+        k_layout: &Layout,
+        v_storage: &CpuStorage,
+        v_layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (batch, heads, t, d) = q_layout.shape().dims4()?;
+        let (_, kv_heads, len, _) = k_layout.shape().dims4()?;
+        let (CpuStorage::F32(q), Some((q_start, q_end))) =
+            (q_storage, q_layout.contiguous_offsets())
+        else {
+            candle_core::bail!("fused attention: q must be contiguous f32")
+        };
+        let q = &q[q_start..q_end];
+        let (keys, values) = (
+            Rows::new(k_storage, k_layout)?,
+            Rows::new(v_storage, v_layout)?,
+        );
+        if self.mask.len() != batch * t * len || heads % kv_heads != 0 {
+            candle_core::bail!("fused attention: mask or head counts do not fit")
+        }
+        let mut out = vec![0f32; batch * t * heads * d];
+        out.par_chunks_mut(t * heads * d).enumerate().for_each_init(
+            || vec![0f32; heads / kv_heads * t * len],
+            |scores, (b, out)| {
+                let row = RowAttention {
+                    q: &q[b * heads * t * d..][..heads * t * d],
+                    mask: &self.mask[b * t * len..][..t * len],
+                    keys: &keys,
+                    values: &values,
+                    b,
+                    heads,
+                    kv_heads,
+                    t,
+                    d,
+                    len,
+                    scale: self.scale,
+                };
+                row.run(scores, out);
+            },
+        );
+        Ok((CpuStorage::F32(out), Shape::from((batch, t, heads * d))))
+    }
+}
+
+/// Everything one batch row attends with: its queries `[heads, t, d]`,
+/// its mask `[t, len]` and its keys and values in the cache.
+struct RowAttention<'a> {
+    q: &'a [f32],
+    mask: &'a [f32],
+    keys: &'a Rows<'a>,
+    values: &'a Rows<'a>,
+    b: usize,
+    heads: usize,
+    kv_heads: usize,
+    t: usize,
+    d: usize,
+    len: usize,
+    scale: f32,
+}
+
+impl RowAttention<'_> {
+    /// Writes `out` `[t, heads, d]`, with the widest vector instructions the
+    /// CPU has (the loops below are written for the compiler to vectorize).
+    fn run(&self, scores: &mut [f32], out: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                // SAFETY: the CPU supports AVX-512F.
+                return unsafe { self.run_avx512(scores, out) };
+            }
+            if std::arch::is_x86_feature_detected!("avx2") {
+                // SAFETY: the CPU supports AVX2.
+                return unsafe { self.run_avx2(scores, out) };
+            }
+        }
+        self.run_portable(scores, out)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn run_avx512(&self, scores: &mut [f32], out: &mut [f32]) {
+        self.run_portable(scores, out)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn run_avx2(&self, scores: &mut [f32], out: &mut [f32]) {
+        self.run_portable(scores, out)
+    }
+
+    /// The query heads that share a kv head are done together, so that each
+    /// key and value row is read from memory once for all of them.
+    #[inline(always)]
+    fn run_portable(&self, scores: &mut [f32], out: &mut [f32]) {
+        let (t, d, len) = (self.t, self.d, self.len);
+        let group = self.heads / self.kv_heads;
+        // Query `n` of a group is head `kv_head · group + n / t`, token `n % t`.
+        let query = |kv_head: usize, n: usize| {
+            let h = kv_head * group + n / t;
+            &self.q[(h * t + n % t) * d..][..d]
+        };
+        for kv_head in 0..self.kv_heads {
+            for j in 0..len {
+                let key = self.keys.row(self.b, kv_head, j, d);
+                for n in 0..group * t {
+                    let mask = self.mask[(n % t) * len + j];
+                    scores[n * len + j] = dot(query(kv_head, n), key) * self.scale + mask;
+                }
+            }
+            for n in 0..group * t {
+                let row = &mut scores[n * len..][..len];
+                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut total = 0.0;
+                for score in row.iter_mut() {
+                    *score = (*score - max).exp();
+                    total += *score;
+                }
+                row.iter_mut().for_each(|p| *p /= total);
+                let h = kv_head * group + n / t;
+                out[((n % t) * self.heads + h) * d..][..d].fill(0.0);
+            }
+            for j in 0..len {
+                let value = self.values.row(self.b, kv_head, j, d);
+                for n in 0..group * t {
+                    let p = scores[n * len + j];
+                    if p != 0.0 {
+                        let h = kv_head * group + n / t;
+                        axpy(p, value, &mut out[((n % t) * self.heads + h) * d..][..d]);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Lanes wide enough for the compiler to keep them in vector registers.
+const LANES: usize = 16;
+
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let (a_chunks, b_chunks) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail: f32 = a_chunks
+        .remainder()
+        .iter()
+        .zip(b_chunks.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in a_chunks.zip(b_chunks) {
+        for l in 0..LANES {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+#[inline(always)]
+fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
+    for (y, x) in y.iter_mut().zip(x) {
+        *y += alpha * x;
+    }
+}
