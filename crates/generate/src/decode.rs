@@ -5,6 +5,7 @@
 
 use candle_core::Tensor;
 use r3_model::{KvCache, Llama, Tokenizer};
+use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::sampler::{Sampler, SamplingParams};
@@ -106,7 +107,7 @@ impl<'a> Generator<'a> {
     }
 
     /// Samples continuations for every row of `cache`, starting from the
-    /// logits of its last token, with one sampler per row.
+    /// logits of its last token, with one sampler per row (in row order).
     pub fn decode(
         &self,
         mut cache: KvCache,
@@ -136,17 +137,25 @@ impl<'a> Generator<'a> {
             .max()
             .unwrap_or(0)
             + 2;
-        // `active[slot]` is the row held in active cache slot `slot`.
+        // `active[slot]` is the row held in active cache slot `slot`, and
+        // `samplers[slot]` its sampler: both follow the cache's slot moves.
         let mut active: Vec<usize> = (0..n).collect();
         let mut logits = logits;
         let mut finished = Vec::with_capacity(n);
+        let mut sampled: Vec<u32> = Vec::with_capacity(n);
         let mut next_tokens: Vec<[u32; 1]> = Vec::with_capacity(n);
         loop {
             let vocab = logits.dim(1)?;
             let flat: Vec<f32> = logits.flatten_all()?.to_vec1()?;
+            // Rows sample in parallel: each has its own RNG, so the result
+            // does not depend on the threads.
+            samplers
+                .par_iter_mut()
+                .zip(flat.par_chunks(vocab))
+                .map(|(sampler, row_logits)| sampler.sample(row_logits))
+                .collect_into_vec(&mut sampled);
             finished.clear();
-            for (slot, &row) in active.iter().enumerate() {
-                let token = samplers[row].sample(&flat[slot * vocab..(slot + 1) * vocab]);
+            for (slot, (&row, &token)) in active.iter().zip(&sampled).enumerate() {
                 let completion = &mut completions[row];
                 completion.tokens.push(token);
                 let finish = if self.eos_token_ids.contains(&token) {
@@ -168,6 +177,7 @@ impl<'a> Generator<'a> {
             for &slot in finished.iter().rev() {
                 cache.deactivate(slot)?;
                 active.swap_remove(slot);
+                samplers.swap_remove(slot);
             }
             if active.is_empty() {
                 break;

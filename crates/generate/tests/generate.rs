@@ -67,6 +67,37 @@ fn same_seed_same_output_and_rows_independent_of_the_batch() {
 }
 
 #[test]
+fn rows_that_finish_early_leave_the_others_sampling_as_if_alone() {
+    let f = fixture();
+    let g = Generator::new(&f.model, &f.tokenizer, &f.eos);
+    let params = SamplingParams {
+        temperature: 20.0,
+        max_new_tokens: 16,
+        // Common letters, so that rows stop at different steps.
+        stop_strings: ["a", "e", "o", "t"].map(String::from).to_vec(),
+        seed: 7,
+        ..Default::default()
+    };
+    let batch: Vec<Vec<u32>> = (0..6).map(|r| vec![5 + r, 80 + 3 * r, 81]).collect();
+    let together = g.generate(&batch, &params).unwrap();
+    let lengths: Vec<usize> = together.iter().map(|c| c.tokens.len()).collect();
+    assert!(
+        lengths.iter().any(|&l| l < params.max_new_tokens)
+            && lengths.windows(2).any(|w| w[0] != w[1]),
+        "rows should finish at different steps: {lengths:?}"
+    );
+    for (r, prompt) in batch.iter().enumerate() {
+        let mut cache = KvCache::new(&f.model.config, 1, 32);
+        let logits = g.prefill(&mut cache, &[prompt]).unwrap();
+        let sampler = Sampler::new(&params, r as u64);
+        let alone = g
+            .decode(cache, logits, &params, vec![sampler], false)
+            .unwrap();
+        assert_eq!(alone.completions[0], together[r], "row {r}");
+    }
+}
+
+#[test]
 fn greedy_batched_equals_an_argmax_loop_per_row() {
     let f = fixture();
     let g = Generator::new(&f.model, &f.tokenizer, &f.eos);
