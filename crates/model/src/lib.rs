@@ -14,6 +14,7 @@ pub mod gguf;
 pub mod llama;
 pub mod loader;
 pub mod logprob;
+mod matmul;
 pub mod tiny;
 pub mod tokenizer;
 pub mod weights;

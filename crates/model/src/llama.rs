@@ -21,6 +21,7 @@ use crate::cache::KvCache;
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::logprob;
+use crate::matmul::matmul;
 use crate::weights::Weights;
 
 /// How a decoder holds its projections.
@@ -108,7 +109,7 @@ impl Linear {
     /// Each part's output `[b, t, out_i]`.
     fn forward(&self, x: &Tensor) -> candle_core::Result<Vec<Tensor>> {
         let (b, t, inp) = x.dims3()?;
-        let mut y = x.reshape((b * t, inp))?.matmul(&self.weight_t)?;
+        let mut y = matmul(&x.reshape((b * t, inp))?, &self.weight_t)?;
         if let Some(bias) = &self.bias {
             y = y.broadcast_add(bias)?;
         }
@@ -671,7 +672,7 @@ impl Llama {
 
     fn project(&self, rows: &Tensor) -> Result<Tensor> {
         Ok(match &self.lm_head_t {
-            Some(w_t) => rows.matmul(w_t)?,
+            Some(w_t) => matmul(rows, w_t)?,
             None => rows.matmul(&self.output_weight().t()?)?,
         })
     }

@@ -348,10 +348,11 @@ fn every_parameter_gets_a_gradient_and_it_matches_finite_differences() {
 }
 
 #[test]
-fn fused_decode_attention_matches_the_matmul_path() {
-    // Var weights send every forward down the differentiable matmul path;
-    // the detached view of the same weights takes the fused path for
-    // segments of up to four tokens.
+fn decode_kernels_match_the_autograd_path() {
+    // Var weights send every forward down candle's differentiable ops; the
+    // detached view of the same weights takes the decode kernels: one-pass
+    // attention for segments of up to four tokens, and column-split
+    // products (whole and partial column blocks) for few-row batches.
     for (arch, window) in [
         (Architecture::Llama, None),
         (Architecture::Qwen2, None),
