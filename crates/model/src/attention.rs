@@ -14,6 +14,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
 use crate::error::{ModelError, Result};
+use crate::logprob::f32_slice;
 
 /// Rows with at most this many new tokens take the fused path; longer
 /// segments (prefill) are better served by real GEMMs.
@@ -103,12 +104,7 @@ impl CustomOp3 for CachedAttention<'_> {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (batch, heads, t, d) = q_layout.shape().dims4()?;
         let (_, kv_heads, len, _) = k_layout.shape().dims4()?;
-        let (CpuStorage::F32(q), Some((q_start, q_end))) =
-            (q_storage, q_layout.contiguous_offsets())
-        else {
-            candle_core::bail!("fused attention: q must be contiguous f32")
-        };
-        let q = &q[q_start..q_end];
+        let q = f32_slice(q_storage, q_layout)?;
         let (keys, values) = (
             Rows::new(k_storage, k_layout)?,
             Rows::new(v_storage, v_layout)?,

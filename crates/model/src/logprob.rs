@@ -124,11 +124,15 @@ fn softmax_in_place(row: &mut [f32]) -> f32 {
     max + (sum as f32).ln()
 }
 
-fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> candle_core::Result<&'a [f32]> {
+/// The elements of a contiguous f32 tensor, for the CPU kernels.
+pub(crate) fn f32_slice<'a>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+) -> candle_core::Result<&'a [f32]> {
     let data = storage.as_slice::<f32>()?;
     match layout.contiguous_offsets() {
         Some((start, end)) => Ok(&data[start..end]),
-        None => candle_core::bail!("token-logprobs needs contiguous inputs"),
+        None => candle_core::bail!("this CPU kernel needs contiguous inputs"),
     }
 }
 

@@ -10,6 +10,8 @@
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::logprob::f32_slice;
+
 /// Products with at most this many rows take the split path; larger ones
 /// (prefill) have enough rows for gemm's own parallelism.
 const MAX_SPLIT_ROWS: usize = 64;
@@ -46,24 +48,13 @@ impl CustomOp2 for FewRowsMatmul {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (m, k) = x_layout.shape().dims2()?;
         let (k_w, n) = w_layout.shape().dims2()?;
-        let (
-            CpuStorage::F32(x),
-            CpuStorage::F32(w),
-            Some((x_start, x_end)),
-            Some((w_start, w_end)),
-        ) = (
-            x_storage,
-            w_storage,
-            x_layout.contiguous_offsets(),
-            w_layout.contiguous_offsets(),
-        )
-        else {
-            candle_core::bail!("few-rows matmul: x and w must be contiguous f32")
-        };
+        let (x, w) = (
+            f32_slice(x_storage, x_layout)?,
+            f32_slice(w_storage, w_layout)?,
+        );
         if k != k_w {
             candle_core::bail!("few-rows matmul: [{m}, {k}] · [{k_w}, {n}]")
         }
-        let (x, w) = (&x[x_start..x_end], &w[w_start..w_end]);
         let blocks: Vec<Vec<f32>> = (0..n.div_ceil(COLUMN_BLOCK))
             .into_par_iter()
             .map(|block| {
