@@ -1,5 +1,6 @@
-//! GGUF files: hyper-parameters from the metadata, weights dequantized to f32
-//! and renamed to their HF names (with llama.cpp's q/k row permutation undone).
+//! GGUF files: hyper-parameters from the metadata, weights kept in their
+//! blocks and renamed to their HF names (llama.cpp's q/k row permutation is
+//! undone when they are read).
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -7,7 +8,7 @@ use std::io::BufReader;
 use std::path::{Path, PathBuf};
 
 use candle_core::quantized::gguf_file::{Content, Value};
-use candle_core::quantized::GgmlDType;
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 
 use crate::config::{Architecture, ModelConfig, RopeScaling};
@@ -169,7 +170,8 @@ impl GgufFile {
         Ok(config)
     }
 
-    fn tensor_f32(&self, name: &str) -> Result<Tensor> {
+    /// The blocks of tensor `name`, read from the file.
+    fn tensor_blocks(&self, name: &str) -> Result<QTensor> {
         let info = self
             .content
             .tensor_infos
@@ -185,11 +187,17 @@ impl GgufFile {
         let file = File::open(&self.path).map_err(|e| ModelError::io(&self.path, e))?;
         let mut reader = BufReader::new(file);
         info.read(&mut reader, self.content.tensor_data_offset, &Device::Cpu)
-            .and_then(|q| q.dequantize(&Device::Cpu))
             .map_err(|e| ModelError::tensor(&self.path, name, e))
     }
 
-    /// Every weight dequantized to f32 under its HF name.
+    fn tensor_f32(&self, name: &str) -> Result<Tensor> {
+        self.tensor_blocks(name)?
+            .dequantize(&Device::Cpu)
+            .map_err(|e| ModelError::tensor(&self.path, name, e))
+    }
+
+    /// Every weight under its HF name, kept in the file's blocks; q and k
+    /// remember llama.cpp's row permutation, undone when they are read.
     pub fn weights(&self, config: &ModelConfig) -> Result<Weights> {
         let permuted = matches!(
             config.architecture,
@@ -207,17 +215,14 @@ impl GgufFile {
                     "unknown tensor name for this architecture",
                 )
             })?;
-            let mut t = self.tensor_f32(name)?;
-            if permuted && (hf.ends_with("q_proj.weight") || hf.ends_with("q_proj.bias")) {
-                t = unpermute_rope_rows(&t, config.num_heads)
-                    .map_err(|e| ModelError::tensor(&self.path, name, e))?;
-            } else if permuted && (hf.ends_with("k_proj.weight") || hf.ends_with("k_proj.bias")) {
-                t = unpermute_rope_rows(&t, config.num_kv_heads)
-                    .map_err(|e| ModelError::tensor(&self.path, name, e))?;
-            }
-            tensors.insert(hf, t);
+            let rope_heads = match permuted {
+                true if hf.contains("q_proj.") => Some(config.num_heads),
+                true if hf.contains("k_proj.") => Some(config.num_kv_heads),
+                _ => None,
+            };
+            tensors.insert(hf, (self.tensor_blocks(name)?, rope_heads));
         }
-        Ok(Weights::new(&self.path, tensors))
+        Ok(Weights::from_blocks(&self.path, tensors))
     }
 }
 

@@ -15,6 +15,7 @@ pub mod llama;
 pub mod loader;
 pub mod logprob;
 mod matmul;
+pub mod packed;
 pub mod tiny;
 pub mod tokenizer;
 pub mod weights;

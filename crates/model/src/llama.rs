@@ -6,13 +6,17 @@
 //! place, where a row-major weight is repacked on every call — the dominant
 //! cost of batched decoding), and the projections of one input (q/k/v;
 //! gate/up) side by side, so that one wider GEMM serves them. Training
-//! updates this layout directly; [`Llama::hf_weights`] converts back.
+//! updates this layout directly; [`Llama::hf_weights`] converts back. A
+//! decoder built for inference keeps projections whose file encoding has a
+//! packed kernel (Q4_0, Q4_1, Q8_0, F16, BF16) in that encoding instead
+//! (see `packed.rs`): the same values at a fraction of the memory traffic.
 //!
 //! candle's fused kernels (rms-norm, softmax, rope) have no backward pass, so
 //! each op below takes the fused kernel only when none of its inputs can need
 //! a gradient, and otherwise composes basic ops that autograd records.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use candle_core::{Device, Module, Tensor, Var, D};
 
@@ -21,16 +25,30 @@ use crate::cache::KvCache;
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::logprob;
-use crate::matmul::matmul;
+use crate::matmul::{matmul, packed_matmul};
+use crate::packed::PackedMatrix;
 use crate::weights::Weights;
 
 /// How a decoder holds its projections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Layout {
-    /// Transposed, fused copies of the loaded weights.
+    /// Packed in the file's encoding where a kernel reads it, fast
+    /// otherwise: for inference.
+    Packed,
+    /// Transposed, fused f32 copies of the loaded weights.
     Fast,
     /// Transposed views of the loaded weights: no copy, slower GEMMs.
     Compact,
+}
+
+/// A projection's weight.
+#[derive(Debug, Clone)]
+enum ProjectionWeight {
+    /// `[in, Σ out]` in f32: trainable.
+    Dense(Tensor),
+    /// One `[out_i, in]` matrix per part, in its file's encoding: inference
+    /// only.
+    Packed(Arc<[PackedMatrix]>),
 }
 
 /// Projections of one input, `x · W (+ b)` with `W` `[in, Σ out]`,
@@ -38,7 +56,7 @@ enum Layout {
 /// broadcast batched matmul would re-read the weights once per row).
 #[derive(Debug, Clone)]
 struct Linear {
-    weight_t: Tensor,
+    weight: ProjectionWeight,
     bias: Option<Tensor>,
     /// HF name (without `.weight`) and output width of each part, in
     /// column order.
@@ -46,7 +64,8 @@ struct Linear {
 }
 
 impl Linear {
-    /// The parts `(HF name, out)` of an input of width `inp`: fused into one
+    /// The parts `(HF name, out)` of an input of width `inp`: packed, when
+    /// asked for and every part's encoding allows; else fused into one
     /// contiguous copy (fast), or one transposed view each (compact).
     fn load(
         w: &Weights,
@@ -55,6 +74,29 @@ impl Linear {
         bias: bool,
         layout: Layout,
     ) -> Result<Vec<Self>> {
+        let load_bias = || -> Result<Option<Tensor>> {
+            if !bias {
+                return Ok(None);
+            }
+            let biases = parts
+                .iter()
+                .map(|(name, out)| w.get(&format!("{name}.bias"), &[*out]))
+                .collect::<Result<Vec<_>>>()?;
+            Ok(Some(Tensor::cat(&biases, 0)?))
+        };
+        if layout == Layout::Packed {
+            let packed = parts
+                .iter()
+                .map(|(name, out)| w.packed(&format!("{name}.weight"), &[*out, inp]))
+                .collect::<Result<Option<Vec<_>>>>()?;
+            if let Some(packed) = packed {
+                return Ok(vec![Self {
+                    weight: ProjectionWeight::Packed(packed.into()),
+                    bias: load_bias()?,
+                    parts: parts.to_vec(),
+                }]);
+            }
+        }
         let load_one = |(name, out): &(String, usize)| -> Result<(Tensor, Option<Tensor>)> {
             let weight = w.get(&format!("{name}.weight"), &[*out, inp])?;
             let b = match bias {
@@ -70,7 +112,7 @@ impl Linear {
                 .zip(loaded)
                 .map(|(part, (weight, bias))| {
                     Ok(Self {
-                        weight_t: weight.t()?,
+                        weight: ProjectionWeight::Dense(weight.t()?),
                         bias,
                         parts: vec![part.clone()],
                     })
@@ -81,16 +123,9 @@ impl Linear {
             .iter()
             .map(|(weight, _)| weight.t())
             .collect::<candle_core::Result<Vec<_>>>()?;
-        let bias = match bias {
-            true => {
-                let biases: Vec<&Tensor> = loaded.iter().filter_map(|(_, b)| b.as_ref()).collect();
-                Some(Tensor::cat(&biases, 0)?)
-            }
-            false => None,
-        };
         Ok(vec![Self {
-            weight_t: Tensor::cat(&transposed, 1)?.contiguous()?,
-            bias,
+            weight: ProjectionWeight::Dense(Tensor::cat(&transposed, 1)?.contiguous()?),
+            bias: load_bias()?,
             parts: parts.to_vec(),
         }])
     }
@@ -109,7 +144,11 @@ impl Linear {
     /// Each part's output `[b, t, out_i]`.
     fn forward(&self, x: &Tensor) -> candle_core::Result<Vec<Tensor>> {
         let (b, t, inp) = x.dims3()?;
-        let mut y = matmul(&x.reshape((b * t, inp))?, &self.weight_t)?;
+        let rows = x.reshape((b * t, inp))?;
+        let mut y = match &self.weight {
+            ProjectionWeight::Dense(weight_t) => matmul(&rows, weight_t)?,
+            ProjectionWeight::Packed(parts) => packed_matmul(&rows, parts)?,
+        };
         if let Some(bias) = &self.bias {
             y = y.broadcast_add(bias)?;
         }
@@ -130,8 +169,13 @@ impl Linear {
     /// Each part's weight (and bias) back in HF's layout and names.
     fn hf_weights(&self, out: &mut HashMap<String, Tensor>) -> Result<()> {
         let mut offset = 0;
-        for (name, width) in &self.parts {
-            let weight = self.weight_t.narrow(1, offset, *width)?.t()?.contiguous()?;
+        for (i, (name, width)) in self.parts.iter().enumerate() {
+            let weight = match &self.weight {
+                ProjectionWeight::Dense(weight_t) => {
+                    weight_t.narrow(1, offset, *width)?.t()?.contiguous()?
+                }
+                ProjectionWeight::Packed(parts) => parts[i].to_f32()?,
+            };
             out.insert(format!("{name}.weight"), weight);
             if let Some(bias) = &self.bias {
                 out.insert(
@@ -374,6 +418,16 @@ impl DecoderLayer {
         Ok((x + mlp)?)
     }
 
+    /// Every projection of the layer, in a fixed order.
+    fn linears(&self) -> impl Iterator<Item = &Linear> {
+        let (attn, mlp) = (&self.self_attn, &self.mlp);
+        attn.qkv
+            .iter()
+            .chain([&attn.o_proj])
+            .chain(&mlp.gate_up)
+            .chain([&mlp.down_proj])
+    }
+
     /// Every parameter of the layer with its name, mutably.
     fn tensors_mut(&mut self, prefix: &str) -> Vec<(String, &mut Tensor)> {
         let mut out = vec![
@@ -395,7 +449,9 @@ impl DecoderLayer {
             .chain(std::iter::once(&mut self.mlp.down_proj));
         for linear in linears {
             let name = linear.name();
-            out.push((format!("{name}.weight_t"), &mut linear.weight_t));
+            if let ProjectionWeight::Dense(weight_t) = &mut linear.weight {
+                out.push((format!("{name}.weight_t"), weight_t));
+            }
             if let Some(bias) = &mut linear.bias {
                 out.push((format!("{name}.bias"), bias));
             }
@@ -427,13 +483,17 @@ pub struct Llama {
     /// The output projection transposed `[hidden, vocab]` and contiguous,
     /// for fast logits when generating (see the module doc).
     lm_head_t: Option<Tensor>,
+    /// The output projection packed, for inference; replaces `lm_head_t`.
+    lm_head_packed: Option<Arc<[PackedMatrix]>>,
     inv_freq: Vec<f32>,
 }
 
 impl Llama {
-    /// Builds the decoder from HF-named weights, checking every shape.
+    /// Builds the decoder for inference from HF-named weights, checking
+    /// every shape. Projections stay in their file's encoding where a
+    /// packed kernel reads it; such a decoder cannot be trained.
     pub fn new(config: &ModelConfig, weights: &Weights) -> Result<Self> {
-        Self::build(config, weights, Layout::Fast)
+        Self::build(config, weights, Layout::Packed)
     }
 
     /// The decoder on views of `weights`, without transposed copies: no
@@ -449,7 +509,7 @@ impl Llama {
         config: &ModelConfig,
         weights: &Weights,
     ) -> Result<(Self, Vec<(String, Var)>)> {
-        let mut model = Self::new(config, weights)?;
+        let mut model = Self::build(config, weights, Layout::Fast)?;
         model.lm_head_t = None;
         let mut vars = Vec::new();
         for (name, tensor) in model.tensors_mut() {
@@ -478,9 +538,20 @@ impl Llama {
         let layers = (0..c.num_layers)
             .map(|i| DecoderLayer::load(weights, i, c, layout))
             .collect::<Result<Vec<_>>>()?;
+        let output_name = match &lm_head {
+            Some(_) => "lm_head.weight",
+            None => "model.embed_tokens.weight",
+        };
+        let lm_head_packed = match layout {
+            Layout::Packed => weights
+                .packed(output_name, &[c.vocab_size, c.hidden_size])?
+                .map(|packed| Arc::from(vec![packed])),
+            _ => None,
+        };
         let output = lm_head.as_ref().unwrap_or(&embed_tokens);
         let lm_head_t = match layout {
-            Layout::Fast => Some(output.t()?.contiguous()?),
+            Layout::Packed if lm_head_packed.is_some() => None,
+            Layout::Packed | Layout::Fast => Some(output.t()?.contiguous()?),
             Layout::Compact => None,
         };
         Ok(Self {
@@ -493,6 +564,7 @@ impl Llama {
             },
             lm_head,
             lm_head_t,
+            lm_head_packed,
             inv_freq: c.inv_freq(),
         })
     }
@@ -547,14 +619,7 @@ impl Llama {
                 format!("{p}.post_attention_layernorm.weight"),
                 layer.post_attention_layernorm.weight.detach(),
             );
-            let (attn, mlp) = (&layer.self_attn, &layer.mlp);
-            let linears = attn
-                .qkv
-                .iter()
-                .chain([&attn.o_proj])
-                .chain(&mlp.gate_up)
-                .chain([&mlp.down_proj]);
-            for linear in linears {
+            for linear in layer.linears() {
                 linear.hf_weights(&mut out)?;
             }
         }
@@ -581,7 +646,7 @@ impl Llama {
     /// generation wants (a copy, when the model has none).
     pub fn for_generation(&self) -> Result<Self> {
         let mut view = self.detached();
-        if view.lm_head_t.is_none() {
+        if view.lm_head_t.is_none() && view.lm_head_packed.is_none() {
             view.lm_head_t = Some(view.output_weight().t()?.contiguous()?);
         }
         Ok(view)
@@ -659,6 +724,24 @@ impl Llama {
         Ok(self.norm.forward(x)?)
     }
 
+    /// How many weights the decoder reads in their file's compact encoding
+    /// rather than as f32: zero means no packed kernel applied (an f32 or
+    /// K-quant file, or a trainable decoder).
+    pub fn packed_weights(&self) -> usize {
+        let packed = |w: &ProjectionWeight| match w {
+            ProjectionWeight::Packed(parts) => parts.iter().map(|p| p.rows() * p.cols()).sum(),
+            ProjectionWeight::Dense(_) => 0,
+        };
+        let layers: usize = self
+            .layers
+            .iter()
+            .flat_map(DecoderLayer::linears)
+            .map(|linear| packed(&linear.weight))
+            .sum();
+        let head = self.lm_head_packed.clone().map(ProjectionWeight::Packed);
+        layers + head.as_ref().map_or(0, packed)
+    }
+
     pub fn num_layers(&self) -> usize {
         self.layers.len()
     }
@@ -671,9 +754,10 @@ impl Llama {
     }
 
     fn project(&self, rows: &Tensor) -> Result<Tensor> {
-        Ok(match &self.lm_head_t {
-            Some(w_t) => matmul(rows, w_t)?,
-            None => rows.matmul(&self.output_weight().t()?)?,
+        Ok(match (&self.lm_head_packed, &self.lm_head_t) {
+            (Some(packed), _) => packed_matmul(rows, packed)?,
+            (None, Some(w_t)) => matmul(rows, w_t)?,
+            (None, None) => rows.matmul(&self.output_weight().t()?)?,
         })
     }
 

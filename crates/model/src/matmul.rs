@@ -1,25 +1,31 @@
-//! `x · W` for the few rows of a decode step, with the weight's columns
-//! split across threads.
+//! Products of activations with weights, split by output columns across
+//! threads, for forwards that need no gradient.
 //!
-//! The gemm crate runs a one-row product on one thread, and splits a
+//! The gemm crate runs a one-row product on one thread and splits a
 //! 32-row one poorly, so a decode step read its weights at one core's
-//! memory bandwidth. Here every block of `COLUMN_BLOCK` output columns is an
-//! independent single-threaded GEMM, and the blocks are shared out by rayon.
-//! No backward: forwards that need gradients use candle's matmul.
+//! memory bandwidth. Here each block of output columns is an independent
+//! single-threaded GEMM writing its own columns of the output, and the
+//! blocks are shared out by rayon. Packed weights are unpacked block by
+//! block into a per-thread panel that stays in cache, so memory only sees
+//! the compact encoding. Forwards that need gradients use candle's matmul.
 
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
+use std::cell::RefCell;
+use std::ops::Range;
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::logprob::f32_slice;
+use crate::packed::{PackedMatrix, GROUP};
 
 /// Products with at most this many rows take the split path; larger ones
 /// (prefill) have enough rows for gemm's own parallelism.
 const MAX_SPLIT_ROWS: usize = 64;
 
-/// Output columns per task: a multiple of the 16-lane vector width, small
-/// enough that a 576-column projection still gives each thread a few
-/// blocks to balance (128 measured best at batch 32 of 128, 256, 512).
-const COLUMN_BLOCK: usize = 128;
+/// Output columns per task, in 16-column units: small enough that a
+/// 576-column projection still gives each thread a few blocks to balance
+/// (128 columns measured best at batch 32 of 128, 256, 512).
+const UNITS_PER_BLOCK: usize = 8;
 
 /// `x [m, k] · w [k, n]`: split by columns when `x` has few rows and
 /// nothing needs a gradient, candle's matmul otherwise.
@@ -27,16 +33,91 @@ pub(crate) fn matmul(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     let few_rows = x.dim(0)? <= MAX_SPLIT_ROWS;
     let plain = |t: &Tensor| !t.track_op() && t.device().is_cpu() && t.dtype() == DType::F32;
     if few_rows && plain(x) && plain(w) && w.is_contiguous() {
-        return x.contiguous()?.apply_op2_no_bwd(w, &FewRowsMatmul);
+        return x.contiguous()?.apply_op2_no_bwd(w, &DenseProduct);
     }
     x.matmul(w)
 }
 
-struct FewRowsMatmul;
+/// `x [m, k] · [W₁ᵀ | W₂ᵀ | …]` for packed `W_i [n_i, k]`: the outputs of
+/// every part side by side, `[m, Σ n_i]`. Packed weights have no gradient,
+/// so `x` must not need one.
+pub(crate) fn packed_matmul(x: &Tensor, parts: &[PackedMatrix]) -> candle_core::Result<Tensor> {
+    if x.track_op() {
+        candle_core::bail!(
+            "packed weights have no gradient; build the decoder with Llama::trainable to train"
+        )
+    }
+    x.contiguous()?.apply_op1_no_bwd(&PackedProduct { parts })
+}
 
-impl CustomOp2 for FewRowsMatmul {
+/// Splits `units` into contiguous blocks of about `UNITS_PER_BLOCK`, as
+/// many as a multiple of the thread count, sizes differing by at most one.
+fn blocks(units: usize) -> impl Iterator<Item = Range<usize>> {
+    let threads = rayon::current_num_threads().max(1);
+    let count = threads * units.div_ceil(threads * UNITS_PER_BLOCK);
+    let count = count.clamp(1, units.max(1));
+    (0..count).map(move |i| i * units / count..(i + 1) * units / count)
+}
+
+/// The output matrix, written by many tasks at once, each to its own columns.
+#[derive(Clone, Copy)]
+struct SharedOutput {
+    ptr: *mut f32,
+    row_stride: usize,
+}
+
+// SAFETY: tasks write disjoint columns (see `SharedOutput::gemm`).
+unsafe impl Send for SharedOutput {}
+unsafe impl Sync for SharedOutput {}
+
+impl SharedOutput {
+    /// `out[.., first..first + cols] = x [m, k] · rhs [k, cols]`, where `rhs`
+    /// has row stride `rhs_stride`, on this thread.
+    ///
+    /// # Safety
+    /// The output must have `m` rows of `row_stride` columns with
+    /// `first + cols <= row_stride`, no other task may write those columns,
+    /// `x` must hold `m · k` values and `rhs` `k` rows of `rhs_stride`.
+    unsafe fn gemm(
+        &self,
+        first: usize,
+        cols: usize,
+        x: &[f32],
+        k: usize,
+        rhs: &[f32],
+        rhs_stride: usize,
+    ) {
+        let m = x.len() / k.max(1);
+        debug_assert!(rhs.len() >= (k.max(1) - 1) * rhs_stride + cols);
+        gemm::gemm(
+            m,
+            cols,
+            k,
+            self.ptr.add(first),
+            1,
+            self.row_stride as isize,
+            false,
+            x.as_ptr(),
+            1,
+            k as isize,
+            rhs.as_ptr(),
+            1,
+            rhs_stride as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
+struct DenseProduct;
+
+impl CustomOp2 for DenseProduct {
     fn name(&self) -> &'static str {
-        "few-rows-matmul"
+        "dense-product"
     }
 
     fn cpu_fwd(
@@ -48,56 +129,93 @@ impl CustomOp2 for FewRowsMatmul {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (m, k) = x_layout.shape().dims2()?;
         let (k_w, n) = w_layout.shape().dims2()?;
+        if k != k_w {
+            candle_core::bail!("dense product: [{m}, {k}] · [{k_w}, {n}]")
+        }
         let (x, w) = (
             f32_slice(x_storage, x_layout)?,
             f32_slice(w_storage, w_layout)?,
         );
-        if k != k_w {
-            candle_core::bail!("few-rows matmul: [{m}, {k}] · [{k_w}, {n}]")
-        }
-        let blocks: Vec<Vec<f32>> = (0..n.div_ceil(COLUMN_BLOCK))
-            .into_par_iter()
-            .map(|block| {
-                let first = block * COLUMN_BLOCK;
-                let cols = COLUMN_BLOCK.min(n - first);
-                let mut dst = vec![0f32; m * cols];
-                // SAFETY: x is m × k and w is k × n, both row-major and in
-                // bounds for these strides; columns first..first + cols of w
-                // are in bounds; dst is m × cols and exclusively borrowed.
-                unsafe {
-                    gemm::gemm(
-                        m,
-                        cols,
-                        k,
-                        dst.as_mut_ptr(),
-                        1,
-                        cols as isize,
-                        false,
-                        x.as_ptr(),
-                        1,
-                        k as isize,
-                        w.as_ptr().add(first),
-                        1,
-                        n as isize,
-                        0.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
-                    )
-                }
-                dst
-            })
-            .collect();
         let mut out = vec![0f32; m * n];
-        for (block, dst) in blocks.iter().enumerate() {
-            let first = block * COLUMN_BLOCK;
-            let cols = dst.len() / m.max(1);
-            for (row, part) in dst.chunks_exact(cols.max(1)).enumerate() {
-                out[row * n + first..][..cols].copy_from_slice(part);
-            }
+        let output = SharedOutput {
+            ptr: out.as_mut_ptr(),
+            row_stride: n,
+        };
+        let units = n.div_ceil(GROUP);
+        blocks(units)
+            .collect::<Vec<_>>()
+            .into_par_iter()
+            .for_each(|block| {
+                let first = block.start * GROUP;
+                let cols = (block.end * GROUP).min(n) - first;
+                // SAFETY: `out` is m × n and this block alone writes columns
+                // first..first + cols < n; x is m × k and w from column `first`
+                // is k rows of stride n holding `cols` columns each.
+                unsafe { output.gemm(first, cols, x, k, &w[first..], n) }
+            });
+        Ok((CpuStorage::F32(out), Shape::from((m, n))))
+    }
+}
+
+thread_local! {
+    /// Each thread's unpacked weight columns, reused from task to task.
+    static PANEL: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+struct PackedProduct<'a> {
+    parts: &'a [PackedMatrix],
+}
+
+impl CustomOp1 for PackedProduct<'_> {
+    fn name(&self) -> &'static str {
+        "packed-product"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (m, k) = layout.shape().dims2()?;
+        if let Some(bad) = self.parts.iter().find(|p| p.cols() != k) {
+            candle_core::bail!(
+                "packed product: [{m}, {k}] · [{}, {}]ᵀ",
+                bad.rows(),
+                bad.cols()
+            )
         }
+        let x = f32_slice(storage, layout)?;
+        let n: usize = self.parts.iter().map(PackedMatrix::rows).sum();
+        let mut out = vec![0f32; m * n];
+        let output = SharedOutput {
+            ptr: out.as_mut_ptr(),
+            row_stride: n,
+        };
+        // (part, its first output column, a block of its 16-row groups)
+        let mut tasks = Vec::new();
+        let mut offset = 0;
+        for part in self.parts {
+            tasks.extend(blocks(part.groups()).map(|groups| (part, offset, groups)));
+            offset += part.rows();
+        }
+        tasks.into_par_iter().for_each(|(part, offset, groups)| {
+            let width = groups.len() * GROUP;
+            PANEL.with_borrow_mut(|panel| {
+                if panel.len() < k * width {
+                    panel.resize(k * width, 0.0);
+                }
+                for (i, group) in groups.clone().enumerate() {
+                    part.unpack_group(group, &mut panel[i * GROUP..], width);
+                }
+                let first = groups.start * GROUP;
+                let cols = (groups.end * GROUP).min(part.rows()) - first;
+                // SAFETY: `out` is m × n and this task alone writes columns
+                // offset + first .. offset + first + cols, within its part's
+                // n_i columns; x is m × k; the panel holds k rows of `width`
+                // unpacked columns.
+                unsafe { output.gemm(offset + first, cols, x, k, panel, width) }
+            })
+        });
         Ok((CpuStorage::F32(out), Shape::from((m, n))))
     }
 }

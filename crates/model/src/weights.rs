@@ -1,57 +1,173 @@
 //! Named weight tensors under HF names, in and out of safetensors.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
+use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{ModelError, Result};
+use crate::gguf::unpermute_rope_rows;
+use crate::packed::{Encoding, PackedMatrix};
 
-/// A model's parameters as f32 tensors keyed by their HF names
+/// One tensor as its file stores it, so that inference can keep a compact
+/// encoding while training asks for f32.
+#[derive(Debug, Clone)]
+enum Stored {
+    /// Plain values: f32, f16 or bf16.
+    Dense(Tensor),
+    /// GGUF blocks. With `rope_heads`, the rows are in llama.cpp's rope
+    /// order for that many heads.
+    Blocks {
+        tensor: Arc<QTensor>,
+        rope_heads: Option<usize>,
+    },
+}
+
+impl Stored {
+    fn dims(&self) -> &[usize] {
+        match self {
+            Stored::Dense(t) => t.dims(),
+            Stored::Blocks { tensor, .. } => tensor.shape().dims(),
+        }
+    }
+}
+
+/// A model's parameters keyed by their HF names
 /// (`model.layers.0.self_attn.q_proj.weight`). GGUF names are mapped onto
 /// these on load, so that everything downstream — the decoder, training,
-/// export — speaks one naming scheme.
+/// export — speaks one naming scheme. Tensors stay in their file's encoding
+/// until asked for: as f32 ([`Weights::get`]) or packed for inference
+/// ([`Weights::packed`]).
 #[derive(Debug, Clone)]
 pub struct Weights {
     /// Where the tensors came from, for error messages.
     pub source: PathBuf,
-    tensors: HashMap<String, Tensor>,
+    tensors: HashMap<String, Stored>,
 }
 
 impl Weights {
     pub fn new(source: impl Into<PathBuf>, tensors: HashMap<String, Tensor>) -> Self {
         Self {
             source: source.into(),
-            tensors,
+            tensors: tensors
+                .into_iter()
+                .map(|(name, t)| (name, Stored::Dense(t)))
+                .collect(),
         }
     }
 
-    /// The tensor `name`, checked against the shape the decoder expects.
-    pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        let t = self
+    /// Weights read from a GGUF file: each tensor's blocks with the number
+    /// of rope heads whose row order must be undone, if any.
+    pub(crate) fn from_blocks(
+        source: impl Into<PathBuf>,
+        tensors: HashMap<String, (QTensor, Option<usize>)>,
+    ) -> Self {
+        Self {
+            source: source.into(),
+            tensors: tensors
+                .into_iter()
+                .map(|(name, (tensor, rope_heads))| {
+                    let stored = Stored::Blocks {
+                        tensor: Arc::new(tensor),
+                        rope_heads,
+                    };
+                    (name, stored)
+                })
+                .collect(),
+        }
+    }
+
+    /// The shape of tensor `name`, if there is one.
+    pub fn dims(&self, name: &str) -> Option<&[usize]> {
+        self.tensors.get(name).map(Stored::dims)
+    }
+
+    fn stored(&self, name: &str, shape: &[usize]) -> Result<&Stored> {
+        let stored = self
             .tensors
             .get(name)
             .ok_or_else(|| ModelError::tensor(&self.source, name, "missing"))?;
-        if t.dims() != shape {
+        let dims = stored.dims();
+        if dims != shape {
             return Err(ModelError::tensor(
                 &self.source,
                 name,
-                format!("has shape {:?}, expected {:?}", t.dims(), shape),
+                format!("has shape {dims:?}, expected {shape:?}"),
             ));
         }
-        Ok(t.clone())
+        Ok(stored)
+    }
+
+    /// The tensor `name` in f32, checked against the shape the decoder
+    /// expects.
+    pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let f32 = match self.stored(name, shape)? {
+            Stored::Dense(t) => t.to_dtype(DType::F32),
+            Stored::Blocks { tensor, rope_heads } => {
+                tensor
+                    .dequantize(&Device::Cpu)
+                    .and_then(|t| match rope_heads {
+                        Some(heads) => unpermute_rope_rows(&t, *heads),
+                        None => Ok(t),
+                    })
+            }
+        };
+        f32.map_err(|e| ModelError::tensor(&self.source, name, e))
+    }
+
+    /// The matrix `name` `[out, in]` packed for inference, or `None` when
+    /// its encoding has no packed kernel (f32, K-quants) and it is best
+    /// used as f32.
+    pub fn packed(&self, name: &str, shape: &[usize]) -> Result<Option<PackedMatrix>> {
+        let fail = |e: &dyn std::fmt::Display| ModelError::tensor(&self.source, name, e);
+        let stored = self.stored(name, shape)?;
+        let &[rows, cols] = shape else {
+            return Ok(None);
+        };
+        if !cols.is_multiple_of(crate::packed::BLOCK) {
+            return Ok(None);
+        }
+        let (encoding, raw, rope_heads): (_, Cow<[u8]>, _) = match stored {
+            Stored::Dense(t) => {
+                let encoding = match t.dtype() {
+                    DType::F16 => Encoding::F16,
+                    DType::BF16 => Encoding::Bf16,
+                    _ => return Ok(None),
+                };
+                let bits = half_bits(t).map_err(|e| fail(&e))?;
+                let raw = bits.iter().flat_map(|b| b.to_le_bytes()).collect();
+                (encoding, Cow::Owned(raw), None)
+            }
+            Stored::Blocks { tensor, rope_heads } => {
+                let Some(encoding) = Encoding::of_ggml(tensor.dtype()) else {
+                    return Ok(None);
+                };
+                (encoding, tensor.data().map_err(|e| fail(&e))?, *rope_heads)
+            }
+        };
+        let order = match rope_heads {
+            Some(heads) => Some(rope_source_rows(rows, heads).map_err(|e| fail(&e))?),
+            None => None,
+        };
+        PackedMatrix::new(encoding, rows, cols, &raw, order.as_deref())
+            .map(Some)
+            .map_err(|e| fail(&e))
     }
 
     pub fn contains(&self, name: &str) -> bool {
         self.tensors.contains_key(name)
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = (&String, &Tensor)> {
-        self.tensors.iter()
+    /// Every tensor's name, in no particular order.
+    pub fn names(&self) -> impl Iterator<Item = &String> {
+        self.tensors.keys()
     }
 
     /// Loads `model.safetensors`, or every shard listed in
-    /// `model.safetensors.index.json`, converting f16/bf16 to f32.
+    /// `model.safetensors.index.json`, keeping f16/bf16 as stored.
     pub fn from_hf_dir(dir: &Path) -> Result<Self> {
         let single = dir.join("model.safetensors");
         let index = dir.join("model.safetensors.index.json");
@@ -77,11 +193,44 @@ impl Weights {
     /// Writes every tensor as f32 into one safetensors file, through a
     /// temporary name and a rename so that a crash never leaves half a file.
     pub fn save_safetensors(&self, path: &Path) -> Result<()> {
+        let mut f32 = HashMap::new();
+        for (name, dims) in self.names().filter_map(|n| Some((n, self.dims(n)?))) {
+            f32.insert(name.clone(), self.get(name, dims)?);
+        }
         let tmp = path.with_extension("safetensors.tmp");
-        candle_core::safetensors::save(&self.tensors, &tmp)
+        candle_core::safetensors::save(&f32, &tmp)
             .map_err(|e| ModelError::invalid(&tmp, e.to_string()))?;
         std::fs::rename(&tmp, path).map_err(|e| ModelError::io(path, e))
     }
+}
+
+/// The raw bits of an f16 or bf16 tensor, in order.
+fn half_bits(t: &Tensor) -> candle_core::Result<Vec<u16>> {
+    let flat = t.flatten_all()?;
+    Ok(match t.dtype() {
+        DType::F16 => flat
+            .to_vec1::<half::f16>()?
+            .into_iter()
+            .map(half::f16::to_bits)
+            .collect(),
+        _ => flat
+            .to_vec1::<half::bf16>()?
+            .into_iter()
+            .map(half::bf16::to_bits)
+            .collect(),
+    })
+}
+
+/// For each row of a q/k matrix in HF order, the row of llama.cpp's rope
+/// order it comes from: the same permutation [`unpermute_rope_rows`]
+/// applies, read off a column of row numbers.
+fn rope_source_rows(rows: usize, heads: usize) -> candle_core::Result<Vec<usize>> {
+    let numbers: Vec<f32> = (0..rows).map(|r| r as f32).collect();
+    let column = Tensor::from_vec(numbers, (rows, 1), &Device::Cpu)?;
+    let order = unpermute_rope_rows(&column, heads)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    Ok(order.into_iter().map(|r| r as usize).collect())
 }
 
 fn shard_files(index: &Path) -> Result<Vec<PathBuf>> {
@@ -124,7 +273,6 @@ fn read_safetensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
             }
         };
         let t = Tensor::from_raw_buffer(view.data(), dtype, view.shape(), &Device::Cpu)
-            .and_then(|t| t.to_dtype(DType::F32))
             .map_err(|e| ModelError::tensor(path, &name, e))?;
         out.push((name, t));
     }

@@ -386,3 +386,73 @@ fn decode_kernels_match_the_autograd_path() {
         }
     }
 }
+
+#[test]
+fn packed_weights_are_the_dequantized_weights_and_decode_alike() {
+    // An inference decoder keeps Q4_0/Q4_1/Q8_0/F16/BF16 projections packed
+    // (K-quants and f32 stay f32). Unpacked, every packed matrix must equal
+    // the dequantized tensor bit for bit — including llama.cpp's permuted
+    // q/k rows and a vocabulary (271) that leaves the last 16-row group
+    // partly empty — and the packed decoder must give the logits of the
+    // f32 decoder on the same values, through prefill and decode steps.
+    let tiny = TinyModel::new(Architecture::Llama, 256, 2, 11).unwrap();
+    assert_ne!(tiny.config.vocab_size % 16, 0);
+    let dir = tempfile::tempdir().unwrap();
+    let mut files = Vec::new();
+    for dtype in [
+        GgmlDType::Q4_0,
+        GgmlDType::Q4_1,
+        GgmlDType::Q8_0,
+        GgmlDType::F16,
+        GgmlDType::BF16,
+        GgmlDType::Q4K,
+    ] {
+        let path = dir.path().join(format!("{dtype:?}.gguf"));
+        tiny.write_gguf(&path, dtype).unwrap();
+        files.push((format!("{dtype:?}"), path, dtype != GgmlDType::Q4K));
+    }
+    for dtype in [DType::F16, DType::BF16] {
+        let path = dir.path().join(format!("{dtype:?}"));
+        tiny.write_hf_dir(&path, dtype).unwrap();
+        files.push((format!("safetensors {dtype:?}"), path, true));
+    }
+    for (what, path, packable) in files {
+        let loaded = r3_model::load(&path).unwrap();
+        for (name, original) in &tiny.weights {
+            let packed = loaded.weights.packed(name, original.dims()).unwrap();
+            assert_eq!(
+                packed.is_some(),
+                packable && original.rank() == 2,
+                "{what} {name}"
+            );
+            if let Some(packed) = packed {
+                let expected = loaded.weights.get(name, original.dims()).unwrap();
+                let got = packed.to_f32().unwrap();
+                assert_eq!(max_abs_diff(&got, &expected), 0.0, "{what} {name}");
+            }
+        }
+        let packed = Llama::new(&loaded.config, &loaded.weights).unwrap();
+        let (trainable, _vars) = Llama::trainable(&loaded.config, &loaded.weights).unwrap();
+        let dense = trainable.for_generation().unwrap();
+        let all =
+            tiny.config.vocab_size * 256 + 2 * (256 * 256 * 2 + 2 * 256 * 128 + 3 * 256 * 512);
+        assert_eq!(
+            packed.packed_weights(),
+            if packable { all } else { 0 },
+            "{what}"
+        );
+        assert_eq!(dense.packed_weights(), 0);
+        let prompts: [&[u32]; 2] = [&[1, 2, 3, 4, 5, 6, 7], &[8, 9]];
+        let steps: [[&[u32]; 2]; 3] = [[&[20], &[21]], [&[30, 31], &[32]], [&[40], &[41]]];
+        let mut caches = [0, 1].map(|_| KvCache::new(&tiny.config, 2, 8));
+        for (s, segments) in std::iter::once(prompts).chain(steps).enumerate() {
+            let [a, b] = [&dense, &packed].map(|model| {
+                let i = usize::from(std::ptr::eq(model, &packed));
+                let hidden = model.forward(&segments, &mut caches[i]).unwrap();
+                model.all_logits(&hidden).unwrap()
+            });
+            let (diff, scale) = (max_abs_diff(&a, &b), max_abs(&a).unwrap());
+            assert!(diff <= 1e-5 * scale, "{what} step {s}: {diff} of {scale}");
+        }
+    }
+}

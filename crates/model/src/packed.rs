@@ -1,0 +1,334 @@
+//! Weight matrices kept in the compact encoding their file uses (GGUF
+//! Q4_0, Q4_1, Q8_0, F16, BF16; safetensors F16, BF16), for inference.
+//!
+//! A decode step reads every weight once. In f32 the default model is
+//! 540 MB per step and the step waits on memory; kept as the file's Q4_1 it
+//! is 66 MB. Nothing is lost: unpacking computes exactly the f32 values the
+//! dequantizer computes (`q·d + m`, whose product is exact), so a product
+//! with a packed matrix differs from the f32 one only in summation order.
+//!
+//! A file's blocks run along one weight row: 32 inputs of one output. Here
+//! the blocks of 16 output rows are interleaved, so that one block index
+//! unpacks to 32 input rows × 16 outputs — the `[in, out]` layout gemm reads
+//! fastest — with one 16-lane vector operation per input row.
+
+use candle_core::quantized::GgmlDType;
+use candle_core::{Device, Tensor};
+
+/// Inputs per block, in every encoding here.
+pub const BLOCK: usize = 32;
+
+/// Output rows interleaved in one record.
+pub const GROUP: usize = 16;
+
+/// How a block of 32 weights of one output row is stored: the GGUF block
+/// types, and plain 16-bit floats taken 32 at a time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encoding {
+    /// f16 scale `d`, 32 nibbles `q`: `(q − 8)·d`.
+    Q4_0,
+    /// f16 scale `d` and minimum `m`, 32 nibbles `q`: `q·d + m`.
+    Q4_1,
+    /// f16 scale `d`, 32 signed bytes `q`: `q·d`.
+    Q8_0,
+    F16,
+    Bf16,
+}
+
+impl Encoding {
+    /// The encoding of a GGUF tensor type, when it has a packed kernel.
+    pub fn of_ggml(dtype: GgmlDType) -> Option<Self> {
+        match dtype {
+            GgmlDType::Q4_0 => Some(Self::Q4_0),
+            GgmlDType::Q4_1 => Some(Self::Q4_1),
+            GgmlDType::Q8_0 => Some(Self::Q8_0),
+            GgmlDType::F16 => Some(Self::F16),
+            GgmlDType::BF16 => Some(Self::Bf16),
+            _ => None,
+        }
+    }
+
+    /// f16 scalars (`d`, `m`) at the head of a file block.
+    fn scales(self) -> usize {
+        match self {
+            Self::Q4_1 => 2,
+            Self::Q4_0 | Self::Q8_0 => 1,
+            Self::F16 | Self::Bf16 => 0,
+        }
+    }
+
+    /// Bytes of weights after the scales in a file block.
+    fn payload_bytes(self) -> usize {
+        match self {
+            Self::Q4_0 | Self::Q4_1 => BLOCK / 2,
+            Self::Q8_0 => BLOCK,
+            Self::F16 | Self::Bf16 => 2 * BLOCK,
+        }
+    }
+
+    /// Bytes that stay together when blocks are interleaved: one byte of
+    /// quants, or one 16-bit float.
+    fn element_bytes(self) -> usize {
+        match self {
+            Self::F16 | Self::Bf16 => 2,
+            _ => 1,
+        }
+    }
+
+    /// Bytes of one block as the file stores it.
+    pub fn block_bytes(self) -> usize {
+        2 * self.scales() + self.payload_bytes()
+    }
+}
+
+/// A weight `[rows, cols]` (outputs × inputs) as interleaved records: for
+/// each group of 16 rows and each block of 32 inputs, the 16 blocks' scales
+/// side by side, then their payloads element by element.
+#[derive(Debug, Clone)]
+pub struct PackedMatrix {
+    encoding: Encoding,
+    rows: usize,
+    cols: usize,
+    data: Vec<u8>,
+}
+
+impl PackedMatrix {
+    /// Packs `raw`, a matrix of `rows` rows of `cols / 32` blocks each in
+    /// the file's layout. Output row `r` is read from source row
+    /// `source_rows[r]` when given (llama.cpp's rope order, undone).
+    pub fn new(
+        encoding: Encoding,
+        rows: usize,
+        cols: usize,
+        raw: &[u8],
+        source_rows: Option<&[usize]>,
+    ) -> Result<Self, String> {
+        let block_bytes = encoding.block_bytes();
+        let blocks = cols / BLOCK;
+        if !cols.is_multiple_of(BLOCK) {
+            return Err(format!("{cols} inputs is not a multiple of {BLOCK}"));
+        }
+        if raw.len() != rows * blocks * block_bytes {
+            return Err(format!(
+                "{} bytes for {rows} × {cols} weights in {encoding:?}, expected {}",
+                raw.len(),
+                rows * blocks * block_bytes
+            ));
+        }
+        if source_rows.is_some_and(|s| s.len() != rows || s.iter().any(|&r| r >= rows)) {
+            return Err("the row order does not fit the matrix".into());
+        }
+        let record = GROUP * block_bytes;
+        let groups = rows.div_ceil(GROUP);
+        // Rows past the end stay zero: scales 0 unpack to 0.
+        let mut data = vec![0u8; groups * blocks * record];
+        let (scales, element) = (encoding.scales(), encoding.element_bytes());
+        let elements = encoding.payload_bytes() / element;
+        for row in 0..rows {
+            let source = source_rows.map_or(row, |s| s[row]);
+            let (group, c) = (row / GROUP, row % GROUP);
+            for b in 0..blocks {
+                let src = &raw[(source * blocks + b) * block_bytes..][..block_bytes];
+                let dst = &mut data[(group * blocks + b) * record..][..record];
+                for s in 0..scales {
+                    dst[(s * GROUP + c) * 2..][..2].copy_from_slice(&src[s * 2..][..2]);
+                }
+                let (payload, out) = (&src[scales * 2..], &mut dst[scales * GROUP * 2..]);
+                for e in 0..elements {
+                    out[(e * GROUP + c) * element..][..element]
+                        .copy_from_slice(&payload[e * element..][..element]);
+                }
+            }
+        }
+        Ok(Self {
+            encoding,
+            rows,
+            cols,
+            data,
+        })
+    }
+
+    /// Outputs.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Inputs.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    pub fn encoding(&self) -> Encoding {
+        self.encoding
+    }
+
+    /// Groups of 16 output rows; the last may be padded.
+    pub fn groups(&self) -> usize {
+        self.rows.div_ceil(GROUP)
+    }
+
+    /// Writes rows `16·group ..` as columns: input `k`, row `16·group + c`
+    /// lands at `panel[k · stride + c]`, for all `cols` inputs and 16 rows.
+    pub fn unpack_group(&self, group: usize, panel: &mut [f32], stride: usize) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                // SAFETY: the CPU supports AVX-512F.
+                return unsafe { self.unpack_avx512(group, panel, stride) };
+            }
+            if std::arch::is_x86_feature_detected!("avx2") {
+                // SAFETY: the CPU supports AVX2.
+                return unsafe { self.unpack_avx2(group, panel, stride) };
+            }
+        }
+        self.unpack_portable(group, panel, stride)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn unpack_avx512(&self, group: usize, panel: &mut [f32], stride: usize) {
+        self.unpack_portable(group, panel, stride)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn unpack_avx2(&self, group: usize, panel: &mut [f32], stride: usize) {
+        self.unpack_portable(group, panel, stride)
+    }
+
+    /// Written for the compiler to vectorize: every inner loop is 16 lanes
+    /// of one input row.
+    #[inline(always)]
+    fn unpack_portable(&self, group: usize, panel: &mut [f32], stride: usize) {
+        let blocks = self.cols / BLOCK;
+        let record = GROUP * self.encoding.block_bytes();
+        let records = &self.data[group * blocks * record..][..blocks * record];
+        for (b, r) in records.chunks_exact(record).enumerate() {
+            let row = |k: usize| (b * BLOCK + k) * stride;
+            match self.encoding {
+                Encoding::Q4_0 => {
+                    let d = f16_lanes(&r[..2 * GROUP]);
+                    for j in 0..BLOCK / 2 {
+                        let q = byte_lanes(&r[2 * GROUP + j * GROUP..]);
+                        *lanes(panel, row(j)) =
+                            each_lane(|c| ((q[c] & 0x0F) as i16 - 8) as f32 * d[c]);
+                        *lanes(panel, row(j + BLOCK / 2)) =
+                            each_lane(|c| ((q[c] >> 4) as i16 - 8) as f32 * d[c]);
+                    }
+                }
+                Encoding::Q4_1 => {
+                    let d = f16_lanes(&r[..2 * GROUP]);
+                    let m = f16_lanes(&r[2 * GROUP..4 * GROUP]);
+                    for j in 0..BLOCK / 2 {
+                        let q = byte_lanes(&r[4 * GROUP + j * GROUP..]);
+                        *lanes(panel, row(j)) = each_lane(|c| (q[c] & 0x0F) as f32 * d[c] + m[c]);
+                        *lanes(panel, row(j + BLOCK / 2)) =
+                            each_lane(|c| (q[c] >> 4) as f32 * d[c] + m[c]);
+                    }
+                }
+                Encoding::Q8_0 => {
+                    let d = f16_lanes(&r[..2 * GROUP]);
+                    for j in 0..BLOCK {
+                        let q = byte_lanes(&r[2 * GROUP + j * GROUP..]);
+                        *lanes(panel, row(j)) = each_lane(|c| q[c] as i8 as f32 * d[c]);
+                    }
+                }
+                Encoding::F16 => {
+                    for j in 0..BLOCK {
+                        *lanes(panel, row(j)) = f16_lanes(&r[j * 2 * GROUP..]);
+                    }
+                }
+                Encoding::Bf16 => {
+                    for j in 0..BLOCK {
+                        let h = half_lanes(&r[j * 2 * GROUP..]);
+                        *lanes(panel, row(j)) = each_lane(|c| f32::from_bits((h[c] as u32) << 16));
+                    }
+                }
+            }
+        }
+    }
+
+    /// The whole matrix `[rows, cols]` in f32, for export and tests.
+    pub fn to_f32(&self) -> candle_core::Result<Tensor> {
+        let width = self.groups() * GROUP;
+        let mut panel = vec![0f32; self.cols * width];
+        for group in 0..self.groups() {
+            self.unpack_group(group, &mut panel[group * GROUP..], width);
+        }
+        Tensor::from_vec(panel, (self.cols, width), &Device::Cpu)?
+            .narrow(1, 0, self.rows)?
+            .t()?
+            .contiguous()
+    }
+}
+
+/// The 16 output lanes of one input row of a panel.
+#[inline(always)]
+fn lanes(panel: &mut [f32], at: usize) -> &mut [f32; GROUP] {
+    (&mut panel[at..at + GROUP]).try_into().expect("16 lanes")
+}
+
+/// `[f(0), …, f(15)]`, inlined so that the lanes vectorize (the standard
+/// `from_fn` is not always inlined into a `target_feature` function).
+#[inline(always)]
+fn each_lane<T: Copy + Default>(f: impl Fn(usize) -> T) -> [T; GROUP] {
+    let mut out = [T::default(); GROUP];
+    for (c, lane) in out.iter_mut().enumerate() {
+        *lane = f(c);
+    }
+    out
+}
+
+/// The 16 bytes at the start of `bytes`.
+#[inline(always)]
+fn byte_lanes(bytes: &[u8]) -> [u8; GROUP] {
+    bytes[..GROUP].try_into().expect("16 bytes")
+}
+
+/// The 16 little-endian 16-bit words at the start of `bytes`.
+#[inline(always)]
+fn half_lanes(bytes: &[u8]) -> [u16; GROUP] {
+    let bytes: &[u8; 2 * GROUP] = bytes[..2 * GROUP].try_into().expect("32 bytes");
+    each_lane(|c| u16::from_le_bytes([bytes[2 * c], bytes[2 * c + 1]]))
+}
+
+/// 16 little-endian f16s as f32, exactly, in a form that vectorizes: the
+/// magnitude bits shifted into an f32 are the value times 2⁻¹¹², so one
+/// multiplication by 2¹¹² rescales normal and subnormal halves alike.
+#[inline(always)]
+fn f16_lanes(bytes: &[u8]) -> [f32; GROUP] {
+    let h = half_lanes(bytes);
+    each_lane(|c| f16_to_f32(h[c]))
+}
+
+#[inline(always)]
+fn f16_to_f32(half: u16) -> f32 {
+    let h = half as u32;
+    let sign = (h & 0x8000) << 16;
+    let two_pow_112 = f32::from_bits((127 + 112) << 23);
+    let finite = (f32::from_bits((h & 0x7FFF) << 13) * two_pow_112).to_bits();
+    let infinite_or_nan = 0x7F80_0000 | ((h & 0x03FF) << 13);
+    let magnitude = if h & 0x7C00 == 0x7C00 {
+        infinite_or_nan
+    } else {
+        finite
+    };
+    f32::from_bits(sign | magnitude)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_half_converts_exactly() {
+        for bits in 0..=u16::MAX {
+            let want = half::f16::from_bits(bits).to_f32();
+            let got = f16_to_f32(bits);
+            assert!(
+                want.to_bits() == got.to_bits() || (want.is_nan() && got.is_nan()),
+                "{bits:#06x}: {got} != {want}"
+            );
+        }
+    }
+}
