@@ -12,8 +12,41 @@
 //! unpacks to 32 input rows × 16 outputs — the `[in, out]` layout gemm reads
 //! fastest — with one 16-lane vector operation per input row.
 
+use std::ops::Range;
+
 use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Tensor};
+
+/// Runs `$body` compiled for the widest vector instructions the CPU has
+/// (the loops it inlines are written for the compiler to vectorize).
+macro_rules! with_vector_features {
+    ($body:expr) => {{
+        #[cfg(target_arch = "x86_64")]
+        {
+            #[target_feature(enable = "avx512f")]
+            unsafe fn avx512<T>(body: impl FnOnce() -> T) -> T {
+                body()
+            }
+            #[target_feature(enable = "avx2")]
+            unsafe fn avx2<T>(body: impl FnOnce() -> T) -> T {
+                body()
+            }
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                // SAFETY: the CPU supports AVX-512F.
+                unsafe { avx512(|| $body) }
+            } else if std::arch::is_x86_feature_detected!("avx2") {
+                // SAFETY: the CPU supports AVX2.
+                unsafe { avx2(|| $body) }
+            } else {
+                $body
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            $body
+        }
+    }};
+}
 
 /// Inputs per block, in every encoding here.
 pub const BLOCK: usize = 32;
@@ -170,50 +203,77 @@ impl PackedMatrix {
     /// Writes rows `16·group ..` as columns: input `k`, row `16·group + c`
     /// lands at `panel[k · stride + c]`, for all `cols` inputs and 16 rows.
     pub fn unpack_group(&self, group: usize, panel: &mut [f32], stride: usize) {
+        let unpack = |k: usize, w: &[f32; GROUP]| *lanes(panel, k * stride) = *w;
+        with_vector_features!(self.for_each_input(group, 0..self.cols / BLOCK, unpack))
+    }
+
+    /// `dots[r][c] = Σ_k x[r][k] · W[16·group + c, k]` for the `R` rows of
+    /// `x`, with the weights unpacked in registers and never stored: for
+    /// the few rows of a decode step, where writing a panel for gemm costs
+    /// more than the product itself.
+    pub fn dot_group<const R: usize>(&self, group: usize, x: [&[f32]; R]) -> [[f32; GROUP]; R] {
+        assert!(
+            x.iter().all(|x| x.len() >= self.cols),
+            "rows of {} inputs",
+            self.cols
+        );
         #[cfg(target_arch = "x86_64")]
         {
             if std::arch::is_x86_feature_detected!("avx512f") {
-                // SAFETY: the CPU supports AVX-512F.
-                return unsafe { self.unpack_avx512(group, panel, stride) };
-            }
-            if std::arch::is_x86_feature_detected!("avx2") {
-                // SAFETY: the CPU supports AVX2.
-                return unsafe { self.unpack_avx2(group, panel, stride) };
+                // SAFETY: the CPU supports AVX-512F and every row of `x` has
+                // `cols` inputs.
+                return unsafe { avx512::dot_group(self, group, x) };
             }
         }
-        self.unpack_portable(group, panel, stride)
+        self.dot_group_portable(group, x)
     }
 
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn unpack_avx512(&self, group: usize, panel: &mut [f32], stride: usize) {
-        self.unpack_portable(group, panel, stride)
+    /// [`PackedMatrix::dot_group`] without vector intrinsics: the reference
+    /// the AVX-512 kernel is tested against.
+    pub(crate) fn dot_group_portable<const R: usize>(
+        &self,
+        group: usize,
+        x: [&[f32]; R],
+    ) -> [[f32; GROUP]; R] {
+        let mut dots = [[0f32; GROUP]; R];
+        self.for_each_input(group, 0..self.cols / BLOCK, |k, w| {
+            for (dot, x) in dots.iter_mut().zip(&x) {
+                for c in 0..GROUP {
+                    dot[c] += x[k] * w[c];
+                }
+            }
+        });
+        dots
     }
 
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2")]
-    unsafe fn unpack_avx2(&self, group: usize, panel: &mut [f32], stride: usize) {
-        self.unpack_portable(group, panel, stride)
-    }
-
-    /// Written for the compiler to vectorize: every inner loop is 16 lanes
-    /// of one input row.
+    /// Calls `f(k, w)` for every input `k` in order, `w` holding the weights
+    /// of the group's 16 rows for that input. Written for the compiler to
+    /// vectorize: every inner loop is the 16 lanes of one input.
     #[inline(always)]
-    fn unpack_portable(&self, group: usize, panel: &mut [f32], stride: usize) {
-        let blocks = self.cols / BLOCK;
+    fn for_each_input(
+        &self,
+        group: usize,
+        blocks: Range<usize>,
+        mut f: impl FnMut(usize, &[f32; GROUP]),
+    ) {
         let record = GROUP * self.encoding.block_bytes();
-        let records = &self.data[group * blocks * record..][..blocks * record];
-        for (b, r) in records.chunks_exact(record).enumerate() {
-            let row = |k: usize| (b * BLOCK + k) * stride;
+        let first = group * (self.cols / BLOCK);
+        let records = &self.data[(first + blocks.start) * record..(first + blocks.end) * record];
+        for (b, r) in blocks.zip(records.chunks_exact(record)) {
+            let k = b * BLOCK;
             match self.encoding {
                 Encoding::Q4_0 => {
                     let d = f16_lanes(&r[..2 * GROUP]);
                     for j in 0..BLOCK / 2 {
                         let q = byte_lanes(&r[2 * GROUP + j * GROUP..]);
-                        *lanes(panel, row(j)) =
-                            each_lane(|c| ((q[c] & 0x0F) as i16 - 8) as f32 * d[c]);
-                        *lanes(panel, row(j + BLOCK / 2)) =
-                            each_lane(|c| ((q[c] >> 4) as i16 - 8) as f32 * d[c]);
+                        f(
+                            k + j,
+                            &each_lane(|c| ((q[c] & 0x0F) as i16 - 8) as f32 * d[c]),
+                        );
+                        f(
+                            k + j + BLOCK / 2,
+                            &each_lane(|c| ((q[c] >> 4) as i16 - 8) as f32 * d[c]),
+                        );
                     }
                 }
                 Encoding::Q4_1 => {
@@ -221,27 +281,29 @@ impl PackedMatrix {
                     let m = f16_lanes(&r[2 * GROUP..4 * GROUP]);
                     for j in 0..BLOCK / 2 {
                         let q = byte_lanes(&r[4 * GROUP + j * GROUP..]);
-                        *lanes(panel, row(j)) = each_lane(|c| (q[c] & 0x0F) as f32 * d[c] + m[c]);
-                        *lanes(panel, row(j + BLOCK / 2)) =
-                            each_lane(|c| (q[c] >> 4) as f32 * d[c] + m[c]);
+                        f(k + j, &each_lane(|c| (q[c] & 0x0F) as f32 * d[c] + m[c]));
+                        f(
+                            k + j + BLOCK / 2,
+                            &each_lane(|c| (q[c] >> 4) as f32 * d[c] + m[c]),
+                        );
                     }
                 }
                 Encoding::Q8_0 => {
                     let d = f16_lanes(&r[..2 * GROUP]);
                     for j in 0..BLOCK {
                         let q = byte_lanes(&r[2 * GROUP + j * GROUP..]);
-                        *lanes(panel, row(j)) = each_lane(|c| q[c] as i8 as f32 * d[c]);
+                        f(k + j, &each_lane(|c| q[c] as i8 as f32 * d[c]));
                     }
                 }
                 Encoding::F16 => {
                     for j in 0..BLOCK {
-                        *lanes(panel, row(j)) = f16_lanes(&r[j * 2 * GROUP..]);
+                        f(k + j, &f16_lanes(&r[j * 2 * GROUP..]));
                     }
                 }
                 Encoding::Bf16 => {
                     for j in 0..BLOCK {
                         let h = half_lanes(&r[j * 2 * GROUP..]);
-                        *lanes(panel, row(j)) = each_lane(|c| f32::from_bits((h[c] as u32) << 16));
+                        f(k + j, &each_lane(|c| f32::from_bits((h[c] as u32) << 16)));
                     }
                 }
             }
@@ -316,9 +378,175 @@ fn f16_to_f32(half: u16) -> f32 {
     f32::from_bits(sign | magnitude)
 }
 
+/// Whether [`PackedMatrix::dot_group`] runs as vector intrinsics here; the
+/// portable form is correct but slower than unpacking into a panel.
+pub(crate) fn has_register_kernel() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// The register kernel in AVX-512 intrinsics: the compiler does not keep
+/// `R` accumulators of 16 lanes in registers on its own.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::{Encoding, PackedMatrix, BLOCK, GROUP};
+
+    /// # Safety
+    /// The CPU must support AVX-512F, and every row of `x` must hold at
+    /// least `matrix.cols` values.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn dot_group<const R: usize>(
+        matrix: &PackedMatrix,
+        group: usize,
+        x: [&[f32]; R],
+    ) -> [[f32; GROUP]; R] {
+        let blocks = matrix.cols / BLOCK;
+        let record = GROUP * matrix.encoding.block_bytes();
+        let records = &matrix.data[group * blocks * record..][..blocks * record];
+        let mut acc = [_mm512_setzero_ps(); R];
+        let mut add = |k: usize, w: __m512| {
+            for (acc, x) in acc.iter_mut().zip(&x) {
+                *acc = _mm512_fmadd_ps(_mm512_set1_ps(*x.get_unchecked(k)), w, *acc);
+            }
+        };
+        let low_nibbles = _mm512_set1_epi32(0x0F);
+        for (b, r) in records.chunks_exact(record).enumerate() {
+            let (k, p) = (b * BLOCK, r.as_ptr());
+            let halves = |at: usize| _mm512_cvtph_ps(_mm256_loadu_si256(p.add(at).cast()));
+            let bytes = |at: usize| _mm_loadu_si128(p.add(at).cast());
+            match matrix.encoding {
+                Encoding::Q4_0 => {
+                    let (d, eight) = (halves(0), _mm512_set1_epi32(8));
+                    for j in 0..BLOCK / 2 {
+                        let q = _mm512_cvtepu8_epi32(bytes(2 * GROUP + j * GROUP));
+                        let lo = _mm512_sub_epi32(_mm512_and_si512(q, low_nibbles), eight);
+                        let hi = _mm512_sub_epi32(_mm512_srli_epi32(q, 4), eight);
+                        add(k + j, _mm512_mul_ps(_mm512_cvtepi32_ps(lo), d));
+                        add(k + j + BLOCK / 2, _mm512_mul_ps(_mm512_cvtepi32_ps(hi), d));
+                    }
+                }
+                Encoding::Q4_1 => {
+                    let (d, m) = (halves(0), halves(2 * GROUP));
+                    for j in 0..BLOCK / 2 {
+                        let q = _mm512_cvtepu8_epi32(bytes(4 * GROUP + j * GROUP));
+                        let lo = _mm512_cvtepi32_ps(_mm512_and_si512(q, low_nibbles));
+                        let hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4));
+                        add(k + j, _mm512_add_ps(_mm512_mul_ps(lo, d), m));
+                        add(k + j + BLOCK / 2, _mm512_add_ps(_mm512_mul_ps(hi, d), m));
+                    }
+                }
+                Encoding::Q8_0 => {
+                    let d = halves(0);
+                    for j in 0..BLOCK {
+                        let q = _mm512_cvtepi8_epi32(bytes(2 * GROUP + j * GROUP));
+                        add(k + j, _mm512_mul_ps(_mm512_cvtepi32_ps(q), d));
+                    }
+                }
+                Encoding::F16 => {
+                    for j in 0..BLOCK {
+                        add(k + j, halves(j * 2 * GROUP));
+                    }
+                }
+                Encoding::Bf16 => {
+                    for j in 0..BLOCK {
+                        let h =
+                            _mm512_cvtepu16_epi32(_mm256_loadu_si256(p.add(j * 2 * GROUP).cast()));
+                        add(k + j, _mm512_castsi512_ps(_mm512_slli_epi32(h, 16)));
+                    }
+                }
+            }
+        }
+        acc.map(|lanes| {
+            let mut out = [0f32; GROUP];
+            _mm512_storeu_ps(out.as_mut_ptr(), lanes);
+            out
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::quantized::QTensor;
+    use rand::{Rng, SeedableRng};
+
+    /// A random `[rows, cols]` matrix in `dtype`, packed, and its values as
+    /// the dequantizer gives them.
+    fn random_matrix(dtype: GgmlDType, rows: usize, cols: usize) -> (PackedMatrix, Vec<f32>) {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(rows as u64);
+        let values: Vec<f32> = (0..rows * cols)
+            .map(|_| rng.random_range(-1.0..1.0))
+            .collect();
+        let t = Tensor::from_vec(values, (rows, cols), &Device::Cpu).unwrap();
+        let q = QTensor::quantize(&t, dtype).unwrap();
+        let encoding = Encoding::of_ggml(dtype).unwrap();
+        let packed = PackedMatrix::new(encoding, rows, cols, &q.data().unwrap(), None).unwrap();
+        let dequantized = q.dequantize(&Device::Cpu).unwrap();
+        (
+            packed,
+            dequantized.flatten_all().unwrap().to_vec1().unwrap(),
+        )
+    }
+
+    #[test]
+    fn register_kernels_compute_the_product_with_the_dequantized_weights() {
+        let (rows, cols) = (40, 96);
+        let x: Vec<Vec<f32>> = (0..8)
+            .map(|r| {
+                (0..cols)
+                    .map(|k| ((r * cols + k) % 13) as f32 / 6.0 - 1.0)
+                    .collect()
+            })
+            .collect();
+        for dtype in [
+            GgmlDType::Q4_0,
+            GgmlDType::Q4_1,
+            GgmlDType::Q8_0,
+            GgmlDType::F16,
+            GgmlDType::BF16,
+        ] {
+            let (packed, w) = random_matrix(dtype, rows, cols);
+            let mut panel = vec![0f32; cols * packed.groups() * GROUP];
+            for group in 0..packed.groups() {
+                let width = packed.groups() * GROUP;
+                packed.unpack_group(group, &mut panel[group * GROUP..], width);
+                let rows8: [&[f32]; 8] = std::array::from_fn(|r| x[r].as_slice());
+                let [fast, portable] = [
+                    packed.dot_group(group, rows8),
+                    packed.dot_group_portable(group, rows8),
+                ];
+                let one = packed.dot_group(group, [x[5].as_slice()]);
+                for c in 0..GROUP.min(rows - group * GROUP) {
+                    let row = group * GROUP + c;
+                    for k in 0..cols {
+                        assert_eq!(
+                            panel[k * width + row],
+                            w[row * cols + k],
+                            "{dtype:?} unpack"
+                        );
+                    }
+                    for (r, x) in x.iter().enumerate() {
+                        let exact: f64 = (0..cols)
+                            .map(|k| x[k] as f64 * w[row * cols + k] as f64)
+                            .sum();
+                        for (kernel, got) in [("avx", fast[r][c]), ("portable", portable[r][c])] {
+                            let err = (got as f64 - exact).abs();
+                            assert!(err < 1e-5, "{dtype:?} {kernel} row {r} col {row}: {err}");
+                        }
+                    }
+                    assert_eq!(one[0][c], fast[5][c], "{dtype:?}: one row alone");
+                }
+            }
+        }
+    }
 
     #[test]
     fn every_half_converts_exactly() {
