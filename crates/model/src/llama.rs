@@ -33,11 +33,12 @@ use crate::weights::Weights;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Layout {
     /// Packed in the file's encoding where a kernel reads it, fast
-    /// otherwise: for inference.
+    /// otherwise: for generation.
     Packed,
-    /// Transposed, fused f32 copies of the loaded weights.
+    /// Transposed, fused f32 copies of the loaded weights: trainable.
     Fast,
-    /// Transposed views of the loaded weights: no copy, slower GEMMs.
+    /// Packed where a kernel reads it, transposed views of the loaded
+    /// weights otherwise: the least memory, for a model that only scores.
     Compact,
 }
 
@@ -64,9 +65,9 @@ struct Linear {
 }
 
 impl Linear {
-    /// The parts `(HF name, out)` of an input of width `inp`: packed, when
-    /// asked for and every part's encoding allows; else fused into one
-    /// contiguous copy (fast), or one transposed view each (compact).
+    /// The parts `(HF name, out)` of an input of width `inp`: packed, unless
+    /// training or a part's encoding has no packed kernel; else fused into
+    /// one contiguous copy (fast), or one transposed view each (compact).
     fn load(
         w: &Weights,
         parts: &[(String, usize)],
@@ -84,7 +85,7 @@ impl Linear {
                 .collect::<Result<Vec<_>>>()?;
             Ok(Some(Tensor::cat(&biases, 0)?))
         };
-        if layout == Layout::Packed {
+        if layout != Layout::Fast {
             let packed = parts
                 .iter()
                 .map(|(name, out)| w.packed(&format!("{name}.weight"), &[*out, inp]))
@@ -141,8 +142,8 @@ impl Linear {
         name
     }
 
-    /// Each part's output `[b, t, out_i]`.
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Vec<Tensor>> {
+    /// The parts' outputs side by side, `[b, t, Σ out_i]`.
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let (b, t, inp) = x.dims3()?;
         let rows = x.reshape((b * t, inp))?;
         let mut y = match &self.weight {
@@ -152,18 +153,7 @@ impl Linear {
         if let Some(bias) = &self.bias {
             y = y.broadcast_add(bias)?;
         }
-        if self.parts.len() == 1 {
-            return Ok(vec![y.reshape((b, t, ()))?]);
-        }
-        let mut offset = 0;
-        self.parts
-            .iter()
-            .map(|&(_, width)| {
-                let part = y.narrow(1, offset, width)?.reshape((b, t, width));
-                offset += width;
-                part
-            })
-            .collect()
+        y.reshape((b, t, ()))
     }
 
     /// Each part's weight (and bias) back in HF's layout and names.
@@ -189,19 +179,42 @@ impl Linear {
     }
 }
 
-/// The outputs of every part of `linears`, in order.
+/// The output of every part of `linears`, in order, as `[b, t, out_i]`
+/// views of the fused products (no copies).
 fn project_all(linears: &[Linear], x: &Tensor) -> candle_core::Result<Vec<Tensor>> {
     let mut outputs = Vec::with_capacity(3);
     for linear in linears {
-        outputs.extend(linear.forward(x)?);
+        let y = linear.forward(x)?;
+        let mut offset = 0;
+        for (_, width) in &linear.parts {
+            outputs.push(y.narrow(2, offset, *width)?);
+            offset += width;
+        }
     }
     Ok(outputs)
 }
 
-/// The single output of a one-part projection.
-fn project_one(linear: &Linear, x: &Tensor) -> candle_core::Result<Tensor> {
-    let mut outputs = linear.forward(x)?;
-    Ok(outputs.remove(0))
+/// The output of every part of `linears`, in order, split into heads of
+/// `head_dim`: `[b, heads_i, t, head_dim]`, contiguous. Each part is one
+/// copy out of the fused product.
+fn project_heads(
+    linears: &[Linear],
+    x: &Tensor,
+    head_dim: usize,
+) -> candle_core::Result<Vec<Tensor>> {
+    let mut outputs = Vec::with_capacity(3);
+    for linear in linears {
+        let y = linear.forward(x)?;
+        let (b, t, total) = y.dims3()?;
+        let heads = y.reshape((b, t, total / head_dim, head_dim))?;
+        let mut offset = 0;
+        for (_, width) in &linear.parts {
+            let part = heads.narrow(2, offset / head_dim, width / head_dim)?;
+            outputs.push(part.transpose(1, 2)?.contiguous()?);
+            offset += width;
+        }
+    }
+    Ok(outputs)
 }
 
 #[derive(Debug, Clone)]
@@ -308,21 +321,17 @@ impl Attention {
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let heads = |y: Tensor, n: usize| -> candle_core::Result<Tensor> {
-            y.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous()
-        };
-        let mut qkv = project_all(&self.qkv, x)?.into_iter();
+        let mut qkv = project_heads(&self.qkv, x, d)?.into_iter();
         let mut next = || qkv.next().expect("q, k and v");
         let (q, k, v) = (next(), next(), next());
-        let q = rotary.apply(&heads(q, h)?)?;
-        let k = rotary.apply(&heads(k, kvh)?)?;
-        let v = heads(v, kvh)?;
+        let q = rotary.apply(&q)?;
+        let k = rotary.apply(&k)?;
         let (k, v) = cache.append_layer(layer, k.contiguous()?, v)?;
         let scale = 1.0 / (d as f64).sqrt();
         let needs_grad = q.track_op() || k.track_op() || v.track_op();
         if t <= MAX_FUSED_TOKENS && !needs_grad && q.device().is_cpu() {
             let out = cached_attention(&q, &k, &v, mask, scale as f32)?;
-            return Ok(project_one(&self.o_proj, &out)?);
+            return Ok(self.o_proj.forward(&out)?);
         }
         let len = k.dim(2)?;
         // The query heads that share one kv head are stacked along the time
@@ -339,7 +348,7 @@ impl Attention {
             .reshape((b, h, t, d))?
             .transpose(1, 2)?
             .reshape((b, t, h * d))?;
-        Ok(project_one(&self.o_proj, &out)?)
+        Ok(self.o_proj.forward(&out)?)
     }
 }
 
@@ -367,7 +376,7 @@ impl Module for Mlp {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let mut gate_up = project_all(&self.gate_up, x)?.into_iter();
         let (gate, up) = (gate_up.next().expect("gate"), gate_up.next().expect("up"));
-        project_one(&self.down_proj, &(gate.silu()? * up)?)
+        self.down_proj.forward(&(gate.silu()? * up)?)
     }
 }
 
@@ -496,8 +505,9 @@ impl Llama {
         Self::build(config, weights, Layout::Packed)
     }
 
-    /// The decoder on views of `weights`, without transposed copies: no
-    /// extra memory, slower GEMMs. For a reference model that only scores.
+    /// The decoder in the least memory: projections packed where the file
+    /// allows, otherwise views of `weights` without transposed copies
+    /// (slower GEMMs). For a reference model that only scores.
     pub fn new_compact(config: &ModelConfig, weights: &Weights) -> Result<Self> {
         Self::build(config, weights, Layout::Compact)
     }
@@ -543,16 +553,16 @@ impl Llama {
             None => "model.embed_tokens.weight",
         };
         let lm_head_packed = match layout {
-            Layout::Packed => weights
+            Layout::Packed | Layout::Compact => weights
                 .packed(output_name, &[c.vocab_size, c.hidden_size])?
                 .map(|packed| Arc::from(vec![packed])),
             _ => None,
         };
         let output = lm_head.as_ref().unwrap_or(&embed_tokens);
         let lm_head_t = match layout {
-            Layout::Packed if lm_head_packed.is_some() => None,
-            Layout::Packed | Layout::Fast => Some(output.t()?.contiguous()?),
-            Layout::Compact => None,
+            Layout::Packed if lm_head_packed.is_none() => Some(output.t()?.contiguous()?),
+            Layout::Fast => Some(output.t()?.contiguous()?),
+            Layout::Packed | Layout::Compact => None,
         };
         Ok(Self {
             config: c.clone(),
