@@ -169,6 +169,8 @@ fn generate(args: GenerateBench) -> Result<()> {
         "new_tokens": args.new_tokens,
         "temperature": args.temperature,
         "threads": candle_core::utils::get_num_threads(),
+        // Weights read in the file's compact encoding rather than as f32.
+        "packed_weights": model.llama.packed_weights(),
         "prefill_seconds": prefill_s,
         "prefill_tokens_per_s": (args.batch * args.prompt_tokens) as f64 / prefill_s,
         "decode_seconds": decode_s,
