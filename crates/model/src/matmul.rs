@@ -17,7 +17,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor
 use rayon::prelude::*;
 
 use crate::logprob::f32_slice;
-use crate::packed::{has_register_kernel, PackedMatrix, GROUP};
+use crate::packed::{register_rows, PackedMatrix, GROUP};
 
 /// Products with at most this many rows take the split path; larger ones
 /// (prefill) have enough rows for gemm's own parallelism.
@@ -120,7 +120,7 @@ impl SharedOutput {
 
     /// `out[.., first..] = x [m, k] · Wᵀ` for the rows `16·groups` of `part`
     /// (whose first output column is `first`), with `PackedMatrix::dot_group`
-    /// on up to `MAX_REGISTER_ROWS` rows at a time.
+    /// on up to `pass` (8 or 4) rows at a time.
     ///
     /// # Safety
     /// The output must have `m` rows of `row_stride` columns, the part's
@@ -133,6 +133,7 @@ impl SharedOutput {
         groups: Range<usize>,
         x: &[f32],
         k: usize,
+        pass: usize,
     ) {
         let m = x.len() / k.max(1);
         for group in groups {
@@ -145,7 +146,9 @@ impl SharedOutput {
             let mut r0 = 0;
             while r0 < m {
                 r0 += match m - r0 {
-                    8.. => dots_into(part.dot_group(group, rows::<8>(x, k, r0)), r0, &write),
+                    8.. if pass >= 8 => {
+                        dots_into(part.dot_group(group, rows::<8>(x, k, r0)), r0, &write)
+                    }
                     4.. => dots_into(part.dot_group(group, rows::<4>(x, k, r0)), r0, &write),
                     2.. => dots_into(part.dot_group(group, rows::<2>(x, k, r0)), r0, &write),
                     _ => dots_into(part.dot_group(group, rows::<1>(x, k, r0)), r0, &write),
@@ -258,11 +261,12 @@ impl CustomOp1 for PackedProduct<'_> {
             tasks.extend(blocks(part.groups()).map(|groups| (part, offset, groups)));
             offset += part.rows();
         }
-        let register_rows = m <= MAX_REGISTER_ROWS && has_register_kernel();
+        let pass = register_rows();
+        let in_registers = m <= MAX_REGISTER_ROWS && pass > 0;
         tasks.into_par_iter().for_each(|(part, offset, groups)| {
-            if register_rows {
+            if in_registers {
                 // SAFETY: as below, for columns offset + 16·groups.
-                return unsafe { output.dot_groups(part, offset, groups, x, k) };
+                return unsafe { output.dot_groups(part, offset, groups, x, k, pass) };
             }
             let width = groups.len() * GROUP;
             PANEL.with_borrow_mut(|panel| {

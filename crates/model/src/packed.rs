@@ -224,6 +224,11 @@ impl PackedMatrix {
                 // `cols` inputs.
                 return unsafe { avx512::dot_group(self, group, x) };
             }
+            if R <= avx2::MAX_ROWS && avx2::supported() {
+                // SAFETY: the CPU supports AVX2, FMA and F16C, and every row
+                // of `x` has `cols` inputs.
+                return unsafe { avx2::dot_group(self, group, x) };
+            }
         }
         self.dot_group_portable(group, x)
     }
@@ -380,15 +385,21 @@ fn f16_to_f32(half: u16) -> f32 {
 
 /// Whether [`PackedMatrix::dot_group`] runs as vector intrinsics here; the
 /// portable form is correct but slower than unpacking into a panel.
-pub(crate) fn has_register_kernel() -> bool {
+/// How many rows one pass of [`PackedMatrix::dot_group`] should take here
+/// (as many as the vector registers hold accumulators for), or 0 when it
+/// runs in its portable form, which is correct but slower than unpacking
+/// into a panel.
+pub(crate) fn register_rows() -> usize {
     #[cfg(target_arch = "x86_64")]
     {
-        std::arch::is_x86_feature_detected!("avx512f")
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            return 8;
+        }
+        if avx2::supported() {
+            return avx2::MAX_ROWS;
+        }
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    0
 }
 
 /// The register kernel in AVX-512 intrinsics: the compiler does not keep
@@ -472,6 +483,116 @@ mod avx512 {
     }
 }
 
+/// The register kernel for CPUs with AVX2 but not AVX-512 (most laptops):
+/// each 16-lane row of weights is two 8-lane halves, and with 16 vector
+/// registers four rows of accumulators fit.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::{Encoding, PackedMatrix, BLOCK, GROUP};
+
+    /// Rows of accumulators that fit in the 16 vector registers.
+    pub(super) const MAX_ROWS: usize = 4;
+
+    pub(super) fn supported() -> bool {
+        std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c")
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2, FMA and F16C, and every row of `x` must
+    /// hold at least `matrix.cols` values.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dot_group<const R: usize>(
+        matrix: &PackedMatrix,
+        group: usize,
+        x: [&[f32]; R],
+    ) -> [[f32; GROUP]; R] {
+        let blocks = matrix.cols / BLOCK;
+        let record = GROUP * matrix.encoding.block_bytes();
+        let records = &matrix.data[group * blocks * record..][..blocks * record];
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        let mut add = |k: usize, w: [__m256; 2]| {
+            for (acc, x) in acc.iter_mut().zip(&x) {
+                let x = _mm256_set1_ps(*x.get_unchecked(k));
+                acc[0] = _mm256_fmadd_ps(x, w[0], acc[0]);
+                acc[1] = _mm256_fmadd_ps(x, w[1], acc[1]);
+            }
+        };
+        let low_nibbles = _mm256_set1_epi32(0x0F);
+        for (b, r) in records.chunks_exact(record).enumerate() {
+            let (k, p) = (b * BLOCK, r.as_ptr());
+            // Lanes 0..8 and 8..16 of 16 halves, 16 unsigned or signed bytes.
+            let halves = |at: usize| {
+                [0, 16].map(|half| _mm256_cvtph_ps(_mm_loadu_si128(p.add(at + half).cast())))
+            };
+            let bytes = |at: usize| [0, 8].map(|half| _mm_loadl_epi64(p.add(at + half).cast()));
+            let unsigned = |at: usize| bytes(at).map(|q| _mm256_cvtepu8_epi32(q));
+            let scale = |q: [__m256i; 2], d: [__m256; 2]| {
+                [0, 1].map(|i| _mm256_mul_ps(_mm256_cvtepi32_ps(q[i]), d[i]))
+            };
+            match matrix.encoding {
+                Encoding::Q4_0 => {
+                    let (d, eight) = (halves(0), _mm256_set1_epi32(8));
+                    for j in 0..BLOCK / 2 {
+                        let q = unsigned(2 * GROUP + j * GROUP);
+                        let lo =
+                            q.map(|q| _mm256_sub_epi32(_mm256_and_si256(q, low_nibbles), eight));
+                        let hi = q.map(|q| _mm256_sub_epi32(_mm256_srli_epi32(q, 4), eight));
+                        add(k + j, scale(lo, d));
+                        add(k + j + BLOCK / 2, scale(hi, d));
+                    }
+                }
+                Encoding::Q4_1 => {
+                    let (d, m) = (halves(0), halves(2 * GROUP));
+                    for j in 0..BLOCK / 2 {
+                        let q = unsigned(4 * GROUP + j * GROUP);
+                        let lo = scale(q.map(|q| _mm256_and_si256(q, low_nibbles)), d);
+                        let hi = scale(q.map(|q| _mm256_srli_epi32(q, 4)), d);
+                        add(k + j, [0, 1].map(|i| _mm256_add_ps(lo[i], m[i])));
+                        add(
+                            k + j + BLOCK / 2,
+                            [0, 1].map(|i| _mm256_add_ps(hi[i], m[i])),
+                        );
+                    }
+                }
+                Encoding::Q8_0 => {
+                    let d = halves(0);
+                    for j in 0..BLOCK {
+                        let q = bytes(2 * GROUP + j * GROUP).map(|q| _mm256_cvtepi8_epi32(q));
+                        add(k + j, scale(q, d));
+                    }
+                }
+                Encoding::F16 => {
+                    for j in 0..BLOCK {
+                        add(k + j, halves(j * 2 * GROUP));
+                    }
+                }
+                Encoding::Bf16 => {
+                    for j in 0..BLOCK {
+                        add(
+                            k + j,
+                            [0, 16].map(|half| {
+                                let h = _mm_loadu_si128(p.add(j * 2 * GROUP + half).cast());
+                                let bits = _mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16);
+                                _mm256_castsi256_ps(bits)
+                            }),
+                        );
+                    }
+                }
+            }
+        }
+        acc.map(|[lo, hi]| {
+            let mut out = [0f32; GROUP];
+            _mm256_storeu_ps(out.as_mut_ptr(), lo);
+            _mm256_storeu_ps(out.as_mut_ptr().add(8), hi);
+            out
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -519,10 +640,23 @@ mod tests {
                 let width = packed.groups() * GROUP;
                 packed.unpack_group(group, &mut panel[group * GROUP..], width);
                 let rows8: [&[f32]; 8] = std::array::from_fn(|r| x[r].as_slice());
-                let [fast, portable] = [
-                    packed.dot_group(group, rows8),
-                    packed.dot_group_portable(group, rows8),
+                let mut kernels = vec![
+                    ("dispatched", packed.dot_group(group, rows8)),
+                    ("portable", packed.dot_group_portable(group, rows8)),
                 ];
+                #[cfg(target_arch = "x86_64")]
+                if avx2::supported() {
+                    let half = |from: usize| -> [&[f32]; 4] {
+                        std::array::from_fn(|r| x[from + r].as_slice())
+                    };
+                    // SAFETY: the CPU supports the kernel; rows hold `cols`.
+                    let [a, b] =
+                        [0, 4].map(|from| unsafe { avx2::dot_group(&packed, group, half(from)) });
+                    let mut both = [[0f32; GROUP]; 8];
+                    both[..4].copy_from_slice(&a);
+                    both[4..].copy_from_slice(&b);
+                    kernels.push(("avx2", both));
+                }
                 let one = packed.dot_group(group, [x[5].as_slice()]);
                 for c in 0..GROUP.min(rows - group * GROUP) {
                     let row = group * GROUP + c;
@@ -537,12 +671,12 @@ mod tests {
                         let exact: f64 = (0..cols)
                             .map(|k| x[k] as f64 * w[row * cols + k] as f64)
                             .sum();
-                        for (kernel, got) in [("avx", fast[r][c]), ("portable", portable[r][c])] {
-                            let err = (got as f64 - exact).abs();
+                        for (kernel, dots) in &kernels {
+                            let err = (dots[r][c] as f64 - exact).abs();
                             assert!(err < 1e-5, "{dtype:?} {kernel} row {r} col {row}: {err}");
                         }
                     }
-                    assert_eq!(one[0][c], fast[5][c], "{dtype:?}: one row alone");
+                    assert_eq!(one[0][c], kernels[0].1[5][c], "{dtype:?}: one row alone");
                 }
             }
         }
