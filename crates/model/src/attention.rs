@@ -14,6 +14,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
 use crate::error::{ModelError, Result};
+use crate::exp::exp;
 use crate::logprob::f32_slice;
 
 /// Rows with at most this many new tokens take the fused path; longer
@@ -204,11 +205,8 @@ impl RowAttention<'_> {
             for n in 0..group * t {
                 let row = &mut scores[n * len..][..len];
                 let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut total = 0.0;
-                for score in row.iter_mut() {
-                    *score = (*score - max).exp();
-                    total += *score;
-                }
+                row.iter_mut().for_each(|score| *score = exp(*score - max));
+                let total = sum(row);
                 row.iter_mut().for_each(|p| *p /= total);
                 let h = kv_head * group + n / t;
                 out[((n % t) * self.heads + h) * d..][..d].fill(0.0);
@@ -243,6 +241,20 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     for (x, y) in a_chunks.zip(b_chunks) {
         for l in 0..LANES {
             acc[l] += x[l] * y[l];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// The sum in `LANES` partial sums, so that it vectorizes.
+#[inline(always)]
+fn sum(values: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let chunks = values.chunks_exact(LANES);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for chunk in chunks {
+        for l in 0..LANES {
+            acc[l] += chunk[l];
         }
     }
     acc.iter().sum::<f32>() + tail

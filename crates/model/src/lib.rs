@@ -10,6 +10,7 @@ pub mod chat;
 pub mod config;
 pub mod default_model;
 pub mod error;
+pub mod exp;
 pub mod gguf;
 pub mod llama;
 pub mod loader;
