@@ -4,6 +4,7 @@
 //! kept to continue every conversation.
 
 use candle_core::Tensor;
+use r3_model::kernel::with_f32_elements;
 use r3_model::{KvCache, Llama, Tokenizer};
 use rayon::prelude::*;
 use serde::Serialize;
@@ -146,14 +147,16 @@ impl<'a> Generator<'a> {
         let mut next_tokens: Vec<[u32; 1]> = Vec::with_capacity(n);
         loop {
             let vocab = logits.dim(1)?;
-            let flat: Vec<f32> = logits.flatten_all()?.to_vec1()?;
-            // Rows sample in parallel: each has its own RNG, so the result
-            // does not depend on the threads.
-            samplers
-                .par_iter_mut()
-                .zip(flat.par_chunks(vocab))
-                .map(|(sampler, row_logits)| sampler.sample(row_logits))
-                .collect_into_vec(&mut sampled);
+            // Rows sample in parallel, reading the logits where they lie:
+            // each has its own RNG, so the result does not depend on the
+            // threads.
+            with_f32_elements(&logits.contiguous()?, |flat| {
+                samplers
+                    .par_iter_mut()
+                    .zip(flat.par_chunks(vocab))
+                    .map(|(sampler, row_logits)| sampler.sample(row_logits))
+                    .collect_into_vec(&mut sampled)
+            })?;
             finished.clear();
             for (slot, (&row, &token)) in active.iter().zip(&sampled).enumerate() {
                 let completion = &mut completions[row];

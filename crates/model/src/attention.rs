@@ -10,12 +10,11 @@
 //! the output projection wants. There is no backward: forwards that need
 //! gradients take the matmul path.
 
-use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::error::{ModelError, Result};
 use crate::exp::exp;
-use crate::logprob::f32_slice;
+use crate::kernel::{f32_slice, with_f32_elements, with_vector_features};
 
 /// Rows with at most this many new tokens take the fused path; longer
 /// segments (prefill) are better served by real GEMMs.
@@ -32,23 +31,10 @@ pub(crate) fn cached_attention(
     v: &Tensor,
     mask: &Tensor,
     scale: f32,
-) -> Result<Tensor> {
-    let (mask_storage, mask_layout) = mask.storage_and_layout();
-    let Storage::Cpu(CpuStorage::F32(mask_values)) = &*mask_storage else {
-        return Err(ModelError::Cache(
-            "fused attention needs an f32 mask on the CPU".into(),
-        ));
-    };
-    let Some((start, end)) = mask_layout.contiguous_offsets() else {
-        return Err(ModelError::Cache(
-            "fused attention needs a contiguous mask".into(),
-        ));
-    };
-    let op = CachedAttention {
-        mask: &mask_values[start..end],
-        scale,
-    };
-    Ok(q.apply_op3_no_bwd(k, v, &op)?)
+) -> candle_core::Result<Tensor> {
+    with_f32_elements(mask, |mask| {
+        q.apply_op3_no_bwd(k, v, &CachedAttention { mask, scale })
+    })?
 }
 
 struct CachedAttention<'a> {
@@ -157,30 +143,7 @@ impl RowAttention<'_> {
     /// Writes `out` `[t, heads, d]`, with the widest vector instructions the
     /// CPU has (the loops below are written for the compiler to vectorize).
     fn run(&self, scores: &mut [f32], out: &mut [f32]) {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                // SAFETY: the CPU supports AVX-512F.
-                return unsafe { self.run_avx512(scores, out) };
-            }
-            if std::arch::is_x86_feature_detected!("avx2") {
-                // SAFETY: the CPU supports AVX2.
-                return unsafe { self.run_avx2(scores, out) };
-            }
-        }
-        self.run_portable(scores, out)
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn run_avx512(&self, scores: &mut [f32], out: &mut [f32]) {
-        self.run_portable(scores, out)
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2")]
-    unsafe fn run_avx2(&self, scores: &mut [f32], out: &mut [f32]) {
-        self.run_portable(scores, out)
+        with_vector_features!(self.run_portable(scores, out))
     }
 
     /// The query heads that share a kv head are done together, so that each

@@ -7,6 +7,8 @@
 //! softmax uses) written without branches, so that a loop over it becomes
 //! vector code.
 
+use crate::kernel::with_vector_features;
+
 /// Below this, `exp` is 0 (as libm's is, past f32's smallest normal).
 const MIN_INPUT: f32 = -87.336_54;
 /// Above this, `exp` is +∞ (libm's is finite up to 88.72; softmax never
@@ -40,33 +42,9 @@ pub fn exp(x: f32) -> f32 {
 /// `values[i] = exp((values[i] − shift) · scale)`, with the widest vector
 /// instructions the CPU has: the unnormalised softmax of a row of logits.
 pub fn exp_shifted(values: &mut [f32], shift: f32, scale: f32) {
-    #[inline(always)]
-    fn run(values: &mut [f32], shift: f32, scale: f32) {
-        for v in values.iter_mut() {
-            *v = exp((*v - shift) * scale);
-        }
-    }
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx512f")]
-        unsafe fn avx512(values: &mut [f32], shift: f32, scale: f32) {
-            run(values, shift, scale)
-        }
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn avx2(values: &mut [f32], shift: f32, scale: f32) {
-            run(values, shift, scale)
-        }
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU supports AVX-512F.
-            return unsafe { avx512(values, shift, scale) };
-        }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            // SAFETY: the CPU supports AVX2 and FMA.
-            return unsafe { avx2(values, shift, scale) };
-        }
-    }
-    run(values, shift, scale)
+    with_vector_features!(for v in values.iter_mut() {
+        *v = exp((*v - shift) * scale);
+    })
 }
 
 #[cfg(test)]

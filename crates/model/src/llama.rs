@@ -738,18 +738,18 @@ impl Llama {
     /// rather than as f32: zero means no packed kernel applied (an f32 or
     /// K-quant file, or a trainable decoder).
     pub fn packed_weights(&self) -> usize {
-        let packed = |w: &ProjectionWeight| match w {
-            ProjectionWeight::Packed(parts) => parts.iter().map(|p| p.rows() * p.cols()).sum(),
-            ProjectionWeight::Dense(_) => 0,
-        };
+        let count =
+            |parts: &[PackedMatrix]| -> usize { parts.iter().map(|p| p.rows() * p.cols()).sum() };
         let layers: usize = self
             .layers
             .iter()
             .flat_map(DecoderLayer::linears)
-            .map(|linear| packed(&linear.weight))
+            .map(|linear| match &linear.weight {
+                ProjectionWeight::Packed(parts) => count(parts),
+                ProjectionWeight::Dense(_) => 0,
+            })
             .sum();
-        let head = self.lm_head_packed.clone().map(ProjectionWeight::Packed);
-        layers + head.as_ref().map_or(0, packed)
+        layers + self.lm_head_packed.as_deref().map_or(0, count)
     }
 
     pub fn num_layers(&self) -> usize {

@@ -12,6 +12,7 @@ use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
 use crate::error::{ModelError, Result};
+use crate::kernel::f32_slice;
 
 /// Logits held at once: about 16 MiB of f32.
 const CHUNK_ELEMENTS: usize = 1 << 22;
@@ -122,18 +123,6 @@ fn softmax_in_place(row: &mut [f32]) -> f32 {
     let inv = (1.0 / sum) as f32;
     row.iter_mut().for_each(|x| *x *= inv);
     max + (sum as f32).ln()
-}
-
-/// The elements of a contiguous f32 tensor, for the CPU kernels.
-pub(crate) fn f32_slice<'a>(
-    storage: &'a CpuStorage,
-    layout: &Layout,
-) -> candle_core::Result<&'a [f32]> {
-    let data = storage.as_slice::<f32>()?;
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => candle_core::bail!("this CPU kernel needs contiguous inputs"),
-    }
 }
 
 fn tensor_f32(t: &Tensor) -> candle_core::Result<Vec<f32>> {

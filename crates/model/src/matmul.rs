@@ -16,7 +16,7 @@ use std::ops::Range;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::logprob::f32_slice;
+use crate::kernel::f32_slice;
 use crate::packed::{register_rows, PackedMatrix, GROUP};
 
 /// Products with at most this many rows take the split path; larger ones

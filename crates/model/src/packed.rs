@@ -12,41 +12,10 @@
 //! unpacks to 32 input rows × 16 outputs — the `[in, out]` layout gemm reads
 //! fastest — with one 16-lane vector operation per input row.
 
-use std::ops::Range;
-
 use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Tensor};
 
-/// Runs `$body` compiled for the widest vector instructions the CPU has
-/// (the loops it inlines are written for the compiler to vectorize).
-macro_rules! with_vector_features {
-    ($body:expr) => {{
-        #[cfg(target_arch = "x86_64")]
-        {
-            #[target_feature(enable = "avx512f")]
-            unsafe fn avx512<T>(body: impl FnOnce() -> T) -> T {
-                body()
-            }
-            #[target_feature(enable = "avx2")]
-            unsafe fn avx2<T>(body: impl FnOnce() -> T) -> T {
-                body()
-            }
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                // SAFETY: the CPU supports AVX-512F.
-                unsafe { avx512(|| $body) }
-            } else if std::arch::is_x86_feature_detected!("avx2") {
-                // SAFETY: the CPU supports AVX2.
-                unsafe { avx2(|| $body) }
-            } else {
-                $body
-            }
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            $body
-        }
-    }};
-}
+use crate::kernel::with_vector_features;
 
 /// Inputs per block, in every encoding here.
 pub const BLOCK: usize = 32;
@@ -204,7 +173,7 @@ impl PackedMatrix {
     /// lands at `panel[k · stride + c]`, for all `cols` inputs and 16 rows.
     pub fn unpack_group(&self, group: usize, panel: &mut [f32], stride: usize) {
         let unpack = |k: usize, w: &[f32; GROUP]| *lanes(panel, k * stride) = *w;
-        with_vector_features!(self.for_each_input(group, 0..self.cols / BLOCK, unpack))
+        with_vector_features!(self.for_each_input(group, unpack))
     }
 
     /// `dots[r][c] = Σ_k x[r][k] · W[16·group + c, k]` for the `R` rows of
@@ -233,15 +202,15 @@ impl PackedMatrix {
         self.dot_group_portable(group, x)
     }
 
-    /// [`PackedMatrix::dot_group`] without vector intrinsics: the reference
-    /// the AVX-512 kernel is tested against.
+    /// [`PackedMatrix::dot_group`] without vector intrinsics: the fallback,
+    /// and the reference the intrinsic kernels are tested against.
     pub(crate) fn dot_group_portable<const R: usize>(
         &self,
         group: usize,
         x: [&[f32]; R],
     ) -> [[f32; GROUP]; R] {
         let mut dots = [[0f32; GROUP]; R];
-        self.for_each_input(group, 0..self.cols / BLOCK, |k, w| {
+        self.for_each_input(group, |k, w| {
             for (dot, x) in dots.iter_mut().zip(&x) {
                 for c in 0..GROUP {
                     dot[c] += x[k] * w[c];
@@ -251,20 +220,19 @@ impl PackedMatrix {
         dots
     }
 
+    /// The records of a group of 16 rows, one per block of 32 inputs.
+    fn records(&self, group: usize) -> std::slice::ChunksExact<'_, u8> {
+        let record = GROUP * self.encoding.block_bytes();
+        let blocks = self.cols / BLOCK;
+        self.data[group * blocks * record..][..blocks * record].chunks_exact(record)
+    }
+
     /// Calls `f(k, w)` for every input `k` in order, `w` holding the weights
     /// of the group's 16 rows for that input. Written for the compiler to
     /// vectorize: every inner loop is the 16 lanes of one input.
     #[inline(always)]
-    fn for_each_input(
-        &self,
-        group: usize,
-        blocks: Range<usize>,
-        mut f: impl FnMut(usize, &[f32; GROUP]),
-    ) {
-        let record = GROUP * self.encoding.block_bytes();
-        let first = group * (self.cols / BLOCK);
-        let records = &self.data[(first + blocks.start) * record..(first + blocks.end) * record];
-        for (b, r) in blocks.zip(records.chunks_exact(record)) {
+    fn for_each_input(&self, group: usize, mut f: impl FnMut(usize, &[f32; GROUP])) {
+        for (b, r) in self.records(group).enumerate() {
             let k = b * BLOCK;
             match self.encoding {
                 Encoding::Q4_0 => {
@@ -419,9 +387,6 @@ mod avx512 {
         group: usize,
         x: [&[f32]; R],
     ) -> [[f32; GROUP]; R] {
-        let blocks = matrix.cols / BLOCK;
-        let record = GROUP * matrix.encoding.block_bytes();
-        let records = &matrix.data[group * blocks * record..][..blocks * record];
         let mut acc = [_mm512_setzero_ps(); R];
         let mut add = |k: usize, w: __m512| {
             for (acc, x) in acc.iter_mut().zip(&x) {
@@ -429,7 +394,7 @@ mod avx512 {
             }
         };
         let low_nibbles = _mm512_set1_epi32(0x0F);
-        for (b, r) in records.chunks_exact(record).enumerate() {
+        for (b, r) in matrix.records(group).enumerate() {
             let (k, p) = (b * BLOCK, r.as_ptr());
             let halves = |at: usize| _mm512_cvtph_ps(_mm256_loadu_si256(p.add(at).cast()));
             let bytes = |at: usize| _mm_loadu_si128(p.add(at).cast());
@@ -510,9 +475,6 @@ mod avx2 {
         group: usize,
         x: [&[f32]; R],
     ) -> [[f32; GROUP]; R] {
-        let blocks = matrix.cols / BLOCK;
-        let record = GROUP * matrix.encoding.block_bytes();
-        let records = &matrix.data[group * blocks * record..][..blocks * record];
         let mut acc = [[_mm256_setzero_ps(); 2]; R];
         let mut add = |k: usize, w: [__m256; 2]| {
             for (acc, x) in acc.iter_mut().zip(&x) {
@@ -522,7 +484,7 @@ mod avx2 {
             }
         };
         let low_nibbles = _mm256_set1_epi32(0x0F);
-        for (b, r) in records.chunks_exact(record).enumerate() {
+        for (b, r) in matrix.records(group).enumerate() {
             let (k, p) = (b * BLOCK, r.as_ptr());
             // Lanes 0..8 and 8..16 of 16 halves, 16 unsigned or signed bytes.
             let halves = |at: usize| {

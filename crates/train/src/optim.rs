@@ -5,6 +5,7 @@ use std::collections::HashMap;
 
 use candle_core::backprop::GradStore;
 use candle_core::{CpuStorage, InplaceOp2, InplaceOp3, Layout, Tensor, TensorId, Var};
+use r3_model::kernel::{f32_slice, f32_slice_mut};
 
 use crate::{Result, TrainError};
 
@@ -89,24 +90,6 @@ impl AdamW {
                 .inplace_op3(&self.m[i], &self.v[i], &step)?;
         }
         Ok(())
-    }
-}
-
-/// The elements of a contiguous f32 tensor.
-fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> candle_core::Result<&'a [f32]> {
-    match (storage, layout.contiguous_offsets()) {
-        (CpuStorage::F32(data), Some((start, end))) => Ok(&data[start..end]),
-        _ => candle_core::bail!("the optimizer needs contiguous f32 tensors"),
-    }
-}
-
-fn f32_slice_mut<'a>(
-    storage: &'a mut CpuStorage,
-    layout: &Layout,
-) -> candle_core::Result<&'a mut [f32]> {
-    match (storage, layout.contiguous_offsets()) {
-        (CpuStorage::F32(data), Some((start, end))) => Ok(&mut data[start..end]),
-        _ => candle_core::bail!("the optimizer needs contiguous f32 tensors"),
     }
 }
 
