@@ -5,6 +5,7 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use clap::{Args, Subcommand};
 use r3_generate::{Generator, Sampler, SamplingParams};
+use r3_model::kernel::CpuLevel;
 use r3_model::{KvCache, Message};
 use r3_tasks::Task;
 
@@ -116,6 +117,41 @@ pub fn peak_rss_bytes() -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// The machine a benchmark ran on, printed with its numbers because
+/// machines differ from run to run: the CPU's name, the vector levels it
+/// has and the one r3's kernels used (`R3_CPU` may lower it).
+fn machine() -> serde_json::Value {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let field = |key: &str| {
+        cpuinfo
+            .lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim().to_string())
+    };
+    let flags = field("flags").unwrap_or_default();
+    let wanted = [
+        "avx2",
+        "fma",
+        "f16c",
+        "avx512f",
+        "avx512bw",
+        "avx512_bf16",
+        "avx512_fp16",
+    ];
+    let features: Vec<&str> = wanted
+        .into_iter()
+        .filter(|f| flags.split_whitespace().any(|x| x == *f))
+        .collect();
+    serde_json::json!({
+        "cpu": field("model name"),
+        "cores": std::thread::available_parallelism().map(|n| n.get()).ok(),
+        "features": features,
+        "kernel_level": CpuLevel::current().name(),
+        "detected_level": CpuLevel::detected().name(),
+    })
+}
+
 /// A prompt of exactly `n` tokens: a chat about a repeated text, cut to size.
 fn synthetic_prompt(model: &model::Model, n: usize) -> Result<Vec<u32>> {
     let filler = "Reflect on what went wrong, then try again with care. ".repeat(n / 8 + 8);
@@ -163,6 +199,7 @@ fn generate(args: GenerateBench) -> Result<()> {
     let decoded: usize = out.completions.iter().map(|c| c.tokens.len()).sum();
     let report = serde_json::json!({
         "bench": "generate",
+        "machine": machine(),
         "model": model.loaded.path,
         "batch": args.batch,
         "prompt_tokens": args.prompt_tokens,
@@ -264,6 +301,7 @@ fn verify(args: VerifyBench) -> Result<()> {
     };
     let report = serde_json::json!({
         "bench": "verify",
+        "machine": machine(),
         "countdown_verdicts_per_s": countdown_rate,
         "countdown_fraction_correct": countdown_ok,
         "function_calling_verdicts_per_s": fc_rate,
@@ -361,6 +399,7 @@ fn train(args: TrainBench) -> Result<()> {
     };
     let report = serde_json::json!({
         "bench": "train",
+        "machine": machine(),
         "model": model.path,
         "batch": args.batch,
         "group": args.group,

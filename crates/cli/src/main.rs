@@ -14,6 +14,7 @@ mod train;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
+use r3_model::kernel::CpuLevel;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -111,6 +112,11 @@ enum Command {
 fn main() {
     keep_freed_memory();
     let cli = Cli::parse();
+    // An R3_CPU the machine cannot honour is refused before any work.
+    if let Err(message) = CpuLevel::from_env() {
+        eprintln!("error: {message}");
+        std::process::exit(2);
+    }
     let result = match cli.command {
         Command::Generate(args) => commands::generate(args),
         Command::Logits(args) => commands::logits(args),

@@ -15,7 +15,7 @@
 use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Tensor};
 
-use crate::kernel::with_vector_features;
+use crate::kernel::{with_vector_features, CpuLevel};
 
 /// Inputs per block, in every encoding here.
 pub const BLOCK: usize = 32;
@@ -179,25 +179,38 @@ impl PackedMatrix {
     /// `dots[r][c] = Σ_k x[r][k] · W[16·group + c, k]` for the `R` rows of
     /// `x`, with the weights unpacked in registers and never stored: for
     /// the few rows of a decode step, where writing a panel for gemm costs
-    /// more than the product itself.
+    /// more than the product itself. Each row is summed in the same order
+    /// whatever `R` is, so a row's dots do not depend on its batch.
     pub fn dot_group<const R: usize>(&self, group: usize, x: [&[f32]; R]) -> [[f32; GROUP]; R] {
+        self.dot_group_at(CpuLevel::current(), group, x)
+    }
+
+    /// [`PackedMatrix::dot_group`] with the kernel of `level` (at most what
+    /// the CPU runs): tests compare every level the machine has.
+    pub(crate) fn dot_group_at<const R: usize>(
+        &self,
+        level: CpuLevel,
+        group: usize,
+        x: [&[f32]; R],
+    ) -> [[f32; GROUP]; R] {
         assert!(
             x.iter().all(|x| x.len() >= self.cols),
             "rows of {} inputs",
             self.cols
         );
+        assert!(
+            level <= CpuLevel::detected(),
+            "{level:?} is beyond this CPU"
+        );
         #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                // SAFETY: the CPU supports AVX-512F and every row of `x` has
-                // `cols` inputs.
-                return unsafe { avx512::dot_group(self, group, x) };
-            }
-            if R <= avx2::MAX_ROWS && avx2::supported() {
-                // SAFETY: the CPU supports AVX2, FMA and F16C, and every row
-                // of `x` has `cols` inputs.
-                return unsafe { avx2::dot_group(self, group, x) };
-            }
+        match level {
+            // SAFETY: the CPU supports AVX-512F (checked above) and every row
+            // of `x` has `cols` inputs.
+            CpuLevel::Avx512 => return unsafe { avx512::dot_group(self, group, x) },
+            // SAFETY: the CPU supports AVX2, FMA and F16C (checked above),
+            // and every row of `x` has `cols` inputs.
+            CpuLevel::Avx2 => return unsafe { avx2::dot_group(self, group, x) },
+            CpuLevel::Portable => {}
         }
         self.dot_group_portable(group, x)
     }
@@ -351,23 +364,16 @@ fn f16_to_f32(half: u16) -> f32 {
     f32::from_bits(sign | magnitude)
 }
 
-/// Whether [`PackedMatrix::dot_group`] runs as vector intrinsics here; the
-/// portable form is correct but slower than unpacking into a panel.
 /// How many rows one pass of [`PackedMatrix::dot_group`] should take here
 /// (as many as the vector registers hold accumulators for), or 0 when it
 /// runs in its portable form, which is correct but slower than unpacking
 /// into a panel.
 pub(crate) fn register_rows() -> usize {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            return 8;
-        }
-        if avx2::supported() {
-            return avx2::MAX_ROWS;
-        }
+    match CpuLevel::current() {
+        CpuLevel::Avx512 => 8,
+        CpuLevel::Avx2 => 4,
+        CpuLevel::Portable => 0,
     }
-    0
 }
 
 /// The register kernel in AVX-512 intrinsics: the compiler does not keep
@@ -450,21 +456,13 @@ mod avx512 {
 
 /// The register kernel for CPUs with AVX2 but not AVX-512 (most laptops):
 /// each 16-lane row of weights is two 8-lane halves, and with 16 vector
-/// registers four rows of accumulators fit.
+/// registers four rows of accumulators fit ([`register_rows`]); more rows
+/// spill to memory, slower but summed the same way.
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::*;
 
     use super::{Encoding, PackedMatrix, BLOCK, GROUP};
-
-    /// Rows of accumulators that fit in the 16 vector registers.
-    pub(super) const MAX_ROWS: usize = 4;
-
-    pub(super) fn supported() -> bool {
-        std::arch::is_x86_feature_detected!("avx2")
-            && std::arch::is_x86_feature_detected!("fma")
-            && std::arch::is_x86_feature_detected!("f16c")
-    }
 
     /// # Safety
     /// The CPU must support AVX2, FMA and F16C, and every row of `x` must
@@ -579,6 +577,15 @@ mod tests {
         )
     }
 
+    /// The bound on the rounding error of an f32 dot product of `n` terms
+    /// summed in any order (Higham's γₙ·Σ|xₖwₖ|, with the unpacking exact),
+    /// so that the test holds on every machine rather than fitting one.
+    fn dot_error_bound(n: usize, magnitude: f64) -> f64 {
+        let u = f32::EPSILON as f64 / 2.0;
+        let gamma = n as f64 * u / (1.0 - n as f64 * u);
+        gamma * magnitude
+    }
+
     #[test]
     fn register_kernels_compute_the_product_with_the_dequantized_weights() {
         let (rows, cols) = (40, 96);
@@ -589,6 +596,7 @@ mod tests {
                     .collect()
             })
             .collect();
+        let levels = CpuLevel::available();
         for dtype in [
             GgmlDType::Q4_0,
             GgmlDType::Q4_1,
@@ -602,24 +610,24 @@ mod tests {
                 let width = packed.groups() * GROUP;
                 packed.unpack_group(group, &mut panel[group * GROUP..], width);
                 let rows8: [&[f32]; 8] = std::array::from_fn(|r| x[r].as_slice());
-                let mut kernels = vec![
-                    ("dispatched", packed.dot_group(group, rows8)),
-                    ("portable", packed.dot_group_portable(group, rows8)),
-                ];
-                #[cfg(target_arch = "x86_64")]
-                if avx2::supported() {
-                    let half = |from: usize| -> [&[f32]; 4] {
-                        std::array::from_fn(|r| x[from + r].as_slice())
-                    };
-                    // SAFETY: the CPU supports the kernel; rows hold `cols`.
-                    let [a, b] =
-                        [0, 4].map(|from| unsafe { avx2::dot_group(&packed, group, half(from)) });
-                    let mut both = [[0f32; GROUP]; 8];
-                    both[..4].copy_from_slice(&a);
-                    both[4..].copy_from_slice(&b);
-                    kernels.push(("avx2", both));
-                }
-                let one = packed.dot_group(group, [x[5].as_slice()]);
+                // Per level: 8 rows at once, 4 + 4, and row 5 alone.
+                let runs: Vec<_> = levels
+                    .iter()
+                    .map(|&level| {
+                        let four = |from: usize| -> [&[f32]; 4] {
+                            std::array::from_fn(|r| x[from + r].as_slice())
+                        };
+                        let [a, b] =
+                            [0, 4].map(|from| packed.dot_group_at(level, group, four(from)));
+                        let one = packed.dot_group_at(level, group, [x[5].as_slice()]);
+                        (
+                            level,
+                            packed.dot_group_at(level, group, rows8),
+                            [a, b].concat(),
+                            one,
+                        )
+                    })
+                    .collect();
                 for c in 0..GROUP.min(rows - group * GROUP) {
                     let row = group * GROUP + c;
                     for k in 0..cols {
@@ -630,15 +638,29 @@ mod tests {
                         );
                     }
                     for (r, x) in x.iter().enumerate() {
-                        let exact: f64 = (0..cols)
-                            .map(|k| x[k] as f64 * w[row * cols + k] as f64)
-                            .sum();
-                        for (kernel, dots) in &kernels {
-                            let err = (dots[r][c] as f64 - exact).abs();
-                            assert!(err < 1e-5, "{dtype:?} {kernel} row {r} col {row}: {err}");
+                        let terms = (0..cols).map(|k| x[k] as f64 * w[row * cols + k] as f64);
+                        let exact: f64 = terms.clone().sum();
+                        let bound = dot_error_bound(cols, terms.map(f64::abs).sum());
+                        for (level, eight, four, one) in &runs {
+                            let err = (eight[r][c] as f64 - exact).abs();
+                            assert!(
+                                err <= bound,
+                                "{dtype:?} {level:?} row {r} col {row}: {err} > {bound}"
+                            );
+                            assert_eq!(
+                                eight[r][c].to_bits(),
+                                four[r][c].to_bits(),
+                                "{dtype:?} {level:?}: row {r} in a batch of 8 or of 4"
+                            );
+                            if r == 5 {
+                                assert_eq!(
+                                    one[0][c].to_bits(),
+                                    eight[r][c].to_bits(),
+                                    "{dtype:?} {level:?}: one row alone"
+                                );
+                            }
                         }
                     }
-                    assert_eq!(one[0][c], kernels[0].1[5][c], "{dtype:?}: one row alone");
                 }
             }
         }
