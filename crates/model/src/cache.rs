@@ -206,6 +206,15 @@ impl KvCache {
         Ok((kb.narrow(2, 0, self.len)?, vb.narrow(2, 0, self.len)?))
     }
 
+    /// Detaches `layer`'s keys and values from autograd, so that a forward
+    /// run for its values alone (training's checkpointed forward) frees
+    /// each layer's graph as it goes.
+    pub fn detach_layer(&mut self, layer: usize) {
+        if let Some((k, v)) = &mut self.layers[layer] {
+            (*k, *v) = (k.detach(), v.detach());
+        }
+    }
+
     fn zeros(&self, capacity: usize) -> Result<Tensor> {
         Ok(Tensor::zeros(
             (self.rows(), self.kv_heads, capacity, self.head_dim),

@@ -7,7 +7,8 @@
 //! activation for autograd. The recomputed one ("gradient checkpointing")
 //! keeps only each layer's input and replays one layer at a time during the
 //! backward pass: one extra forward, and the memory of one layer's
-//! activations instead of all of them.
+//! activations instead of all of them. Both run the same ops, so they give
+//! the same log-probs and gradients to the last bit.
 
 use candle_core::{Tensor, Var};
 use r3_model::{ForwardInputs, KvCache, Llama};
@@ -185,31 +186,35 @@ struct Recompute<'m, 'a> {
 }
 
 impl<'m, 'a> Recompute<'m, 'a> {
-    /// The forward on the fast path, keeping each layer's inputs; returns the
-    /// log-probs, differentiable from the last layer's output up.
+    /// The forward through the same differentiable ops as the plain one and
+    /// the replay (so its values are theirs, bit for bit), each layer's
+    /// graph dropped as soon as its output is known; keeps each layer's
+    /// inputs and returns the log-probs, differentiable from the last
+    /// layer's output up.
     fn forward(model: &'m Llama, layout: Layout<'a>) -> Result<(Self, Tensor)> {
-        let fast = model.detached();
         let layers = model.num_layers();
-        let mut cache = KvCache::new(&model.config, layout.heads.len(), layout.capacity());
+        let mut cache = KvCache::differentiable(&model.config, layout.heads.len());
         let mut head_inputs = Vec::with_capacity(layers);
         if layout.has_heads() {
-            let planned = fast.plan(&layout.heads, &mut cache)?;
-            let mut x = fast.embed(&planned)?;
+            let planned = model.plan(&layout.heads, &mut cache)?;
+            let mut x = model.embed(&planned)?.detach();
             for layer in 0..layers {
-                let next = fast.layer_forward(layer, &x, &planned, &mut cache)?;
+                let next = model.layer_forward(layer, &x, &planned, &mut cache)?;
+                cache.detach_layer(layer);
                 head_inputs.push(x);
-                x = next;
+                x = next.detach();
             }
         }
         let mut cache = layout.fork(cache)?;
-        let planned = fast.plan(&layout.tail_refs(), &mut cache)?;
-        let mut x = fast.embed(&planned)?;
+        let planned = model.plan(&layout.tail_refs(), &mut cache)?;
+        let mut x = model.embed(&planned)?.detach();
         let mut inputs = Vec::with_capacity(layers);
         let mut head_inputs = head_inputs.into_iter();
         for layer in 0..layers {
-            let next = fast.layer_forward(layer, &x, &planned, &mut cache)?;
+            let next = model.layer_forward(layer, &x, &planned, &mut cache)?;
+            cache.detach_layer(layer);
             inputs.push((head_inputs.next(), x));
-            x = next;
+            x = next.detach();
         }
         drop(cache);
         let top = Var::from_tensor(&x)?;

@@ -35,8 +35,10 @@ fn assert_same(arch: Architecture, prefixes: &[&[u32]], tokens: &[&[u32]]) {
     let (plain_lp, plain) = run(arch, prefixes, tokens, false);
     let (recomputed_lp, recomputed) = run(arch, prefixes, tokens, true);
     assert_eq!(plain_lp.len(), recomputed_lp.len());
+    // The checkpointed forward runs the plain forward's own ops: the same
+    // values to the last bit, on every kernel path.
     for (a, b) in plain_lp.iter().zip(&recomputed_lp) {
-        assert!((a - b).abs() < 1e-5, "log-prob {a} vs {b}");
+        assert_eq!(a.to_bits(), b.to_bits(), "log-prob {a} vs {b}");
     }
     let recomputed: std::collections::HashMap<_, _> = recomputed.into_iter().collect();
     for (name, a) in &plain {
@@ -44,8 +46,11 @@ fn assert_same(arch: Architecture, prefixes: &[&[u32]], tokens: &[&[u32]]) {
         let scale = max_abs(a).unwrap();
         assert!(scale > 0.0, "{name} got no gradient");
         let diff = max_abs(&(a - b).unwrap()).unwrap();
+        // The replay sums the same terms, but adds the head and tail passes'
+        // contributions (and the forked rows') in another order: a few
+        // roundings of the largest entry, never more than 16 ulps of it.
         assert!(
-            diff <= 1e-4 * scale,
+            diff <= 16.0 * f32::EPSILON * scale,
             "{name}: recomputed gradient differs by {diff} (scale {scale})"
         );
     }
