@@ -102,6 +102,11 @@ struct HfConfig {
     rms_norm_eps: Option<f64>,
     rope_theta: Option<f64>,
     rope_scaling: Option<serde_json::Value>,
+    /// transformers 5's home for the rope base and scaling.
+    rope_parameters: Option<serde_json::Value>,
+    hidden_act: Option<String>,
+    mlp_bias: Option<bool>,
+    partial_rotary_factor: Option<f64>,
     max_position_embeddings: Option<usize>,
     tie_word_embeddings: Option<bool>,
     attention_bias: Option<bool>,
@@ -150,7 +155,8 @@ impl ModelConfig {
         };
         let hidden_size = need(raw.hidden_size, "hidden_size")?;
         let num_heads = need(raw.num_attention_heads, "num_attention_heads")?;
-        let rope_scaling = parse_rope_scaling(path, raw.rope_scaling.as_ref())?;
+        let rope = Rope::read(path, &raw)?;
+        reject_ignored_numerics(path, &raw)?;
         let config = Self {
             architecture,
             vocab_size: need(raw.vocab_size, "vocab_size")?,
@@ -161,8 +167,8 @@ impl ModelConfig {
             num_kv_heads: raw.num_key_value_heads.unwrap_or(num_heads),
             head_dim: raw.head_dim.unwrap_or(hidden_size / num_heads),
             rms_norm_eps: raw.rms_norm_eps.unwrap_or(1e-6),
-            rope_theta: raw.rope_theta.unwrap_or(10_000.0),
-            rope_scaling,
+            rope_theta: rope.theta,
+            rope_scaling: rope.scaling,
             max_position_embeddings: raw.max_position_embeddings.unwrap_or(4096),
             tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
             attention_bias: architecture == Architecture::Qwen2
@@ -294,7 +300,102 @@ impl ModelConfig {
     }
 }
 
-fn parse_rope_scaling(path: &Path, value: Option<&serde_json::Value>) -> Result<RopeScaling> {
+/// The rope base and scaling, from either layout transformers writes:
+/// `rope_theta` and `rope_scaling` at the top (up to 4.x), or one
+/// `rope_parameters` object (5.x). Where both are present they must agree:
+/// a silently wrong base gives fluent nonsense, not an error.
+struct Rope {
+    theta: f64,
+    scaling: RopeScaling,
+}
+
+impl Rope {
+    fn read(path: &Path, raw: &HfConfig) -> Result<Self> {
+        let invalid = |m: String| ModelError::invalid(path, m);
+        let parameters = match &raw.rope_parameters {
+            None | Some(serde_json::Value::Null) => None,
+            Some(serde_json::Value::Object(obj)) => {
+                if !obj.contains_key("rope_type") && obj.values().all(|v| v.is_object()) {
+                    let kinds: Vec<&String> = obj.keys().collect();
+                    return Err(invalid(format!(
+                        "rope_parameters: one set per attention type ({kinds:?}) is not supported"
+                    )));
+                }
+                Some(obj)
+            }
+            Some(other) => return Err(invalid(format!("rope_parameters: not an object: {other}"))),
+        };
+        let nested_theta = match parameters.and_then(|p| p.get("rope_theta")) {
+            None => None,
+            Some(v) => Some(v.as_f64().ok_or_else(|| {
+                invalid(format!("rope_parameters.rope_theta: not a number: {v}"))
+            })?),
+        };
+        let theta = match (raw.rope_theta, nested_theta) {
+            (Some(top), Some(nested)) if top != nested => {
+                return Err(invalid(format!(
+                    "rope_theta {top} and rope_parameters.rope_theta {nested} disagree"
+                )))
+            }
+            (top, nested) => top.or(nested).unwrap_or(10_000.0),
+        };
+        if !(theta.is_finite() && theta > 1.0) {
+            return Err(invalid(format!(
+                "rope_theta {theta} must be a finite number above 1"
+            )));
+        }
+        let top_scaling = parse_rope_scaling(path, "rope_scaling", raw.rope_scaling.as_ref())?;
+        let nested_scaling = match parameters {
+            Some(obj) => parse_rope_scaling(
+                path,
+                "rope_parameters",
+                Some(&serde_json::Value::Object(obj.clone())),
+            )?,
+            None => RopeScaling::None,
+        };
+        let scaling = match (top_scaling, nested_scaling) {
+            (RopeScaling::None, nested) => nested,
+            (top, RopeScaling::None) => top,
+            (top, nested) if top == nested => top,
+            (top, nested) => {
+                return Err(invalid(format!(
+                    "rope_scaling {top:?} and rope_parameters {nested:?} disagree"
+                )))
+            }
+        };
+        Ok(Self { theta, scaling })
+    }
+}
+
+/// Refuses settings that change a model's numbers but that the decoder does
+/// not implement, naming the key, rather than running a different model.
+fn reject_ignored_numerics(path: &Path, raw: &HfConfig) -> Result<()> {
+    let invalid = |m: String| Err(ModelError::invalid(path, m));
+    if let Some(act) = raw.hidden_act.as_deref() {
+        if act != "silu" && act != "swish" {
+            return invalid(format!("hidden_act '{act}' is not supported (silu is)"));
+        }
+    }
+    if raw.mlp_bias == Some(true) {
+        return invalid("mlp_bias = true is not supported".into());
+    }
+    if let Some(f) = raw.partial_rotary_factor {
+        if f != 1.0 {
+            return invalid(format!(
+                "partial_rotary_factor {f} is not supported (1.0 is)"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Parses the scaling part of a rope object (`rope_scaling`, or
+/// transformers 5's `rope_parameters`, named by `key` in errors).
+fn parse_rope_scaling(
+    path: &Path,
+    key: &str,
+    value: Option<&serde_json::Value>,
+) -> Result<RopeScaling> {
     let Some(obj) = value.and_then(|v| v.as_object()) else {
         return Ok(RopeScaling::None);
     };
@@ -303,10 +404,10 @@ fn parse_rope_scaling(path: &Path, value: Option<&serde_json::Value>) -> Result<
         .or_else(|| obj.get("type"))
         .and_then(|v| v.as_str())
         .unwrap_or("default");
-    let num = |key: &str| {
-        obj.get(key).and_then(|v| v.as_f64()).ok_or_else(|| {
-            ModelError::invalid(path, format!("rope_scaling: missing number '{key}'"))
-        })
+    let num = |field: &str| {
+        obj.get(field)
+            .and_then(|v| v.as_f64())
+            .ok_or_else(|| ModelError::invalid(path, format!("{key}: missing number '{field}'")))
     };
     match kind {
         "default" => Ok(RopeScaling::None),
@@ -321,7 +422,7 @@ fn parse_rope_scaling(path: &Path, value: Option<&serde_json::Value>) -> Result<
         }),
         other => Err(ModelError::invalid(
             path,
-            format!("rope_scaling type '{other}' is not supported (default, linear, llama3 are)"),
+            format!("{key}: rope_type '{other}' is not supported (default, linear, llama3 are)"),
         )),
     }
 }

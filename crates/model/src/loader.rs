@@ -62,6 +62,44 @@ pub fn load(path: &Path) -> Result<LoadedModel> {
             ),
         ));
     }
+    // A config that names fewer layers than the file holds would run a
+    // truncated model without a word.
+    let deepest = loaded
+        .weights
+        .names()
+        .filter_map(|n| {
+            n.strip_prefix("model.layers.")?
+                .split('.')
+                .next()?
+                .parse::<usize>()
+                .ok()
+        })
+        .max();
+    if let Some(deepest) = deepest {
+        if deepest + 1 != loaded.config.num_layers {
+            return Err(ModelError::invalid(
+                path,
+                format!(
+                    "the config says {} layers but the weights hold {}",
+                    loaded.config.num_layers,
+                    deepest + 1
+                ),
+            ));
+        }
+    }
+    if let Some(&bad) = loaded
+        .eos_token_ids
+        .iter()
+        .find(|&&id| id as usize >= loaded.config.vocab_size)
+    {
+        return Err(ModelError::invalid(
+            path,
+            format!(
+                "end-of-sequence id {bad} is outside the vocabulary of {}",
+                loaded.config.vocab_size
+            ),
+        ));
+    }
     if loaded.eos_token_ids.is_empty() {
         return Err(ModelError::invalid(
             path,

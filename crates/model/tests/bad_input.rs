@@ -138,3 +138,61 @@ fn model_without_a_chat_template() {
     let e = error_of(dir.path());
     assert!(e.contains("no chat template"), "{e}");
 }
+
+/// Settings that change the numbers but that r3 would not honour are
+/// refused, naming the key, instead of running a different model.
+#[test]
+fn config_fields_that_would_change_the_numbers() {
+    let cases: [(&str, serde_json::Value, &str); 6] = [
+        (
+            "rope_parameters",
+            serde_json::json!({"rope_theta": 1e4, "rope_type": "yarn", "factor": 4.0}),
+            "rope_type 'yarn' is not supported",
+        ),
+        (
+            "rope_parameters",
+            serde_json::json!({"rope_type": "dynamic", "factor": 2.0}),
+            "rope_type 'dynamic' is not supported",
+        ),
+        (
+            "rope_parameters",
+            serde_json::json!({"rope_theta": 123.0, "rope_type": "default"}),
+            "rope_theta 10000 and rope_parameters.rope_theta 123 disagree",
+        ),
+        ("hidden_act", serde_json::json!("gelu"), "hidden_act 'gelu'"),
+        ("mlp_bias", serde_json::json!(true), "mlp_bias"),
+        (
+            "partial_rotary_factor",
+            serde_json::json!(0.5),
+            "partial_rotary_factor 0.5",
+        ),
+    ];
+    for (key, value, expected) in cases {
+        let dir = hf_dir();
+        edit_json(&dir.path().join("config.json"), |v| {
+            v[key] = value.clone();
+        });
+        let e = error_of(dir.path());
+        assert!(
+            e.contains("config.json") && e.contains(expected),
+            "{key}: {e}"
+        );
+    }
+}
+
+#[test]
+fn config_with_fewer_layers_than_the_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    TinyModel::new(Architecture::Llama, 64, 2, 9)
+        .unwrap()
+        .write_hf_dir(dir.path(), DType::F32)
+        .unwrap();
+    edit_json(&dir.path().join("config.json"), |v| {
+        v["num_hidden_layers"] = serde_json::json!(1);
+    });
+    let e = error_of(dir.path());
+    assert!(
+        e.contains("the config says 1 layers but the weights hold 2"),
+        "{e}"
+    );
+}
