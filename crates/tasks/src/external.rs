@@ -1,57 +1,128 @@
 //! Any verifier, in any language: an external process started once that
 //! answers JSON lines on stdin/stdout,
-//! `{"record": {...}, "answer": "..."}` → `{"success": bool, "reason": "..."}`.
-//! A verifier that crashes, hangs or prints garbage yields a failed verdict
-//! saying so, is restarted, and the run goes on.
+//! `{"id": 7, "record": {...}, "answer": "..."}` →
+//! `{"id": 7, "success": bool, "reason": "..."}`.
+//!
+//! A verdict is never credited to the wrong request: a reply that echoes
+//! the `id` is matched by it (a stale one is skipped); a reply without one
+//! is taken in order, and a verifier that prints a line nobody asked for is
+//! restarted before the next request. A verifier that crashes, hangs (also
+//! while being written to), prints garbage, an over-long or a non-UTF-8
+//! line yields a failed verdict saying so, is killed with everything it
+//! started, and is restarted; the run goes on.
 
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
 use crate::{Task, Verdict};
 
-/// A running verifier process and the lines it prints.
+/// The longest reply line read; past it the reply fails (`cat /dev/zero`
+/// must not grow r3 without bound).
+pub const MAX_REPLY_BYTES: usize = 1 << 20;
+
+/// One line of the verifier's stdout, or why it could not be read.
+type Line = Result<String, String>;
+
+/// A running verifier process, the thread writing its requests and the
+/// lines it prints.
 struct Process {
     child: Child,
-    stdin: ChildStdin,
-    lines: Receiver<String>,
+    requests: Sender<String>,
+    lines: Receiver<Line>,
+    next_id: u64,
 }
 
 impl Process {
     fn spawn(command: &str) -> std::io::Result<Self> {
-        // `exec` makes the verifier itself the child, so a kill reaches it.
-        let mut child = Command::new("sh")
+        // `exec` makes the verifier itself the child; its own process group
+        // lets a kill reach whatever it starts.
+        let mut command_line = Command::new("sh");
+        command_line
             .arg("-c")
             .arg(format!("exec {command}"))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()?;
-        let stdin = child.stdin.take().expect("piped stdin");
+            .stderr(Stdio::inherit());
+        #[cfg(unix)]
+        std::os::unix::process::CommandExt::process_group(&mut command_line, 0);
+        let mut child = command_line.spawn()?;
+        let mut stdin = child.stdin.take().expect("piped stdin");
         let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, lines) = mpsc::channel();
+        let (line_tx, lines) = mpsc::channel();
+        std::thread::spawn(move || read_lines(stdout, line_tx));
+        // Writes happen on their own thread: a verifier that never reads
+        // would otherwise block r3 once the pipe's buffer is full, beyond
+        // the reach of any timeout.
+        let (requests, request_rx) = mpsc::channel::<String>();
         std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
+            for request in request_rx {
+                if writeln!(stdin, "{request}")
+                    .and_then(|_| stdin.flush())
+                    .is_err()
+                {
                     break;
                 }
             }
         });
         Ok(Self {
             child,
-            stdin,
+            requests,
             lines,
+            next_id: 0,
         })
     }
 
-    fn kill(mut self) {
+    /// Kills the verifier and every process in its group; returns how it
+    /// ended, for the verdict's reason.
+    fn kill(mut self) -> String {
+        let exited = self.child.try_wait().ok().flatten().or_else(|| {
+            std::thread::sleep(Duration::from_millis(20));
+            self.child.try_wait().ok().flatten()
+        });
+        #[cfg(unix)]
+        // SAFETY: kill(2) with a negative pid signals the process group
+        // the verifier leads; it touches no memory.
+        unsafe {
+            libc::kill(-(self.child.id() as libc::pid_t), libc::SIGKILL);
+        }
         let _ = self.child.kill();
-        let _ = self.child.wait();
+        let status = exited.or_else(|| self.child.wait().ok());
+        match status {
+            Some(status) => format!(" with {status}"),
+            None => String::new(),
+        }
+    }
+}
+
+/// Sends each line of `stdout` (at most [`MAX_REPLY_BYTES`], UTF-8) to
+/// `tx`, or the reason it could not, then stops.
+fn read_lines(stdout: ChildStdout, tx: Sender<Line>) {
+    let mut reader = BufReader::new(stdout);
+    loop {
+        let mut line = Vec::new();
+        let limit = MAX_REPLY_BYTES as u64 + 1;
+        match (&mut reader).take(limit).read_until(b'\n', &mut line) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        let message = if line.last() == Some(&b'\n') {
+            line.pop();
+            String::from_utf8(line).map_err(|_| "a reply that is not UTF-8".to_string())
+        } else if line.len() > MAX_REPLY_BYTES {
+            Err(format!("a reply line over {MAX_REPLY_BYTES} bytes"))
+        } else {
+            // The last line, cut by the end of the stream.
+            String::from_utf8(line).map_err(|_| "a reply that is not UTF-8".to_string())
+        };
+        let failed = message.is_err();
+        if tx.send(message).is_err() || failed {
+            return;
+        }
     }
 }
 
@@ -74,6 +145,15 @@ impl ExternalVerifier {
 
     fn ask(&self, record: &Value, answer: &str) -> Verdict {
         let mut slot = self.process.lock().unwrap_or_else(|p| p.into_inner());
+        // A line waiting before the request is sent answers nothing asked:
+        // the replies are out of step, so start over.
+        if let Some(process) = slot.as_ref() {
+            if process.lines.try_recv().is_ok() {
+                if let Some(p) = slot.take() {
+                    p.kill();
+                }
+            }
+        }
         if slot.is_none() {
             match Process::spawn(&self.command) {
                 Ok(p) => *slot = Some(p),
@@ -83,61 +163,83 @@ impl ExternalVerifier {
             }
         }
         let process = slot.as_mut().expect("spawned above");
-        let request = json!({"record": record, "answer": answer}).to_string();
-        if let Err(e) = writeln!(process.stdin, "{request}").and_then(|_| process.stdin.flush()) {
-            let status = slot.take().map(exit_status).unwrap_or_default();
-            return Verdict::fail(format!("verifier crashed ({e}{status}); restarted"));
-        }
-        match process.lines.recv_timeout(self.timeout) {
-            Ok(line) => match parse_reply(&line) {
-                Ok(verdict) => verdict,
-                Err(why) => {
-                    if let Some(p) = slot.take() {
-                        p.kill();
+        let id = process.next_id;
+        process.next_id += 1;
+        let request = json!({"id": id, "record": record, "answer": answer}).to_string();
+        let deadline = Instant::now() + self.timeout;
+        let failure = if process.requests.send(request).is_err() {
+            "verifier stopped reading".to_string()
+        } else {
+            match self.reply_to(process, id, deadline) {
+                Ok(verdict) => return verdict,
+                Err(failure) => failure,
+            }
+        };
+        let ended = slot.take().map(Process::kill).unwrap_or_default();
+        let ended = if failure.starts_with("verifier exited") {
+            ended
+        } else {
+            String::new()
+        };
+        Verdict::fail(format!("{failure}{ended}; restarted"))
+    }
+
+    /// Waits until `deadline` for the reply to request `id`, skipping stale
+    /// replies to earlier requests; `Err` says why there is none.
+    fn reply_to(&self, process: &Process, id: u64, deadline: Instant) -> Result<Verdict, String> {
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match process.lines.recv_timeout(left) {
+                Ok(Ok(line)) => match parse_reply(&line)? {
+                    (Some(echoed), _) if echoed < id => continue,
+                    (Some(echoed), _) if echoed > id => {
+                        return Err(format!(
+                            "verifier printed garbage (a reply to request {echoed} while waiting for {id})"
+                        ))
                     }
-                    Verdict::fail(format!("verifier printed garbage ({why}); restarted"))
+                    (_, verdict) => return Ok(verdict),
+                },
+                Ok(Err(why)) => return Err(format!("verifier printed {why}")),
+                Err(RecvTimeoutError::Timeout) => {
+                    return Err(format!(
+                        "verifier timed out after {:.1}s",
+                        self.timeout.as_secs_f64()
+                    ))
                 }
-            },
-            Err(RecvTimeoutError::Timeout) => {
-                if let Some(p) = slot.take() {
-                    p.kill();
-                }
-                Verdict::fail(format!(
-                    "verifier timed out after {:.1}s; restarted",
-                    self.timeout.as_secs_f64()
-                ))
-            }
-            Err(RecvTimeoutError::Disconnected) => {
-                let status = slot.take().map(exit_status).unwrap_or_default();
-                Verdict::fail(format!("verifier exited{status}; restarted"))
+                Err(RecvTimeoutError::Disconnected) => return Err("verifier exited".into()),
             }
         }
     }
 }
 
-fn exit_status(mut p: Process) -> String {
-    let _ = p.child.kill();
-    match p.child.wait() {
-        Ok(status) => format!(" with {status}"),
-        Err(_) => String::new(),
-    }
-}
-
-fn parse_reply(line: &str) -> Result<Verdict, String> {
+/// A reply line: the request id it echoes, if any, and its verdict.
+fn parse_reply(line: &str) -> Result<(Option<u64>, Verdict), String> {
     let shown: String = line.chars().take(80).collect();
-    let v: Value = serde_json::from_str(line).map_err(|_| format!("not JSON: '{shown}'"))?;
+    let garbage = |why: String| format!("verifier printed garbage ({why})");
+    let v: Value =
+        serde_json::from_str(line).map_err(|_| garbage(format!("not JSON: '{shown}'")))?;
     let success = v
         .get("success")
         .and_then(Value::as_bool)
-        .ok_or_else(|| format!("no boolean 'success' in '{shown}'"))?;
+        .ok_or_else(|| garbage(format!("no boolean 'success' in '{shown}'")))?;
+    let id = match v.get("id") {
+        None | Some(Value::Null) => None,
+        Some(id) => Some(
+            id.as_u64()
+                .ok_or_else(|| garbage(format!("'id' is not a request id in '{shown}'")))?,
+        ),
+    };
     let reason = v
         .get("reason")
         .and_then(Value::as_str)
         .unwrap_or(if success { "correct" } else { "incorrect" });
-    Ok(Verdict {
-        success,
-        reason: reason.to_string(),
-    })
+    Ok((
+        id,
+        Verdict {
+            success,
+            reason: reason.to_string(),
+        },
+    ))
 }
 
 impl Drop for ExternalVerifier {

@@ -78,3 +78,138 @@ fn a_verifier_that_cannot_start_fails_every_call_with_the_reason() {
         verdict.reason
     );
 }
+
+fn verifier_in(
+    dir: &std::path::Path,
+    name: &str,
+    script: &str,
+    timeout_ms: u64,
+) -> ExternalVerifier {
+    let path = dir.join(name);
+    std::fs::write(&path, script).unwrap();
+    ExternalVerifier::new(
+        &format!("python3 {}", path.display()),
+        Duration::from_millis(timeout_ms),
+    )
+}
+
+/// A verifier that never reads its stdin, sent a request larger than a
+/// pipe holds: the write must not block r3 past the timeout.
+#[test]
+fn a_verifier_that_never_reads_times_out_even_on_a_huge_request() {
+    let v = ExternalVerifier::new("sleep 30", Duration::from_millis(800));
+    let start = Instant::now();
+    let huge = "x".repeat(1 << 20);
+    let verdict = v.verify(&json!({"prompt": "p"}), &huge);
+    assert!(
+        !verdict.success && verdict.reason.contains("timed out"),
+        "{}",
+        verdict.reason
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        start.elapsed()
+    );
+}
+
+/// Extra lines never shift verdicts onto other requests: an id-less
+/// verifier that answers twice is restarted, and stale replies that echo an
+/// old id are skipped.
+#[test]
+fn extra_reply_lines_never_credit_another_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let twice = verifier_in(
+        dir.path(),
+        "twice.py",
+        r#"
+import json, sys
+for line in sys.stdin:
+    msg = json.loads(line)
+    ok = msg["answer"] == msg["record"]["answer"]
+    print(json.dumps({"success": ok}), flush=True)
+    print(json.dumps({"success": ok}), flush=True)
+"#,
+        2000,
+    );
+    let stale = verifier_in(
+        dir.path(),
+        "stale.py",
+        r#"
+import json, sys
+last = None
+for line in sys.stdin:
+    msg = json.loads(line)
+    if last is not None:
+        print(json.dumps(last), flush=True)
+    ok = msg["answer"] == msg["record"]["answer"]
+    last = {"id": msg["id"], "success": ok}
+    print(json.dumps(last), flush=True)
+"#,
+        2000,
+    );
+    let record = json!({"prompt": "p", "answer": "42"});
+    for v in [&twice, &stale] {
+        for (answer, right) in [
+            ("42", true),
+            ("1", false),
+            ("2", false),
+            ("42", true),
+            ("3", false),
+        ] {
+            std::thread::sleep(Duration::from_millis(50));
+            assert_eq!(v.verify(&record, answer).success, right, "answer {answer}");
+        }
+    }
+}
+
+/// On a timeout the verifier's whole process group dies, grandchildren too.
+#[test]
+fn a_timed_out_verifier_takes_its_children_with_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let pid_file = dir.path().join("grandchild.pid");
+    let command = format!(
+        "sh -c 'sleep 300 & echo $! > {}; sleep 300'",
+        pid_file.display()
+    );
+    let v = ExternalVerifier::new(&command, Duration::from_millis(800));
+    let verdict = v.verify(&json!({"prompt": "p"}), "x");
+    assert!(verdict.reason.contains("timed out"), "{}", verdict.reason);
+    let pid = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .to_string();
+    let alive = || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| !s.split(") ").nth(1).unwrap_or("").starts_with('Z'))
+            .unwrap_or(false)
+    };
+    let start = Instant::now();
+    while alive() && start.elapsed() < Duration::from_secs(3) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!alive(), "grandchild {pid} survived its verifier");
+}
+
+/// An endless line fails with its reason instead of filling memory; so
+/// does a reply that is not UTF-8.
+#[test]
+fn endless_and_non_utf8_replies_fail_with_their_reason() {
+    let endless = ExternalVerifier::new("cat /dev/zero", Duration::from_secs(10));
+    let verdict = endless.verify(&json!({"prompt": "p"}), "x");
+    assert!(
+        !verdict.success && verdict.reason.contains("over 1048576 bytes"),
+        "{}",
+        verdict.reason
+    );
+    let binary = ExternalVerifier::new(
+        r#"sh -c 'read x; printf "\377\376\n"; sleep 5'"#,
+        Duration::from_secs(4),
+    );
+    let verdict = binary.verify(&json!({"prompt": "p"}), "x");
+    assert!(
+        !verdict.success && verdict.reason.contains("not UTF-8"),
+        "{}",
+        verdict.reason
+    );
+}
