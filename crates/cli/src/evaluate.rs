@@ -214,12 +214,27 @@ pub fn run_mine(args: &MineArgs, model: &Model) -> Result<()> {
         seed: args.seed,
         ..Default::default()
     };
+    // What the failures file is bound to (with the data's digest): a rerun
+    // with other settings is refused instead of mixing two runs.
+    let settings = serde_json::json!({
+        "model": std::fs::canonicalize(&model.loaded.path)
+            .unwrap_or_else(|_| model.loaded.path.clone())
+            .display()
+            .to_string(),
+        "task": task.name(),
+        "verifier": args.task.verifier,
+        "samples": args.samples,
+        "temperature": args.temperature,
+        "seed": args.seed,
+        "max_new_tokens": args.max_new_tokens,
+    });
     let progress = bar("mining", records.len());
     let summary = r3_loop::mine::mine(
         &rollouts,
         &records,
         args.samples,
         &params,
+        &settings,
         &args.out,
         &mut |n| progress.inc(n as u64),
     )?;

@@ -194,3 +194,123 @@ fn report_draws_charts_and_compares_evaluations() {
         "{out}"
     );
 }
+
+/// A tiny random HF model (it fails nearly everything) and `n` arithmetic
+/// records, in `dir`.
+fn tiny_model_and_data(dir: &std::path::Path, n: usize, seed: &str) -> (String, String) {
+    let model = dir.join("tiny");
+    r3_model::tiny::TinyModel::new(r3_model::Architecture::Llama, 64, 1, 3)
+        .unwrap()
+        .write_hf_dir(&model, candle_core::DType::F32)
+        .unwrap();
+    let data = dir.join(format!("data-{seed}.jsonl"));
+    let count = n.to_string();
+    let (ok, _, err) = r3(&[
+        "data",
+        "arithmetic",
+        "--count",
+        &count,
+        "--seed",
+        seed,
+        "--out",
+        data.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    (
+        model.to_str().unwrap().to_string(),
+        data.to_str().unwrap().to_string(),
+    )
+}
+
+fn mine_args<'a>(model: &'a str, data: &'a str, out: &'a str, samples: &'a str) -> Vec<&'a str> {
+    vec![
+        "mine",
+        "--model",
+        model,
+        "--task",
+        "answer",
+        "--data",
+        data,
+        "--samples",
+        samples,
+        "--max-new-tokens",
+        "6",
+        "--batch-rows",
+        "4",
+        "--out",
+        out,
+    ]
+}
+
+/// `r3 mine` killed with SIGKILL at arbitrary moments and rerun each time
+/// ends with exactly the file an uninterrupted run writes: nothing kept is
+/// lost, nothing doubled. Reruns on other data or settings, a failures
+/// file cut behind the state's back, or a file without a state are refused.
+#[test]
+fn mine_survives_kill_9_and_refuses_what_it_cannot_continue() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, data) = tiny_model_and_data(dir.path(), 400, "5");
+    let path = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    let (reference, out) = (path("reference.jsonl"), path("failures.jsonl"));
+    let start = std::time::Instant::now();
+    let (ok, _, err) = r3(&mine_args(&model, &data, &reference, "2"));
+    assert!(ok, "{err}");
+    let run_ms = start.elapsed().as_millis() as u64;
+    let expected = std::fs::read_to_string(&reference).unwrap();
+    assert!(expected.lines().count() > 50, "the tiny model fails often");
+
+    let mut kills = 0;
+    for attempt in 0..60u64 {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_r3"))
+            .args(mine_args(&model, &data, &out, "2"))
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        // Deterministic but scattered moments within one run's length.
+        let moment = (attempt * 7919) % (run_ms / 4).max(1);
+        std::thread::sleep(std::time::Duration::from_millis(moment));
+        if child.try_wait().unwrap().is_some_and(|s| s.success()) {
+            break;
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        kills += 1;
+        // Invariant after every kill: the state vouches only for whole lines.
+        if let Ok(state) = std::fs::read_to_string(format!("{out}.state")) {
+            let state: serde_json::Value = serde_json::from_str(&state).unwrap();
+            let bytes = state["bytes"].as_u64().unwrap() as usize;
+            let text = std::fs::read(&out).unwrap();
+            assert!(text.len() >= bytes);
+            assert!(
+                expected.as_bytes().starts_with(&text[..bytes]),
+                "kept lines changed"
+            );
+        }
+    }
+    let (ok, _, err) = r3(&mine_args(&model, &data, &out, "2"));
+    assert!(ok, "{err}");
+    assert!(kills >= 3, "interrupted only {kills} times");
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), expected);
+
+    let (_, other_data) = tiny_model_and_data(dir.path(), 16, "6");
+    let (ok, _, err) = r3(&mine_args(&model, &other_data, &out, "2"));
+    assert!(
+        !ok && err.contains("data_sha256") && err.contains("data_records: 400 → 16"),
+        "{err}"
+    );
+    let (ok, _, err) = r3(&mine_args(&model, &data, &out, "3"));
+    assert!(!ok && err.contains("samples: 2 → 3"), "{err}");
+    std::fs::write(&out, "").unwrap();
+    let (ok, _, err) = r3(&mine_args(&model, &data, &out, "2"));
+    assert!(!ok && err.contains("cut outside r3 mine"), "{err}");
+    assert_eq!(
+        std::fs::read_to_string(&out).unwrap(),
+        "",
+        "nothing rewritten"
+    );
+    let stray = path("stray.jsonl");
+    std::fs::write(&stray, "{}\n").unwrap();
+    let (ok, _, err) = r3(&mine_args(&model, &data, &stray, "2"));
+    assert!(!ok && err.contains("is not a mining run"), "{err}");
+    assert_eq!(std::fs::read_to_string(&stray).unwrap(), "{}\n");
+}

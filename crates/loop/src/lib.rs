@@ -20,6 +20,11 @@ pub enum LoopError {
     Generate(#[from] r3_generate::GenerateError),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    #[error("{path}: {source}")]
+    Io {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
     #[error("{0}")]
     Invalid(String),
 }

@@ -1,7 +1,8 @@
 //! `r3 mine`: the dataset of failures. Each record gets K sampled first
 //! attempts; records the model fails on are kept with one failed attempt
 //! (its sampled ids, for token-in/token-out training) and the failure rate.
-//! Resumable: a state file records the next record index.
+//! Resumable: a state file records the next record index, the bytes of
+//! the failures file that cover it, and the data and settings it is bound to.
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -10,6 +11,7 @@ use r3_generate::SamplingParams;
 use r3_tasks::Record;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use sha2::{Digest, Sha256};
 
 use crate::rollout::Rollouts;
 use crate::{LoopError, Result};
@@ -29,9 +31,19 @@ pub struct MinedFailure {
     pub failure_rate: f64,
 }
 
+/// The sidecar file that makes a run resumable, written atomically after
+/// each chunk: how far it got, how many bytes of the failures file that
+/// covers, and what it is bound to.
 #[derive(Serialize, Deserialize)]
 struct MineState {
     next_index: usize,
+    /// The failures file's length when `next_index` was reached: bytes
+    /// past it are an unfinished chunk, cut on resume.
+    bytes: u64,
+    failures_kept: usize,
+    /// The data's digest and the run's settings; a rerun with other ones
+    /// is refused rather than mixing two runs in one file.
+    settings: serde_json::Map<String, Value>,
 }
 
 /// Counts of a mining run.
@@ -49,7 +61,64 @@ fn state_path(out: &Path) -> PathBuf {
 }
 
 fn io_err(path: &Path, e: std::io::Error) -> LoopError {
-    LoopError::Invalid(format!("{}: {e}", path.display()))
+    LoopError::Io {
+        path: path.to_path_buf(),
+        source: e,
+    }
+}
+
+/// What a mining run is bound to: `settings` (model, task, sampling) plus
+/// the number of records and a digest of their contents, so that other
+/// data under the same file name is noticed.
+fn binding(records: &[Record], settings: &Value) -> serde_json::Map<String, Value> {
+    let mut digest = Sha256::new();
+    for record in records {
+        digest.update(record.value.to_string().as_bytes());
+        digest.update(b"\n");
+    }
+    let mut bound = settings.as_object().cloned().unwrap_or_default();
+    bound.insert("data_records".into(), records.len().into());
+    bound.insert(
+        "data_sha256".into(),
+        format!("{:x}", digest.finalize()).into(),
+    );
+    bound
+}
+
+/// The keys on which two bindings differ, `key: was → now`.
+fn differences(
+    was: &serde_json::Map<String, Value>,
+    now: &serde_json::Map<String, Value>,
+) -> Vec<String> {
+    let mut keys: Vec<&String> = was.keys().chain(now.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    keys.into_iter()
+        .filter(|k| was.get(*k) != now.get(*k))
+        .map(|k| {
+            let show = |v: Option<&Value>| v.map_or("(none)".to_string(), Value::to_string);
+            format!("{k}: {} → {}", show(was.get(k)), show(now.get(k)))
+        })
+        .collect()
+}
+
+/// Writes `state` to `path` so that a kill at any moment leaves the old or
+/// the new state, never half of one.
+fn save_state(path: &Path, state: &MineState) -> Result<()> {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let json = serde_json::to_string(state).expect("serialisable");
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(|e| io_err(path, e))?;
+    tmp.write_all(json.as_bytes())
+        .and_then(|_| tmp.as_file().sync_all())
+        .map_err(|e| io_err(path, e))?;
+    tmp.persist(path).map_err(|e| io_err(path, e.error))?;
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
 }
 
 /// Reads a failures file (as written by [`mine`]).
@@ -74,40 +143,77 @@ pub fn read_failures(path: &Path) -> Result<Vec<MinedFailure>> {
 }
 
 /// Mines `records` into `out`, `samples` attempts each, continuing where a
-/// previous run on the same `out` stopped.
+/// previous run on the same `out` stopped. `settings` (model, task,
+/// sampling) are bound to the run with the data's digest: a rerun with
+/// others is refused, naming what changed. What was kept is never lost: a
+/// rerun only appends, after cutting an unfinished chunk.
 pub fn mine(
     rollouts: &Rollouts<'_>,
     records: &[Record],
     samples: usize,
     params: &SamplingParams,
+    settings: &Value,
     out: &Path,
     progress: &mut dyn FnMut(usize),
 ) -> Result<MineSummary> {
     let state_file = state_path(out);
-    let resumed_from = match std::fs::read_to_string(&state_file) {
-        Ok(text) => {
-            serde_json::from_str::<MineState>(&text)
-                .map_err(|e| LoopError::Invalid(format!("{}: {e}", state_file.display())))?
-                .next_index
+    let bound = binding(records, settings);
+    let existing = match std::fs::metadata(out) {
+        Ok(m) => Some(m.len()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(io_err(out, e)),
+    };
+    let mut state = match std::fs::read_to_string(&state_file) {
+        Ok(text) => serde_json::from_str::<MineState>(&text).map_err(|e| {
+            LoopError::Invalid(format!("{}: not a mining state: {e}", state_file.display()))
+        })?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if existing.is_some_and(|len| len > 0) {
+                return Err(LoopError::Invalid(format!(
+                    "{} exists but {} does not: it is not a mining run r3 can continue; \
+                     choose another --out or remove it",
+                    out.display(),
+                    state_file.display()
+                )));
+            }
+            MineState {
+                next_index: 0,
+                bytes: 0,
+                failures_kept: 0,
+                settings: bound.clone(),
+            }
         }
-        Err(_) => 0,
+        Err(e) => return Err(io_err(&state_file, e)),
     };
-    // Keep only failures from before the resume point: a run killed after
-    // writing failures but before saving its state leaves no duplicates.
-    let kept: Vec<MinedFailure> = if resumed_from > 0 && out.exists() {
-        read_failures(out)?
-            .into_iter()
-            .filter(|f| f.index < resumed_from)
-            .collect()
-    } else {
-        Vec::new()
-    };
-    let mut file = std::fs::File::create(out).map_err(|e| io_err(out, e))?;
-    for f in &kept {
-        writeln!(file, "{}", serde_json::to_string(f).expect("serialisable"))
-            .map_err(|e| io_err(out, e))?;
+    let changed = differences(&state.settings, &bound);
+    if !changed.is_empty() {
+        return Err(LoopError::Invalid(format!(
+            "{} was mined with other data or settings ({}); use another --out to mine these",
+            out.display(),
+            changed.join("; ")
+        )));
     }
-    let mut failures_kept = kept.len();
+    let length = existing.unwrap_or(0);
+    if length < state.bytes {
+        return Err(LoopError::Invalid(format!(
+            "{} holds {length} bytes but {} vouches for {}: it was cut outside r3 mine; \
+             refusing to continue",
+            out.display(),
+            state_file.display(),
+            state.bytes
+        )));
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(out)
+        .map_err(|e| io_err(out, e))?;
+    // Bytes past the state's are a chunk a kill interrupted: it is mined
+    // again below.
+    file.set_len(state.bytes).map_err(|e| io_err(out, e))?;
+    save_state(&state_file, &state)?;
+    let resumed_from = state.next_index;
+    let mut failures_kept = state.failures_kept;
     progress(resumed_from.min(records.len()));
     let per_chunk = (rollouts.max_rows / samples.max(1)).max(1);
     let mut index = resumed_from;
@@ -139,14 +245,13 @@ pub fn mine(
             .map_err(|e| io_err(out, e))?;
             failures_kept += 1;
         }
-        file.flush().map_err(|e| io_err(out, e))?;
-        let tmp = state_file.with_extension("state.tmp");
-        std::fs::write(
-            &tmp,
-            serde_json::to_string(&MineState { next_index: end }).expect("serialisable"),
-        )
-        .and_then(|_| std::fs::rename(&tmp, &state_file))
-        .map_err(|e| io_err(&state_file, e))?;
+        file.flush()
+            .and_then(|_| file.sync_data())
+            .map_err(|e| io_err(out, e))?;
+        state.next_index = end;
+        state.bytes = file.metadata().map_err(|e| io_err(out, e))?.len();
+        state.failures_kept = failures_kept;
+        save_state(&state_file, &state)?;
         progress(end - index);
         index = end;
     }
