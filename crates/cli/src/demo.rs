@@ -81,6 +81,8 @@ pub fn demo(args: DemoArgs) -> Result<()> {
         pool.len()
     );
     let failures = args.out.join("failures.jsonl");
+    // Each demo mines afresh.
+    let _ = std::fs::remove_file(&failures);
     let _ = std::fs::remove_file(args.out.join("failures.jsonl.state"));
     run_mine(
         &MineArgs {

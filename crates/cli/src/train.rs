@@ -21,14 +21,36 @@ pub struct TrainArgs {
     /// Override one setting, e.g. --set learning_rate=1e-6 (repeatable)
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
-    /// Continue from a checkpoint directory written by a previous run
-    #[arg(long)]
+    /// Continue from a checkpoint directory written by a previous run;
+    /// `last` takes output_dir's newest one, `auto` too if there is one
+    /// (else starts fresh)
+    #[arg(long, value_name = "DIR|last|auto")]
     pub resume: Option<PathBuf>,
+    /// Start fresh in an output_dir that holds another run, deleting it
+    #[arg(long, conflicts_with = "resume")]
+    pub overwrite: bool,
 }
 
 pub fn train(args: TrainArgs) -> Result<()> {
     let config = TrainConfig::load(args.config.as_deref(), &args.set)?;
-    let checkpoint = run_train(config, args.resume.as_deref())?;
+    let resume = match args.resume.as_deref().and_then(Path::to_str) {
+        Some(word @ ("last" | "auto")) => {
+            let last = r3_train::checkpoint::last_checkpoint(&config.output_dir)?;
+            if last.is_none() && word == "last" {
+                bail!(
+                    "--resume last: {} holds no checkpoint yet",
+                    config.output_dir.display()
+                );
+            }
+            last
+        }
+        _ => args.resume.clone(),
+    };
+    if let Some(dir) = &resume {
+        eprintln!("resuming from {}", dir.display());
+    }
+    r3_train::checkpoint::prepare_output_dir(&config.output_dir, resume.is_some(), args.overwrite)?;
+    let checkpoint = run_train(config, resume.as_deref())?;
     eprintln!("final checkpoint: {}", checkpoint.display());
     Ok(())
 }

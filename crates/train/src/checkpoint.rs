@@ -42,6 +42,137 @@ fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
     .map_err(io(path))
 }
 
+/// Flushes `dir`'s files and then `dir` itself to disk, so that a rename
+/// after it can never expose a directory whose contents were still in
+/// the page cache when the machine went down.
+fn sync_dir_tree(dir: &Path) -> Result<()> {
+    for entry in std::fs::read_dir(dir).map_err(io(dir))? {
+        let path = entry.map_err(io(dir))?.path();
+        std::fs::File::open(&path)
+            .and_then(|f| f.sync_all())
+            .map_err(io(&path))?;
+    }
+    sync_dir(dir)
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    std::fs::File::open(dir)
+        .and_then(|f| f.sync_all())
+        .map_err(io(dir))
+}
+
+/// Checkpoint directories (`checkpoint-N`, and temporary ones a kill left
+/// behind) and the logs of a run in `output_dir`.
+fn run_files(output_dir: &Path) -> Result<(Vec<PathBuf>, Vec<PathBuf>)> {
+    let (mut finished, mut stale) = (Vec::new(), Vec::new());
+    let entries = match std::fs::read_dir(output_dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((finished, stale)),
+        Err(e) => return Err(io(output_dir)(e)),
+    };
+    for entry in entries {
+        let path = entry.map_err(io(output_dir))?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if name.starts_with(".checkpoint-") && name.ends_with(".tmp") || name == ".last.tmp" {
+            stale.push(path);
+        } else if name.starts_with("checkpoint-")
+            || ["last", "metrics.jsonl", "samples.jsonl"].contains(&name)
+        {
+            finished.push(path);
+        }
+    }
+    finished.sort();
+    Ok((finished, stale))
+}
+
+/// Makes `output_dir` ready for a run: removes temporary checkpoints a
+/// kill left behind; for a fresh run (`resuming` false) refuses a
+/// directory that holds another run's checkpoints or logs, unless
+/// `overwrite`, which deletes them first.
+pub fn prepare_output_dir(output_dir: &Path, resuming: bool, overwrite: bool) -> Result<()> {
+    std::fs::create_dir_all(output_dir).map_err(io(output_dir))?;
+    let (finished, stale) = run_files(output_dir)?;
+    for path in stale {
+        std::fs::remove_dir_all(&path)
+            .or_else(|_| std::fs::remove_file(&path))
+            .map_err(io(&path))?;
+    }
+    if resuming || finished.is_empty() {
+        return Ok(());
+    }
+    if !overwrite {
+        let names: Vec<String> = finished
+            .iter()
+            .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .collect();
+        return Err(TrainError::Invalid(format!(
+            "{} already holds a run ({}): resume it (--resume last), choose another output_dir, \
+             or pass --overwrite to delete it",
+            output_dir.display(),
+            names.join(", ")
+        )));
+    }
+    for path in finished {
+        std::fs::remove_dir_all(&path)
+            .or_else(|_| std::fs::remove_file(&path))
+            .map_err(io(&path))?;
+    }
+    Ok(())
+}
+
+/// The checkpoint `output_dir/last` points at, if a run saved one.
+pub fn last_checkpoint(output_dir: &Path) -> Result<Option<PathBuf>> {
+    let pointer = output_dir.join("last");
+    match std::fs::read_to_string(&pointer) {
+        Ok(name) => {
+            let dir = output_dir.join(name.trim());
+            if !dir.join("trainer_state.json").is_file() {
+                return Err(TrainError::Invalid(format!(
+                    "{} points at {}, which is not a checkpoint",
+                    pointer.display(),
+                    dir.display()
+                )));
+            }
+            Ok(Some(dir))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io(&pointer)(e)),
+    }
+}
+
+/// Cuts `output_dir`'s logs back to `step`: lines of later steps were
+/// written after the checkpoint a resumed run continues from, and are
+/// about to be written again.
+pub fn trim_logs(output_dir: &Path, step: usize) -> Result<()> {
+    for name in ["metrics.jsonl", "samples.jsonl"] {
+        let path = output_dir.join(name);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(io(&path)(e)),
+        };
+        let mut kept = String::with_capacity(text.len());
+        for line in text.lines() {
+            let line_step = serde_json::from_str::<serde_json::Value>(line)
+                .ok()
+                .and_then(|v| v.get("step").and_then(serde_json::Value::as_u64));
+            // A torn last line (a kill mid-write) has no step: dropped.
+            if line_step.is_some_and(|s| s as usize <= step) {
+                kept.push_str(line);
+                kept.push('\n');
+            }
+        }
+        if kept.len() != text.len() {
+            let tmp = output_dir.join(format!(".{name}.tmp"));
+            std::fs::write(&tmp, &kept)
+                .and_then(|_| std::fs::File::open(&tmp)?.sync_all())
+                .and_then(|_| std::fs::rename(&tmp, &path))
+                .map_err(io(&path))?;
+        }
+    }
+    Ok(())
+}
+
 /// Writes `output_dir/checkpoint-{step}` and points `output_dir/last` at it.
 pub fn save(
     output_dir: &Path,
@@ -80,19 +211,25 @@ pub fn save(
         "adam_step".into(),
         Tensor::new(&[optimizer.step as u32], &Device::Cpu)?,
     );
-    candle_core::safetensors::save(&moments, tmp.join("optimizer.safetensors"))?;
+    let optimizer_path = tmp.join("optimizer.safetensors");
+    candle_core::safetensors::save(&moments, &optimizer_path).map_err(|e| {
+        TrainError::Invalid(format!("cannot write {}: {e}", optimizer_path.display()))
+    })?;
     write_json(
         &tmp.join("trainer_state.json"),
         &serde_json::to_value(state).expect("serialisable"),
     )?;
 
+    sync_dir_tree(&tmp)?;
     let _ = std::fs::remove_dir_all(&done);
     std::fs::rename(&tmp, &done).map_err(io(&done))?;
     let last = output_dir.join("last");
     let last_tmp = output_dir.join(".last.tmp");
     std::fs::write(&last_tmp, &name)
+        .and_then(|_| std::fs::File::open(&last_tmp)?.sync_all())
         .and_then(|_| std::fs::rename(&last_tmp, &last))
         .map_err(io(&last))?;
+    sync_dir(output_dir)?;
     Ok(done)
 }
 

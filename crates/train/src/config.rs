@@ -244,6 +244,30 @@ impl TrainConfig {
         Ok(())
     }
 
+    /// Settings a resumed run may change: how long it runs and what it
+    /// writes where. Any other change would continue another run than the
+    /// one checkpointed.
+    pub const CHANGEABLE_ON_RESUME: [&'static str; 4] =
+        ["max_steps", "save_steps", "log_completions", "output_dir"];
+
+    /// The settings, other than [`Self::CHANGEABLE_ON_RESUME`], on which
+    /// this config differs from the `saved` one, as `key: saved → now`.
+    pub fn resume_differences(&self, saved: &TrainConfig) -> Vec<String> {
+        let as_map = |c: &TrainConfig| match serde_json::to_value(c) {
+            Ok(serde_json::Value::Object(map)) => map,
+            _ => Default::default(),
+        };
+        let (now, was) = (as_map(self), as_map(saved));
+        now.iter()
+            .filter(|(k, _)| !Self::CHANGEABLE_ON_RESUME.contains(&k.as_str()))
+            .filter(|(k, v)| was.get(*k) != Some(v))
+            .map(|(k, v)| {
+                let before = was.get(k).map_or("(none)".to_string(), |w| w.to_string());
+                format!("{k}: {before} → {v}")
+            })
+            .collect()
+    }
+
     /// Warm-up steps, from `warmup_steps` or `warmup_ratio`.
     pub fn warmup(&self) -> usize {
         self.warmup_steps

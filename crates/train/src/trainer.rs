@@ -147,6 +147,15 @@ impl<'a> Trainer<'a> {
         let mut base_model = model.path.display().to_string();
         if let Some(dir) = resume {
             let state = checkpoint::read_state(dir)?;
+            let changed = config.resume_differences(&state.config);
+            if !changed.is_empty() {
+                return Err(TrainError::Config(format!(
+                    "{} was trained with other settings ({}); only {} may change on resume",
+                    dir.display(),
+                    changed.join("; "),
+                    TrainConfig::CHANGEABLE_ON_RESUME.join(", ")
+                )));
+            }
             checkpoint::load_optimizer(dir, &mut optimizer)?;
             (step, cursor, base_model) = (state.step, state.cursor, state.base_model);
         }
@@ -471,6 +480,8 @@ impl<'a> Trainer<'a> {
                     source,
                 })
         };
+        // Lines past the checkpoint a resumed run starts from are redone.
+        checkpoint::trim_logs(&dir, self.step)?;
         let (mut metrics, mut samples) = (open("metrics.jsonl")?, open("samples.jsonl")?);
         let mut last = None;
         while self.step < self.config.max_steps {

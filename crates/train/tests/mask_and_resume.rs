@@ -175,8 +175,25 @@ fn a_resumed_run_matches_an_uninterrupted_one() {
     let whole = tempfile::tempdir().unwrap();
     train(whole.path(), 4, None);
     let parts = tempfile::tempdir().unwrap();
-    train(parts.path(), 2, None);
+    // A run killed after logging step 3 but before checkpointing it: its
+    // resumption from checkpoint-2 redoes step 3, logged once.
+    train(parts.path(), 3, None);
     train(parts.path(), 4, Some(&parts.path().join("checkpoint-2")));
+    let steps = |name: &str| -> Vec<u64> {
+        let mut steps: Vec<u64> = std::fs::read_to_string(parts.path().join(name))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect();
+        steps.dedup();
+        steps
+    };
+    assert_eq!(steps("metrics.jsonl"), [1, 2, 3, 4]);
+    assert_eq!(steps("samples.jsonl"), [1, 2, 3, 4]);
 
     let read = |dir: &std::path::Path| -> Vec<serde_json::Value> {
         std::fs::read_to_string(dir.join("metrics.jsonl"))
@@ -229,4 +246,70 @@ fn empty_or_too_small_failure_sets_are_rejected() {
     assert!(err(Vec::new()).contains("dataset of failures is empty"));
     assert!(err(toy.failures.clone())
         .contains("'failures_per_step' (8) is larger than the dataset of failures (4)"));
+}
+
+/// A fresh run never mixes with an old one in its output_dir, a resumed
+/// one never continues with other settings, and temporary checkpoints a
+/// kill left behind are removed.
+#[test]
+fn output_directories_and_resumes_are_checked() {
+    use r3_train::checkpoint::{last_checkpoint, prepare_output_dir};
+    let toy = common::toy();
+    let dir = tempfile::tempdir().unwrap();
+    let config = |seed: u64| TrainConfig {
+        output_dir: dir.path().to_path_buf(),
+        max_steps: 1,
+        failures_per_step: 2,
+        num_generations: 2,
+        max_completion_length: 1,
+        retry_max_tokens: 1,
+        beta: 0.0,
+        seed,
+        ..TrainConfig::default()
+    };
+    let trainer = |config: TrainConfig, resume: Option<&std::path::Path>| {
+        Trainer::new(
+            config,
+            &toy.loaded,
+            None,
+            &toy.task,
+            common::prompts(),
+            toy.failures.clone(),
+            resume,
+        )
+    };
+    assert_eq!(last_checkpoint(dir.path()).unwrap(), None);
+    prepare_output_dir(dir.path(), false, false).unwrap();
+    trainer(config(5), None).unwrap().run(&mut |_| {}).unwrap();
+    let last = last_checkpoint(dir.path()).unwrap().unwrap();
+    assert!(last.ends_with("checkpoint-1"));
+
+    let stale = dir.path().join(".checkpoint-7.tmp");
+    std::fs::create_dir(&stale).unwrap();
+    let e = prepare_output_dir(dir.path(), false, false)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("already holds a run") && e.contains("checkpoint-1"),
+        "{e}"
+    );
+    assert!(!stale.exists(), "a kill's temporary checkpoint is removed");
+    prepare_output_dir(dir.path(), true, false).unwrap();
+
+    let e = match trainer(config(6), Some(&last)) {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("a changed seed was accepted on resume"),
+    };
+    assert!(e.contains("seed: 5 → 6"), "{e}");
+    let mut longer = config(5);
+    longer.max_steps = 2;
+    assert!(trainer(longer, Some(&last)).is_ok(), "max_steps may grow");
+
+    prepare_output_dir(dir.path(), false, true).unwrap();
+    assert_eq!(
+        last_checkpoint(dir.path()).unwrap(),
+        None,
+        "--overwrite cleared it"
+    );
+    assert!(!dir.path().join("metrics.jsonl").exists());
 }
