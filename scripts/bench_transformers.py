@@ -64,6 +64,9 @@ def main():
                 "prompt_tokens": a.prompt_tokens,
                 "new_tokens": a.new_tokens,
                 "threads": a.threads,
+                # The vector level torch's kernels run at (ATEN_CPU_CAPABILITY
+                # lowers it, as R3_CPU does for r3).
+                "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                 "prefill_tokens_per_s": a.batch * a.prompt_tokens / prefill,
                 "decode_tokens_per_s": a.batch * (a.new_tokens - 1) / decode,
             }
