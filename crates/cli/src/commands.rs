@@ -76,7 +76,7 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
         temperature: s.temperature,
         top_p: s.top_p,
         top_k: s.top_k,
-        max_new_tokens: s.max_new_tokens,
+        max_new_tokens: model.within_context(s.max_new_tokens, "--max-new-tokens"),
         stop_strings: Vec::new(),
         seed: s.seed,
     };

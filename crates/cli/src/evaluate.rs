@@ -116,6 +116,13 @@ pub fn eval(args: EvalArgs) -> Result<()> {
 
 /// Evaluates and writes summary.json and transcripts.jsonl into `args.out`.
 pub fn run_eval(args: &EvalArgs, model: &Model) -> Result<EvalSummary> {
+    if args.reflection_max_tokens == 0 {
+        bail!("--reflection-max-tokens must be at least 1: a reflection needs a token");
+    }
+    // An unwritable --out fails now, not after the whole evaluation.
+    std::fs::create_dir_all(&args.out)
+        .and_then(|_| tempfile::tempfile_in(&args.out).map(drop))
+        .with_context(|| format!("cannot write into --out {}", args.out.display()))?;
     let (task, records, prompts) = setup(&args.task, &args.data)?;
     let policy = policy(model);
     let rollouts = Rollouts::new(&policy, task.as_ref(), &prompts, args.data.batch_rows);
@@ -126,18 +133,19 @@ pub fn run_eval(args: &EvalArgs, model: &Model) -> Result<EvalSummary> {
         seed: args.seed,
         ..Default::default()
     };
+    let answer_tokens = model.within_context(args.max_new_tokens, "--max-new-tokens");
     let settings = EvalSettings {
-        attempt: turn(args.max_new_tokens),
-        reflection: turn(args.reflection_max_tokens),
-        retry: turn(args.max_new_tokens),
+        attempt: turn(answer_tokens),
+        reflection: turn(
+            model.within_context(args.reflection_max_tokens, "--reflection-max-tokens"),
+        ),
+        retry: turn(answer_tokens),
     };
     let mut phases = Phases::new();
     let (summary, transcripts) = evaluate(&rollouts, &records, &settings, &mut |p, n, t| {
         phases.report(p, n, t)
     })?;
     phases.finish();
-    std::fs::create_dir_all(&args.out)
-        .with_context(|| format!("cannot create {}", args.out.display()))?;
     write_atomic(
         &args.out.join("summary.json"),
         serde_json::to_string_pretty(&summary)?.as_bytes(),
@@ -210,7 +218,7 @@ pub fn run_mine(args: &MineArgs, model: &Model) -> Result<()> {
     let rollouts = Rollouts::new(&policy, task.as_ref(), &prompts, args.data.batch_rows);
     let params = SamplingParams {
         temperature: args.temperature,
-        max_new_tokens: args.max_new_tokens,
+        max_new_tokens: model.within_context(args.max_new_tokens, "--max-new-tokens"),
         seed: args.seed,
         ..Default::default()
     };

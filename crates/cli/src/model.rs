@@ -11,6 +11,18 @@ pub struct Model {
     pub llama: Llama,
 }
 
+impl Model {
+    /// `requested` new tokens for `flag`, at most the model's context
+    /// length: a budget past it cannot be used, and would be allocated.
+    pub fn within_context(&self, requested: usize, flag: &str) -> usize {
+        let context = self.loaded.config.max_position_embeddings;
+        if requested > context {
+            eprintln!("note: {flag} {requested} is past the model's context of {context} tokens; using {context}");
+        }
+        requested.min(context)
+    }
+}
+
 pub fn load(args: &ModelArgs) -> Result<Model> {
     let path = match &args.model {
         Some(path) => path.clone(),

@@ -2,7 +2,6 @@
 
 use std::io::Write;
 use std::path::PathBuf;
-use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
@@ -28,13 +27,9 @@ impl TaskArgs {
     pub fn build(&self) -> Result<Box<dyn Task>> {
         match (&self.task, &self.verifier) {
             (_, Some(command)) => {
-                if self.verifier_timeout.is_nan() || self.verifier_timeout <= 0.0 {
-                    bail!("--verifier-timeout must be positive");
-                }
-                Ok(Box::new(ExternalVerifier::new(
-                    command,
-                    Duration::from_secs_f64(self.verifier_timeout),
-                )))
+                let timeout = r3_tasks::external::timeout_from_seconds(self.verifier_timeout)
+                    .map_err(|e| anyhow::anyhow!("--verifier-timeout: {e}"))?;
+                Ok(Box::new(ExternalVerifier::new(command, timeout)))
             }
             (Some(name), None) => Ok(r3_tasks::builtin(name)?),
             (None, None) => bail!("give --task or --verifier"),

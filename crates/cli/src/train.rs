@@ -2,7 +2,6 @@
 //! follow TRL's GRPOConfig; `--set key=value` overrides any key.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -59,7 +58,8 @@ fn task_of(config: &TrainConfig) -> Result<Box<dyn Task>> {
     Ok(match &config.verifier {
         Some(command) => Box::new(ExternalVerifier::new(
             command,
-            Duration::from_secs_f64(config.verifier_timeout),
+            r3_tasks::external::timeout_from_seconds(config.verifier_timeout)
+                .map_err(|e| anyhow::anyhow!("verifier_timeout: {e}"))?,
         )),
         None => r3_tasks::builtin(&config.task)?,
     })

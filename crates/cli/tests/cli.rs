@@ -314,3 +314,68 @@ fn mine_survives_kill_9_and_refuses_what_it_cannot_continue() {
     assert!(!ok && err.contains("is not a mining run"), "{err}");
     assert_eq!(std::fs::read_to_string(&stray).unwrap(), "{}\n");
 }
+
+/// Values that used to panic: each is a clear error, or (a token budget
+/// past the context) capped with a note.
+#[test]
+fn values_that_used_to_panic() {
+    for timeout in ["-1", "NaN", "inf", "1e300", "0"] {
+        let (ok, _, err) = r3(&[
+            "verify",
+            "--verifier",
+            "cat",
+            &format!("--verifier-timeout={timeout}"),
+            "--record",
+            r#"{"prompt": "p"}"#,
+            "--answer",
+            "x",
+        ]);
+        assert!(
+            !ok && err.contains("--verifier-timeout"),
+            "{timeout}: {err}"
+        );
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (model, data) = tiny_model_and_data(dir.path(), 4, "1");
+    let out = dir.path().join("eval");
+    let (ok, _, err) = r3(&[
+        "eval",
+        "--model",
+        &model,
+        "--task",
+        "answer",
+        "--data",
+        &data,
+        "--reflection-max-tokens",
+        "0",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        !ok && err.contains("--reflection-max-tokens must be at least 1"),
+        "{err}"
+    );
+    let (ok, _, err) = r3(&[
+        "generate",
+        "--model",
+        &model,
+        "--prompt",
+        "hi",
+        "--max-new-tokens",
+        "100000000000",
+    ]);
+    assert!(ok && err.contains("past the model's context"), "{err}");
+    let (ok, _, err) = r3(&[
+        "eval",
+        "--model",
+        &model,
+        "--task",
+        "answer",
+        "--data",
+        &data,
+        "--out",
+        "/proc/not-writable/eval",
+    ]);
+    assert!(!ok && err.contains("cannot write into --out"), "{err}");
+}

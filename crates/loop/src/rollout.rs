@@ -12,7 +12,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::conversation::ChatEncoder;
-use crate::Result;
+use crate::{LoopError, Result};
 
 /// A model with everything needed to hold a conversation with it.
 pub struct Policy<'a> {
@@ -269,6 +269,11 @@ impl<'a> Rollouts<'a> {
             })
             .collect::<Result<Vec<_>>>()?;
         let longest_turn = retry_turns.iter().flatten().map(Vec::len).max();
+        if reflect.max_new_tokens == 0 {
+            return Err(LoopError::Invalid(
+                "a reflection needs a budget of at least one token".into(),
+            ));
+        }
         // One cache for both phases: room for the reflection, the retry
         // request (after the reflection's last token) and the retry.
         let room = reflect.max_new_tokens + 1 + longest_turn.unwrap_or(0) + retry.max_new_tokens;

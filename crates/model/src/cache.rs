@@ -68,8 +68,9 @@ pub(crate) struct AppendPlan {
 
 impl KvCache {
     /// An empty cache for generation, with room for `capacity` columns
-    /// before it has to grow.
+    /// (at most the model's context) before it has to grow.
     pub fn new(config: &ModelConfig, batch: usize, capacity: usize) -> Self {
+        let capacity = capacity.min(config.max_position_embeddings);
         Self::empty(config, batch, Storage::Buffer, capacity)
     }
 

@@ -33,10 +33,16 @@ pub struct ChatTemplate {
     eos_token: String,
 }
 
+/// Instructions one rendering may execute.
+const CHAT_TEMPLATE_FUEL: u64 = 10_000_000;
+
 impl ChatTemplate {
     /// Compiles `template`; `source` names where it came from in errors.
     pub fn new(template: &str, bos_token: &str, eos_token: &str, source: &Path) -> Result<Self> {
         let mut env = Environment::new();
+        // A template that loops forever runs out of fuel instead; real ones
+        // use a few thousand units per conversation.
+        env.set_fuel(Some(CHAT_TEMPLATE_FUEL));
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
@@ -77,6 +83,14 @@ impl ChatTemplate {
     }
 
     fn error(&self, e: JinjaError) -> ModelError {
+        if e.kind() == ErrorKind::OutOfFuel {
+            return ModelError::ChatTemplate {
+                path: self.source.clone(),
+                message: format!(
+                    "stopped after {CHAT_TEMPLATE_FUEL} instructions: does it loop forever?"
+                ),
+            };
+        }
         let mut message = e.to_string();
         let mut source = std::error::Error::source(&e);
         while let Some(inner) = source {

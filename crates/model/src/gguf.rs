@@ -43,8 +43,28 @@ const SUPPORTED: &[GgmlDType] = &[
 impl GgufFile {
     pub fn open(path: &Path) -> Result<Self> {
         let file = File::open(path).map_err(|e| ModelError::io(path, e))?;
+        // candle divides by the alignment without checking it.
+        if crate::gguf_header::stated_alignment(path).map_err(|e| ModelError::io(path, e))?
+            == Some(0)
+        {
+            return Err(ModelError::invalid(
+                path,
+                "not a valid GGUF file: general.alignment is 0",
+            ));
+        }
         let content = Content::read(&mut BufReader::new(file))
             .map_err(|e| ModelError::invalid(path, format!("not a valid GGUF file: {e}")))?;
+        if let Some((name, info)) = content
+            .tensor_infos
+            .iter()
+            .find(|(_, info)| info.shape.dims().contains(&0))
+        {
+            return Err(ModelError::tensor(
+                path,
+                name,
+                format!("has a zero dimension {:?}", info.shape.dims()),
+            ));
+        }
         Ok(Self {
             path: path.into(),
             content,
@@ -127,7 +147,9 @@ impl GgufFile {
             Err(_) => hidden_size / num_heads.max(1),
         };
         let vocab_size = match self.content.tensor_infos.get("token_embd.weight") {
-            Some(info) => info.shape.dims()[0],
+            Some(info) => *info.shape.dims().first().ok_or_else(|| {
+                ModelError::tensor(&self.path, "token_embd.weight", "has no dimensions")
+            })?,
             None => vocab_size_from_tokenizer,
         };
         let rope_scaling = match self.content.tensor_infos.get("rope_freqs.weight") {

@@ -12,6 +12,7 @@ pub mod default_model;
 pub mod error;
 pub mod exp;
 pub mod gguf;
+mod gguf_header;
 pub mod kernel;
 pub mod llama;
 pub mod loader;

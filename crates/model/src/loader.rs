@@ -212,8 +212,23 @@ fn load_gguf(path: &Path) -> Result<LoadedModel> {
         .to_string();
     let name_of = |key: &str| gguf.get_u32(key).and_then(|id| tokenizer.id_to_token(id));
     let bos_token = name_of("tokenizer.ggml.bos_token_id");
-    let eos_token = name_of("tokenizer.ggml.eos_token_id")
-        .ok_or_else(|| ModelError::invalid(path, "missing 'tokenizer.ggml.eos_token_id'"))?;
+    let eos_token = match gguf.get_u32("tokenizer.ggml.eos_token_id") {
+        None => {
+            return Err(ModelError::invalid(
+                path,
+                "missing 'tokenizer.ggml.eos_token_id'",
+            ))
+        }
+        Some(id) => tokenizer.id_to_token(id).ok_or_else(|| {
+            ModelError::invalid(
+                path,
+                format!(
+                    "'tokenizer.ggml.eos_token_id' {id} is outside the tokenizer's {} tokens",
+                    tokenizer.vocab_size()
+                ),
+            )
+        })?,
+    };
     let chat_template = ChatTemplate::new(
         &template,
         bos_token.as_deref().unwrap_or(""),

@@ -250,6 +250,21 @@ fn shard_files(index: &Path) -> Result<Vec<PathBuf>> {
         .collect();
     files.sort();
     files.dedup();
+    // A shard is a plain file name beside the index: `../../etc/passwd` or
+    // an absolute path would read outside the model directory.
+    if let Some(bad) = files.iter().find(|f| {
+        let path = Path::new(f.as_str());
+        path.components().count() != 1
+            || !matches!(
+                path.components().next(),
+                Some(std::path::Component::Normal(_))
+            )
+    }) {
+        return Err(ModelError::invalid(
+            index,
+            format!("shard '{bad}' is not a file name inside the model directory"),
+        ));
+    }
     let dir = index.parent().unwrap_or(Path::new("."));
     Ok(files.into_iter().map(|f| dir.join(f)).collect())
 }

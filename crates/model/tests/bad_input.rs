@@ -196,3 +196,95 @@ fn config_with_fewer_layers_than_the_weights() {
         "{e}"
     );
 }
+
+/// Header values candle's reader would trust: an alignment of 0 (a
+/// division by zero inside it) and a tensor with a zero dimension.
+#[test]
+fn gguf_with_zero_alignment_or_an_empty_dimension() {
+    use candle_core::quantized::{gguf_file, QTensor};
+    let write = |path: &std::path::Path, alignment: u32, dims: (usize, usize)| {
+        let t = candle_core::Tensor::zeros(dims, DType::F32, &candle_core::Device::Cpu).unwrap();
+        let q = QTensor::quantize(&t, GgmlDType::F32).unwrap();
+        let arch = gguf_file::Value::String("llama".into());
+        let align = gguf_file::Value::U32(alignment);
+        let metadata = [
+            ("general.architecture", &arch),
+            ("general.alignment", &align),
+        ];
+        let mut file = std::fs::File::create(path).unwrap();
+        gguf_file::write(&mut file, &metadata, &[("token_embd.weight", &q)]).unwrap();
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.gguf");
+    write(&path, 0, (4, 32));
+    let e = error_of(&path);
+    assert!(
+        e.contains("m.gguf") && e.contains("general.alignment is 0"),
+        "{e}"
+    );
+    write(&path, 32, (0, 32));
+    let e = error_of(&path);
+    assert!(
+        e.contains("token_embd.weight") && e.contains("zero dimension"),
+        "{e}"
+    );
+}
+
+/// A template that never ends runs out of fuel and says so.
+#[test]
+fn chat_template_that_loops_forever() {
+    let dir = hf_dir();
+    edit_json(&dir.path().join("tokenizer_config.json"), |v| {
+        v["chat_template"] = serde_json::json!(
+            "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}"
+        )
+    });
+    let loaded = r3_model::load(dir.path()).unwrap();
+    let e = loaded
+        .chat_template
+        .render(&[], true)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("loop forever") && e.contains("tokenizer_config.json"),
+        "{e}"
+    );
+}
+
+/// A shard index may only name files beside it.
+#[test]
+fn shard_index_pointing_outside_the_model_directory() {
+    for shard in ["../../etc/passwd", "/etc/passwd", "sub/../../x.safetensors"] {
+        let dir = hf_dir();
+        let single = dir.path().join("model.safetensors");
+        std::fs::rename(&single, dir.path().join("model-00001.safetensors")).unwrap();
+        let index = serde_json::json!({"weight_map": {"model.norm.weight": shard}});
+        std::fs::write(
+            dir.path().join("model.safetensors.index.json"),
+            index.to_string(),
+        )
+        .unwrap();
+        let e = error_of(dir.path());
+        assert!(
+            e.contains("model.safetensors.index.json") && e.contains("not a file name inside"),
+            "{shard}: {e}"
+        );
+    }
+}
+
+/// An end-of-sequence id past the vocabulary is named as such, not as a
+/// missing one.
+#[test]
+fn end_of_sequence_id_outside_the_vocabulary() {
+    let mut t = tiny();
+    t.config.eos_token_ids = vec![5000];
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = dir.path().join("m.gguf");
+    t.write_gguf(&gguf, GgmlDType::F32).unwrap();
+    let e = error_of(&gguf);
+    assert!(e.contains("eos_token_id' 5000 is outside"), "{e}");
+    let hf = dir.path().join("hf");
+    t.write_hf_dir(&hf, DType::F32).unwrap();
+    let e = error_of(&hf);
+    assert!(e.contains("end-of-sequence id 5000 is outside"), "{e}");
+}

@@ -15,7 +15,8 @@ pub enum Match {
     Exact,
     /// Equal after lower-casing, dropping punctuation and collapsing spaces.
     Normalized,
-    /// The reply's number equals the answer's.
+    /// The reply's number equals the answer's exactly (or within the
+    /// record's `tolerance`).
     Numeric,
 }
 
@@ -34,11 +35,18 @@ fn expected(record: &Value) -> Result<(String, Match), String> {
                 "'match' is '{other}' (exact, normalized or numeric)"
             ))
         }
-        None if parse_number(answer.trim()).is_some() => Match::Numeric,
+        None if Number::parse(answer.trim()).is_some() => Match::Numeric,
         None => Match::Normalized,
     };
-    if mode == Match::Numeric && parse_number(answer.trim()).is_none() {
+    if mode == Match::Numeric && Number::parse(answer.trim()).is_none() {
         return Err(format!("answer '{answer}' is not a number"));
+    }
+    if let Some(t) = record.get("tolerance") {
+        if mode != Match::Numeric || !t.as_f64().is_some_and(|t| t >= 0.0) {
+            return Err(format!(
+                "'tolerance' is {t}: it must be a non-negative number, for numeric answers"
+            ));
+        }
     }
     Ok((answer, mode))
 }
@@ -54,25 +62,60 @@ pub fn normalize(text: &str) -> String {
         .join(" ")
 }
 
-/// A number written with optional sign, thousands commas and decimals.
-fn parse_number(text: &str) -> Option<f64> {
-    let cleaned: String = text.chars().filter(|&c| c != ',').collect();
-    let cleaned = cleaned.strip_suffix('.').unwrap_or(&cleaned);
-    if cleaned.is_empty() || !cleaned.chars().any(|c| c.is_ascii_digit()) {
-        return None;
+/// A number as written in decimal, compared exactly at any length: its
+/// sign, integer digits without leading zeros and fraction digits without
+/// trailing zeros. "1,000.50" and "1000.5" are one number; 123456789100
+/// and 123456789012 are two (an f64 with a relative tolerance took them for
+/// one, and could not hold a 400-digit answer at all).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Number {
+    negative: bool,
+    integer: String,
+    fraction: String,
+}
+
+impl Number {
+    /// A number written with optional sign, thousands commas and decimals.
+    pub fn parse(text: &str) -> Option<Self> {
+        let cleaned: String = text.chars().filter(|&c| c != ',').collect();
+        let cleaned = cleaned.strip_suffix('.').unwrap_or(&cleaned);
+        let (negative, unsigned) = match cleaned.strip_prefix('-') {
+            Some(rest) => (true, rest),
+            None => (false, cleaned),
+        };
+        let (integer, fraction) = unsigned.split_once('.').unwrap_or((unsigned, ""));
+        let digits = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
+        if integer.len() + fraction.len() == 0 || !digits(integer) || !digits(fraction) {
+            return None;
+        }
+        let integer = integer.trim_start_matches('0');
+        let fraction = fraction.trim_end_matches('0');
+        let zero = integer.is_empty() && fraction.is_empty();
+        Some(Self {
+            negative: negative && !zero,
+            integer: if integer.is_empty() { "0" } else { integer }.to_string(),
+            fraction: fraction.to_string(),
+        })
     }
-    if !cleaned
-        .chars()
-        .enumerate()
-        .all(|(i, c)| c.is_ascii_digit() || c == '.' || (c == '-' && i == 0))
-    {
-        return None;
+
+    /// The nearest f64, for records that ask for a tolerance.
+    pub fn to_f64(&self) -> f64 {
+        self.to_string().parse().unwrap_or(f64::NAN)
     }
-    cleaned.parse().ok()
+}
+
+impl std::fmt::Display for Number {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let sign = if self.negative { "-" } else { "" };
+        match self.fraction.is_empty() {
+            true => write!(f, "{sign}{}", self.integer),
+            false => write!(f, "{sign}{}.{}", self.integer, self.fraction),
+        }
+    }
 }
 
 /// Every number in the text, in order.
-pub fn numbers_in(text: &str) -> Vec<f64> {
+pub fn numbers_in(text: &str) -> Vec<Number> {
     let bytes = text.as_bytes();
     let mut out = Vec::new();
     let mut i = 0;
@@ -97,7 +140,7 @@ pub fn numbers_in(text: &str) -> Vec<f64> {
                 break;
             }
         }
-        if let Some(n) = parse_number(&text[start..i]) {
+        if let Some(n) = Number::parse(&text[start..i]) {
             out.push(n);
         }
     }
@@ -105,15 +148,15 @@ pub fn numbers_in(text: &str) -> Vec<f64> {
 }
 
 /// The reply's answer number: after the last `####`, else its last number.
-pub fn reply_number(reply: &str) -> Option<f64> {
+pub fn reply_number(reply: &str) -> Option<Number> {
     let tail = match reply.rfind("####") {
         Some(i) => &reply[i + 4..],
         None => reply,
     };
     let numbers = numbers_in(tail);
     match reply.rfind("####") {
-        Some(_) => numbers.first().copied(),
-        None => numbers.last().copied(),
+        Some(_) => numbers.into_iter().next(),
+        None => numbers.into_iter().last(),
     }
 }
 
@@ -142,10 +185,19 @@ impl Task for PlainAnswer {
             Match::Exact => reply.trim() == answer.trim(),
             Match::Normalized => normalize(reply) == normalize(&answer),
             Match::Numeric => {
-                let want = parse_number(answer.trim()).expect("checked in expected()");
+                let Some(want) = Number::parse(answer.trim()) else {
+                    return Verdict::fail(format!("bad record: answer '{answer}' is not a number"));
+                };
+                // Exact, unless the record allows an absolute tolerance.
+                let tolerance = record.get("tolerance").and_then(Value::as_f64);
                 match reply_number(reply) {
                     None => return Verdict::fail("no number in the reply"),
-                    Some(got) if (got - want).abs() <= 1e-9 * want.abs().max(1.0) => true,
+                    Some(got) if got == want => true,
+                    Some(got)
+                        if tolerance.is_some_and(|t| (got.to_f64() - want.to_f64()).abs() <= t) =>
+                    {
+                        true
+                    }
                     Some(got) => return Verdict::fail(format!("answered {got}, expected {want}")),
                 }
             }

@@ -205,7 +205,7 @@ impl Rational {
 
     /// `self op rhs`, failing on division by zero or overflow.
     pub fn apply(self, op: Op, rhs: Self) -> Result<Self, String> {
-        let overflow = || "arithmetic overflow".to_string();
+        let overflow = || "the arithmetic overflows 128 bits".to_string();
         let (a, b, c, d) = (self.num, self.den, rhs.num, rhs.den);
         let (num, den) = match op {
             Op::Add => (
@@ -388,12 +388,12 @@ impl Parser<'_> {
                 }
                 let digits =
                     std::str::from_utf8(&self.bytes[start..self.pos]).expect("ascii digits");
+                // Every 64-bit number is exact: arithmetic is in 128-bit
+                // rationals, which report an overflow rather than wrap.
                 digits
                     .parse::<u64>()
-                    .ok()
-                    .filter(|&n| n <= 1_000_000_000)
                     .map(Expr::Num)
-                    .ok_or_else(|| format!("number {digits} is too large"))
+                    .map_err(|_| format!("number {digits} does not fit in 64 bits"))
             }
             Some(b'-') => Err("unary minus is not allowed".into()),
             Some(b'+') => Err("unary plus is not allowed".into()),

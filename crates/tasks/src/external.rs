@@ -126,6 +126,22 @@ fn read_lines(stdout: ChildStdout, tx: Sender<Line>) {
     }
 }
 
+/// The longest a verifier may take per answer: a day. Longer is a typo,
+/// and would overflow a `Duration` long before `f64` does.
+pub const MAX_TIMEOUT_SECONDS: f64 = 86_400.0;
+
+/// A verifier timeout in seconds as a `Duration`, or why it is not one
+/// (negative, zero, NaN, infinite or over a day).
+pub fn timeout_from_seconds(seconds: f64) -> Result<Duration, String> {
+    if seconds > 0.0 && seconds <= MAX_TIMEOUT_SECONDS {
+        Ok(Duration::from_secs_f64(seconds))
+    } else {
+        Err(format!(
+            "a verifier timeout must be a number of seconds in (0, {MAX_TIMEOUT_SECONDS}], not {seconds}"
+        ))
+    }
+}
+
 /// A task whose verdicts come from an external command. Records need a
 /// `prompt`; everything else in them is passed to the verifier untouched.
 pub struct ExternalVerifier {

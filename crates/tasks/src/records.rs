@@ -36,14 +36,19 @@ pub fn read_records(path: &Path, task: &dyn Task, skip_invalid: bool) -> crate::
     let reader = BufReader::new(std::fs::File::open(path).map_err(io)?);
     let mut records = Vec::new();
     let mut skipped = 0;
-    for (index, line) in reader.lines().enumerate() {
+    // Lines as bytes, so that one that is not UTF-8 is a bad line with its
+    // number (skippable) rather than an I/O error about the whole file.
+    for (index, line) in reader.split(b'\n').enumerate() {
         let line_no = index + 1;
-        let text = line.map_err(io)?;
-        if text.trim().is_empty() {
+        let bytes = line.map_err(io)?;
+        let text = std::str::from_utf8(&bytes).map_err(|e| format!("not UTF-8: {e}"));
+        if text.as_ref().is_ok_and(|t| t.trim().is_empty()) {
             continue;
         }
-        let checked = serde_json::from_str::<Value>(&text)
-            .map_err(|e| format!("invalid JSON: {e}"))
+        let checked = text
+            .and_then(|t| {
+                serde_json::from_str::<Value>(t).map_err(|e| format!("invalid JSON: {e}"))
+            })
             .and_then(|value| match value.is_object() {
                 true => Ok(value),
                 false => Err("expected a JSON object".to_string()),

@@ -137,3 +137,54 @@ proptest! {
         let _ = verdict(json!({"prompt": "p", "answer": "three"}), &s);
     }
 }
+
+/// Integers and decimals compare exactly at any length; a tolerance applies
+/// only where the record asks for one.
+#[test]
+fn numeric_answers_compare_exactly() {
+    let r = json!({"prompt": "p", "answer": "123456789012"});
+    assert!(!verdict(r.clone(), "123456789100").success);
+    assert!(verdict(r, "#### 123,456,789,012").success);
+    let long: String = "7".repeat(400);
+    let r = json!({"prompt": "p", "answer": long});
+    assert!(
+        verdict(r.clone(), &long).success,
+        "a 400-digit answer can pass"
+    );
+    let off = format!("{}8", &long[..399]);
+    assert!(!verdict(r, &off).success);
+    let r = json!({"prompt": "p", "answer": "1000.50"});
+    assert!(verdict(r.clone(), "about 1,000.5").success);
+    assert!(!verdict(r, "1000.51").success);
+    assert!(verdict(json!({"prompt": "p", "answer": "-0"}), "0").success);
+    let loose = json!({"prompt": "p", "answer": "3.14159", "tolerance": 0.01});
+    assert!(verdict(loose.clone(), "3.14").success);
+    assert!(!verdict(loose, "3.2").success);
+    let task = r3_tasks::builtin("answer").unwrap();
+    assert!(task
+        .check_record(&json!({"prompt": "p", "answer": "1", "tolerance": -1}))
+        .is_err());
+}
+
+/// A line that is not UTF-8 is a bad line like any other: named by its
+/// number, skipped with `skip_invalid`.
+#[test]
+fn non_utf8_lines_are_bad_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("data.jsonl");
+    let mut bytes = format!("{}\n", json!({"prompt": "p", "answer": "1"})).into_bytes();
+    bytes.extend_from_slice(b"{\"prompt\": \"\xff\xfe\", \"answer\": \"2\"}\n");
+    bytes.extend_from_slice(format!("{}\n", json!({"prompt": "q", "answer": "3"})).as_bytes());
+    std::fs::write(&path, bytes).unwrap();
+    let task = r3_tasks::builtin("answer").unwrap();
+    let e = read_records(&path, task.as_ref(), false)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("data.jsonl:2") && e.contains("not UTF-8"), "{e}");
+    let read = read_records(&path, task.as_ref(), true).unwrap();
+    assert_eq!(read.skipped, 1);
+    assert_eq!(
+        read.records.iter().map(|r| r.line).collect::<Vec<_>>(),
+        [1, 3]
+    );
+}

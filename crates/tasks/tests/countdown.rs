@@ -143,7 +143,7 @@ fn hostile_input_fails_fast() {
         .contains("nested deeper"));
     assert!(check_expression(&p, "99999999999999999999 + 3")
         .unwrap_err()
-        .contains("too large"));
+        .contains("number 99999999999999999999 does not fit in 64 bits"));
     let huge = Puzzle {
         nums: vec![1_000_000_000; 6],
         target: 1,
@@ -218,4 +218,31 @@ proptest! {
         let p = Puzzle { nums: nums.clone(), target: *target as i64 };
         prop_assert_eq!(check_expression(&p, expression), Ok(()));
     }
+}
+
+/// Every integer that fits in 64 bits is exact; a product past 128 bits
+/// fails saying so.
+#[test]
+fn large_integers_are_exact() {
+    let big = Puzzle {
+        nums: vec![99_999_999_999, 1, 1],
+        target: 100_000_000_001,
+    };
+    assert_eq!(check_expression(&big, "99999999999+1+1"), Ok(()));
+    assert!(check_expression(&big, "99999999999*1+1")
+        .unwrap_err()
+        .contains("evaluates to 100000000000"));
+    let max = Puzzle {
+        nums: vec![u64::MAX, 1],
+        target: i64::MAX,
+    };
+    assert!(check_expression(&max, "18446744073709551615 - 1")
+        .unwrap_err()
+        .contains("evaluates to 18446744073709551614"));
+    let overflow = Puzzle {
+        nums: vec![u64::MAX; 3],
+        target: 1,
+    };
+    let e = check_expression(&overflow, &["18446744073709551615"; 3].join("*")).unwrap_err();
+    assert!(e.contains("overflows 128 bits"), "{e}");
 }

@@ -233,6 +233,9 @@ impl TrainConfig {
                 "must be at least 1",
             );
         }
+        if let Err(why) = r3_tasks::external::timeout_from_seconds(self.verifier_timeout) {
+            return Err(TrainError::Config(format!("'verifier_timeout': {why}")));
+        }
         if self.verifier.is_none()
             && !["countdown", "function-calling", "answer"].contains(&self.task.as_str())
         {

@@ -119,6 +119,26 @@ impl<'a> Trainer<'a> {
         if failures.is_empty() {
             return Err(TrainError::Invalid("the dataset of failures is empty: nothing to train on (did `r3 mine` find no failures?)".into()));
         }
+        let context = model.config.max_position_embeddings;
+        if config.max_completion_length + config.retry_max_tokens > context {
+            return Err(TrainError::Config(format!(
+                "'max_completion_length' ({}) + 'retry_max_tokens' ({}) exceed the model's context of {context} tokens",
+                config.max_completion_length, config.retry_max_tokens
+            )));
+        }
+        // Failures mined for another task would reach its verifier as
+        // records it cannot read.
+        for (i, f) in failures.iter().enumerate() {
+            task.check_record(&f.record).map_err(|why| {
+                TrainError::Invalid(format!(
+                    "failure {} (record {}) does not fit the task '{}': {why}; \
+                     was it mined with another task?",
+                    i + 1,
+                    f.index,
+                    task.name()
+                ))
+            })?;
+        }
         if config.failures_per_step > failures.len() {
             return Err(TrainError::Config(format!(
                 "'failures_per_step' ({}) is larger than the dataset of failures ({})",

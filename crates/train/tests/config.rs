@@ -22,6 +22,12 @@ fn unknown_keys_and_impossible_values_name_the_key() {
     assert!(error("", &["top_p=0"]).contains("top_p"));
     assert!(error("", &["nonsense"]).contains("key=value"));
     assert!(error("max_steps = \"many\"\n", &[]).contains("max_steps"));
+    for timeout in ["-1", "nan", "inf", "1e300", "0"] {
+        let e = error("", &[&format!("verifier_timeout={timeout}")]);
+        assert!(e.contains("verifier_timeout"), "{timeout}: {e}");
+    }
+    let e = error("verifier_timeout = -1.0\n", &[]);
+    assert!(e.contains("verifier_timeout"), "{e}");
 }
 
 #[test]

@@ -246,6 +246,21 @@ fn empty_or_too_small_failure_sets_are_rejected() {
     assert!(err(Vec::new()).contains("dataset of failures is empty"));
     assert!(err(toy.failures.clone())
         .contains("'failures_per_step' (8) is larger than the dataset of failures (4)"));
+    // Failures mined for the toy task, trained as Countdown.
+    let countdown = r3_tasks::builtin("countdown").unwrap();
+    let e = match Trainer::new(
+        config.clone(),
+        &toy.loaded,
+        None,
+        countdown.as_ref(),
+        common::prompts(),
+        toy.failures.clone(),
+        None,
+    ) {
+        Ok(_) => panic!("accepted failures of another task"),
+        Err(e) => e.to_string(),
+    };
+    assert!(e.contains("does not fit the task 'countdown'"), "{e}");
 }
 
 /// A fresh run never mixes with an old one in its output_dir, a resumed
