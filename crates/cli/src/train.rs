@@ -35,11 +35,16 @@ pub fn train(args: TrainArgs) -> Result<()> {
     let resume = match args.resume.as_deref().and_then(Path::to_str) {
         Some(word @ ("last" | "auto")) => {
             let last = r3_train::checkpoint::last_checkpoint(&config.output_dir)?;
-            if last.is_none() && word == "last" {
-                bail!(
+            match (&last, word) {
+                (None, "last") => bail!(
                     "--resume last: {} holds no checkpoint yet",
                     config.output_dir.display()
-                );
+                ),
+                // A run killed before its first checkpoint starts again.
+                (None, _) => {
+                    r3_train::checkpoint::discard_logs_without_checkpoints(&config.output_dir)?
+                }
+                _ => {}
             }
             last
         }

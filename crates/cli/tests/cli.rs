@@ -196,13 +196,14 @@ fn report_draws_charts_and_compares_evaluations() {
 }
 
 /// A tiny random HF model (it fails nearly everything) and `n` arithmetic
-/// records, in `dir`.
+/// records, in `dir`. Its embeddings are scaled down so that sampling
+/// varies (at full scale one token dominates every step).
 fn tiny_model_and_data(dir: &std::path::Path, n: usize, seed: &str) -> (String, String) {
     let model = dir.join("tiny");
-    r3_model::tiny::TinyModel::new(r3_model::Architecture::Llama, 64, 1, 3)
-        .unwrap()
-        .write_hf_dir(&model, candle_core::DType::F32)
-        .unwrap();
+    let mut tiny = r3_model::tiny::TinyModel::new(r3_model::Architecture::Llama, 64, 1, 3).unwrap();
+    let embeddings = tiny.weights.get_mut("model.embed_tokens.weight").unwrap();
+    *embeddings = (embeddings.clone() * 0.1).unwrap();
+    tiny.write_hf_dir(&model, candle_core::DType::F32).unwrap();
     let data = dir.join(format!("data-{seed}.jsonl"));
     let count = n.to_string();
     let (ok, _, err) = r3(&[
@@ -378,4 +379,147 @@ fn values_that_used_to_panic() {
         "/proc/not-writable/eval",
     ]);
     assert!(!ok && err.contains("cannot write into --out"), "{err}");
+}
+
+/// The metrics of a line, without its timings.
+fn comparable_metrics(line: &str) -> serde_json::Value {
+    let mut v: serde_json::Value = serde_json::from_str(line).unwrap();
+    v.as_object_mut()
+        .unwrap()
+        .retain(|k, _| !k.starts_with("seconds_") && k != "tokens_per_s");
+    v
+}
+
+/// `r3 train` on a tiny model, killed with SIGKILL at scattered moments
+/// and rerun with `--resume auto` each time, ends with the weights and
+/// metrics of an uninterrupted run; every checkpoint left behind loads.
+#[test]
+fn train_survives_kill_9_and_resumes_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, data) = tiny_model_and_data(dir.path(), 24, "2");
+    let path = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    // Deterministic mixed rewards, so that groups train.
+    std::fs::write(
+        path("verify.py"),
+        "import json, sys\nfor line in sys.stdin:\n    m = json.loads(line)\n    \
+         print(json.dumps({\"id\": m[\"id\"], \"success\": sum(m[\"answer\"].encode()) % 3 == 0}), flush=True)\n",
+    )
+    .unwrap();
+    let verifier = format!("python3 {}", path("verify.py"));
+    let failures = path("failures.jsonl");
+    let (ok, _, err) = r3(&[
+        "mine",
+        "--model",
+        &model,
+        "--verifier",
+        &verifier,
+        "--data",
+        &data,
+        "--samples",
+        "2",
+        "--max-new-tokens",
+        "6",
+        "--out",
+        &failures,
+    ]);
+    assert!(ok, "{err}");
+    let train_args = |out: &str| -> Vec<String> {
+        [
+            format!("model={model}"),
+            format!("verifier={verifier}"),
+            format!("failures={failures}"),
+            format!("output_dir={out}"),
+            "max_steps=6".into(),
+            "save_steps=1".into(),
+            "failures_per_step=2".into(),
+            "num_generations=4".into(),
+            "max_completion_length=4".into(),
+            "retry_max_tokens=4".into(),
+            "learning_rate=0.001".into(),
+            "beta=0.01".into(),
+        ]
+        .into_iter()
+        .flat_map(|s| ["--set".to_string(), s])
+        .chain(["--resume".to_string(), "auto".to_string()])
+        .collect()
+    };
+    let run = |out: &str| -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_r3"));
+        c.arg("train").args(train_args(out));
+        c
+    };
+    let whole = path("whole");
+    let start = std::time::Instant::now();
+    let out = run(&whole).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let run_ms = start.elapsed().as_millis() as u64;
+
+    let parts = path("parts");
+    let mut kills = 0;
+    for attempt in 0..60u64 {
+        let mut child = run(&parts)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(
+            (attempt * 7919) % (run_ms / 3).max(1),
+        ));
+        if child.try_wait().unwrap().is_some_and(|s| s.success()) {
+            break;
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        kills += 1;
+        for entry in std::fs::read_dir(&parts).into_iter().flatten() {
+            let p = entry.unwrap().path();
+            if p.file_name()
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .starts_with("checkpoint-")
+            {
+                r3_model::load(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+            }
+        }
+    }
+    let out = run(&parts).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(kills >= 3, "interrupted only {kills} times");
+
+    let metrics = |dir: &str| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(format!("{dir}/metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(comparable_metrics)
+            .collect()
+    };
+    let expected = metrics(&whole);
+    assert_eq!(expected.len(), 6);
+    assert_eq!(metrics(&parts), expected, "resumed metrics differ");
+    assert!(
+        expected
+            .iter()
+            .any(|m| m["grad_norm"].as_f64().unwrap() > 0.0),
+        "the run should have trained"
+    );
+    let a = r3_model::load(std::path::Path::new(&format!("{whole}/checkpoint-6"))).unwrap();
+    let b = r3_model::load(std::path::Path::new(&format!("{parts}/checkpoint-6"))).unwrap();
+    for name in a.weights.names() {
+        let dims = a.weights.dims(name).unwrap();
+        let (x, y) = (
+            a.weights.get(name, dims).unwrap(),
+            b.weights.get(name, dims).unwrap(),
+        );
+        let same = x.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            == y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!(same, "{name}: final weights differ");
+    }
 }

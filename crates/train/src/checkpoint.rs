@@ -120,6 +120,20 @@ pub fn prepare_output_dir(output_dir: &Path, resuming: bool, overwrite: bool) ->
     Ok(())
 }
 
+/// Deletes the logs of a run that was killed before its first checkpoint,
+/// so that `--resume auto` can start it again; a directory holding any
+/// checkpoint is left as it is.
+pub fn discard_logs_without_checkpoints(output_dir: &Path) -> Result<()> {
+    let (finished, _) = run_files(output_dir)?;
+    let is_log = |p: &PathBuf| p.ends_with("metrics.jsonl") || p.ends_with("samples.jsonl");
+    if finished.iter().all(is_log) {
+        for log in finished {
+            std::fs::remove_file(&log).map_err(io(&log))?;
+        }
+    }
+    Ok(())
+}
+
 /// The checkpoint `output_dir/last` points at, if a run saved one.
 pub fn last_checkpoint(output_dir: &Path) -> Result<Option<PathBuf>> {
     let pointer = output_dir.join("last");
