@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::BufReader;
+use std::io::{BufReader, Read, Seek};
 use std::path::{Path, PathBuf};
 
 use candle_core::quantized::gguf_file::{Content, Value};
@@ -43,8 +43,15 @@ const SUPPORTED: &[GgmlDType] = &[
 impl GgufFile {
     pub fn open(path: &Path) -> Result<Self> {
         let file = File::open(path).map_err(|e| ModelError::io(path, e))?;
+        Self::read(path, &mut BufReader::new(file))
+    }
+
+    /// Parses a GGUF header from `reader` (`path` names it in errors): the
+    /// parser of untrusted bytes, apart from the opening so that it can be
+    /// fuzzed in memory.
+    pub fn read<R: Read + Seek>(path: &Path, reader: &mut R) -> Result<Self> {
         // candle divides by the alignment without checking it.
-        if crate::gguf_header::stated_alignment(path).map_err(|e| ModelError::io(path, e))?
+        if crate::gguf_header::stated_alignment(reader).map_err(|e| ModelError::io(path, e))?
             == Some(0)
         {
             return Err(ModelError::invalid(
@@ -52,7 +59,7 @@ impl GgufFile {
                 "not a valid GGUF file: general.alignment is 0",
             ));
         }
-        let content = Content::read(&mut BufReader::new(file))
+        let content = Content::read(reader)
             .map_err(|e| ModelError::invalid(path, format!("not a valid GGUF file: {e}")))?;
         if let Some((name, info)) = content
             .tensor_infos

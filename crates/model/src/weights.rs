@@ -235,8 +235,19 @@ fn rope_source_rows(rows: usize, heads: usize) -> candle_core::Result<Vec<usize>
 
 fn shard_files(index: &Path) -> Result<Vec<PathBuf>> {
     let text = std::fs::read_to_string(index).map_err(|e| ModelError::io(index, e))?;
+    let dir = index.parent().unwrap_or(Path::new("."));
+    Ok(shard_names(index, &text)?
+        .into_iter()
+        .map(|f| dir.join(f))
+        .collect())
+}
+
+/// The shard file names a `model.safetensors.index.json` (`index`, for
+/// errors) names in `text`, each a plain file name beside it: the parser of
+/// untrusted text, apart from the reading so that it can be fuzzed.
+pub fn shard_names(index: &Path, text: &str) -> Result<Vec<String>> {
     let json: serde_json::Value =
-        serde_json::from_str(&text).map_err(|source| ModelError::Json {
+        serde_json::from_str(text).map_err(|source| ModelError::Json {
             path: index.into(),
             source,
         })?;
@@ -265,13 +276,19 @@ fn shard_files(index: &Path) -> Result<Vec<PathBuf>> {
             format!("shard '{bad}' is not a file name inside the model directory"),
         ));
     }
-    let dir = index.parent().unwrap_or(Path::new("."));
-    Ok(files.into_iter().map(|f| dir.join(f)).collect())
+    Ok(files)
 }
 
 fn read_safetensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
     let bytes = std::fs::read(path).map_err(|e| ModelError::io(path, e))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes)
+    parse_safetensors(path, &bytes)
+}
+
+/// The tensors of a safetensors file's `bytes` (`path` names it in
+/// errors): the parser of untrusted bytes, apart from the reading so that
+/// it can be fuzzed in memory.
+pub fn parse_safetensors(path: &Path, bytes: &[u8]) -> Result<Vec<(String, Tensor)>> {
+    let st = safetensors::SafeTensors::deserialize(bytes)
         .map_err(|e| ModelError::invalid(path, format!("not a valid safetensors file: {e}")))?;
     let mut out = Vec::with_capacity(st.len());
     for (name, view) in st.tensors() {
