@@ -1,8 +1,6 @@
 //! GRPO on reflection tokens: where the reward enters (group advantages),
-//! where the mask is built (reflection_mask) and the clipped objective with
-//! a k3 KL penalty to the reference.
-
-use std::ops::Range;
+//! how tokens are weighted, and the clipped objective with a k3 KL penalty
+//! to the reference. (Which tokens are trained: `spans.rs`.)
 
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
@@ -10,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::Result;
 
 /// Added to the group's standard deviation, as in TRL.
-const STD_EPS: f32 = 1e-4;
+const STD_EPS: f64 = 1e-4;
 
 /// How per-token losses are aggregated (TRL's `loss_type`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -24,23 +22,30 @@ pub enum LossType {
     DrGrpo,
 }
 
-/// Where the reward enters: each rollout's advantage within its group,
-/// `(r − mean) / (std + ε)` (unbiased std) or `r − mean` unscaled.
-pub fn group_advantages(rewards: &[f32], scale_rewards: bool) -> Vec<f32> {
-    let n = rewards.len() as f32;
-    let mean = rewards.iter().sum::<f32>() / n;
-    let std = if rewards.len() > 1 {
-        (rewards.iter().map(|r| (r - mean).powi(2)).sum::<f32>() / (n - 1.0)).sqrt()
+/// The mean and the unbiased (n − 1) standard deviation of `values` (0
+/// for fewer than two): the one estimator for advantages and metrics.
+pub fn mean_and_std(values: &[f64]) -> (f64, f64) {
+    let n = values.len() as f64;
+    let mean = values.iter().sum::<f64>() / n.max(1.0);
+    let std = if values.len() > 1 {
+        (values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt()
     } else {
         0.0
     };
+    (mean, std)
+}
+
+/// Where the reward enters: each rollout's advantage within its group,
+/// `(r − mean) / (std + ε)` (unbiased std) or `r − mean` unscaled.
+pub fn group_advantages(rewards: &[f32], scale_rewards: bool) -> Vec<f32> {
+    let (mean, std) = mean_and_std(&rewards.iter().map(|&r| r as f64).collect::<Vec<_>>());
     rewards
         .iter()
-        .map(|r| {
-            if scale_rewards {
-                (r - mean) / (std + STD_EPS)
-            } else {
-                r - mean
+        .map(|&r| {
+            let centred = r as f64 - mean;
+            match scale_rewards {
+                true => (centred / (std + STD_EPS)) as f32,
+                false => centred as f32,
             }
         })
         .collect()
@@ -51,41 +56,23 @@ pub fn has_signal(rewards: &[f32]) -> bool {
     rewards.iter().any(|&r| r != rewards[0])
 }
 
-/// Where the mask is built: over a conversation of `len` ids, position `p`
-/// (which predicts id `p + 1`) is 1 when that id belongs to the reflection
-/// and 0 everywhere else — prompt, attempt, instructions and retry.
-pub fn reflection_mask(len: usize, reflection: &Range<usize>) -> Vec<f32> {
-    (0..len)
-        .map(|p| {
-            if reflection.contains(&(p + 1)) {
-                1.0
-            } else {
-                0.0
-            }
-        })
-        .collect()
-}
-
-/// Per-token weights that make `Σ weight × token_loss` the `loss_type`
-/// aggregate over every sequence of an optimizer step, so the step can be
-/// computed in micro-batches and summed. `lengths` are the sequences'
-/// reflection lengths.
-pub fn token_weights(
+/// The weight of each token of each trained sequence that makes
+/// `Σ weight × token_loss` the `loss_type` aggregate over every sequence of
+/// an optimizer step, so the step can be computed in micro-batches and
+/// summed. `lengths` are the sequences' trained lengths.
+pub fn sequence_weights(
     lengths: &[usize],
     loss_type: LossType,
     max_completion_length: usize,
-) -> Vec<Vec<f32>> {
+) -> Vec<f32> {
     let sequences = lengths.len() as f32;
     let total: usize = lengths.iter().sum();
     lengths
         .iter()
-        .map(|&len| {
-            let w = match loss_type {
-                LossType::Grpo => 1.0 / (sequences * len.max(1) as f32),
-                LossType::Bnpo => 1.0 / total.max(1) as f32,
-                LossType::DrGrpo => 1.0 / (sequences * max_completion_length.max(1) as f32),
-            };
-            vec![w; len]
+        .map(|&len| match loss_type {
+            LossType::Grpo => 1.0 / (sequences * len.max(1) as f32),
+            LossType::Bnpo => 1.0 / total.max(1) as f32,
+            LossType::DrGrpo => 1.0 / (sequences * max_completion_length.max(1) as f32),
         })
         .collect()
 }
@@ -120,6 +107,15 @@ pub struct LossStats {
     /// Tokens whose clipped term was the active one.
     pub clipped_tokens: usize,
     pub tokens: usize,
+}
+
+impl LossStats {
+    /// Adds a micro-batch's statistics to the step's.
+    pub fn add(&mut self, other: &LossStats) {
+        self.kl += other.kl;
+        self.clipped_tokens += other.clipped_tokens;
+        self.tokens += other.tokens;
+    }
 }
 
 /// `Σ weight × (−min(ρA, clip(ρ)A) + β·k3)` with `ρ = exp(logp − old)` and

@@ -7,6 +7,7 @@ pub mod config;
 pub mod grpo;
 pub mod optim;
 pub mod score;
+pub mod spans;
 pub mod trainer;
 
 #[derive(Debug, thiserror::Error)]

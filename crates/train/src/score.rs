@@ -14,6 +14,7 @@ use candle_core::{Tensor, Var};
 use r3_model::{ForwardInputs, KvCache, Llama};
 
 use crate::optim::Gradients;
+use crate::spans::TrainedSpan;
 use crate::Result;
 
 /// A batch of spans laid out for the decoder: a head pass over the prefixes
@@ -33,15 +34,21 @@ struct Layout<'a> {
 }
 
 impl<'a> Layout<'a> {
-    fn new(prefixes: &[&'a [u32]], tokens: &[&[u32]]) -> Self {
+    fn new(spans: &[TrainedSpan<'a>]) -> Self {
+        let prefixes: Vec<&'a [u32]> = spans.iter().map(|s| s.context).collect();
+        let tokens: Vec<&[u32]> = spans.iter().map(|s| s.tokens).collect();
         let shared = prefixes.windows(2).all(|w| w[0] == w[1]);
-        let distinct = if shared { &prefixes[..1] } else { prefixes };
+        let distinct = if shared {
+            &prefixes[..1]
+        } else {
+            &prefixes[..]
+        };
         Self {
             heads: distinct.iter().map(|p| &p[..p.len() - 1]).collect(),
             fork: shared.then(|| vec![0; tokens.len()]),
             tails: prefixes
                 .iter()
-                .zip(tokens)
+                .zip(&tokens)
                 .map(|(p, r)| {
                     std::iter::once(p[p.len() - 1])
                         .chain(r[..r.len() - 1].iter().copied())
@@ -100,19 +107,18 @@ impl<'a> Layout<'a> {
     }
 }
 
-/// log p of every trained token, concatenated row after row: row `i`
-/// scores `tokens[i]` following `prefixes[i]`. When every row has the same
-/// prefix (the G reflections of one failure) it is computed once and forked.
-/// With `differentiable` the result stays in the autograd graph (the plain
-/// training forward); without, it is computed on the fast path (reference,
-/// old policy).
+/// log p of every trained token, concatenated span after span: span `i`
+/// scores its `tokens` following its `context`. When every span has the
+/// same context (the G reflections of one failure) it is computed once and
+/// forked. With `differentiable` the result stays in the autograd graph
+/// (the plain training forward); without, it is computed on the fast path
+/// (reference, old policy).
 pub fn span_logprobs(
     model: &Llama,
-    prefixes: &[&[u32]],
-    tokens: &[&[u32]],
+    spans: &[TrainedSpan<'_>],
     differentiable: bool,
 ) -> Result<Tensor> {
-    let layout = Layout::new(prefixes, tokens);
+    let layout = Layout::new(spans);
     let mut cache = if differentiable {
         KvCache::differentiable(&model.config, layout.heads.len())
     } else {
@@ -134,19 +140,14 @@ pub struct TrainingForward<'m, 'a> {
 
 impl<'m, 'a> TrainingForward<'m, 'a> {
     /// `recompute` chooses gradient checkpointing (see the module doc).
-    pub fn new(
-        model: &'m Llama,
-        prefixes: &[&'a [u32]],
-        tokens: &[&[u32]],
-        recompute: bool,
-    ) -> Result<Self> {
+    pub fn new(model: &'m Llama, spans: &[TrainedSpan<'a>], recompute: bool) -> Result<Self> {
         if !recompute {
             return Ok(Self {
-                logprobs: span_logprobs(model, prefixes, tokens, true)?,
+                logprobs: span_logprobs(model, spans, true)?,
                 recompute: None,
             });
         }
-        let (recompute, logprobs) = Recompute::forward(model, Layout::new(prefixes, tokens))?;
+        let (recompute, logprobs) = Recompute::forward(model, Layout::new(spans))?;
         Ok(Self {
             logprobs,
             recompute: Some(recompute),

@@ -1,12 +1,14 @@
-//! The training loop. One optimizer step, top to bottom:
+//! The training loop. One optimizer step, top to bottom (`train_step`):
 //! 1. take B failures; sample G reflections each and one retry per
-//!    reflection with the current policy; verify → rewards;
-//! 2. group advantages; groups whose rewards are all equal are counted and
-//!    skipped;
-//! 3. score reflection tokens under the reference (and the old policy when
-//!    num_iterations > 1), without gradients;
-//! 4. forward + backward on reflection tokens only, in micro-batches;
-//! 5. clip the global gradient norm and take an AdamW step.
+//!    reflection with the current policy; verify → rewards → advantages
+//!    within each group (`collect_groups`);
+//! 2. groups whose rewards are all equal are counted and skipped;
+//! 3. the mask: each rollout's trained tokens (`spans::trained_spans`);
+//! 4. score them under the reference (and the old policy when
+//!    num_iterations > 1), without gradients (`fixed_scores`);
+//! 5. forward + backward on the trained tokens only, in micro-batches
+//!    (`accumulate_gradients`);
+//! 6. clip the global gradient norm and take an AdamW step (`apply_update`).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -24,12 +26,11 @@ use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
 use crate::checkpoint::{self, TrainerState};
-use crate::config::{TrainConfig, TrainOn};
-use crate::grpo::{
-    group_advantages, grpo_loss, has_signal, token_weights, LossStats, Objective, TokenTerms,
-};
+use crate::config::TrainConfig;
+use crate::grpo::{grpo_loss, mean_and_std, LossStats, Objective, TokenTerms};
 use crate::optim::{clip_scale, global_norm, AdamW, Gradients};
 use crate::score::{span_logprobs, TrainingForward};
+use crate::spans::{trained_spans, Group, TrainedSpan};
 use crate::{Result, TrainError};
 
 /// One line of `metrics.jsonl`.
@@ -60,25 +61,27 @@ pub struct StepMetrics {
     pub tokens_per_s: f64,
 }
 
-/// One group: the G rollouts of one failure and their advantages.
-struct Group {
-    rollouts: Vec<Rollout>,
-    advantages: Vec<f32>,
+/// Log-probs that stay fixed through a step's updates, one tensor per group.
+struct FixedScores {
+    reference: Option<Vec<Tensor>>,
+    old: Option<Vec<Tensor>>,
 }
 
-impl Group {
-    /// (prefix, trained tokens) of each rollout.
-    fn spans(&self, train_on: TrainOn) -> Vec<(&[u32], &[u32])> {
-        self.rollouts
+impl StepMetrics {
+    /// The step's rollout statistics, all computed here with one estimator
+    /// ([`mean_and_std`]).
+    fn record_rollouts(&mut self, groups: &[Group]) {
+        let rollouts: Vec<&Rollout> = groups.iter().flat_map(|g| &g.rollouts).collect();
+        let rewards: Vec<f64> = rollouts.iter().map(|r| r.reward() as f64).collect();
+        (self.reward_mean, self.reward_std) = mean_and_std(&rewards);
+        self.retry_success = self.reward_mean;
+        self.groups = groups.len();
+        self.generated_tokens = rollouts
             .iter()
-            .map(|r| {
-                let span = match train_on {
-                    TrainOn::Reflection => r.reflection.clone(),
-                    TrainOn::Retry => r.retry_span(),
-                };
-                (&r.ids[..span.start], &r.ids[span])
-            })
-            .collect()
+            .map(|r| r.reflection.len() + r.retry.tokens.len())
+            .sum();
+        let lengths: Vec<f64> = rollouts.iter().map(|r| r.reflection.len() as f64).collect();
+        self.reflection_length = mean_and_std(&lengths).0;
     }
 }
 
@@ -252,12 +255,45 @@ impl<'a> Trainer<'a> {
             learning_rate: c.learning_rate_at(self.step),
             ..Default::default()
         };
+        // 1. B failures × G reflections, one retry each, verified; rewards
+        //    become advantages within each group.
+        let (groups, samples) = self.collect_groups(&mut m)?;
+        m.record_rollouts(&groups);
+        // 2. Groups whose rewards are all equal carry no signal.
+        let groups: Vec<Group> = groups.into_iter().filter(Group::has_signal).collect();
+        m.zero_signal_groups = m.groups - groups.len();
+        if !groups.is_empty() {
+            // 3. The mask: each rollout's trained tokens, advantage, weight.
+            let spans = trained_spans(&groups, c.train_on, c.loss_type, c.max_completion_length);
+            m.trained_tokens = spans.iter().flatten().map(|s| s.tokens.len()).sum();
+            // 4. Reference (and old-policy) log-probs, without gradients.
+            let fixed = self.fixed_scores(&spans, &mut m)?;
+            for _ in 0..c.num_iterations {
+                // 5. Forward + backward over the trained tokens.
+                self.accumulate_gradients(&spans, &fixed, &mut m)?;
+                // 6. Clip and update.
+                self.apply_update(&mut m)?;
+            }
+        }
+        self.step += 1;
+        m.seconds_step = started.elapsed().as_secs_f64();
+        m.tokens_per_s =
+            (m.generated_tokens + m.trained_tokens * c.num_iterations) as f64 / m.seconds_step;
+        Ok((m, samples))
+    }
 
-        // 1. Rollouts with the current policy.
+    /// Rollouts with the current policy: G reflections and retries for
+    /// each of the step's failures (over the accumulation batches), grouped
+    /// with their advantages; and the first few as transcripts.
+    fn collect_groups(
+        &mut self,
+        m: &mut StepMetrics,
+    ) -> Result<(Vec<Group>, Vec<serde_json::Value>)> {
+        let c = self.config.clone();
+        let started = Instant::now();
         let snapshot = self.train_model.for_generation()?;
         let policy = Policy::new(&snapshot, self.model);
-        let mut groups = Vec::new();
-        let mut samples = Vec::new();
+        let (mut groups, mut samples) = (Vec::new(), Vec::new());
         for accum in 0..c.gradient_accumulation_steps {
             let batch = (self.step * c.gradient_accumulation_steps + accum) as u64;
             let mined = self.next_failures();
@@ -280,187 +316,130 @@ impl<'a> Trainer<'a> {
             )?;
             m.seconds_verification += rollouts.verify_seconds.get();
             for (f, group) in mined.iter().zip(produced) {
-                for r in group
-                    .iter()
-                    .take(c.log_completions.saturating_sub(samples.len()))
-                {
-                    samples.push(serde_json::json!({
+                let room = c.log_completions.saturating_sub(samples.len());
+                samples.extend(group.iter().take(room).map(|r| {
+                    serde_json::json!({
                         "step": self.step + 1, "record": f.record, "attempt": f.attempt,
                         "reflection": r.reflection_text, "retry": r.retry.text,
                         "reward": r.reward(), "reason": r.retry.verdict.reason,
-                    }));
-                }
-                let rewards: Vec<f32> = group.iter().map(Rollout::reward).collect();
-                groups.push(Group {
-                    advantages: group_advantages(&rewards, c.scale_rewards),
-                    rollouts: group,
-                });
+                    })
+                }));
+                groups.push(Group::new(group, c.scale_rewards));
             }
         }
         drop(snapshot);
         (self.release_memory)();
         m.seconds_generation = started.elapsed().as_secs_f64() - m.seconds_verification;
+        Ok((groups, samples))
+    }
 
-        // 2. Rewards and advantages; groups without signal are skipped.
-        let rewards: Vec<f64> = groups
-            .iter()
-            .flat_map(|g| g.rollouts.iter().map(|r| r.reward() as f64))
-            .collect();
-        m.reward_mean = rewards.iter().sum::<f64>() / rewards.len() as f64;
-        m.reward_std = (rewards
-            .iter()
-            .map(|r| (r - m.reward_mean).powi(2))
-            .sum::<f64>()
-            / rewards.len() as f64)
-            .sqrt();
-        m.retry_success = m.reward_mean;
-        m.groups = groups.len();
-        m.generated_tokens = groups
-            .iter()
-            .flat_map(|g| &g.rollouts)
-            .map(|r| r.reflection.len() + r.retry.tokens.len())
-            .sum();
-        m.reflection_length = groups
-            .iter()
-            .flat_map(|g| &g.rollouts)
-            .map(|r| r.reflection.len() as f64)
-            .sum::<f64>()
-            / rewards.len() as f64;
-        groups.retain(|g| has_signal(&g.rollouts.iter().map(Rollout::reward).collect::<Vec<_>>()));
-        m.zero_signal_groups = m.groups - groups.len();
-        if groups.is_empty() {
-            self.step += 1;
-            m.seconds_step = started.elapsed().as_secs_f64();
-            m.tokens_per_s = m.generated_tokens as f64 / m.seconds_step;
-            return Ok((m, samples));
-        }
-
-        // 3. Reference (and old-policy) log-probs, without gradients.
-        let lengths: Vec<usize> = groups
-            .iter()
-            .flat_map(|g| g.spans(c.train_on))
-            .map(|(_, t)| t.len())
-            .collect();
-        let weights = token_weights(&lengths, c.loss_type, c.max_completion_length);
-        let t_ref = Instant::now();
+    /// Log-probs that stay fixed through the step's updates, per group:
+    /// under the frozen reference (for the KL) and, with more than one
+    /// iteration, under the policy before its first update.
+    fn fixed_scores(
+        &self,
+        spans: &[Vec<TrainedSpan<'_>>],
+        m: &mut StepMetrics,
+    ) -> Result<FixedScores> {
+        let started = Instant::now();
         let score_all = |model: &Llama| -> Result<Vec<Tensor>> {
-            groups
+            spans
                 .iter()
-                .map(|g| {
-                    let spans = g.spans(c.train_on);
-                    let prefixes: Vec<&[u32]> = spans.iter().map(|s| s.0).collect();
-                    let tokens: Vec<&[u32]> = spans.iter().map(|s| s.1).collect();
-                    span_logprobs(model, &prefixes, &tokens, false)
-                })
+                .map(|g| span_logprobs(model, g, false))
                 .collect()
         };
-        let reference = match &self.reference {
-            Some(r) => Some(score_all(r)?),
-            None => None,
+        let reference = self.reference.as_ref().map(score_all).transpose()?;
+        let old = match self.config.num_iterations > 1 {
+            true => Some(score_all(&self.train_model.detached())?),
+            false => None,
         };
-        let old = if c.num_iterations > 1 {
-            Some(score_all(&self.train_model.detached())?)
-        } else {
-            None
-        };
-        m.seconds_reference = t_ref.elapsed().as_secs_f64();
-        m.trained_tokens = lengths.iter().sum();
+        m.seconds_reference = started.elapsed().as_secs_f64();
+        Ok(FixedScores { reference, old })
+    }
 
+    /// Sums the gradient of the GRPO loss over every trained span, a
+    /// micro-batch of spans at a time; records loss, KL and clipping.
+    fn accumulate_gradients(
+        &mut self,
+        spans: &[Vec<TrainedSpan<'_>>],
+        fixed: &FixedScores,
+        m: &mut StepMetrics,
+    ) -> Result<()> {
+        let c = &self.config;
+        let started = Instant::now();
         let objective = Objective {
             epsilon_low: c.epsilon,
             epsilon_high: c.epsilon_high.unwrap_or(c.epsilon),
             beta: c.beta,
         };
-        for _ in 0..c.num_iterations {
-            // 4. Forward + backward over the trained tokens, in micro-batches.
-            let t_fb = Instant::now();
-            let grads = &mut self.grads;
-            grads.zero()?;
-            let (mut loss_total, mut stats_total) = (0f64, LossStats::default());
-            let mut sequence = 0;
-            for (gi, g) in groups.iter().enumerate() {
-                let spans = g.spans(c.train_on);
-                let mut token_offset = 0;
-                for rows in (0..spans.len())
-                    .collect::<Vec<_>>()
-                    .chunks(c.micro_batch_size)
-                {
-                    let prefixes: Vec<&[u32]> = rows.iter().map(|&i| spans[i].0).collect();
-                    let tokens: Vec<&[u32]> = rows.iter().map(|&i| spans[i].1).collect();
-                    let n: usize = tokens.iter().map(|t| t.len()).sum();
-                    let forward = TrainingForward::new(
-                        &self.train_model,
-                        &prefixes,
-                        &tokens,
-                        c.gradient_checkpointing,
-                    )?;
-                    let logprobs = forward.logprobs();
-                    let advantages: Vec<f32> = rows
+        self.grads.zero()?;
+        let (mut loss_total, mut stats) = (0f64, LossStats::default());
+        for (gi, group) in spans.iter().enumerate() {
+            let mut offset = 0;
+            for batch in group.chunks(c.micro_batch_size) {
+                let n: usize = batch.iter().map(|s| s.tokens.len()).sum();
+                let per_token = |f: fn(&TrainedSpan<'_>) -> f32| -> Vec<f32> {
+                    let each = batch
                         .iter()
-                        .flat_map(|&i| std::iter::repeat_n(g.advantages[i], spans[i].1.len()))
-                        .collect();
-                    let token_w: Vec<f32> = rows
-                        .iter()
-                        .flat_map(|&i| weights[sequence + i].iter().copied())
-                        .collect();
-                    let old_lp = match &old {
-                        Some(o) => o[gi].narrow(0, token_offset, n)?,
-                        None => logprobs.detach(),
-                    };
-                    let ref_lp = match &reference {
-                        Some(r) => Some(r[gi].narrow(0, token_offset, n)?),
+                        .map(|s| std::iter::repeat_n(f(s), s.tokens.len()));
+                    each.flatten().collect()
+                };
+                let forward =
+                    TrainingForward::new(&self.train_model, batch, c.gradient_checkpointing)?;
+                let logprobs = forward.logprobs();
+                let slice = |scores: &Option<Vec<Tensor>>| -> Result<Option<Tensor>> {
+                    Ok(match scores {
+                        Some(s) => Some(s[gi].narrow(0, offset, n)?),
                         None => None,
-                    };
-                    let terms = TokenTerms {
-                        logprobs,
-                        old_logprobs: &old_lp,
-                        ref_logprobs: ref_lp.as_ref(),
-                        advantages: &advantages,
-                        weights: &token_w,
-                    };
-                    let (loss, stats) = grpo_loss(&terms, &objective)?;
-                    let value = loss.to_scalar::<f32>()? as f64;
-                    if !value.is_finite() {
-                        return Err(TrainError::Invalid(format!(
-                            "non-finite loss at step {}; stopping (the last checkpoint is intact)",
-                            self.step + 1
-                        )));
-                    }
-                    loss_total += value;
-                    stats_total.kl += stats.kl;
-                    stats_total.clipped_tokens += stats.clipped_tokens;
-                    stats_total.tokens += stats.tokens;
-                    forward.backward(&loss, grads)?;
-                    token_offset += n;
+                    })
+                };
+                let old = slice(&fixed.old)?.unwrap_or_else(|| logprobs.detach());
+                let reference = slice(&fixed.reference)?;
+                let terms = TokenTerms {
+                    logprobs,
+                    old_logprobs: &old,
+                    ref_logprobs: reference.as_ref(),
+                    advantages: &per_token(|s| s.advantage),
+                    weights: &per_token(|s| s.weight),
+                };
+                let (loss, batch_stats) = grpo_loss(&terms, &objective)?;
+                let value = loss.to_scalar::<f32>()? as f64;
+                if !value.is_finite() {
+                    return Err(TrainError::Invalid(format!(
+                        "non-finite loss at step {}; stopping (the last checkpoint is intact)",
+                        self.step + 1
+                    )));
                 }
-                sequence += spans.len();
+                loss_total += value;
+                stats.add(&batch_stats);
+                forward.backward(&loss, &mut self.grads)?;
+                offset += n;
             }
-            m.seconds_forward_backward += t_fb.elapsed().as_secs_f64();
-
-            (self.release_memory)();
-            // 5. Clip and update.
-            let t_opt = Instant::now();
-            let grads = self.grads.sums();
-            let names: Vec<&str> = self
-                .optimizer
-                .params
-                .iter()
-                .map(|(n, _)| n.as_str())
-                .collect();
-            m.grad_norm = global_norm(&names, grads)?;
-            let scale = clip_scale(m.grad_norm, c.max_grad_norm);
-            self.optimizer.update(grads, m.learning_rate, scale)?;
-            m.seconds_optimizer += t_opt.elapsed().as_secs_f64();
-            m.loss = loss_total;
-            m.kl = stats_total.kl;
-            m.clip_fraction = stats_total.clipped_tokens as f64 / stats_total.tokens.max(1) as f64;
         }
+        m.seconds_forward_backward += started.elapsed().as_secs_f64();
+        m.loss = loss_total;
+        m.kl = stats.kl;
+        m.clip_fraction = stats.clipped_tokens as f64 / stats.tokens.max(1) as f64;
         (self.release_memory)();
-        self.step += 1;
-        m.seconds_step = started.elapsed().as_secs_f64();
-        m.tokens_per_s =
-            (m.generated_tokens + m.trained_tokens * c.num_iterations) as f64 / m.seconds_step;
-        Ok((m, samples))
+        Ok(())
+    }
+
+    /// Clips the summed gradient's global norm and takes an AdamW step.
+    fn apply_update(&mut self, m: &mut StepMetrics) -> Result<()> {
+        let started = Instant::now();
+        let grads = self.grads.sums();
+        let names: Vec<&str> = self
+            .optimizer
+            .params
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .collect();
+        m.grad_norm = global_norm(&names, grads)?;
+        let scale = clip_scale(m.grad_norm, self.config.max_grad_norm);
+        self.optimizer.update(grads, m.learning_rate, scale)?;
+        m.seconds_optimizer += started.elapsed().as_secs_f64();
+        (self.release_memory)();
+        Ok(())
     }
 
     /// Saves a checkpoint of the current step under the output directory.

@@ -1,10 +1,12 @@
 //! The GRPO pieces against hand-computed values.
 
 use candle_core::{Device, Tensor, Var};
+use r3_train::config::TrainOn;
 use r3_train::grpo::{
-    group_advantages, grpo_loss, has_signal, reflection_mask, token_weights, LossType, Objective,
+    group_advantages, grpo_loss, has_signal, mean_and_std, sequence_weights, LossType, Objective,
     TokenTerms,
 };
+use r3_train::spans::{trained_spans, Group};
 
 fn close(a: f64, b: f64) -> bool {
     (a - b).abs() <= 1e-5 * (1.0 + b.abs())
@@ -28,30 +30,69 @@ fn advantages_are_normalised_within_the_group() {
     assert!(!has_signal(&[0.0, 0.0]) && !has_signal(&[1.0, 1.0, 1.0]) && has_signal(&[0.0, 1.0]));
 }
 
-#[test]
-fn the_mask_covers_exactly_the_positions_predicting_reflection_ids() {
-    // ids 4, 5, 6 are the reflection; positions 3, 4, 5 predict them.
-    assert_eq!(
-        reflection_mask(10, &(4..7)),
-        vec![0., 0., 0., 1., 1., 1., 0., 0., 0., 0.]
-    );
-    assert_eq!(reflection_mask(3, &(0..0)), vec![0.0; 3]);
+/// A rollout of 10 ids whose reflection is ids 4..7 and retry ids 8..10,
+/// rewarded `reward`.
+fn rollout(reward: bool) -> r3_loop::Rollout {
+    r3_loop::Rollout {
+        ids: (100..110).collect(),
+        reflection: 4..7,
+        reflection_text: String::new(),
+        reflection_finish: r3_generate::FinishReason::Eos,
+        retry: r3_loop::Attempt {
+            tokens: vec![108, 109],
+            text: String::new(),
+            finish: r3_generate::FinishReason::Eos,
+            verdict: match reward {
+                true => r3_tasks::Verdict::pass(),
+                false => r3_tasks::Verdict::fail("no"),
+            },
+        },
+    }
 }
 
 #[test]
-fn token_weights_follow_each_loss_type() {
+fn the_mask_is_exactly_the_reflection_with_its_advantage_and_weight() {
+    let groups = [Group::new(vec![rollout(true), rollout(false)], false)];
+    assert!(groups[0].has_signal());
+    let spans = trained_spans(&groups, TrainOn::Reflection, LossType::Grpo, 8);
+    let ids: Vec<u32> = (100..110).collect();
+    for (span, advantage) in spans[0].iter().zip([0.5, -0.5]) {
+        assert_eq!(span.context, &ids[..4]);
+        assert_eq!(span.tokens, &ids[4..7], "the reflection and nothing else");
+        assert_eq!(span.advantage, advantage);
+        assert_eq!(span.weight, 1.0 / 6.0, "mean over 3 tokens of 2 sequences");
+    }
+    let retry = trained_spans(&groups, TrainOn::Retry, LossType::Grpo, 8);
+    assert_eq!(
+        retry[0][0].tokens,
+        &ids[8..],
+        "the ablation trains the retry"
+    );
+    assert!(!Group::new(vec![rollout(true), rollout(true)], true).has_signal());
+}
+
+#[test]
+fn metrics_and_advantages_share_one_estimator() {
+    let (mean, std) = mean_and_std(&[1.0, 0.0, 0.0, 1.0]);
+    assert_eq!(mean, 0.5);
+    assert!(close(std, (1.0f64 / 3.0).sqrt()), "unbiased: {std}");
+    assert_eq!(mean_and_std(&[2.0]), (2.0, 0.0));
+}
+
+#[test]
+fn sequence_weights_follow_each_loss_type() {
     let lengths = [2, 4];
     assert_eq!(
-        token_weights(&lengths, LossType::Grpo, 8),
-        vec![vec![0.25; 2], vec![0.125; 4]]
+        sequence_weights(&lengths, LossType::Grpo, 8),
+        vec![0.25, 0.125]
     );
     assert_eq!(
-        token_weights(&lengths, LossType::Bnpo, 8),
-        vec![vec![1.0 / 6.0; 2], vec![1.0 / 6.0; 4]]
+        sequence_weights(&lengths, LossType::Bnpo, 8),
+        vec![1.0 / 6.0, 1.0 / 6.0]
     );
     assert_eq!(
-        token_weights(&lengths, LossType::DrGrpo, 8),
-        vec![vec![1.0 / 16.0; 2], vec![1.0 / 16.0; 4]]
+        sequence_weights(&lengths, LossType::DrGrpo, 8),
+        vec![1.0 / 16.0, 1.0 / 16.0]
     );
 }
 
@@ -143,7 +184,8 @@ fn each_loss_type_aggregates_per_token_losses_as_documented() {
         (LossType::Bnpo, (-1.0 + 6.0) / 5.0),
         (LossType::DrGrpo, (-1.0 + 6.0) / (2.0 * 10.0)),
     ] {
-        let weights: Vec<f32> = token_weights(&[2, 3], loss_type, 10).concat();
+        let per_sequence = sequence_weights(&[2, 3], loss_type, 10);
+        let weights: Vec<f32> = [vec![per_sequence[0]; 2], vec![per_sequence[1]; 3]].concat();
         let terms = TokenTerms {
             logprobs: &t,
             old_logprobs: &t,

@@ -7,9 +7,10 @@ mod common;
 use candle_core::{IndexOp, Tensor, Var, D};
 use r3_model::tiny::{max_abs, TinyModel};
 use r3_model::{Architecture, KvCache, Llama};
-use r3_train::config::TrainConfig;
-use r3_train::grpo::{grpo_loss, reflection_mask, Objective, TokenTerms};
+use r3_train::config::{TrainConfig, TrainOn};
+use r3_train::grpo::{grpo_loss, LossType, Objective, TokenTerms};
 use r3_train::score::span_logprobs;
+use r3_train::spans::{trained_spans, Group};
 use r3_train::trainer::Trainer;
 
 fn trainable() -> (Llama, Vec<(String, Var)>) {
@@ -28,7 +29,28 @@ fn gradient_on_logits_is_zero_outside_the_reflection() {
     let mut cache = KvCache::differentiable(&model.config, 1);
     let hidden = model.forward(&[&ids], &mut cache).unwrap();
     let logits = model.all_logits(&hidden).unwrap().i(0).unwrap(); // [28, vocab]
-    let mask = reflection_mask(ids.len(), &reflection);
+                                                                   // The production mask: the span the trainer trains for this rollout.
+    let rollout = r3_loop::Rollout {
+        ids: ids.clone(),
+        reflection: reflection.clone(),
+        reflection_text: String::new(),
+        reflection_finish: r3_generate::FinishReason::Eos,
+        retry: r3_loop::Attempt {
+            tokens: ids[24..].to_vec(),
+            text: String::new(),
+            finish: r3_generate::FinishReason::Eos,
+            verdict: r3_tasks::Verdict::pass(),
+        },
+    };
+    let groups = [Group::new(vec![rollout], true)];
+    let spans = trained_spans(&groups, TrainOn::Reflection, LossType::Grpo, 64);
+    let span = spans[0][0];
+    let trained = span.context.len()..span.context.len() + span.tokens.len();
+    assert_eq!(trained, reflection, "the span is the reflection");
+    // Position p predicts id p + 1: 1 where that id is trained, 0 elsewhere.
+    let mask: Vec<f32> = (0..ids.len())
+        .map(|p| if trained.contains(&(p + 1)) { 1.0 } else { 0.0 })
+        .collect();
     let objective = Objective {
         epsilon_low: 0.2,
         epsilon_high: 0.2,
@@ -90,13 +112,7 @@ fn gradient_on_logits_is_zero_outside_the_reflection() {
     // the same log-probs and the same parameter gradients.
     let (loss, logprobs) = masked_loss(&logits);
     let grads = loss.backward().unwrap();
-    let fast = span_logprobs(
-        &model,
-        &[&ids[..reflection.start]],
-        &[&ids[reflection.clone()]],
-        true,
-    )
-    .unwrap();
+    let fast = span_logprobs(&model, &spans[0], true).unwrap();
     let full: Vec<f32> = logprobs.to_vec1().unwrap();
     let fast_values: Vec<f32> = fast.to_vec1().unwrap();
     for (i, v) in fast_values.iter().enumerate() {

@@ -7,6 +7,7 @@ use r3_model::tiny::{max_abs, TinyModel};
 use r3_model::Architecture;
 use r3_train::optim::Gradients;
 use r3_train::score::TrainingForward;
+use r3_train::spans::TrainedSpan;
 
 fn run(
     arch: Architecture,
@@ -17,7 +18,17 @@ fn run(
     let (model, vars): (_, Vec<(String, Var)>) =
         TinyModel::new(arch, 64, 3, 5).unwrap().trainable().unwrap();
     let mut grads = Gradients::new(&vars).unwrap();
-    let forward = TrainingForward::new(&model, prefixes, tokens, recompute).unwrap();
+    let spans: Vec<TrainedSpan<'_>> = prefixes
+        .iter()
+        .zip(tokens)
+        .map(|(&context, &tokens)| TrainedSpan {
+            context,
+            tokens,
+            advantage: 0.0,
+            weight: 0.0,
+        })
+        .collect();
+    let forward = TrainingForward::new(&model, &spans, recompute).unwrap();
     let logprobs = forward.logprobs().clone();
     let n = logprobs.dim(0).unwrap();
     let weights: Vec<f32> = (0..n).map(|i| 1.0 + (i % 3) as f32 * 0.5).collect();

@@ -16,7 +16,23 @@ use r3_model::{Architecture, Llama, LoadedModel, Message};
 use r3_tasks::{Prompts, Task, Verdict};
 use r3_train::optim::AdamW;
 use r3_train::score::span_logprobs;
+use r3_train::spans::TrainedSpan;
 use serde_json::{json, Value};
+
+/// Spans scoring `tokens[i]` after `contexts[i]` (advantage and weight do
+/// not enter the scorer).
+pub fn spans<'a>(contexts: &[&'a [u32]], tokens: &[&'a [u32]]) -> Vec<TrainedSpan<'a>> {
+    contexts
+        .iter()
+        .zip(tokens)
+        .map(|(&context, &tokens)| TrainedSpan {
+            context,
+            tokens,
+            advantage: 0.0,
+            weight: 0.0,
+        })
+        .collect()
+}
 
 pub const LETTERS: [&str; 4] = ["A", "B", "C", "D"];
 pub const DIGITS: [&str; 4] = ["1", "2", "3", "4"];
@@ -106,7 +122,7 @@ fn teach(
         // Every letter equally likely as the reflection…
         let reflections: Vec<&[u32]> = letters.iter().map(std::slice::from_ref).collect();
         let prefixes = vec![layout.prefix.as_slice(); 4];
-        let lp_reflection = span_logprobs(&model, &prefixes, &reflections, true).unwrap();
+        let lp_reflection = span_logprobs(&model, &spans(&prefixes, &reflections), true).unwrap();
         // …and the retry answering that letter's digit.
         let retry_prefixes: Vec<Vec<u32>> = layout
             .before_answer
@@ -115,7 +131,7 @@ fn teach(
             .collect();
         let retry_refs: Vec<&[u32]> = retry_prefixes.iter().map(Vec::as_slice).collect();
         let answers: Vec<&[u32]> = digits.iter().map(std::slice::from_ref).collect();
-        let lp_retry = span_logprobs(&model, &retry_refs, &answers, true).unwrap();
+        let lp_retry = span_logprobs(&model, &spans(&retry_refs, &answers), true).unwrap();
         let loss = ((lp_reflection.mean_all().unwrap() + lp_retry.mean_all().unwrap()).unwrap()
             * -1.0)
             .unwrap();
@@ -206,6 +222,6 @@ pub fn retry_success(toy: &Toy, model: &Llama, samples: usize) -> f64 {
 pub fn good_reflection_probability(toy: &Toy, model: &Llama) -> f64 {
     let layout = layout(&toy.loaded, &toy.failures[0].attempt_tokens, &toy.letters);
     let good = [toy.letters[GOOD]];
-    let lp = span_logprobs(model, &[layout.prefix.as_slice()], &[&good], false).unwrap();
+    let lp = span_logprobs(model, &spans(&[layout.prefix.as_slice()], &[&good]), false).unwrap();
     (lp.to_vec1::<f32>().unwrap()[0] as f64).exp()
 }

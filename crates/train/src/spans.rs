@@ -1,0 +1,92 @@
+//! **Where the mask is built**, as data: for each rollout of a step, the
+//! ids it trains, with the advantage and weight of each. Everything not in
+//! a span — prompt, attempt, instructions and (for `train_on =
+//! "reflection"`) the retry — is never scored, so its weight is exactly 0.
+//! The trainer and the scorer take these spans and nothing else.
+
+use r3_loop::Rollout;
+
+use crate::config::TrainOn;
+use crate::grpo::{group_advantages, has_signal, sequence_weights, LossType};
+
+/// The G rollouts of one failure and their advantages.
+pub struct Group {
+    pub rollouts: Vec<Rollout>,
+    /// One per rollout, from the group's rewards ([`group_advantages`]).
+    pub advantages: Vec<f32>,
+}
+
+impl Group {
+    /// The group of `rollouts`, their rewards turned into advantages.
+    pub fn new(rollouts: Vec<Rollout>, scale_rewards: bool) -> Self {
+        let rewards: Vec<f32> = rollouts.iter().map(Rollout::reward).collect();
+        Self {
+            advantages: group_advantages(&rewards, scale_rewards),
+            rollouts,
+        }
+    }
+
+    /// Whether any two rewards differ; a group without signal trains
+    /// nothing and is skipped.
+    pub fn has_signal(&self) -> bool {
+        has_signal(
+            &self
+                .rollouts
+                .iter()
+                .map(Rollout::reward)
+                .collect::<Vec<_>>(),
+        )
+    }
+}
+
+/// One rollout's trained tokens: `tokens` follow `context` in its ids, and
+/// each of their log-probs enters the loss as `weight × advantage × …`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TrainedSpan<'g> {
+    /// The ids before the span (shared by a group's rollouts up to the
+    /// reflection): conditioning only.
+    pub context: &'g [u32],
+    /// The trained ids: the reflection, its end-of-turn token included.
+    pub tokens: &'g [u32],
+    pub advantage: f32,
+    /// The `loss_type` aggregate's weight of each of these tokens.
+    pub weight: f32,
+}
+
+/// The trained spans of a step's groups, group by group, rollout by
+/// rollout: the one place that decides which tokens learn.
+pub fn trained_spans(
+    groups: &[Group],
+    train_on: TrainOn,
+    loss_type: LossType,
+    max_completion_length: usize,
+) -> Vec<Vec<TrainedSpan<'_>>> {
+    let span = |r: &Rollout| match train_on {
+        TrainOn::Reflection => r.reflection.clone(),
+        TrainOn::Retry => r.retry_span(),
+    };
+    let lengths: Vec<usize> = groups
+        .iter()
+        .flat_map(|g| &g.rollouts)
+        .map(|r| span(r).len())
+        .collect();
+    let mut weights = sequence_weights(&lengths, loss_type, max_completion_length).into_iter();
+    groups
+        .iter()
+        .map(|g| {
+            g.rollouts
+                .iter()
+                .zip(&g.advantages)
+                .map(|(r, &advantage)| {
+                    let span = span(r);
+                    TrainedSpan {
+                        context: &r.ids[..span.start],
+                        tokens: &r.ids[span],
+                        advantage,
+                        weight: weights.next().expect("one weight per rollout"),
+                    }
+                })
+                .collect()
+        })
+        .collect()
+}
