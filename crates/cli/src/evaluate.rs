@@ -158,10 +158,8 @@ pub fn run_eval(args: &EvalArgs, model: &Model) -> Result<EvalSummary> {
     Ok(summary)
 }
 
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes)
-        .and_then(|_| std::fs::rename(&tmp, path))
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    r3_model::atomic::write_atomic(path, bytes)
         .with_context(|| format!("cannot write {}", path.display()))
 }
 

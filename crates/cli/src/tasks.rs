@@ -110,18 +110,16 @@ pub struct ArithmeticData {
     out: PathBuf,
 }
 
-/// Writes JSONL records through a temporary file.
+/// Writes JSONL records atomically.
 pub fn write_jsonl(path: &std::path::Path, records: &[serde_json::Value]) -> Result<()> {
-    let tmp = path.with_extension("jsonl.tmp");
-    let mut file = std::io::BufWriter::new(
-        std::fs::File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?,
-    );
-    for r in records {
-        writeln!(file, "{r}")?;
-    }
-    file.flush()?;
-    drop(file);
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
+    r3_model::atomic::write_atomic_with(path, |file| {
+        let mut out = std::io::BufWriter::new(file);
+        for r in records {
+            writeln!(out, "{r}")?;
+        }
+        out.flush()
+    })
+    .with_context(|| format!("cannot write {}", path.display()))
 }
 
 #[derive(Args)]

@@ -25,6 +25,8 @@ pub enum LoopError {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Task(#[from] r3_tasks::TaskError),
     #[error("{0}")]
     Invalid(String),
 }

@@ -4,7 +4,7 @@
 //! Resumable: a state file records the next record index, the bytes of
 //! the failures file that cover it, and the data and settings it is bound to.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use r3_generate::SamplingParams;
@@ -105,40 +105,25 @@ fn differences(
 /// Writes `state` to `path` so that a kill at any moment leaves the old or
 /// the new state, never half of one.
 fn save_state(path: &Path, state: &MineState) -> Result<()> {
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
     let json = serde_json::to_string(state).expect("serialisable");
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(|e| io_err(path, e))?;
-    tmp.write_all(json.as_bytes())
-        .and_then(|_| tmp.as_file().sync_all())
-        .map_err(|e| io_err(path, e))?;
-    tmp.persist(path).map_err(|e| io_err(path, e.error))?;
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
+    r3_model::atomic::write_atomic(path, json.as_bytes()).map_err(|e| io_err(path, e))
 }
 
 /// Reads a failures file (as written by [`mine`]).
 pub fn read_failures(path: &Path) -> Result<Vec<MinedFailure>> {
-    let file = std::fs::File::open(path).map_err(|e| io_err(path, e))?;
     let mut out = Vec::new();
-    for (i, line) in BufReader::new(file).lines().enumerate() {
-        let line = line.map_err(|e| io_err(path, e))?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let failure = serde_json::from_str(&line).map_err(|e| {
-            LoopError::Invalid(format!(
-                "{}:{}: not a mined failure: {e}",
-                path.display(),
-                i + 1
-            ))
-        })?;
+    r3_tasks::records::for_each_jsonl_line(path, |line, text| {
+        let failure = text
+            .and_then(|t| serde_json::from_str(t).map_err(|e| e.to_string()))
+            .map_err(|e| {
+                LoopError::Invalid(format!(
+                    "{}:{line}: not a mined failure: {e}",
+                    path.display()
+                ))
+            })?;
         out.push(failure);
-    }
+        Ok::<(), LoopError>(())
+    })?;
     Ok(out)
 }
 

@@ -33,6 +33,9 @@ pub enum ModelError {
     Fetch(String),
     #[error("KV cache: {0}")]
     Cache(String),
+    /// Tensors whose shapes do not fit together (a caller's mistake).
+    #[error("shape mismatch: {0}")]
+    Shape(String),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }

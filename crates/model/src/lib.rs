@@ -4,6 +4,7 @@
 //!
 //! It knows nothing about tasks or rewards.
 
+pub mod atomic;
 mod attention;
 pub mod cache;
 pub mod chat;

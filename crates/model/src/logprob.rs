@@ -23,7 +23,7 @@ pub fn token_logprobs(hidden: &Tensor, weight: &Tensor, targets: &[u32]) -> Resu
     let (n, _) = hidden.dims2()?;
     let (vocab, _) = weight.dims2()?;
     if targets.len() != n {
-        return Err(ModelError::Tokenizer(format!(
+        return Err(ModelError::Shape(format!(
             "{} targets for {n} hidden rows",
             targets.len()
         )));
@@ -47,20 +47,34 @@ struct TokenLogprobs {
     targets: Vec<u32>,
 }
 
-/// A strided matrix operand for [`gemm`]: base pointer and element strides.
+/// A strided matrix operand for [`gemm`]: its elements and strides.
 #[derive(Clone, Copy)]
-struct Mat {
-    ptr: *const f32,
-    row_stride: isize,
-    col_stride: isize,
+struct Mat<'a> {
+    data: &'a [f32],
+    row_stride: usize,
+    col_stride: usize,
 }
 
-/// `dst[m × n] (+)= a[m × k] · b[k × n]`, dst row-major with `n` columns.
+impl Mat<'_> {
+    /// Whether a `rows × cols` matrix at these strides lies within `data`.
+    fn holds(&self, rows: usize, cols: usize) -> bool {
+        rows == 0
+            || cols == 0
+            || (rows - 1) * self.row_stride + (cols - 1) * self.col_stride < self.data.len()
+    }
+}
+
+/// `dst[m × n] (+)= a[m × k] · b[k × n]`, dst row-major with `n` columns:
+/// the one safe entry to gemm here, checking every extent first.
 fn gemm(m: usize, n: usize, k: usize, dst: &mut [f32], accumulate: bool, a: Mat, b: Mat) {
-    assert_eq!(dst.len(), m * n);
+    assert_eq!(dst.len(), m * n, "gemm: output of {m} × {n}");
+    assert!(
+        a.holds(m, k) && b.holds(k, n),
+        "gemm: operand out of bounds"
+    );
     let threads = candle_core::utils::get_num_threads();
-    // SAFETY: the pointers cover the extents given by the strides (checked
-    // by the callers' slice lengths), and dst is an exclusive borrow.
+    // SAFETY: every element the strides reach lies within the operands'
+    // slices (checked above), and dst is an exclusive borrow of m × n.
     unsafe {
         gemm::gemm(
             m,
@@ -70,12 +84,12 @@ fn gemm(m: usize, n: usize, k: usize, dst: &mut [f32], accumulate: bool, a: Mat,
             1,
             n as isize,
             accumulate,
-            a.ptr,
-            a.col_stride,
-            a.row_stride,
-            b.ptr,
-            b.col_stride,
-            b.row_stride,
+            a.data.as_ptr(),
+            a.col_stride as isize,
+            a.row_stride as isize,
+            b.data.as_ptr(),
+            b.col_stride as isize,
+            b.row_stride as isize,
             1.0,
             1.0,
             false,
@@ -99,14 +113,14 @@ impl TokenLogprobs {
     fn chunk_logits(hidden: &[f32], weight: &[f32], h: usize, vocab: usize, logits: &mut [f32]) {
         let rows = hidden.len() / h;
         let a = Mat {
-            ptr: hidden.as_ptr(),
-            row_stride: h as isize,
+            data: hidden,
+            row_stride: h,
             col_stride: 1,
         };
         let w_t = Mat {
-            ptr: weight.as_ptr(),
+            data: weight,
             row_stride: 1,
-            col_stride: h as isize,
+            col_stride: h,
         };
         gemm(rows, vocab, h, logits, false, a, w_t);
     }
@@ -208,14 +222,14 @@ impl CustomOp2 for TokenLogprobs {
                     row[target as usize] += g;
                 });
             let coeff_mat = Mat {
-                ptr: coeff.as_ptr(),
-                row_stride: vocab as isize,
+                data: coeff,
+                row_stride: vocab,
                 col_stride: 1,
             };
             // ∂h = coeff · W
             let w = Mat {
-                ptr: weight_data.as_ptr(),
-                row_stride: h as isize,
+                data: weight_data,
+                row_stride: h,
                 col_stride: 1,
             };
             gemm(
@@ -229,13 +243,13 @@ impl CustomOp2 for TokenLogprobs {
             );
             // ∂W += coeffᵀ · h
             let coeff_t = Mat {
-                ptr: coeff.as_ptr(),
+                data: coeff,
                 row_stride: 1,
-                col_stride: vocab as isize,
+                col_stride: vocab,
             };
             let hid = Mat {
-                ptr: hidden_chunk.as_ptr(),
-                row_stride: h as isize,
+                data: hidden_chunk,
+                row_stride: h,
                 col_stride: 1,
             };
             gemm(vocab, h, rows, &mut grad_weight, true, coeff_t, hid);

@@ -197,10 +197,9 @@ impl Weights {
         for (name, dims) in self.names().filter_map(|n| Some((n, self.dims(n)?))) {
             f32.insert(name.clone(), self.get(name, dims)?);
         }
-        let tmp = path.with_extension("safetensors.tmp");
-        candle_core::safetensors::save(&f32, &tmp)
-            .map_err(|e| ModelError::invalid(&tmp, e.to_string()))?;
-        std::fs::rename(&tmp, path).map_err(|e| ModelError::io(path, e))
+        let bytes = safetensors::serialize(f32.iter().map(|(name, t)| (name.as_str(), t)), None)
+            .map_err(|e| ModelError::invalid(path, e.to_string()))?;
+        crate::atomic::write_atomic(path, &bytes).map_err(|e| ModelError::io(path, e))
     }
 }
 

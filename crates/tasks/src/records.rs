@@ -24,27 +24,39 @@ pub struct Records {
     pub skipped: usize,
 }
 
-/// Reads every non-blank line of `path` as a JSON object the task accepts.
-/// A bad line is an error naming the file and line, or, with
-/// `skip_invalid`, is skipped and counted.
-pub fn read_records(path: &Path, task: &dyn Task, skip_invalid: bool) -> crate::Result<Records> {
-    let name = path.display().to_string();
+/// Calls `each(line_number, line)` for every non-blank line of the JSONL
+/// file `path` (1-based numbers), the line being its text or why it is not
+/// text (not UTF-8): the one JSONL reader, streaming so that a 60k-line
+/// file is never held whole. Stops at `each`'s first error.
+pub fn for_each_jsonl_line<E: From<TaskError>>(
+    path: &Path,
+    mut each: impl FnMut(usize, Result<&str, String>) -> Result<(), E>,
+) -> Result<(), E> {
     let io = |source| TaskError::Io {
-        path: name.clone(),
+        path: path.display().to_string(),
         source,
     };
     let reader = BufReader::new(std::fs::File::open(path).map_err(io)?);
-    let mut records = Vec::new();
-    let mut skipped = 0;
     // Lines as bytes, so that one that is not UTF-8 is a bad line with its
-    // number (skippable) rather than an I/O error about the whole file.
+    // number rather than an I/O error about the whole file.
     for (index, line) in reader.split(b'\n').enumerate() {
-        let line_no = index + 1;
         let bytes = line.map_err(io)?;
         let text = std::str::from_utf8(&bytes).map_err(|e| format!("not UTF-8: {e}"));
         if text.as_ref().is_ok_and(|t| t.trim().is_empty()) {
             continue;
         }
+        each(index + 1, text)?;
+    }
+    Ok(())
+}
+
+/// Reads every non-blank line of `path` as a JSON object the task accepts.
+/// A bad line is an error naming the file and line, or, with
+/// `skip_invalid`, is skipped and counted.
+pub fn read_records(path: &Path, task: &dyn Task, skip_invalid: bool) -> crate::Result<Records> {
+    let mut records = Vec::new();
+    let mut skipped = 0;
+    for_each_jsonl_line(path, |line, text| {
         let checked = text
             .and_then(|t| {
                 serde_json::from_str::<Value>(t).map_err(|e| format!("invalid JSON: {e}"))
@@ -55,20 +67,18 @@ pub fn read_records(path: &Path, task: &dyn Task, skip_invalid: bool) -> crate::
             })
             .and_then(|value| task.check_record(&value).map(|_| value));
         match checked {
-            Ok(value) => records.push(Record {
-                line: line_no,
-                value,
-            }),
+            Ok(value) => records.push(Record { line, value }),
             Err(_) if skip_invalid => skipped += 1,
             Err(message) => {
                 return Err(TaskError::Record {
-                    path: name,
-                    line: line_no,
+                    path: path.display().to_string(),
+                    line,
                     message,
                 })
             }
         }
-    }
+        Ok(())
+    })?;
     Ok(Records { records, skipped })
 }
 

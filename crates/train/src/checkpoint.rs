@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
+use r3_model::atomic::write_atomic;
 use r3_model::{LoadedModel, Weights};
 use serde::{Deserialize, Serialize};
 
@@ -73,7 +74,7 @@ fn run_files(output_dir: &Path) -> Result<(Vec<PathBuf>, Vec<PathBuf>)> {
     for entry in entries {
         let path = entry.map_err(io(output_dir))?.path();
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-        if name.starts_with(".checkpoint-") && name.ends_with(".tmp") || name == ".last.tmp" {
+        if name.starts_with(".checkpoint-") && name.ends_with(".tmp") {
             stale.push(path);
         } else if name.starts_with("checkpoint-")
             || ["last", "metrics.jsonl", "samples.jsonl"].contains(&name)
@@ -177,11 +178,7 @@ pub fn trim_logs(output_dir: &Path, step: usize) -> Result<()> {
             }
         }
         if kept.len() != text.len() {
-            let tmp = output_dir.join(format!(".{name}.tmp"));
-            std::fs::write(&tmp, &kept)
-                .and_then(|_| std::fs::File::open(&tmp)?.sync_all())
-                .and_then(|_| std::fs::rename(&tmp, &path))
-                .map_err(io(&path))?;
+            write_atomic(&path, kept.as_bytes()).map_err(io(&path))?;
         }
     }
     Ok(())
@@ -238,12 +235,7 @@ pub fn save(
     let _ = std::fs::remove_dir_all(&done);
     std::fs::rename(&tmp, &done).map_err(io(&done))?;
     let last = output_dir.join("last");
-    let last_tmp = output_dir.join(".last.tmp");
-    std::fs::write(&last_tmp, &name)
-        .and_then(|_| std::fs::File::open(&last_tmp)?.sync_all())
-        .and_then(|_| std::fs::rename(&last_tmp, &last))
-        .map_err(io(&last))?;
-    sync_dir(output_dir)?;
+    write_atomic(&last, name.as_bytes()).map_err(io(&last))?;
     Ok(done)
 }
 

@@ -87,7 +87,7 @@ pub struct TokenTerms<'a> {
     pub ref_logprobs: Option<&'a Tensor>,
     /// The sequence's advantage, repeated on each of its tokens.
     pub advantages: &'a [f32],
-    /// Aggregation weights from [`token_weights`].
+    /// Aggregation weights, from [`sequence_weights`], one per token.
     pub weights: &'a [f32],
 }
 
