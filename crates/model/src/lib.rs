@@ -20,6 +20,7 @@ pub mod loader;
 pub mod logprob;
 mod matmul;
 pub mod packed;
+#[cfg(feature = "test-support")]
 pub mod tiny;
 pub mod tokenizer;
 pub mod weights;
