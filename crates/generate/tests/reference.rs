@@ -12,7 +12,7 @@ fn batched_greedy_matches_transformers() {
         .join("../../reference/smollm2-135m-instruct.json");
     let reference: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    let loaded = r3_model::load(&r3_model::default_model::path().unwrap()).unwrap();
+    let loaded = r3_model::load(&r3_fetch::path().unwrap()).unwrap();
     let model = Llama::new(&loaded.config, &loaded.weights).unwrap();
     let cases = reference["cases"].as_array().unwrap();
     let prompts: Vec<Vec<u32>> = cases

@@ -9,7 +9,7 @@ use serde_json::json;
 
 #[test]
 fn rollout_ids_decode_to_the_rendered_conversation() {
-    let loaded = r3_model::load(&r3_model::default_model::path().unwrap()).unwrap();
+    let loaded = r3_model::load(&r3_fetch::path().unwrap()).unwrap();
     let model = Llama::new(&loaded.config, &loaded.weights).unwrap();
     let policy = Policy::new(&model, &loaded);
     let task = r3_tasks::builtin("countdown").unwrap();

@@ -29,8 +29,6 @@ pub enum ModelError {
     ChatTemplate { path: PathBuf, message: String },
     #[error("tokenizer: {0}")]
     Tokenizer(String),
-    #[error("default model: {0}")]
-    Fetch(String),
     #[error("KV cache: {0}")]
     Cache(String),
     /// Tensors whose shapes do not fit together (a caller's mistake).

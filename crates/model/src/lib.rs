@@ -9,7 +9,6 @@ mod attention;
 pub mod cache;
 pub mod chat;
 pub mod config;
-pub mod default_model;
 pub mod error;
 pub mod exp;
 pub mod gguf;

@@ -16,7 +16,7 @@ fn reference() -> Value {
 }
 
 fn default_model() -> (LoadedModel, Llama) {
-    let path = r3_model::default_model::path().expect("default model");
+    let path = r3_fetch::path().expect("default model");
     let loaded = r3_model::load(&path).expect("load default model");
     let model = Llama::new(&loaded.config, &loaded.weights).expect("build decoder");
     (loaded, model)
