@@ -171,7 +171,7 @@ fn generate(args: GenerateBench) -> Result<()> {
     if args.batch == 0 || args.prompt_tokens == 0 {
         bail!("--batch and --prompt-tokens must be positive");
     }
-    let model = model::load(&args.model)?;
+    let model = model::load(args.model.model.as_deref())?;
     let prompt = synthetic_prompt(&model, args.prompt_tokens)?;
     let prompts: Vec<&[u32]> = vec![prompt.as_slice(); args.batch];
     // No end-of-sequence ids: every row decodes the full budget.
@@ -354,7 +354,7 @@ fn train(args: TrainBench) -> Result<()> {
     if args.batch == 0 || args.group < 2 || args.steps == 0 {
         bail!("need --batch ≥ 1, --group ≥ 2 and --steps ≥ 1");
     }
-    let model = model::load(&args.model)?;
+    let model = model::load(args.model.model.as_deref())?;
     let task = CoinFlip;
     let prompts = r3_tasks::Prompts::for_task(&task);
     let failures = stand_in_failures(&model, &task, &prompts, args.batch * args.steps)?;

@@ -59,7 +59,7 @@ fn read_messages(path: &PathBuf) -> Result<Vec<Message>> {
 }
 
 pub fn generate(args: GenerateArgs) -> Result<()> {
-    let model = model::load(&args.model)?;
+    let model = model::load(args.model.model.as_deref())?;
     let mut messages = Vec::new();
     if let Some(system) = &args.system {
         messages.push(Message::new("system", system.as_str()));
@@ -91,7 +91,7 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
 }
 
 pub fn logits(args: LogitsArgs) -> Result<()> {
-    let model = model::load(&args.model)?;
+    let model = model::load(args.model.model.as_deref())?;
     let messages = read_messages(&args.messages)?;
     let text = model.loaded.chat_template.render(&messages, true)?;
     let ids = model.loaded.tokenizer.encode(&text)?;

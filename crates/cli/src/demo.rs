@@ -10,8 +10,9 @@ use anyhow::Result;
 use clap::Args;
 use r3_train::config::TrainConfig;
 
-use crate::evaluate::{print_summary, run_eval, run_mine, DataArgs, EvalArgs, MineArgs};
-use crate::tasks::{write_jsonl, TaskArgs};
+use crate::config::{DataConfig, EvalConfig, MineConfig, TaskConfig};
+use crate::evaluate::{print_summary, run_eval, run_mine};
+use crate::tasks::write_jsonl;
 use crate::{model, ModelArgs};
 
 #[derive(Args)]
@@ -45,19 +46,15 @@ pub fn demo(args: DemoArgs) -> Result<()> {
     let train_path = args.out.join("train.jsonl");
     write_jsonl(&eval_path, held_out)?;
     write_jsonl(&train_path, pool)?;
-    let task = TaskArgs {
-        task: Some("answer".into()),
-        verifier: None,
-        verifier_timeout: 10.0,
-    };
-    let data = |path: &PathBuf| DataArgs {
+    let task = TaskConfig::new(Some("answer"), None, 10.0)?;
+    let data = |path: &PathBuf| DataConfig {
         data: path.clone(),
         limit: None,
         skip_invalid: false,
         prompts: None,
         batch_rows: 32,
     };
-    let eval_args = |model: ModelArgs, out: &str| EvalArgs {
+    let eval_config = |model: Option<PathBuf>, out: &str| EvalConfig {
         model,
         task: task.clone(),
         data: data(&eval_path),
@@ -73,8 +70,8 @@ pub fn demo(args: DemoArgs) -> Result<()> {
         "[1/4] evaluating the base model on {} held-out records",
         held_out.len()
     );
-    let base = model::load(&args.model)?;
-    let before = run_eval(&eval_args(args.model.clone(), "eval-base"), &base)?;
+    let base = model::load(args.model.model.as_deref())?;
+    let before = run_eval(&eval_config(args.model.model.clone(), "eval-base"), &base)?;
 
     eprintln!(
         "[2/4] mining failures: 4 sampled attempts at each of {} records",
@@ -85,8 +82,8 @@ pub fn demo(args: DemoArgs) -> Result<()> {
     let _ = std::fs::remove_file(&failures);
     let _ = std::fs::remove_file(args.out.join("failures.jsonl.state"));
     run_mine(
-        &MineArgs {
-            model: args.model.clone(),
+        &MineConfig {
+            model: args.model.model.clone(),
             task: task.clone(),
             data: data(&train_path),
             samples: 4,
@@ -129,11 +126,11 @@ pub fn demo(args: DemoArgs) -> Result<()> {
     let checkpoint = crate::train::run_train(config, None)?;
 
     eprintln!("[4/4] evaluating the trained model");
-    let trained_args = ModelArgs {
-        model: Some(checkpoint.clone()),
-    };
-    let trained = model::load(&trained_args)?;
-    let after = run_eval(&eval_args(trained_args, "eval-trained"), &trained)?;
+    let trained = model::load(Some(&checkpoint))?;
+    let after = run_eval(
+        &eval_config(Some(checkpoint.clone()), "eval-trained"),
+        &trained,
+    )?;
 
     println!("\nbase model ({}):", args.out.join("eval-base").display());
     print_summary(&before);

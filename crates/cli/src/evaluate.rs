@@ -4,13 +4,14 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::Args;
 use r3_generate::SamplingParams;
 use r3_loop::eval::{evaluate, EvalSettings, EvalSummary};
 use r3_loop::{Policy, Rollouts};
 use r3_tasks::{Prompts, Record, Task};
 
+use crate::config::{DataConfig, EvalConfig, MineConfig, TaskConfig};
 use crate::model::Model;
 use crate::progress::{bar, Phases};
 use crate::tasks::TaskArgs;
@@ -37,30 +38,14 @@ pub struct DataArgs {
 }
 
 impl DataArgs {
-    pub fn records(&self, task: &dyn Task) -> Result<Vec<Record>> {
-        let read = r3_tasks::read_records(&self.data, task, self.skip_invalid)?;
-        if read.skipped > 0 {
-            eprintln!(
-                "{}: skipped {} malformed line(s)",
-                self.data.display(),
-                read.skipped
-            );
+    fn config(&self) -> DataConfig {
+        DataConfig {
+            data: self.data.clone(),
+            limit: self.limit,
+            skip_invalid: self.skip_invalid,
+            prompts: self.prompts.clone(),
+            batch_rows: self.batch_rows,
         }
-        let mut records = read.records;
-        if let Some(limit) = self.limit {
-            records.truncate(limit);
-        }
-        if records.is_empty() {
-            bail!("{}: no records", self.data.display());
-        }
-        Ok(records)
-    }
-
-    pub fn prompts(&self, task: &dyn Task) -> Result<Prompts> {
-        Ok(match &self.prompts {
-            Some(path) => Prompts::from_file(task, path)?,
-            None => Prompts::for_task(task),
-        })
     }
 }
 
@@ -70,7 +55,7 @@ pub fn policy(model: &Model) -> Policy<'_> {
 }
 
 /// The task, its records and the prompt set a command runs on.
-fn setup(task: &TaskArgs, data: &DataArgs) -> Result<(Box<dyn Task>, Vec<Record>, Prompts)> {
+fn setup(task: &TaskConfig, data: &DataConfig) -> Result<(Box<dyn Task>, Vec<Record>, Prompts)> {
     let task = task.build()?;
     let records = data.records(task.as_ref())?;
     let prompts = data.prompts(task.as_ref())?;
@@ -103,9 +88,29 @@ pub struct EvalArgs {
     pub reflection_max_tokens: usize,
 }
 
+impl EvalArgs {
+    /// The validated settings these arguments ask for.
+    fn config(&self) -> Result<EvalConfig> {
+        let config = EvalConfig {
+            model: self.model.model.clone(),
+            task: self.task.config()?,
+            data: self.data.config(),
+            out: self.out.clone(),
+            temperature: self.temperature,
+            top_p: self.top_p,
+            seed: self.seed,
+            max_new_tokens: self.max_new_tokens,
+            reflection_max_tokens: self.reflection_max_tokens,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+}
+
 pub fn eval(args: EvalArgs) -> Result<()> {
-    let model = model::load(&args.model)?;
-    let summary = run_eval(&args, &model)?;
+    let config = args.config()?;
+    let model = model::load(config.model.as_deref())?;
+    let summary = run_eval(&config, &model)?;
     print_summary(&summary);
     eprintln!(
         "wrote {}/summary.json and transcripts.jsonl",
@@ -115,10 +120,7 @@ pub fn eval(args: EvalArgs) -> Result<()> {
 }
 
 /// Evaluates and writes summary.json and transcripts.jsonl into `args.out`.
-pub fn run_eval(args: &EvalArgs, model: &Model) -> Result<EvalSummary> {
-    if args.reflection_max_tokens == 0 {
-        bail!("--reflection-max-tokens must be at least 1: a reflection needs a token");
-    }
+pub fn run_eval(args: &EvalConfig, model: &Model) -> Result<EvalSummary> {
     // An unwritable --out fails now, not after the whole evaluation.
     std::fs::create_dir_all(&args.out)
         .and_then(|_| tempfile::tempfile_in(&args.out).map(drop))
@@ -202,15 +204,31 @@ pub struct MineArgs {
     pub out: PathBuf,
 }
 
-pub fn mine(args: MineArgs) -> Result<()> {
-    let model = model::load(&args.model)?;
-    run_mine(&args, &model)
+impl MineArgs {
+    /// The validated settings these arguments ask for.
+    fn config(&self) -> Result<MineConfig> {
+        let config = MineConfig {
+            model: self.model.model.clone(),
+            task: self.task.config()?,
+            data: self.data.config(),
+            samples: self.samples,
+            temperature: self.temperature,
+            seed: self.seed,
+            max_new_tokens: self.max_new_tokens,
+            out: self.out.clone(),
+        };
+        config.validate()?;
+        Ok(config)
+    }
 }
 
-pub fn run_mine(args: &MineArgs, model: &Model) -> Result<()> {
-    if args.samples == 0 {
-        bail!("--samples must be at least 1");
-    }
+pub fn mine(args: MineArgs) -> Result<()> {
+    let config = args.config()?;
+    let model = model::load(config.model.as_deref())?;
+    run_mine(&config, &model)
+}
+
+pub fn run_mine(args: &MineConfig, model: &Model) -> Result<()> {
     let (task, records, prompts) = setup(&args.task, &args.data)?;
     let policy = policy(model);
     let rollouts = Rollouts::new(&policy, task.as_ref(), &prompts, args.data.batch_rows);
@@ -227,8 +245,7 @@ pub fn run_mine(args: &MineArgs, model: &Model) -> Result<()> {
             .unwrap_or_else(|_| model.loaded.path.clone())
             .display()
             .to_string(),
-        "task": task.name(),
-        "verifier": args.task.verifier,
+        "task": args.task.describe(),
         "samples": args.samples,
         "temperature": args.temperature,
         "seed": args.seed,

@@ -3,6 +3,7 @@
 
 mod bench;
 mod commands;
+mod config;
 mod demo;
 mod evaluate;
 mod model;

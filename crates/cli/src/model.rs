@@ -4,7 +4,7 @@
 use anyhow::{Context, Result};
 use r3_model::{Llama, LoadedModel};
 
-use crate::ModelArgs;
+use std::path::Path;
 
 pub struct Model {
     pub loaded: LoadedModel,
@@ -23,9 +23,10 @@ impl Model {
     }
 }
 
-pub fn load(args: &ModelArgs) -> Result<Model> {
-    let path = match &args.model {
-        Some(path) => path.clone(),
+/// Loads `path`, or the default model (fetching it once) when `None`.
+pub fn load(path: Option<&Path>) -> Result<Model> {
+    let path = match path {
+        Some(path) => path.to_path_buf(),
         None => {
             let cached = r3_fetch::cache_dir().join(r3_fetch::FILE_NAME);
             if !cached.exists() {

@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use r3_tasks::countdown_data::{generate, Difficulty};
-use r3_tasks::external::ExternalVerifier;
-use r3_tasks::Task;
+
+use crate::config::TaskConfig;
 
 /// Which task judges answers: a built-in one, or an external command.
 #[derive(Args, Clone)]
@@ -24,16 +24,13 @@ pub struct TaskArgs {
 }
 
 impl TaskArgs {
-    pub fn build(&self) -> Result<Box<dyn Task>> {
-        match (&self.task, &self.verifier) {
-            (_, Some(command)) => {
-                let timeout = r3_tasks::external::timeout_from_seconds(self.verifier_timeout)
-                    .map_err(|e| anyhow::anyhow!("--verifier-timeout: {e}"))?;
-                Ok(Box::new(ExternalVerifier::new(command, timeout)))
-            }
-            (Some(name), None) => Ok(r3_tasks::builtin(name)?),
-            (None, None) => bail!("give --task or --verifier"),
-        }
+    /// The validated choice of judge.
+    pub fn config(&self) -> Result<TaskConfig> {
+        TaskConfig::new(
+            self.task.as_deref(),
+            self.verifier.as_deref(),
+            self.verifier_timeout,
+        )
     }
 }
 
@@ -59,7 +56,7 @@ pub struct VerifyArgs {
 }
 
 pub fn verify(args: VerifyArgs) -> Result<()> {
-    let task = args.task.build()?;
+    let task = args.task.config()?.build()?;
     let record = match (&args.record, &args.data, args.index) {
         (Some(json), _, _) => {
             let value: serde_json::Value =
