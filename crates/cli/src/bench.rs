@@ -5,7 +5,7 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use clap::{Args, Subcommand};
 use r3_generate::{Generator, Sampler, SamplingParams};
-use r3_model::kernel::CpuLevel;
+use r3_kernels::CpuLevel;
 use r3_model::{KvCache, Message};
 use r3_tasks::Task;
 

@@ -15,7 +15,7 @@ mod train;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
-use r3_model::kernel::CpuLevel;
+use r3_kernels::CpuLevel;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;

@@ -4,7 +4,7 @@
 //! kept to continue every conversation.
 
 use candle_core::Tensor;
-use r3_model::kernel::with_f32_elements;
+use r3_kernels::storage::with_f32_elements;
 use r3_model::{KvCache, Llama, Tokenizer};
 use rayon::prelude::*;
 use serde::Serialize;

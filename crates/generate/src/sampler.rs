@@ -68,7 +68,7 @@ impl Sampler {
         let inv_t = 1.0 / self.temperature;
         self.probs.clear();
         self.probs.extend_from_slice(logits);
-        r3_model::exp::exp_shifted(&mut self.probs, max, inv_t);
+        r3_kernels::exp::exp_shifted(&mut self.probs, max, inv_t);
         let total: f32 = self.probs.iter().sum();
         self.probs.iter_mut().for_each(|p| *p /= total);
         if self.top_k == 0 && self.top_p >= 1.0 {

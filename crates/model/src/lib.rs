@@ -5,20 +5,15 @@
 //! It knows nothing about tasks or rewards.
 
 pub mod atomic;
-mod attention;
 pub mod cache;
 pub mod chat;
 pub mod config;
 pub mod error;
-pub mod exp;
 pub mod gguf;
 mod gguf_header;
-pub mod kernel;
 pub mod llama;
 pub mod loader;
 pub mod logprob;
-mod matmul;
-pub mod packed;
 #[cfg(feature = "test-support")]
 pub mod tiny;
 pub mod tokenizer;

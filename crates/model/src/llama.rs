@@ -20,14 +20,14 @@ use std::sync::Arc;
 
 use candle_core::{Device, Module, Tensor, Var, D};
 
-use crate::attention::{cached_attention, MAX_FUSED_TOKENS};
 use crate::cache::KvCache;
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::logprob;
-use crate::matmul::{matmul, packed_matmul};
-use crate::packed::PackedMatrix;
 use crate::weights::Weights;
+use r3_kernels::attention::{cached_attention, MAX_FUSED_TOKENS};
+use r3_kernels::matmul::{matmul, packed_matmul};
+use r3_kernels::packed::PackedMatrix;
 
 /// How a decoder holds its projections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -12,7 +12,8 @@ use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
 use crate::error::{ModelError, Result};
-use crate::kernel::f32_slice;
+use r3_kernels::gemm::{Mat, Out};
+use r3_kernels::storage::f32_slice;
 
 /// Logits held at once: about 16 MiB of f32.
 const CHUNK_ELEMENTS: usize = 1 << 22;
@@ -47,61 +48,15 @@ struct TokenLogprobs {
     targets: Vec<u32>,
 }
 
-/// A strided matrix operand for [`gemm`]: its elements and strides.
-#[derive(Clone, Copy)]
-struct Mat<'a> {
-    data: &'a [f32],
-    row_stride: usize,
-    col_stride: usize,
-}
-
-impl Mat<'_> {
-    /// Whether a `rows × cols` matrix at these strides lies within `data`.
-    fn holds(&self, rows: usize, cols: usize) -> bool {
-        rows == 0
-            || cols == 0
-            || (rows - 1) * self.row_stride + (cols - 1) * self.col_stride < self.data.len()
-    }
-}
-
-/// `dst[m × n] (+)= a[m × k] · b[k × n]`, dst row-major with `n` columns:
-/// the one safe entry to gemm here, checking every extent first.
+/// `dst[m × n] (+)= a[m × k] · b[k × n]`, dst row-major with `n` columns,
+/// on all of candle's threads.
 fn gemm(m: usize, n: usize, k: usize, dst: &mut [f32], accumulate: bool, a: Mat, b: Mat) {
-    assert_eq!(dst.len(), m * n, "gemm: output of {m} × {n}");
-    assert!(
-        a.holds(m, k) && b.holds(k, n),
-        "gemm: operand out of bounds"
-    );
+    let out = Out {
+        data: dst,
+        row_stride: n,
+    };
     let threads = candle_core::utils::get_num_threads();
-    // SAFETY: every element the strides reach lies within the operands'
-    // slices (checked above), and dst is an exclusive borrow of m × n.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            a.data.as_ptr(),
-            a.col_stride as isize,
-            a.row_stride as isize,
-            b.data.as_ptr(),
-            b.col_stride as isize,
-            b.row_stride as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            if threads > 1 {
-                gemm::Parallelism::Rayon(threads)
-            } else {
-                gemm::Parallelism::None
-            },
-        )
-    }
+    r3_kernels::gemm::gemm((m, n, k), out, accumulate, a, b, threads);
 }
 
 impl TokenLogprobs {

@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::error::{ModelError, Result};
 use crate::gguf::unpermute_rope_rows;
-use crate::packed::{Encoding, PackedMatrix};
+use r3_kernels::packed::{Encoding, PackedMatrix};
 
 /// One tensor as its file stores it, so that inference can keep a compact
 /// encoding while training asks for f32.
@@ -127,7 +127,7 @@ impl Weights {
         let &[rows, cols] = shape else {
             return Ok(None);
         };
-        if !cols.is_multiple_of(crate::packed::BLOCK) {
+        if !cols.is_multiple_of(r3_kernels::packed::BLOCK) {
             return Ok(None);
         }
         let (encoding, raw, rope_heads): (_, Cow<[u8]>, _) = match stored {

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use candle_core::backprop::GradStore;
 use candle_core::{CpuStorage, InplaceOp2, InplaceOp3, Layout, Tensor, TensorId, Var};
-use r3_model::kernel::{f32_slice, f32_slice_mut};
+use r3_kernels::storage::{f32_slice, f32_slice_mut};
 
 use crate::{Result, TrainError};
 

@@ -7,7 +7,7 @@
 //! softmax uses) written without branches, so that a loop over it becomes
 //! vector code.
 
-use crate::kernel::with_vector_features;
+use crate::level::with_vector_features;
 
 /// Below this, `exp` is 0 (as libm's is, past f32's smallest normal).
 const MIN_INPUT: f32 = -87.336_54;

@@ -16,8 +16,9 @@ use std::ops::Range;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::kernel::f32_slice;
+use crate::gemm::Mat;
 use crate::packed::{register_rows, PackedMatrix, GROUP};
+use crate::storage::f32_slice;
 
 /// Products with at most this many rows take the split path; larger ones
 /// (prefill) have enough rows for gemm's own parallelism.
@@ -35,7 +36,7 @@ const UNITS_PER_BLOCK: usize = 8;
 
 /// `x [m, k] · w [k, n]`: split by columns when `x` has few rows and
 /// nothing needs a gradient, candle's matmul otherwise.
-pub(crate) fn matmul(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+pub fn matmul(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     let few_rows = x.dim(0)? <= MAX_SPLIT_ROWS;
     let plain = |t: &Tensor| !t.track_op() && t.device().is_cpu() && t.dtype() == DType::F32;
     if few_rows && plain(x) && plain(w) && w.is_contiguous() {
@@ -47,7 +48,7 @@ pub(crate) fn matmul(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
 /// `x [m, k] · [W₁ᵀ | W₂ᵀ | …]` for packed `W_i [n_i, k]`: the outputs of
 /// every part side by side, `[m, Σ n_i]`. Packed weights have no gradient,
 /// so `x` must not need one.
-pub(crate) fn packed_matmul(x: &Tensor, parts: &[PackedMatrix]) -> candle_core::Result<Tensor> {
+pub fn packed_matmul(x: &Tensor, parts: &[PackedMatrix]) -> candle_core::Result<Tensor> {
     if x.track_op() {
         candle_core::bail!(
             "packed weights have no gradient; build the decoder with Llama::trainable to train"
@@ -94,27 +95,16 @@ impl SharedOutput {
         rhs_stride: usize,
     ) {
         let m = x.len() / k.max(1);
-        debug_assert!(rhs.len() >= (k.max(1) - 1) * rhs_stride + cols);
-        gemm::gemm(
+        crate::gemm::gemm_unchecked(
             m,
             cols,
             k,
             self.ptr.add(first),
+            self.row_stride,
+            false,
+            Mat::rows(x, k),
+            Mat::rows(rhs, rhs_stride),
             1,
-            self.row_stride as isize,
-            false,
-            x.as_ptr(),
-            1,
-            k as isize,
-            rhs.as_ptr(),
-            1,
-            rhs_stride as isize,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
         )
     }
 

@@ -14,18 +14,19 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::exp::exp;
-use crate::kernel::{f32_slice, with_f32_elements, with_vector_features};
+use crate::level::with_vector_features;
+use crate::storage::{f32_slice, with_f32_elements};
 
 /// Rows with at most this many new tokens take the fused path; longer
 /// segments (prefill) are better served by real GEMMs.
-pub(crate) const MAX_FUSED_TOKENS: usize = 4;
+pub const MAX_FUSED_TOKENS: usize = 4;
 
 /// Softmax attention of `q` `[batch, heads, t, head_dim]` (contiguous) over
 /// the cache's `k`, `v` `[batch, kv_heads, len, head_dim]` (each row of
 /// `head_dim` contiguous), with the additive `mask` `[batch, 1, 1, t, len]`
 /// (contiguous). Query head `h` reads kv head `h / (heads / kv_heads)`.
 /// Returns `[batch, t, heads · head_dim]`.
-pub(crate) fn cached_attention(
+pub fn cached_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,

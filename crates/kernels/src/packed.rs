@@ -15,7 +15,7 @@
 use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Tensor};
 
-use crate::kernel::{with_vector_features, CpuLevel};
+use crate::level::{with_vector_features, CpuLevel};
 
 /// Inputs per block, in every encoding here.
 pub const BLOCK: usize = 32;
@@ -206,10 +206,12 @@ impl PackedMatrix {
         match level {
             // SAFETY: the CPU supports AVX-512F (checked above) and every row
             // of `x` has `cols` inputs.
-            CpuLevel::Avx512 => return unsafe { avx512::dot_group(self, group, x) },
+            CpuLevel::Avx512 => {
+                return unsafe { crate::register_avx512::dot_group(self, group, x) }
+            }
             // SAFETY: the CPU supports AVX2, FMA and F16C (checked above),
             // and every row of `x` has `cols` inputs.
-            CpuLevel::Avx2 => return unsafe { avx2::dot_group(self, group, x) },
+            CpuLevel::Avx2 => return unsafe { crate::register_avx2::dot_group(self, group, x) },
             CpuLevel::Portable => {}
         }
         self.dot_group_portable(group, x)
@@ -234,7 +236,7 @@ impl PackedMatrix {
     }
 
     /// The records of a group of 16 rows, one per block of 32 inputs.
-    fn records(&self, group: usize) -> std::slice::ChunksExact<'_, u8> {
+    pub(crate) fn records(&self, group: usize) -> std::slice::ChunksExact<'_, u8> {
         let record = GROUP * self.encoding.block_bytes();
         let blocks = self.cols / BLOCK;
         self.data[group * blocks * record..][..blocks * record].chunks_exact(record)
@@ -373,183 +375,6 @@ pub(crate) fn register_rows() -> usize {
         CpuLevel::Avx512 => 8,
         CpuLevel::Avx2 => 4,
         CpuLevel::Portable => 0,
-    }
-}
-
-/// The register kernel in AVX-512 intrinsics: the compiler does not keep
-/// `R` accumulators of 16 lanes in registers on its own.
-#[cfg(target_arch = "x86_64")]
-mod avx512 {
-    use std::arch::x86_64::*;
-
-    use super::{Encoding, PackedMatrix, BLOCK, GROUP};
-
-    /// # Safety
-    /// The CPU must support AVX-512F, and every row of `x` must hold at
-    /// least `matrix.cols` values.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn dot_group<const R: usize>(
-        matrix: &PackedMatrix,
-        group: usize,
-        x: [&[f32]; R],
-    ) -> [[f32; GROUP]; R] {
-        let mut acc = [_mm512_setzero_ps(); R];
-        let mut add = |k: usize, w: __m512| {
-            for (acc, x) in acc.iter_mut().zip(&x) {
-                *acc = _mm512_fmadd_ps(_mm512_set1_ps(*x.get_unchecked(k)), w, *acc);
-            }
-        };
-        let low_nibbles = _mm512_set1_epi32(0x0F);
-        for (b, r) in matrix.records(group).enumerate() {
-            let (k, p) = (b * BLOCK, r.as_ptr());
-            let halves = |at: usize| _mm512_cvtph_ps(_mm256_loadu_si256(p.add(at).cast()));
-            let bytes = |at: usize| _mm_loadu_si128(p.add(at).cast());
-            match matrix.encoding {
-                Encoding::Q4_0 => {
-                    let (d, eight) = (halves(0), _mm512_set1_epi32(8));
-                    for j in 0..BLOCK / 2 {
-                        let q = _mm512_cvtepu8_epi32(bytes(2 * GROUP + j * GROUP));
-                        let lo = _mm512_sub_epi32(_mm512_and_si512(q, low_nibbles), eight);
-                        let hi = _mm512_sub_epi32(_mm512_srli_epi32(q, 4), eight);
-                        add(k + j, _mm512_mul_ps(_mm512_cvtepi32_ps(lo), d));
-                        add(k + j + BLOCK / 2, _mm512_mul_ps(_mm512_cvtepi32_ps(hi), d));
-                    }
-                }
-                Encoding::Q4_1 => {
-                    let (d, m) = (halves(0), halves(2 * GROUP));
-                    for j in 0..BLOCK / 2 {
-                        let q = _mm512_cvtepu8_epi32(bytes(4 * GROUP + j * GROUP));
-                        let lo = _mm512_cvtepi32_ps(_mm512_and_si512(q, low_nibbles));
-                        let hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4));
-                        add(k + j, _mm512_add_ps(_mm512_mul_ps(lo, d), m));
-                        add(k + j + BLOCK / 2, _mm512_add_ps(_mm512_mul_ps(hi, d), m));
-                    }
-                }
-                Encoding::Q8_0 => {
-                    let d = halves(0);
-                    for j in 0..BLOCK {
-                        let q = _mm512_cvtepi8_epi32(bytes(2 * GROUP + j * GROUP));
-                        add(k + j, _mm512_mul_ps(_mm512_cvtepi32_ps(q), d));
-                    }
-                }
-                Encoding::F16 => {
-                    for j in 0..BLOCK {
-                        add(k + j, halves(j * 2 * GROUP));
-                    }
-                }
-                Encoding::Bf16 => {
-                    for j in 0..BLOCK {
-                        let h =
-                            _mm512_cvtepu16_epi32(_mm256_loadu_si256(p.add(j * 2 * GROUP).cast()));
-                        add(k + j, _mm512_castsi512_ps(_mm512_slli_epi32(h, 16)));
-                    }
-                }
-            }
-        }
-        acc.map(|lanes| {
-            let mut out = [0f32; GROUP];
-            _mm512_storeu_ps(out.as_mut_ptr(), lanes);
-            out
-        })
-    }
-}
-
-/// The register kernel for CPUs with AVX2 but not AVX-512 (most laptops):
-/// each 16-lane row of weights is two 8-lane halves, and with 16 vector
-/// registers four rows of accumulators fit ([`register_rows`]); more rows
-/// spill to memory, slower but summed the same way.
-#[cfg(target_arch = "x86_64")]
-mod avx2 {
-    use std::arch::x86_64::*;
-
-    use super::{Encoding, PackedMatrix, BLOCK, GROUP};
-
-    /// # Safety
-    /// The CPU must support AVX2, FMA and F16C, and every row of `x` must
-    /// hold at least `matrix.cols` values.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn dot_group<const R: usize>(
-        matrix: &PackedMatrix,
-        group: usize,
-        x: [&[f32]; R],
-    ) -> [[f32; GROUP]; R] {
-        let mut acc = [[_mm256_setzero_ps(); 2]; R];
-        let mut add = |k: usize, w: [__m256; 2]| {
-            for (acc, x) in acc.iter_mut().zip(&x) {
-                let x = _mm256_set1_ps(*x.get_unchecked(k));
-                acc[0] = _mm256_fmadd_ps(x, w[0], acc[0]);
-                acc[1] = _mm256_fmadd_ps(x, w[1], acc[1]);
-            }
-        };
-        let low_nibbles = _mm256_set1_epi32(0x0F);
-        for (b, r) in matrix.records(group).enumerate() {
-            let (k, p) = (b * BLOCK, r.as_ptr());
-            // Lanes 0..8 and 8..16 of 16 halves, 16 unsigned or signed bytes.
-            let halves = |at: usize| {
-                [0, 16].map(|half| _mm256_cvtph_ps(_mm_loadu_si128(p.add(at + half).cast())))
-            };
-            let bytes = |at: usize| [0, 8].map(|half| _mm_loadl_epi64(p.add(at + half).cast()));
-            let unsigned = |at: usize| bytes(at).map(|q| _mm256_cvtepu8_epi32(q));
-            let scale = |q: [__m256i; 2], d: [__m256; 2]| {
-                [0, 1].map(|i| _mm256_mul_ps(_mm256_cvtepi32_ps(q[i]), d[i]))
-            };
-            match matrix.encoding {
-                Encoding::Q4_0 => {
-                    let (d, eight) = (halves(0), _mm256_set1_epi32(8));
-                    for j in 0..BLOCK / 2 {
-                        let q = unsigned(2 * GROUP + j * GROUP);
-                        let lo =
-                            q.map(|q| _mm256_sub_epi32(_mm256_and_si256(q, low_nibbles), eight));
-                        let hi = q.map(|q| _mm256_sub_epi32(_mm256_srli_epi32(q, 4), eight));
-                        add(k + j, scale(lo, d));
-                        add(k + j + BLOCK / 2, scale(hi, d));
-                    }
-                }
-                Encoding::Q4_1 => {
-                    let (d, m) = (halves(0), halves(2 * GROUP));
-                    for j in 0..BLOCK / 2 {
-                        let q = unsigned(4 * GROUP + j * GROUP);
-                        let lo = scale(q.map(|q| _mm256_and_si256(q, low_nibbles)), d);
-                        let hi = scale(q.map(|q| _mm256_srli_epi32(q, 4)), d);
-                        add(k + j, [0, 1].map(|i| _mm256_add_ps(lo[i], m[i])));
-                        add(
-                            k + j + BLOCK / 2,
-                            [0, 1].map(|i| _mm256_add_ps(hi[i], m[i])),
-                        );
-                    }
-                }
-                Encoding::Q8_0 => {
-                    let d = halves(0);
-                    for j in 0..BLOCK {
-                        let q = bytes(2 * GROUP + j * GROUP).map(|q| _mm256_cvtepi8_epi32(q));
-                        add(k + j, scale(q, d));
-                    }
-                }
-                Encoding::F16 => {
-                    for j in 0..BLOCK {
-                        add(k + j, halves(j * 2 * GROUP));
-                    }
-                }
-                Encoding::Bf16 => {
-                    for j in 0..BLOCK {
-                        add(
-                            k + j,
-                            [0, 16].map(|half| {
-                                let h = _mm_loadu_si128(p.add(j * 2 * GROUP + half).cast());
-                                let bits = _mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16);
-                                _mm256_castsi256_ps(bits)
-                            }),
-                        );
-                    }
-                }
-            }
-        }
-        acc.map(|[lo, hi]| {
-            let mut out = [0f32; GROUP];
-            _mm256_storeu_ps(out.as_mut_ptr(), lo);
-            _mm256_storeu_ps(out.as_mut_ptr().add(8), hi);
-            out
-        })
     }
 }
 

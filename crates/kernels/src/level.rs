@@ -1,8 +1,4 @@
-//! What the project's CPU kernels share: candle storage read as plain
-//! slices, and loops compiled for the widest vector instructions the CPU
-//! has.
-
-use candle_core::{CpuStorage, Layout, Storage, Tensor};
+//! The vector level r3's kernels run at, and loops compiled for it.
 
 /// The widest vector instructions r3's own kernels use (packed products,
 /// decode attention, exponentials). Detected once; `R3_CPU` may lower it,
@@ -111,12 +107,12 @@ macro_rules! with_vector_features {
             unsafe fn avx2<T>(body: impl FnOnce() -> T) -> T {
                 body()
             }
-            match $crate::kernel::CpuLevel::current() {
+            match $crate::level::CpuLevel::current() {
                 // SAFETY: the level is at most what the CPU supports.
-                $crate::kernel::CpuLevel::Avx512 => unsafe { avx512(|| $body) },
+                $crate::level::CpuLevel::Avx512 => unsafe { avx512(|| $body) },
                 // SAFETY: as above.
-                $crate::kernel::CpuLevel::Avx2 => unsafe { avx2(|| $body) },
-                $crate::kernel::CpuLevel::Portable => $body,
+                $crate::level::CpuLevel::Avx2 => unsafe { avx2(|| $body) },
+                $crate::level::CpuLevel::Portable => $body,
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
@@ -126,35 +122,6 @@ macro_rules! with_vector_features {
     }};
 }
 pub(crate) use with_vector_features;
-
-/// The elements of a contiguous f32 tensor's storage.
-pub fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> candle_core::Result<&'a [f32]> {
-    match (storage, layout.contiguous_offsets()) {
-        (CpuStorage::F32(data), Some((start, end))) => Ok(&data[start..end]),
-        _ => candle_core::bail!("this CPU kernel needs contiguous f32 tensors"),
-    }
-}
-
-/// The elements of a contiguous f32 tensor's storage, to update in place.
-pub fn f32_slice_mut<'a>(
-    storage: &'a mut CpuStorage,
-    layout: &Layout,
-) -> candle_core::Result<&'a mut [f32]> {
-    match (storage, layout.contiguous_offsets()) {
-        (CpuStorage::F32(data), Some((start, end))) => Ok(&mut data[start..end]),
-        _ => candle_core::bail!("this CPU kernel needs contiguous f32 tensors"),
-    }
-}
-
-/// Runs `f` on the elements of `t` (contiguous, f32, on the CPU), borrowed
-/// where they lie rather than copied out.
-pub fn with_f32_elements<T>(t: &Tensor, f: impl FnOnce(&[f32]) -> T) -> candle_core::Result<T> {
-    let (storage, layout) = t.storage_and_layout();
-    let Storage::Cpu(cpu) = &*storage else {
-        candle_core::bail!("this CPU kernel needs tensors on the CPU")
-    };
-    Ok(f(f32_slice(cpu, layout)?))
-}
 
 #[cfg(test)]
 mod tests {

@@ -1,0 +1,16 @@
+//! r3's CPU kernels, apart from the decoder that uses them: each is here
+//! because it measured faster than candle's or gemm's general path (see the
+//! README's performance section), and each is tested against a plain
+//! product or libm at every vector level the machine runs.
+
+pub mod attention;
+pub mod exp;
+pub mod gemm;
+pub mod level;
+pub mod matmul;
+pub mod packed;
+mod register_avx2;
+mod register_avx512;
+pub mod storage;
+
+pub use level::CpuLevel;
