@@ -7,7 +7,7 @@ use serde_json::Value;
 use crate::chat::ChatTemplate;
 use crate::config::{token_ids, ModelConfig};
 use crate::error::{ModelError, Result};
-use crate::gguf::GgufFile;
+use crate::formats::gguf::GgufFile;
 use crate::tokenizer::Tokenizer;
 use crate::weights::Weights;
 

@@ -16,7 +16,8 @@ use tokenizers::AddedToken;
 
 use crate::config::{Architecture, ModelConfig, RopeScaling};
 use crate::error::{ModelError, Result};
-use crate::gguf::{gguf_name, permute_rope_rows};
+use crate::formats::gguf::gguf_name;
+use crate::formats::rope_rows::permute_rope_rows;
 use crate::llama::Llama;
 use crate::weights::Weights;
 

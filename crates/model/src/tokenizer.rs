@@ -12,7 +12,7 @@ use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior};
 
 use crate::error::{ModelError, Result};
-use crate::gguf::GgufFile;
+use crate::formats::gguf::GgufFile;
 
 /// A tokenizer plus the special ids generation needs. Prompts are always
 /// encoded without adding special tokens: the chat template writes them.

@@ -4,7 +4,7 @@
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, IndexOp, Tensor, Var, D};
-use r3_model::gguf::{permute_rope_rows, unpermute_rope_rows};
+use r3_model::formats::rope_rows::{permute_rope_rows, unpermute_rope_rows};
 use r3_model::tiny::{max_abs, TinyModel};
 use r3_model::{Architecture, KvCache, Llama};
 

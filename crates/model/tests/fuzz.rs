@@ -9,9 +9,9 @@ use std::sync::OnceLock;
 use candle_core::quantized::GgmlDType;
 use candle_core::DType;
 use proptest::prelude::*;
-use r3_model::gguf::GgufFile;
+use r3_model::formats::gguf::GgufFile;
+use r3_model::formats::safetensors::{parse_safetensors, shard_names};
 use r3_model::tiny::TinyModel;
-use r3_model::weights::{parse_safetensors, shard_names};
 use r3_model::Architecture;
 
 /// Valid files to mutate: a tiny GGUF and a tiny HF directory's

@@ -51,7 +51,7 @@ impl GgufFile {
     /// fuzzed in memory.
     pub fn read<R: Read + Seek>(path: &Path, reader: &mut R) -> Result<Self> {
         // candle divides by the alignment without checking it.
-        if crate::gguf_header::stated_alignment(reader).map_err(|e| ModelError::io(path, e))?
+        if super::gguf_header::stated_alignment(reader).map_err(|e| ModelError::io(path, e))?
             == Some(0)
         {
             return Err(ModelError::invalid(
@@ -325,27 +325,4 @@ fn hf_name(gguf: &str) -> Option<String> {
 /// llama.cpp's name of a transformers tensor, for writing GGUF files.
 pub fn gguf_name(hf: &str) -> Option<String> {
     rename(hf, false)
-}
-
-/// The inverse of llama.cpp's rope permutation, also used to write GGUF
-/// files in tests: `permute(unpermute(w)) == w`.
-pub fn unpermute_rope_rows(w: &Tensor, n_head: usize) -> candle_core::Result<Tensor> {
-    let dims = w.dims().to_vec();
-    let rows = dims[0];
-    let rest: usize = dims[1..].iter().product();
-    w.reshape((n_head, rows / n_head / 2, 2, rest))?
-        .transpose(1, 2)?
-        .contiguous()?
-        .reshape(dims)
-}
-
-/// llama.cpp's permutation of q/k rows (HF layout → GGUF layout).
-pub fn permute_rope_rows(w: &Tensor, n_head: usize) -> candle_core::Result<Tensor> {
-    let dims = w.dims().to_vec();
-    let rows = dims[0];
-    let rest: usize = dims[1..].iter().product();
-    w.reshape((n_head, 2, rows / n_head / 2, rest))?
-        .transpose(1, 2)?
-        .contiguous()?
-        .reshape(dims)
 }
