@@ -1,0 +1,266 @@
+//! The decoder's layers, one struct each with a plain `forward`: RMSNorm,
+//! rotary embeddings, attention, the MLP, and the decoder layer that joins
+//! them. candle's fused kernels (rms-norm, softmax, rope) have no backward
+//! pass, so an op takes the fused kernel only when none of its inputs can
+//! need a gradient, and otherwise composes basic ops autograd records.
+
+use candle_core::{Device, Module, Tensor, D};
+use r3_kernels::attention::{cached_attention, MAX_FUSED_TOKENS};
+
+use super::linear::{project_all, project_heads, Layout, Linear, ProjectionWeight};
+use crate::cache::KvCache;
+use crate::config::ModelConfig;
+use crate::error::Result;
+use crate::weights::Weights;
+
+#[derive(Debug, Clone)]
+pub(super) struct RmsNorm {
+    pub(super) weight: Tensor,
+    pub(super) eps: f64,
+}
+
+impl Module for RmsNorm {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if !x.track_op() && !self.weight.track_op() && x.is_contiguous() {
+            return candle_nn::ops::rms_norm(x, &self.weight, self.eps as f32);
+        }
+        let mean_square = x.sqr()?.mean_keepdim(D::Minus1)?;
+        let inv_rms = (mean_square + self.eps)?.sqrt()?.recip()?;
+        x.broadcast_mul(&inv_rms)?.broadcast_mul(&self.weight)
+    }
+}
+
+pub(super) fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
+    if !x.track_op() {
+        return candle_nn::ops::softmax_last_dim(x);
+    }
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let exp = x.broadcast_sub(&max)?.exp()?;
+    exp.broadcast_div(&exp.sum_keepdim(D::Minus1)?)
+}
+
+/// cos/sin of every new token's rotary angles, `[batch, t, head_dim/2]`.
+pub(super) struct Rotary {
+    pub(super) cos: Tensor,
+    pub(super) sin: Tensor,
+}
+
+impl Rotary {
+    pub(super) fn new(inv_freq: &[f32], positions: &[u32], batch: usize, t: usize) -> Result<Self> {
+        let half = inv_freq.len();
+        let mut cos = Vec::with_capacity(positions.len() * half);
+        let mut sin = Vec::with_capacity(positions.len() * half);
+        for &p in positions {
+            for &f in inv_freq {
+                let angle = p as f32 * f;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        Ok(Self {
+            cos: Tensor::from_vec(cos, (batch, t, half), &Device::Cpu)?,
+            sin: Tensor::from_vec(sin, (batch, t, half), &Device::Cpu)?,
+        })
+    }
+
+    /// HF's rotate-half RoPE on `[batch, heads, t, head_dim]`.
+    pub(super) fn apply(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if !x.track_op() {
+            return candle_nn::rotary_emb::rope(&x.contiguous()?, &self.cos, &self.sin);
+        }
+        let half = x.dim(D::Minus1)? / 2;
+        let cos = Tensor::cat(&[&self.cos, &self.cos], D::Minus1)?.unsqueeze(1)?;
+        let sin = Tensor::cat(&[&self.sin, &self.sin], D::Minus1)?.unsqueeze(1)?;
+        let x1 = x.narrow(D::Minus1, 0, half)?;
+        let x2 = x.narrow(D::Minus1, half, half)?;
+        let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+        x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?
+    }
+}
+
+#[derive(Debug, Clone)]
+pub(super) struct Attention {
+    /// q, k and v: one fused projection, or three (compact).
+    pub(super) qkv: Vec<Linear>,
+    pub(super) o_proj: Linear,
+    pub(super) num_heads: usize,
+    pub(super) num_kv_heads: usize,
+    pub(super) head_dim: usize,
+}
+
+impl Attention {
+    pub(super) fn load(w: &Weights, prefix: &str, c: &ModelConfig, layout: Layout) -> Result<Self> {
+        let (h, q, kv) = (
+            c.hidden_size,
+            c.num_heads * c.head_dim,
+            c.num_kv_heads * c.head_dim,
+        );
+        let part = |name: &str, out| (format!("{prefix}.{name}"), out);
+        let qkv = [part("q_proj", q), part("k_proj", kv), part("v_proj", kv)];
+        let mut o_proj = Linear::load(w, &[part("o_proj", h)], q, false, layout)?;
+        Ok(Self {
+            qkv: Linear::load(w, &qkv, h, c.attention_bias, layout)?,
+            o_proj: o_proj.remove(0),
+            num_heads: c.num_heads,
+            num_kv_heads: c.num_kv_heads,
+            head_dim: c.head_dim,
+        })
+    }
+
+    pub(super) fn forward(
+        &self,
+        x: &Tensor,
+        rotary: &Rotary,
+        mask: &Tensor,
+        cache: &mut KvCache,
+        layer: usize,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let mut qkv = project_heads(&self.qkv, x, d)?.into_iter();
+        let mut next = || qkv.next().expect("q, k and v");
+        let (q, k, v) = (next(), next(), next());
+        let q = rotary.apply(&q)?;
+        let k = rotary.apply(&k)?;
+        let (k, v) = cache.append_layer(layer, k.contiguous()?, v)?;
+        let scale = 1.0 / (d as f64).sqrt();
+        let needs_grad = q.track_op() || k.track_op() || v.track_op();
+        if t <= MAX_FUSED_TOKENS && !needs_grad && q.device().is_cpu() {
+            let out = cached_attention(&q, &k, &v, mask, scale as f32)?;
+            return Ok(self.o_proj.forward(&out)?);
+        }
+        let len = k.dim(2)?;
+        // The query heads that share one kv head are stacked along the time
+        // axis, so grouped-query attention needs no copy of the keys.
+        let group = h / kvh;
+        let q = (q * scale)?.reshape((b, kvh, group * t, d))?;
+        let scores = q
+            .matmul(&k.t()?)?
+            .reshape((b, kvh, group, t, len))?
+            .broadcast_add(mask)?;
+        let probs = softmax_last_dim(&scores)?.reshape((b, kvh, group * t, len))?;
+        let out = probs
+            .matmul(&v)?
+            .reshape((b, h, t, d))?
+            .transpose(1, 2)?
+            .reshape((b, t, h * d))?;
+        Ok(self.o_proj.forward(&out)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub(super) struct Mlp {
+    /// gate and up: one fused projection, or two (compact).
+    pub(super) gate_up: Vec<Linear>,
+    pub(super) down_proj: Linear,
+}
+
+impl Mlp {
+    pub(super) fn load(w: &Weights, prefix: &str, c: &ModelConfig, layout: Layout) -> Result<Self> {
+        let (h, i) = (c.hidden_size, c.intermediate_size);
+        let part = |name: &str, out| (format!("{prefix}.{name}"), out);
+        let gate_up = [part("gate_proj", i), part("up_proj", i)];
+        let mut down_proj = Linear::load(w, &[part("down_proj", h)], i, false, layout)?;
+        Ok(Self {
+            gate_up: Linear::load(w, &gate_up, h, false, layout)?,
+            down_proj: down_proj.remove(0),
+        })
+    }
+}
+
+impl Module for Mlp {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let mut gate_up = project_all(&self.gate_up, x)?.into_iter();
+        let (gate, up) = (gate_up.next().expect("gate"), gate_up.next().expect("up"));
+        self.down_proj.forward(&(gate.silu()? * up)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub(super) struct DecoderLayer {
+    pub(super) input_layernorm: RmsNorm,
+    pub(super) self_attn: Attention,
+    pub(super) post_attention_layernorm: RmsNorm,
+    pub(super) mlp: Mlp,
+}
+
+impl DecoderLayer {
+    pub(super) fn load(w: &Weights, i: usize, c: &ModelConfig, layout: Layout) -> Result<Self> {
+        let prefix = format!("model.layers.{i}");
+        let norm = |name: &str| -> Result<RmsNorm> {
+            Ok(RmsNorm {
+                weight: w.get(&format!("{prefix}.{name}.weight"), &[c.hidden_size])?,
+                eps: c.rms_norm_eps,
+            })
+        };
+        Ok(Self {
+            input_layernorm: norm("input_layernorm")?,
+            self_attn: Attention::load(w, &format!("{prefix}.self_attn"), c, layout)?,
+            post_attention_layernorm: norm("post_attention_layernorm")?,
+            mlp: Mlp::load(w, &format!("{prefix}.mlp"), c, layout)?,
+        })
+    }
+
+    pub(super) fn forward(
+        &self,
+        x: &Tensor,
+        rotary: &Rotary,
+        mask: &Tensor,
+        cache: &mut KvCache,
+        layer: usize,
+    ) -> Result<Tensor> {
+        let attn = self.self_attn.forward(
+            &self.input_layernorm.forward(x)?,
+            rotary,
+            mask,
+            cache,
+            layer,
+        )?;
+        let x = (x + attn)?;
+        let mlp = self
+            .mlp
+            .forward(&self.post_attention_layernorm.forward(&x)?)?;
+        Ok((x + mlp)?)
+    }
+
+    /// Every projection of the layer, in a fixed order.
+    pub(super) fn linears(&self) -> impl Iterator<Item = &Linear> {
+        let (attn, mlp) = (&self.self_attn, &self.mlp);
+        attn.qkv
+            .iter()
+            .chain([&attn.o_proj])
+            .chain(&mlp.gate_up)
+            .chain([&mlp.down_proj])
+    }
+
+    /// Every parameter of the layer with its name, mutably.
+    pub(super) fn tensors_mut(&mut self, prefix: &str) -> Vec<(String, &mut Tensor)> {
+        let mut out = vec![
+            (
+                format!("{prefix}.input_layernorm.weight"),
+                &mut self.input_layernorm.weight,
+            ),
+            (
+                format!("{prefix}.post_attention_layernorm.weight"),
+                &mut self.post_attention_layernorm.weight,
+            ),
+        ];
+        let linears = self
+            .self_attn
+            .qkv
+            .iter_mut()
+            .chain(std::iter::once(&mut self.self_attn.o_proj))
+            .chain(self.mlp.gate_up.iter_mut())
+            .chain(std::iter::once(&mut self.mlp.down_proj));
+        for linear in linears {
+            let name = linear.name();
+            if let ProjectionWeight::Dense(weight_t) = &mut linear.weight {
+                out.push((format!("{name}.weight_t"), weight_t));
+            }
+            if let Some(bias) = &mut linear.bias {
+                out.push((format!("{name}.bias"), bias));
+            }
+        }
+        out
+    }
+}

@@ -1,0 +1,201 @@
+//! Projections and how a decoder holds them: transposed and fused f32
+//! (trainable), packed in the file's encoding (inference), or transposed
+//! views (a model that only scores); decided once, at load.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use candle_core::Tensor;
+use r3_kernels::matmul::{matmul, packed_matmul};
+use r3_kernels::packed::PackedMatrix;
+
+use crate::error::Result;
+use crate::weights::Weights;
+
+/// How a decoder holds its projections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Layout {
+    /// Packed in the file's encoding where a kernel reads it, fast
+    /// otherwise: for generation.
+    Packed,
+    /// Transposed, fused f32 copies of the loaded weights: trainable.
+    Fast,
+    /// Packed where a kernel reads it, transposed views of the loaded
+    /// weights otherwise: the least memory, for a model that only scores.
+    Compact,
+}
+
+/// A projection's weight.
+#[derive(Debug, Clone)]
+pub(super) enum ProjectionWeight {
+    /// `[in, Σ out]` in f32: trainable.
+    Dense(Tensor),
+    /// One `[out_i, in]` matrix per part, in its file's encoding: inference
+    /// only.
+    Packed(Arc<[PackedMatrix]>),
+}
+
+/// Projections of one input, `x · W (+ b)` with `W` `[in, Σ out]`,
+/// flattening the batch first so that one GEMM serves every row (a
+/// broadcast batched matmul would re-read the weights once per row).
+#[derive(Debug, Clone)]
+pub(super) struct Linear {
+    pub(super) weight: ProjectionWeight,
+    pub(super) bias: Option<Tensor>,
+    /// HF name (without `.weight`) and output width of each part, in
+    /// column order.
+    pub(super) parts: Vec<(String, usize)>,
+}
+
+impl Linear {
+    /// The parts `(HF name, out)` of an input of width `inp`: packed, unless
+    /// training or a part's encoding has no packed kernel; else fused into
+    /// one contiguous copy (fast), or one transposed view each (compact).
+    pub(super) fn load(
+        w: &Weights,
+        parts: &[(String, usize)],
+        inp: usize,
+        bias: bool,
+        layout: Layout,
+    ) -> Result<Vec<Self>> {
+        let load_bias = || -> Result<Option<Tensor>> {
+            if !bias {
+                return Ok(None);
+            }
+            let biases = parts
+                .iter()
+                .map(|(name, out)| w.get(&format!("{name}.bias"), &[*out]))
+                .collect::<Result<Vec<_>>>()?;
+            Ok(Some(Tensor::cat(&biases, 0)?))
+        };
+        if layout != Layout::Fast {
+            let packed = parts
+                .iter()
+                .map(|(name, out)| w.packed(&format!("{name}.weight"), &[*out, inp]))
+                .collect::<Result<Option<Vec<_>>>>()?;
+            if let Some(packed) = packed {
+                return Ok(vec![Self {
+                    weight: ProjectionWeight::Packed(packed.into()),
+                    bias: load_bias()?,
+                    parts: parts.to_vec(),
+                }]);
+            }
+        }
+        let load_one = |(name, out): &(String, usize)| -> Result<(Tensor, Option<Tensor>)> {
+            let weight = w.get(&format!("{name}.weight"), &[*out, inp])?;
+            let b = match bias {
+                true => Some(w.get(&format!("{name}.bias"), &[*out])?),
+                false => None,
+            };
+            Ok((weight, b))
+        };
+        let loaded = parts.iter().map(load_one).collect::<Result<Vec<_>>>()?;
+        if layout == Layout::Compact {
+            return parts
+                .iter()
+                .zip(loaded)
+                .map(|(part, (weight, bias))| {
+                    Ok(Self {
+                        weight: ProjectionWeight::Dense(weight.t()?),
+                        bias,
+                        parts: vec![part.clone()],
+                    })
+                })
+                .collect();
+        }
+        let transposed = loaded
+            .iter()
+            .map(|(weight, _)| weight.t())
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(vec![Self {
+            weight: ProjectionWeight::Dense(Tensor::cat(&transposed, 1)?.contiguous()?),
+            bias: load_bias()?,
+            parts: parts.to_vec(),
+        }])
+    }
+
+    /// The parameter name: the first part's HF name, then the last path
+    /// component of each other part (`…q_proj+k_proj+v_proj`).
+    pub(super) fn name(&self) -> String {
+        let mut name = self.parts[0].0.clone();
+        for (part, _) in &self.parts[1..] {
+            name.push('+');
+            name.push_str(part.rsplit('.').next().unwrap_or(part));
+        }
+        name
+    }
+
+    /// The parts' outputs side by side, `[b, t, Σ out_i]`.
+    pub(super) fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, t, inp) = x.dims3()?;
+        let rows = x.reshape((b * t, inp))?;
+        let mut y = match &self.weight {
+            ProjectionWeight::Dense(weight_t) => matmul(&rows, weight_t)?,
+            ProjectionWeight::Packed(parts) => packed_matmul(&rows, parts)?,
+        };
+        if let Some(bias) = &self.bias {
+            y = y.broadcast_add(bias)?;
+        }
+        y.reshape((b, t, ()))
+    }
+
+    /// Each part's weight (and bias) back in HF's layout and names.
+    pub(super) fn hf_weights(&self, out: &mut HashMap<String, Tensor>) -> Result<()> {
+        let mut offset = 0;
+        for (i, (name, width)) in self.parts.iter().enumerate() {
+            let weight = match &self.weight {
+                ProjectionWeight::Dense(weight_t) => {
+                    weight_t.narrow(1, offset, *width)?.t()?.contiguous()?
+                }
+                ProjectionWeight::Packed(parts) => parts[i].to_f32()?,
+            };
+            out.insert(format!("{name}.weight"), weight);
+            if let Some(bias) = &self.bias {
+                out.insert(
+                    format!("{name}.bias"),
+                    bias.narrow(0, offset, *width)?.contiguous()?,
+                );
+            }
+            offset += width;
+        }
+        Ok(())
+    }
+}
+
+/// The output of every part of `linears`, in order, as `[b, t, out_i]`
+/// views of the fused products (no copies).
+pub(super) fn project_all(linears: &[Linear], x: &Tensor) -> candle_core::Result<Vec<Tensor>> {
+    let mut outputs = Vec::with_capacity(3);
+    for linear in linears {
+        let y = linear.forward(x)?;
+        let mut offset = 0;
+        for (_, width) in &linear.parts {
+            outputs.push(y.narrow(2, offset, *width)?);
+            offset += width;
+        }
+    }
+    Ok(outputs)
+}
+
+/// The output of every part of `linears`, in order, split into heads of
+/// `head_dim`: `[b, heads_i, t, head_dim]`, contiguous. Each part is one
+/// copy out of the fused product.
+pub(super) fn project_heads(
+    linears: &[Linear],
+    x: &Tensor,
+    head_dim: usize,
+) -> candle_core::Result<Vec<Tensor>> {
+    let mut outputs = Vec::with_capacity(3);
+    for linear in linears {
+        let y = linear.forward(x)?;
+        let (b, t, total) = y.dims3()?;
+        let heads = y.reshape((b, t, total / head_dim, head_dim))?;
+        let mut offset = 0;
+        for (_, width) in &linear.parts {
+            let part = heads.narrow(2, offset / head_dim, width / head_dim)?;
+            outputs.push(part.transpose(1, 2)?.contiguous()?);
+            offset += width;
+        }
+    }
+    Ok(outputs)
+}
