@@ -2,12 +2,13 @@
 //! backward gives the plain backward's log-probs and parameter gradients,
 //! for a group sharing one prefix and for rows with different prefixes.
 
+mod common;
+
 use candle_core::{Tensor, Var};
 use r3_model::tiny::{max_abs, TinyModel};
 use r3_model::Architecture;
 use r3_train::optim::Gradients;
 use r3_train::score::TrainingForward;
-use r3_train::spans::TrainedSpan;
 
 fn run(
     arch: Architecture,
@@ -18,17 +19,8 @@ fn run(
     let (model, vars): (_, Vec<(String, Var)>) =
         TinyModel::new(arch, 64, 3, 5).unwrap().trainable().unwrap();
     let mut grads = Gradients::new(&vars).unwrap();
-    let spans: Vec<TrainedSpan<'_>> = prefixes
-        .iter()
-        .zip(tokens)
-        .map(|(&context, &tokens)| TrainedSpan {
-            context,
-            tokens,
-            advantage: 0.0,
-            weight: 0.0,
-        })
-        .collect();
-    let forward = TrainingForward::new(&model, &spans, recompute).unwrap();
+    let forward =
+        TrainingForward::new(&model, &common::spans(prefixes, tokens), recompute).unwrap();
     let logprobs = forward.logprobs().clone();
     let n = logprobs.dim(0).unwrap();
     let weights: Vec<f32> = (0..n).map(|i| 1.0 + (i % 3) as f32 * 0.5).collect();
