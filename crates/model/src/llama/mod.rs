@@ -18,8 +18,8 @@
 
 mod layers;
 mod linear;
+mod names;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use candle_core::{Device, Module, Tensor, Var};
@@ -147,62 +147,6 @@ impl Llama {
     /// The output projection `[vocab, hidden]`.
     fn output_weight(&self) -> &Tensor {
         self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
-    }
-
-    /// Every parameter with its name, mutably, in a fixed order. Projection
-    /// names follow the decoder's layout (`…q_proj+k_proj+v_proj.weight_t`);
-    /// the others are HF's.
-    fn tensors_mut(&mut self) -> Vec<(String, &mut Tensor)> {
-        let mut out = vec![(
-            "model.embed_tokens.weight".to_string(),
-            &mut self.embed_tokens,
-        )];
-        for (i, layer) in self.layers.iter_mut().enumerate() {
-            out.extend(layer.tensors_mut(&format!("model.layers.{i}")));
-        }
-        out.push(("model.norm.weight".to_string(), &mut self.norm.weight));
-        if let Some(lm_head) = &mut self.lm_head {
-            out.push(("lm_head.weight".to_string(), lm_head));
-        }
-        out
-    }
-
-    /// Every parameter under the decoder's names, for optimizers.
-    pub fn parameters(&self) -> Vec<(String, Tensor)> {
-        self.clone()
-            .tensors_mut()
-            .into_iter()
-            .map(|(name, t)| (name, t.clone()))
-            .collect()
-    }
-
-    /// Every weight back under its HF name and shape: what a checkpoint
-    /// saves, for r3 and transformers alike.
-    pub fn hf_weights(&self) -> Result<HashMap<String, Tensor>> {
-        let mut out = HashMap::new();
-        out.insert(
-            "model.embed_tokens.weight".to_string(),
-            self.embed_tokens.detach(),
-        );
-        for (i, layer) in self.layers.iter().enumerate() {
-            let p = format!("model.layers.{i}");
-            out.insert(
-                format!("{p}.input_layernorm.weight"),
-                layer.input_layernorm.weight.detach(),
-            );
-            out.insert(
-                format!("{p}.post_attention_layernorm.weight"),
-                layer.post_attention_layernorm.weight.detach(),
-            );
-            for linear in layer.linears() {
-                linear.hf_weights(&mut out)?;
-            }
-        }
-        out.insert("model.norm.weight".to_string(), self.norm.weight.detach());
-        if let Some(lm_head) = &self.lm_head {
-            out.insert("lm_head.weight".to_string(), lm_head.detach());
-        }
-        Ok(out)
     }
 
     /// The same model with every weight detached from autograd, sharing
