@@ -1,11 +1,13 @@
 //! `r3 report`: PNG charts and a markdown summary of a training run, and a
 //! side-by-side comparison of two evaluations.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use plotters::prelude::*;
+use r3_loop::stats::mcnemar_exact;
 use serde_json::Value;
 
 #[derive(Args)]
@@ -40,12 +42,22 @@ fn read_json(path: &Path) -> Result<Value> {
     serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))
 }
 
-/// Markdown comparing two eval summaries.
+/// Markdown comparing two evaluations of the same records: each column's
+/// accuracy with its 95% interval, and for each row the exact McNemar test
+/// on the records where exactly one of the two succeeded.
 pub fn compare(a: &Path, b: &Path) -> Result<String> {
     let (sa, sb) = (
         read_json(&a.join("summary.json"))?,
         read_json(&b.join("summary.json"))?,
     );
+    let (ta, tb) = (outcomes(a)?, outcomes(b)?);
+    if ta.keys().ne(tb.keys()) {
+        bail!(
+            "{} and {} evaluated different records: a paired comparison needs the same data",
+            a.display(),
+            b.display()
+        );
+    }
     let cell = |s: &Value, key: &str| {
         let p = &s[key];
         format!(
@@ -57,18 +69,46 @@ pub fn compare(a: &Path, b: &Path) -> Result<String> {
             p["high"].as_f64().unwrap_or(0.0) * 100.0
         )
     };
-    let mut out = format!("| | {} | {} |\n|---|---|---|\n", a.display(), b.display());
-    for (label, key) in [("first try", "first_try"), ("second try", "second_try")] {
+    let mut out = format!(
+        "| | {} | {} | only A / only B | McNemar p |\n|---|---|---|---|---|\n",
+        a.display(),
+        b.display()
+    );
+    for (label, key, pick) in [
+        ("first try", "first_try", 0usize),
+        ("second try", "second_try", 1),
+    ] {
+        let only_a = ta.iter().filter(|(l, o)| o[pick] && !tb[l][pick]).count();
+        let only_b = tb.iter().filter(|(l, o)| o[pick] && !ta[l][pick]).count();
         out.push_str(&format!(
-            "| {label} | {} | {} |\n",
+            "| {label} | {} | {} | {only_a} / {only_b} | {:.3} |\n",
             cell(&sa, key),
-            cell(&sb, key)
+            cell(&sb, key),
+            mcnemar_exact(only_a, only_b)
         ));
     }
     out.push_str(&format!(
-        "| fixed by the retry | {} | {} |\n",
+        "| fixed by the retry | {} | {} | | |\n",
         sa["fixed_by_retry"], sb["fixed_by_retry"]
     ));
+    Ok(out)
+}
+
+/// Per record line of an eval's transcripts: [first try, second try] succeeded.
+fn outcomes(dir: &Path) -> Result<BTreeMap<u64, [bool; 2]>> {
+    let path = dir.join("transcripts.jsonl");
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let mut out = BTreeMap::new();
+    for (i, line) in text.lines().enumerate() {
+        let row: Value = serde_json::from_str(line)
+            .with_context(|| format!("{}:{}: invalid JSON", path.display(), i + 1))?;
+        let success = |turn: &str| row[turn]["verdict"]["success"].as_bool() == Some(true);
+        let (Some(record_line), first) = (row["line"].as_u64(), success("attempt")) else {
+            bail!("{}:{}: no record line number", path.display(), i + 1);
+        };
+        out.insert(record_line, [first, first || success("retry")]);
+    }
     Ok(out)
 }
 

@@ -181,6 +181,16 @@ fn report_draws_charts_and_compares_evaluations() {
         let p = |c: usize| serde_json::json!({"correct": c, "n": 40, "accuracy": c as f64 / 40.0, "low": 0.1, "high": 0.5});
         let summary = serde_json::json!({"n": 40, "first_try": p(correct), "second_try": p(correct + 2), "fixed_by_retry": 2});
         std::fs::write(d.join("summary.json"), summary.to_string()).unwrap();
+        // Records 1..=correct succeed first try, the next two on the retry.
+        let transcripts: String = (1..=40)
+            .map(|line: usize| {
+                let verdict = |ok: bool| serde_json::json!({"verdict": {"success": ok}});
+                let fixed = line > correct && line <= correct + 2;
+                let retry = (line > correct).then(|| verdict(fixed));
+                format!("{}\n", serde_json::json!({"line": line, "attempt": verdict(line <= correct), "retry": retry}))
+            })
+            .collect();
+        std::fs::write(d.join("transcripts.jsonl"), transcripts).unwrap();
     }
     let (ok, out, err) = r3(&[
         "report",
@@ -193,6 +203,22 @@ fn report_draws_charts_and_compares_evaluations() {
         out.contains("| first try | 25.0% (10/40)") && out.contains("37.5% (15/40)"),
         "{out}"
     );
+    // Paired: B alone solves 5 records in each row, A none: p = 2 / 2^5.
+    assert!(
+        out.contains("| 0 / 5 | 0.062 |") && out.matches("| 0 / 5 |").count() == 2,
+        "{out}"
+    );
+    // Evaluations of different records cannot be paired.
+    let b = dir.path().join("b/transcripts.jsonl");
+    let text = std::fs::read_to_string(&b).unwrap();
+    std::fs::write(&b, text.replace("\"line\":40", "\"line\":41")).unwrap();
+    let (ok, _, err) = r3(&[
+        "report",
+        "--compare",
+        dir.path().join("a").to_str().unwrap(),
+        dir.path().join("b").to_str().unwrap(),
+    ]);
+    assert!(!ok && err.contains("evaluated different records"), "{err}");
 }
 
 /// A tiny random HF model (it fails nearly everything) and `n` arithmetic

@@ -7,6 +7,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::rollout::{Attempt, Failure, Rollouts};
+use crate::stats::Proportion;
 use crate::Result;
 
 /// Sampling of each turn; greedy everywhere by default.
@@ -15,41 +16,6 @@ pub struct EvalSettings {
     pub attempt: SamplingParams,
     pub reflection: SamplingParams,
     pub retry: SamplingParams,
-}
-
-/// A proportion with its 95% Wilson score interval.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
-pub struct Proportion {
-    pub correct: usize,
-    pub n: usize,
-    pub accuracy: f64,
-    pub low: f64,
-    pub high: f64,
-}
-
-impl Proportion {
-    pub fn new(correct: usize, n: usize) -> Self {
-        if n == 0 {
-            return Self {
-                correct,
-                n,
-                accuracy: 0.0,
-                low: 0.0,
-                high: 0.0,
-            };
-        }
-        let (p, nf, z) = (correct as f64 / n as f64, n as f64, 1.96f64);
-        let denom = 1.0 + z * z / nf;
-        let center = (p + z * z / (2.0 * nf)) / denom;
-        let half = z * (p * (1.0 - p) / nf + z * z / (4.0 * nf * nf)).sqrt() / denom;
-        Self {
-            correct,
-            n,
-            accuracy: p,
-            low: (center - half).max(0.0),
-            high: (center + half).min(1.0),
-        }
-    }
 }
 
 /// What `summary.json` holds.

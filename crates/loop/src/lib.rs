@@ -6,6 +6,7 @@ pub mod conversation;
 pub mod eval;
 pub mod mine;
 pub mod rollout;
+pub mod stats;
 
 pub use conversation::ChatEncoder;
 pub use rollout::{Attempt, Failure, Policy, Rollout, Rollouts};

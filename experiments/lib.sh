@@ -1,0 +1,69 @@
+# Shared steps of an R3 experiment: evaluate the base model, mine failures,
+# train reflections, evaluate the trained model, write the table. Sourced by
+# each experiment's run.sh, which sets the variables below and prepares data.
+#
+#   R3       the r3 binary (copied into the run directory first, so that
+#            rebuilding r3 during a long run cannot change it mid-way)
+#   OUT      the run directory
+#   TASK     r3's --task
+#   MODEL    --model argument ("" for the default model)
+#   EVAL     extra flags of every `r3 eval` and `r3 mine` (token budgets)
+#   PROMPTS  a prompts TOML for every step, or ""
+#   TRAIN    the training config (TOML)
+set -euo pipefail
+
+log() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$OUT/run.log" >&2; }
+
+# Runs a step and records its wall time in OUT/times.tsv.
+timed() {
+    local name=$1; shift
+    local start=$SECONDS
+    log "$name: $*"
+    "$@" >>"$OUT/$name.log" 2>&1
+    printf '%s\t%d\n' "$name" $((SECONDS - start)) >>"$OUT/times.tsv"
+}
+
+model_flag() { if [[ -n $1 ]]; then echo "--model $1"; fi; }
+prompts_flag() { if [[ -n $PROMPTS ]]; then echo "--prompts $PROMPTS"; fi; }
+
+# evaluate NAME MODEL DATA [TASK]: first and second try, greedy.
+evaluate() {
+    local name=$1 model=$2 data=$3 task=${4:-$TASK}
+    # shellcheck disable=SC2046,SC2086
+    timed "$name" "$R" eval $(model_flag "$model") --task "$task" --data "$data" \
+        --out "$OUT/$name" $EVAL $(prompts_flag)
+}
+
+mine() {
+    local data=$1 samples=$2
+    # shellcheck disable=SC2046,SC2086
+    timed mine "$R" mine $(model_flag "$MODEL") --task "$TASK" --data "$data" \
+        --samples "$samples" --temperature 0.9 --out "$OUT/failures.jsonl" $EVAL $(prompts_flag)
+}
+
+train() {
+    timed train "$R" train --config "$TRAIN" --overwrite \
+        --set "failures=\"$OUT/failures.jsonl\"" --set "output_dir=\"$OUT/train\"" \
+        --set "model=\"$MODEL\"" ${PROMPTS:+--set "prompts=\"$PROMPTS\""}
+    readlink -f "$OUT/train/last"
+}
+
+# The paper's four columns with 95% intervals and the paired test.
+table() {
+    "$R" report --compare "$OUT/eval-base" "$OUT/eval-trained" >"$OUT/results.md"
+    if [[ -d $OUT/forget-base ]]; then
+        echo >>"$OUT/results.md"
+        echo "Forgetting check (another task):" >>"$OUT/results.md"
+        "$R" report --compare "$OUT/forget-base" "$OUT/forget-trained" >>"$OUT/results.md"
+    fi
+    "$R" report "$OUT/train" >"$OUT/train-report.md"
+    cat "$OUT/results.md"
+}
+
+start() {
+    mkdir -p "$OUT"
+    cp "$R" "$OUT/r3"
+    R=$OUT/r3
+    : >"$OUT/times.tsv"
+    log "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2) $(nproc) cores"
+}
