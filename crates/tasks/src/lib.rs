@@ -5,6 +5,7 @@
 
 pub mod answer;
 pub mod arithmetic;
+pub mod bfcl;
 pub mod countdown;
 pub mod countdown_data;
 pub mod external;
@@ -78,6 +79,13 @@ pub trait Task: Send + Sync {
     /// Judges the model's answer to `record`. Never panics, whatever the text.
     fn verify(&self, record: &Value, answer: &str) -> Verdict;
 
+    /// The tools a record offers, as OpenAI-style `{"type": "function",
+    /// "function": {...}}` objects, for chat templates that present tools in
+    /// the model's own format; `None` for tasks without tools.
+    fn tools(&self, _record: &Value) -> Option<Value> {
+        None
+    }
+
     /// The default reflection instruction for this task (the paper's wording).
     fn reflection_instruction(&self) -> &'static str {
         prompts::GENERIC_REFLECTION
@@ -85,14 +93,15 @@ pub trait Task: Send + Sync {
 }
 
 /// The tasks named on the command line: `countdown`, `function-calling`,
-/// `answer`.
+/// `bfcl`, `answer`.
 pub fn builtin(name: &str) -> Result<Box<dyn Task>> {
     match name {
         "countdown" => Ok(Box::new(countdown::Countdown)),
         "function-calling" => Ok(Box::new(function_calling::FunctionCalling)),
+        "bfcl" => Ok(Box::new(bfcl::Bfcl)),
         "answer" => Ok(Box::new(answer::PlainAnswer)),
         other => Err(TaskError::Invalid(format!(
-            "unknown task '{other}' (countdown, function-calling, answer; or --verifier CMD)"
+            "unknown task '{other}' (countdown, function-calling, bfcl, answer; or --verifier CMD)"
         ))),
     }
 }
