@@ -12,7 +12,7 @@ use crate::config::TaskConfig;
 /// Which task judges answers: a built-in one, or an external command.
 #[derive(Args, Clone)]
 pub struct TaskArgs {
-    /// countdown, function-calling or answer
+    /// countdown, function-calling, bfcl or answer
     #[arg(long, required_unless_present = "verifier")]
     pub task: Option<String>,
     /// An external verifier command speaking JSON lines (see README)

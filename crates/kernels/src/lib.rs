@@ -5,6 +5,7 @@
 
 pub mod attention;
 pub mod exp;
+pub mod frozen;
 pub mod gemm;
 pub mod level;
 pub mod matmul;

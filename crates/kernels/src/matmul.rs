@@ -12,6 +12,7 @@
 
 use std::cell::RefCell;
 use std::ops::Range;
+use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -35,31 +36,33 @@ const MAX_REGISTER_ROWS: usize = 8;
 const UNITS_PER_BLOCK: usize = 8;
 
 /// `x [m, k] · w [k, n]`: split by columns when `x` has few rows and
-/// nothing needs a gradient, candle's matmul otherwise.
+/// nothing needs a gradient; a frozen product when only `x` needs one (a
+/// LoRA base); candle's matmul otherwise.
 pub fn matmul(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     let few_rows = x.dim(0)? <= MAX_SPLIT_ROWS;
     let plain = |t: &Tensor| !t.track_op() && t.device().is_cpu() && t.dtype() == DType::F32;
     if few_rows && plain(x) && plain(w) && w.is_contiguous() {
         return x.contiguous()?.apply_op2_no_bwd(w, &DenseProduct);
     }
+    if x.track_op() && !w.track_op() {
+        return crate::frozen::dense(x, w);
+    }
     x.matmul(w)
 }
 
 /// `x [m, k] · [W₁ᵀ | W₂ᵀ | …]` for packed `W_i [n_i, k]`: the outputs of
-/// every part side by side, `[m, Σ n_i]`. Packed weights have no gradient,
-/// so `x` must not need one.
-pub fn packed_matmul(x: &Tensor, parts: &[PackedMatrix]) -> candle_core::Result<Tensor> {
+/// every part side by side, `[m, Σ n_i]`. Packed weights are frozen: where
+/// `x` needs a gradient, the backward pass gives it one through them.
+pub fn packed_matmul(x: &Tensor, parts: &Arc<[PackedMatrix]>) -> candle_core::Result<Tensor> {
     if x.track_op() {
-        candle_core::bail!(
-            "packed weights have no gradient; build the decoder with Llama::trainable to train"
-        )
+        return crate::frozen::packed(x, parts);
     }
     x.contiguous()?.apply_op1_no_bwd(&PackedProduct { parts })
 }
 
 /// Splits `units` into contiguous blocks of about `UNITS_PER_BLOCK`, as
 /// many as a multiple of the thread count, sizes differing by at most one.
-fn blocks(units: usize) -> impl Iterator<Item = Range<usize>> {
+pub(crate) fn blocks(units: usize) -> impl Iterator<Item = Range<usize>> {
     let threads = rayon::current_num_threads().max(1);
     let count = threads * units.div_ceil(threads * UNITS_PER_BLOCK);
     let count = count.clamp(1, units.max(1));
@@ -212,11 +215,11 @@ impl CustomOp2 for DenseProduct {
 
 thread_local! {
     /// Each thread's unpacked weight columns, reused from task to task.
-    static PANEL: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    pub(crate) static PANEL: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
-struct PackedProduct<'a> {
-    parts: &'a [PackedMatrix],
+pub(crate) struct PackedProduct<'a> {
+    pub(crate) parts: &'a [PackedMatrix],
 }
 
 impl CustomOp1 for PackedProduct<'_> {

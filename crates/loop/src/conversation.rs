@@ -9,6 +9,7 @@
 //! template's rendering of the whole conversation.
 
 use r3_model::{ChatTemplate, Message, Tokenizer};
+use serde_json::Value;
 
 use crate::{LoopError, Result};
 
@@ -34,8 +35,9 @@ impl<'a> ChatEncoder<'a> {
     }
 
     /// Ids of `messages` followed by the assistant header: a first prompt.
-    pub fn prompt(&self, messages: &[Message]) -> Result<Vec<u32>> {
-        let text = self.template.render(messages, true)?;
+    /// `tools` reach templates that present them (see [`crate::Rollouts::tools`]).
+    pub fn prompt(&self, messages: &[Message], tools: Option<&Value>) -> Result<Vec<u32>> {
+        let text = self.template.render_with_tools(messages, tools, true)?;
         Ok(self.tokenizer.encode(&text)?)
     }
 
@@ -46,14 +48,15 @@ impl<'a> ChatEncoder<'a> {
     pub fn next_turn(
         &self,
         history: &[Message],
+        tools: Option<&Value>,
         user: &str,
         sampled_eos: bool,
     ) -> Result<Vec<u32>> {
         let mut messages = history.to_vec();
-        let head = self.template.render(&messages, true)?;
+        let head = self.template.render_with_tools(&messages, tools, true)?;
         messages.push(Message::new("assistant", SENTINEL));
         messages.push(Message::new("user", user));
-        let full = self.template.render(&messages, true)?;
+        let full = self.template.render_with_tools(&messages, tools, true)?;
         let after = match full.strip_prefix(head.as_str()).and_then(|rest| rest.split_once(SENTINEL)) {
             Some(("", after)) => after,
             _ => {

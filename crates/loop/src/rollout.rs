@@ -7,7 +7,7 @@ use std::ops::Range;
 use candle_core::Tensor;
 use r3_generate::{Completion, FinishReason, Generator, Sampler, SamplingParams};
 use r3_model::{KvCache, Llama, LoadedModel, Message, Tokenizer};
-use r3_tasks::{Prompts, Task, Verdict};
+use r3_tasks::{tools_in_system_turn, Prompts, Task, Verdict};
 use serde::Serialize;
 use serde_json::Value;
 
@@ -109,11 +109,32 @@ impl<'a> Rollouts<'a> {
         }
     }
 
+    /// The tools a record offers, for a chat template that presents them in
+    /// the model's own format; other templates get them from
+    /// [`Self::first_messages`] as JSON in the system turn.
+    pub fn tools(&self, record: &Value) -> Option<Value> {
+        if self.policy.chat.template.accepts_tools() {
+            self.task.tools(record)
+        } else {
+            None
+        }
+    }
+
     /// The first-attempt conversation of a record.
     pub fn first_messages(&self, record: &Value) -> Vec<Message> {
+        let mut system = self.prompts.system.clone();
+        if !self.policy.chat.template.accepts_tools() {
+            if let Some(tools) = self.task.tools(record) {
+                let listed = tools_in_system_turn(&tools);
+                system = Some(match system {
+                    Some(system) => format!("{system}\n\n{listed}"),
+                    None => listed,
+                });
+            }
+        }
         let mut messages = Vec::with_capacity(2);
-        if let Some(system) = &self.prompts.system {
-            messages.push(Message::new("system", system.as_str()));
+        if let Some(system) = system {
+            messages.push(Message::new("system", system));
         }
         messages.push(Message::new("user", self.task.user_prompt(record)));
         messages
@@ -182,7 +203,12 @@ impl<'a> Rollouts<'a> {
         for (c, chunk) in records.chunks(per_chunk).enumerate() {
             let prompts = chunk
                 .iter()
-                .map(|r| self.policy.chat.prompt(&self.first_messages(r)))
+                .map(|r| {
+                    let tools = self.tools(r);
+                    self.policy
+                        .chat
+                        .prompt(&self.first_messages(r), tools.as_ref())
+                })
                 .collect::<Result<Vec<_>>>()?;
             let (cache, logits) = self.prefill_forked(&prompts, samples, params.max_new_tokens)?;
             let first_row = stream_offset + (c * per_chunk * samples) as u64;
@@ -244,10 +270,16 @@ impl<'a> Rollouts<'a> {
         let mut prefixes = Vec::with_capacity(failures.len());
         for f in failures {
             let mut history = self.first_messages(f.record);
-            let mut ids = chat.prompt(&history)?;
+            let tools = self.tools(f.record);
+            let mut ids = chat.prompt(&history, tools.as_ref())?;
             let ended_eos = f.attempt_tokens.last().is_some_and(|t| eos.contains(t));
             ids.extend(&f.attempt_tokens);
-            ids.extend(chat.next_turn(&history, &self.prompts.reflection, ended_eos)?);
+            ids.extend(chat.next_turn(
+                &history,
+                tools.as_ref(),
+                &self.prompts.reflection,
+                ended_eos,
+            )?);
             let attempt_text = tok.decode(strip_eos(&f.attempt_tokens, eos))?;
             history.push(Message::new("assistant", attempt_text));
             history.push(Message::new("user", self.prompts.reflection.as_str()));
@@ -262,9 +294,10 @@ impl<'a> Rollouts<'a> {
             .map(|(f, history)| {
                 let original = self.task.user_prompt(f.record);
                 let retry_text = self.prompts.retry_text(&original);
+                let tools = self.tools(f.record);
                 Ok([
-                    chat.next_turn(history, retry_text, false)?,
-                    chat.next_turn(history, retry_text, true)?,
+                    chat.next_turn(history, tools.as_ref(), retry_text, false)?,
+                    chat.next_turn(history, tools.as_ref(), retry_text, true)?,
                 ])
             })
             .collect::<Result<Vec<_>>>()?;

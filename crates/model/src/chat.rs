@@ -3,8 +3,10 @@
 
 use std::path::{Path, PathBuf};
 
+use minijinja::value::Kwargs;
 use minijinja::{Environment, Error as JinjaError, ErrorKind, Value};
 use serde::{Deserialize, Serialize};
+use serde_json::ser::{Formatter, PrettyFormatter, Serializer};
 
 use crate::error::{ModelError, Result};
 
@@ -31,6 +33,9 @@ pub struct ChatTemplate {
     source: PathBuf,
     bos_token: String,
     eos_token: String,
+    /// Whether the template reads a `tools` variable (Qwen2.5's, Llama
+    /// 3.1's): those present tools in the model's own format.
+    accepts_tools: bool,
 }
 
 /// Instructions one rendering may execute.
@@ -55,6 +60,7 @@ impl ChatTemplate {
         env.add_function("strftime_now", |format: String| {
             chrono::Local::now().format(&format).to_string()
         });
+        env.add_filter("tojson", tojson);
         env.add_template_owned("chat", template.to_string())
             .map_err(|e| ModelError::ChatTemplate {
                 path: source.into(),
@@ -65,16 +71,35 @@ impl ChatTemplate {
             source: source.into(),
             bos_token: bos_token.to_string(),
             eos_token: eos_token.to_string(),
+            accepts_tools: template.contains("tools"),
         })
+    }
+
+    /// Whether tools given to [`Self::render_with_tools`] reach the prompt.
+    pub fn accepts_tools(&self) -> bool {
+        self.accepts_tools
     }
 
     /// The prompt text for `messages`; with `add_generation_prompt` it ends
     /// with the header of the assistant turn the model is to write.
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+        self.render_with_tools(messages, None, add_generation_prompt)
+    }
+
+    /// [`Self::render`] with the tools the model may call, as HF's
+    /// `apply_chat_template(tools=...)` passes them (a list of
+    /// `{"type": "function", "function": {...}}`).
+    pub fn render_with_tools(
+        &self,
+        messages: &[Message],
+        tools: Option<&serde_json::Value>,
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         let template = self.env.get_template("chat").map_err(|e| self.error(e))?;
         template
             .render(minijinja::context! {
                 messages => messages,
+                tools => tools,
                 add_generation_prompt => add_generation_prompt,
                 bos_token => &self.bos_token,
                 eos_token => &self.eos_token,
@@ -101,5 +126,61 @@ impl ChatTemplate {
             path: self.source.clone(),
             message: format!("failed to render: {message}"),
         }
+    }
+}
+
+/// transformers' `tojson` filter, which chat templates use to print tools:
+/// Python's `json.dumps(ensure_ascii=False)`, so `", "` and `": "` between
+/// items, keys in their order and no HTML escaping (minijinja's own filter
+/// escapes `'`, `<`, `>` and `&` and drops the spaces), and `indent=N` as
+/// in Python. The prompt then holds the text transformers would give it.
+fn tojson(value: Value, kwargs: Kwargs) -> std::result::Result<Value, JinjaError> {
+    let indent: Option<usize> = kwargs.get("indent")?;
+    kwargs.assert_all_used()?;
+    let mut out = Vec::new();
+    let written = match indent {
+        None => value.serialize(&mut Serializer::with_formatter(&mut out, PythonSeparators)),
+        Some(n) => {
+            let spaces = vec![b' '; n];
+            value.serialize(&mut Serializer::with_formatter(
+                &mut out,
+                PrettyFormatter::with_indent(&spaces),
+            ))
+        }
+    };
+    written.map_err(|e| JinjaError::new(ErrorKind::InvalidOperation, format!("tojson: {e}")))?;
+    let text = String::from_utf8(out).expect("serde_json writes UTF-8");
+    Ok(Value::from_safe_string(text))
+}
+
+/// Python's default JSON separators, `", "` and `": "`.
+struct PythonSeparators;
+
+impl Formatter for PythonSeparators {
+    fn begin_array_value<W: ?Sized + std::io::Write>(
+        &mut self,
+        writer: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
+        if first {
+            Ok(())
+        } else {
+            writer.write_all(b", ")
+        }
+    }
+
+    fn begin_object_key<W: ?Sized + std::io::Write>(
+        &mut self,
+        writer: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
+        self.begin_array_value(writer, first)
+    }
+
+    fn begin_object_value<W: ?Sized + std::io::Write>(
+        &mut self,
+        writer: &mut W,
+    ) -> std::io::Result<()> {
+        writer.write_all(b": ")
     }
 }

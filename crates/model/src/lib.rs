@@ -13,6 +13,7 @@ pub mod formats;
 pub mod llama;
 pub mod loader;
 pub mod logprob;
+pub mod lora;
 #[cfg(feature = "test-support")]
 pub mod tiny;
 pub mod tokenizer;

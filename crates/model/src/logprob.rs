@@ -149,6 +149,9 @@ impl CustomOp2 for TokenLogprobs {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let (n, h) = hidden.dims2()?;
         let (vocab, _) = weight.dims2()?;
+        // A frozen output projection (a LoRA base) needs no gradient: skip
+        // the [vocab, h] product per chunk.
+        let weight_trains = weight.track_op();
         let hidden_data = tensor_f32(&hidden.detach())?;
         let grad_out = tensor_f32(&grad_res.detach())?;
         let weight = weight.detach().contiguous()?;
@@ -159,7 +162,7 @@ impl CustomOp2 for TokenLogprobs {
         let weight_data = f32_slice(cpu, layout)?;
         let chunk = Self::chunk_rows(vocab, n);
         let mut grad_hidden = vec![0f32; n * h];
-        let mut grad_weight = vec![0f32; vocab * h];
+        let mut grad_weight = vec![0f32; if weight_trains { vocab * h } else { 0 }];
         let mut coeff = vec![0f32; chunk * vocab];
         for start in (0..n).step_by(chunk) {
             let rows = chunk.min(n - start);
@@ -196,6 +199,9 @@ impl CustomOp2 for TokenLogprobs {
                 coeff_mat,
                 w,
             );
+            if !weight_trains {
+                continue;
+            }
             // ∂W += coeffᵀ · h
             let coeff_t = Mat {
                 data: coeff,
@@ -211,9 +217,13 @@ impl CustomOp2 for TokenLogprobs {
         }
         drop(storage);
         let device = hidden.device();
+        let grad_weight = match weight_trains {
+            true => Some(Tensor::from_vec(grad_weight, (vocab, h), device)?),
+            false => None,
+        };
         Ok((
             Some(Tensor::from_vec(grad_hidden, (n, h), device)?),
-            Some(Tensor::from_vec(grad_weight, (vocab, h), device)?),
+            grad_weight,
         ))
     }
 }

@@ -16,7 +16,7 @@ pub mod records;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-pub use prompts::Prompts;
+pub use prompts::{tools_in_system_turn, Prompts};
 pub use records::{read_records, Record};
 
 /// A binary verdict and, when it failed, a few words saying why: reasons
@@ -92,8 +92,10 @@ pub trait Task: Send + Sync {
     }
 }
 
-/// The tasks named on the command line: `countdown`, `function-calling`,
-/// `bfcl`, `answer`.
+/// The tasks named on the command line.
+pub const BUILTIN_TASKS: [&str; 4] = ["countdown", "function-calling", "bfcl", "answer"];
+
+/// The task called `name` on the command line (one of [`BUILTIN_TASKS`]).
 pub fn builtin(name: &str) -> Result<Box<dyn Task>> {
     match name {
         "countdown" => Ok(Box::new(countdown::Countdown)),
@@ -101,7 +103,8 @@ pub fn builtin(name: &str) -> Result<Box<dyn Task>> {
         "bfcl" => Ok(Box::new(bfcl::Bfcl)),
         "answer" => Ok(Box::new(answer::PlainAnswer)),
         other => Err(TaskError::Invalid(format!(
-            "unknown task '{other}' (countdown, function-calling, bfcl, answer; or --verifier CMD)"
+            "unknown task '{other}' ({}; or --verifier CMD)",
+            BUILTIN_TASKS.join(", ")
         ))),
     }
 }

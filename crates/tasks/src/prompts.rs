@@ -8,6 +8,16 @@ use crate::{Result, Task, TaskError};
 
 pub(crate) const GENERIC_REFLECTION: &str = "You tried the task above but failed. Reflect on what went wrong and write a short explanation that will help you do better next time.";
 
+/// The system turn that lists a record's tools for a chat template that
+/// has no place for them: the tools as JSON and the reply format that
+/// `--task function-calling` and `--task bfcl` read.
+pub fn tools_in_system_turn(tools: &serde_json::Value) -> String {
+    format!(
+        "You have access to the following tools:\n{}\n\nTo call tools, reply with only a JSON list of the calls, like [{{\"name\": \"tool_name\", \"arguments\": {{\"argument\": \"value\"}}}}].",
+        serde_json::to_string_pretty(tools).unwrap_or_default()
+    )
+}
+
 /// The prompt set of a run.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Prompts {

@@ -32,7 +32,7 @@ pub enum TrainOn {
 pub struct TrainConfig {
     /// HF directory or GGUF file; empty for the default model.
     pub model: String,
-    /// countdown, function-calling or answer (ignored with `verifier`).
+    /// One of `r3_tasks::BUILTIN_TASKS` (ignored with `verifier`).
     pub task: String,
     /// External verifier command (JSON lines), replacing `task`'s verifier.
     pub verifier: Option<String>,
@@ -236,12 +236,13 @@ impl TrainConfig {
         if let Err(why) = r3_tasks::external::timeout_from_seconds(self.verifier_timeout) {
             return Err(TrainError::Config(format!("'verifier_timeout': {why}")));
         }
-        if self.verifier.is_none()
-            && !["countdown", "function-calling", "answer"].contains(&self.task.as_str())
-        {
+        if self.verifier.is_none() && !r3_tasks::BUILTIN_TASKS.contains(&self.task.as_str()) {
             return bad(
                 "task",
-                "must be countdown, function-calling or answer (or set verifier)",
+                &format!(
+                    "must be one of {} (or set verifier)",
+                    r3_tasks::BUILTIN_TASKS.join(", ")
+                ),
             );
         }
         Ok(())

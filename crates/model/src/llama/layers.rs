@@ -11,6 +11,7 @@ use super::linear::{project_all, project_heads, Layout, Linear, ProjectionWeight
 use crate::cache::KvCache;
 use crate::config::ModelConfig;
 use crate::error::Result;
+use crate::lora::peft_names;
 use crate::weights::Weights;
 
 #[derive(Debug, Clone)]
@@ -233,6 +234,15 @@ impl DecoderLayer {
             .chain([&mlp.down_proj])
     }
 
+    pub(super) fn linears_mut(&mut self) -> impl Iterator<Item = &mut Linear> {
+        let (attn, mlp) = (&mut self.self_attn, &mut self.mlp);
+        attn.qkv
+            .iter_mut()
+            .chain([&mut attn.o_proj])
+            .chain(mlp.gate_up.iter_mut())
+            .chain([&mut mlp.down_proj])
+    }
+
     /// Every parameter of the layer with its name, mutably.
     pub(super) fn tensors_mut(&mut self, prefix: &str) -> Vec<(String, &mut Tensor)> {
         let mut out = vec![
@@ -245,13 +255,13 @@ impl DecoderLayer {
                 &mut self.post_attention_layernorm.weight,
             ),
         ];
-        let linears = self
-            .self_attn
+        let (attn, mlp) = (&mut self.self_attn, &mut self.mlp);
+        let linears = attn
             .qkv
             .iter_mut()
-            .chain(std::iter::once(&mut self.self_attn.o_proj))
-            .chain(self.mlp.gate_up.iter_mut())
-            .chain(std::iter::once(&mut self.mlp.down_proj));
+            .chain([&mut attn.o_proj])
+            .chain(mlp.gate_up.iter_mut())
+            .chain([&mut mlp.down_proj]);
         for linear in linears {
             let name = linear.name();
             if let ProjectionWeight::Dense(weight_t) = &mut linear.weight {
@@ -259,6 +269,13 @@ impl DecoderLayer {
             }
             if let Some(bias) = &mut linear.bias {
                 out.push((format!("{name}.bias"), bias));
+            }
+            for ((part, _), adapter) in linear.parts.iter().zip(&mut linear.adapters) {
+                if let Some(adapter) = adapter {
+                    let [a, b] = peft_names(part);
+                    out.push((a, &mut adapter.a));
+                    out.push((b, &mut adapter.b));
+                }
             }
         }
         out

@@ -35,6 +35,15 @@ pub(super) enum ProjectionWeight {
     Packed(Arc<[PackedMatrix]>),
 }
 
+/// A LoRA update of one projection part, `scale · (x · Aᵀ) · Bᵀ`, with
+/// `A` `[r, in]` and `B` `[out, r]` in PEFT's layout (see `lora.rs`).
+#[derive(Debug, Clone)]
+pub(super) struct LoraPair {
+    pub(super) a: Tensor,
+    pub(super) b: Tensor,
+    pub(super) scale: f64,
+}
+
 /// Projections of one input, `x · W (+ b)` with `W` `[in, Σ out]`,
 /// flattening the batch first so that one GEMM serves every row (a
 /// broadcast batched matmul would re-read the weights once per row).
@@ -45,6 +54,9 @@ pub(super) struct Linear {
     /// HF name (without `.weight`) and output width of each part, in
     /// column order.
     pub(super) parts: Vec<(String, usize)>,
+    /// Each part's LoRA update, if any (a fused q/k/v projection has one
+    /// adapter per HF projection, as PEFT has).
+    pub(super) adapters: Vec<Option<LoraPair>>,
 }
 
 impl Linear {
@@ -78,6 +90,7 @@ impl Linear {
                     weight: ProjectionWeight::Packed(packed.into()),
                     bias: load_bias()?,
                     parts: parts.to_vec(),
+                    adapters: vec![None; parts.len()],
                 }]);
             }
         }
@@ -99,6 +112,7 @@ impl Linear {
                         weight: ProjectionWeight::Dense(weight.t()?),
                         bias,
                         parts: vec![part.clone()],
+                        adapters: vec![None],
                     })
                 })
                 .collect();
@@ -111,6 +125,7 @@ impl Linear {
             weight: ProjectionWeight::Dense(Tensor::cat(&transposed, 1)?.contiguous()?),
             bias: load_bias()?,
             parts: parts.to_vec(),
+            adapters: vec![None; parts.len()],
         }])
     }
 
@@ -125,6 +140,14 @@ impl Linear {
         name
     }
 
+    /// The input width.
+    pub(super) fn input_width(&self) -> usize {
+        match &self.weight {
+            ProjectionWeight::Dense(weight_t) => weight_t.dims()[0],
+            ProjectionWeight::Packed(parts) => parts[0].cols(),
+        }
+    }
+
     /// The parts' outputs side by side, `[b, t, Σ out_i]`.
     pub(super) fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let (b, t, inp) = x.dims3()?;
@@ -136,7 +159,25 @@ impl Linear {
         if let Some(bias) = &self.bias {
             y = y.broadcast_add(bias)?;
         }
+        if self.adapters.iter().any(Option::is_some) {
+            y = (y + self.lora_updates(&rows)?)?;
+        }
         y.reshape((b, t, ()))
+    }
+
+    /// Every part's LoRA update side by side `[rows, Σ out]` (zeros for a
+    /// part without an adapter).
+    fn lora_updates(&self, rows: &Tensor) -> candle_core::Result<Tensor> {
+        let updates = self
+            .parts
+            .iter()
+            .zip(&self.adapters)
+            .map(|((_, out), adapter)| match adapter {
+                Some(l) => rows.matmul(&l.a.t()?)?.matmul(&l.b.t()?)? * l.scale,
+                None => Tensor::zeros((rows.dim(0)?, *out), rows.dtype(), rows.device()),
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Tensor::cat(&updates, 1)
     }
 
     /// Each part's weight (and bias) back in HF's layout and names.

@@ -16,6 +16,7 @@
 //! struct per layer; this file the model: loading, the forward, and the
 //! weights back in HF's names.
 
+mod adapters;
 mod layers;
 mod linear;
 mod names;

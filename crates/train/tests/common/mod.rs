@@ -90,14 +90,14 @@ struct Layout {
 fn layout(loaded: &LoadedModel, attempt: &[u32], letters: &[u32]) -> Layout {
     let chat = ChatEncoder::new(&loaded.chat_template, &loaded.tokenizer, &loaded.eos_token);
     let history = vec![Message::new("user", "?")];
-    let mut prefix = chat.prompt(&history).unwrap();
+    let mut prefix = chat.prompt(&history, None).unwrap();
     prefix.extend(attempt);
-    prefix.extend(chat.next_turn(&history, "why", true).unwrap());
+    prefix.extend(chat.next_turn(&history, None, "why", true).unwrap());
     let mut after = history.clone();
     after.push(Message::new("assistant", "no"));
     after.push(Message::new("user", "why"));
     // One-token reflections end by length: the turn's closing text follows.
-    let continuation = chat.next_turn(&after, "?", false).unwrap();
+    let continuation = chat.next_turn(&after, None, "?", false).unwrap();
     let before_answer = letters
         .iter()
         .map(|&l| [vec![l], continuation.clone()].concat())

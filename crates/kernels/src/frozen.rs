@@ -1,0 +1,272 @@
+//! Products with frozen weights, the base of a LoRA model: the backward
+//! pass gives the input its gradient and nothing else. candle's matmul
+//! would also compute every weight's gradient (a product as large as the
+//! forward, per projection, thrown away) and cannot run packed weights.
+
+use std::sync::Arc;
+
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+use crate::gemm::{gemm, Mat, Out};
+use crate::matmul::{blocks, PackedProduct, PANEL};
+use crate::packed::{PackedMatrix, GROUP};
+use crate::storage::{f32_slice, with_f32_elements};
+
+/// `x [m, k] · w [k, n]` with `w` frozen.
+pub fn dense(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    x.contiguous()?.apply_op1(FrozenDense {
+        w: w.contiguous()?.detach(),
+    })
+}
+
+/// `x [m, k] · [W₁ᵀ | W₂ᵀ | …]` with the packed `W_i [n_i, k]` frozen.
+pub fn packed(x: &Tensor, parts: &Arc<[PackedMatrix]>) -> candle_core::Result<Tensor> {
+    x.contiguous()?.apply_op1(FrozenPacked {
+        parts: parts.clone(),
+    })
+}
+
+struct FrozenDense {
+    w: Tensor,
+}
+
+impl CustomOp1 for FrozenDense {
+    fn name(&self) -> &'static str {
+        "frozen-dense-product"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (m, k) = layout.shape().dims2()?;
+        let (k_w, n) = self.w.dims2()?;
+        if k != k_w {
+            candle_core::bail!("frozen product: [{m}, {k}] · [{k_w}, {n}]")
+        }
+        let x = f32_slice(storage, layout)?;
+        let mut out = vec![0f32; m * n];
+        with_f32_elements(&self.w, |w| {
+            let threads = rayon::current_num_threads();
+            gemm(
+                (m, n, k),
+                Out {
+                    data: &mut out,
+                    row_stride: n,
+                },
+                false,
+                Mat::rows(x, k),
+                Mat::rows(w, n),
+                threads,
+            )
+        })?;
+        Ok((CpuStorage::F32(out), Shape::from((m, n))))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _y: &Tensor,
+        grad_y: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(grad_y.matmul(&self.w.t()?)?))
+    }
+}
+
+struct FrozenPacked {
+    parts: Arc<[PackedMatrix]>,
+}
+
+impl CustomOp1 for FrozenPacked {
+    fn name(&self) -> &'static str {
+        "frozen-packed-product"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        PackedProduct { parts: &self.parts }.cpu_fwd(storage, layout)
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _y: &Tensor,
+        grad_y: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let grad_x = grad_y
+            .contiguous()?
+            .apply_op1_no_bwd(&PackedTransposedProduct { parts: &self.parts })?;
+        Ok(Some(grad_x))
+    }
+}
+
+/// `g [m, Σ n_i] · [W₁; W₂; …]`: the input gradient through packed
+/// weights. Each task unpacks a block of 16-row groups into its thread's
+/// panel and adds that block's share into a per-thread sum.
+struct PackedTransposedProduct<'a> {
+    parts: &'a [PackedMatrix],
+}
+
+impl CustomOp1 for PackedTransposedProduct<'_> {
+    fn name(&self) -> &'static str {
+        "packed-transposed-product"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (m, n) = layout.shape().dims2()?;
+        let k = self.parts.first().map_or(0, PackedMatrix::cols);
+        let rows: usize = self.parts.iter().map(PackedMatrix::rows).sum();
+        if rows != n || self.parts.iter().any(|p| p.cols() != k) {
+            candle_core::bail!(
+                "packed transposed product: [{m}, {n}] · packed weights of {rows} rows"
+            )
+        }
+        let g = f32_slice(storage, layout)?;
+        let mut tasks = Vec::new();
+        let mut offset = 0;
+        for part in self.parts {
+            tasks.extend(blocks(part.groups()).map(|groups| (part, offset, groups)));
+            offset += part.rows();
+        }
+        let add = |mut a: Vec<f32>, b: Vec<f32>| {
+            a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
+            a
+        };
+        let out = tasks
+            .into_par_iter()
+            .fold(
+                || vec![0f32; m * k],
+                |mut sum, (part, offset, groups)| {
+                    let width = groups.len() * GROUP;
+                    PANEL.with_borrow_mut(|panel| {
+                        if panel.len() < k * width {
+                            panel.resize(k * width, 0.0);
+                        }
+                        for (i, group) in groups.clone().enumerate() {
+                            part.unpack_group(group, &mut panel[i * GROUP..], width);
+                        }
+                        let first = groups.start * GROUP;
+                        let cols = (groups.end * GROUP).min(part.rows()) - first;
+                        // The panel is [k, width]: read transposed, its first
+                        // `cols` columns are this block's rows of W.
+                        let w_rows = Mat {
+                            data: panel,
+                            row_stride: 1,
+                            col_stride: width,
+                        };
+                        let g_cols = Mat::rows(&g[offset + first..], n);
+                        gemm(
+                            (m, k, cols),
+                            Out {
+                                data: &mut sum,
+                                row_stride: k,
+                            },
+                            true,
+                            g_cols,
+                            w_rows,
+                            1,
+                        );
+                    });
+                    sum
+                },
+            )
+            .reduce(|| vec![0f32; m * k], add);
+        Ok((CpuStorage::F32(out), Shape::from((m, k))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::packed::Encoding;
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use candle_core::{Device, Var};
+
+    fn close(a: &Tensor, b: &Tensor, tol: f32) {
+        let (a, b): (Vec<f32>, Vec<f32>) = (
+            a.flatten_all().unwrap().to_vec1().unwrap(),
+            b.flatten_all().unwrap().to_vec1().unwrap(),
+        );
+        assert_eq!(a.len(), b.len());
+        for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+            assert!((x - y).abs() <= tol * (1.0 + y.abs()), "{i}: {x} vs {y}");
+        }
+    }
+
+    fn seeded(shape: (usize, usize), seed: u64) -> Tensor {
+        let (r, c) = shape;
+        let values: Vec<f32> = (0..r * c)
+            .map(|i| (((i as u64 * 2654435761 + seed * 97) % 1000) as f32 / 500.0) - 1.0)
+            .collect();
+        Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
+    }
+
+    /// Through packed weights (two parts, one with a padded last group), the
+    /// input's gradient is the one through the dequantized weights, and the
+    /// forward is the packed product's.
+    #[test]
+    fn packed_backward_gives_the_input_gradient_of_the_dequantized_product() {
+        let (m, k) = (7, 64);
+        let mut parts = Vec::new();
+        let mut dense = Vec::new();
+        for (rows, seed) in [(40, 1), (24, 2)] {
+            let q = QTensor::quantize(&seeded((rows, k), seed), GgmlDType::Q8_0).unwrap();
+            let raw = q.data().unwrap();
+            parts.push(
+                PackedMatrix::new(
+                    Encoding::of_ggml(GgmlDType::Q8_0).unwrap(),
+                    rows,
+                    k,
+                    &raw,
+                    None,
+                )
+                .unwrap(),
+            );
+            dense.push(q.dequantize(&Device::Cpu).unwrap());
+        }
+        let parts: Arc<[PackedMatrix]> = parts.into();
+        let w_t = Tensor::cat(&dense, 0).unwrap().t().unwrap();
+        let x = Var::from_tensor(&seeded((m, k), 3)).unwrap();
+        let weights = seeded((m, 64), 4);
+        let y = packed(x.as_tensor(), &parts).unwrap();
+        let reference = x.as_tensor().matmul(&w_t).unwrap();
+        close(&y, &reference, 1e-5);
+        let grad = |y: &Tensor| {
+            (y * &weights)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap()
+        };
+        let (ours, theirs) = (grad(&y), grad(&reference));
+        close(ours.get(&x).unwrap(), theirs.get(&x).unwrap(), 1e-5);
+    }
+
+    /// A frozen dense weight gets no gradient; the input gets candle's.
+    #[test]
+    fn dense_backward_gives_the_input_gradient_and_none_to_the_weight() {
+        let x = Var::from_tensor(&seeded((70, 48), 5)).unwrap();
+        let w = seeded((48, 33), 6);
+        let weights = seeded((70, 33), 7);
+        let y = crate::matmul::matmul(x.as_tensor(), &w).unwrap();
+        let reference = x.as_tensor().matmul(&w).unwrap();
+        close(&y, &reference, 1e-5);
+        let loss = |y: &Tensor| (y * &weights).unwrap().sum_all().unwrap();
+        let (ours, theirs) = (
+            loss(&y).backward().unwrap(),
+            loss(&reference).backward().unwrap(),
+        );
+        close(ours.get(&x).unwrap(), theirs.get(&x).unwrap(), 1e-5);
+        assert!(ours.get(&w).is_none());
+    }
+}

@@ -1,0 +1,144 @@
+//! The decoder with LoRA adapters on its frozen projections: built to
+//! train them (from scratch or from an adapter directory), with them for
+//! inference, without them (the KL reference: the same weights, no second
+//! model), and merged into plain weights for export.
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor, Var};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use super::linear::{Layout, LoraPair};
+use super::Llama;
+use crate::config::ModelConfig;
+use crate::error::{ModelError, Result};
+use crate::lora::{peft_names, LoraConfig};
+use crate::weights::Weights;
+
+impl Llama {
+    /// The decoder for training adapters: the base as for inference (packed
+    /// where a kernel reads it) and frozen, and an adapter on every targeted
+    /// projection, each a `Var` named by PEFT's name. With `start`, the
+    /// adapters begin from its tensors (PEFT names, shapes checked);
+    /// otherwise as PEFT initialises them: A uniform in ±1/√in (Kaiming),
+    /// B zero, so the model starts as the base.
+    pub fn with_lora(
+        config: &ModelConfig,
+        weights: &Weights,
+        lora: &LoraConfig,
+        start: Option<&Weights>,
+        seed: u64,
+    ) -> Result<(Self, Vec<(String, Var)>)> {
+        let mut model = Self::build(config, weights, Layout::Packed)?;
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut vars = Vec::new();
+        let mut used = 0;
+        for linear in model.layers.iter_mut().flat_map(|l| l.linears_mut()) {
+            let inp = linear.input_width();
+            for ((name, out), adapter) in linear.parts.iter().zip(&mut linear.adapters) {
+                if !lora.targets(name) {
+                    continue;
+                }
+                let [a_name, b_name] = peft_names(name);
+                let (a, b) = match start {
+                    Some(w) => {
+                        used += 2;
+                        (
+                            w.get(&a_name, &[lora.r, inp])?,
+                            w.get(&b_name, &[*out, lora.r])?,
+                        )
+                    }
+                    None => {
+                        let bound = 1.0 / (inp as f32).sqrt();
+                        let a: Vec<f32> = (0..lora.r * inp)
+                            .map(|_| rng.random_range(-bound..bound))
+                            .collect();
+                        (
+                            Tensor::from_vec(a, (lora.r, inp), &Device::Cpu)?,
+                            Tensor::zeros((*out, lora.r), DType::F32, &Device::Cpu)?,
+                        )
+                    }
+                };
+                let (a, b) = (Var::from_tensor(&a)?, Var::from_tensor(&b)?);
+                *adapter = Some(LoraPair {
+                    a: a.as_tensor().clone(),
+                    b: b.as_tensor().clone(),
+                    scale: lora.scale(),
+                });
+                vars.push((a_name, a));
+                vars.push((b_name, b));
+            }
+        }
+        if let Some(w) = start {
+            let total = w.names().count();
+            if total != used {
+                let extra = w
+                    .names()
+                    .find(|n| !vars.iter().any(|(v, _)| v == *n))
+                    .cloned()
+                    .unwrap_or_default();
+                return Err(ModelError::tensor(
+                    &w.source,
+                    extra,
+                    "is not an adapter of a targeted projection of this model",
+                ));
+            }
+        }
+        Ok((model, vars))
+    }
+
+    /// The inference decoder with the adapter `adapter` (tensors under PEFT
+    /// names) applied beside its projections.
+    pub fn with_adapter(
+        config: &ModelConfig,
+        weights: &Weights,
+        lora: &LoraConfig,
+        adapter: &Weights,
+    ) -> Result<Self> {
+        let (model, _) = Self::with_lora(config, weights, lora, Some(adapter), 0)?;
+        Ok(model.detached())
+    }
+
+    /// The same decoder without its adapters, sharing every base weight:
+    /// the KL reference of LoRA training, at no memory cost.
+    pub fn without_adapters(&self) -> Self {
+        let mut view = self.detached();
+        for linear in view.layers.iter_mut().flat_map(|l| l.linears_mut()) {
+            linear.adapters.iter_mut().for_each(|a| *a = None);
+        }
+        view
+    }
+
+    /// The adapters' tensors under PEFT's names (empty without adapters).
+    pub fn adapter_weights(&self) -> HashMap<String, Tensor> {
+        let mut out = HashMap::new();
+        for linear in self.layers.iter().flat_map(|l| l.linears()) {
+            for ((name, _), adapter) in linear.parts.iter().zip(&linear.adapters) {
+                if let Some(pair) = adapter {
+                    let [a, b] = peft_names(name);
+                    out.insert(a, pair.a.detach());
+                    out.insert(b, pair.b.detach());
+                }
+            }
+        }
+        out
+    }
+
+    /// Every weight under its HF name with the adapters merged in,
+    /// `W + scale · B·A`: a plain model that any loader reads.
+    pub fn merged_hf_weights(&self) -> Result<HashMap<String, Tensor>> {
+        let mut out = self.hf_weights()?;
+        for linear in self.layers.iter().flat_map(|l| l.linears()) {
+            for ((name, _), adapter) in linear.parts.iter().zip(&linear.adapters) {
+                if let Some(pair) = adapter {
+                    let key = format!("{name}.weight");
+                    let base = out.remove(&key).expect("hf_weights has every projection");
+                    let update = (pair.b.detach().matmul(&pair.a.detach())? * pair.scale)?;
+                    out.insert(key, (base + update)?);
+                }
+            }
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,223 @@
+//! LoRA adapters as PEFT writes and reads them: the settings
+//! (`adapter_config.json`) and the tensors (`adapter_model.safetensors`,
+//! `base_model.model.{projection}.lora_A.weight` `[r, in]` and `lora_B`
+//! `[out, r]`), so that an adapter trained by r3 loads in PEFT and one
+//! trained by PEFT loads in r3. The adapters themselves live beside the
+//! frozen projections (`llama/linear.rs`).
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::Tensor;
+use serde_json::{json, Value};
+
+use crate::error::{ModelError, Result};
+use crate::formats::safetensors::read_safetensors;
+use crate::weights::Weights;
+
+/// The projections an adapter can target, by their HF names.
+pub const LORA_MODULES: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
+/// An adapter's shape: rank, scale and the projections it covers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraConfig {
+    pub r: usize,
+    pub alpha: f64,
+    /// Short HF names (`q_proj`, …), in [`LORA_MODULES`] order.
+    pub target_modules: Vec<String>,
+}
+
+impl LoraConfig {
+    /// Checks PEFT-style settings: `targets` may be `["all-linear"]`;
+    /// unknown modules are refused, naming the valid ones.
+    pub fn new(r: usize, alpha: f64, targets: &[String]) -> std::result::Result<Self, String> {
+        if r == 0 {
+            return Err("lora_r must be at least 1".into());
+        }
+        if !(alpha.is_finite() && alpha > 0.0) {
+            return Err(format!("lora_alpha must be a positive number, not {alpha}"));
+        }
+        if targets.is_empty() {
+            return Err("lora_target_modules is empty".into());
+        }
+        let all = targets.iter().any(|t| t == "all-linear");
+        if let Some(unknown) = targets
+            .iter()
+            .find(|t| *t != "all-linear" && !LORA_MODULES.contains(&t.as_str()))
+        {
+            return Err(format!(
+                "unknown LoRA target module '{unknown}' (valid: all-linear, {})",
+                LORA_MODULES.join(", ")
+            ));
+        }
+        let target_modules = LORA_MODULES
+            .iter()
+            .filter(|m| all || targets.iter().any(|t| t == *m))
+            .map(|m| m.to_string())
+            .collect();
+        Ok(Self {
+            r,
+            alpha,
+            target_modules,
+        })
+    }
+
+    /// PEFT's scale of the update, `alpha / r`.
+    pub fn scale(&self) -> f64 {
+        self.alpha / self.r as f64
+    }
+
+    /// Whether the projection named `hf_name` (`model.layers.0.self_attn.q_proj`)
+    /// gets an adapter.
+    pub fn targets(&self, hf_name: &str) -> bool {
+        let short = hf_name.rsplit('.').next().unwrap_or(hf_name);
+        self.target_modules.iter().any(|m| m == short)
+    }
+
+    /// `adapter_config.json` as PEFT writes it.
+    pub fn to_peft_json(&self, base_model: &str) -> Value {
+        json!({
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": base_model,
+            "r": self.r,
+            "lora_alpha": self.alpha,
+            "lora_dropout": 0.0,
+            "target_modules": self.target_modules,
+            "bias": "none",
+            "fan_in_fan_out": false,
+            "inference_mode": true,
+            "init_lora_weights": true,
+            "use_rslora": false,
+            "use_dora": false,
+            "modules_to_save": null,
+            "layers_to_transform": null,
+            "rank_pattern": {},
+            "alpha_pattern": {},
+        })
+    }
+
+    /// Reads PEFT's `adapter_config.json`, refusing what r3 does not
+    /// implement (DoRA, rsLoRA, per-module ranks, extra trained modules)
+    /// rather than computing something else.
+    pub fn from_peft_json(path: &Path, v: &Value) -> Result<Self> {
+        let bad = |message: String| ModelError::invalid(path, message);
+        if v.get("peft_type").and_then(Value::as_str) != Some("LORA") {
+            return Err(bad("'peft_type' is not \"LORA\"".into()));
+        }
+        let r = v
+            .get("r")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| bad("no 'r'".into()))?;
+        let alpha = v
+            .get("lora_alpha")
+            .and_then(Value::as_f64)
+            .ok_or_else(|| bad("no 'lora_alpha'".into()))?;
+        let targets: Vec<String> = match v.get("target_modules") {
+            Some(Value::String(s)) => vec![s.clone()],
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|t| t.as_str().map(str::to_string))
+                .collect::<Option<_>>()
+                .ok_or_else(|| bad("'target_modules' is not a list of names".into()))?,
+            _ => return Err(bad("no 'target_modules'".into())),
+        };
+        let unsupported = [
+            (
+                "use_dora",
+                v.get("use_dora").and_then(Value::as_bool) == Some(true),
+            ),
+            (
+                "use_rslora",
+                v.get("use_rslora").and_then(Value::as_bool) == Some(true),
+            ),
+            (
+                "rank_pattern",
+                v.get("rank_pattern")
+                    .and_then(Value::as_object)
+                    .is_some_and(|m| !m.is_empty()),
+            ),
+            (
+                "alpha_pattern",
+                v.get("alpha_pattern")
+                    .and_then(Value::as_object)
+                    .is_some_and(|m| !m.is_empty()),
+            ),
+            (
+                "modules_to_save",
+                v.get("modules_to_save").is_some_and(|m| !m.is_null()),
+            ),
+            (
+                "layers_to_transform",
+                v.get("layers_to_transform").is_some_and(|m| !m.is_null()),
+            ),
+        ];
+        if let Some((key, _)) = unsupported.iter().find(|(_, set)| *set) {
+            return Err(bad(format!(
+                "'{key}' is set; r3 implements plain LoRA only"
+            )));
+        }
+        Self::new(r as usize, alpha, &targets).map_err(bad)
+    }
+}
+
+/// PEFT's names of the A and B matrices of projection `hf_name`.
+pub fn peft_names(hf_name: &str) -> [String; 2] {
+    ["lora_A", "lora_B"].map(|m| format!("base_model.model.{hf_name}.{m}.weight"))
+}
+
+/// An adapter directory: its settings and its tensors by PEFT name.
+pub struct Adapter {
+    pub config: LoraConfig,
+    pub weights: Weights,
+}
+
+impl Adapter {
+    /// Reads `dir/adapter_config.json` and `dir/adapter_model.safetensors`.
+    pub fn load(dir: &Path) -> Result<Self> {
+        let config_path = dir.join("adapter_config.json");
+        let text =
+            std::fs::read_to_string(&config_path).map_err(|e| ModelError::io(&config_path, e))?;
+        let json: Value = serde_json::from_str(&text).map_err(|source| ModelError::Json {
+            path: config_path.clone(),
+            source,
+        })?;
+        let config = LoraConfig::from_peft_json(&config_path, &json)?;
+        let tensors_path = dir.join("adapter_model.safetensors");
+        if !tensors_path.exists() {
+            return Err(ModelError::invalid(
+                &tensors_path,
+                "missing: not a PEFT adapter directory",
+            ));
+        }
+        let tensors: HashMap<String, Tensor> =
+            read_safetensors(&tensors_path)?.into_iter().collect();
+        Ok(Self {
+            config,
+            weights: Weights::new(tensors_path, tensors),
+        })
+    }
+
+    /// Writes the adapter as PEFT does (each file atomically).
+    pub fn save(
+        dir: &Path,
+        config: &LoraConfig,
+        base_model: &str,
+        tensors: &HashMap<String, Tensor>,
+    ) -> Result<()> {
+        let config_path = dir.join("adapter_config.json");
+        let text =
+            serde_json::to_string_pretty(&config.to_peft_json(base_model)).expect("serialisable");
+        crate::atomic::write_atomic(&config_path, text.as_bytes())
+            .map_err(|e| ModelError::io(&config_path, e))?;
+        Weights::new(dir, tensors.clone()).save_safetensors(&dir.join("adapter_model.safetensors"))
+    }
+}
