@@ -43,6 +43,8 @@ pub struct TrainBench {
     /// Keep every activation instead of recomputing them in the backward
     #[arg(long)]
     no_gradient_checkpointing: bool,
+    #[command(flatten)]
+    lora: crate::train::LoraArgs,
 }
 
 /// A verifier that flips a coin seeded by the answer: every group gets
@@ -171,7 +173,7 @@ fn generate(args: GenerateBench) -> Result<()> {
     if args.batch == 0 || args.prompt_tokens == 0 {
         bail!("--batch and --prompt-tokens must be positive");
     }
-    let model = model::load(args.model.model.as_deref())?;
+    let model = model::load(&args.model.spec())?;
     let prompt = synthetic_prompt(&model, args.prompt_tokens)?;
     let prompts: Vec<&[u32]> = vec![prompt.as_slice(); args.batch];
     // No end-of-sequence ids: every row decodes the full budget.
@@ -354,7 +356,7 @@ fn train(args: TrainBench) -> Result<()> {
     if args.batch == 0 || args.group < 2 || args.steps == 0 {
         bail!("need --batch ≥ 1, --group ≥ 2 and --steps ≥ 1");
     }
-    let model = model::load(args.model.model.as_deref())?;
+    let model = model::load(&args.model.spec())?;
     let task = CoinFlip;
     let prompts = r3_tasks::Prompts::for_task(&task);
     let failures = stand_in_failures(&model, &task, &prompts, args.batch * args.steps)?;
@@ -362,11 +364,17 @@ fn train(args: TrainBench) -> Result<()> {
     let model::Model {
         loaded: model,
         llama,
+        ..
     } = model;
     drop(llama);
     crate::release_freed_memory();
     let out = std::env::temp_dir().join(format!("r3-bench-train-{}", std::process::id()));
+    let flags = r3_train::config::TrainConfig::load(None, &args.lora.overrides())?;
     let config = r3_train::config::TrainConfig {
+        use_peft: flags.use_peft,
+        lora_r: flags.lora_r,
+        lora_alpha: flags.lora_alpha,
+        lora_target_modules: flags.lora_target_modules,
         output_dir: out.clone(),
         max_steps: args.steps,
         failures_per_step: args.batch,
@@ -409,6 +417,8 @@ fn train(args: TrainBench) -> Result<()> {
         "gradient_checkpointing": config.gradient_checkpointing,
         "steps": args.steps,
         "beta": config.beta,
+        "use_peft": config.use_peft,
+        "lora": config.use_peft.then(|| serde_json::json!({"r": config.lora_r, "alpha": config.lora_alpha, "target_modules": config.lora_target_modules})),
         "threads": candle_core::utils::get_num_threads(),
         "seconds_per_step": mean(&|m| m.seconds_step),
         "seconds_generation": mean(&|m| m.seconds_generation),

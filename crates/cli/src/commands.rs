@@ -1,4 +1,4 @@
-//! `r3 generate` and `r3 logits`.
+//! `r3 generate`, `r3 logits` and `r3 merge`.
 
 use std::path::PathBuf;
 
@@ -59,7 +59,7 @@ fn read_messages(path: &PathBuf) -> Result<Vec<Message>> {
 }
 
 pub fn generate(args: GenerateArgs) -> Result<()> {
-    let model = model::load(args.model.model.as_deref())?;
+    let model = model::load(&args.model.spec())?;
     let mut messages = Vec::new();
     if let Some(system) = &args.system {
         messages.push(Message::new("system", system.as_str()));
@@ -91,7 +91,7 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
 }
 
 pub fn logits(args: LogitsArgs) -> Result<()> {
-    let model = model::load(args.model.model.as_deref())?;
+    let model = model::load(&args.model.spec())?;
     let messages = read_messages(&args.messages)?;
     let text = model.loaded.chat_template.render(&messages, true)?;
     let ids = model.loaded.tokenizer.encode(&text)?;
@@ -114,5 +114,40 @@ pub fn logits(args: LogitsArgs) -> Result<()> {
         "last_top_k": top,
     });
     println!("{out}");
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct MergeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The HF model directory to write (must not exist yet)
+    #[arg(long)]
+    out: PathBuf,
+}
+
+/// `r3 merge`: the base with its adapter folded in (`W + (α/r)·B·A`),
+/// written as a plain HF directory that any loader reads.
+pub fn merge(args: MergeArgs) -> Result<()> {
+    if args.out.exists() {
+        bail!("{} exists; choose a new directory", args.out.display());
+    }
+    let model = model::load(&args.model.spec())?;
+    let Some(adapter) = &model.adapter else {
+        bail!("nothing to merge: give --adapter DIR (or --model an adapter directory)");
+    };
+    let weights = model.llama.merged_hf_weights()?;
+    let tmp = args.out.with_extension("tmp");
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    r3_model::export::save_hf_dir(&model.loaded, &tmp, weights)?;
+    std::fs::rename(&tmp, &args.out)
+        .with_context(|| format!("cannot rename {} to {}", tmp.display(), args.out.display()))?;
+    eprintln!(
+        "wrote {} ({} with {} merged)",
+        args.out.display(),
+        model.loaded.path.display(),
+        adapter.display()
+    );
     Ok(())
 }

@@ -10,6 +10,8 @@ use anyhow::{bail, Result};
 use r3_tasks::external::ExternalVerifier;
 use r3_tasks::{Prompts, Record, Task};
 
+use crate::model::ModelSpec;
+
 /// Which judge: a built-in task or an external verifier command.
 #[derive(Debug, Clone)]
 pub enum TaskConfig {
@@ -118,8 +120,7 @@ fn check_sampling(temperature: f64, top_p: f64) -> Result<()> {
 /// `r3 eval`: first and second tries of every record.
 #[derive(Debug, Clone)]
 pub struct EvalConfig {
-    /// An HF directory or GGUF file; `None` for the default model.
-    pub model: Option<PathBuf>,
+    pub model: ModelSpec,
     pub task: TaskConfig,
     pub data: DataConfig,
     /// Directory for summary.json and transcripts.jsonl.
@@ -150,7 +151,7 @@ impl EvalConfig {
 /// `r3 mine`: the dataset of failures.
 #[derive(Debug, Clone)]
 pub struct MineConfig {
-    pub model: Option<PathBuf>,
+    pub model: ModelSpec,
     pub task: TaskConfig,
     pub data: DataConfig,
     /// First attempts sampled per record (the paper: up to 64).

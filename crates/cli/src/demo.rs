@@ -12,6 +12,7 @@ use r3_train::config::TrainConfig;
 
 use crate::config::{DataConfig, EvalConfig, MineConfig, TaskConfig};
 use crate::evaluate::{print_summary, run_eval, run_mine};
+use crate::model::ModelSpec;
 use crate::tasks::write_jsonl;
 use crate::{model, ModelArgs};
 
@@ -39,6 +40,11 @@ pub struct DemoArgs {
 }
 
 pub fn demo(args: DemoArgs) -> Result<()> {
+    if args.model.adapter.is_some() {
+        anyhow::bail!(
+            "the demo trains the whole model; --adapter is for eval, mine, generate and logits"
+        );
+    }
     std::fs::create_dir_all(&args.out)?;
     let all = r3_tasks::arithmetic::generate(args.eval_records + args.mine_records, 30, args.seed);
     let (held_out, pool) = all.split_at(args.eval_records);
@@ -54,7 +60,7 @@ pub fn demo(args: DemoArgs) -> Result<()> {
         prompts: None,
         batch_rows: 32,
     };
-    let eval_config = |model: Option<PathBuf>, out: &str| EvalConfig {
+    let eval_config = |model: ModelSpec, out: &str| EvalConfig {
         model,
         task: task.clone(),
         data: data(&eval_path),
@@ -70,8 +76,8 @@ pub fn demo(args: DemoArgs) -> Result<()> {
         "[1/4] evaluating the base model on {} held-out records",
         held_out.len()
     );
-    let base = model::load(args.model.model.as_deref())?;
-    let before = run_eval(&eval_config(args.model.model.clone(), "eval-base"), &base)?;
+    let base = model::load(&args.model.spec())?;
+    let before = run_eval(&eval_config(args.model.spec(), "eval-base"), &base)?;
 
     eprintln!(
         "[2/4] mining failures: 4 sampled attempts at each of {} records",
@@ -83,7 +89,7 @@ pub fn demo(args: DemoArgs) -> Result<()> {
     let _ = std::fs::remove_file(args.out.join("failures.jsonl.state"));
     run_mine(
         &MineConfig {
-            model: args.model.model.clone(),
+            model: args.model.spec(),
             task: task.clone(),
             data: data(&train_path),
             samples: 4,
@@ -126,11 +132,12 @@ pub fn demo(args: DemoArgs) -> Result<()> {
     let checkpoint = crate::train::run_train(config, None)?;
 
     eprintln!("[4/4] evaluating the trained model");
-    let trained = model::load(Some(&checkpoint))?;
-    let after = run_eval(
-        &eval_config(Some(checkpoint.clone()), "eval-trained"),
-        &trained,
-    )?;
+    let trained_spec = ModelSpec {
+        path: Some(checkpoint.clone()),
+        adapter: None,
+    };
+    let trained = model::load(&trained_spec)?;
+    let after = run_eval(&eval_config(trained_spec, "eval-trained"), &trained)?;
 
     println!("\nbase model ({}):", args.out.join("eval-base").display());
     print_summary(&before);

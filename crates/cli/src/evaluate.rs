@@ -92,7 +92,7 @@ impl EvalArgs {
     /// The validated settings these arguments ask for.
     fn config(&self) -> Result<EvalConfig> {
         let config = EvalConfig {
-            model: self.model.model.clone(),
+            model: self.model.spec(),
             task: self.task.config()?,
             data: self.data.config(),
             out: self.out.clone(),
@@ -109,7 +109,7 @@ impl EvalArgs {
 
 pub fn eval(args: EvalArgs) -> Result<()> {
     let config = args.config()?;
-    let model = model::load(config.model.as_deref())?;
+    let model = model::load(&config.model)?;
     let summary = run_eval(&config, &model)?;
     print_summary(&summary);
     eprintln!(
@@ -208,7 +208,7 @@ impl MineArgs {
     /// The validated settings these arguments ask for.
     fn config(&self) -> Result<MineConfig> {
         let config = MineConfig {
-            model: self.model.model.clone(),
+            model: self.model.spec(),
             task: self.task.config()?,
             data: self.data.config(),
             samples: self.samples,
@@ -224,7 +224,7 @@ impl MineArgs {
 
 pub fn mine(args: MineArgs) -> Result<()> {
     let config = args.config()?;
-    let model = model::load(config.model.as_deref())?;
+    let model = model::load(&config.model)?;
     run_mine(&config, &model)
 }
 
@@ -246,6 +246,7 @@ pub fn run_mine(args: &MineConfig, model: &Model) -> Result<()> {
             .display()
             .to_string(),
         "task": args.task.describe(),
+        "adapter": model.adapter.as_ref().map(|a| a.display().to_string()),
         "samples": args.samples,
         "temperature": args.temperature,
         "seed": args.seed,

@@ -58,9 +58,22 @@ struct Cli {
 /// Which model to run; the default model is fetched on first use.
 #[derive(Args, Clone)]
 pub struct ModelArgs {
-    /// An HF model directory or a GGUF file [default: SmolLM2-135M-Instruct]
+    /// An HF model directory, a GGUF file, or a LoRA adapter directory
+    /// (loaded on its base) [default: SmolLM2-135M-Instruct]
     #[arg(long)]
     pub model: Option<PathBuf>,
+    /// A PEFT LoRA adapter directory to apply on the model
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+}
+
+impl ModelArgs {
+    pub fn spec(&self) -> model::ModelSpec {
+        model::ModelSpec {
+            path: self.model.clone(),
+            adapter: self.adapter.clone(),
+        }
+    }
 }
 
 /// Sampling flags shared by the commands that generate.
@@ -86,6 +99,8 @@ enum Command {
     Generate(commands::GenerateArgs),
     /// Print input ids, per-position argmax and last-position top-k logits as JSON
     Logits(commands::LogitsArgs),
+    /// Fold a LoRA adapter into its base and write a plain HF directory
+    Merge(commands::MergeArgs),
     /// The whole loop on the default model in minutes: eval, mine, train, eval
     Demo(demo::DemoArgs),
     /// First-try and second-try (reflect + retry) accuracy on a data set
@@ -121,6 +136,7 @@ fn main() {
     let result = match cli.command {
         Command::Generate(args) => commands::generate(args),
         Command::Logits(args) => commands::logits(args),
+        Command::Merge(args) => commands::merge(args),
         Command::Demo(args) => demo::demo(args),
         Command::Eval(args) => evaluate::eval(args),
         Command::Mine(args) => evaluate::mine(args),

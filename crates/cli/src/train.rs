@@ -28,10 +28,53 @@ pub struct TrainArgs {
     /// Start fresh in an output_dir that holds another run, deleting it
     #[arg(long, conflicts_with = "resume")]
     pub overwrite: bool,
+    #[command(flatten)]
+    pub lora: LoraArgs,
+}
+
+/// LoRA on the frozen base, by PEFT's and TRL's names; each flag is the
+/// config key of the same name.
+#[derive(Args, Clone, Default)]
+pub struct LoraArgs {
+    /// Train LoRA adapters on the frozen base instead of every weight
+    #[arg(long)]
+    pub use_peft: bool,
+    /// Adapter rank [config default: 16]
+    #[arg(long)]
+    pub lora_r: Option<usize>,
+    /// Adapter scale numerator (the update is scaled by alpha / r) [config default: 32]
+    #[arg(long)]
+    pub lora_alpha: Option<f64>,
+    /// all-linear, or a comma-separated list of q_proj, k_proj, v_proj,
+    /// o_proj, gate_proj, up_proj, down_proj [config default: all-linear]
+    #[arg(long, value_delimiter = ',')]
+    pub lora_target_modules: Option<Vec<String>>,
+}
+
+impl LoraArgs {
+    /// The flags as `key=value` config overrides.
+    pub fn overrides(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.use_peft {
+            out.push("use_peft=true".to_string());
+        }
+        if let Some(r) = self.lora_r {
+            out.push(format!("lora_r={r}"));
+        }
+        if let Some(alpha) = self.lora_alpha {
+            out.push(format!("lora_alpha={alpha:?}"));
+        }
+        if let Some(modules) = &self.lora_target_modules {
+            let quoted: Vec<String> = modules.iter().map(|m| format!("{m:?}")).collect();
+            out.push(format!("lora_target_modules=[{}]", quoted.join(", ")));
+        }
+        out
+    }
 }
 
 pub fn train(args: TrainArgs) -> Result<()> {
-    let config = TrainConfig::load(args.config.as_deref(), &args.set)?;
+    let overrides = [args.lora.overrides(), args.set.clone()].concat();
+    let config = TrainConfig::load(args.config.as_deref(), &overrides)?;
     let resume = match args.resume.as_deref().and_then(Path::to_str) {
         Some(word @ ("last" | "auto")) => {
             let last = r3_train::checkpoint::last_checkpoint(&config.output_dir)?;
@@ -90,10 +133,16 @@ pub fn run_train(config: TrainConfig, resume: Option<&Path>) -> Result<PathBuf> 
             config.failures.display()
         )
     })?;
+    // A resumed full fine-tune continues from its checkpoint's weights; a
+    // resumed LoRA run from its base (the adapter comes from the checkpoint).
     let (policy_path, base_path) = match resume {
         Some(dir) => {
             let state = r3_train::checkpoint::read_state(dir)?;
-            (dir.to_path_buf(), PathBuf::from(state.base_model))
+            let base = PathBuf::from(state.base_model);
+            match config.use_peft {
+                true => (base.clone(), base),
+                false => (dir.to_path_buf(), base),
+            }
         }
         None => {
             let p = model_path(&config.model)?;
@@ -102,8 +151,10 @@ pub fn run_train(config: TrainConfig, resume: Option<&Path>) -> Result<PathBuf> 
     };
     let loaded = r3_model::load(&policy_path)
         .with_context(|| format!("cannot load model {}", policy_path.display()))?;
+    // Full fine-tuning scores the KL against a separate frozen copy of the
+    // base; LoRA against its own base with the adapters off.
     let base =
-        match (config.beta > 0.0, resume) {
+        match (config.beta > 0.0 && !config.use_peft, resume) {
             (true, Some(_)) => Some(r3_model::load(&base_path).with_context(|| {
                 format!("cannot load the reference model {}", base_path.display())
             })?),

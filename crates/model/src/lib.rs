@@ -9,6 +9,7 @@ pub mod cache;
 pub mod chat;
 pub mod config;
 pub mod error;
+pub mod export;
 pub mod formats;
 pub mod llama;
 pub mod loader;

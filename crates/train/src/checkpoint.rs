@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 use r3_model::atomic::write_atomic;
-use r3_model::{LoadedModel, Weights};
+use r3_model::export::{save_hf_dir, save_tokenizer_files};
+use r3_model::lora::{Adapter, LoraConfig};
+use r3_model::LoadedModel;
 use serde::{Deserialize, Serialize};
 
 use crate::config::TrainConfig;
@@ -184,11 +186,21 @@ pub fn trim_logs(output_dir: &Path, step: usize) -> Result<()> {
     Ok(())
 }
 
-/// Writes `output_dir/checkpoint-{step}` and points `output_dir/last` at it.
+/// What a run trained: a whole model (HF names) or LoRA adapters (PEFT
+/// names).
+pub enum Trained<'a> {
+    Model(HashMap<String, Tensor>),
+    Adapter(&'a LoraConfig, HashMap<String, Tensor>),
+}
+
+/// Writes `output_dir/checkpoint-{step}` and points `output_dir/last` at
+/// it: an HF model directory, or a PEFT adapter directory (whose
+/// `base_model_name_or_path` names the base), with the optimizer and
+/// trainer state for an exact resume either way.
 pub fn save(
     output_dir: &Path,
     model: &LoadedModel,
-    weights: HashMap<String, Tensor>,
+    weights: Trained,
     optimizer: &AdamW,
     state: &TrainerState,
 ) -> Result<PathBuf> {
@@ -198,21 +210,13 @@ pub fn save(
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
 
-    Weights::new(&tmp, weights).save_safetensors(&tmp.join("model.safetensors"))?;
-    write_json(&tmp.join("config.json"), &model.config.to_hf_json())?;
-    model.tokenizer.save(&tmp.join("tokenizer.json"))?;
-    write_json(
-        &tmp.join("tokenizer_config.json"),
-        &serde_json::json!({
-            "chat_template": model.chat_template_source,
-            "bos_token": model.bos_token,
-            "eos_token": model.eos_token,
-        }),
-    )?;
-    write_json(
-        &tmp.join("generation_config.json"),
-        &serde_json::json!({"eos_token_id": model.eos_token_ids, "bos_token_id": model.config.bos_token_id}),
-    )?;
+    match weights {
+        Trained::Model(weights) => save_hf_dir(model, &tmp, weights)?,
+        Trained::Adapter(lora, tensors) => {
+            Adapter::save(&tmp, lora, &state.base_model, &tensors)?;
+            save_tokenizer_files(model, &tmp)?;
+        }
+    }
     let mut moments: HashMap<String, Tensor> = HashMap::new();
     for (i, (n, _)) in optimizer.params.iter().enumerate() {
         moments.insert(format!("m.{n}"), optimizer.m[i].clone());

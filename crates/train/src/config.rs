@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use r3_model::lora::LoraConfig;
+
 use crate::grpo::LossType;
 use crate::{Result, TrainError};
 
@@ -90,6 +92,36 @@ pub struct TrainConfig {
     pub generation_batch_rows: usize,
     /// The tokens that learn (an ablation knob; keep `reflection`).
     pub train_on: TrainOn,
+    /// Train LoRA adapters on the frozen base instead of every weight
+    /// (PEFT's settings follow, by PEFT's and TRL's names).
+    pub use_peft: bool,
+    pub lora_r: usize,
+    pub lora_alpha: f64,
+    /// Only 0 is implemented: dropout would make the log-probs of one
+    /// sequence differ between the old-policy and the policy forward.
+    pub lora_dropout: f64,
+    /// `"all-linear"` or a list of `q_proj`, `k_proj`, `v_proj`, `o_proj`,
+    /// `gate_proj`, `up_proj`, `down_proj`.
+    #[serde(deserialize_with = "one_or_many")]
+    pub lora_target_modules: Vec<String>,
+    /// A PEFT adapter directory to continue training from (LoRA only).
+    pub adapter: Option<PathBuf>,
+}
+
+/// A string or a list of strings, as PEFT's `target_modules` accepts.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => vec![s],
+        OneOrMany::Many(v) => v,
+    })
 }
 
 impl Default for TrainConfig {
@@ -134,6 +166,12 @@ impl Default for TrainConfig {
             gradient_checkpointing: true,
             generation_batch_rows: 32,
             train_on: TrainOn::Reflection,
+            use_peft: false,
+            lora_r: 16,
+            lora_alpha: 32.0,
+            lora_dropout: 0.0,
+            lora_target_modules: vec!["all-linear".into()],
+            adapter: None,
         }
     }
 }
@@ -245,6 +283,16 @@ impl TrainConfig {
                 ),
             );
         }
+        if self.lora_dropout != 0.0 {
+            return bad(
+                "lora_dropout",
+                "must be 0: dropout would give one sequence different log-probs in the policy and old-policy forwards (not implemented)",
+            );
+        }
+        if !self.use_peft && self.adapter.is_some() {
+            return bad("adapter", "needs use_peft = true");
+        }
+        self.lora()?;
         Ok(())
     }
 
@@ -270,6 +318,16 @@ impl TrainConfig {
                 format!("{k}: {before} → {v}")
             })
             .collect()
+    }
+
+    /// The adapters' shape when training LoRA (`use_peft`), else `None`.
+    pub fn lora(&self) -> Result<Option<LoraConfig>> {
+        if !self.use_peft {
+            return Ok(None);
+        }
+        LoraConfig::new(self.lora_r, self.lora_alpha, &self.lora_target_modules)
+            .map(Some)
+            .map_err(TrainError::Config)
     }
 
     /// Warm-up steps, from `warmup_steps` or `warmup_ratio`.

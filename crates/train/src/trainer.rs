@@ -18,6 +18,7 @@ use candle_core::Tensor;
 use r3_generate::SamplingParams;
 use r3_loop::mine::MinedFailure;
 use r3_loop::{Failure, Policy, Rollout, Rollouts};
+use r3_model::lora::{Adapter, LoraConfig};
 use r3_model::{Llama, LoadedModel};
 use r3_tasks::{Prompts, Task};
 use rand::seq::SliceRandom;
@@ -25,7 +26,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
-use crate::checkpoint::{self, TrainerState};
+use crate::checkpoint::{self, Trained, TrainerState};
 use crate::config::TrainConfig;
 use crate::grpo::{grpo_loss, mean_and_std, LossStats, Objective, TokenTerms};
 use crate::optim::{clip_scale, global_norm, AdamW, Gradients};
@@ -91,8 +92,11 @@ pub struct Trainer<'a> {
     pub task: &'a dyn Task,
     pub prompts: Prompts,
     failures: Vec<MinedFailure>,
-    /// The policy as trained: every weight a `Var`.
+    /// The policy as trained: every weight a `Var`, or (LoRA) the
+    /// adapters' on a frozen base.
     train_model: Llama,
+    /// The adapters' shape when training LoRA.
+    lora: Option<LoraConfig>,
     grads: Gradients,
     reference: Option<Llama>,
     optimizer: AdamW,
@@ -149,15 +153,30 @@ impl<'a> Trainer<'a> {
                 failures.len()
             )));
         }
-        let (train_model, params) = Llama::trainable(&model.config, &model.weights)?;
-        let reference = match (config.beta > 0.0, reference) {
-            (true, Some(r)) => Some(Llama::new_compact(&r.config, &r.weights)?),
-            (true, None) => {
+        let lora = config.lora()?;
+        let (train_model, params) = match &lora {
+            Some(lora) => {
+                // A resumed run continues its checkpoint's adapter.
+                let start = match resume.or(config.adapter.as_deref()) {
+                    Some(dir) => Some(starting_adapter(dir, lora)?),
+                    None => None,
+                };
+                let start = start.as_ref().map(|a| &a.weights);
+                Llama::with_lora(&model.config, &model.weights, lora, start, config.seed)?
+            }
+            None => Llama::trainable(&model.config, &model.weights)?,
+        };
+        // LoRA's reference is its own base with the adapters off: the same
+        // weights, no second model.
+        let reference = match (config.beta > 0.0, &lora, reference) {
+            (false, _, _) => None,
+            (true, Some(_), _) => Some(train_model.without_adapters()),
+            (true, None, Some(r)) => Some(Llama::new_compact(&r.config, &r.weights)?),
+            (true, None, None) => {
                 return Err(TrainError::Invalid(
                     "beta > 0 needs a reference model".into(),
                 ))
             }
-            (false, _) => None,
         };
         let mut optimizer = AdamW::new(
             params,
@@ -190,6 +209,7 @@ impl<'a> Trainer<'a> {
             prompts,
             failures,
             train_model,
+            lora,
             reference,
             optimizer,
             step,
@@ -450,10 +470,14 @@ impl<'a> Trainer<'a> {
             base_model: self.base_model.clone(),
             config: self.config.clone(),
         };
+        let weights = match &self.lora {
+            Some(lora) => Trained::Adapter(lora, self.train_model.adapter_weights()),
+            None => Trained::Model(self.train_model.hf_weights()?),
+        };
         checkpoint::save(
             &self.config.output_dir,
             self.model,
-            self.train_model.hf_weights()?,
+            weights,
             &self.optimizer,
             &state,
         )
@@ -508,4 +532,22 @@ impl<'a> Trainer<'a> {
             _ => self.save_checkpoint(),
         }
     }
+}
+
+/// The adapter in `dir` to start from, which must have this run's shape.
+fn starting_adapter(dir: &Path, lora: &LoraConfig) -> Result<Adapter> {
+    let adapter = Adapter::load(dir)?;
+    if &adapter.config != lora {
+        return Err(TrainError::Config(format!(
+            "{} holds an adapter of r = {}, alpha = {}, targets {:?}; this run asks for r = {}, alpha = {}, targets {:?}",
+            dir.display(),
+            adapter.config.r,
+            adapter.config.alpha,
+            adapter.config.target_modules,
+            lora.r,
+            lora.alpha,
+            lora.target_modules
+        )));
+    }
+    Ok(adapter)
 }
