@@ -62,3 +62,43 @@ fn flags_override_the_file_and_defaults_follow_the_paper() {
     );
     assert_eq!(d.retry_temperature, 0.0);
 }
+
+#[test]
+fn lora_settings_take_peft_names_and_are_checked() {
+    let e = error(
+        "use_peft = true\nlora_target_modules = [\"q_proj\", \"qkv\"]\n",
+        &[],
+    );
+    assert!(
+        e.contains("unknown LoRA target module 'qkv'") && e.contains("down_proj"),
+        "{e}"
+    );
+    assert!(error("use_peft = true\nlora_r = 0\n", &[]).contains("lora_r"));
+    assert!(error("", &["lora_dropout=0.05"]).contains("lora_dropout"));
+    assert!(error("adapter = \"x\"\n", &[]).contains("use_peft"));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("r3.toml");
+    std::fs::write(
+        &path,
+        "use_peft = true\nlora_target_modules = \"all-linear\"\n",
+    )
+    .unwrap();
+    let config = TrainConfig::load(Some(&path), &["lora_r=8".into()]).unwrap();
+    let lora = config.lora().unwrap().unwrap();
+    assert_eq!(
+        (lora.r, lora.alpha, lora.target_modules.len()),
+        (8, 32.0, 7)
+    );
+    std::fs::write(
+        &path,
+        "use_peft = true\nlora_target_modules = [\"v_proj\", \"q_proj\"]\n",
+    )
+    .unwrap();
+    let lora = TrainConfig::load(Some(&path), &[])
+        .unwrap()
+        .lora()
+        .unwrap()
+        .unwrap();
+    assert_eq!(lora.target_modules, ["q_proj", "v_proj"]);
+    assert!(TrainConfig::default().lora().unwrap().is_none());
+}

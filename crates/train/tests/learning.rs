@@ -2,18 +2,24 @@
 //! reflection "C" makes the retry answer right (see `common`), training on
 //! reflection tokens teaches the model to reflect "C"; training on the
 //! retry's tokens instead (the mask inverted) makes the retry right without
-//! teaching the reflection anything.
+//! teaching the reflection anything. Both with every weight trained and
+//! with LoRA adapters on the frozen base.
 
 mod common;
 
+use r3_model::lora::Adapter;
 use r3_model::Llama;
 use r3_train::config::{TrainConfig, TrainOn};
 use r3_train::trainer::Trainer;
 
-/// Trains on `train_on` tokens; returns (retry success, P(good reflection)).
-fn train(toy: &common::Toy, train_on: TrainOn) -> (f64, f64) {
+/// Trains on `train_on` tokens (LoRA adapters with `lora`); returns
+/// (retry success, P(good reflection)).
+fn train(toy: &common::Toy, train_on: TrainOn, lora: bool) -> (f64, f64) {
     let out = tempfile::tempdir().unwrap();
     let config = TrainConfig {
+        use_peft: lora,
+        // Adapters start as the base (B = 0) and move less per step.
+        learning_rate: if lora { 1e-2 } else { 1e-3 },
         output_dir: out.path().to_path_buf(),
         max_steps: 30,
         failures_per_step: 2,
@@ -23,7 +29,6 @@ fn train(toy: &common::Toy, train_on: TrainOn) -> (f64, f64) {
         max_completion_length: 1,
         retry_max_tokens: 1,
         beta: 0.0,
-        learning_rate: 1e-3,
         save_steps: 0,
         seed: 1,
         train_on,
@@ -40,8 +45,20 @@ fn train(toy: &common::Toy, train_on: TrainOn) -> (f64, f64) {
     )
     .unwrap();
     let checkpoint = trainer.run(&mut |_| {}).unwrap();
-    let trained = r3_model::load(&checkpoint).unwrap();
-    let model = Llama::new(&trained.config, &trained.weights).unwrap();
+    let model = if lora {
+        let adapter = Adapter::load(&checkpoint).unwrap();
+        let base = &toy.loaded;
+        Llama::with_adapter(
+            &base.config,
+            &base.weights,
+            &adapter.config,
+            &adapter.weights,
+        )
+        .unwrap()
+    } else {
+        let trained = r3_model::load(&checkpoint).unwrap();
+        Llama::new(&trained.config, &trained.weights).unwrap()
+    };
     (
         common::retry_success(toy, &model, 64),
         common::good_reflection_probability(toy, &model),
@@ -50,6 +67,15 @@ fn train(toy: &common::Toy, train_on: TrainOn) -> (f64, f64) {
 
 #[test]
 fn reflection_credit_teaches_the_reflection_and_retry_credit_does_not() {
+    credit_goes_to_the_reflection(false);
+}
+
+#[test]
+fn with_lora_too() {
+    credit_goes_to_the_reflection(true);
+}
+
+fn credit_goes_to_the_reflection(lora: bool) {
     let toy = common::toy();
     let base = Llama::new(&toy.loaded.config, &toy.loaded.weights).unwrap();
     let (before, p_before) = (
@@ -61,10 +87,10 @@ fn reflection_credit_teaches_the_reflection_and_retry_credit_does_not() {
         "the toy starts at chance: {before}, {p_before}"
     );
 
-    let (after, p_after) = train(&toy, TrainOn::Reflection);
-    let (after_inverted, p_inverted) = train(&toy, TrainOn::Retry);
+    let (after, p_after) = train(&toy, TrainOn::Reflection, lora);
+    let (after_inverted, p_inverted) = train(&toy, TrainOn::Retry, lora);
     eprintln!(
-        "retry success {before:.2} → {after:.2} (reflection credit) / {after_inverted:.2} (retry credit); \
+        "lora {lora}: retry success {before:.2} → {after:.2} (reflection credit) / {after_inverted:.2} (retry credit); \
          P(reflect C) {p_before:.2} → {p_after:.2} / {p_inverted:.2}"
     );
     assert!(

@@ -5,6 +5,7 @@
 mod common;
 
 use candle_core::{IndexOp, Tensor, Var, D};
+use r3_model::lora::Adapter;
 use r3_model::tiny::{max_abs, TinyModel};
 use r3_model::{Architecture, KvCache, Llama};
 use r3_train::config::{TrainConfig, TrainOn};
@@ -157,8 +158,18 @@ fn comparable(line: &str) -> serde_json::Value {
 
 #[test]
 fn a_resumed_run_matches_an_uninterrupted_one() {
+    resume_matches(false);
+}
+
+#[test]
+fn a_resumed_lora_run_matches_an_uninterrupted_one() {
+    resume_matches(true);
+}
+
+fn resume_matches(lora: bool) {
     let toy = common::toy();
     let config = |dir: &std::path::Path, steps: usize| TrainConfig {
+        use_peft: lora,
         output_dir: dir.to_path_buf(),
         max_steps: steps,
         failures_per_step: 2,
@@ -174,7 +185,9 @@ fn a_resumed_run_matches_an_uninterrupted_one() {
         ..TrainConfig::default()
     };
     let train = |dir: &std::path::Path, steps: usize, resume: Option<&std::path::Path>| {
-        let start = resume.map(|c| r3_model::load(c).unwrap());
+        // A full checkpoint is the model to continue; a LoRA one holds the
+        // adapter, continued on the same base.
+        let start = resume.filter(|_| !lora).map(|c| r3_model::load(c).unwrap());
         Trainer::new(
             config(dir, steps),
             start.as_ref().unwrap_or(&toy.loaded),
@@ -225,12 +238,16 @@ fn a_resumed_run_matches_an_uninterrupted_one() {
         a.iter().any(|m| m["grad_norm"].as_f64().unwrap() > 0.0),
         "the run should have trained"
     );
-    let final_a = r3_model::load(&whole.path().join("checkpoint-4")).unwrap();
-    let final_b = r3_model::load(&parts.path().join("checkpoint-4")).unwrap();
-    for name in final_a.weights.names() {
-        let dims = final_a.weights.dims(name).unwrap();
-        let a = final_a.weights.get(name, dims).unwrap();
-        let b = final_b.weights.get(name, dims).unwrap();
+    let weights = |dir: &std::path::Path| match lora {
+        true => Adapter::load(&dir.join("checkpoint-4")).unwrap().weights,
+        false => r3_model::load(&dir.join("checkpoint-4")).unwrap().weights,
+    };
+    let (final_a, final_b) = (weights(whole.path()), weights(parts.path()));
+    assert!(final_a.names().count() > 0);
+    for name in final_a.names() {
+        let dims = final_a.dims(name).unwrap();
+        let a = final_a.get(name, dims).unwrap();
+        let b = final_b.get(name, dims).unwrap();
         let same = a.flatten_all().unwrap().to_vec1::<f32>().unwrap()
             == b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         assert!(same, "{name}: final weights differ");
