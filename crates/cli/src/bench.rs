@@ -101,6 +101,10 @@ pub struct GenerateBench {
     new_tokens: usize,
     #[arg(long, default_value_t = 0.9)]
     temperature: f64,
+    /// Expand every weight to f32 instead of keeping packed encodings: the
+    /// baseline the packed kernels are measured against
+    #[arg(long)]
+    f32: bool,
 }
 
 pub fn run(command: BenchCommand) -> Result<()> {
@@ -173,7 +177,12 @@ fn generate(args: GenerateBench) -> Result<()> {
     if args.batch == 0 || args.prompt_tokens == 0 {
         bail!("--batch and --prompt-tokens must be positive");
     }
-    let model = model::load(&args.model.spec())?;
+    let mut model = model::load(&args.model.spec())?;
+    if args.f32 {
+        let (dense, _) = r3_model::Llama::trainable(&model.loaded.config, &model.loaded.weights)?;
+        model.llama = dense.for_generation()?;
+        crate::release_freed_memory();
+    }
     let prompt = synthetic_prompt(&model, args.prompt_tokens)?;
     let prompts: Vec<&[u32]> = vec![prompt.as_slice(); args.batch];
     // No end-of-sequence ids: every row decodes the full budget.

@@ -7,6 +7,7 @@ pub mod attention;
 pub mod exp;
 pub mod frozen;
 pub mod gemm;
+pub mod kquants;
 pub mod level;
 pub mod matmul;
 pub mod packed;

@@ -35,6 +35,10 @@ pub enum Encoding {
     Q8_0,
     F16,
     Bf16,
+    /// A K-quant's (Q4_K, Q5_K, Q6_K) block re-cut to 32 inputs (see
+    /// `kquants.rs`): f32 scales `lo`, `hi` and offset `o`, 32 signed bytes
+    /// `q`: `q·lo + o` for the first 16, `q·hi + o` for the rest.
+    K8,
 }
 
 impl Encoding {
@@ -50,12 +54,21 @@ impl Encoding {
         }
     }
 
-    /// f16 scalars (`d`, `m`) at the head of a file block.
+    /// Scalars (`d`, `m`, …) at the head of a block.
     fn scales(self) -> usize {
         match self {
+            Self::K8 => 3,
             Self::Q4_1 => 2,
             Self::Q4_0 | Self::Q8_0 => 1,
             Self::F16 | Self::Bf16 => 0,
+        }
+    }
+
+    /// Bytes of one scalar: f16 in GGUF's blocks, f32 in K8's.
+    fn scalar_bytes(self) -> usize {
+        match self {
+            Self::K8 => 4,
+            _ => 2,
         }
     }
 
@@ -63,7 +76,7 @@ impl Encoding {
     fn payload_bytes(self) -> usize {
         match self {
             Self::Q4_0 | Self::Q4_1 => BLOCK / 2,
-            Self::Q8_0 => BLOCK,
+            Self::Q8_0 | Self::K8 => BLOCK,
             Self::F16 | Self::Bf16 => 2 * BLOCK,
         }
     }
@@ -77,9 +90,9 @@ impl Encoding {
         }
     }
 
-    /// Bytes of one block as the file stores it.
+    /// Bytes of one block as the file (or, for K8, `kquants.rs`) stores it.
     pub fn block_bytes(self) -> usize {
-        2 * self.scales() + self.payload_bytes()
+        self.scalar_bytes() * self.scales() + self.payload_bytes()
     }
 }
 
@@ -125,6 +138,7 @@ impl PackedMatrix {
         // Rows past the end stay zero: scales 0 unpack to 0.
         let mut data = vec![0u8; groups * blocks * record];
         let (scales, element) = (encoding.scales(), encoding.element_bytes());
+        let scalar = encoding.scalar_bytes();
         let elements = encoding.payload_bytes() / element;
         for row in 0..rows {
             let source = source_rows.map_or(row, |s| s[row]);
@@ -133,9 +147,10 @@ impl PackedMatrix {
                 let src = &raw[(source * blocks + b) * block_bytes..][..block_bytes];
                 let dst = &mut data[(group * blocks + b) * record..][..record];
                 for s in 0..scales {
-                    dst[(s * GROUP + c) * 2..][..2].copy_from_slice(&src[s * 2..][..2]);
+                    dst[(s * GROUP + c) * scalar..][..scalar]
+                        .copy_from_slice(&src[s * scalar..][..scalar]);
                 }
-                let (payload, out) = (&src[scales * 2..], &mut dst[scales * GROUP * 2..]);
+                let (payload, out) = (&src[scales * scalar..], &mut dst[scales * GROUP * scalar..]);
                 for e in 0..elements {
                     out[(e * GROUP + c) * element..][..element]
                         .copy_from_slice(&payload[e * element..][..element]);
@@ -294,6 +309,18 @@ impl PackedMatrix {
                         f(k + j, &each_lane(|c| f32::from_bits((h[c] as u32) << 16)));
                     }
                 }
+                Encoding::K8 => {
+                    let (lo, hi) = (f32_lanes(r), f32_lanes(&r[4 * GROUP..]));
+                    let offset = f32_lanes(&r[8 * GROUP..]);
+                    for j in 0..BLOCK {
+                        let q = byte_lanes(&r[12 * GROUP + j * GROUP..]);
+                        let scale = if j < BLOCK / 2 { &lo } else { &hi };
+                        f(
+                            k + j,
+                            &each_lane(|c| q[c] as i8 as f32 * scale[c] + offset[c]),
+                        );
+                    }
+                }
             }
         }
     }
@@ -340,6 +367,20 @@ fn byte_lanes(bytes: &[u8]) -> [u8; GROUP] {
 fn half_lanes(bytes: &[u8]) -> [u16; GROUP] {
     let bytes: &[u8; 2 * GROUP] = bytes[..2 * GROUP].try_into().expect("32 bytes");
     each_lane(|c| u16::from_le_bytes([bytes[2 * c], bytes[2 * c + 1]]))
+}
+
+/// The 16 little-endian f32s at the start of `bytes`.
+#[inline(always)]
+fn f32_lanes(bytes: &[u8]) -> [f32; GROUP] {
+    let bytes: &[u8; 4 * GROUP] = bytes[..4 * GROUP].try_into().expect("64 bytes");
+    each_lane(|c| {
+        f32::from_le_bytes([
+            bytes[4 * c],
+            bytes[4 * c + 1],
+            bytes[4 * c + 2],
+            bytes[4 * c + 3],
+        ])
+    })
 }
 
 /// 16 little-endian f16s as f32, exactly, in a form that vectorizes: the
@@ -393,8 +434,12 @@ mod tests {
             .collect();
         let t = Tensor::from_vec(values, (rows, cols), &Device::Cpu).unwrap();
         let q = QTensor::quantize(&t, dtype).unwrap();
-        let encoding = Encoding::of_ggml(dtype).unwrap();
-        let packed = PackedMatrix::new(encoding, rows, cols, &q.data().unwrap(), None).unwrap();
+        let raw = q.data().unwrap();
+        let packed = match crate::kquants::to_k8(dtype, &raw) {
+            Some(k8) => PackedMatrix::new(Encoding::K8, rows, cols, &k8.unwrap(), None),
+            None => PackedMatrix::new(Encoding::of_ggml(dtype).unwrap(), rows, cols, &raw, None),
+        }
+        .unwrap();
         let dequantized = q.dequantize(&Device::Cpu).unwrap();
         (
             packed,
@@ -411,23 +456,29 @@ mod tests {
         gamma * magnitude
     }
 
+    /// Every encoding, K-quants (re-cut to K8) included: unpacking gives
+    /// the dequantizer's values bit for bit, and every kernel the product
+    /// with them within f32 rounding.
     #[test]
     fn register_kernels_compute_the_product_with_the_dequantized_weights() {
-        let (rows, cols) = (40, 96);
+        let rows = 40;
         let x: Vec<Vec<f32>> = (0..8)
             .map(|r| {
-                (0..cols)
-                    .map(|k| ((r * cols + k) % 13) as f32 / 6.0 - 1.0)
+                (0..512)
+                    .map(|k| ((r * 96 + k) % 13) as f32 / 6.0 - 1.0)
                     .collect()
             })
             .collect();
         let levels = CpuLevel::available();
-        for dtype in [
-            GgmlDType::Q4_0,
-            GgmlDType::Q4_1,
-            GgmlDType::Q8_0,
-            GgmlDType::F16,
-            GgmlDType::BF16,
+        for (dtype, cols) in [
+            (GgmlDType::Q4_0, 96),
+            (GgmlDType::Q4_1, 96),
+            (GgmlDType::Q8_0, 96),
+            (GgmlDType::F16, 96),
+            (GgmlDType::BF16, 96),
+            (GgmlDType::Q4K, 512),
+            (GgmlDType::Q5K, 512),
+            (GgmlDType::Q6K, 256),
         ] {
             let (packed, w) = random_matrix(dtype, rows, cols);
             let mut panel = vec![0f32; cols * packed.groups() * GROUP];

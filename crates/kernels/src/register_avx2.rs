@@ -73,6 +73,16 @@ pub(crate) unsafe fn dot_group<const R: usize>(
                     add(k + j, halves(j * 2 * GROUP));
                 }
             }
+            Encoding::K8 => {
+                let floats =
+                    |at: usize| [0, 32].map(|half| _mm256_loadu_ps(p.add(at + half).cast()));
+                let (lo, hi, offset) = (floats(0), floats(4 * GROUP), floats(8 * GROUP));
+                for j in 0..BLOCK {
+                    let q = bytes(12 * GROUP + j * GROUP).map(|q| _mm256_cvtepi8_epi32(q));
+                    let scaled = scale(q, if j < BLOCK / 2 { lo } else { hi });
+                    add(k + j, [0, 1].map(|i| _mm256_add_ps(scaled[i], offset[i])));
+                }
+            }
             Encoding::Bf16 => {
                 for j in 0..BLOCK {
                     add(

@@ -65,6 +65,16 @@ pub(crate) unsafe fn dot_group<const R: usize>(
                     add(k + j, _mm512_castsi512_ps(_mm512_slli_epi32(h, 16)));
                 }
             }
+            Encoding::K8 => {
+                let floats = |at: usize| _mm512_loadu_ps(p.add(at).cast());
+                let (lo, hi, offset) = (floats(0), floats(4 * GROUP), floats(8 * GROUP));
+                for j in 0..BLOCK {
+                    let q = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes(12 * GROUP + j * GROUP)));
+                    let scale = if j < BLOCK / 2 { lo } else { hi };
+                    // Multiply, then add: the rounding of the dequantized value.
+                    add(k + j, _mm512_add_ps(_mm512_mul_ps(q, scale), offset));
+                }
+            }
         }
     }
     acc.map(|lanes| {

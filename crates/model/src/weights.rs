@@ -11,6 +11,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::error::{ModelError, Result};
 use crate::formats::rope_rows::unpermute_rope_rows;
 use crate::formats::safetensors::{read_safetensors, shard_files};
+use r3_kernels::kquants::to_k8;
 use r3_kernels::packed::{Encoding, PackedMatrix};
 
 /// One tensor as its file stores it, so that inference can keep a compact
@@ -120,7 +121,7 @@ impl Weights {
     }
 
     /// The matrix `name` `[out, in]` packed for inference, or `None` when
-    /// its encoding has no packed kernel (f32, K-quants) and it is best
+    /// its encoding has no packed kernel (f32) and it is best
     /// used as f32.
     pub fn packed(&self, name: &str, shape: &[usize]) -> Result<Option<PackedMatrix>> {
         let fail = |e: &dyn std::fmt::Display| ModelError::tensor(&self.source, name, e);
@@ -143,10 +144,19 @@ impl Weights {
                 (encoding, Cow::Owned(raw), None)
             }
             Stored::Blocks { tensor, rope_heads } => {
-                let Some(encoding) = Encoding::of_ggml(tensor.dtype()) else {
-                    return Ok(None);
-                };
-                (encoding, tensor.data().map_err(|e| fail(&e))?, *rope_heads)
+                let raw = tensor.data().map_err(|e| fail(&e))?;
+                match (
+                    Encoding::of_ggml(tensor.dtype()),
+                    to_k8(tensor.dtype(), &raw),
+                ) {
+                    (Some(encoding), _) => (encoding, raw, *rope_heads),
+                    (None, Some(k8)) => (
+                        Encoding::K8,
+                        Cow::Owned(k8.map_err(|e| fail(&e))?),
+                        *rope_heads,
+                    ),
+                    (None, None) => return Ok(None),
+                }
             }
         };
         let order = match rope_heads {

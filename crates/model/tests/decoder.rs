@@ -401,8 +401,8 @@ fn decode_kernels_match_the_autograd_path() {
 
 #[test]
 fn packed_weights_are_the_dequantized_weights_and_decode_alike() {
-    // An inference decoder keeps Q4_0/Q4_1/Q8_0/F16/BF16 projections packed
-    // (K-quants and f32 stay f32). Unpacked, every packed matrix must equal
+    // An inference decoder keeps Q4_0/Q4_1/Q8_0/F16/BF16 projections packed,
+    // and K-quants re-cut to K8 (f32 stays f32). Unpacked, every packed matrix must equal
     // the dequantized tensor bit for bit — including llama.cpp's permuted
     // q/k rows and a vocabulary (271) that leaves the last 16-row group
     // partly empty — and the packed decoder must give the logits of the
@@ -418,10 +418,12 @@ fn packed_weights_are_the_dequantized_weights_and_decode_alike() {
         GgmlDType::F16,
         GgmlDType::BF16,
         GgmlDType::Q4K,
+        GgmlDType::Q5K,
+        GgmlDType::Q6K,
     ] {
         let path = dir.path().join(format!("{dtype:?}.gguf"));
         tiny.write_gguf(&path, dtype).unwrap();
-        files.push((format!("{dtype:?}"), path, dtype != GgmlDType::Q4K));
+        files.push((format!("{dtype:?}"), path, true));
     }
     for dtype in [DType::F16, DType::BF16] {
         let path = dir.path().join(format!("{dtype:?}"));

@@ -8,9 +8,9 @@
 //! gate/up) side by side, so that one wider GEMM serves them. Training
 //! updates this layout directly; [`Llama::hf_weights`] converts back. A
 //! decoder built for inference keeps projections whose file encoding has a
-//! packed kernel (Q4_0, Q4_1, Q8_0, F16, BF16) in that encoding instead
-//! (see r3-kernels' `packed.rs`): the same values at a fraction of the
-//! memory traffic.
+//! packed kernel (Q4_0, Q4_1, Q8_0, F16, BF16; K-quants re-cut to 32-input
+//! blocks) in that encoding instead (see r3-kernels' `packed.rs`): the same
+//! values at a fraction of the memory traffic.
 //!
 //! `linear.rs` holds the projections and their layouts, `layers.rs` one
 //! struct per layer; this file the model: loading, the forward, and the
@@ -245,8 +245,8 @@ impl Llama {
     }
 
     /// How many weights the decoder reads in their file's compact encoding
-    /// rather than as f32: zero means no packed kernel applied (an f32 or
-    /// K-quant file, or a trainable decoder).
+    /// rather than as f32: zero means no packed kernel applied (an f32
+    /// file, or a trainable decoder).
     pub fn packed_weights(&self) -> usize {
         let count =
             |parts: &[PackedMatrix]| -> usize { parts.iter().map(|p| p.rows() * p.cols()).sum() };

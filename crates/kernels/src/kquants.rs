@@ -1,0 +1,130 @@
+//! K-quants (Q4_K, Q5_K, Q6_K: what Q4_K_M files hold) re-cut into the
+//! 32-input blocks the packed kernels read ([`Encoding::K8`]): per block a
+//! scale for each half (Q6_K scales every 16 weights), one offset, and
+//! each weight's quant as a byte. The values are those of GGUF's own
+//! dequantization, bit for bit (`q·s + o` is `d₁·q − m₁` and `(d·sc)·q`
+//! as ggml rounds them); the weights take 11 bits each instead of 32.
+
+use candle_core::quantized::GgmlDType;
+use half::f16;
+
+use crate::packed::{Encoding, BLOCK};
+
+/// Weights per K-quant super-block.
+const SUPER: usize = 256;
+
+/// Bytes of one block of [`Encoding::K8`]: two scales and an offset (f32),
+/// then 32 signed quants.
+pub(crate) const K8_BYTES: usize = 12 + BLOCK;
+
+/// `raw`, K-quant super-blocks as a GGUF file stores them (any number of
+/// rows, each a whole number of super-blocks), as [`Encoding::K8`] blocks
+/// in the same order; `None` for other types.
+pub fn to_k8(dtype: GgmlDType, raw: &[u8]) -> Option<Result<Vec<u8>, String>> {
+    let (bytes, convert): (usize, fn(&[u8], &mut Vec<u8>)) = match dtype {
+        GgmlDType::Q4K => (144, q4k),
+        GgmlDType::Q5K => (176, q5k),
+        GgmlDType::Q6K => (210, q6k),
+        _ => return None,
+    };
+    if !raw.len().is_multiple_of(bytes) {
+        return Some(Err(format!(
+            "{} bytes is not a whole number of {dtype:?} blocks",
+            raw.len()
+        )));
+    }
+    let mut out = Vec::with_capacity(raw.len() / bytes * (SUPER / BLOCK) * K8_BYTES);
+    for block in raw.chunks_exact(bytes) {
+        convert(block, &mut out);
+    }
+    debug_assert_eq!(Encoding::K8.block_bytes(), K8_BYTES);
+    Some(Ok(out))
+}
+
+fn f16_at(bytes: &[u8]) -> f32 {
+    f16::from_le_bytes([bytes[0], bytes[1]]).to_f32()
+}
+
+/// One K8 block: `q·lo` for the first 16 quants, `q·hi` for the rest, plus
+/// `offset`.
+fn push(out: &mut Vec<u8>, lo: f32, hi: f32, offset: f32, quants: impl Iterator<Item = i8>) {
+    for v in [lo, hi, offset] {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    let start = out.len();
+    out.extend(quants.map(|q| q as u8));
+    debug_assert_eq!(out.len() - start, BLOCK);
+}
+
+/// The 6-bit scale and minimum of sub-block `j` of a Q4_K/Q5_K block's
+/// 12 packed bytes.
+fn scale_min(j: usize, s: &[u8]) -> (f32, f32) {
+    let (scale, min) = if j < 4 {
+        (s[j] & 63, s[j + 4] & 63)
+    } else {
+        (
+            (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4),
+            (s[j + 4] >> 4) | ((s[j] >> 6) << 4),
+        )
+    };
+    (scale as f32, min as f32)
+}
+
+/// Q4_K: `d`, `dmin` (f16), 12 bytes of scales, 128 bytes of nibbles; each
+/// 64 weights are the low then the high nibbles of 32 bytes.
+fn q4k(b: &[u8], out: &mut Vec<u8>) {
+    let (d, dmin, scales, qs) = (f16_at(&b[0..]), f16_at(&b[2..]), &b[4..16], &b[16..144]);
+    for j in 0..SUPER / BLOCK {
+        let (sc, m) = scale_min(j, scales);
+        let (scale, min) = (d * sc, dmin * m);
+        let bytes = &qs[(j / 2) * 32..][..32];
+        let shift = 4 * (j % 2);
+        push(
+            out,
+            scale,
+            scale,
+            -min,
+            bytes.iter().map(|q| ((q >> shift) & 0xF) as i8),
+        );
+    }
+}
+
+/// Q5_K: as Q4_K, with a fifth bit per weight in 32 bytes of `qh`.
+fn q5k(b: &[u8], out: &mut Vec<u8>) {
+    let (d, dmin, scales) = (f16_at(&b[0..]), f16_at(&b[2..]), &b[4..16]);
+    let (qh, qs) = (&b[16..48], &b[48..176]);
+    for j in 0..SUPER / BLOCK {
+        let (sc, m) = scale_min(j, scales);
+        let (scale, min) = (d * sc, dmin * m);
+        let bytes = &qs[(j / 2) * 32..][..32];
+        let shift = 4 * (j % 2);
+        let quants = bytes.iter().zip(qh).map(|(q, h)| {
+            let high = (h >> j) & 1;
+            (((q >> shift) & 0xF) | (high << 4)) as i8
+        });
+        push(out, scale, scale, -min, quants);
+    }
+}
+
+/// Q6_K: 128 bytes of low nibbles, 64 of high bit pairs, 16 signed scales
+/// (one per 16 weights), `d` (f16); quants are stored offset by 32.
+fn q6k(b: &[u8], out: &mut Vec<u8>) {
+    let (ql, qh, scales, d) = (&b[0..128], &b[128..192], &b[192..208], f16_at(&b[208..]));
+    for j in 0..SUPER / BLOCK {
+        // Weights 128·half + 32·t + l, for l in 0..32.
+        let (part, t) = (j / 4, j % 4);
+        let (ql, qh) = (&ql[64 * part..], &qh[32 * part..]);
+        let quants = (0..BLOCK).map(|l| {
+            let low = match t {
+                0 => ql[l] & 0xF,
+                1 => ql[l + 32] & 0xF,
+                2 => ql[l] >> 4,
+                _ => ql[l + 32] >> 4,
+            };
+            let high = (qh[l] >> (2 * t)) & 3;
+            (low | (high << 4)) as i8 - 32
+        });
+        let scale = |i: usize| d * scales[i] as i8 as f32;
+        push(out, scale(2 * j), scale(2 * j + 1), 0.0, quants);
+    }
+}
