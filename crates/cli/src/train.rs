@@ -22,7 +22,7 @@ pub struct TrainArgs {
     pub set: Vec<String>,
     /// Continue from a checkpoint directory written by a previous run;
     /// `last` takes output_dir's newest one, `auto` too if there is one
-    /// (else starts fresh)
+    /// (else starts fresh; a run already at max_steps stays as it is)
     #[arg(long, value_name = "DIR|last|auto")]
     pub resume: Option<PathBuf>,
     /// Start fresh in an output_dir that holds another run, deleting it
@@ -94,6 +94,13 @@ pub fn train(args: TrainArgs) -> Result<()> {
         _ => args.resume.clone(),
     };
     if let Some(dir) = &resume {
+        // `auto` makes reruns idempotent: a finished run stays finished.
+        let auto = args.resume.as_deref().and_then(Path::to_str) == Some("auto");
+        if auto && r3_train::checkpoint::read_state(dir)?.step >= config.max_steps {
+            eprintln!("already trained to max_steps = {}", config.max_steps);
+            eprintln!("final checkpoint: {}", dir.display());
+            return Ok(());
+        }
         eprintln!("resuming from {}", dir.display());
     }
     r3_train::checkpoint::prepare_output_dir(&config.output_dir, resume.is_some(), args.overwrite)?;

@@ -549,3 +549,124 @@ fn train_survives_kill_9_and_resumes_exactly() {
         assert!(same, "{name}: final weights differ");
     }
 }
+
+/// LoRA from the command line: `r3 train --use-peft` writes a PEFT adapter
+/// directory, which `--model` loads on its base; `r3 merge` folds it into
+/// an HF directory with the same logits; misuse is named.
+#[test]
+fn lora_adapters_train_load_and_merge() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, data) = tiny_model_and_data(dir.path(), 8, "3");
+    let path = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    std::fs::write(
+        path("verify.py"),
+        "import json, sys\nfor line in sys.stdin:\n    m = json.loads(line)\n    \
+         print(json.dumps({\"id\": m[\"id\"], \"success\": sum(m[\"answer\"].encode()) % 2 == 0}), flush=True)\n",
+    )
+    .unwrap();
+    let verifier = format!("python3 {}", path("verify.py"));
+    let failures = path("failures.jsonl");
+    let (ok, _, err) = r3(&[
+        "mine",
+        "--model",
+        &model,
+        "--verifier",
+        &verifier,
+        "--data",
+        &data,
+        "--samples",
+        "2",
+        "--max-new-tokens",
+        "4",
+        "--out",
+        &failures,
+    ]);
+    assert!(ok, "{err}");
+    let sets = [
+        format!("model={model}"),
+        format!("verifier={verifier}"),
+        format!("failures={failures}"),
+        format!("output_dir={}", path("run")),
+        "max_steps=2".into(),
+        "failures_per_step=2".into(),
+        "num_generations=4".into(),
+        "max_completion_length=4".into(),
+        "retry_max_tokens=4".into(),
+        "learning_rate=0.05".into(),
+    ];
+    let mut args = vec![
+        "train".to_string(),
+        "--use-peft".into(),
+        "--lora-r".into(),
+        "4".into(),
+        "--lora-target-modules".into(),
+        "q_proj,v_proj".into(),
+    ];
+    args.extend(sets.iter().flat_map(|s| ["--set".to_string(), s.clone()]));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (ok, _, err) = r3(&args);
+    assert!(ok, "{err}");
+    let checkpoint = path("run/checkpoint-2");
+    let config = std::fs::read_to_string(format!("{checkpoint}/adapter_config.json")).unwrap();
+    assert!(
+        config.contains("\"q_proj\"") && config.contains(&model),
+        "{config}"
+    );
+
+    std::fs::write(
+        path("m.json"),
+        r#"[{"role": "user", "content": "What is 1 + 2?"}]"#,
+    )
+    .unwrap();
+    let logits = |model_args: &[&str]| -> Vec<f64> {
+        let mut args = vec!["logits", "--messages"];
+        let messages = path("m.json");
+        args.push(&messages);
+        args.extend(model_args);
+        let (ok, out, err) = r3(&args);
+        assert!(ok, "{err}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v["last_top_k"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p[1].as_f64().unwrap())
+            .collect()
+    };
+    let adapted = logits(&["--model", &checkpoint]);
+    assert_eq!(
+        adapted,
+        logits(&["--model", &model, "--adapter", &checkpoint])
+    );
+    let (ok, _, err) = r3(&["merge", "--model", &checkpoint, "--out", &path("merged")]);
+    assert!(ok, "{err}");
+    let merged = logits(&["--model", &path("merged")]);
+    for (a, m) in adapted.iter().zip(&merged) {
+        assert!((a - m).abs() <= 1e-4, "{adapted:?} vs {merged:?}");
+    }
+    // Misuse is named.
+    let (ok, _, err) = r3(&["merge", "--model", &model, "--out", &path("merged2")]);
+    assert!(!ok && err.contains("nothing to merge"), "{err}");
+    let (ok, _, err) = r3(&[
+        "logits",
+        "--messages",
+        &path("m.json"),
+        "--model",
+        &model,
+        "--adapter",
+        &path("run"),
+    ]);
+    assert!(!ok && err.contains("adapter_config.json"), "{err}");
+    let (ok, _, err) = r3(&[
+        "train",
+        "--use-peft",
+        "--lora-target-modules",
+        "qkv",
+        "--set",
+        &sets[2],
+    ]);
+    assert!(
+        !ok && err.contains("unknown LoRA target module 'qkv'"),
+        "{err}"
+    );
+}
