@@ -7,7 +7,7 @@
 #   OUT      the run directory
 #   TASK     r3's --task
 #   MODEL    --model argument ("" for the default model)
-#   EVAL     extra flags of every `r3 eval` and `r3 mine` (token budgets)
+#   ATTEMPT_TOKENS, REFLECTION_TOKENS  token budgets of eval and mine
 #   PROMPTS  a prompts TOML for every step, or ""
 #   TRAIN    the training config (TOML)
 set -euo pipefail
@@ -24,28 +24,37 @@ timed() {
 }
 
 model_flag() { if [[ -n $1 ]]; then echo "--model $1"; fi; }
-prompts_flag() { if [[ -n $PROMPTS ]]; then echo "--prompts $PROMPTS"; fi; }
+prompts_flag() { if [[ -n ${PROMPTS:-} ]]; then echo "--prompts $PROMPTS"; fi; }
 
-# evaluate NAME MODEL DATA [TASK]: first and second try, greedy.
+# evaluate NAME MODEL DATA [TASK ATTEMPT_TOKENS REFLECTION_TOKENS]: first
+# and second try, greedy (the run's task and budgets unless given: the
+# forgetting check evaluates another task). A finished evaluation is kept,
+# so a rerun of the experiment picks up where it stopped.
 evaluate() {
     local name=$1 model=$2 data=$3 task=${4:-$TASK}
+    local attempt=${5:-$ATTEMPT_TOKENS} reflection=${6:-$REFLECTION_TOKENS}
+    local prompts=""
+    if [[ $task == "$TASK" ]]; then prompts=$(prompts_flag); fi
+    if [[ -f $OUT/$name/summary.json ]]; then return; fi
     # shellcheck disable=SC2046,SC2086
     timed "$name" "$R" eval $(model_flag "$model") --task "$task" --data "$data" \
-        --out "$OUT/$name" $EVAL $(prompts_flag)
+        --out "$OUT/$name" --max-new-tokens "$attempt" \
+        --reflection-max-tokens "$reflection" $prompts
 }
 
 mine() {
     local data=$1 samples=$2
-    # shellcheck disable=SC2046,SC2086
+    # shellcheck disable=SC2046
     timed mine "$R" mine $(model_flag "$MODEL") --task "$TASK" --data "$data" \
-        --samples "$samples" --temperature 0.9 --out "$OUT/failures.jsonl" $EVAL $(prompts_flag)
+        --samples "$samples" --temperature 0.9 --out "$OUT/failures.jsonl" \
+        --max-new-tokens "$ATTEMPT_TOKENS" $(prompts_flag)
 }
 
 train() {
-    timed train "$R" train --config "$TRAIN" --overwrite \
+    timed train "$R" train --config "$TRAIN" --resume auto \
         --set "failures=\"$OUT/failures.jsonl\"" --set "output_dir=\"$OUT/train\"" \
         --set "model=\"$MODEL\"" ${PROMPTS:+--set "prompts=\"$PROMPTS\""}
-    readlink -f "$OUT/train/last"
+    echo "$OUT/train/$(cat "$OUT/train/last")"
 }
 
 # The paper's four columns with 95% intervals and the paired test.
@@ -64,6 +73,6 @@ start() {
     mkdir -p "$OUT"
     cp "$R" "$OUT/r3"
     R=$OUT/r3
-    : >"$OUT/times.tsv"
+    touch "$OUT/times.tsv"
     log "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2) $(nproc) cores"
 }

@@ -10,7 +10,8 @@ OUT=${1:-$root/runs/arithmetic-smollm2}
 R=${R:-$root/target/release/r3}
 TASK=answer
 MODEL=""
-EVAL="--max-new-tokens 16 --reflection-max-tokens 64"
+ATTEMPT_TOKENS=16
+REFLECTION_TOKENS=64
 PROMPTS=$here/prompts.toml
 TRAIN=$here/train.toml
 source "$root/experiments/lib.sh"
