@@ -117,7 +117,7 @@ pub fn demo(args: DemoArgs) -> Result<()> {
             .unwrap_or_default(),
         task: "answer".into(),
         failures,
-        output_dir: train_dir,
+        output_dir: train_dir.clone(),
         seed: args.seed,
         max_steps: args.steps,
         failures_per_step: 4,
@@ -154,6 +154,7 @@ pub fn demo(args: DemoArgs) -> Result<()> {
         delta(before.second_try_accuracy, after.second_try_accuracy),
         before.n
     );
+    println!("{}", reward_signal(&train_dir.join("metrics.jsonl"))?);
     let overlap = after.second_try.low <= before.second_try.high
         && before.second_try.low <= after.second_try.high;
     if overlap {
@@ -161,4 +162,33 @@ pub fn demo(args: DemoArgs) -> Result<()> {
     }
     println!("run directory: {}", args.out.display());
     Ok(())
+}
+
+/// What the training run had to learn from: the share of groups whose
+/// rewards were mixed (the only ones that train), and the retry success of
+/// the sampled reflections in the first and the last steps.
+fn reward_signal(metrics: &std::path::Path) -> Result<String> {
+    let text = std::fs::read_to_string(metrics)?;
+    let steps: Vec<serde_json::Value> = text
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<std::result::Result<_, _>>()?;
+    let sum = |key: &str| steps.iter().filter_map(|m| m[key].as_f64()).sum::<f64>();
+    let (groups, silent) = (sum("groups"), sum("zero_signal_groups"));
+    let half = steps.len().div_ceil(2);
+    let mean = |part: &[serde_json::Value]| {
+        part.iter()
+            .filter_map(|m| m["retry_success"].as_f64())
+            .sum::<f64>()
+            / part.len().max(1) as f64
+    };
+    Ok(format!(
+        "reward signal: {:.0}% of {} groups had mixed rewards (the rest train nothing); retry success during training {:.1}% in the first {} steps, {:.1}% in the last {}.",
+        100.0 * (groups - silent) / groups.max(1.0),
+        groups,
+        100.0 * mean(&steps[..half]),
+        half,
+        100.0 * mean(&steps[half..]),
+        steps.len() - half
+    ))
 }
