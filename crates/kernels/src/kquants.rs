@@ -1,9 +1,10 @@
-//! K-quants (Q4_K, Q5_K, Q6_K: what Q4_K_M files hold) re-cut into the
-//! 32-input blocks the packed kernels read ([`Encoding::K8`]): per block a
-//! scale for each half (Q6_K scales every 16 weights), one offset, and
-//! each weight's quant as a byte. The values are those of GGUF's own
-//! dequantization, bit for bit (`q·s + o` is `d₁·q − m₁` and `(d·sc)·q`
-//! as ggml rounds them); the weights take 11 bits each instead of 32.
+//! K-quants (Q4_K, Q5_K, Q6_K) and the 5-bit Q5_0/Q5_1 — what Q4_K_M
+//! files hold — re-cut into the 32-input blocks the packed kernels read
+//! ([`Encoding::K8`]): per block a scale for each half (Q6_K scales every
+//! 16 weights), one offset, and each weight's quant as a byte. The values
+//! are those of GGUF's own dequantization, bit for bit (`q·s + o` is
+//! `d₁·q − m₁`, `(d·sc)·q` and `q·d + m` as ggml rounds them); the weights
+//! take 11 bits each instead of 32.
 
 use candle_core::quantized::GgmlDType;
 use half::f16;
@@ -17,14 +18,17 @@ const SUPER: usize = 256;
 /// then 32 signed quants.
 pub(crate) const K8_BYTES: usize = 12 + BLOCK;
 
-/// `raw`, K-quant super-blocks as a GGUF file stores them (any number of
-/// rows, each a whole number of super-blocks), as [`Encoding::K8`] blocks
-/// in the same order; `None` for other types.
+/// `raw`, blocks of `dtype` as a GGUF file stores them (any number of
+/// rows, each a whole number of blocks), as [`Encoding::K8`] blocks in the
+/// same order; `None` for types that are not re-cut.
 pub fn to_k8(dtype: GgmlDType, raw: &[u8]) -> Option<Result<Vec<u8>, String>> {
-    let (bytes, convert): (usize, fn(&[u8], &mut Vec<u8>)) = match dtype {
-        GgmlDType::Q4K => (144, q4k),
-        GgmlDType::Q5K => (176, q5k),
-        GgmlDType::Q6K => (210, q6k),
+    // (bytes of a block, weights in it, its conversion)
+    let (bytes, weights, convert): (usize, usize, fn(&[u8], &mut Vec<u8>)) = match dtype {
+        GgmlDType::Q4K => (144, SUPER, q4k),
+        GgmlDType::Q5K => (176, SUPER, q5k),
+        GgmlDType::Q6K => (210, SUPER, q6k),
+        GgmlDType::Q5_0 => (22, BLOCK, q5_0),
+        GgmlDType::Q5_1 => (24, BLOCK, q5_1),
         _ => return None,
     };
     if !raw.len().is_multiple_of(bytes) {
@@ -33,7 +37,7 @@ pub fn to_k8(dtype: GgmlDType, raw: &[u8]) -> Option<Result<Vec<u8>, String>> {
             raw.len()
         )));
     }
-    let mut out = Vec::with_capacity(raw.len() / bytes * (SUPER / BLOCK) * K8_BYTES);
+    let mut out = Vec::with_capacity(raw.len() / bytes * (weights / BLOCK) * K8_BYTES);
     for block in raw.chunks_exact(bytes) {
         convert(block, &mut out);
     }
@@ -127,4 +131,36 @@ fn q6k(b: &[u8], out: &mut Vec<u8>) {
         let scale = |i: usize| d * scales[i] as i8 as f32;
         push(out, scale(2 * j), scale(2 * j + 1), 0.0, quants);
     }
+}
+
+/// The 5-bit quants of a Q5_0/Q5_1 block: the low nibbles of 16 bytes
+/// (weights j and j + 16), the fifth bits in a 32-bit word.
+fn five_bits<'a>(qh: &[u8], qs: &'a [u8]) -> impl Iterator<Item = i8> + 'a {
+    let high = u32::from_le_bytes([qh[0], qh[1], qh[2], qh[3]]);
+    (0..BLOCK).map(move |j| {
+        let low = if j < BLOCK / 2 {
+            qs[j] & 0xF
+        } else {
+            qs[j - BLOCK / 2] >> 4
+        };
+        (low | ((((high >> j) & 1) as u8) << 4)) as i8
+    })
+}
+
+/// Q5_0: `d` (f16), `qh`, 16 bytes of nibbles; `(q − 16)·d`.
+fn q5_0(b: &[u8], out: &mut Vec<u8>) {
+    let d = f16_at(b);
+    push(
+        out,
+        d,
+        d,
+        0.0,
+        five_bits(&b[2..6], &b[6..22]).map(|q| q - 16),
+    );
+}
+
+/// Q5_1: `d`, `m` (f16), `qh`, 16 bytes of nibbles; `q·d + m`.
+fn q5_1(b: &[u8], out: &mut Vec<u8>) {
+    let (d, m) = (f16_at(b), f16_at(&b[2..]));
+    push(out, d, d, m, five_bits(&b[4..8], &b[8..24]));
 }

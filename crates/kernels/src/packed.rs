@@ -35,7 +35,7 @@ pub enum Encoding {
     Q8_0,
     F16,
     Bf16,
-    /// A K-quant's (Q4_K, Q5_K, Q6_K) block re-cut to 32 inputs (see
+    /// A K-quant's (Q4_K, Q5_K, Q6_K) or 5-bit (Q5_0, Q5_1) block re-cut to 32 inputs (see
     /// `kquants.rs`): f32 scales `lo`, `hi` and offset `o`, 32 signed bytes
     /// `q`: `q·lo + o` for the first 16, `q·hi + o` for the rest.
     K8,
@@ -479,6 +479,8 @@ mod tests {
             (GgmlDType::Q4K, 512),
             (GgmlDType::Q5K, 512),
             (GgmlDType::Q6K, 256),
+            (GgmlDType::Q5_0, 96),
+            (GgmlDType::Q5_1, 96),
         ] {
             let (packed, w) = random_matrix(dtype, rows, cols);
             let mut panel = vec![0f32; cols * packed.groups() * GROUP];

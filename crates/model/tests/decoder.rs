@@ -402,7 +402,7 @@ fn decode_kernels_match_the_autograd_path() {
 #[test]
 fn packed_weights_are_the_dequantized_weights_and_decode_alike() {
     // An inference decoder keeps Q4_0/Q4_1/Q8_0/F16/BF16 projections packed,
-    // and K-quants re-cut to K8 (f32 stays f32). Unpacked, every packed matrix must equal
+    // and K-quants, Q5_0 and Q5_1 re-cut to K8 (f32 stays f32). Unpacked, every packed matrix must equal
     // the dequantized tensor bit for bit — including llama.cpp's permuted
     // q/k rows and a vocabulary (271) that leaves the last 16-row group
     // partly empty — and the packed decoder must give the logits of the
@@ -420,6 +420,8 @@ fn packed_weights_are_the_dequantized_weights_and_decode_alike() {
         GgmlDType::Q4K,
         GgmlDType::Q5K,
         GgmlDType::Q6K,
+        GgmlDType::Q5_0,
+        GgmlDType::Q5_1,
     ] {
         let path = dir.path().join(format!("{dtype:?}.gguf"));
         tiny.write_gguf(&path, dtype).unwrap();

@@ -1,0 +1,44 @@
+//! A real Qwen2 model stored as Q4_K_M, when one is at hand: set
+//! `R3_QWEN_GGUF` to the file `../shared/models/fetch.sh qwen2.5-coder-0.5b`
+//! prints (CI does not: the file is 491 MB). Its K-quant projections stay
+//! packed (re-cut to K8), and the packed decoder gives the logits of the
+//! decoder with every weight expanded to f32.
+
+use candle_core::IndexOp;
+use r3_model::tiny::max_abs;
+use r3_model::{KvCache, Llama};
+
+#[test]
+fn packed_k_quants_give_the_f32_models_logits() {
+    let Ok(path) = std::env::var("R3_QWEN_GGUF") else {
+        eprintln!("R3_QWEN_GGUF is not set: the real-Qwen check did not run");
+        return;
+    };
+    let loaded = r3_model::load(path.as_ref()).unwrap();
+    let packed = Llama::new(&loaded.config, &loaded.weights).unwrap();
+    assert!(
+        packed.packed_weights() > 400_000_000,
+        "{}",
+        packed.packed_weights()
+    );
+    let (dense, _) = Llama::trainable(&loaded.config, &loaded.weights).unwrap();
+    let dense = dense.for_generation().unwrap();
+    let ids = loaded
+        .tokenizer
+        .encode("def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.")
+        .unwrap();
+    let logits = |model: &Llama| {
+        let mut cache = KvCache::new(&loaded.config, 1, ids.len());
+        let hidden = model.forward(&[&ids], &mut cache).unwrap();
+        model.last_logits(&hidden).unwrap().i(0).unwrap()
+    };
+    let (a, b) = (logits(&packed), logits(&dense));
+    let diff = max_abs(&(&a - &b).unwrap()).unwrap();
+    let scale = max_abs(&b).unwrap();
+    eprintln!("largest logit difference {diff} (largest logit {scale})");
+    assert!(diff <= 1e-3 * scale.max(1.0), "{diff}");
+    assert_eq!(
+        a.argmax(0).unwrap().to_scalar::<u32>().unwrap(),
+        b.argmax(0).unwrap().to_scalar::<u32>().unwrap()
+    );
+}
