@@ -18,12 +18,15 @@ const SUPER: usize = 256;
 /// then 32 signed quants.
 pub(crate) const K8_BYTES: usize = 12 + BLOCK;
 
+/// Appends the K8 blocks of one GGUF block.
+type Convert = fn(&[u8], &mut Vec<u8>);
+
 /// `raw`, blocks of `dtype` as a GGUF file stores them (any number of
 /// rows, each a whole number of blocks), as [`Encoding::K8`] blocks in the
 /// same order; `None` for types that are not re-cut.
 pub fn to_k8(dtype: GgmlDType, raw: &[u8]) -> Option<Result<Vec<u8>, String>> {
     // (bytes of a block, weights in it, its conversion)
-    let (bytes, weights, convert): (usize, usize, fn(&[u8], &mut Vec<u8>)) = match dtype {
+    let (bytes, weights, convert): (usize, usize, Convert) = match dtype {
         GgmlDType::Q4K => (144, SUPER, q4k),
         GgmlDType::Q5K => (176, SUPER, q5k),
         GgmlDType::Q6K => (210, SUPER, q6k),
