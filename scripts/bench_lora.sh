@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# LoRA and packed K-quants, measured side by side in one session (issue 12):
+# full fine-tuning against LoRA on the default model; LoRA steps on the Qwen
+# models (frozen, packed Q4_K_M base); decoding with packed K8 weights
+# against the same model expanded to f32. One JSON object per line on
+# stdout (each carries the machine). Qwen models come from
+# ../shared/models/fetch.sh; pass which: bash scripts/bench_lora.sh 0.5b 1.5b
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo build --release -q -p r3-cli
+r3=target/release/r3
+train="--batch 4 --group 8 --max-reflection-tokens 128 --max-retry-tokens 128"
+$r3 bench train $train --steps 2
+$r3 bench train $train --steps 2 --use-peft
+for size in "$@"; do
+  model=$(bash ../shared/models/fetch.sh "qwen2.5-coder-$size")
+  for batch in 1 8; do
+    $r3 bench generate --model "$model" --batch "$batch" --prompt-tokens 128 --new-tokens 64
+    $r3 bench generate --model "$model" --batch "$batch" --prompt-tokens 128 --new-tokens 64 --f32
+  done
+  $r3 bench train --model "$model" $train --steps 1 --use-peft
+done
