@@ -2,7 +2,9 @@
 //! two-number arithmetic (which the 135M model solves about a third of the
 //! time, so groups of reflections get mixed rewards), the base model
 //! evaluated on held-out records, failures mined from the rest, a few GRPO
-//! steps on reflection tokens, the trained model evaluated again.
+//! steps on reflection tokens, the trained model evaluated again. The
+//! setup is the arithmetic experiment's (`experiments/arithmetic-smollm2`),
+//! shortened.
 
 use std::path::PathBuf;
 
@@ -24,7 +26,7 @@ pub struct DemoArgs {
     #[arg(long, default_value = "runs/demo")]
     out: PathBuf,
     /// GRPO steps
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 12)]
     steps: usize,
     /// Held-out records evaluated before and after training
     #[arg(long, default_value_t = 60)]
@@ -39,6 +41,12 @@ pub struct DemoArgs {
     seed: u64,
 }
 
+/// The reflection turn of the arithmetic experiment: asked to "reflect on
+/// what went wrong", the 135M model apologises and its greedy retry repeats
+/// the failed answer; asked for the calculation, some sampled reflections
+/// get it right and the retry follows them, so groups get mixed rewards.
+const REFLECTION: &str = "Your answer was wrong. Work the calculation out again step by step and say what the correct number is.";
+
 pub fn demo(args: DemoArgs) -> Result<()> {
     if args.model.adapter.is_some() {
         anyhow::bail!(
@@ -52,12 +60,14 @@ pub fn demo(args: DemoArgs) -> Result<()> {
     let train_path = args.out.join("train.jsonl");
     write_jsonl(&eval_path, held_out)?;
     write_jsonl(&train_path, pool)?;
+    let prompts = args.out.join("prompts.toml");
+    std::fs::write(&prompts, format!("reflection = {REFLECTION:?}\n"))?;
     let task = TaskConfig::new(Some("answer"), None, 10.0)?;
     let data = |path: &PathBuf| DataConfig {
         data: path.clone(),
         limit: None,
         skip_invalid: false,
-        prompts: None,
+        prompts: Some(prompts.clone()),
         batch_rows: 32,
     };
     let eval_config = |model: ModelSpec, out: &str| EvalConfig {
@@ -120,8 +130,11 @@ pub fn demo(args: DemoArgs) -> Result<()> {
         output_dir: train_dir.clone(),
         seed: args.seed,
         max_steps: args.steps,
+        prompts: Some(prompts.clone()),
         failures_per_step: 4,
-        num_generations: 8,
+        num_generations: 12,
+        temperature: 1.0,
+        micro_batch_size: 12,
         max_completion_length: 64,
         retry_max_tokens: 16,
         learning_rate: args.learning_rate,
@@ -155,10 +168,14 @@ pub fn demo(args: DemoArgs) -> Result<()> {
         before.n
     );
     println!("{}", reward_signal(&train_dir.join("metrics.jsonl"))?);
+    println!(
+        "\npaired, on the same records:\n{}",
+        crate::report::compare(&args.out.join("eval-base"), &args.out.join("eval-trained"))?
+    );
     let overlap = after.second_try.low <= before.second_try.high
         && before.second_try.low <= after.second_try.high;
     if overlap {
-        println!("The 95% intervals overlap: a demo this short does not show a reliable change. See the README for the long run.");
+        println!("The 95% intervals overlap; the paired McNemar test above compares the same records and is the sharper test. Twelve steps on 60 records demonstrate the loop; see the README's Results for the long run.");
     }
     println!("run directory: {}", args.out.display());
     Ok(())

@@ -81,7 +81,11 @@ pub fn compare(a: &Path, b: &Path) -> Result<String> {
         let only_a = ta.iter().filter(|(l, o)| o[pick] && !tb[l][pick]).count();
         let only_b = tb.iter().filter(|(l, o)| o[pick] && !ta[l][pick]).count();
         let p = mcnemar_exact(only_a, only_b);
-        let p = if p < 1e-3 { format!("{p:.1e}") } else { format!("{p:.3}") };
+        let p = if p < 1e-3 {
+            format!("{p:.1e}")
+        } else {
+            format!("{p:.3}")
+        };
         out.push_str(&format!(
             "| {label} | {} | {} | {only_a} / {only_b} | {p} |\n",
             cell(&sa, key),
