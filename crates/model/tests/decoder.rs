@@ -5,7 +5,7 @@
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, IndexOp, Tensor, Var, D};
 use r3_model::formats::rope_rows::{permute_rope_rows, unpermute_rope_rows};
-use r3_model::tiny::{max_abs, TinyModel};
+use r3_model::tiny::{finite_difference_mismatch, max_abs, TinyModel};
 use r3_model::{Architecture, KvCache, Llama};
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
@@ -321,42 +321,15 @@ fn every_parameter_gets_a_gradient_and_it_matches_finite_differences() {
     // gradient. (The k-bias probe, whose gradient is small because a
     // shift of every key cancels in the softmax but for RoPE, failed at
     // ε = 4e-3 on AVX2; at ε ≥ 0.016 its estimate converges on autograd's.)
-    let eps = 3.2e-2f32;
-    let f = objective(&model).to_scalar::<f32>().unwrap().abs();
-    let ulp = f32::from_bits(f.to_bits() + 1) - f;
-    let rounding = 64.0 * ulp / eps;
-    for (name, index) in probes {
-        let var = &vars.iter().find(|(n, _)| n == name).unwrap().1;
-        let analytic: f32 = grads
-            .get(var)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .i(index)
-            .unwrap()
-            .to_scalar()
-            .unwrap();
-        let original = var
-            .as_tensor()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        let eval = |delta: f32| -> f32 {
-            let mut data = original.clone();
-            data[index] += delta;
-            var.set(&Tensor::from_vec(data, var.shape(), var.device()).unwrap())
-                .unwrap();
-            objective(&model).to_scalar::<f32>().unwrap()
-        };
-        let numeric = (eval(eps) - eval(-eps)) / (2.0 * eps);
-        eval(0.0);
-        let tolerance = rounding + 1e-2 * analytic.abs().max(numeric.abs());
-        assert!(
-            (analytic - numeric).abs() <= tolerance,
-            "{name}[{index}]: autograd {analytic} vs finite differences {numeric}"
-        );
-    }
+    let probes: Vec<(String, &Var, usize)> = probes
+        .iter()
+        .map(|&(name, index)| {
+            let var = &vars.iter().find(|(n, _)| n == name).unwrap().1;
+            (name.to_string(), var, index)
+        })
+        .collect();
+    let mismatch = finite_difference_mismatch(&|| objective(&model), &grads, &probes).unwrap();
+    assert!(mismatch.is_none(), "{mismatch:?}");
 }
 
 #[test]
