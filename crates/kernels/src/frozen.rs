@@ -9,8 +9,8 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::gemm::{gemm, Mat, Out};
-use crate::matmul::{blocks, PackedProduct, PANEL};
-use crate::packed::{PackedMatrix, GROUP};
+use crate::matmul::{blocks, with_panel, PackedProduct};
+use crate::packed::PackedMatrix;
 use crate::storage::{f32_slice, with_f32_elements};
 
 /// `x [m, k] · w [k, n]` with `w` frozen.
@@ -146,35 +146,20 @@ impl CustomOp1 for PackedTransposedProduct<'_> {
             .fold(
                 || vec![0f32; m * k],
                 |mut sum, (part, offset, groups)| {
-                    let width = groups.len() * GROUP;
-                    PANEL.with_borrow_mut(|panel| {
-                        if panel.len() < k * width {
-                            panel.resize(k * width, 0.0);
-                        }
-                        for (i, group) in groups.clone().enumerate() {
-                            part.unpack_group(group, &mut panel[i * GROUP..], width);
-                        }
-                        let first = groups.start * GROUP;
-                        let cols = (groups.end * GROUP).min(part.rows()) - first;
+                    with_panel(part, groups, |panel, width, first, rows| {
                         // The panel is [k, width]: read transposed, its first
-                        // `cols` columns are this block's rows of W.
+                        // `rows` columns are this block's rows of W.
                         let w_rows = Mat {
                             data: panel,
                             row_stride: 1,
                             col_stride: width,
                         };
                         let g_cols = Mat::rows(&g[offset + first..], n);
-                        gemm(
-                            (m, k, cols),
-                            Out {
-                                data: &mut sum,
-                                row_stride: k,
-                            },
-                            true,
-                            g_cols,
-                            w_rows,
-                            1,
-                        );
+                        let out = Out {
+                            data: &mut sum,
+                            row_stride: k,
+                        };
+                        gemm((m, k, rows), out, true, g_cols, w_rows, 1);
                     });
                     sum
                 },
@@ -215,7 +200,14 @@ mod tests {
     /// forward is the packed product's.
     #[test]
     fn packed_backward_gives_the_input_gradient_of_the_dequantized_product() {
-        let (m, k) = (7, 64);
+        // 7 rows take the register kernels forward, 70 the unpacked panels.
+        for m in [7, 70] {
+            packed_case(m);
+        }
+    }
+
+    fn packed_case(m: usize) {
+        let k = 64;
         let mut parts = Vec::new();
         let mut dense = Vec::new();
         for (rows, seed) in [(40, 1), (24, 2)] {
@@ -236,7 +228,7 @@ mod tests {
         let parts: Arc<[PackedMatrix]> = parts.into();
         let w_t = Tensor::cat(&dense, 0).unwrap().t().unwrap();
         let x = Var::from_tensor(&seeded((m, k), 3)).unwrap();
-        let weights = seeded((m, 64), 4);
+        let weights = seeded((m, 64), 4 + m as u64);
         let y = packed(x.as_tensor(), &parts).unwrap();
         let reference = x.as_tensor().matmul(&w_t).unwrap();
         close(&y, &reference, 1e-5);

@@ -215,7 +215,30 @@ impl CustomOp2 for DenseProduct {
 
 thread_local! {
     /// Each thread's unpacked weight columns, reused from task to task.
-    pub(crate) static PANEL: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    static PANEL: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Unpacks the 16-row `groups` of `part` into this thread's panel, `[k,
+/// width]` with the rows of W as columns, and hands `f` the panel, its
+/// width, and the first row of W and the number of real (not padding) rows
+/// it holds.
+pub(crate) fn with_panel<T>(
+    part: &PackedMatrix,
+    groups: Range<usize>,
+    f: impl FnOnce(&[f32], usize, usize, usize) -> T,
+) -> T {
+    let (k, width) = (part.cols(), groups.len() * GROUP);
+    PANEL.with_borrow_mut(|panel| {
+        if panel.len() < k * width {
+            panel.resize(k * width, 0.0);
+        }
+        for (i, group) in groups.clone().enumerate() {
+            part.unpack_group(group, &mut panel[i * GROUP..], width);
+        }
+        let first = groups.start * GROUP;
+        let rows = (groups.end * GROUP).min(part.rows()) - first;
+        f(&panel[..k * width], width, first, rows)
+    })
 }
 
 pub(crate) struct PackedProduct<'a> {
@@ -261,16 +284,7 @@ impl CustomOp1 for PackedProduct<'_> {
                 // SAFETY: as below, for columns offset + 16·groups.
                 return unsafe { output.dot_groups(part, offset, groups, x, k, pass) };
             }
-            let width = groups.len() * GROUP;
-            PANEL.with_borrow_mut(|panel| {
-                if panel.len() < k * width {
-                    panel.resize(k * width, 0.0);
-                }
-                for (i, group) in groups.clone().enumerate() {
-                    part.unpack_group(group, &mut panel[i * GROUP..], width);
-                }
-                let first = groups.start * GROUP;
-                let cols = (groups.end * GROUP).min(part.rows()) - first;
+            with_panel(part, groups, |panel, width, first, cols| {
                 // SAFETY: `out` is m × n and this task alone writes columns
                 // offset + first .. offset + first + cols, within its part's
                 // n_i columns; x is m × k; the panel holds k rows of `width`
