@@ -249,6 +249,49 @@ fn tiny_model_and_data(dir: &std::path::Path, n: usize, seed: &str) -> (String, 
     )
 }
 
+/// A tiny model and `n` arithmetic records (see [`tiny_model_and_data`]),
+/// a verifier passing an answer when the sum of its bytes is a multiple of
+/// `modulus` (deterministic mixed rewards, so that groups train), and
+/// failures mined with 2 samples per record. Returns (model, verifier
+/// command, failures file).
+fn mined_tiny_run(
+    dir: &std::path::Path,
+    n: usize,
+    seed: &str,
+    modulus: u32,
+    max_new_tokens: &str,
+) -> (String, String, String) {
+    let (model, data) = tiny_model_and_data(dir, n, seed);
+    let path = |name: &str| dir.join(name).to_str().unwrap().to_string();
+    std::fs::write(
+        path("verify.py"),
+        format!(
+            "import json, sys\nfor line in sys.stdin:\n    m = json.loads(line)\n    \
+             print(json.dumps({{\"id\": m[\"id\"], \"success\": sum(m[\"answer\"].encode()) % {modulus} == 0}}), flush=True)\n"
+        ),
+    )
+    .unwrap();
+    let verifier = format!("python3 {}", path("verify.py"));
+    let failures = path("failures.jsonl");
+    let (ok, _, err) = r3(&[
+        "mine",
+        "--model",
+        &model,
+        "--verifier",
+        &verifier,
+        "--data",
+        &data,
+        "--samples",
+        "2",
+        "--max-new-tokens",
+        max_new_tokens,
+        "--out",
+        &failures,
+    ]);
+    assert!(ok, "{err}");
+    (model, verifier, failures)
+}
+
 fn mine_args<'a>(model: &'a str, data: &'a str, out: &'a str, samples: &'a str) -> Vec<&'a str> {
     vec![
         "mine",
@@ -422,33 +465,8 @@ fn comparable_metrics(line: &str) -> serde_json::Value {
 #[test]
 fn train_survives_kill_9_and_resumes_exactly() {
     let dir = tempfile::tempdir().unwrap();
-    let (model, data) = tiny_model_and_data(dir.path(), 24, "2");
+    let (model, verifier, failures) = mined_tiny_run(dir.path(), 24, "2", 3, "6");
     let path = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
-    // Deterministic mixed rewards, so that groups train.
-    std::fs::write(
-        path("verify.py"),
-        "import json, sys\nfor line in sys.stdin:\n    m = json.loads(line)\n    \
-         print(json.dumps({\"id\": m[\"id\"], \"success\": sum(m[\"answer\"].encode()) % 3 == 0}), flush=True)\n",
-    )
-    .unwrap();
-    let verifier = format!("python3 {}", path("verify.py"));
-    let failures = path("failures.jsonl");
-    let (ok, _, err) = r3(&[
-        "mine",
-        "--model",
-        &model,
-        "--verifier",
-        &verifier,
-        "--data",
-        &data,
-        "--samples",
-        "2",
-        "--max-new-tokens",
-        "6",
-        "--out",
-        &failures,
-    ]);
-    assert!(ok, "{err}");
     let train_args = |out: &str| -> Vec<String> {
         [
             format!("model={model}"),
@@ -556,32 +574,8 @@ fn train_survives_kill_9_and_resumes_exactly() {
 #[test]
 fn lora_adapters_train_load_and_merge() {
     let dir = tempfile::tempdir().unwrap();
-    let (model, data) = tiny_model_and_data(dir.path(), 8, "3");
+    let (model, verifier, failures) = mined_tiny_run(dir.path(), 8, "3", 2, "4");
     let path = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
-    std::fs::write(
-        path("verify.py"),
-        "import json, sys\nfor line in sys.stdin:\n    m = json.loads(line)\n    \
-         print(json.dumps({\"id\": m[\"id\"], \"success\": sum(m[\"answer\"].encode()) % 2 == 0}), flush=True)\n",
-    )
-    .unwrap();
-    let verifier = format!("python3 {}", path("verify.py"));
-    let failures = path("failures.jsonl");
-    let (ok, _, err) = r3(&[
-        "mine",
-        "--model",
-        &model,
-        "--verifier",
-        &verifier,
-        "--data",
-        &data,
-        "--samples",
-        "2",
-        "--max-new-tokens",
-        "4",
-        "--out",
-        &failures,
-    ]);
-    assert!(ok, "{err}");
     let sets = [
         format!("model={model}"),
         format!("verifier={verifier}"),
