@@ -37,43 +37,35 @@ impl Model {
 /// Loads the model `spec` names. A path to a PEFT adapter directory (an
 /// r3 LoRA checkpoint) loads its base, `base_model_name_or_path`, with it.
 pub fn load(spec: &ModelSpec) -> Result<Model> {
-    let (path, adapter) = match (&spec.path, &spec.adapter) {
-        (Some(dir), None) if dir.join("adapter_config.json").exists() => {
-            (adapter_base(dir)?, Some(dir.clone()))
-        }
-        (path, adapter) => (path.clone(), adapter.clone()),
+    let adapter_dir = match (&spec.path, &spec.adapter) {
+        (Some(dir), None) if dir.join("adapter_config.json").exists() => Some(dir),
+        (_, adapter) => adapter.as_ref(),
     };
-    let mut model = load_base(path.as_deref())?;
-    if let Some(dir) = &adapter {
-        let lora = Adapter::load(dir)
-            .with_context(|| format!("cannot load the adapter {}", dir.display()))?;
-        model.llama = Llama::with_adapter(
-            &model.loaded.config,
-            &model.loaded.weights,
-            &lora.config,
-            &lora.weights,
+    let Some(dir) = adapter_dir else {
+        return load_base(spec.path.as_deref());
+    };
+    let lora =
+        Adapter::load(dir).with_context(|| format!("cannot load the adapter {}", dir.display()))?;
+    let base = match &spec.adapter {
+        Some(_) => spec.path.clone(),
+        None => lora.base_model.as_ref().map(PathBuf::from),
+    };
+    let mut model = load_base(base.as_deref())?;
+    model.llama = Llama::with_adapter(
+        &model.loaded.config,
+        &model.loaded.weights,
+        &lora.config,
+        &lora.weights,
+    )
+    .with_context(|| {
+        format!(
+            "the adapter {} does not fit {}",
+            dir.display(),
+            model.loaded.path.display()
         )
-        .with_context(|| {
-            format!(
-                "the adapter {} does not fit {}",
-                dir.display(),
-                model.loaded.path.display()
-            )
-        })?;
-        model.adapter = Some(dir.clone());
-    }
+    })?;
+    model.adapter = Some(dir.clone());
     Ok(model)
-}
-
-/// The base an adapter directory names (`""`: the default model).
-fn adapter_base(dir: &Path) -> Result<Option<PathBuf>> {
-    let path = dir.join("adapter_config.json");
-    let text = std::fs::read_to_string(&path)
-        .with_context(|| format!("cannot read {}", path.display()))?;
-    let json: serde_json::Value =
-        serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))?;
-    let base = json["base_model_name_or_path"].as_str().unwrap_or_default();
-    Ok((!base.is_empty()).then(|| PathBuf::from(base)))
 }
 
 /// Loads `path`, or the default model (fetching it once) when `None`.

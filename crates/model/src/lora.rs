@@ -174,9 +174,12 @@ pub fn peft_names(hf_name: &str) -> [String; 2] {
     ["lora_A", "lora_B"].map(|m| format!("base_model.model.{hf_name}.{m}.weight"))
 }
 
-/// An adapter directory: its settings and its tensors by PEFT name.
+/// An adapter directory: its settings, the base it was trained on
+/// (`base_model_name_or_path`; `None` when empty or absent) and its tensors
+/// by PEFT name.
 pub struct Adapter {
     pub config: LoraConfig,
+    pub base_model: Option<String>,
     pub weights: Weights,
 }
 
@@ -191,6 +194,10 @@ impl Adapter {
             source,
         })?;
         let config = LoraConfig::from_peft_json(&config_path, &json)?;
+        let base_model = json["base_model_name_or_path"]
+            .as_str()
+            .filter(|b| !b.is_empty())
+            .map(str::to_string);
         let tensors_path = dir.join("adapter_model.safetensors");
         if !tensors_path.exists() {
             return Err(ModelError::invalid(
@@ -202,6 +209,7 @@ impl Adapter {
             read_safetensors(&tensors_path)?.into_iter().collect();
         Ok(Self {
             config,
+            base_model,
             weights: Weights::new(tensors_path, tensors),
         })
     }

@@ -235,34 +235,28 @@ impl DecoderLayer {
     }
 
     pub(super) fn linears_mut(&mut self) -> impl Iterator<Item = &mut Linear> {
-        let (attn, mlp) = (&mut self.self_attn, &mut self.mlp);
-        attn.qkv
-            .iter_mut()
-            .chain([&mut attn.o_proj])
-            .chain(mlp.gate_up.iter_mut())
-            .chain([&mut mlp.down_proj])
+        projections_mut(&mut self.self_attn, &mut self.mlp)
     }
 
     /// Every parameter of the layer with its name, mutably.
     pub(super) fn tensors_mut(&mut self, prefix: &str) -> Vec<(String, &mut Tensor)> {
+        let Self {
+            input_layernorm,
+            self_attn,
+            post_attention_layernorm,
+            mlp,
+        } = self;
         let mut out = vec![
             (
                 format!("{prefix}.input_layernorm.weight"),
-                &mut self.input_layernorm.weight,
+                &mut input_layernorm.weight,
             ),
             (
                 format!("{prefix}.post_attention_layernorm.weight"),
-                &mut self.post_attention_layernorm.weight,
+                &mut post_attention_layernorm.weight,
             ),
         ];
-        let (attn, mlp) = (&mut self.self_attn, &mut self.mlp);
-        let linears = attn
-            .qkv
-            .iter_mut()
-            .chain([&mut attn.o_proj])
-            .chain(mlp.gate_up.iter_mut())
-            .chain([&mut mlp.down_proj]);
-        for linear in linears {
+        for linear in projections_mut(self_attn, mlp) {
             let name = linear.name();
             if let ProjectionWeight::Dense(weight_t) = &mut linear.weight {
                 out.push((format!("{name}.weight_t"), weight_t));
@@ -280,4 +274,17 @@ impl DecoderLayer {
         }
         out
     }
+}
+
+/// A layer's projections in order (q/k/v, o; gate/up, down), mutably:
+/// taking the two halves apart lets callers borrow the norms beside them.
+fn projections_mut<'a>(
+    attn: &'a mut Attention,
+    mlp: &'a mut Mlp,
+) -> impl Iterator<Item = &'a mut Linear> {
+    attn.qkv
+        .iter_mut()
+        .chain([&mut attn.o_proj])
+        .chain(mlp.gate_up.iter_mut())
+        .chain([&mut mlp.down_proj])
 }
