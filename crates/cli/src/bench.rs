@@ -177,12 +177,13 @@ fn generate(args: GenerateBench) -> Result<()> {
     if args.batch == 0 || args.prompt_tokens == 0 {
         bail!("--batch and --prompt-tokens must be positive");
     }
-    let mut model = model::load(&args.model.spec())?;
+    let mut model = model::load_with_weights(&args.model.spec())?;
     if args.f32 {
         let (dense, _) = r3_model::Llama::trainable(&model.loaded.config, &model.loaded.weights)?;
         model.llama = dense.for_generation()?;
-        crate::release_freed_memory();
     }
+    model.loaded.weights = Default::default();
+    crate::release_freed_memory();
     let prompt = synthetic_prompt(&model, args.prompt_tokens)?;
     let prompts: Vec<&[u32]> = vec![prompt.as_slice(); args.batch];
     // No end-of-sequence ids: every row decodes the full budget.
@@ -365,13 +366,13 @@ fn train(args: TrainBench) -> Result<()> {
     if args.batch == 0 || args.group < 2 || args.steps == 0 {
         bail!("need --batch ≥ 1, --group ≥ 2 and --steps ≥ 1");
     }
-    let model = model::load(&args.model.spec())?;
+    let model = model::load_with_weights(&args.model.spec())?;
     let task = CoinFlip;
     let prompts = r3_tasks::Prompts::for_task(&task);
     let failures = stand_in_failures(&model, &task, &prompts, args.batch * args.steps)?;
     // The trainer builds its own decoders: keep only the loaded weights.
     let model::Model {
-        loaded: model,
+        loaded: mut model,
         llama,
         ..
     } = model;
@@ -396,10 +397,14 @@ fn train(args: TrainBench) -> Result<()> {
         save_steps: 0,
         ..Default::default()
     };
+    let weights = r3_train::trainer::StartWeights {
+        policy: std::mem::take(&mut model.weights),
+        reference: None,
+    };
     let mut trainer = r3_train::trainer::Trainer::new(
         config.clone(),
         &model,
-        Some(&model),
+        weights,
         &task,
         prompts,
         failures,
@@ -411,7 +416,7 @@ fn train(args: TrainBench) -> Result<()> {
         steps.push(trainer.train_step()?.0);
     }
     let _ = std::fs::remove_dir_all(&out);
-    let mean = |f: &dyn Fn(&r3_train::trainer::StepMetrics) -> f64| {
+    let mean = |f: &dyn Fn(&r3_train::metrics::StepMetrics) -> f64| {
         steps.iter().map(f).sum::<f64>() / steps.len() as f64
     };
     let report = serde_json::json!({

@@ -36,13 +36,30 @@ impl Model {
 
 /// Loads the model `spec` names. A path to a PEFT adapter directory (an
 /// r3 LoRA checkpoint) loads its base, `base_model_name_or_path`, with it.
+/// The file's tensors are released once the decoder is built: a GGUF
+/// base's blocks would otherwise stay beside their packed copies.
 pub fn load(spec: &ModelSpec) -> Result<Model> {
+    let mut model = load_with_weights(spec)?;
+    model.loaded.weights = Default::default();
+    Ok(model)
+}
+
+/// [`load`], keeping the file's tensors in `loaded.weights` for a command
+/// that builds more decoders from them (benchmarks).
+pub fn load_with_weights(spec: &ModelSpec) -> Result<Model> {
     let adapter_dir = match (&spec.path, &spec.adapter) {
         (Some(dir), None) if dir.join("adapter_config.json").exists() => Some(dir),
         (_, adapter) => adapter.as_ref(),
     };
     let Some(dir) = adapter_dir else {
-        return load_base(spec.path.as_deref());
+        let loaded = load_base(spec.path.as_deref())?;
+        let llama = Llama::new(&loaded.config, &loaded.weights)
+            .with_context(|| format!("cannot build the decoder for {}", loaded.path.display()))?;
+        return Ok(Model {
+            loaded,
+            llama,
+            adapter: None,
+        });
     };
     let lora =
         Adapter::load(dir).with_context(|| format!("cannot load the adapter {}", dir.display()))?;
@@ -50,26 +67,24 @@ pub fn load(spec: &ModelSpec) -> Result<Model> {
         Some(_) => spec.path.clone(),
         None => lora.base_model.as_ref().map(PathBuf::from),
     };
-    let mut model = load_base(base.as_deref())?;
-    model.llama = Llama::with_adapter(
-        &model.loaded.config,
-        &model.loaded.weights,
-        &lora.config,
-        &lora.weights,
-    )
-    .with_context(|| {
+    let loaded = load_base(base.as_deref())?;
+    let llama = Llama::with_adapter(&loaded.config, &loaded.weights, &lora.config, &lora.weights)
+        .with_context(|| {
         format!(
             "the adapter {} does not fit {}",
             dir.display(),
-            model.loaded.path.display()
+            loaded.path.display()
         )
     })?;
-    model.adapter = Some(dir.clone());
-    Ok(model)
+    Ok(Model {
+        loaded,
+        llama,
+        adapter: Some(dir.clone()),
+    })
 }
 
 /// Loads `path`, or the default model (fetching it once) when `None`.
-fn load_base(path: Option<&Path>) -> Result<Model> {
+fn load_base(path: Option<&Path>) -> Result<LoadedModel> {
     let path = match path {
         Some(path) => path.to_path_buf(),
         None => {
@@ -84,13 +99,5 @@ fn load_base(path: Option<&Path>) -> Result<Model> {
             r3_fetch::path().context("cannot get the default model")?
         }
     };
-    let loaded =
-        r3_model::load(&path).with_context(|| format!("cannot load model {}", path.display()))?;
-    let llama = Llama::new(&loaded.config, &loaded.weights)
-        .with_context(|| format!("cannot build the decoder for {}", path.display()))?;
-    Ok(Model {
-        loaded,
-        llama,
-        adapter: None,
-    })
+    r3_model::load(&path).with_context(|| format!("cannot load model {}", path.display()))
 }

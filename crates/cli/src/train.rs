@@ -8,7 +8,7 @@ use clap::Args;
 use r3_tasks::external::ExternalVerifier;
 use r3_tasks::{Prompts, Task};
 use r3_train::config::TrainConfig;
-use r3_train::trainer::Trainer;
+use r3_train::trainer::{StartWeights, Trainer};
 
 use crate::progress::bar;
 
@@ -156,21 +156,25 @@ pub fn run_train(config: TrainConfig, resume: Option<&Path>) -> Result<PathBuf> 
             (p.clone(), p)
         }
     };
-    let loaded = r3_model::load(&policy_path)
+    let mut loaded = r3_model::load(&policy_path)
         .with_context(|| format!("cannot load model {}", policy_path.display()))?;
-    // Full fine-tuning scores the KL against a separate frozen copy of the
-    // base; LoRA against its own base with the adapters off.
-    let base =
-        match (config.beta > 0.0 && !config.use_peft, resume) {
-            (true, Some(_)) => Some(r3_model::load(&base_path).with_context(|| {
-                format!("cannot load the reference model {}", base_path.display())
-            })?),
-            _ => None,
-        };
-    let reference = if config.beta > 0.0 {
-        Some(base.as_ref().unwrap_or(&loaded))
-    } else {
-        None
+    // Full fine-tuning scores the KL against a frozen copy of the base (a
+    // resumed run's base is another file); LoRA against its own base with
+    // the adapters off.
+    let reference = match (config.beta > 0.0 && !config.use_peft, resume) {
+        (true, Some(_)) => Some(
+            r3_model::load(&base_path)
+                .with_context(|| {
+                    format!("cannot load the reference model {}", base_path.display())
+                })?
+                .weights,
+        ),
+        _ => None,
+    };
+    // The trainer consumes the file's tensors once its decoders are built.
+    let weights = StartWeights {
+        policy: std::mem::take(&mut loaded.weights),
+        reference,
     };
     std::fs::create_dir_all(&config.output_dir)
         .with_context(|| format!("cannot create {}", config.output_dir.display()))?;
@@ -178,7 +182,7 @@ pub fn run_train(config: TrainConfig, resume: Option<&Path>) -> Result<PathBuf> 
     let mut trainer = Trainer::new(
         config,
         &loaded,
-        reference,
+        weights,
         task.as_ref(),
         prompts,
         failures,

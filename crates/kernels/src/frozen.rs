@@ -6,10 +6,9 @@
 use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
-use rayon::prelude::*;
 
 use crate::gemm::{gemm, Mat, Out};
-use crate::matmul::{blocks, with_panel, PackedProduct};
+use crate::matmul::{fold_panels, PackedProduct};
 use crate::packed::PackedMatrix;
 use crate::storage::{f32_slice, with_f32_elements};
 
@@ -131,40 +130,30 @@ impl CustomOp1 for PackedTransposedProduct<'_> {
             )
         }
         let g = f32_slice(storage, layout)?;
-        let mut tasks = Vec::new();
-        let mut offset = 0;
-        for part in self.parts {
-            tasks.extend(blocks(part.groups()).map(|groups| (part, offset, groups)));
-            offset += part.rows();
-        }
         let add = |mut a: Vec<f32>, b: Vec<f32>| {
             a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
             a
         };
-        let out = tasks
-            .into_par_iter()
-            .fold(
-                || vec![0f32; m * k],
-                |mut sum, (part, offset, groups)| {
-                    with_panel(part, groups, |panel, width, first, rows| {
-                        // The panel is [k, width]: read transposed, its first
-                        // `rows` columns are this block's rows of W.
-                        let w_rows = Mat {
-                            data: panel,
-                            row_stride: 1,
-                            col_stride: width,
-                        };
-                        let g_cols = Mat::rows(&g[offset + first..], n);
-                        let out = Out {
-                            data: &mut sum,
-                            row_stride: k,
-                        };
-                        gemm((m, k, rows), out, true, g_cols, w_rows, 1);
-                    });
-                    sum
-                },
-            )
-            .reduce(|| vec![0f32; m * k], add);
+        let out = fold_panels(
+            self.parts,
+            || vec![0f32; m * k],
+            |sum, panel| {
+                // The panel is [k, width]: read transposed, its first
+                // `rows` columns are this block's rows of W.
+                let w_rows = Mat {
+                    data: panel.data,
+                    row_stride: 1,
+                    col_stride: panel.width,
+                };
+                let g_cols = Mat::rows(&g[panel.first..], n);
+                let out = Out {
+                    data: sum,
+                    row_stride: k,
+                };
+                gemm((m, k, panel.rows), out, true, g_cols, w_rows, 1);
+            },
+            add,
+        );
         Ok((CpuStorage::F32(out), Shape::from((m, k))))
     }
 }

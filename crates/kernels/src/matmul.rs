@@ -241,6 +241,49 @@ pub(crate) fn with_panel<T>(
     })
 }
 
+/// One block of rows of a packed weight `W [rows, cols]`, unpacked for
+/// gemm: `data` is `[cols, width]` holding rows `first .. first + rows` of
+/// W (numbered across all parts) as its first `rows` columns.
+pub struct Panel<'a> {
+    pub data: &'a [f32],
+    pub width: usize,
+    pub first: usize,
+    pub rows: usize,
+}
+
+/// Folds `f` over every block of rows of `parts` (stacked), each unpacked
+/// once into a per-thread panel, in parallel: one pass over a large packed
+/// matrix, such as the vocabulary, serves any number of input rows. Each
+/// thread's accumulator starts as `init()`; they are combined by `merge`.
+pub fn fold_panels<T: Send>(
+    parts: &[PackedMatrix],
+    init: impl Fn() -> T + Sync + Send,
+    f: impl Fn(&mut T, Panel<'_>) + Sync + Send,
+    merge: impl Fn(T, T) -> T + Sync + Send,
+) -> T {
+    let mut tasks = Vec::new();
+    let mut offset = 0;
+    for part in parts {
+        tasks.extend(blocks(part.groups()).map(|groups| (part, offset, groups)));
+        offset += part.rows();
+    }
+    tasks
+        .into_par_iter()
+        .fold(&init, |mut acc, (part, offset, groups)| {
+            with_panel(part, groups, |data, width, first, rows| {
+                let panel = Panel {
+                    data,
+                    width,
+                    first: offset + first,
+                    rows,
+                };
+                f(&mut acc, panel)
+            });
+            acc
+        })
+        .reduce(&init, merge)
+}
+
 pub(crate) struct PackedProduct<'a> {
     pub(crate) parts: &'a [PackedMatrix],
 }

@@ -191,6 +191,14 @@ impl PackedMatrix {
         with_vector_features!(self.for_each_input(group, unpack))
     }
 
+    /// Row `row` (all `cols` inputs) into `out`: an embedding lookup
+    /// straight from the packed matrix, so no f32 copy of the table exists.
+    pub fn unpack_row(&self, row: usize, out: &mut [f32]) {
+        let lane = row % GROUP;
+        let out = &mut out[..self.cols];
+        with_vector_features!(self.for_each_input(row / GROUP, |k, w| out[k] = w[lane]))
+    }
+
     /// `dots[r][c] = Σ_k x[r][k] · W[16·group + c, k]` for the `R` rows of
     /// `x`, with the weights unpacked in registers and never stored: for
     /// the few rows of a decode step, where writing a panel for gemm costs
@@ -456,8 +464,8 @@ mod tests {
         gamma * magnitude
     }
 
-    /// Every encoding, K-quants (re-cut to K8) included: unpacking gives
-    /// the dequantizer's values bit for bit, and every kernel the product
+    /// Every encoding, K-quants (re-cut to K8) included: unpacking (a
+    /// group, or one row) gives the dequantizer's values bit for bit, and every kernel the product
     /// with them within f32 rounding.
     #[test]
     fn register_kernels_compute_the_product_with_the_dequantized_weights() {
@@ -508,12 +516,15 @@ mod tests {
                     .collect();
                 for c in 0..GROUP.min(rows - group * GROUP) {
                     let row = group * GROUP + c;
+                    let mut single = vec![f32::NAN; cols];
+                    packed.unpack_row(row, &mut single);
                     for k in 0..cols {
                         assert_eq!(
                             panel[k * width + row],
                             w[row * cols + k],
                             "{dtype:?} unpack"
                         );
+                        assert_eq!(single[k], w[row * cols + k], "{dtype:?} unpack_row");
                     }
                     for (r, x) in x.iter().enumerate() {
                         let terms = (0..cols).map(|k| x[k] as f64 * w[row * cols + k] as f64);

@@ -42,8 +42,9 @@ impl Stored {
 /// these on load, so that everything downstream — the decoder, training,
 /// export — speaks one naming scheme. Tensors stay in their file's encoding
 /// until asked for: as f32 ([`Weights::get`]) or packed for inference
-/// ([`Weights::packed`]).
-#[derive(Debug, Clone)]
+/// ([`Weights::packed`]). `Default` is no weights at all: what a loaded
+/// model holds once its decoder is built and the file's tensors released.
+#[derive(Debug, Clone, Default)]
 pub struct Weights {
     /// Where the tensors came from, for error messages.
     pub source: PathBuf,

@@ -5,6 +5,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod grpo;
+pub mod metrics;
 pub mod optim;
 pub mod score;
 pub mod spans;

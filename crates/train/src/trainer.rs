@@ -17,50 +17,22 @@ use std::time::Instant;
 use candle_core::Tensor;
 use r3_generate::SamplingParams;
 use r3_loop::mine::MinedFailure;
-use r3_loop::{Failure, Policy, Rollout, Rollouts};
+use r3_loop::{Failure, Policy, Rollouts};
 use r3_model::lora::{Adapter, LoraConfig};
-use r3_model::{Llama, LoadedModel};
+use r3_model::{Llama, LoadedModel, Weights};
 use r3_tasks::{Prompts, Task};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use serde::Serialize;
 
 use crate::checkpoint::{self, Trained, TrainerState};
 use crate::config::TrainConfig;
-use crate::grpo::{grpo_loss, mean_and_std, LossStats, Objective, TokenTerms};
+use crate::grpo::{grpo_loss, LossStats, Objective, TokenTerms};
+use crate::metrics::StepMetrics;
 use crate::optim::{clip_scale, global_norm, AdamW, Gradients};
 use crate::score::{span_logprobs, TrainingForward};
 use crate::spans::{trained_spans, Group, TrainedSpan};
 use crate::{Result, TrainError};
-
-/// One line of `metrics.jsonl`.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
-pub struct StepMetrics {
-    pub step: usize,
-    pub learning_rate: f64,
-    pub reward_mean: f64,
-    pub reward_std: f64,
-    /// Fraction of retries verified correct (the same as reward_mean: the
-    /// reward is binary), kept under its own name for plots.
-    pub retry_success: f64,
-    pub loss: f64,
-    pub kl: f64,
-    pub grad_norm: f64,
-    pub clip_fraction: f64,
-    pub reflection_length: f64,
-    pub groups: usize,
-    pub zero_signal_groups: usize,
-    pub trained_tokens: usize,
-    pub generated_tokens: usize,
-    pub seconds_generation: f64,
-    pub seconds_verification: f64,
-    pub seconds_reference: f64,
-    pub seconds_forward_backward: f64,
-    pub seconds_optimizer: f64,
-    pub seconds_step: f64,
-    pub tokens_per_s: f64,
-}
 
 /// Log-probs that stay fixed through a step's updates, one tensor per group.
 struct FixedScores {
@@ -68,21 +40,25 @@ struct FixedScores {
     old: Option<Vec<Tensor>>,
 }
 
-impl StepMetrics {
-    /// The step's rollout statistics, all computed here with one estimator
-    /// ([`mean_and_std`]).
-    fn record_rollouts(&mut self, groups: &[Group]) {
-        let rollouts: Vec<&Rollout> = groups.iter().flat_map(|g| &g.rollouts).collect();
-        let rewards: Vec<f64> = rollouts.iter().map(|r| r.reward() as f64).collect();
-        (self.reward_mean, self.reward_std) = mean_and_std(&rewards);
-        self.retry_success = self.reward_mean;
-        self.groups = groups.len();
-        self.generated_tokens = rollouts
-            .iter()
-            .map(|r| r.reflection.len() + r.retry.tokens.len())
-            .sum();
-        let lengths: Vec<f64> = rollouts.iter().map(|r| r.reflection.len() as f64).collect();
-        self.reflection_length = mean_and_std(&lengths).0;
+/// The weights a trainer builds its decoders from. [`Trainer::new`]
+/// consumes them, so that once the decoders exist nothing holds the file's
+/// tensors (for a GGUF base, as much memory again as the packed model).
+pub struct StartWeights {
+    /// The policy's starting weights: the model's, or a resumed full
+    /// fine-tune's checkpoint.
+    pub policy: Weights,
+    /// Full fine-tuning's KL reference where it is not `policy` (a resumed
+    /// run's base); `None`: `policy` itself.
+    pub reference: Option<Weights>,
+}
+
+impl StartWeights {
+    /// `model`'s weights (shared, not copied), as policy and reference.
+    pub fn of(model: &LoadedModel) -> Self {
+        Self {
+            policy: model.weights.clone(),
+            reference: None,
+        }
     }
 }
 
@@ -111,13 +87,13 @@ pub struct Trainer<'a> {
 }
 
 impl<'a> Trainer<'a> {
-    /// A trainer starting from `model`'s weights (or resuming from the
-    /// checkpoint `resume`, whose weights `model` must hold), with the KL
-    /// reference `reference` (the base model; `None` when β = 0).
+    /// A trainer for `model` (tokenizer, template, config) starting from
+    /// `weights` (when resuming from the checkpoint `resume`, the weights
+    /// it continues).
     pub fn new(
         config: TrainConfig,
         model: &'a LoadedModel,
-        reference: Option<&LoadedModel>,
+        weights: StartWeights,
         task: &'a dyn Task,
         prompts: Prompts,
         failures: Vec<MinedFailure>,
@@ -162,22 +138,21 @@ impl<'a> Trainer<'a> {
                     None => None,
                 };
                 let start = start.as_ref().map(|a| &a.weights);
-                Llama::with_lora(&model.config, &model.weights, lora, start, config.seed)?
+                Llama::with_lora(&model.config, &weights.policy, lora, start, config.seed)?
             }
-            None => Llama::trainable(&model.config, &model.weights)?,
+            None => Llama::trainable(&model.config, &weights.policy)?,
         };
         // LoRA's reference is its own base with the adapters off: the same
         // weights, no second model.
-        let reference = match (config.beta > 0.0, &lora, reference) {
-            (false, _, _) => None,
-            (true, Some(_), _) => Some(train_model.without_adapters()),
-            (true, None, Some(r)) => Some(Llama::new_compact(&r.config, &r.weights)?),
-            (true, None, None) => {
-                return Err(TrainError::Invalid(
-                    "beta > 0 needs a reference model".into(),
-                ))
+        let reference = match (config.beta > 0.0, &lora) {
+            (false, _) => None,
+            (true, Some(_)) => Some(train_model.without_adapters()),
+            (true, None) => {
+                let base = weights.reference.as_ref().unwrap_or(&weights.policy);
+                Some(Llama::new_compact(&model.config, base)?)
             }
         };
+        drop(weights);
         let mut optimizer = AdamW::new(
             params,
             config.adam_beta1,

@@ -10,7 +10,7 @@ mod common;
 use r3_model::lora::Adapter;
 use r3_model::Llama;
 use r3_train::config::{TrainConfig, TrainOn};
-use r3_train::trainer::Trainer;
+use r3_train::trainer::{StartWeights, Trainer};
 
 /// Trains on `train_on` tokens (LoRA adapters with `lora`); returns
 /// (retry success, P(good reflection)).
@@ -37,7 +37,7 @@ fn train(toy: &common::Toy, train_on: TrainOn, lora: bool) -> (f64, f64) {
     let mut trainer = Trainer::new(
         config,
         &toy.loaded,
-        None,
+        StartWeights::of(&toy.loaded),
         &toy.task,
         common::prompts(),
         toy.failures.clone(),

@@ -12,7 +12,7 @@ use r3_train::config::{TrainConfig, TrainOn};
 use r3_train::grpo::{grpo_loss, LossType, Objective, TokenTerms};
 use r3_train::score::span_logprobs;
 use r3_train::spans::{trained_spans, Group};
-use r3_train::trainer::Trainer;
+use r3_train::trainer::{StartWeights, Trainer};
 
 fn trainable() -> (Llama, Vec<(String, Var)>) {
     TinyModel::new(Architecture::Llama, 64, 2, 21)
@@ -191,7 +191,10 @@ fn resume_matches(lora: bool) {
         Trainer::new(
             config(dir, steps),
             start.as_ref().unwrap_or(&toy.loaded),
-            Some(&toy.loaded),
+            StartWeights {
+                policy: start.as_ref().unwrap_or(&toy.loaded).weights.clone(),
+                reference: Some(toy.loaded.weights.clone()),
+            },
             &toy.task,
             common::prompts(),
             toy.failures.clone(),
@@ -267,7 +270,7 @@ fn empty_or_too_small_failure_sets_are_rejected() {
     let err = |failures| match Trainer::new(
         config.clone(),
         &toy.loaded,
-        None,
+        StartWeights::of(&toy.loaded),
         &toy.task,
         common::prompts(),
         failures,
@@ -284,7 +287,7 @@ fn empty_or_too_small_failure_sets_are_rejected() {
     let e = match Trainer::new(
         config.clone(),
         &toy.loaded,
-        None,
+        StartWeights::of(&toy.loaded),
         countdown.as_ref(),
         common::prompts(),
         toy.failures.clone(),
@@ -319,7 +322,7 @@ fn output_directories_and_resumes_are_checked() {
         Trainer::new(
             config,
             &toy.loaded,
-            None,
+            StartWeights::of(&toy.loaded),
             &toy.task,
             common::prompts(),
             toy.failures.clone(),

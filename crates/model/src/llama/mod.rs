@@ -20,25 +20,23 @@ mod adapters;
 mod layers;
 mod linear;
 mod names;
-
-use std::sync::Arc;
+mod vocab;
 
 use candle_core::{Device, Module, Tensor, Var};
-use r3_kernels::matmul::{matmul, packed_matmul};
 use r3_kernels::packed::PackedMatrix;
 
 use crate::cache::KvCache;
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
-use crate::logprob;
 use crate::weights::Weights;
 use layers::{DecoderLayer, RmsNorm, Rotary};
 use linear::{Layout, ProjectionWeight};
+use vocab::VocabTable;
 
 /// What every layer of one forward shares, planned against the cache: the
 /// new tokens, their additive attention mask and rotary angles.
 pub struct ForwardInputs {
-    tokens: Tensor,
+    tokens: Vec<u32>,
     mask: Tensor,
     rotary: Rotary,
     batch: usize,
@@ -49,17 +47,15 @@ pub struct ForwardInputs {
 #[derive(Debug, Clone)]
 pub struct Llama {
     pub config: ModelConfig,
-    embed_tokens: Tensor,
+    embed_tokens: VocabTable,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
     /// The output projection `[vocab, hidden]`; `None` when tied to the
     /// embeddings.
-    lm_head: Option<Tensor>,
-    /// The output projection transposed `[hidden, vocab]` and contiguous,
-    /// for fast logits when generating (see the module doc).
+    lm_head: Option<VocabTable>,
+    /// A dense output projection transposed `[hidden, vocab]` and
+    /// contiguous, for fast logits when generating (see the module doc).
     lm_head_t: Option<Tensor>,
-    /// The output projection packed, for inference; replaces `lm_head_t`.
-    lm_head_packed: Option<Arc<[PackedMatrix]>>,
     inv_freq: Vec<f32>,
 }
 
@@ -86,7 +82,6 @@ impl Llama {
         weights: &Weights,
     ) -> Result<(Self, Vec<(String, Var)>)> {
         let mut model = Self::build(config, weights, Layout::Fast)?;
-        model.lm_head_t = None;
         let mut vars = Vec::new();
         for (name, tensor) in model.tensors_mut() {
             let var = Var::from_tensor(tensor)?;
@@ -98,10 +93,10 @@ impl Llama {
 
     fn build(config: &ModelConfig, weights: &Weights, layout: Layout) -> Result<Self> {
         let c = config;
-        let embed_tokens =
-            weights.get("model.embed_tokens.weight", &[c.vocab_size, c.hidden_size])?;
+        let shape = [c.vocab_size, c.hidden_size];
+        let embed_tokens = VocabTable::load(weights, "model.embed_tokens.weight", shape, layout)?;
         let lm_head = if weights.contains("lm_head.weight") {
-            Some(weights.get("lm_head.weight", &[c.vocab_size, c.hidden_size])?)
+            Some(VocabTable::load(weights, "lm_head.weight", shape, layout)?)
         } else if c.tie_word_embeddings {
             None
         } else {
@@ -114,21 +109,9 @@ impl Llama {
         let layers = (0..c.num_layers)
             .map(|i| DecoderLayer::load(weights, i, c, layout))
             .collect::<Result<Vec<_>>>()?;
-        let output_name = match &lm_head {
-            Some(_) => "lm_head.weight",
-            None => "model.embed_tokens.weight",
-        };
-        let lm_head_packed = match layout {
-            Layout::Packed | Layout::Compact => weights
-                .packed(output_name, &[c.vocab_size, c.hidden_size])?
-                .map(|packed| Arc::from(vec![packed])),
+        let lm_head_t = match (layout, lm_head.as_ref().unwrap_or(&embed_tokens)) {
+            (Layout::Packed, VocabTable::Dense(w)) => Some(w.t()?.contiguous()?),
             _ => None,
-        };
-        let output = lm_head.as_ref().unwrap_or(&embed_tokens);
-        let lm_head_t = match layout {
-            Layout::Packed if lm_head_packed.is_none() => Some(output.t()?.contiguous()?),
-            Layout::Fast => Some(output.t()?.contiguous()?),
-            Layout::Packed | Layout::Compact => None,
         };
         Ok(Self {
             config: c.clone(),
@@ -140,13 +123,12 @@ impl Llama {
             },
             lm_head,
             lm_head_t,
-            lm_head_packed,
             inv_freq: c.inv_freq(),
         })
     }
 
     /// The output projection `[vocab, hidden]`.
-    fn output_weight(&self) -> &Tensor {
+    fn output(&self) -> &VocabTable {
         self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
     }
 
@@ -166,8 +148,8 @@ impl Llama {
     /// generation wants (a copy, when the model has none).
     pub fn for_generation(&self) -> Result<Self> {
         let mut view = self.detached();
-        if view.lm_head_t.is_none() && view.lm_head_packed.is_none() {
-            view.lm_head_t = Some(view.output_weight().t()?.contiguous()?);
+        if let (None, VocabTable::Dense(w)) = (&view.lm_head_t, view.output()) {
+            view.lm_head_t = Some(w.t()?.contiguous()?);
         }
         Ok(view)
     }
@@ -211,7 +193,7 @@ impl Llama {
         let (b, t) = (segments.len(), plan.t);
         let total = cache.len();
         Ok(ForwardInputs {
-            tokens: Tensor::from_vec(plan.tokens, b * t, &Device::Cpu)?,
+            tokens: plan.tokens,
             mask: Tensor::from_vec(plan.mask, (b, 1, 1, t, total), &Device::Cpu)?,
             rotary: Rotary::new(&self.inv_freq, &plan.positions, b, t)?,
             batch: b,
@@ -223,7 +205,7 @@ impl Llama {
     pub fn embed(&self, inputs: &ForwardInputs) -> Result<Tensor> {
         Ok(self
             .embed_tokens
-            .index_select(&inputs.tokens, 0)?
+            .lookup(&inputs.tokens)?
             .reshape((inputs.batch, inputs.t, ()))?)
     }
 
@@ -259,7 +241,11 @@ impl Llama {
                 ProjectionWeight::Dense(_) => 0,
             })
             .sum();
-        layers + self.lm_head_packed.as_deref().map_or(0, count)
+        let ends = match &self.lm_head {
+            Some(lm_head) => self.embed_tokens.packed_weights() + lm_head.packed_weights(),
+            None => self.embed_tokens.packed_weights(),
+        };
+        layers + ends
     }
 
     pub fn num_layers(&self) -> usize {
@@ -274,11 +260,7 @@ impl Llama {
     }
 
     fn project(&self, rows: &Tensor) -> Result<Tensor> {
-        Ok(match (&self.lm_head_packed, &self.lm_head_t) {
-            (Some(packed), _) => packed_matmul(rows, packed)?,
-            (None, Some(w_t)) => matmul(rows, w_t)?,
-            (None, None) => rows.matmul(&self.output_weight().t()?)?,
-        })
+        self.output().project(rows, self.lm_head_t.as_ref())
     }
 
     /// Logits `[batch, t, vocab]` at every position; for inspection only —
@@ -294,6 +276,6 @@ impl Llama {
     /// one place a token's log-probability is computed. Differentiable; the
     /// vocabulary is processed in chunks.
     pub fn token_logprobs(&self, hidden: &Tensor, targets: &[u32]) -> Result<Tensor> {
-        logprob::token_logprobs(hidden, self.output_weight(), targets)
+        self.output().token_logprobs(hidden, targets)
     }
 }

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 
 use candle_core::Tensor;
 
+use super::vocab::VocabTable;
 use super::Llama;
 use crate::error::Result;
 
@@ -14,15 +15,15 @@ impl Llama {
     /// names follow the decoder's layout (`…q_proj+k_proj+v_proj.weight_t`);
     /// the others are HF's.
     pub(super) fn tensors_mut(&mut self) -> Vec<(String, &mut Tensor)> {
-        let mut out = vec![(
-            "model.embed_tokens.weight".to_string(),
-            &mut self.embed_tokens,
-        )];
+        let mut out = Vec::new();
+        if let Some(embed) = self.embed_tokens.dense_mut() {
+            out.push(("model.embed_tokens.weight".to_string(), embed));
+        }
         for (i, layer) in self.layers.iter_mut().enumerate() {
             out.extend(layer.tensors_mut(&format!("model.layers.{i}")));
         }
         out.push(("model.norm.weight".to_string(), &mut self.norm.weight));
-        if let Some(lm_head) = &mut self.lm_head {
+        if let Some(lm_head) = self.lm_head.as_mut().and_then(VocabTable::dense_mut) {
             out.push(("lm_head.weight".to_string(), lm_head));
         }
         out
@@ -43,7 +44,7 @@ impl Llama {
         let mut out = HashMap::new();
         out.insert(
             "model.embed_tokens.weight".to_string(),
-            self.embed_tokens.detach(),
+            self.embed_tokens.to_f32()?,
         );
         for (i, layer) in self.layers.iter().enumerate() {
             let p = format!("model.layers.{i}");
@@ -61,7 +62,7 @@ impl Llama {
         }
         out.insert("model.norm.weight".to_string(), self.norm.weight.detach());
         if let Some(lm_head) = &self.lm_head {
-            out.insert("lm_head.weight".to_string(), lm_head.detach());
+            out.insert("lm_head.weight".to_string(), lm_head.to_f32()?);
         }
         Ok(out)
     }

@@ -1,0 +1,55 @@
+//! What one training step measured: the line it writes to
+//! `metrics.jsonl`, its rollout statistics computed in one place with one
+//! estimator.
+
+use r3_loop::Rollout;
+use serde::Serialize;
+
+use crate::grpo::mean_and_std;
+use crate::spans::Group;
+
+/// One line of `metrics.jsonl`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct StepMetrics {
+    pub step: usize,
+    pub learning_rate: f64,
+    pub reward_mean: f64,
+    pub reward_std: f64,
+    /// Fraction of retries verified correct (the same as reward_mean: the
+    /// reward is binary), kept under its own name for plots.
+    pub retry_success: f64,
+    pub loss: f64,
+    pub kl: f64,
+    pub grad_norm: f64,
+    pub clip_fraction: f64,
+    pub reflection_length: f64,
+    pub groups: usize,
+    pub zero_signal_groups: usize,
+    pub trained_tokens: usize,
+    pub generated_tokens: usize,
+    pub seconds_generation: f64,
+    pub seconds_verification: f64,
+    pub seconds_reference: f64,
+    pub seconds_forward_backward: f64,
+    pub seconds_optimizer: f64,
+    pub seconds_step: f64,
+    pub tokens_per_s: f64,
+}
+
+impl StepMetrics {
+    /// The step's rollout statistics, all computed here with one estimator
+    /// ([`mean_and_std`]).
+    pub(crate) fn record_rollouts(&mut self, groups: &[Group]) {
+        let rollouts: Vec<&Rollout> = groups.iter().flat_map(|g| &g.rollouts).collect();
+        let rewards: Vec<f64> = rollouts.iter().map(|r| r.reward() as f64).collect();
+        (self.reward_mean, self.reward_std) = mean_and_std(&rewards);
+        self.retry_success = self.reward_mean;
+        self.groups = groups.len();
+        self.generated_tokens = rollouts
+            .iter()
+            .map(|r| r.reflection.len() + r.retry.tokens.len())
+            .sum();
+        let lengths: Vec<f64> = rollouts.iter().map(|r| r.reflection.len() as f64).collect();
+        self.reflection_length = mean_and_std(&lengths).0;
+    }
+}
