@@ -1,5 +1,6 @@
 //! `r3 bench`: speed and memory, printed as one JSON object.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use anyhow::{bail, Result};
@@ -47,13 +48,18 @@ pub struct TrainBench {
     lora: crate::train::LoraArgs,
 }
 
-/// A verifier that flips a coin seeded by the answer: every group gets
-/// mixed rewards, so every step runs its backward pass.
-struct CoinFlip;
+/// A stand-in verifier that passes every other retry it judges, whatever
+/// it says: every group gets mixed rewards, so every step runs its
+/// backward pass. (A coin seeded by the answer did not: a larger model
+/// often retries with the same text in all G rollouts.)
+#[derive(Default)]
+struct Alternating {
+    judged: AtomicUsize,
+}
 
-impl Task for CoinFlip {
+impl Task for Alternating {
     fn name(&self) -> &'static str {
-        "coin-flip"
+        "alternating"
     }
     fn check_record(&self, _: &serde_json::Value) -> std::result::Result<(), String> {
         Ok(())
@@ -61,14 +67,10 @@ impl Task for CoinFlip {
     fn user_prompt(&self, record: &serde_json::Value) -> String {
         record["prompt"].as_str().unwrap_or_default().to_string()
     }
-    fn verify(&self, _: &serde_json::Value, answer: &str) -> r3_tasks::Verdict {
-        let hash = answer.bytes().fold(0xcbf29ce484222325u64, |h, b| {
-            (h ^ b as u64).wrapping_mul(0x100000001b3)
-        });
-        if hash % 2 == 0 {
-            r3_tasks::Verdict::pass()
-        } else {
-            r3_tasks::Verdict::fail("tails")
+    fn verify(&self, _: &serde_json::Value, _answer: &str) -> r3_tasks::Verdict {
+        match self.judged.fetch_add(1, Ordering::Relaxed) % 2 {
+            0 => r3_tasks::Verdict::pass(),
+            _ => r3_tasks::Verdict::fail("the other half"),
         }
     }
 }
@@ -367,7 +369,7 @@ fn train(args: TrainBench) -> Result<()> {
         bail!("need --batch ≥ 1, --group ≥ 2 and --steps ≥ 1");
     }
     let model = model::load_with_weights(&args.model.spec())?;
-    let task = CoinFlip;
+    let task = Alternating::default();
     let prompts = r3_tasks::Prompts::for_task(&task);
     let failures = stand_in_failures(&model, &task, &prompts, args.batch * args.steps)?;
     // The trainer builds its own decoders: keep only the loaded weights.

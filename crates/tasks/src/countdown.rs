@@ -2,7 +2,8 @@
 //! exactly once, to reach the target. Verified with a real parser and exact
 //! rational arithmetic; nothing is ever `eval`-ed.
 
-use std::fmt;
+use num_rational::Ratio;
+use num_traits::{CheckedAdd, CheckedDiv, CheckedMul, CheckedSub};
 
 use serde_json::Value;
 
@@ -163,81 +164,20 @@ fn check_numbers(given: &[u64], used: &[u64]) -> Result<(), String> {
 }
 
 /// An exact fraction in lowest terms with a positive denominator.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Rational {
-    num: i128,
-    den: i128,
-}
+pub type Rational = Ratio<i128>;
 
-fn gcd(mut a: i128, mut b: i128) -> i128 {
-    while b != 0 {
-        (a, b) = (b, a % b);
+/// `lhs op rhs`, failing on division by zero or overflow.
+pub fn apply(op: Op, lhs: Rational, rhs: Rational) -> Result<Rational, String> {
+    if op == Op::Div && rhs == Rational::from(0) {
+        return Err("divides by zero".into());
     }
-    a.abs()
-}
-
-impl From<i128> for Rational {
-    fn from(n: i128) -> Self {
-        Self { num: n, den: 1 }
-    }
-}
-
-impl Rational {
-    fn new(num: i128, den: i128) -> Option<Self> {
-        if den == 0 {
-            return None;
-        }
-        let g = gcd(num, den).max(1);
-        let sign = if den < 0 { -1 } else { 1 };
-        Some(Self {
-            num: sign * num / g,
-            den: sign * den / g,
-        })
-    }
-
-    pub fn is_integer(&self) -> bool {
-        self.den == 1
-    }
-
-    pub fn numerator(&self) -> i128 {
-        self.num
-    }
-
-    /// `self op rhs`, failing on division by zero or overflow.
-    pub fn apply(self, op: Op, rhs: Self) -> Result<Self, String> {
-        let overflow = || "the arithmetic overflows 128 bits".to_string();
-        let (a, b, c, d) = (self.num, self.den, rhs.num, rhs.den);
-        let (num, den) = match op {
-            Op::Add => (
-                a.checked_mul(d)
-                    .and_then(|x| c.checked_mul(b).and_then(|y| x.checked_add(y))),
-                b.checked_mul(d),
-            ),
-            Op::Sub => (
-                a.checked_mul(d)
-                    .and_then(|x| c.checked_mul(b).and_then(|y| x.checked_sub(y))),
-                b.checked_mul(d),
-            ),
-            Op::Mul => (a.checked_mul(c), b.checked_mul(d)),
-            Op::Div => {
-                if c == 0 {
-                    return Err("divides by zero".into());
-                }
-                (a.checked_mul(d), b.checked_mul(c))
-            }
-        };
-        Rational::new(num.ok_or_else(overflow)?, den.ok_or_else(overflow)?).ok_or_else(overflow)
-    }
-}
-
-impl fmt::Display for Rational {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.den == 1 {
-            write!(f, "{}", self.num)
-        } else {
-            write!(f, "{}/{}", self.num, self.den)
-        }
-    }
+    let value = match op {
+        Op::Add => lhs.checked_add(&rhs),
+        Op::Sub => lhs.checked_sub(&rhs),
+        Op::Mul => lhs.checked_mul(&rhs),
+        Op::Div => lhs.checked_div(&rhs),
+    };
+    value.ok_or_else(|| "the arithmetic overflows 128 bits".to_string())
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -280,7 +220,7 @@ impl Expr {
     pub fn eval(&self) -> Result<Rational, String> {
         match self {
             Expr::Num(n) => Ok(Rational::from(*n as i128)),
-            Expr::Bin(op, a, b) => a.eval()?.apply(*op, b.eval()?),
+            Expr::Bin(op, a, b) => apply(*op, a.eval()?, b.eval()?),
         }
     }
 }

@@ -8,7 +8,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::json;
 
-use crate::countdown::{Op, Rational};
+use crate::countdown::{apply, Op, Rational};
 
 /// A value reachable from some of the numbers, and one equation for it.
 #[derive(Clone)]
@@ -42,7 +42,7 @@ fn search(items: &[Reached], out: &mut BTreeMap<i128, String>) {
     if items.len() == 1 {
         let only = &items[0];
         if only.value.is_integer() {
-            out.entry(only.value.numerator())
+            out.entry(*only.value.numer())
                 .or_insert_with(|| only.text.clone());
         }
         return;
@@ -58,7 +58,7 @@ fn search(items: &[Reached], out: &mut BTreeMap<i128, String>) {
                 if matches!(op, Op::Add | Op::Mul) && i > j {
                     continue;
                 }
-                let Ok(value) = a.value.apply(op, b.value) else {
+                let Ok(value) = apply(op, a.value, b.value) else {
                     continue;
                 };
                 let mut rest: Vec<Reached> = items
