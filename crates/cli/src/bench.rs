@@ -26,6 +26,10 @@ pub enum BenchCommand {
 pub struct TrainBench {
     #[command(flatten)]
     model: ModelArgs,
+    /// A model of this shape (an HF config.json, e.g. configs/Qwen2.5-1.5B.json)
+    /// with random weights and the default model's tokenizer, instead of --model
+    #[arg(long, conflicts_with_all = ["model", "adapter"])]
+    random_init: Option<std::path::PathBuf>,
     /// Failures per step (B)
     #[arg(long, default_value_t = 4)]
     batch: usize,
@@ -92,6 +96,10 @@ pub struct VerifyBench {
 pub struct GenerateBench {
     #[command(flatten)]
     model: ModelArgs,
+    /// A model of this shape (an HF config.json, e.g. configs/Qwen2.5-1.5B.json)
+    /// with random weights and the default model's tokenizer, instead of --model
+    #[arg(long, conflicts_with_all = ["model", "adapter"])]
+    random_init: Option<std::path::PathBuf>,
     #[arg(long, default_value_t = 1)]
     batch: usize,
     /// Length of the synthetic prompt of every row
@@ -175,11 +183,21 @@ fn synthetic_prompt(model: &model::Model, n: usize) -> Result<Vec<u32>> {
     Ok(ids)
 }
 
+/// The model a benchmark runs, with the file's tensors kept (the bench
+/// builds other decoders from them): `--model`, or random weights of the
+/// `--random-init` shape.
+fn bench_model(args: &ModelArgs, random_init: Option<&std::path::Path>) -> Result<model::Model> {
+    match random_init {
+        Some(config) => model::load_random_init(config),
+        None => model::load_with_weights(&args.spec()),
+    }
+}
+
 fn generate(args: GenerateBench) -> Result<()> {
     if args.batch == 0 || args.prompt_tokens == 0 {
         bail!("--batch and --prompt-tokens must be positive");
     }
-    let mut model = model::load_with_weights(&args.model.spec())?;
+    let mut model = bench_model(&args.model, args.random_init.as_deref())?;
     if args.f32 {
         let (dense, _) = r3_model::Llama::trainable(&model.loaded.config, &model.loaded.weights)?;
         model.llama = dense.for_generation()?;
@@ -368,7 +386,7 @@ fn train(args: TrainBench) -> Result<()> {
     if args.batch == 0 || args.group < 2 || args.steps == 0 {
         bail!("need --batch ≥ 1, --group ≥ 2 and --steps ≥ 1");
     }
-    let model = model::load_with_weights(&args.model.spec())?;
+    let model = bench_model(&args.model, args.random_init.as_deref())?;
     let task = Alternating::default();
     let prompts = r3_tasks::Prompts::for_task(&task);
     let failures = stand_in_failures(&model, &task, &prompts, args.batch * args.steps)?;

@@ -83,6 +83,38 @@ pub fn load_with_weights(spec: &ModelSpec) -> Result<Model> {
     })
 }
 
+/// A model of the shape an HF `config.json` describes, with random weights
+/// (seed 0) and the default model's tokenizer and chat template: for
+/// benchmarks at a real model's shapes on a machine without its weights.
+pub fn load_random_init(config_path: &Path) -> Result<Model> {
+    let config = r3_model::ModelConfig::from_hf_file(config_path)
+        .with_context(|| format!("cannot read the model shape {}", config_path.display()))?;
+    let mut loaded = load_base(None)?;
+    if loaded.tokenizer.vocab_size() > config.vocab_size {
+        anyhow::bail!(
+            "{}: vocab_size {} is smaller than the default tokenizer's {} tokens",
+            config_path.display(),
+            config.vocab_size,
+            loaded.tokenizer.vocab_size()
+        );
+    }
+    let weights = r3_model::random::random_weights(&config, 0)?;
+    loaded.weights = r3_model::Weights::new(config_path, weights);
+    loaded.config = config;
+    loaded.path = config_path.to_path_buf();
+    let llama = Llama::new(&loaded.config, &loaded.weights).with_context(|| {
+        format!(
+            "cannot build a decoder of the shape {}",
+            config_path.display()
+        )
+    })?;
+    Ok(Model {
+        loaded,
+        llama,
+        adapter: None,
+    })
+}
+
 /// Loads `path`, or the default model (fetching it once) when `None`.
 fn load_base(path: Option<&Path>) -> Result<LoadedModel> {
     let path = match path {

@@ -664,3 +664,60 @@ fn lora_adapters_train_load_and_merge() {
         "{err}"
     );
 }
+
+/// The shipped shapes are the published models': their parameter counts
+/// (Qwen2.5-1.5B: 1.54B; Qwen2.5-7B: 7.61B, untied output).
+#[test]
+fn shipped_shapes_have_the_published_parameter_counts() {
+    let configs = concat!(env!("CARGO_MANIFEST_DIR"), "/../../configs");
+    for (name, billions) in [("Qwen2.5-1.5B", 1.54), ("Qwen2.5-7B", 7.61)] {
+        let path = std::path::Path::new(configs).join(format!("{name}.json"));
+        let c = r3_model::ModelConfig::from_hf_file(&path).unwrap();
+        let (q, kv) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+        let h = c.hidden_size;
+        let layer = h * (q + 2 * kv) + (q + 2 * kv) + q * h + 3 * h * c.intermediate_size + 2 * h;
+        let ends = c.vocab_size * h * if c.tie_word_embeddings { 1 } else { 2 };
+        let total = (c.num_layers * layer + ends + h) as f64 / 1e9;
+        assert!((total - billions).abs() < 0.01, "{name}: {total:.3}B");
+    }
+}
+
+/// `--random-init` benchmarks a shape without its weights: a small
+/// Qwen2-shaped config decodes the budget it was given.
+#[test]
+fn bench_generate_runs_a_random_init_shape() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("shape.json");
+    let shape = serde_json::json!({
+        "architectures": ["Qwen2ForCausalLM"],
+        "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2,
+        "vocab_size": 49200, "tie_word_embeddings": true
+    });
+    std::fs::write(&config, shape.to_string()).unwrap();
+    let config = config.to_str().unwrap();
+    let (ok, out, err) = r3(&[
+        "bench",
+        "generate",
+        "--random-init",
+        config,
+        "--prompt-tokens",
+        "16",
+        "--new-tokens",
+        "5",
+    ]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["model"], config, "{v}");
+    // A shape whose vocabulary is smaller than the tokenizer's is refused.
+    let small = dir.path().join("small.json");
+    std::fs::write(&small, shape.to_string().replace("49200", "1000")).unwrap();
+    let (ok, _, err) = r3(&[
+        "bench",
+        "generate",
+        "--random-init",
+        small.to_str().unwrap(),
+    ]);
+    assert!(!ok);
+    assert!(err.contains("vocab_size 1000"), "{err}");
+}

@@ -15,6 +15,7 @@ pub mod llama;
 pub mod loader;
 pub mod logprob;
 pub mod lora;
+pub mod random;
 #[cfg(feature = "test-support")]
 pub mod tiny;
 pub mod tokenizer;

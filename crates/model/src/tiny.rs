@@ -7,9 +7,7 @@ use std::path::Path;
 
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
-use candle_core::{DType, Device, Tensor, Var};
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
+use candle_core::{DType, Tensor, Var};
 use tokenizers::models::bpe::BPE;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::AddedToken;
@@ -19,6 +17,7 @@ use crate::error::{ModelError, Result};
 use crate::formats::gguf::gguf_name;
 use crate::formats::rope_rows::permute_rope_rows;
 use crate::llama::Llama;
+use crate::random::random_weights;
 use crate::weights::Weights;
 
 /// ChatML, as SmolLM2 and Qwen2 write it.
@@ -71,65 +70,7 @@ impl TinyModel {
             bos_token_id: Some(tokens.len() as u32 - 2),
             eos_token_ids: vec![tokens.len() as u32 - 1],
         };
-        let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let c = &config;
-        let (q, kv) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
-        let mut weights = HashMap::new();
-        let mut put = |name: String, shape: &[usize], scale: f64| -> Result<()> {
-            // Norm weights (scale 0) are drawn around 1, the rest around 0.
-            let (mean, std) = if scale == 0.0 {
-                (1.0, 0.1)
-            } else {
-                (0.0, scale)
-            };
-            let n: usize = shape.iter().product();
-            let values: Vec<f32> = (0..n)
-                .map(|_| {
-                    // Box–Muller: a normal draw from two uniforms.
-                    let (u1, u2): (f64, f64) = (rng.random::<f64>().max(1e-12), rng.random());
-                    let z = (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos();
-                    (mean + std * z) as f32
-                })
-                .collect();
-            weights.insert(name, Tensor::from_vec(values, shape, &Device::Cpu)?);
-            Ok(())
-        };
-        put(
-            "model.embed_tokens.weight".into(),
-            &[c.vocab_size, hidden],
-            1.0,
-        )?;
-        put("model.norm.weight".into(), &[hidden], 0.0)?;
-        let s = 1.0 / (hidden as f64).sqrt();
-        for i in 0..layers {
-            let p = format!("model.layers.{i}");
-            put(format!("{p}.input_layernorm.weight"), &[hidden], 0.0)?;
-            put(
-                format!("{p}.post_attention_layernorm.weight"),
-                &[hidden],
-                0.0,
-            )?;
-            put(format!("{p}.self_attn.q_proj.weight"), &[q, hidden], s)?;
-            put(format!("{p}.self_attn.k_proj.weight"), &[kv, hidden], s)?;
-            put(format!("{p}.self_attn.v_proj.weight"), &[kv, hidden], s)?;
-            put(format!("{p}.self_attn.o_proj.weight"), &[hidden, q], s)?;
-            if c.attention_bias {
-                put(format!("{p}.self_attn.q_proj.bias"), &[q], 0.1)?;
-                put(format!("{p}.self_attn.k_proj.bias"), &[kv], 0.1)?;
-                put(format!("{p}.self_attn.v_proj.bias"), &[kv], 0.1)?;
-            }
-            put(
-                format!("{p}.mlp.gate_proj.weight"),
-                &[2 * hidden, hidden],
-                s,
-            )?;
-            put(format!("{p}.mlp.up_proj.weight"), &[2 * hidden, hidden], s)?;
-            put(
-                format!("{p}.mlp.down_proj.weight"),
-                &[hidden, 2 * hidden],
-                s,
-            )?;
-        }
+        let weights = random_weights(&config, seed)?;
         Ok(Self {
             config,
             weights,
