@@ -11,6 +11,10 @@
 //! the blocks of 16 output rows are interleaved, so that one block index
 //! unpacks to 32 input rows × 16 outputs — the `[in, out]` layout gemm reads
 //! fastest — with one 16-lane vector operation per input row.
+//!
+//! (Over 500 lines because the block formats, their portable kernel and
+//! the bit-exactness tests of every encoding belong together; the kernels
+//! per instruction set are in `register_avx512.rs` and `register_avx2.rs`.)
 
 use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Tensor};

@@ -1,0 +1,44 @@
+//! What the binary's tests share: running `r3`, and a tiny model with data.
+
+use std::process::Command;
+
+/// Runs `r3 ARGS`: (success, stdout, stderr).
+pub fn r3(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_r3"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A tiny random HF model (it fails nearly everything) and `n` arithmetic
+/// records, in `dir`. Its embeddings are scaled down so that sampling
+/// varies (at full scale one token dominates every step).
+pub fn tiny_model_and_data(dir: &std::path::Path, n: usize, seed: &str) -> (String, String) {
+    let model = dir.join("tiny");
+    let mut tiny = r3_model::tiny::TinyModel::new(r3_model::Architecture::Llama, 64, 1, 3).unwrap();
+    let embeddings = tiny.weights.get_mut("model.embed_tokens.weight").unwrap();
+    *embeddings = (embeddings.clone() * 0.1).unwrap();
+    tiny.write_hf_dir(&model, candle_core::DType::F32).unwrap();
+    let data = dir.join(format!("data-{seed}.jsonl"));
+    let count = n.to_string();
+    let (ok, _, err) = r3(&[
+        "data",
+        "arithmetic",
+        "--count",
+        &count,
+        "--seed",
+        seed,
+        "--out",
+        data.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    (
+        model.to_str().unwrap().to_string(),
+        data.to_str().unwrap().to_string(),
+    )
+}

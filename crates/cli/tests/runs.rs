@@ -1,0 +1,360 @@
+//! Runs that must survive: mining and training killed with SIGKILL and
+//! resumed, and LoRA adapters trained, loaded and merged from the command
+//! line.
+
+mod common;
+
+use std::process::Command;
+
+use common::{r3, tiny_model_and_data};
+
+/// A tiny model and `n` arithmetic records (see [`tiny_model_and_data`]),
+/// a verifier passing an answer when the sum of its bytes is a multiple of
+/// `modulus` (deterministic mixed rewards, so that groups train), and
+/// failures mined with 2 samples per record. Returns (model, verifier
+/// command, failures file).
+fn mined_tiny_run(
+    dir: &std::path::Path,
+    n: usize,
+    seed: &str,
+    modulus: u32,
+    max_new_tokens: &str,
+) -> (String, String, String) {
+    let (model, data) = tiny_model_and_data(dir, n, seed);
+    let path = |name: &str| dir.join(name).to_str().unwrap().to_string();
+    std::fs::write(
+        path("verify.py"),
+        format!(
+            "import json, sys\nfor line in sys.stdin:\n    m = json.loads(line)\n    \
+             print(json.dumps({{\"id\": m[\"id\"], \"success\": sum(m[\"answer\"].encode()) % {modulus} == 0}}), flush=True)\n"
+        ),
+    )
+    .unwrap();
+    let verifier = format!("python3 {}", path("verify.py"));
+    let failures = path("failures.jsonl");
+    let (ok, _, err) = r3(&[
+        "mine",
+        "--model",
+        &model,
+        "--verifier",
+        &verifier,
+        "--data",
+        &data,
+        "--samples",
+        "2",
+        "--max-new-tokens",
+        max_new_tokens,
+        "--out",
+        &failures,
+    ]);
+    assert!(ok, "{err}");
+    (model, verifier, failures)
+}
+
+fn mine_args<'a>(model: &'a str, data: &'a str, out: &'a str, samples: &'a str) -> Vec<&'a str> {
+    vec![
+        "mine",
+        "--model",
+        model,
+        "--task",
+        "answer",
+        "--data",
+        data,
+        "--samples",
+        samples,
+        "--max-new-tokens",
+        "6",
+        "--batch-rows",
+        "4",
+        "--out",
+        out,
+    ]
+}
+
+/// `r3 mine` killed with SIGKILL at arbitrary moments and rerun each time
+/// ends with exactly the file an uninterrupted run writes: nothing kept is
+/// lost, nothing doubled. Reruns on other data or settings, a failures
+/// file cut behind the state's back, or a file without a state are refused.
+#[test]
+fn mine_survives_kill_9_and_refuses_what_it_cannot_continue() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, data) = tiny_model_and_data(dir.path(), 400, "5");
+    let path = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    let (reference, out) = (path("reference.jsonl"), path("failures.jsonl"));
+    let start = std::time::Instant::now();
+    let (ok, _, err) = r3(&mine_args(&model, &data, &reference, "2"));
+    assert!(ok, "{err}");
+    let run_ms = start.elapsed().as_millis() as u64;
+    let expected = std::fs::read_to_string(&reference).unwrap();
+    assert!(expected.lines().count() > 50, "the tiny model fails often");
+
+    let mut kills = 0;
+    for attempt in 0..60u64 {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_r3"))
+            .args(mine_args(&model, &data, &out, "2"))
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        // Deterministic but scattered moments within one run's length.
+        let moment = (attempt * 7919) % (run_ms / 4).max(1);
+        std::thread::sleep(std::time::Duration::from_millis(moment));
+        if child.try_wait().unwrap().is_some_and(|s| s.success()) {
+            break;
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        kills += 1;
+        // Invariant after every kill: the state vouches only for whole lines.
+        if let Ok(state) = std::fs::read_to_string(format!("{out}.state")) {
+            let state: serde_json::Value = serde_json::from_str(&state).unwrap();
+            let bytes = state["bytes"].as_u64().unwrap() as usize;
+            let text = std::fs::read(&out).unwrap();
+            assert!(text.len() >= bytes);
+            assert!(
+                expected.as_bytes().starts_with(&text[..bytes]),
+                "kept lines changed"
+            );
+        }
+    }
+    let (ok, _, err) = r3(&mine_args(&model, &data, &out, "2"));
+    assert!(ok, "{err}");
+    assert!(kills >= 3, "interrupted only {kills} times");
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), expected);
+
+    let (_, other_data) = tiny_model_and_data(dir.path(), 16, "6");
+    let (ok, _, err) = r3(&mine_args(&model, &other_data, &out, "2"));
+    assert!(
+        !ok && err.contains("data_sha256") && err.contains("data_records: 400 → 16"),
+        "{err}"
+    );
+    let (ok, _, err) = r3(&mine_args(&model, &data, &out, "3"));
+    assert!(!ok && err.contains("samples: 2 → 3"), "{err}");
+    std::fs::write(&out, "").unwrap();
+    let (ok, _, err) = r3(&mine_args(&model, &data, &out, "2"));
+    assert!(!ok && err.contains("cut outside r3 mine"), "{err}");
+    assert_eq!(
+        std::fs::read_to_string(&out).unwrap(),
+        "",
+        "nothing rewritten"
+    );
+    let stray = path("stray.jsonl");
+    std::fs::write(&stray, "{}\n").unwrap();
+    let (ok, _, err) = r3(&mine_args(&model, &data, &stray, "2"));
+    assert!(!ok && err.contains("is not a mining run"), "{err}");
+    assert_eq!(std::fs::read_to_string(&stray).unwrap(), "{}\n");
+}
+
+/// The metrics of a line, without its timings.
+fn comparable_metrics(line: &str) -> serde_json::Value {
+    let mut v: serde_json::Value = serde_json::from_str(line).unwrap();
+    v.as_object_mut()
+        .unwrap()
+        .retain(|k, _| !k.starts_with("seconds_") && k != "tokens_per_s");
+    v
+}
+
+/// `r3 train` on a tiny model, killed with SIGKILL at scattered moments
+/// and rerun with `--resume auto` each time, ends with the weights and
+/// metrics of an uninterrupted run; every checkpoint left behind loads.
+#[test]
+fn train_survives_kill_9_and_resumes_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, verifier, failures) = mined_tiny_run(dir.path(), 24, "2", 3, "6");
+    let path = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    let train_args = |out: &str| -> Vec<String> {
+        [
+            format!("model={model}"),
+            format!("verifier={verifier}"),
+            format!("failures={failures}"),
+            format!("output_dir={out}"),
+            "max_steps=6".into(),
+            "save_steps=1".into(),
+            "failures_per_step=2".into(),
+            "num_generations=4".into(),
+            "max_completion_length=4".into(),
+            "retry_max_tokens=4".into(),
+            "learning_rate=0.001".into(),
+            "beta=0.01".into(),
+        ]
+        .into_iter()
+        .flat_map(|s| ["--set".to_string(), s])
+        .chain(["--resume".to_string(), "auto".to_string()])
+        .collect()
+    };
+    let run = |out: &str| -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_r3"));
+        c.arg("train").args(train_args(out));
+        c
+    };
+    let whole = path("whole");
+    let start = std::time::Instant::now();
+    let out = run(&whole).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let run_ms = start.elapsed().as_millis() as u64;
+
+    let parts = path("parts");
+    let mut kills = 0;
+    for attempt in 0..60u64 {
+        let mut child = run(&parts)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(
+            (attempt * 7919) % (run_ms / 3).max(1),
+        ));
+        if child.try_wait().unwrap().is_some_and(|s| s.success()) {
+            break;
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        kills += 1;
+        for entry in std::fs::read_dir(&parts).into_iter().flatten() {
+            let p = entry.unwrap().path();
+            if p.file_name()
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .starts_with("checkpoint-")
+            {
+                r3_model::load(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+            }
+        }
+    }
+    let out = run(&parts).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(kills >= 3, "interrupted only {kills} times");
+
+    let metrics = |dir: &str| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(format!("{dir}/metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(comparable_metrics)
+            .collect()
+    };
+    let expected = metrics(&whole);
+    assert_eq!(expected.len(), 6);
+    assert_eq!(metrics(&parts), expected, "resumed metrics differ");
+    assert!(
+        expected
+            .iter()
+            .any(|m| m["grad_norm"].as_f64().unwrap() > 0.0),
+        "the run should have trained"
+    );
+    let a = r3_model::load(std::path::Path::new(&format!("{whole}/checkpoint-6"))).unwrap();
+    let b = r3_model::load(std::path::Path::new(&format!("{parts}/checkpoint-6"))).unwrap();
+    for name in a.weights.names() {
+        let dims = a.weights.dims(name).unwrap();
+        let (x, y) = (
+            a.weights.get(name, dims).unwrap(),
+            b.weights.get(name, dims).unwrap(),
+        );
+        let same = x.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            == y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!(same, "{name}: final weights differ");
+    }
+}
+
+/// LoRA from the command line: `r3 train --use-peft` writes a PEFT adapter
+/// directory, which `--model` loads on its base; `r3 merge` folds it into
+/// an HF directory with the same logits; misuse is named.
+#[test]
+fn lora_adapters_train_load_and_merge() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, verifier, failures) = mined_tiny_run(dir.path(), 8, "3", 2, "4");
+    let path = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    let sets = [
+        format!("model={model}"),
+        format!("verifier={verifier}"),
+        format!("failures={failures}"),
+        format!("output_dir={}", path("run")),
+        "max_steps=2".into(),
+        "failures_per_step=2".into(),
+        "num_generations=4".into(),
+        "max_completion_length=4".into(),
+        "retry_max_tokens=4".into(),
+        "learning_rate=0.05".into(),
+    ];
+    let mut args = vec![
+        "train".to_string(),
+        "--use-peft".into(),
+        "--lora-r".into(),
+        "4".into(),
+        "--lora-target-modules".into(),
+        "q_proj,v_proj".into(),
+    ];
+    args.extend(sets.iter().flat_map(|s| ["--set".to_string(), s.clone()]));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (ok, _, err) = r3(&args);
+    assert!(ok, "{err}");
+    let checkpoint = path("run/checkpoint-2");
+    let config = std::fs::read_to_string(format!("{checkpoint}/adapter_config.json")).unwrap();
+    assert!(
+        config.contains("\"q_proj\"") && config.contains(&model),
+        "{config}"
+    );
+
+    std::fs::write(
+        path("m.json"),
+        r#"[{"role": "user", "content": "What is 1 + 2?"}]"#,
+    )
+    .unwrap();
+    let logits = |model_args: &[&str]| -> Vec<f64> {
+        let mut args = vec!["logits", "--messages"];
+        let messages = path("m.json");
+        args.push(&messages);
+        args.extend(model_args);
+        let (ok, out, err) = r3(&args);
+        assert!(ok, "{err}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v["last_top_k"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p[1].as_f64().unwrap())
+            .collect()
+    };
+    let adapted = logits(&["--model", &checkpoint]);
+    assert_eq!(
+        adapted,
+        logits(&["--model", &model, "--adapter", &checkpoint])
+    );
+    let (ok, _, err) = r3(&["merge", "--model", &checkpoint, "--out", &path("merged")]);
+    assert!(ok, "{err}");
+    let merged = logits(&["--model", &path("merged")]);
+    for (a, m) in adapted.iter().zip(&merged) {
+        assert!((a - m).abs() <= 1e-4, "{adapted:?} vs {merged:?}");
+    }
+    // Misuse is named.
+    let (ok, _, err) = r3(&["merge", "--model", &model, "--out", &path("merged2")]);
+    assert!(!ok && err.contains("nothing to merge"), "{err}");
+    let (ok, _, err) = r3(&[
+        "logits",
+        "--messages",
+        &path("m.json"),
+        "--model",
+        &model,
+        "--adapter",
+        &path("run"),
+    ]);
+    assert!(!ok && err.contains("adapter_config.json"), "{err}");
+    let (ok, _, err) = r3(&[
+        "train",
+        "--use-peft",
+        "--lora-target-modules",
+        "qkv",
+        "--set",
+        &sets[2],
+    ]);
+    assert!(
+        !ok && err.contains("unknown LoRA target module 'qkv'"),
+        "{err}"
+    );
+}
