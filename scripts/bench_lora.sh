@@ -5,6 +5,8 @@
 # against the same model expanded to f32. One JSON object per line on
 # stdout (each carries the machine). Qwen models come from
 # ../shared/models/fetch.sh; pass which: bash scripts/bench_lora.sh 0.5b 1.5b
+# With PYTHON set to an interpreter that has torch, transformers and gguf,
+# transformers decodes the same GGUF beside r3 (scripts/bench_transformers.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release -q -p r3-cli
@@ -17,6 +19,9 @@ for size in "$@"; do
   for batch in 1 8; do
     $r3 bench generate --model "$model" --batch "$batch" --prompt-tokens 128 --new-tokens 64
     $r3 bench generate --model "$model" --batch "$batch" --prompt-tokens 128 --new-tokens 64 --f32
+    if [[ -n ${PYTHON:-} ]]; then
+      "$PYTHON" scripts/bench_transformers.py --gguf "$model" --batch "$batch" --prompt-tokens 128 --new-tokens 64 2>/dev/null
+    fi
   done
   $r3 bench train --model "$model" $train --steps 1 --use-peft
 done
