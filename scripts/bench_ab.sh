@@ -15,6 +15,8 @@ for round in 1 2; do
     done
   done
 done
-for bin in "$a" "$b"; do
-  "$bin" bench train "$@" --batch 2 --group 4 --max-reflection-tokens 64 --max-retry-tokens 32 --steps 1 2>/dev/null | tag "$bin"
+for peft in "" --use-peft; do
+  for bin in "$a" "$b"; do
+    "$bin" bench train "$@" --batch 2 --group 4 --max-reflection-tokens 64 --max-retry-tokens 32 --steps 1 $peft 2>/dev/null | tag "$bin"
+  done
 done
