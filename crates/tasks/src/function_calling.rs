@@ -136,8 +136,20 @@ fn fenced_json(reply: &str) -> Option<Value> {
         })
 }
 
+/// Whether `v` is a tool's definition rather than a call to it: models
+/// often echo the tools they were given (`<tools>…</tools>`, a JSON list)
+/// before calling one. A definition has no `arguments`, and has a
+/// `description` or JSON-schema `parameters` (`type` and `properties`).
+fn is_tool_definition(v: &Value) -> bool {
+    let schema = v
+        .get("parameters")
+        .is_some_and(|p| p.get("type").is_some() && p.get("properties").is_some());
+    v.get("arguments").is_none() && (v.get("description").is_some() || schema)
+}
+
 /// The first JSON value in the text that looks like calls: a list of
-/// objects, or an object with a `name`.
+/// objects, or an object with a `name`; echoed tool definitions are passed
+/// over.
 fn first_json(reply: &str) -> Option<Value> {
     let starts = reply
         .char_indices()
@@ -147,10 +159,14 @@ fn first_json(reply: &str) -> Option<Value> {
     for start in starts {
         let mut stream = serde_json::Deserializer::from_str(&reply[start..]).into_iter::<Value>();
         match stream.next() {
-            Some(Ok(Value::Array(items))) if items.iter().all(Value::is_object) => {
+            Some(Ok(Value::Array(items)))
+                if items
+                    .iter()
+                    .all(|item| item.is_object() && !is_tool_definition(item)) =>
+            {
                 return Some(Value::Array(items))
             }
-            Some(Ok(v)) if v.get("name").is_some() => return Some(v),
+            Some(Ok(v)) if v.get("name").is_some() && !is_tool_definition(&v) => return Some(v),
             _ => {}
         }
     }

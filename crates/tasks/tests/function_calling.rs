@@ -47,6 +47,10 @@ fn verdicts_for_nasty_replies() {
         (&weather, "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\", \"unit\": \"fahrenheit\"}}\n</tool_call>", Ok(())),
         (&weather, "<tool_call>{\"name\": \"get_weather\", \"arguments\": {\"city\": </tool_call>", Err("invalid JSON")),
         (&weather, "I cannot help with that.", Err("no JSON list")),
+        // Echoed tool definitions (Qwen's <tools> block, a JSON list) are not calls.
+        (&weather, "<tools>\n{\"type\": \"function\", \"function\": {\"name\": \"get_weather\", \"description\": \"Weather\", \"parameters\": {\"type\": \"object\", \"properties\": {\"city\": {\"type\": \"string\"}}}}}\n</tools>\n\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\", \"unit\": \"fahrenheit\"}}", Ok(())),
+        (&weather, r#"Tools: [{"name": "get_weather", "description": "Weather for a city", "parameters": {"city": {"type": "str"}}}] Call: [{"name": "get_weather", "arguments": {"city": "Paris", "unit": "fahrenheit"}}]"#, Ok(())),
+        (&weather, r#"{"name": "get_weather", "description": "Weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}"#, Err("no JSON list")),
         (&weather, "[]", Err("expected 1 call(s), got 0")),
         (&parallel, r#"[{"name": "get_weather", "arguments": {"city": "Oslo"}}, {"name": "add", "arguments": {"a": 1.0, "b": 2}}]"#, Ok(())),
         // The default unit, passed explicitly, is the same call.
