@@ -12,7 +12,8 @@
 //! blocks) in that encoding instead (see r3-kernels' `packed.rs`): the same
 //! values at a fraction of the memory traffic.
 //!
-//! `linear.rs` holds the projections and their layouts, `layers.rs` one
+//! `linear.rs` holds the projections and their layouts, `vocab.rs` the
+//! embedding and output tables (packed too when frozen), `layers.rs` one
 //! struct per layer; this file the model: loading, the forward, and the
 //! weights back in HF's names.
 
