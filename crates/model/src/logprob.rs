@@ -279,13 +279,12 @@ struct PackedTokenLogprobs {
 }
 
 /// One thread's share of a pass over the vocabulary: a running max and sum
-/// of exponentials per row (the logsumexp, merged block by block), each
-/// row's target logit, and scratch for one block's logits.
+/// of exponentials per row (the logsumexp, merged block by block) and each
+/// row's target logit.
 struct RunningLogsumexp {
     max: Vec<f32>,
     sum: Vec<f64>,
     picked: Vec<f32>,
-    logits: Vec<f32>,
 }
 
 impl RunningLogsumexp {
@@ -294,7 +293,6 @@ impl RunningLogsumexp {
             max: vec![f32::NEG_INFINITY; n],
             sum: vec![0.0; n],
             picked: vec![0.0; n],
-            logits: Vec::new(),
         }
     }
 
@@ -340,12 +338,13 @@ impl CustomOp1 for PackedTokenLogprobs {
         let hidden = f32_slice(s, l)?;
         let (n, h) = l.shape().dims2()?;
         let targets = &self.targets;
-        let total = fold_panels(
+        // Each thread's running logsumexp, and its scratch for one block's
+        // logits.
+        let (total, _) = fold_panels(
             &self.weight,
-            || RunningLogsumexp::new(n),
-            |acc, panel| {
-                let mut logits = std::mem::take(&mut acc.logits);
-                panel_logits(hidden, h, &panel, &mut logits);
+            || (RunningLogsumexp::new(n), Vec::new()),
+            |(acc, logits), panel| {
+                panel_logits(hidden, h, &panel, logits);
                 let block = panel.first..panel.first + panel.rows;
                 for (i, row) in logits.chunks(panel.width).enumerate() {
                     let row = &row[..panel.rows];
@@ -357,9 +356,8 @@ impl CustomOp1 for PackedTokenLogprobs {
                         acc.picked[i] = row[target - panel.first];
                     }
                 }
-                acc.logits = logits;
             },
-            RunningLogsumexp::merge,
+            |(a, scratch), (b, _)| (a.merge(b), scratch),
         );
         let lse: Vec<f32> = (0..n)
             .map(|i| total.max[i] + (total.sum[i].ln() as f32))
