@@ -27,8 +27,8 @@ pub struct TrainBench {
     #[command(flatten)]
     model: ModelArgs,
     /// A model of this shape (an HF config.json, e.g. configs/Qwen2.5-1.5B.json)
-    /// with random weights and the default model's tokenizer, instead of --model
-    #[arg(long, conflicts_with_all = ["model", "adapter"])]
+    /// with random weights, and the tokenizer of --model (default: the default model's)
+    #[arg(long, conflicts_with = "adapter")]
     random_init: Option<std::path::PathBuf>,
     /// Failures per step (B)
     #[arg(long, default_value_t = 4)]
@@ -97,8 +97,8 @@ pub struct GenerateBench {
     #[command(flatten)]
     model: ModelArgs,
     /// A model of this shape (an HF config.json, e.g. configs/Qwen2.5-1.5B.json)
-    /// with random weights and the default model's tokenizer, instead of --model
-    #[arg(long, conflicts_with_all = ["model", "adapter"])]
+    /// with random weights, and the tokenizer of --model (default: the default model's)
+    #[arg(long, conflicts_with = "adapter")]
     random_init: Option<std::path::PathBuf>,
     #[arg(long, default_value_t = 1)]
     batch: usize,
@@ -188,7 +188,7 @@ fn synthetic_prompt(model: &model::Model, n: usize) -> Result<Vec<u32>> {
 /// `--random-init` shape.
 fn bench_model(args: &ModelArgs, random_init: Option<&std::path::Path>) -> Result<model::Model> {
     match random_init {
-        Some(config) => model::load_random_init(config),
+        Some(config) => model::load_random_init(config, args.model.as_deref(), args.device),
         None => model::load_with_weights(&args.spec()),
     }
 }
@@ -232,6 +232,7 @@ fn generate(args: GenerateBench) -> Result<()> {
     let report = serde_json::json!({
         "bench": "generate",
         "machine": machine(),
+        "device": r3_model::device_name(model.llama.device()),
         "model": model.loaded.path,
         "batch": args.batch,
         "prompt_tokens": args.prompt_tokens,
@@ -414,9 +415,11 @@ fn train(args: TrainBench) -> Result<()> {
         retry_temperature: 0.9,
         micro_batch_size: args.micro_batch_size,
         gradient_checkpointing: !args.no_gradient_checkpointing,
+        device: args.model.device.to_string(),
         save_steps: 0,
         ..Default::default()
     };
+    let device = r3_model::device_name(model.weights.device());
     let weights = r3_train::trainer::StartWeights {
         policy: std::mem::take(&mut model.weights),
         reference: None,
@@ -442,6 +445,7 @@ fn train(args: TrainBench) -> Result<()> {
     let report = serde_json::json!({
         "bench": "train",
         "machine": machine(),
+        "device": device,
         "model": model.path,
         "batch": args.batch,
         "group": args.group,

@@ -151,3 +151,41 @@ pub fn merge(args: MergeArgs) -> Result<()> {
     );
     Ok(())
 }
+
+#[derive(Args)]
+pub struct InitArgs {
+    /// The shape: an HF config.json (e.g. configs/Qwen2.5-1.5B.json)
+    #[arg(long)]
+    pub shape: PathBuf,
+    /// The model whose tokenizer and chat template to use [default: the default model]
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// The new HF directory
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+/// Writes a randomly initialised model of a given shape, with a real
+/// tokenizer, as an HF directory: a small stand-in for tests and device
+/// checks on machines that cannot download weights.
+pub fn init(args: InitArgs) -> Result<()> {
+    if args.out.exists() {
+        bail!("{} exists; choose a new directory", args.out.display());
+    }
+    let loaded = model::random_shape(&args.shape, args.model.as_deref())?;
+    let weights = r3_model::random::random_weights(&loaded.config, args.seed)?;
+    let tmp = args.out.with_extension("tmp");
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    r3_model::export::save_hf_dir(&loaded, &tmp, weights)?;
+    std::fs::rename(&tmp, &args.out)
+        .with_context(|| format!("cannot rename {} to {}", tmp.display(), args.out.display()))?;
+    eprintln!(
+        "wrote {} (shape {})",
+        args.out.display(),
+        args.shape.display()
+    );
+    Ok(())
+}

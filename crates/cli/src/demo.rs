@@ -138,6 +138,7 @@ pub fn demo(args: DemoArgs) -> Result<()> {
         max_completion_length: 64,
         retry_max_tokens: 16,
         learning_rate: args.learning_rate,
+        device: args.model.device.to_string(),
         save_steps: 0,
         ..TrainConfig::default()
     };
@@ -148,6 +149,7 @@ pub fn demo(args: DemoArgs) -> Result<()> {
     let trained_spec = ModelSpec {
         path: Some(checkpoint.clone()),
         adapter: None,
+        device: args.model.device,
     };
     let trained = model::load(&trained_spec)?;
     let after = run_eval(&eval_config(trained_spec, "eval-trained"), &trained)?;

@@ -5,6 +5,7 @@ mod bench;
 mod commands;
 mod config;
 mod demo;
+mod device_check;
 mod evaluate;
 mod model;
 mod progress;
@@ -65,6 +66,9 @@ pub struct ModelArgs {
     /// A PEFT LoRA adapter directory to apply on the model
     #[arg(long)]
     pub adapter: Option<PathBuf>,
+    /// auto (the first GPU of a CUDA build, else the CPU), cpu, cuda or cuda:N
+    #[arg(long, default_value = "auto")]
+    pub device: r3_model::DeviceChoice,
 }
 
 impl ModelArgs {
@@ -72,6 +76,7 @@ impl ModelArgs {
         model::ModelSpec {
             path: self.model.clone(),
             adapter: self.adapter.clone(),
+            device: self.device,
         }
     }
 }
@@ -101,6 +106,10 @@ enum Command {
     Logits(commands::LogitsArgs),
     /// Fold a LoRA adapter into its base and write a plain HF directory
     Merge(commands::MergeArgs),
+    /// Write a model of a given shape with random weights as an HF directory
+    Init(commands::InitArgs),
+    /// Compare a GPU with the CPU on one model: logits, greedy tokens, a training step
+    DeviceCheck(device_check::DeviceCheckArgs),
     /// The whole loop on the default model in minutes: eval, mine, train, eval
     Demo(demo::DemoArgs),
     /// First-try and second-try (reflect + retry) accuracy on a data set
@@ -137,6 +146,8 @@ fn main() {
         Command::Generate(args) => commands::generate(args),
         Command::Logits(args) => commands::logits(args),
         Command::Merge(args) => commands::merge(args),
+        Command::Init(args) => commands::init(args),
+        Command::DeviceCheck(args) => device_check::device_check(args),
         Command::Demo(args) => demo::demo(args),
         Command::Eval(args) => evaluate::eval(args),
         Command::Mine(args) => evaluate::mine(args),

@@ -2,8 +2,9 @@
 //! when it fails.
 
 use anyhow::{Context, Result};
+use candle_core::Device;
 use r3_model::lora::Adapter;
-use r3_model::{Llama, LoadedModel};
+use r3_model::{device_name, DeviceChoice, Llama, LoadedModel};
 
 use std::path::{Path, PathBuf};
 
@@ -20,6 +21,16 @@ pub struct Model {
 pub struct ModelSpec {
     pub path: Option<PathBuf>,
     pub adapter: Option<PathBuf>,
+    pub device: DeviceChoice,
+}
+
+/// Opens the device `choice` names and says which one runs the model.
+pub fn open_device(choice: DeviceChoice) -> Result<Device> {
+    let device = choice
+        .open()
+        .with_context(|| format!("--device {choice}"))?;
+    eprintln!("device: {}", device_name(&device));
+    Ok(device)
 }
 
 impl Model {
@@ -51,8 +62,10 @@ pub fn load_with_weights(spec: &ModelSpec) -> Result<Model> {
         (Some(dir), None) if dir.join("adapter_config.json").exists() => Some(dir),
         (_, adapter) => adapter.as_ref(),
     };
+    let device = open_device(spec.device)?;
     let Some(dir) = adapter_dir else {
-        let loaded = load_base(spec.path.as_deref())?;
+        let mut loaded = load_base(spec.path.as_deref())?;
+        loaded.weights.set_device(device);
         let llama = Llama::new(&loaded.config, &loaded.weights)
             .with_context(|| format!("cannot build the decoder for {}", loaded.path.display()))?;
         return Ok(Model {
@@ -67,7 +80,8 @@ pub fn load_with_weights(spec: &ModelSpec) -> Result<Model> {
         Some(_) => spec.path.clone(),
         None => lora.base_model.as_ref().map(PathBuf::from),
     };
-    let loaded = load_base(base.as_deref())?;
+    let mut loaded = load_base(base.as_deref())?;
+    loaded.weights.set_device(device);
     let llama = Llama::with_adapter(&loaded.config, &loaded.weights, &lora.config, &lora.weights)
         .with_context(|| {
         format!(
@@ -84,24 +98,18 @@ pub fn load_with_weights(spec: &ModelSpec) -> Result<Model> {
 }
 
 /// A model of the shape an HF `config.json` describes, with random weights
-/// (seed 0) and the default model's tokenizer and chat template: for
-/// benchmarks at a real model's shapes on a machine without its weights.
-pub fn load_random_init(config_path: &Path) -> Result<Model> {
-    let config = r3_model::ModelConfig::from_hf_file(config_path)
-        .with_context(|| format!("cannot read the model shape {}", config_path.display()))?;
-    let mut loaded = load_base(None)?;
-    if loaded.tokenizer.vocab_size() > config.vocab_size {
-        anyhow::bail!(
-            "{}: vocab_size {} is smaller than the default tokenizer's {} tokens",
-            config_path.display(),
-            config.vocab_size,
-            loaded.tokenizer.vocab_size()
-        );
-    }
-    let weights = r3_model::random::random_weights(&config, 0)?;
+/// (seed 0) and the tokenizer and chat template of `tokenizer_from` (the
+/// default model when `None`): for benchmarks at a real model's shapes on a
+/// machine without its weights.
+pub fn load_random_init(
+    config_path: &Path,
+    tokenizer_from: Option<&Path>,
+    device: DeviceChoice,
+) -> Result<Model> {
+    let mut loaded = random_shape(config_path, tokenizer_from)?;
+    let weights = r3_model::random::random_weights(&loaded.config, 0)?;
     loaded.weights = r3_model::Weights::new(config_path, weights);
-    loaded.config = config;
-    loaded.path = config_path.to_path_buf();
+    loaded.weights.set_device(open_device(device)?);
     let llama = Llama::new(&loaded.config, &loaded.weights).with_context(|| {
         format!(
             "cannot build a decoder of the shape {}",
@@ -113,6 +121,28 @@ pub fn load_random_init(config_path: &Path) -> Result<Model> {
         llama,
         adapter: None,
     })
+}
+
+/// `tokenizer_from`'s tokenizer, chat template and special tokens (the
+/// default model's when `None`) with the shape of `config_path`, and no
+/// weights.
+pub fn random_shape(config_path: &Path, tokenizer_from: Option<&Path>) -> Result<LoadedModel> {
+    let config = r3_model::ModelConfig::from_hf_file(config_path)
+        .with_context(|| format!("cannot read the model shape {}", config_path.display()))?;
+    let mut loaded = load_base(tokenizer_from)?;
+    if loaded.tokenizer.vocab_size() > config.vocab_size {
+        anyhow::bail!(
+            "{}: vocab_size {} is smaller than the {} tokens of {}'s tokenizer",
+            config_path.display(),
+            config.vocab_size,
+            loaded.tokenizer.vocab_size(),
+            loaded.path.display()
+        );
+    }
+    loaded.weights = Default::default();
+    loaded.config = config;
+    loaded.path = config_path.to_path_buf();
+    Ok(loaded)
 }
 
 /// Loads `path`, or the default model (fetching it once) when `None`.

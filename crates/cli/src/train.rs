@@ -28,6 +28,9 @@ pub struct TrainArgs {
     /// Start fresh in an output_dir that holds another run, deleting it
     #[arg(long, conflicts_with = "resume")]
     pub overwrite: bool,
+    /// auto, cpu, cuda or cuda:N (the config key `device`)
+    #[arg(long)]
+    pub device: Option<r3_model::DeviceChoice>,
     #[command(flatten)]
     pub lora: LoraArgs,
 }
@@ -73,7 +76,15 @@ impl LoraArgs {
 }
 
 pub fn train(args: TrainArgs) -> Result<()> {
-    let overrides = [args.lora.overrides(), args.set.clone()].concat();
+    let device = args
+        .device
+        .map(|d| format!("device={d:?}", d = d.to_string()));
+    let overrides = [
+        args.lora.overrides(),
+        device.into_iter().collect(),
+        args.set.clone(),
+    ]
+    .concat();
     let config = TrainConfig::load(args.config.as_deref(), &overrides)?;
     let resume = match args.resume.as_deref().and_then(Path::to_str) {
         Some(word @ ("last" | "auto")) => {
@@ -156,19 +167,23 @@ pub fn run_train(config: TrainConfig, resume: Option<&Path>) -> Result<PathBuf> 
             (p.clone(), p)
         }
     };
+    let device = crate::model::open_device(config.device().map_err(anyhow::Error::msg)?)?;
     let mut loaded = r3_model::load(&policy_path)
         .with_context(|| format!("cannot load model {}", policy_path.display()))?;
+    loaded.weights.set_device(device.clone());
     // Full fine-tuning scores the KL against a frozen copy of the base (a
     // resumed run's base is another file); LoRA against its own base with
     // the adapters off.
     let reference = match (config.beta > 0.0 && !config.use_peft, resume) {
-        (true, Some(_)) => Some(
-            r3_model::load(&base_path)
+        (true, Some(_)) => {
+            let mut base = r3_model::load(&base_path)
                 .with_context(|| {
                     format!("cannot load the reference model {}", base_path.display())
                 })?
-                .weights,
-        ),
+                .weights;
+            base.set_device(device);
+            Some(base)
+        }
         _ => None,
     };
     // The trainer consumes the file's tensors once its decoders are built.

@@ -333,3 +333,80 @@ fn bench_generate_runs_a_random_init_shape() {
     assert!(!ok);
     assert!(err.contains("vocab_size 1000"), "{err}");
 }
+
+/// `r3 init` writes a random model of a shape, with the default model's
+/// tokenizer, that loads; `r3 device-check` runs its whole comparison on
+/// it (the CPU against itself here: no difference, and the compared
+/// training step really moves the weights).
+#[test]
+fn init_writes_a_model_that_device_check_compares() {
+    let dir = tempfile::tempdir().unwrap();
+    let shape = dir.path().join("shape.json");
+    let config = serde_json::json!({
+        "architectures": ["LlamaForCausalLM"],
+        "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2,
+        "vocab_size": 49152, "tie_word_embeddings": true
+    });
+    std::fs::write(&shape, config.to_string()).unwrap();
+    let out = dir.path().join("tiny");
+    let (ok, _, err) = r3(&[
+        "init",
+        "--shape",
+        shape.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    for file in ["config.json", "model.safetensors", "tokenizer.json"] {
+        assert!(out.join(file).exists(), "{file}");
+    }
+    let (ok, stdout, err) = r3(&[
+        "device-check",
+        "--model",
+        out.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--batch",
+        "3",
+        "--new-tokens",
+        "4",
+    ]);
+    assert!(ok, "{err}");
+    assert!(err.contains("device: cpu"), "{err}");
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(v["ok"], true, "{v}");
+    assert_eq!(v["logits_max_abs_diff"], 0.0, "{v}");
+    assert_eq!(v["greedy_equal"], true, "{v}");
+    let lengths = v["prompt_tokens"].as_array().unwrap();
+    assert!(lengths[0].as_u64() < lengths[2].as_u64(), "{v}");
+    assert_eq!(v["train_tokens"], 12, "{v}");
+    assert!(v["update_max_abs"].as_f64().unwrap() > 1e-5, "{v}");
+    // An existing directory is never overwritten.
+    let (ok, _, err) = r3(&[
+        "init",
+        "--shape",
+        shape.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!ok);
+    assert!(err.contains("exists"), "{err}");
+}
+
+/// `--device` names a device or fails before any work: an unknown name
+/// lists the valid ones; CUDA from a build without it says how to get one.
+#[test]
+fn device_flag_is_validated() {
+    let (ok, _, err) = r3(&["generate", "--device", "gpu", "--prompt", "hi"]);
+    assert!(!ok);
+    assert!(err.contains("expected auto, cpu, cuda or cuda:N"), "{err}");
+    if cfg!(not(feature = "cuda")) {
+        let (ok, _, err) = r3(&["generate", "--device", "cuda:1", "--prompt", "hi"]);
+        assert!(!ok);
+        assert!(err.contains("built without CUDA"), "{err}");
+        let (ok, _, err) = r3(&["train", "--set", "device=\"tpu\""]);
+        assert!(!ok);
+        assert!(err.contains("'device'"), "{err}");
+    }
+}

@@ -3,7 +3,7 @@
 //! costing compute; their keys and values stay in the cache, which can be
 //! kept to continue every conversation.
 
-use candle_core::Tensor;
+use candle_core::{Device, Tensor};
 use r3_kernels::storage::with_f32_elements;
 use r3_model::{KvCache, Llama, Tokenizer};
 use rayon::prelude::*;
@@ -147,10 +147,11 @@ impl<'a> Generator<'a> {
         let mut next_tokens: Vec<[u32; 1]> = Vec::with_capacity(n);
         loop {
             let vocab = logits.dim(1)?;
-            // Rows sample in parallel, reading the logits where they lie:
-            // each has its own RNG, so the result does not depend on the
-            // threads.
-            with_f32_elements(&logits.contiguous()?, |flat| {
+            // Rows sample in parallel, reading the logits where they lie
+            // (copied over first from a GPU): each has its own RNG, so the
+            // result does not depend on the threads.
+            let on_cpu = logits.to_device(&Device::Cpu)?.contiguous()?;
+            with_f32_elements(&on_cpu, |flat| {
                 samplers
                     .par_iter_mut()
                     .zip(flat.par_chunks(vocab))

@@ -9,7 +9,7 @@
 //! finished decoding can leave the forwards while keeping its keys and values
 //! in place, to continue later with the next turn of its conversation.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
@@ -193,7 +193,7 @@ impl KvCache {
         };
         if self.len > capacity {
             let grown = self.len.max(capacity * 2).max(self.initial_capacity);
-            let (kb, vb) = (self.zeros(grown)?, self.zeros(grown)?);
+            let (kb, vb) = (self.zeros(grown, &k)?, self.zeros(grown, &v)?);
             if let Some((old_k, old_v)) = self.layers[layer].take() {
                 kb.slice_set(&old_k.narrow(2, 0, start)?.contiguous()?, 2, 0)?;
                 vb.slice_set(&old_v.narrow(2, 0, start)?.contiguous()?, 2, 0)?;
@@ -216,11 +216,13 @@ impl KvCache {
         }
     }
 
-    fn zeros(&self, capacity: usize) -> Result<Tensor> {
+    /// A zeroed buffer of `capacity` columns for every row, of `like`'s
+    /// type and on its device.
+    fn zeros(&self, capacity: usize, like: &Tensor) -> Result<Tensor> {
         Ok(Tensor::zeros(
             (self.rows(), self.kv_heads, capacity, self.head_dim),
-            DType::F32,
-            &Device::Cpu,
+            like.dtype(),
+            like.device(),
         )?)
     }
 
@@ -247,10 +249,14 @@ impl KvCache {
             .min()
             .unwrap_or(0);
         let len = self.len - first_used;
+        let device = match self.layers.iter().flatten().next() {
+            Some((k, _)) => k.device().clone(),
+            None => Device::Cpu,
+        };
         let index = Tensor::from_vec(
             rows.iter().map(|&r| r as u32).collect::<Vec<_>>(),
             rows.len(),
-            &Device::Cpu,
+            &device,
         )?;
         let mut out = Self {
             storage: self.storage,
@@ -340,8 +346,8 @@ impl KvCache {
         }
         let buffer = Tensor::zeros(
             (x.dim(0)?, self.kv_heads, capacity, self.head_dim),
-            DType::F32,
-            &Device::Cpu,
+            x.dtype(),
+            x.device(),
         )?;
         buffer.slice_set(&x.contiguous()?, 2, 0)?;
         Ok(buffer)

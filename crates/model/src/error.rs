@@ -29,6 +29,9 @@ pub enum ModelError {
     ChatTemplate { path: PathBuf, message: String },
     #[error("tokenizer: {0}")]
     Tokenizer(String),
+    /// A device that cannot be opened or does not fit the request.
+    #[error("device: {0}")]
+    Device(String),
     #[error("KV cache: {0}")]
     Cache(String),
     /// Tensors whose shapes do not fit together (a caller's mistake).

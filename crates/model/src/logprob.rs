@@ -31,6 +31,9 @@ pub fn token_logprobs(hidden: &Tensor, weight: &Tensor, targets: &[u32]) -> Resu
     let (n, _) = hidden.dims2()?;
     let (vocab, _) = weight.dims2()?;
     check_targets(targets, n, vocab)?;
+    if !hidden.device().is_cpu() {
+        return portable_token_logprobs(hidden, weight, targets);
+    }
     let hidden = hidden.contiguous()?;
     let weight = weight.contiguous()?;
     Ok(hidden.apply_op2(
@@ -39,6 +42,34 @@ pub fn token_logprobs(hidden: &Tensor, weight: &Tensor, targets: &[u32]) -> Resu
             targets: targets.to_vec(),
         },
     )?)
+}
+
+/// The same log-probabilities in candle's portable ops, for devices
+/// without the CPU op: a chunk of rows at a time, as `logits − logsumexp`
+/// gathered at the targets. Autograd keeps each chunk's logits until the
+/// backward pass, so memory grows with the rows (bounded by training's
+/// micro-batches), where the CPU op holds one chunk.
+fn portable_token_logprobs(hidden: &Tensor, weight: &Tensor, targets: &[u32]) -> Result<Tensor> {
+    let (n, _) = hidden.dims2()?;
+    let vocab = weight.dim(0)?;
+    let device = hidden.device();
+    if n == 0 {
+        return Ok(Tensor::zeros(0, hidden.dtype(), device)?);
+    }
+    let rows = TokenLogprobs::chunk_rows(vocab, n);
+    let targets = Tensor::from_slice(targets, (n, 1), device)?;
+    let weight_t = weight.t()?;
+    let mut chunks = Vec::with_capacity(n.div_ceil(rows));
+    for start in (0..n).step_by(rows) {
+        let len = rows.min(n - start);
+        let logits = hidden.narrow(0, start, len)?.matmul(&weight_t)?;
+        let max = logits.max_keepdim(1)?.detach();
+        let sum = logits.broadcast_sub(&max)?.exp()?.sum_keepdim(1)?;
+        let logsumexp = (sum.log()? + max)?;
+        let picked = logits.gather(&targets.narrow(0, start, len)?, 1)?;
+        chunks.push((picked - logsumexp)?.squeeze(1)?);
+    }
+    Ok(Tensor::cat(&chunks, 0)?)
 }
 
 fn check_targets(targets: &[u32], n: usize, vocab: usize) -> Result<()> {
@@ -484,5 +515,36 @@ mod tests {
         // Not a trivial agreement: the log-probs differ from row to row.
         let lp: Vec<f32> = lp_dense.to_vec1().unwrap();
         assert!(lp.iter().any(|&x| x < -1.0));
+    }
+
+    /// The portable path (what runs on a GPU) gives the CPU op's log-probs
+    /// and both gradients, over several row chunks with a short last one.
+    #[test]
+    fn portable_logprobs_and_gradients_match_the_cpu_op() {
+        let vocab = 1 << 20; // 4 rows per chunk
+        let (h, n) = (2, 10);
+        let targets: Vec<u32> = (0..n as u32).map(|i| i * 104_729 % vocab as u32).collect();
+        let weights: Vec<f32> = (0..n).map(|i| 1.0 - 0.3 * i as f32).collect();
+        let weights = Tensor::new(weights, &Device::Cpu).unwrap();
+        let run = |portable: bool| {
+            let hidden = Var::from_tensor(&seeded((n, h), 3)).unwrap();
+            let table = Var::from_tensor(&(seeded((vocab, h), 4) * 0.5).unwrap()).unwrap();
+            let (x, w) = (hidden.as_tensor(), table.as_tensor());
+            let lp = match portable {
+                true => portable_token_logprobs(x, w, &targets),
+                false => token_logprobs(x, w, &targets),
+            }
+            .unwrap();
+            let loss = (&lp * &weights).unwrap().sum_all().unwrap();
+            let grads = loss.backward().unwrap();
+            let g = |v: &Var| grads.get(v).unwrap().clone();
+            (lp, g(&hidden), g(&table))
+        };
+        let (cpu, portable) = (run(false), run(true));
+        assert!(max_diff(&cpu.0, &portable.0) < 1e-4);
+        assert!(max_diff(&cpu.1, &portable.1) < 1e-4);
+        assert!(max_diff(&cpu.2, &portable.2) < 1e-5);
+        let lp: Vec<f32> = cpu.0.to_vec1().unwrap();
+        assert!(lp.iter().all(|&x| x < -1.0), "{lp:?}");
     }
 }

@@ -42,13 +42,23 @@ impl Stored {
 /// these on load, so that everything downstream — the decoder, training,
 /// export — speaks one naming scheme. Tensors stay in their file's encoding
 /// until asked for: as f32 ([`Weights::get`]) or packed for inference
-/// ([`Weights::packed`]). `Default` is no weights at all: what a loaded
-/// model holds once its decoder is built and the file's tensors released.
-#[derive(Debug, Clone, Default)]
+/// ([`Weights::packed`]), on the device a decoder will run on. `Default` is
+/// no weights at all: what a loaded model holds once its decoder is built
+/// and the file's tensors released.
+#[derive(Debug, Clone)]
 pub struct Weights {
     /// Where the tensors came from, for error messages.
     pub source: PathBuf,
     tensors: HashMap<String, Stored>,
+    /// Where [`Weights::get`] puts tensors. Files are read on the CPU and
+    /// each tensor is copied over as a decoder asks for it.
+    device: Device,
+}
+
+impl Default for Weights {
+    fn default() -> Self {
+        Self::new(PathBuf::new(), HashMap::new())
+    }
 }
 
 impl Weights {
@@ -59,7 +69,20 @@ impl Weights {
                 .into_iter()
                 .map(|(name, t)| (name, Stored::Dense(t)))
                 .collect(),
+            device: Device::Cpu,
         }
+    }
+
+    /// Makes decoders built from these weights run on `device`: tensors are
+    /// copied there as f32, and nothing stays packed off the CPU (the packed
+    /// kernels are CPU kernels).
+    pub fn set_device(&mut self, device: Device) {
+        self.device = device;
+    }
+
+    /// The device decoders built from these weights run on.
+    pub fn device(&self) -> &Device {
+        &self.device
     }
 
     /// Weights read from a GGUF file: each tensor's blocks with the number
@@ -80,6 +103,7 @@ impl Weights {
                     (name, stored)
                 })
                 .collect(),
+            device: Device::Cpu,
         }
     }
 
@@ -104,8 +128,8 @@ impl Weights {
         Ok(stored)
     }
 
-    /// The tensor `name` in f32, checked against the shape the decoder
-    /// expects.
+    /// The tensor `name` in f32 on the weights' device, checked against the
+    /// shape the decoder expects.
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let f32 = match self.stored(name, shape)? {
             Stored::Dense(t) => t.to_dtype(DType::F32),
@@ -118,15 +142,19 @@ impl Weights {
                     })
             }
         };
-        f32.map_err(|e| ModelError::tensor(&self.source, name, e))
+        f32.and_then(|t| t.to_device(&self.device))
+            .map_err(|e| ModelError::tensor(&self.source, name, e))
     }
 
     /// The matrix `name` `[out, in]` packed for inference, or `None` when
     /// its encoding has no packed kernel (f32) and it is best
-    /// used as f32.
+    /// used as f32, or the weights are for another device than the CPU.
     pub fn packed(&self, name: &str, shape: &[usize]) -> Result<Option<PackedMatrix>> {
         let fail = |e: &dyn std::fmt::Display| ModelError::tensor(&self.source, name, e);
         let stored = self.stored(name, shape)?;
+        if !self.device.is_cpu() {
+            return Ok(None);
+        }
         let &[rows, cols] = shape else {
             return Ok(None);
         };

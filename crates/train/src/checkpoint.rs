@@ -261,9 +261,10 @@ pub fn load_optimizer(dir: &Path, optimizer: &mut AdamW) -> Result<()> {
             .ok_or_else(|| TrainError::Invalid(format!("{}: missing '{key}'", path.display())))
     };
     for i in 0..optimizer.params.len() {
-        let name = optimizer.params[i].0.clone();
-        optimizer.m[i] = take(format!("m.{name}"))?;
-        optimizer.v[i] = take(format!("v.{name}"))?;
+        let (name, param) = &optimizer.params[i];
+        let device = param.device().clone();
+        optimizer.m[i] = take(format!("m.{name}"))?.to_device(&device)?;
+        optimizer.v[i] = take(format!("v.{name}"))?.to_device(&device)?;
     }
     optimizer.step = take("adam_step".into())?.to_vec1::<u32>()?[0] as usize;
     Ok(())

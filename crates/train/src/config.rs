@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use r3_model::lora::LoraConfig;
+use r3_model::DeviceChoice;
 
 use crate::grpo::LossType;
 use crate::{Result, TrainError};
@@ -106,6 +107,9 @@ pub struct TrainConfig {
     pub lora_target_modules: Vec<String>,
     /// A PEFT adapter directory to continue training from (LoRA only).
     pub adapter: Option<PathBuf>,
+    /// Where to train: `auto` (the first GPU of a CUDA build, else the
+    /// CPU), `cpu`, `cuda` or `cuda:N`.
+    pub device: String,
 }
 
 /// A string or a list of strings, as PEFT's `target_modules` accepts.
@@ -172,6 +176,7 @@ impl Default for TrainConfig {
             lora_dropout: 0.0,
             lora_target_modules: vec!["all-linear".into()],
             adapter: None,
+            device: "auto".into(),
         }
     }
 }
@@ -225,6 +230,9 @@ impl TrainConfig {
         }
         if !(self.learning_rate > 0.0 && self.learning_rate.is_finite()) {
             return bad("learning_rate", "must be a positive number");
+        }
+        if let Err(why) = self.device() {
+            return bad("device", &why);
         }
         if self.max_steps == 0 {
             return bad("max_steps", "must be at least 1");
@@ -296,11 +304,16 @@ impl TrainConfig {
         Ok(())
     }
 
-    /// Settings a resumed run may change: how long it runs and what it
-    /// writes where. Any other change would continue another run than the
+    /// Settings a resumed run may change: how long it runs, what it writes
+    /// where, and on which device. Any other change would continue another run than the
     /// one checkpointed.
-    pub const CHANGEABLE_ON_RESUME: [&'static str; 4] =
-        ["max_steps", "save_steps", "log_completions", "output_dir"];
+    pub const CHANGEABLE_ON_RESUME: [&'static str; 5] = [
+        "max_steps",
+        "save_steps",
+        "log_completions",
+        "output_dir",
+        "device",
+    ];
 
     /// The settings, other than [`Self::CHANGEABLE_ON_RESUME`], on which
     /// this config differs from the `saved` one, as `key: saved → now`.
@@ -318,6 +331,11 @@ impl TrainConfig {
                 format!("{k}: {before} → {v}")
             })
             .collect()
+    }
+
+    /// The device the run asked for (`device`), parsed.
+    pub fn device(&self) -> std::result::Result<DeviceChoice, String> {
+        self.device.parse()
     }
 
     /// The adapters' shape when training LoRA (`use_peft`), else `None`.

@@ -52,9 +52,16 @@ impl AdamW {
 
     /// One update with `grads` (one per parameter, in order) multiplied by
     /// `grad_scale` (gradient clipping), at rate `lr`. Norm and bias vectors
-    /// are not decayed. Moments and parameters are updated in place: no
-    /// allocation per parameter.
+    /// are not decayed. On the CPU, moments and parameters are updated in
+    /// place: no allocation per parameter; other devices take candle's ops.
     pub fn update(&mut self, grads: &[Tensor], lr: f64, grad_scale: f64) -> Result<()> {
+        let portable = self.params.iter().any(|(_, p)| !p.device().is_cpu());
+        self.apply(grads, lr, grad_scale, portable)
+    }
+
+    /// [`AdamW::update`], in candle's portable ops when `portable` (the
+    /// only choice off the CPU; on it, for the test that compares the two).
+    fn apply(&mut self, grads: &[Tensor], lr: f64, grad_scale: f64, portable: bool) -> Result<()> {
         self.step += 1;
         let t = self.step as i32;
         for (i, ((_, param), g)) in self.params.iter().zip(grads).enumerate() {
@@ -65,14 +72,6 @@ impl AdamW {
                 grad_scale: grad_scale as f32,
                 second: false,
             };
-            self.m[i].inplace_op2(&g, &moments)?;
-            self.v[i].inplace_op2(
-                &g,
-                &Moments {
-                    second: true,
-                    ..moments
-                },
-            )?;
             let decay = if param.as_tensor().rank() > 1 {
                 self.weight_decay
             } else {
@@ -85,12 +84,48 @@ impl AdamW {
                 eps: self.eps as f32,
                 decay: (lr * decay) as f32,
             };
+            if portable {
+                (self.m[i], self.v[i]) =
+                    portable_update(param, &self.m[i], &self.v[i], &g, &moments, &step)?;
+                continue;
+            }
+            self.m[i].inplace_op2(&g, &moments)?;
+            self.v[i].inplace_op2(
+                &g,
+                &Moments {
+                    second: true,
+                    ..moments
+                },
+            )?;
             param
                 .as_tensor()
                 .inplace_op3(&self.m[i], &self.v[i], &step)?;
         }
         Ok(())
     }
+}
+
+/// The AdamW update of one parameter in candle's ops, for devices without
+/// the in-place CPU kernels below: the same arithmetic, with new moments
+/// returned instead of written in place.
+fn portable_update(
+    param: &Var,
+    m: &Tensor,
+    v: &Tensor,
+    g: &Tensor,
+    moments: &Moments,
+    step: &AdamStep,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let (beta1, beta2) = (moments.beta1 as f64, moments.beta2 as f64);
+    let g = (g * moments.grad_scale as f64)?;
+    let m = ((m * beta1)? + (&g * (1.0 - beta1))?)?;
+    let v = ((v * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
+    let m_hat = (&m / step.bias1 as f64)?;
+    let v_hat = (&v / step.bias2 as f64)?;
+    let update = (m_hat / (v_hat.sqrt()? + step.eps as f64)?)?;
+    let p = ((param.as_tensor() * (1.0 - step.decay as f64))? - (update * step.lr as f64)?)?;
+    param.set(&p)?;
+    Ok((m, v))
 }
 
 /// `sum ← sum + g`.
@@ -217,7 +252,11 @@ impl Gradients {
     pub fn add(&mut self, store: &GradStore) -> Result<()> {
         for id in store.get_ids() {
             if let (Some(&i), Some(g)) = (self.index.get(id), store.get_id(*id)) {
-                self.sums[i].inplace_op2(&g.contiguous()?, &AddInPlace)?;
+                if self.sums[i].device().is_cpu() {
+                    self.sums[i].inplace_op2(&g.contiguous()?, &AddInPlace)?;
+                } else {
+                    self.sums[i] = (&self.sums[i] + g.detach())?;
+                }
             }
         }
         Ok(())
@@ -230,8 +269,12 @@ impl Gradients {
 
     /// Every sum back to zero, for the next step.
     pub fn zero(&mut self) -> Result<()> {
-        for sum in &self.sums {
-            sum.inplace_op1(&Zero)?;
+        for sum in &mut self.sums {
+            if sum.device().is_cpu() {
+                sum.inplace_op1(&Zero)?;
+            } else {
+                *sum = sum.zeros_like()?;
+            }
         }
         Ok(())
     }
@@ -274,5 +317,54 @@ pub fn clip_scale(norm: f64, max_norm: f64) -> f64 {
         max_norm / (norm + 1e-6)
     } else {
         1.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn values(n: usize, seed: f32) -> Vec<f32> {
+        (0..n).map(|i| ((i as f32 + seed) * 0.37).sin()).collect()
+    }
+
+    /// The portable update (what runs on a GPU) gives the in-place CPU
+    /// kernels' parameters and moments, step after step, decay and clipping
+    /// included.
+    #[test]
+    fn portable_adamw_matches_the_cpu_kernels() {
+        let make = || -> AdamW {
+            let w = Var::from_vec(values(12, 0.0), (3, 4), &Device::Cpu).unwrap();
+            let b = Var::from_vec(values(4, 5.0), 4, &Device::Cpu).unwrap();
+            AdamW::new(vec![("w".into(), w), ("b".into(), b)], 0.9, 0.99, 1e-8, 0.1).unwrap()
+        };
+        let (mut cpu, mut portable) = (make(), make());
+        for step in 0..4 {
+            let grads = vec![
+                Tensor::from_vec(values(12, step as f32 * 3.0 + 1.0), (3, 4), &Device::Cpu)
+                    .unwrap(),
+                Tensor::from_vec(values(4, step as f32 * 7.0 + 2.0), 4, &Device::Cpu).unwrap(),
+            ];
+            cpu.apply(&grads, 1e-2, 0.5, false).unwrap();
+            portable.apply(&grads, 1e-2, 0.5, true).unwrap();
+        }
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let close = |a: &Tensor, b: &Tensor| {
+            for (x, y) in flat(a).iter().zip(flat(b)) {
+                assert!((x - y).abs() <= 1e-6 * (1.0 + x.abs()), "{x} vs {y}");
+            }
+        };
+        for i in 0..2 {
+            close(
+                cpu.params[i].1.as_tensor(),
+                portable.params[i].1.as_tensor(),
+            );
+            close(&cpu.m[i], &portable.m[i]);
+            close(&cpu.v[i], &portable.v[i]);
+        }
+        // The update moved the parameters, so the comparison above is not
+        // between two untouched copies.
+        assert!(flat(cpu.params[0].1.as_tensor()) != values(12, 0.0));
     }
 }

@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -34,6 +34,7 @@ impl Llama {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let mut vars = Vec::new();
         let mut used = 0;
+        let device = weights.device();
         for linear in model.layers.iter_mut().flat_map(|l| l.linears_mut()) {
             let inp = linear.input_width();
             for ((name, out), adapter) in linear.parts.iter().zip(&mut linear.adapters) {
@@ -45,8 +46,8 @@ impl Llama {
                     Some(w) => {
                         used += 2;
                         (
-                            w.get(&a_name, &[lora.r, inp])?,
-                            w.get(&b_name, &[*out, lora.r])?,
+                            w.get(&a_name, &[lora.r, inp])?.to_device(device)?,
+                            w.get(&b_name, &[*out, lora.r])?.to_device(device)?,
                         )
                     }
                     None => {
@@ -55,8 +56,8 @@ impl Llama {
                             .map(|_| rng.random_range(-bound..bound))
                             .collect();
                         (
-                            Tensor::from_vec(a, (lora.r, inp), &Device::Cpu)?,
-                            Tensor::zeros((*out, lora.r), DType::F32, &Device::Cpu)?,
+                            Tensor::from_vec(a, (lora.r, inp), device)?,
+                            Tensor::zeros((*out, lora.r), DType::F32, device)?,
                         )
                     }
                 };

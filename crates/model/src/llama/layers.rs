@@ -47,7 +47,13 @@ pub(super) struct Rotary {
 }
 
 impl Rotary {
-    pub(super) fn new(inv_freq: &[f32], positions: &[u32], batch: usize, t: usize) -> Result<Self> {
+    pub(super) fn new(
+        inv_freq: &[f32],
+        positions: &[u32],
+        batch: usize,
+        t: usize,
+        device: &Device,
+    ) -> Result<Self> {
         let half = inv_freq.len();
         let mut cos = Vec::with_capacity(positions.len() * half);
         let mut sin = Vec::with_capacity(positions.len() * half);
@@ -59,8 +65,8 @@ impl Rotary {
             }
         }
         Ok(Self {
-            cos: Tensor::from_vec(cos, (batch, t, half), &Device::Cpu)?,
-            sin: Tensor::from_vec(sin, (batch, t, half), &Device::Cpu)?,
+            cos: Tensor::from_vec(cos, (batch, t, half), device)?,
+            sin: Tensor::from_vec(sin, (batch, t, half), device)?,
         })
     }
 

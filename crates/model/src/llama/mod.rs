@@ -58,6 +58,8 @@ pub struct Llama {
     /// contiguous, for fast logits when generating (see the module doc).
     lm_head_t: Option<Tensor>,
     inv_freq: Vec<f32>,
+    /// Where every weight lives and every forward runs.
+    device: Device,
 }
 
 impl Llama {
@@ -125,6 +127,7 @@ impl Llama {
             lm_head,
             lm_head_t,
             inv_freq: c.inv_freq(),
+            device: weights.device().clone(),
         })
     }
 
@@ -195,8 +198,8 @@ impl Llama {
         let total = cache.len();
         Ok(ForwardInputs {
             tokens: plan.tokens,
-            mask: Tensor::from_vec(plan.mask, (b, 1, 1, t, total), &Device::Cpu)?,
-            rotary: Rotary::new(&self.inv_freq, &plan.positions, b, t)?,
+            mask: Tensor::from_vec(plan.mask, (b, 1, 1, t, total), &self.device)?,
+            rotary: Rotary::new(&self.inv_freq, &plan.positions, b, t, &self.device)?,
             batch: b,
             t,
         })
@@ -247,6 +250,11 @@ impl Llama {
             None => self.embed_tokens.packed_weights(),
         };
         layers + ends
+    }
+
+    /// The device the decoder runs on.
+    pub fn device(&self) -> &Device {
+        &self.device
     }
 
     pub fn num_layers(&self) -> usize {

@@ -46,7 +46,7 @@ impl VocabTable {
     pub(super) fn lookup(&self, ids: &[u32]) -> Result<Tensor> {
         match self {
             Self::Dense(table) => {
-                let ids = Tensor::new(ids, &Device::Cpu)?;
+                let ids = Tensor::new(ids, table.device())?;
                 Ok(table.index_select(&ids, 0)?)
             }
             Self::Packed(parts) => {

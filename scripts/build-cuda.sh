@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Builds r3 with CUDA (`--features cuda`, candle's CUDA backend) on a
+# machine with no GPU and no CUDA install, and writes a stripped binary to
+# copy to a GPU machine, with the CUDA runtime it links: dist/cuda/.
+#
+# - nvcc and the CUDA headers come from PyPI wheels, pinned at CUDA 13.0: a
+#   driver cannot load PTX from a newer nvcc than its own CUDA version, and
+#   the H200 machines run driver 580 (CUDA 13.0). R3_NVCC_VERSION changes it.
+# - Kernels are built for compute capability 9.0 (Hopper); set
+#   CUDA_COMPUTE_CAP (e.g. 80 for an A100) for another GPU.
+# - candle links its CUDA libraries at build time (cudarc's dynamic-linking),
+#   but the driver, cuBLAS, cuRAND and NVRTC are only needed at run time,
+#   where the GPU machine has them (its driver and PyTorch's cu13 wheels).
+#   So the link uses stub libraries with the real sonames, generated from
+#   cudarc's own declarations of what it calls; the CUDA runtime is the real
+#   one from its wheel.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+nvcc_version="${R3_NVCC_VERSION:-13.0.88}"
+cuda_series="${nvcc_version%.*}"       # 13.0
+export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}"
+toolkit="${R3_CUDA_TOOLKIT:-$HOME/.cache/r3/cuda-$nvcc_version}"
+root="$toolkit/nvidia/cu${cuda_series%%.*}"
+
+if [ ! -x "$root/bin/nvcc" ]; then
+  echo "installing nvcc $nvcc_version and the CUDA $cuda_series headers into $toolkit"
+  python3 -m pip install -q --no-deps --target "$toolkit" \
+    "nvidia-cuda-nvcc==$nvcc_version" \
+    "nvidia-cuda-runtime==$cuda_series.*" \
+    "nvidia-cuda-cccl==$cuda_series.*"
+fi
+export PATH="$root/bin:$PATH" CUDA_ROOT="$root" CUDA_PATH="$root" CUDA_HOME="$root"
+nvcc --version | tail -2
+
+# Where cudarc's declarations live (the version candle-core pulls in).
+cargo fetch -q
+cudarc="$(cargo metadata --format-version 1 --features cuda -q \
+  | python3 -c 'import json,sys; print(next(p["manifest_path"] for p in json.load(sys.stdin)["packages"] if p["name"] == "cudarc").rsplit("/", 1)[0])')"
+
+stubs="$toolkit/stubs"
+mkdir -p "$stubs"
+# name  soname  cudarc module
+while read -r name soname module; do
+  grep -oE '^pub unsafe fn [A-Za-z0-9_]+' "$cudarc/src/$module/sys/mod.rs" \
+    | awk '{print "void " $4 "(void) {}"}' | sort -u > "$stubs/$name.c"
+  gcc -shared -fPIC -o "$stubs/lib$name.so" -Wl,-soname,"$soname" "$stubs/$name.c"
+done <<'EOF'
+cuda     libcuda.so.1        driver
+cublas   libcublas.so.13     cublas
+cublasLt libcublasLt.so.13   cublaslt
+curand   libcurand.so.10     curand
+nvrtc    libnvrtc.so.13      nvrtc
+EOF
+ln -sf "$root/lib/libcudart.so.13" "$stubs/libcudart.so"
+export RUSTFLAGS="${RUSTFLAGS:-} -L native=$stubs -L native=$root/lib"
+
+cargo build --release --features cuda -p r3-cli --target-dir target/cuda
+mkdir -p dist/cuda
+out=dist/cuda/r3
+strip -o "$out" target/cuda/release/r3
+cp "$root/lib/libcudart.so.13" dist/cuda/
+size=$(stat -c %s "$out")
+echo "wrote $out ($((size / 1048576)) MiB) and dist/cuda/libcudart.so.13"
+readelf -d "$out" | grep NEEDED
+if [ "$size" -gt $((64 * 1048576)) ]; then
+  echo "error: $out is over 64 MiB" >&2
+  exit 1
+fi

@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# The GPU proof of r3's CUDA build, in two halves.
+#
+#   bash scripts/gpu-check.sh prepare   # here, without a GPU: builds dist/cuda/
+#   bash scripts/gpu-check.sh           # on the GPU machine, with dist/cuda/ copied over
+#
+# `prepare` builds the stripped CUDA binary (scripts/build-cuda.sh) and a
+# tiny random model with the default model's tokenizer (`r3 init`), which
+# also lends its tokenizer to the random-init shapes: the GPU machine has no
+# Rust toolchain and cannot download weights.
+#
+# The run (well under 8 minutes on one H200) prints one JSON line per result:
+#  - device checks, CPU against GPU in f32 (`r3 device-check`): the tiny
+#    model (logits, greedy tokens, one training step's update) and a
+#    random-init Qwen2.5-1.5B shape (logits and greedy tokens);
+#  - benchmarks on the 1.5B shape, each beside PyTorch on the same GPU:
+#    `r3 bench generate` at batch 64 and 256 against transformers' generate,
+#    and `r3 bench train` (B = 8, G = 8, 256-token reflections and retries)
+#    against one TRL-style step on the same token counts.
+# It stops with a non-zero status if a device check fails; the benchmarks
+# still run. bf16 is not checked: r3's CUDA path runs f32 only (see README).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+dist=dist/cuda
+shape=configs/Qwen2.5-1.5B.json
+
+if [ "${1:-}" = prepare ]; then
+  set -e
+  bash scripts/build-cuda.sh
+  rm -rf "$dist/tiny"
+  cargo run --release -q -p r3-cli -- init --shape configs/tiny-smollm2-vocab.json --out "$dist/tiny"
+  du -sh "$dist"/*
+  exit 0
+fi
+
+[ -x "$dist/r3" ] || { echo "error: no $dist/r3; run 'bash scripts/gpu-check.sh prepare' first" >&2; exit 2; }
+# cuBLAS, cuRAND and NVRTC come from PyTorch's CUDA wheels, the driver
+# from the machine; the CUDA runtime travels with the binary.
+libs=$(python3 - <<'EOF'
+import glob, os, site
+dirs = set()
+for root in site.getsitepackages():
+    for lib in glob.glob(os.path.join(root, "nvidia", "**", "lib*.so*"), recursive=True):
+        dirs.add(os.path.dirname(lib))
+print(":".join(sorted(dirs)))
+EOF
+)
+export LD_LIBRARY_PATH="$PWD/$dist:$libs:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+r3="$dist/r3"
+tiny="$dist/tiny"
+failed=0
+check() { timeout "$1" "${@:2}" || { echo "FAILED ($?): ${*:2}"; failed=1; }; }
+
+echo "== device checks (CPU against GPU, f32) =="
+check 120 "$r3" device-check --model "$tiny" --device cuda
+check 240 "$r3" device-check --random-init "$shape" --model "$tiny" --device cuda \
+  --no-train --batch 4 --new-tokens 8
+
+echo "== benchmarks: 1.5B shape, r3 beside PyTorch =="
+for batch in 64 256; do
+  check 120 "$r3" bench generate --random-init "$shape" --model "$tiny" --device cuda \
+    --batch "$batch" --prompt-tokens 128 --new-tokens 128 --temperature 0
+  check 120 python3 scripts/bench_torch_gpu.py generate --shape "$shape" \
+    --batch "$batch" --prompt-tokens 128 --new-tokens 128
+done
+check 240 "$r3" bench train --random-init "$shape" --model "$tiny" --device cuda \
+  --batch 8 --group 8 --max-reflection-tokens 256 --max-retry-tokens 256 --steps 1 \
+  --micro-batch-size 8
+check 120 python3 scripts/bench_torch_gpu.py train --shape "$shape" \
+  --rows 64 --context-tokens 128 --trained-tokens 256 --micro-batch 8
+exit "$failed"
