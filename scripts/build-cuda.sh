@@ -3,7 +3,8 @@
 # machine with no GPU and no CUDA install, and writes a stripped binary to
 # copy to a GPU machine, with the CUDA runtime it links: dist/cuda/.
 #
-# - nvcc and the CUDA headers come from PyPI wheels, pinned at CUDA 13.0: a
+# - nvcc (with its crt headers and NVVM) and the CUDA headers come from
+#   PyPI wheels, pinned at CUDA 13.0: a
 #   driver cannot load PTX from a newer nvcc than its own CUDA version, and
 #   the H200 machines run driver 580 (CUDA 13.0). R3_NVCC_VERSION changes it.
 # - Kernels are built for compute capability 9.0 (Hopper); set
@@ -27,6 +28,8 @@ if [ ! -x "$root/bin/nvcc" ]; then
   echo "installing nvcc $nvcc_version and the CUDA $cuda_series headers into $toolkit"
   python3 -m pip install -q --no-deps --target "$toolkit" \
     "nvidia-cuda-nvcc==$nvcc_version" \
+    "nvidia-cuda-crt==$nvcc_version" \
+    "nvidia-nvvm==$nvcc_version" \
     "nvidia-cuda-runtime==$cuda_series.*" \
     "nvidia-cuda-cccl==$cuda_series.*"
 fi

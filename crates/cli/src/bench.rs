@@ -188,7 +188,9 @@ fn synthetic_prompt(model: &model::Model, n: usize) -> Result<Vec<u32>> {
 /// `--random-init` shape.
 fn bench_model(args: &ModelArgs, random_init: Option<&std::path::Path>) -> Result<model::Model> {
     match random_init {
-        Some(config) => model::load_random_init(config, args.model.as_deref(), args.device),
+        Some(config) => {
+            model::load_random_init(config, args.model.as_deref(), args.device, args.dtype)
+        }
         None => model::load_with_weights(&args.spec()),
     }
 }
@@ -233,6 +235,7 @@ fn generate(args: GenerateBench) -> Result<()> {
         "bench": "generate",
         "machine": machine(),
         "device": r3_model::device_name(model.llama.device()),
+        "dtype": format!("{:?}", model.llama.dtype()),
         "model": model.loaded.path,
         "batch": args.batch,
         "prompt_tokens": args.prompt_tokens,
@@ -387,18 +390,6 @@ fn train(args: TrainBench) -> Result<()> {
     if args.batch == 0 || args.group < 2 || args.steps == 0 {
         bail!("need --batch ≥ 1, --group ≥ 2 and --steps ≥ 1");
     }
-    let model = bench_model(&args.model, args.random_init.as_deref())?;
-    let task = Alternating::default();
-    let prompts = r3_tasks::Prompts::for_task(&task);
-    let failures = stand_in_failures(&model, &task, &prompts, args.batch * args.steps)?;
-    // The trainer builds its own decoders: keep only the loaded weights.
-    let model::Model {
-        loaded: mut model,
-        llama,
-        ..
-    } = model;
-    drop(llama);
-    crate::release_freed_memory();
     let out = std::env::temp_dir().join(format!("r3-bench-train-{}", std::process::id()));
     let flags = r3_train::config::TrainConfig::load(None, &args.lora.overrides())?;
     let config = r3_train::config::TrainConfig {
@@ -416,9 +407,23 @@ fn train(args: TrainBench) -> Result<()> {
         micro_batch_size: args.micro_batch_size,
         gradient_checkpointing: !args.no_gradient_checkpointing,
         device: args.model.device.to_string(),
+        dtype: args.model.dtype.to_string(),
         save_steps: 0,
         ..Default::default()
     };
+    config.validate()?;
+    let model = bench_model(&args.model, args.random_init.as_deref())?;
+    let task = Alternating::default();
+    let prompts = r3_tasks::Prompts::for_task(&task);
+    let failures = stand_in_failures(&model, &task, &prompts, args.batch * args.steps)?;
+    // The trainer builds its own decoders: keep only the loaded weights.
+    let model::Model {
+        loaded: mut model,
+        llama,
+        ..
+    } = model;
+    drop(llama);
+    crate::release_freed_memory();
     let device = r3_model::device_name(model.weights.device());
     let weights = r3_train::trainer::StartWeights {
         policy: std::mem::take(&mut model.weights),

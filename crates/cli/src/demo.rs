@@ -150,6 +150,7 @@ pub fn demo(args: DemoArgs) -> Result<()> {
         path: Some(checkpoint.clone()),
         adapter: None,
         device: args.model.device,
+        precision: args.model.dtype,
     };
     let trained = model::load(&trained_spec)?;
     let after = run_eval(&eval_config(trained_spec, "eval-trained"), &trained)?;

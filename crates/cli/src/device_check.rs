@@ -1,14 +1,15 @@
 //! `r3 device-check`: a GPU against the CPU on one model, as one JSON line.
 //! The same f32 weights run on both: the last-position logits of a
 //! left-padded batch of prompts of different lengths, greedy continuations,
-//! and one training step (the production span log-probs, backward, AdamW).
+//! and one training step (the production span log-probs, backward, AdamW);
+//! then the device's bf16 logits against the CPU's f32 ones.
 //! A GPU machine has no Rust toolchain to run the test suite, so
 //! `scripts/gpu-check.sh` runs this binary instead.
 
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 use clap::Args;
 use r3_generate::{Generator, Sampler, SamplingParams};
 use r3_model::{device_name, KvCache, Llama, Message, Weights};
@@ -41,6 +42,11 @@ pub struct DeviceCheckArgs {
     /// Largest difference allowed between the two devices' updated weights
     #[arg(long, default_value_t = 1e-5)]
     update_tolerance: f64,
+    /// Largest difference allowed between the device's bf16 logits and the
+    /// CPU's f32 ones, relative to the largest f32 logit (bf16 keeps 8 bits
+    /// of mantissa, so its error grows with the logits' scale)
+    #[arg(long, default_value_t = 5e-2)]
+    bf16_tolerance: f64,
 }
 
 /// The learning rate of the compared step: large enough that an update
@@ -87,6 +93,15 @@ pub fn device_check(args: DeviceCheckArgs) -> Result<()> {
     let (cpu_logits, cpu_tokens) = greedy(&cpu_model, &loaded, &prompts, args.new_tokens)?;
     let (gpu_logits, gpu_tokens) = greedy(&gpu_model, &loaded, &prompts, args.new_tokens)?;
     drop((cpu_model, gpu_model));
+    let mut bf16 = on(&device);
+    bf16.set_dtype(DType::BF16)?;
+    let bf16_model = Llama::new(config, &bf16)?;
+    let (bf16_logits, bf16_tokens) = greedy(&bf16_model, &loaded, &prompts, args.new_tokens)?;
+    drop(bf16_model);
+    let bf16_diff = max_abs_diff(&cpu_logits, &bf16_logits)?;
+    let logits_scale = max_abs(&cpu_logits)?;
+    let bf16_relative = bf16_diff / logits_scale.max(f64::MIN_POSITIVE);
+    let bf16_same_tokens = count_equal(&cpu_tokens, &bf16_tokens);
     let logits_diff = max_abs_diff(&cpu_logits, &gpu_logits)?;
     let first_divergence = cpu_tokens
         .iter()
@@ -106,8 +121,17 @@ pub fn device_check(args: DeviceCheckArgs) -> Result<()> {
         "greedy_tokens": args.new_tokens,
         "greedy_equal": greedy_equal,
         "greedy_first_divergence": first_divergence,
+        "logits_max_abs": logits_scale,
+        "bf16_logits_max_abs_diff": bf16_diff,
+        "bf16_logits_relative_diff": bf16_relative,
+        "bf16_ok": bf16_relative <= args.bf16_tolerance,
+        // Greedy tokens of the bf16 model equal to the f32 CPU model's: a
+        // near-tie may flip in bf16, so this is reported, not required.
+        "bf16_greedy_same_tokens": bf16_same_tokens,
     });
-    let mut ok = logits_diff <= args.logits_tolerance && greedy_equal;
+    let mut ok = logits_diff <= args.logits_tolerance
+        && greedy_equal
+        && bf16_relative <= args.bf16_tolerance;
     if !args.no_train {
         let step = training_step(config, [&cpu, &gpu], &prompts, &cpu_tokens)?;
         let update_ok = step.update_diff <= args.update_tolerance;
@@ -249,6 +273,14 @@ fn training_step(
         out.update_max = out.update_max.max(max_abs(&cpu.1[i])?);
     }
     Ok(out)
+}
+
+/// Positions where two sets of continuations agree.
+fn count_equal(a: &[Vec<u32>], b: &[Vec<u32>]) -> usize {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| x.iter().zip(y).filter(|(p, q)| p == q).count())
+        .sum()
 }
 
 fn max_abs(t: &Tensor) -> Result<f64> {

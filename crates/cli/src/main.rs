@@ -69,6 +69,9 @@ pub struct ModelArgs {
     /// auto (the first GPU of a CUDA build, else the CPU), cpu, cuda or cuda:N
     #[arg(long, default_value = "auto")]
     pub device: r3_model::DeviceChoice,
+    /// f32, or bf16 (inference: half the memory and bandwidth)
+    #[arg(long, default_value = "f32")]
+    pub dtype: r3_model::Precision,
 }
 
 impl ModelArgs {
@@ -77,6 +80,7 @@ impl ModelArgs {
             path: self.model.clone(),
             adapter: self.adapter.clone(),
             device: self.device,
+            precision: self.dtype,
         }
     }
 }

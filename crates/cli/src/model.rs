@@ -4,7 +4,7 @@
 use anyhow::{Context, Result};
 use candle_core::Device;
 use r3_model::lora::Adapter;
-use r3_model::{device_name, DeviceChoice, Llama, LoadedModel};
+use r3_model::{device_name, DeviceChoice, Llama, LoadedModel, Precision};
 
 use std::path::{Path, PathBuf};
 
@@ -22,6 +22,7 @@ pub struct ModelSpec {
     pub path: Option<PathBuf>,
     pub adapter: Option<PathBuf>,
     pub device: DeviceChoice,
+    pub precision: Precision,
 }
 
 /// Opens the device `choice` names and says which one runs the model.
@@ -66,6 +67,7 @@ pub fn load_with_weights(spec: &ModelSpec) -> Result<Model> {
     let Some(dir) = adapter_dir else {
         let mut loaded = load_base(spec.path.as_deref())?;
         loaded.weights.set_device(device);
+        loaded.weights.set_dtype(spec.precision.dtype())?;
         let llama = Llama::new(&loaded.config, &loaded.weights)
             .with_context(|| format!("cannot build the decoder for {}", loaded.path.display()))?;
         return Ok(Model {
@@ -82,6 +84,7 @@ pub fn load_with_weights(spec: &ModelSpec) -> Result<Model> {
     };
     let mut loaded = load_base(base.as_deref())?;
     loaded.weights.set_device(device);
+    loaded.weights.set_dtype(spec.precision.dtype())?;
     let llama = Llama::with_adapter(&loaded.config, &loaded.weights, &lora.config, &lora.weights)
         .with_context(|| {
         format!(
@@ -105,11 +108,13 @@ pub fn load_random_init(
     config_path: &Path,
     tokenizer_from: Option<&Path>,
     device: DeviceChoice,
+    precision: Precision,
 ) -> Result<Model> {
     let mut loaded = random_shape(config_path, tokenizer_from)?;
     let weights = r3_model::random::random_weights(&loaded.config, 0)?;
     loaded.weights = r3_model::Weights::new(config_path, weights);
     loaded.weights.set_device(open_device(device)?);
+    loaded.weights.set_dtype(precision.dtype())?;
     let llama = Llama::new(&loaded.config, &loaded.weights).with_context(|| {
         format!(
             "cannot build a decoder of the shape {}",

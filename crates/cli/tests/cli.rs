@@ -382,6 +382,9 @@ fn init_writes_a_model_that_device_check_compares() {
     assert!(lengths[0].as_u64() < lengths[2].as_u64(), "{v}");
     assert_eq!(v["train_tokens"], 12, "{v}");
     assert!(v["update_max_abs"].as_f64().unwrap() > 1e-5, "{v}");
+    // bf16 really ran (its logits differ from f32's), within tolerance.
+    let bf16 = v["bf16_logits_relative_diff"].as_f64().unwrap();
+    assert!(bf16 > 0.0 && bf16 < 5e-2, "{v}");
     // An existing directory is never overwritten.
     let (ok, _, err) = r3(&[
         "init",

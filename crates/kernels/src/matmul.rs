@@ -37,15 +37,16 @@ const UNITS_PER_BLOCK: usize = 8;
 
 /// `x [m, k] · w [k, n]`: split by columns when `x` has few rows and
 /// nothing needs a gradient; a frozen product when only `x` needs one (a
-/// LoRA base) on the CPU; candle's matmul otherwise (and on every other
-/// device).
+/// LoRA base) on the CPU; candle's matmul otherwise (every other device
+/// and type).
 pub fn matmul(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     let few_rows = x.dim(0)? <= MAX_SPLIT_ROWS;
-    let plain = |t: &Tensor| !t.track_op() && t.device().is_cpu() && t.dtype() == DType::F32;
+    let cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+    let plain = |t: &Tensor| !t.track_op() && cpu_f32(t);
     if few_rows && plain(x) && plain(w) && w.is_contiguous() {
         return x.contiguous()?.apply_op2_no_bwd(w, &DenseProduct);
     }
-    if x.track_op() && !w.track_op() && x.device().is_cpu() {
+    if x.track_op() && !w.track_op() && cpu_f32(x) && cpu_f32(w) {
         return crate::frozen::dense(x, w);
     }
     x.matmul(w)

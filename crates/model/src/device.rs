@@ -9,7 +9,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use candle_core::Device;
+use candle_core::{DType, Device};
 
 use crate::error::{ModelError, Result};
 
@@ -69,6 +69,46 @@ impl DeviceChoice {
     }
 }
 
+/// The type a decoder computes in, as `--dtype` names it: f32 (exact, the
+/// default), or bf16 (half the memory and bandwidth; matrix products still
+/// accumulate in f32), for inference.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Precision {
+    #[default]
+    F32,
+    Bf16,
+}
+
+impl FromStr for Precision {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "f32" => Ok(Self::F32),
+            "bf16" => Ok(Self::Bf16),
+            _ => Err(format!("unknown dtype '{s}': expected f32 or bf16")),
+        }
+    }
+}
+
+impl fmt::Display for Precision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::F32 => "f32",
+            Self::Bf16 => "bf16",
+        })
+    }
+}
+
+impl Precision {
+    pub fn dtype(self) -> DType {
+        match self {
+            Self::F32 => DType::F32,
+            Self::Bf16 => DType::BF16,
+        }
+    }
+}
+
 fn open_cuda(ordinal: usize) -> Result<Device> {
     Device::new_cuda(ordinal)
         .map_err(|e| ModelError::Device(format!("cannot open cuda:{ordinal}: {e}")))
@@ -102,6 +142,16 @@ mod tests {
             let err = bad.parse::<DeviceChoice>().unwrap_err();
             assert!(err.contains("expected auto, cpu, cuda or cuda:N"), "{err}");
         }
+    }
+
+    #[test]
+    fn precisions_parse_and_print_back() {
+        for (text, precision) in [("f32", Precision::F32), ("bf16", Precision::Bf16)] {
+            assert_eq!(text.parse::<Precision>(), Ok(precision));
+            assert_eq!(precision.to_string(), text);
+        }
+        let err = "fp16".parse::<Precision>().unwrap_err();
+        assert!(err.contains("expected f32 or bf16"), "{err}");
     }
 
     #[test]

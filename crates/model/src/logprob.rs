@@ -13,7 +13,7 @@
 
 use std::sync::{Arc, OnceLock};
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
 use crate::error::{ModelError, Result};
@@ -31,7 +31,7 @@ pub fn token_logprobs(hidden: &Tensor, weight: &Tensor, targets: &[u32]) -> Resu
     let (n, _) = hidden.dims2()?;
     let (vocab, _) = weight.dims2()?;
     check_targets(targets, n, vocab)?;
-    if !hidden.device().is_cpu() {
+    if !hidden.device().is_cpu() || hidden.dtype() != DType::F32 {
         return portable_token_logprobs(hidden, weight, targets);
     }
     let hidden = hidden.contiguous()?;
@@ -45,8 +45,8 @@ pub fn token_logprobs(hidden: &Tensor, weight: &Tensor, targets: &[u32]) -> Resu
 }
 
 /// The same log-probabilities in candle's portable ops, for devices
-/// without the CPU op: a chunk of rows at a time, as `logits − logsumexp`
-/// gathered at the targets. Autograd keeps each chunk's logits until the
+/// without the CPU op and for bf16: a chunk of rows at a time, as
+/// `logits − logsumexp` gathered at the targets, in f32. Autograd keeps each chunk's logits until the
 /// backward pass, so memory grows with the rows (bounded by training's
 /// micro-batches), where the CPU op holds one chunk.
 fn portable_token_logprobs(hidden: &Tensor, weight: &Tensor, targets: &[u32]) -> Result<Tensor> {
@@ -54,7 +54,7 @@ fn portable_token_logprobs(hidden: &Tensor, weight: &Tensor, targets: &[u32]) ->
     let vocab = weight.dim(0)?;
     let device = hidden.device();
     if n == 0 {
-        return Ok(Tensor::zeros(0, hidden.dtype(), device)?);
+        return Ok(Tensor::zeros(0, DType::F32, device)?);
     }
     let rows = TokenLogprobs::chunk_rows(vocab, n);
     let targets = Tensor::from_slice(targets, (n, 1), device)?;
@@ -62,7 +62,10 @@ fn portable_token_logprobs(hidden: &Tensor, weight: &Tensor, targets: &[u32]) ->
     let mut chunks = Vec::with_capacity(n.div_ceil(rows));
     for start in (0..n).step_by(rows) {
         let len = rows.min(n - start);
-        let logits = hidden.narrow(0, start, len)?.matmul(&weight_t)?;
+        let logits = hidden
+            .narrow(0, start, len)?
+            .matmul(&weight_t)?
+            .to_dtype(DType::F32)?;
         let max = logits.max_keepdim(1)?.detach();
         let sum = logits.broadcast_sub(&max)?.exp()?.sum_keepdim(1)?;
         let logsumexp = (sum.log()? + max)?;

@@ -53,6 +53,9 @@ pub struct Weights {
     /// Where [`Weights::get`] puts tensors. Files are read on the CPU and
     /// each tensor is copied over as a decoder asks for it.
     device: Device,
+    /// The type [`Weights::get`] gives: f32, or bf16 for a decoder that
+    /// runs in bf16.
+    dtype: DType,
 }
 
 impl Default for Weights {
@@ -70,6 +73,7 @@ impl Weights {
                 .map(|(name, t)| (name, Stored::Dense(t)))
                 .collect(),
             device: Device::Cpu,
+            dtype: DType::F32,
         }
     }
 
@@ -83,6 +87,24 @@ impl Weights {
     /// The device decoders built from these weights run on.
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// Makes decoders built from these weights compute in `dtype` (f32 or
+    /// bf16; other types are refused). Packed weights are f32 kernels, so
+    /// with bf16 nothing stays packed.
+    pub fn set_dtype(&mut self, dtype: DType) -> Result<()> {
+        if !matches!(dtype, DType::F32 | DType::BF16) {
+            return Err(ModelError::Device(format!(
+                "dtype {dtype:?}: expected f32 or bf16"
+            )));
+        }
+        self.dtype = dtype;
+        Ok(())
+    }
+
+    /// The type decoders built from these weights compute in.
+    pub fn dtype(&self) -> DType {
+        self.dtype
     }
 
     /// Weights read from a GGUF file: each tensor's blocks with the number
@@ -104,6 +126,7 @@ impl Weights {
                 })
                 .collect(),
             device: Device::Cpu,
+            dtype: DType::F32,
         }
     }
 
@@ -128,8 +151,8 @@ impl Weights {
         Ok(stored)
     }
 
-    /// The tensor `name` in f32 on the weights' device, checked against the
-    /// shape the decoder expects.
+    /// The tensor `name` on the weights' device in their type (f32 unless
+    /// set otherwise), checked against the shape the decoder expects.
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let f32 = match self.stored(name, shape)? {
             Stored::Dense(t) => t.to_dtype(DType::F32),
@@ -142,17 +165,18 @@ impl Weights {
                     })
             }
         };
-        f32.and_then(|t| t.to_device(&self.device))
+        f32.and_then(|t| t.to_dtype(self.dtype)?.to_device(&self.device))
             .map_err(|e| ModelError::tensor(&self.source, name, e))
     }
 
     /// The matrix `name` `[out, in]` packed for inference, or `None` when
     /// its encoding has no packed kernel (f32) and it is best
-    /// used as f32, or the weights are for another device than the CPU.
+    /// used as f32, or the weights are for another device than the CPU or
+    /// another type than f32.
     pub fn packed(&self, name: &str, shape: &[usize]) -> Result<Option<PackedMatrix>> {
         let fail = |e: &dyn std::fmt::Display| ModelError::tensor(&self.source, name, e);
         let stored = self.stored(name, shape)?;
-        if !self.device.is_cpu() {
+        if !self.device.is_cpu() || self.dtype != DType::F32 {
             return Ok(None);
         }
         let &[rows, cols] = shape else {

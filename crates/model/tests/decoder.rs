@@ -477,3 +477,55 @@ fn transformers_5_rope_parameters_give_the_gguf_logits() {
     let b = last_logits(&Llama::new(&gg.config, &gg.weights).unwrap(), &ids);
     assert_eq!(max_abs_diff(&a, &b), 0.0, "identical logits");
 }
+
+/// A decoder built in bf16 computes in bf16 (nothing packed, logits f32)
+/// and stays within bf16's rounding of the f32 decoder, over a padded
+/// batch and decode steps; log-probs take the portable path and agree too.
+#[test]
+fn a_bf16_decoder_follows_the_f32_one() {
+    let tiny = TinyModel::new(Architecture::Qwen2, 64, 2, 9).unwrap();
+    let f32_model = Llama::new(&tiny.config, &tiny.weights()).unwrap();
+    let mut weights = tiny.weights();
+    weights.set_dtype(DType::BF16).unwrap();
+    let bf16_model = Llama::new(&tiny.config, &weights).unwrap();
+    assert_eq!(bf16_model.dtype(), DType::BF16);
+    assert_eq!(bf16_model.packed_weights(), 0);
+    assert!(weights.set_dtype(DType::F16).is_err());
+    let rows: [&[u32]; 2] = [&[5, 17, 99, 3, 42, 8], &[7, 7]];
+    let run = |model: &Llama| {
+        let mut cache = KvCache::new(&model.config, 2, 8);
+        let mut logits = vec![model
+            .last_logits(&model.forward(&rows, &mut cache).unwrap())
+            .unwrap()];
+        for step in 0..3u32 {
+            let next = [[step + 1], [step + 40]];
+            let segs: Vec<&[u32]> = next.iter().map(|n| n.as_slice()).collect();
+            logits.push(
+                model
+                    .last_logits(&model.forward(&segs, &mut cache).unwrap())
+                    .unwrap(),
+            );
+        }
+        Tensor::stack(&logits, 0).unwrap()
+    };
+    let (exact, half) = (run(&f32_model), run(&bf16_model));
+    assert_eq!(half.dtype(), DType::F32);
+    let relative = max_abs_diff(&exact, &half) / max_abs(&exact).unwrap();
+    assert!(relative > 0.0 && relative < 2e-2, "{relative}");
+
+    let ids = [5u32, 17, 99, 3, 42, 8];
+    let logprobs = |model: &Llama| {
+        let mut cache = KvCache::new(&model.config, 1, 8);
+        let hidden = model.forward(&[&ids[..5]], &mut cache).unwrap();
+        let (_, t, h) = hidden.dims3().unwrap();
+        model
+            .token_logprobs(&hidden.reshape((t, h)).unwrap(), &ids[1..])
+            .unwrap()
+    };
+    let (exact, half) = (logprobs(&f32_model), logprobs(&bf16_model));
+    assert_eq!(half.dtype(), DType::F32);
+    // Within bf16's rounding of logits of this scale (a missing or wrong
+    // logsumexp would be off by about the logsumexp itself, over 5).
+    let relative = max_abs_diff(&exact, &half) / max_abs(&exact).unwrap();
+    assert!(relative > 0.0 && relative < 5e-2, "{relative}");
+}

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use r3_model::lora::LoraConfig;
-use r3_model::DeviceChoice;
+use r3_model::{DeviceChoice, Precision};
 
 use crate::grpo::LossType;
 use crate::{Result, TrainError};
@@ -110,6 +110,9 @@ pub struct TrainConfig {
     /// Where to train: `auto` (the first GPU of a CUDA build, else the
     /// CPU), `cpu`, `cuda` or `cuda:N`.
     pub device: String,
+    /// The type training computes in: `f32` only so far (bf16 with f32
+    /// master weights, as TRL's `bf16 = true`, is refused until it exists).
+    pub dtype: String,
 }
 
 /// A string or a list of strings, as PEFT's `target_modules` accepts.
@@ -177,6 +180,7 @@ impl Default for TrainConfig {
             lora_target_modules: vec!["all-linear".into()],
             adapter: None,
             device: "auto".into(),
+            dtype: "f32".into(),
         }
     }
 }
@@ -233,6 +237,17 @@ impl TrainConfig {
         }
         if let Err(why) = self.device() {
             return bad("device", &why);
+        }
+        match self.dtype.parse::<Precision>() {
+            Err(why) => return bad("dtype", &why),
+            Ok(Precision::Bf16) => {
+                return bad(
+                    "dtype",
+                    "bf16 is not implemented for training yet (f32 master weights with bf16 \
+                     compute); train with dtype = \"f32\" (bf16 works for generate, eval and mine)",
+                )
+            }
+            Ok(Precision::F32) => {}
         }
         if self.max_steps == 0 {
             return bad("max_steps", "must be at least 1");

@@ -61,6 +61,8 @@ impl Llama {
                         )
                     }
                 };
+                let dtype = weights.dtype();
+                let (a, b) = (a.to_dtype(dtype)?, b.to_dtype(dtype)?);
                 let (a, b) = (Var::from_tensor(&a)?, Var::from_tensor(&b)?);
                 *adapter = Some(LoraPair {
                     a: a.as_tensor().clone(),

@@ -4,7 +4,7 @@
 //! pass, so an op takes the fused kernel only when none of its inputs can
 //! need a gradient, and otherwise composes basic ops autograd records.
 
-use candle_core::{Device, Module, Tensor, D};
+use candle_core::{DType, Device, Module, Tensor, D};
 use r3_kernels::attention::{cached_attention, MAX_FUSED_TOKENS};
 
 use super::linear::{project_all, project_heads, Layout, Linear, ProjectionWeight};
@@ -70,6 +70,14 @@ impl Rotary {
         })
     }
 
+    /// The angles in `dtype`, the type of the activations they rotate.
+    pub(super) fn to_dtype(self, dtype: DType) -> candle_core::Result<Self> {
+        Ok(Self {
+            cos: self.cos.to_dtype(dtype)?,
+            sin: self.sin.to_dtype(dtype)?,
+        })
+    }
+
     /// HF's rotate-half RoPE on `[batch, heads, t, head_dim]`.
     pub(super) fn apply(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         if !x.track_op() {
@@ -132,7 +140,8 @@ impl Attention {
         let (k, v) = cache.append_layer(layer, k.contiguous()?, v)?;
         let scale = 1.0 / (d as f64).sqrt();
         let needs_grad = q.track_op() || k.track_op() || v.track_op();
-        if t <= MAX_FUSED_TOKENS && !needs_grad && q.device().is_cpu() {
+        let fused = q.device().is_cpu() && q.dtype() == DType::F32;
+        if t <= MAX_FUSED_TOKENS && !needs_grad && fused {
             let out = cached_attention(&q, &k, &v, mask, scale as f32)?;
             return Ok(self.o_proj.forward(&out)?);
         }

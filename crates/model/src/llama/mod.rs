@@ -23,7 +23,7 @@ mod linear;
 mod names;
 mod vocab;
 
-use candle_core::{Device, Module, Tensor, Var};
+use candle_core::{DType, Device, Module, Tensor, Var};
 use r3_kernels::packed::PackedMatrix;
 
 use crate::cache::KvCache;
@@ -60,6 +60,9 @@ pub struct Llama {
     inv_freq: Vec<f32>,
     /// Where every weight lives and every forward runs.
     device: Device,
+    /// The type of weights and activations (f32, or bf16); logits and
+    /// log-probs are f32 whatever it is.
+    dtype: DType,
 }
 
 impl Llama {
@@ -128,6 +131,7 @@ impl Llama {
             lm_head_t,
             inv_freq: c.inv_freq(),
             device: weights.device().clone(),
+            dtype: weights.dtype(),
         })
     }
 
@@ -198,8 +202,10 @@ impl Llama {
         let total = cache.len();
         Ok(ForwardInputs {
             tokens: plan.tokens,
-            mask: Tensor::from_vec(plan.mask, (b, 1, 1, t, total), &self.device)?,
-            rotary: Rotary::new(&self.inv_freq, &plan.positions, b, t, &self.device)?,
+            mask: Tensor::from_vec(plan.mask, (b, 1, 1, t, total), &self.device)?
+                .to_dtype(self.dtype)?,
+            rotary: Rotary::new(&self.inv_freq, &plan.positions, b, t, &self.device)?
+                .to_dtype(self.dtype)?,
             batch: b,
             t,
         })
@@ -257,6 +263,11 @@ impl Llama {
         &self.device
     }
 
+    /// The type the decoder computes in.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
     pub fn num_layers(&self) -> usize {
         self.layers.len()
     }
@@ -268,8 +279,10 @@ impl Llama {
         self.project(&last)
     }
 
+    /// Logits of `rows`, in f32 whatever the decoder's type.
     fn project(&self, rows: &Tensor) -> Result<Tensor> {
-        self.output().project(rows, self.lm_head_t.as_ref())
+        let logits = self.output().project(rows, self.lm_head_t.as_ref())?;
+        Ok(logits.to_dtype(DType::F32)?)
     }
 
     /// Logits `[batch, t, vocab]` at every position; for inspection only —
