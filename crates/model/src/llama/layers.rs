@@ -71,7 +71,7 @@ impl Rotary {
     }
 
     /// The angles in `dtype`, the type of the activations they rotate.
-    pub(super) fn to_dtype(self, dtype: DType) -> candle_core::Result<Self> {
+    pub(super) fn into_dtype(self, dtype: DType) -> candle_core::Result<Self> {
         Ok(Self {
             cos: self.cos.to_dtype(dtype)?,
             sin: self.sin.to_dtype(dtype)?,

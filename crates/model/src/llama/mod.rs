@@ -205,7 +205,7 @@ impl Llama {
             mask: Tensor::from_vec(plan.mask, (b, 1, 1, t, total), &self.device)?
                 .to_dtype(self.dtype)?,
             rotary: Rotary::new(&self.inv_freq, &plan.positions, b, t, &self.device)?
-                .to_dtype(self.dtype)?,
+                .into_dtype(self.dtype)?,
             batch: b,
             t,
         })
