@@ -58,7 +58,8 @@ fn portable_token_logprobs(hidden: &Tensor, weight: &Tensor, targets: &[u32]) ->
     }
     let rows = TokenLogprobs::chunk_rows(vocab, n);
     let targets = Tensor::from_slice(targets, (n, 1), device)?;
-    let weight_t = weight.t()?;
+    // A bf16 decoder over f32 master weights casts the table here.
+    let weight_t = weight.to_dtype(hidden.dtype())?.t()?;
     let mut chunks = Vec::with_capacity(n.div_ceil(rows));
     for start in (0..n).step_by(rows) {
         let len = rows.min(n - start);

@@ -529,3 +529,30 @@ fn a_bf16_decoder_follows_the_f32_one() {
     let relative = max_abs_diff(&exact, &half) / max_abs(&exact).unwrap();
     assert!(relative > 0.0 && relative < 5e-2, "{relative}");
 }
+
+/// Mixed precision: the f32 model computing in bf16 (`computing_in`) gives
+/// every f32 parameter an f32 gradient, within bf16's rounding of the f32
+/// model's gradient — the weights stay f32 masters that AdamW updates.
+#[test]
+fn bf16_compute_over_f32_weights_gives_f32_gradients_close_to_f32s() {
+    let (model, vars) = trainable(7);
+    let exact = objective(&model).backward().unwrap();
+    let mixed_model = model.clone().computing_in(DType::BF16);
+    assert_eq!(mixed_model.dtype(), DType::BF16);
+    let loss = objective(&mixed_model);
+    assert_eq!(loss.dtype(), DType::F32);
+    let mixed = loss.backward().unwrap();
+    for (name, var) in &vars {
+        let (e, m) = (exact.get(var).unwrap(), mixed.get(var).unwrap());
+        assert_eq!(m.dtype(), DType::F32, "{name}");
+        let scale = max_abs(e).unwrap();
+        let relative = max_abs_diff(e, m) / scale;
+        assert!(relative < 0.1, "{name}: {relative} of {scale}");
+    }
+    // bf16 really ran: the two differ.
+    let (name, var) = &vars[0];
+    assert!(
+        max_abs_diff(exact.get(var).unwrap(), mixed.get(var).unwrap()) > 0.0,
+        "{name}"
+    );
+}

@@ -110,8 +110,10 @@ pub struct TrainConfig {
     /// Where to train: `auto` (the first GPU of a CUDA build, else the
     /// CPU), `cpu`, `cuda` or `cuda:N`.
     pub device: String,
-    /// The type training computes in: `f32` only so far (bf16 with f32
-    /// master weights, as TRL's `bf16 = true`, is refused until it exists).
+    /// The type the model computes in: `f32`, or `bf16` for mixed
+    /// precision as TRL's `bf16 = true`: bf16 weights and activations in
+    /// every product, f32 master weights and AdamW moments (LoRA: a bf16
+    /// frozen base, f32 adapters).
     pub dtype: String,
 }
 
@@ -238,16 +240,8 @@ impl TrainConfig {
         if let Err(why) = self.device() {
             return bad("device", &why);
         }
-        match self.dtype.parse::<Precision>() {
-            Err(why) => return bad("dtype", &why),
-            Ok(Precision::Bf16) => {
-                return bad(
-                    "dtype",
-                    "bf16 is not implemented for training yet (f32 master weights with bf16 \
-                     compute); train with dtype = \"f32\" (bf16 works for generate, eval and mine)",
-                )
-            }
-            Ok(Precision::F32) => {}
+        if let Err(why) = self.precision() {
+            return bad("dtype", &why);
         }
         if self.max_steps == 0 {
             return bad("max_steps", "must be at least 1");
@@ -346,6 +340,11 @@ impl TrainConfig {
                 format!("{k}: {before} → {v}")
             })
             .collect()
+    }
+
+    /// The type the run computes in (`dtype`), parsed.
+    pub fn precision(&self) -> std::result::Result<Precision, String> {
+        self.dtype.parse()
     }
 
     /// The device the run asked for (`device`), parsed.

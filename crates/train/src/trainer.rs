@@ -130,6 +130,15 @@ impl<'a> Trainer<'a> {
             )));
         }
         let lora = config.lora()?;
+        let compute = config.precision().map_err(TrainError::Config)?.dtype();
+        let StartWeights {
+            mut policy,
+            reference,
+        } = weights;
+        if lora.is_some() {
+            // A frozen base is stored in the type it computes in.
+            policy.set_dtype(compute)?;
+        }
         let (train_model, params) = match &lora {
             Some(lora) => {
                 // A resumed run continues its checkpoint's adapter.
@@ -138,21 +147,24 @@ impl<'a> Trainer<'a> {
                     None => None,
                 };
                 let start = start.as_ref().map(|a| &a.weights);
-                Llama::with_lora(&model.config, &weights.policy, lora, start, config.seed)?
+                Llama::with_lora(&model.config, &policy, lora, start, config.seed)?
             }
-            None => Llama::trainable(&model.config, &weights.policy)?,
+            None => Llama::trainable(&model.config, &policy)?,
         };
+        let train_model = train_model.computing_in(compute);
         // LoRA's reference is its own base with the adapters off: the same
         // weights, no second model.
+        let mut base = reference.unwrap_or(policy);
         let reference = match (config.beta > 0.0, &lora) {
             (false, _) => None,
             (true, Some(_)) => Some(train_model.without_adapters()),
             (true, None) => {
-                let base = weights.reference.as_ref().unwrap_or(&weights.policy);
-                Some(Llama::new_compact(&model.config, base)?)
+                base.set_dtype(compute)?;
+                Some(Llama::new_compact(&model.config, &base)?)
             }
         };
-        drop(weights);
+        // The file's tensors go before the optimizer's moments come.
+        drop(base);
         let mut optimizer = AdamW::new(
             params,
             config.adam_beta1,

@@ -14,7 +14,7 @@ use r3_train::trainer::{StartWeights, Trainer};
 
 /// Trains on `train_on` tokens (LoRA adapters with `lora`); returns
 /// (retry success, P(good reflection)).
-fn train(toy: &common::Toy, train_on: TrainOn, lora: bool) -> (f64, f64) {
+fn train(toy: &common::Toy, train_on: TrainOn, lora: bool, dtype: &str) -> (f64, f64) {
     let out = tempfile::tempdir().unwrap();
     let config = TrainConfig {
         use_peft: lora,
@@ -32,6 +32,7 @@ fn train(toy: &common::Toy, train_on: TrainOn, lora: bool) -> (f64, f64) {
         save_steps: 0,
         seed: 1,
         train_on,
+        dtype: dtype.into(),
         ..TrainConfig::default()
     };
     let mut trainer = Trainer::new(
@@ -87,8 +88,8 @@ fn credit_goes_to_the_reflection(lora: bool) {
         "the toy starts at chance: {before}, {p_before}"
     );
 
-    let (after, p_after) = train(&toy, TrainOn::Reflection, lora);
-    let (after_inverted, p_inverted) = train(&toy, TrainOn::Retry, lora);
+    let (after, p_after) = train(&toy, TrainOn::Reflection, lora, "f32");
+    let (after_inverted, p_inverted) = train(&toy, TrainOn::Retry, lora, "f32");
     eprintln!(
         "lora {lora}: retry success {before:.2} → {after:.2} (reflection credit) / {after_inverted:.2} (retry credit); \
          P(reflect C) {p_before:.2} → {p_after:.2} / {p_inverted:.2}"
@@ -105,4 +106,18 @@ fn credit_goes_to_the_reflection(lora: bool) {
         p_inverted < p_before + 0.1,
         "retry credit taught the reflection: P(good reflection) {p_before:.2} → {p_inverted:.2}"
     );
+}
+
+/// Mixed precision (dtype = "bf16": bf16 compute, f32 master weights and
+/// moments) learns the toy as f32 does, full fine-tuning and LoRA.
+#[test]
+fn mixed_precision_learns_too() {
+    let toy = common::toy();
+    for lora in [false, true] {
+        let (after, p_after) = train(&toy, TrainOn::Reflection, lora, "bf16");
+        assert!(
+            after >= 0.9 && p_after >= 0.9,
+            "lora {lora}, bf16: retry success {after:.2}, P(good reflection) {p_after:.2}"
+        );
+    }
 }

@@ -61,8 +61,9 @@ impl Llama {
                         )
                     }
                 };
-                let dtype = weights.dtype();
-                let (a, b) = (a.to_dtype(dtype)?, b.to_dtype(dtype)?);
+                // f32 whatever the base's type: the adapters are what
+                // trains (cast where used, see `linear::cast_like`).
+                let (a, b) = (a.to_dtype(DType::F32)?, b.to_dtype(DType::F32)?);
                 let (a, b) = (Var::from_tensor(&a)?, Var::from_tensor(&b)?);
                 *adapter = Some(LoraPair {
                     a: a.as_tensor().clone(),

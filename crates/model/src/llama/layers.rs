@@ -7,7 +7,7 @@
 use candle_core::{DType, Device, Module, Tensor, D};
 use r3_kernels::attention::{cached_attention, MAX_FUSED_TOKENS};
 
-use super::linear::{project_all, project_heads, Layout, Linear, ProjectionWeight};
+use super::linear::{cast_like, project_all, project_heads, Layout, Linear, ProjectionWeight};
 use crate::cache::KvCache;
 use crate::config::ModelConfig;
 use crate::error::Result;
@@ -22,12 +22,13 @@ pub(super) struct RmsNorm {
 
 impl Module for RmsNorm {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        if !x.track_op() && !self.weight.track_op() && x.is_contiguous() {
-            return candle_nn::ops::rms_norm(x, &self.weight, self.eps as f32);
+        let weight = cast_like(&self.weight, x)?;
+        if !x.track_op() && !weight.track_op() && x.is_contiguous() {
+            return candle_nn::ops::rms_norm(x, &weight, self.eps as f32);
         }
         let mean_square = x.sqr()?.mean_keepdim(D::Minus1)?;
         let inv_rms = (mean_square + self.eps)?.sqrt()?.recip()?;
-        x.broadcast_mul(&inv_rms)?.broadcast_mul(&self.weight)
+        x.broadcast_mul(&inv_rms)?.broadcast_mul(&weight)
     }
 }
 

@@ -148,16 +148,16 @@ impl Linear {
         }
     }
 
-    /// The parts' outputs side by side, `[b, t, Σ out_i]`.
+    /// The parts' outputs side by side, `[b, t, Σ out_i]`, in `x`'s type.
     pub(super) fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let (b, t, inp) = x.dims3()?;
         let rows = x.reshape((b * t, inp))?;
         let mut y = match &self.weight {
-            ProjectionWeight::Dense(weight_t) => matmul(&rows, weight_t)?,
+            ProjectionWeight::Dense(weight_t) => matmul(&rows, &cast_like(weight_t, &rows)?)?,
             ProjectionWeight::Packed(parts) => packed_matmul(&rows, parts)?,
         };
         if let Some(bias) = &self.bias {
-            y = y.broadcast_add(bias)?;
+            y = y.broadcast_add(&cast_like(bias, &y)?)?;
         }
         if self.adapters.iter().any(Option::is_some) {
             y = (y + self.lora_updates(&rows)?)?;
@@ -173,7 +173,10 @@ impl Linear {
             .iter()
             .zip(&self.adapters)
             .map(|((_, out), adapter)| match adapter {
-                Some(l) => rows.matmul(&l.a.t()?)?.matmul(&l.b.t()?)? * l.scale,
+                Some(l) => {
+                    let (a, b) = (cast_like(&l.a, rows)?, cast_like(&l.b, rows)?);
+                    rows.matmul(&a.t()?)?.matmul(&b.t()?)? * l.scale
+                }
                 None => Tensor::zeros((rows.dim(0)?, *out), rows.dtype(), rows.device()),
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
@@ -201,6 +204,14 @@ impl Linear {
         }
         Ok(())
     }
+}
+
+/// `weight` in `input`'s type: a decoder computing in bf16 over f32 master
+/// weights (mixed-precision training) casts each weight where it is used,
+/// and autograd carries the gradient back to the f32 weight. A no-op when
+/// the types agree.
+pub(super) fn cast_like(weight: &Tensor, input: &Tensor) -> candle_core::Result<Tensor> {
+    weight.to_dtype(input.dtype())
 }
 
 /// The output of every part of `linears`, in order, as `[b, t, out_i]`

@@ -216,6 +216,7 @@ impl Llama {
         Ok(self
             .embed_tokens
             .lookup(&inputs.tokens)?
+            .to_dtype(self.dtype)?
             .reshape((inputs.batch, inputs.t, ()))?)
     }
 
@@ -266,6 +267,15 @@ impl Llama {
     /// The type the decoder computes in.
     pub fn dtype(&self) -> DType {
         self.dtype
+    }
+
+    /// The decoder computing in `dtype` whatever type its weights are
+    /// stored in: each op casts its weights to its input's type, so that
+    /// bf16 compute over f32 weights is mixed-precision training (the
+    /// gradients reach the f32 weights, which AdamW updates in f32).
+    pub fn computing_in(mut self, dtype: DType) -> Self {
+        self.dtype = dtype;
+        self
     }
 
     pub fn num_layers(&self) -> usize {

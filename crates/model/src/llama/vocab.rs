@@ -12,7 +12,7 @@ use r3_kernels::matmul::{matmul, packed_matmul};
 use r3_kernels::packed::PackedMatrix;
 use rayon::prelude::*;
 
-use super::linear::Layout;
+use super::linear::{cast_like, Layout};
 use crate::error::Result;
 use crate::logprob;
 use crate::weights::Weights;
@@ -66,8 +66,8 @@ impl VocabTable {
     pub(super) fn project(&self, rows: &Tensor, transposed: Option<&Tensor>) -> Result<Tensor> {
         Ok(match (self, transposed) {
             (Self::Packed(parts), _) => packed_matmul(rows, parts)?,
-            (Self::Dense(_), Some(w_t)) => matmul(rows, w_t)?,
-            (Self::Dense(w), None) => rows.matmul(&w.t()?)?,
+            (Self::Dense(_), Some(w_t)) => matmul(rows, &cast_like(w_t, rows)?)?,
+            (Self::Dense(w), None) => rows.matmul(&cast_like(w, rows)?.t()?)?,
         })
     }
 
