@@ -14,7 +14,9 @@
 #   where the GPU machine has them (its driver and PyTorch's cu13 wheels).
 #   So the link uses stub libraries with the real sonames, generated from
 #   cudarc's own declarations of what it calls; the CUDA runtime is the real
-#   one from its wheel.
+#   one from its wheel. Every stub returns 100 (the driver's "no device"),
+#   so that with the stubs on LD_LIBRARY_PATH the binary runs here on the
+#   CPU and refuses `--device cuda` cleanly.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -46,7 +48,7 @@ mkdir -p "$stubs"
 # name  soname  cudarc module
 while read -r name soname module; do
   grep -oE '^pub unsafe fn [A-Za-z0-9_]+' "$cudarc/src/$module/sys/mod.rs" \
-    | awk '{print "void " $4 "(void) {}"}' | sort -u > "$stubs/$name.c"
+    | awk '{print "int " $4 "(void) { return 100; }"}' | sort -u > "$stubs/$name.c"
   gcc -shared -fPIC -o "$stubs/lib$name.so" -Wl,-soname,"$soname" "$stubs/$name.c"
 done <<'EOF'
 cuda     libcuda.so.1        driver
@@ -55,9 +57,19 @@ cublasLt libcublasLt.so.13   cublaslt
 curand   libcurand.so.10     curand
 nvrtc    libnvrtc.so.13      nvrtc
 EOF
+# The same stubs under their sonames, to start the binary here.
+mkdir -p "$stubs/run"
+for lib in "$stubs"/lib*.so; do
+  soname=$(readelf -d "$lib" | sed -n 's/.*SONAME.*\[\(.*\)\]/\1/p')
+  [ -n "$soname" ] && cp "$lib" "$stubs/run/$soname"
+done
 ln -sf "$root/lib/libcudart.so.13" "$stubs/libcudart.so"
 export RUSTFLAGS="${RUSTFLAGS:-} -L native=$stubs -L native=$root/lib"
 
+# The binary must travel in 64 MiB, and candle's GGUF kernels (which r3
+# never calls: a GPU model is dequantized on load) take half of it. Link-time
+# optimisation and abort-on-panic, for this binary only, take the rest down.
+export CARGO_PROFILE_RELEASE_LTO=fat CARGO_PROFILE_RELEASE_PANIC=abort
 cargo build --release --features cuda -p r3-cli --target-dir target/cuda
 mkdir -p dist/cuda
 out=dist/cuda/r3
@@ -68,5 +80,14 @@ echo "wrote $out ($((size / 1048576)) MiB) and dist/cuda/libcudart.so.13"
 readelf -d "$out" | grep NEEDED
 if [ "$size" -gt $((64 * 1048576)) ]; then
   echo "error: $out is over 64 MiB" >&2
+  exit 1
+fi
+# It starts, and without a GPU asks for one in vain (the stubs say "no device").
+run() { LD_LIBRARY_PATH="$stubs/run:$PWD/dist/cuda" "$out" "$@"; }
+run --version
+if run generate --device cuda --prompt hi 2>&1 | grep -q CUDA_ERROR_NO_DEVICE; then
+  echo "ok: without a GPU, --device cuda reports CUDA_ERROR_NO_DEVICE"
+else
+  echo "error: $out did not reach the CUDA driver" >&2
   exit 1
 fi

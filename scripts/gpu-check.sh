@@ -45,7 +45,7 @@ for root in site.getsitepackages():
 print(":".join(sorted(dirs)))
 EOF
 )
-export LD_LIBRARY_PATH="$PWD/$dist:$libs:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
+export LD_LIBRARY_PATH="$PWD/$dist:$libs:/usr/local/nvidia/lib64:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 r3="$dist/r3"
 tiny="$dist/tiny"
