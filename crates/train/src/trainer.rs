@@ -14,7 +14,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use r3_generate::SamplingParams;
 use r3_loop::mine::MinedFailure;
 use r3_loop::{Failure, Policy, Rollouts};
@@ -135,10 +135,12 @@ impl<'a> Trainer<'a> {
             mut policy,
             reference,
         } = weights;
-        if lora.is_some() {
-            // A frozen base is stored in the type it computes in.
-            policy.set_dtype(compute)?;
-        }
+        // Trained weights are f32 masters whatever the compute type; a frozen
+        // LoRA base is stored in the type it computes in.
+        policy.set_dtype(match lora {
+            Some(_) => compute,
+            None => DType::F32,
+        })?;
         let (train_model, params) = match &lora {
             Some(lora) => {
                 // A resumed run continues its checkpoint's adapter.

@@ -35,10 +35,16 @@ fn train(toy: &common::Toy, train_on: TrainOn, lora: bool, dtype: &str) -> (f64,
         dtype: dtype.into(),
         ..TrainConfig::default()
     };
+    let mut weights = StartWeights::of(&toy.loaded);
+    if dtype == "bf16" {
+        // Weights handed over in bf16 (as `r3 bench train --dtype bf16`
+        // loads them): the trainer still keeps f32 masters.
+        weights.policy.set_dtype(candle_core::DType::BF16).unwrap();
+    }
     let mut trainer = Trainer::new(
         config,
         &toy.loaded,
-        StartWeights::of(&toy.loaded),
+        weights,
         &toy.task,
         common::prompts(),
         toy.failures.clone(),
