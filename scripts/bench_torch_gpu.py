@@ -1,7 +1,9 @@
 """The work of `r3 bench generate` and of a GRPO step's training half under
 PyTorch/transformers on the same GPU, for scripts/gpu-check.sh. Builds the
-model from an HF config.json with random weights (no download), f32 like
-r3's CUDA build. Prints one JSON line per measurement.
+model from an HF config.json with random weights (no download), in f32 or
+bf16 as r3 runs it: bf16 weights for generation, f32 master weights with
+bf16 autocast for training (TRL's bf16 = true). Prints one JSON line per
+measurement.
 
     python3 scripts/bench_torch_gpu.py generate --shape configs/Qwen2.5-1.5B.json --batch 64
     python3 scripts/bench_torch_gpu.py train --shape configs/Qwen2.5-1.5B.json --rows 64 \
@@ -70,7 +72,8 @@ def train(a, dtype):
     """One TRL-style step on the token counts of an r3 GRPO step: forward
     over context + trained tokens, the loss on the trained tokens only,
     backward, AdamW (gradient checkpointing on, as r3's default)."""
-    model, config = build(a.shape, dtype)
+    # TRL's bf16 = true: f32 master weights, bf16 compute under autocast.
+    model, config = build(a.shape, torch.float32)
     model.train()
     model.gradient_checkpointing_enable()
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-7)
@@ -82,7 +85,8 @@ def train(a, dtype):
 
     def step():
         for chunk in range(0, a.rows, a.micro_batch):
-            out = model(ids[chunk:chunk + a.micro_batch], labels=labels[chunk:chunk + a.micro_batch])
+            with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+                out = model(ids[chunk:chunk + a.micro_batch], labels=labels[chunk:chunk + a.micro_batch])
             out.loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -3,7 +3,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use r3_generate::{Generator, Sampler, SamplingParams};
 use r3_kernels::CpuLevel;
@@ -222,13 +222,21 @@ fn generate(args: GenerateBench) -> Result<()> {
         args.prompt_tokens + args.new_tokens,
     );
     let start = Instant::now();
-    let logits = generator.prefill(&mut cache, &prompts)?;
+    let oom_hint = "if the device ran out of memory: a smaller --batch";
+    let logits = generator.prefill(&mut cache, &prompts).with_context(|| {
+        format!(
+            "prefill of {} rows × {} tokens ({oom_hint})",
+            args.batch, args.prompt_tokens
+        )
+    })?;
     let prefill_s = start.elapsed().as_secs_f64();
     let samplers = (0..args.batch as u64)
         .map(|r| Sampler::new(&params, r))
         .collect();
     let start = Instant::now();
-    let out = generator.decode(cache, logits, &params, samplers, false)?;
+    let out = generator
+        .decode(cache, logits, &params, samplers, false)
+        .with_context(|| format!("decode of {} rows ({oom_hint})", args.batch))?;
     let decode_s = start.elapsed().as_secs_f64();
     let decoded: usize = out.completions.iter().map(|c| c.tokens.len()).sum();
     let report = serde_json::json!({

@@ -266,7 +266,15 @@ impl<'a> Trainer<'a> {
         };
         // 1. B failures × G reflections, one retry each, verified; rewards
         //    become advantages within each group.
-        let (groups, samples) = self.collect_groups(&mut m)?;
+        let rollouts = format!(
+            "{} failures × {} reflections, at most {} rows decoded at once",
+            c.failures_per_step, c.num_generations, c.generation_batch_rows
+        );
+        let micro_batch = format!("micro_batch_size = {}", c.micro_batch_size);
+        let (groups, samples) = self.collect_groups(&mut m).map_err(TrainError::in_phase(
+            "generation (prefill and decode)",
+            rollouts,
+        ))?;
         m.record_rollouts(&groups);
         // 2. Groups whose rewards are all equal carry no signal.
         let groups: Vec<Group> = groups.into_iter().filter(Group::has_signal).collect();
@@ -276,10 +284,19 @@ impl<'a> Trainer<'a> {
             let spans = trained_spans(&groups, c.train_on, c.loss_type, c.max_completion_length);
             m.trained_tokens = spans.iter().flatten().map(|s| s.tokens.len()).sum();
             // 4. Reference (and old-policy) log-probs, without gradients.
-            let fixed = self.fixed_scores(&spans, &mut m)?;
+            let fixed = self
+                .fixed_scores(&spans, &mut m)
+                .map_err(TrainError::in_phase(
+                    "reference scores",
+                    micro_batch.clone(),
+                ))?;
             for _ in 0..c.num_iterations {
                 // 5. Forward + backward over the trained tokens.
-                self.accumulate_gradients(&spans, &fixed, &mut m)?;
+                self.accumulate_gradients(&spans, &fixed, &mut m)
+                    .map_err(TrainError::in_phase(
+                        "forward and backward",
+                        micro_batch.clone(),
+                    ))?;
                 // 6. Clip and update.
                 self.apply_update(&mut m)?;
             }
