@@ -64,6 +64,10 @@ fn setup(task: &TaskConfig, data: &DataConfig) -> Result<(Box<dyn Task>, Vec<Rec
 
 #[derive(Args)]
 pub struct EvalArgs {
+    /// A TOML file of these settings, keyed by flag name (max_new_tokens = 64);
+    /// flags given here win
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
     #[command(flatten)]
     pub model: ModelArgs,
     #[command(flatten)]
@@ -184,6 +188,10 @@ pub fn print_summary(s: &EvalSummary) {
 
 #[derive(Args)]
 pub struct MineArgs {
+    /// A TOML file of these settings, keyed by flag name (samples = 16);
+    /// flags given here win
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
     #[command(flatten)]
     pub model: ModelArgs,
     #[command(flatten)]

@@ -4,6 +4,7 @@
 mod bench;
 mod commands;
 mod config;
+mod config_file;
 mod demo;
 mod device_check;
 mod evaluate;
@@ -49,7 +50,10 @@ pub fn release_freed_memory() {
 #[command(
     name = "r3",
     version,
-    about = "Reflect, Retry, Reward: train a model's self-reflections with GRPO"
+    about = "Reflect, Retry, Reward: train a model's self-reflections with GRPO",
+    // A flag given twice keeps its last value: `--config FILE`'s settings
+    // come first, the command line's after them.
+    args_override_self = true
 )]
 struct Cli {
     #[command(subcommand)]
@@ -140,7 +144,14 @@ enum Command {
 
 fn main() {
     keep_freed_memory();
-    let cli = Cli::parse();
+    let args = match config_file::expand(std::env::args_os().collect()) {
+        Ok(args) => args,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(2);
+        }
+    };
+    let cli = Cli::parse_from(args);
     // An R3_CPU the machine cannot honour is refused before any work.
     if let Err(message) = CpuLevel::from_env() {
         eprintln!("error: {message}");

@@ -358,3 +358,38 @@ fn lora_adapters_train_load_and_merge() {
         "{err}"
     );
 }
+
+/// `r3 eval --config FILE` reads its settings from TOML keyed by flag
+/// name; a flag on the command line wins over the file; an unknown key
+/// names the file and lists the valid ones.
+#[test]
+fn eval_reads_a_config_file_and_flags_win() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, data) = common::tiny_model_and_data(dir.path(), 6, "11");
+    let out = dir.path().join("eval");
+    let config = dir.path().join("eval.toml");
+    let text = format!(
+        "model = {model:?}\ntask = \"answer\"\ndata = {data:?}\nlimit = 5\n\
+         max_new_tokens = 4\nreflection_max_tokens = 4\nbatch_rows = 8\n\
+         skip_invalid = true\nout = {:?}\n",
+        out.to_str().unwrap()
+    );
+    std::fs::write(&config, text).unwrap();
+    let config = config.to_str().unwrap();
+    let summary = |path: &std::path::Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(path.join("summary.json")).unwrap()).unwrap()
+    };
+    let (ok, _, err) = r3(&["eval", "--config", config]);
+    assert!(ok, "{err}");
+    assert_eq!(summary(&out)["n"], 5);
+    let (ok, _, err) = r3(&["eval", "--config", config, "--limit", "2"]);
+    assert!(ok, "{err}");
+    assert_eq!(summary(&out)["n"], 2);
+
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "sampels = 3\n").unwrap();
+    let (ok, _, err) = r3(&["mine", "--config", bad.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(err.contains("bad.toml: unknown key 'sampels'"), "{err}");
+    assert!(err.contains("samples"), "{err}");
+}

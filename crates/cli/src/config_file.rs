@@ -1,0 +1,95 @@
+//! `--config FILE` for `r3 eval` and `r3 mine`: a TOML file whose keys are
+//! the command's long flags (`max_new_tokens = 64`, `task = "countdown"`,
+//! `skip_invalid = true`). Its settings are placed before the command
+//! line's, so a flag given there wins (`r3 eval --config eval.toml
+//! --limit 5`). (`r3 train --config` is a training config; see r3-train.)
+
+use std::ffi::OsString;
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use clap::CommandFactory;
+
+/// The commands whose `--config` this file reads.
+const COMMANDS: [&str; 2] = ["eval", "mine"];
+
+/// `args` (the whole command line, program name first) with the settings of
+/// an `eval` or `mine` command's `--config FILE` inserted as flags right
+/// after the command's name; any other command line as it is.
+pub fn expand(args: Vec<OsString>) -> Result<Vec<OsString>> {
+    let Some(command) = args.get(1).and_then(|a| a.to_str()) else {
+        return Ok(args);
+    };
+    if !COMMANDS.contains(&command) {
+        return Ok(args);
+    }
+    let Some(path) = config_path(&args[2..]) else {
+        return Ok(args);
+    };
+    let flags = flags_from_file(command, Path::new(&path))?;
+    let mut out = args[..2].to_vec();
+    out.extend(flags);
+    out.extend_from_slice(&args[2..]);
+    Ok(out)
+}
+
+/// The value of `--config FILE` or `--config=FILE`, if given.
+fn config_path(args: &[OsString]) -> Option<OsString> {
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        let text = arg.to_string_lossy();
+        if text == "--config" {
+            return args.next().cloned();
+        }
+        if let Some(value) = text.strip_prefix("--config=") {
+            return Some(value.into());
+        }
+    }
+    None
+}
+
+/// The file's settings as `--flag value` arguments of `command`; an
+/// unknown key or a value that is not a string, number or boolean names
+/// the file and the key.
+fn flags_from_file(command: &str, path: &Path) -> Result<Vec<OsString>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the config {}", path.display()))?;
+    let table: toml::Table =
+        toml::from_str(&text).with_context(|| format!("{}: invalid TOML", path.display()))?;
+    let cli = crate::Cli::command();
+    let sub = cli
+        .find_subcommand(command)
+        .expect("eval and mine are subcommands");
+    let known: Vec<&str> = sub
+        .get_arguments()
+        .filter_map(|a| a.get_long())
+        .filter(|&long| long != "config")
+        .collect();
+    let mut flags = Vec::new();
+    for (key, value) in table {
+        let flag = key.replace('_', "-");
+        if !known.contains(&flag.as_str()) {
+            let valid: Vec<String> = known.iter().map(|k| k.replace('-', "_")).collect();
+            bail!(
+                "{}: unknown key '{key}' for r3 {command} (valid: {})",
+                path.display(),
+                valid.join(", ")
+            );
+        }
+        let value = match value {
+            toml::Value::Boolean(true) => None,
+            toml::Value::Boolean(false) => continue,
+            toml::Value::String(s) => Some(s),
+            toml::Value::Integer(n) => Some(n.to_string()),
+            toml::Value::Float(x) => Some(x.to_string()),
+            other => bail!(
+                "{}: '{key}' must be a string, number or boolean, not {}",
+                path.display(),
+                other.type_str()
+            ),
+        };
+        flags.push(OsString::from(format!("--{flag}")));
+        flags.extend(value.map(OsString::from));
+    }
+    Ok(flags)
+}
