@@ -1,7 +1,8 @@
-//! Sampling and batched decoding on a tiny model the test builds itself.
+//! Sampling and batched decoding on a tiny model the test builds itself,
+//! on `R3_TEST_DEVICE` (the CPU unless set; see `r3_model::tiny`).
 
 use r3_generate::{argmax, FinishReason, Generator, Sampler, SamplingParams};
-use r3_model::tiny::{max_abs, TinyModel};
+use r3_model::tiny::{max_abs, test_device, TinyModel};
 use r3_model::{Architecture, KvCache, Llama, Tokenizer};
 
 struct Fixture {
@@ -17,7 +18,8 @@ fn fixture() -> Fixture {
         .unwrap()
         .write_hf_dir(dir.path(), candle_core::DType::F32)
         .unwrap();
-    let loaded = r3_model::load(dir.path()).unwrap();
+    let mut loaded = r3_model::load(dir.path()).unwrap();
+    loaded.weights.set_device(test_device());
     Fixture {
         model: Llama::new(&loaded.config, &loaded.weights).unwrap(),
         tokenizer: loaded.tokenizer,

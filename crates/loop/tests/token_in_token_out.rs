@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 
 #[test]
 fn rollout_ids_decode_to_the_rendered_conversation() {
-    let loaded = r3_model::load(&r3_fetch::path().unwrap()).unwrap();
+    let loaded = load_default();
     let record = json!({"nums": [3, 7, 25], "target": 46});
     check_rollouts(&loaded, "countdown", &record);
 }
@@ -32,7 +32,7 @@ fn tools_reach_the_prompt_in_the_templates_format() {
         .unwrap(),
     )
     .unwrap();
-    let mut loaded = r3_model::load(&r3_fetch::path().unwrap()).unwrap();
+    let mut loaded = load_default();
     assert!(!loaded.chat_template.accepts_tools());
     let first = first_prompt(&loaded, &record);
     assert!(
@@ -63,6 +63,13 @@ fn tools_reach_the_prompt_in_the_templates_format() {
     );
     assert!(!first.contains("You have access"), "{first}");
     check_rollouts(&loaded, "bfcl", &record);
+}
+
+/// The default model, on `R3_TEST_DEVICE` (the CPU unless set).
+fn load_default() -> LoadedModel {
+    let mut loaded = r3_model::load(&r3_fetch::path().unwrap()).unwrap();
+    loaded.weights.set_device(r3_model::tiny::test_device());
+    loaded
 }
 
 fn first_prompt(loaded: &LoadedModel, record: &Value) -> String {

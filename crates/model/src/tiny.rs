@@ -7,7 +7,7 @@ use std::path::Path;
 
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
-use candle_core::{DType, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 use tokenizers::models::bpe::BPE;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::AddedToken;
@@ -277,4 +277,24 @@ pub fn finite_difference_mismatch(
         }
     }
     Ok(None)
+}
+
+/// The device the generation and conversation tests run their models on:
+/// `R3_TEST_DEVICE` (`cpu` when unset), so that a machine with a GPU and a
+/// Rust toolchain runs those tests there too (`R3_TEST_DEVICE=cuda cargo
+/// test --features r3-model/cuda -p r3-generate -p r3-loop`). Opened once
+/// per process, so that every model of a test shares it.
+pub fn test_device() -> Device {
+    static DEVICE: std::sync::OnceLock<Device> = std::sync::OnceLock::new();
+    DEVICE
+        .get_or_init(|| {
+            let name = std::env::var("R3_TEST_DEVICE").unwrap_or_else(|_| "cpu".into());
+            let choice: crate::DeviceChoice = name
+                .parse()
+                .unwrap_or_else(|e| panic!("R3_TEST_DEVICE: {e}"));
+            choice
+                .open()
+                .unwrap_or_else(|e| panic!("R3_TEST_DEVICE={name}: {e}"))
+        })
+        .clone()
 }
