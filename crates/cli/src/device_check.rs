@@ -36,7 +36,8 @@ pub struct DeviceCheckArgs {
     /// Leave out the training step (a model too large to train on the CPU)
     #[arg(long)]
     no_train: bool,
-    /// Largest difference allowed between the two devices' logits
+    /// Largest difference allowed between the two devices' logits (times
+    /// the largest logit, when that is above 1)
     #[arg(long, default_value_t = 1e-4)]
     logits_tolerance: f64,
     /// Largest difference allowed between the two devices' updated weights
@@ -103,6 +104,10 @@ pub fn device_check(args: DeviceCheckArgs) -> Result<()> {
     let bf16_relative = bf16_diff / logits_scale.max(f64::MIN_POSITIVE);
     let bf16_same_tokens = count_equal(&cpu_tokens, &bf16_tokens);
     let logits_diff = max_abs_diff(&cpu_logits, &gpu_logits)?;
+    // f32 rounding grows with the logits' size: above 1, the tolerance
+    // scales with the largest logit (a random-init 1.5B model, whose tied
+    // embeddings have unit deviation, has logits of order 100).
+    let logits_ok = logits_diff <= args.logits_tolerance * logits_scale.max(1.0);
     let first_divergence = cpu_tokens
         .iter()
         .zip(&gpu_tokens)
@@ -117,7 +122,7 @@ pub fn device_check(args: DeviceCheckArgs) -> Result<()> {
         "batch": args.batch,
         "prompt_tokens": prompts.iter().map(Vec::len).collect::<Vec<_>>(),
         "logits_max_abs_diff": logits_diff,
-        "logits_ok": logits_diff <= args.logits_tolerance,
+        "logits_ok": logits_ok,
         "greedy_tokens": args.new_tokens,
         "greedy_equal": greedy_equal,
         "greedy_first_divergence": first_divergence,
@@ -129,9 +134,7 @@ pub fn device_check(args: DeviceCheckArgs) -> Result<()> {
         // near-tie may flip in bf16, so this is reported, not required.
         "bf16_greedy_same_tokens": bf16_same_tokens,
     });
-    let mut ok = logits_diff <= args.logits_tolerance
-        && greedy_equal
-        && bf16_relative <= args.bf16_tolerance;
+    let mut ok = logits_ok && greedy_equal && bf16_relative <= args.bf16_tolerance;
     if !args.no_train {
         let step = training_step(config, [&cpu, &gpu], &prompts, &cpu_tokens)?;
         let update_ok = step.update_diff <= args.update_tolerance;
