@@ -60,22 +60,11 @@ pub fn device_check(args: DeviceCheckArgs) -> Result<()> {
     }
     let device = model::open_device(args.model.device)?;
     let loaded = match &args.random_init {
-        Some(shape) => {
-            let mut loaded = model::random_shape(shape, args.model.model.as_deref())?;
-            let weights = r3_model::random::random_weights(&loaded.config, 0)?;
-            loaded.weights = Weights::new(shape, weights);
-            loaded
+        Some(shape) => model::random_model(shape, args.model.model.as_deref())?,
+        None if args.model.adapter.is_some() => {
+            bail!("device-check compares a base model; merge the adapter first (r3 merge)")
         }
-        None => {
-            let spec = model::ModelSpec {
-                device: r3_model::DeviceChoice::Cpu,
-                ..args.model.spec()
-            };
-            if spec.adapter.is_some() {
-                bail!("device-check compares a base model; merge the adapter first (r3 merge)");
-            }
-            model::load_with_weights(&spec)?.loaded
-        }
+        None => model::load_base(args.model.model.as_deref())?,
     };
     let on = |device: &Device| -> Weights {
         let mut weights = loaded.weights.clone();

@@ -63,11 +63,8 @@ pub fn load_with_weights(spec: &ModelSpec) -> Result<Model> {
         (Some(dir), None) if dir.join("adapter_config.json").exists() => Some(dir),
         (_, adapter) => adapter.as_ref(),
     };
-    let device = open_device(spec.device)?;
     let Some(dir) = adapter_dir else {
-        let mut loaded = load_base(spec.path.as_deref())?;
-        loaded.weights.set_device(device);
-        loaded.weights.set_dtype(spec.precision.dtype())?;
+        let loaded = load_base_for(spec.path.as_deref(), spec)?;
         let llama = Llama::new(&loaded.config, &loaded.weights)
             .with_context(|| format!("cannot build the decoder for {}", loaded.path.display()))?;
         return Ok(Model {
@@ -82,9 +79,7 @@ pub fn load_with_weights(spec: &ModelSpec) -> Result<Model> {
         Some(_) => spec.path.clone(),
         None => lora.base_model.as_ref().map(PathBuf::from),
     };
-    let mut loaded = load_base(base.as_deref())?;
-    loaded.weights.set_device(device);
-    loaded.weights.set_dtype(spec.precision.dtype())?;
+    let loaded = load_base_for(base.as_deref(), spec)?;
     let llama = Llama::with_adapter(&loaded.config, &loaded.weights, &lora.config, &lora.weights)
         .with_context(|| {
         format!(
@@ -110,9 +105,7 @@ pub fn load_random_init(
     device: DeviceChoice,
     precision: Precision,
 ) -> Result<Model> {
-    let mut loaded = random_shape(config_path, tokenizer_from)?;
-    let weights = r3_model::random::random_weights(&loaded.config, 0)?;
-    loaded.weights = r3_model::Weights::new(config_path, weights);
+    let mut loaded = random_model(config_path, tokenizer_from)?;
     loaded.weights.set_device(open_device(device)?);
     loaded.weights.set_dtype(precision.dtype())?;
     let llama = Llama::new(&loaded.config, &loaded.weights).with_context(|| {
@@ -126,6 +119,14 @@ pub fn load_random_init(
         llama,
         adapter: None,
     })
+}
+
+/// [`random_shape`] with random weights (seed 0), on the CPU.
+pub fn random_model(config_path: &Path, tokenizer_from: Option<&Path>) -> Result<LoadedModel> {
+    let mut loaded = random_shape(config_path, tokenizer_from)?;
+    let weights = r3_model::random::random_weights(&loaded.config, 0)?;
+    loaded.weights = r3_model::Weights::new(config_path, weights);
+    Ok(loaded)
 }
 
 /// `tokenizer_from`'s tokenizer, chat template and special tokens (the
@@ -150,8 +151,17 @@ pub fn random_shape(config_path: &Path, tokenizer_from: Option<&Path>) -> Result
     Ok(loaded)
 }
 
+/// [`load_base`] with its weights set for the device and type `spec` asks
+/// for (the device opened and named).
+fn load_base_for(path: Option<&Path>, spec: &ModelSpec) -> Result<LoadedModel> {
+    let mut loaded = load_base(path)?;
+    loaded.weights.set_device(open_device(spec.device)?);
+    loaded.weights.set_dtype(spec.precision.dtype())?;
+    Ok(loaded)
+}
+
 /// Loads `path`, or the default model (fetching it once) when `None`.
-fn load_base(path: Option<&Path>) -> Result<LoadedModel> {
+pub fn load_base(path: Option<&Path>) -> Result<LoadedModel> {
     let path = match path {
         Some(path) => path.to_path_buf(),
         None => {

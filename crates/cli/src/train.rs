@@ -76,9 +76,7 @@ impl LoraArgs {
 }
 
 pub fn train(args: TrainArgs) -> Result<()> {
-    let device = args
-        .device
-        .map(|d| format!("device={d:?}", d = d.to_string()));
+    let device = args.device.map(|d| format!("device={:?}", d.to_string()));
     let overrides = [
         args.lora.overrides(),
         device.into_iter().collect(),

@@ -341,14 +341,9 @@ fn bench_generate_runs_a_random_init_shape() {
 #[test]
 fn init_writes_a_model_that_device_check_compares() {
     let dir = tempfile::tempdir().unwrap();
-    let shape = dir.path().join("shape.json");
-    let config = serde_json::json!({
-        "architectures": ["LlamaForCausalLM"],
-        "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2,
-        "vocab_size": 49152, "tie_word_embeddings": true
-    });
-    std::fs::write(&shape, config.to_string()).unwrap();
+    // The shipped shape gpu-check.sh writes its tiny model from.
+    let shape = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../configs/tiny-smollm2-vocab.json");
     let out = dir.path().join("tiny");
     let (ok, _, err) = r3(&[
         "init",

@@ -41,7 +41,8 @@ pub(super) fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
     exp.broadcast_div(&exp.sum_keepdim(D::Minus1)?)
 }
 
-/// cos/sin of every new token's rotary angles, `[batch, t, head_dim/2]`.
+/// cos/sin of every new token's rotary angles, `[batch, t, head_dim/2]`,
+/// in the type of the activations they rotate.
 pub(super) struct Rotary {
     pub(super) cos: Tensor,
     pub(super) sin: Tensor,
@@ -54,6 +55,7 @@ impl Rotary {
         batch: usize,
         t: usize,
         device: &Device,
+        dtype: DType,
     ) -> Result<Self> {
         let half = inv_freq.len();
         let mut cos = Vec::with_capacity(positions.len() * half);
@@ -66,16 +68,8 @@ impl Rotary {
             }
         }
         Ok(Self {
-            cos: Tensor::from_vec(cos, (batch, t, half), device)?,
-            sin: Tensor::from_vec(sin, (batch, t, half), device)?,
-        })
-    }
-
-    /// The angles in `dtype`, the type of the activations they rotate.
-    pub(super) fn into_dtype(self, dtype: DType) -> candle_core::Result<Self> {
-        Ok(Self {
-            cos: self.cos.to_dtype(dtype)?,
-            sin: self.sin.to_dtype(dtype)?,
+            cos: Tensor::from_vec(cos, (batch, t, half), device)?.to_dtype(dtype)?,
+            sin: Tensor::from_vec(sin, (batch, t, half), device)?.to_dtype(dtype)?,
         })
     }
 

@@ -204,8 +204,14 @@ impl Llama {
             tokens: plan.tokens,
             mask: Tensor::from_vec(plan.mask, (b, 1, 1, t, total), &self.device)?
                 .to_dtype(self.dtype)?,
-            rotary: Rotary::new(&self.inv_freq, &plan.positions, b, t, &self.device)?
-                .into_dtype(self.dtype)?,
+            rotary: Rotary::new(
+                &self.inv_freq,
+                &plan.positions,
+                b,
+                t,
+                &self.device,
+                self.dtype,
+            )?,
             batch: b,
             t,
         })
