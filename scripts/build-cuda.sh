@@ -3,6 +3,11 @@
 # machine with no GPU and no CUDA install, and writes a stripped binary to
 # copy to a GPU machine, with the CUDA runtime it links: dist/cuda/.
 #
+#   bash scripts/build-cuda.sh         # dist/cuda/r3
+#   bash scripts/build-cuda.sh tests   # the whole test suite built with
+#                                      # CUDA; the device test run here,
+#                                      # where it skips: no GPU opens
+#
 # - nvcc (with its crt headers and NVVM) and the CUDA headers come from
 #   PyPI wheels, pinned at CUDA 13.0: a
 #   driver cannot load PTX from a newer nvcc than its own CUDA version, and
@@ -65,6 +70,18 @@ for lib in "$stubs"/lib*.so; do
 done
 ln -sf "$root/lib/libcudart.so.13" "$stubs/libcudart.so"
 export RUSTFLAGS="${RUSTFLAGS:-} -L native=$stubs -L native=$root/lib"
+
+if [ "${1:-}" = tests ]; then
+  # Every test compiles with CUDA; the device test (crates/cli/tests/gpu.rs)
+  # then finds the stub driver and says it skipped. On a GPU machine with
+  # Rust and CUDA installed, run `cargo test --features r3-cli/cuda` there.
+  export LD_LIBRARY_PATH="$stubs/run:$root/lib:${LD_LIBRARY_PATH:-}"
+  cargo test --features r3-cli/cuda --workspace --target-dir target/cuda --no-run
+  cargo test --features r3-cli/cuda -p r3-cli --target-dir target/cuda --test gpu \
+    -- --nocapture 2>&1 | tee target/cuda/gpu-test.log
+  grep -q "skipped: no GPU opens here" target/cuda/gpu-test.log
+  exit 0
+fi
 
 # The binary must travel in 64 MiB. Without link-time optimisation it is
 # 67 MiB, half of it candle's GGUF and MoE kernels, which r3 never calls (a

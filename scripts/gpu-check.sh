@@ -19,7 +19,12 @@
 #    `r3 bench generate` at batch 64 and 256 against transformers' generate,
 #    and `r3 bench train` (B = 8, G = 8, 256-token reflections and retries)
 #    against one TRL-style step on the same token counts.
-# It ends with a non-zero status if any step failed; every step still runs.
+# It ends with a non-zero status if any step failed; every step still runs,
+# each under its own time limit, and all of them within R3_GPU_CHECK_SECONDS
+# (default 520, inside the device tool's 10-minute call): a step with too
+# little time left is reported as skipped. Under the device tool the log is
+# also written to $OUT/gpu-check.log, which comes back even if the call is
+# cut short.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 dist=dist/cuda
@@ -34,6 +39,10 @@ if [ "${1:-}" = prepare ]; then
   exit 0
 fi
 
+if [ -n "${OUT:-}" ] && [ -d "$OUT" ]; then
+  exec > >(tee "$OUT/gpu-check.log") 2>&1
+fi
+budget=${R3_GPU_CHECK_SECONDS:-520}
 [ -x "$dist/r3" ] || { echo "error: no $dist/r3; run 'bash scripts/gpu-check.sh prepare' first" >&2; exit 2; }
 # cuBLAS, cuRAND and NVRTC come from PyTorch's CUDA wheels, the driver
 # from the machine; the CUDA runtime travels with the binary.
@@ -48,10 +57,26 @@ EOF
 )
 export LD_LIBRARY_PATH="$PWD/$dist:$libs:/usr/local/nvidia/lib64:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+# A library the binary cannot find is named once, here, with the path searched.
+if ldd "$dist/r3" | grep "not found"; then
+  echo "error: the libraries above are missing from LD_LIBRARY_PATH=$LD_LIBRARY_PATH" >&2
+fi
 r3="$dist/r3"
 tiny="$dist/tiny"
 failed=0
-check() { timeout "$1" "${@:2}" || { echo "FAILED ($?): ${*:2}"; failed=1; }; }
+# check SECONDS COMMAND...: runs it under the smaller of its limit and the
+# time left.
+check() {
+  local left=$((budget - SECONDS)) limit=$1
+  shift
+  if [ "$left" -lt 15 ]; then
+    echo "SKIPPED (out of time): $*"
+    failed=1
+    return
+  fi
+  [ "$left" -lt "$limit" ] && limit=$left
+  timeout "$limit" "$@" || { echo "FAILED ($?): $*"; failed=1; }
+}
 # check, then one JSON line with the most GPU memory nvidia-smi saw in use
 # while it ran (sampled every 100 ms; the benchmarks' own lines report the
 # host's peak RSS).
@@ -61,8 +86,11 @@ peak() {
   nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 >"$log" &
   smi=$!
   check "$@"
-  kill "$smi"
-  echo "{\"peak_gpu_memory_mib\": $(sort -n "$log" | tail -1), \"of\": \"${*:2}\"}"
+  kill "$smi" 2>/dev/null
+  wait "$smi" 2>/dev/null
+  local top
+  top=$(grep -E '^[0-9]+$' "$log" | sort -n | tail -1)
+  echo "{\"peak_gpu_memory_mib\": ${top:-null}, \"of\": \"${*:2}\"}"
 }
 
 echo "== device checks (CPU against GPU, f32) =="

@@ -1,8 +1,9 @@
 //! `r3 device-check`: a GPU against the CPU on one model, as one JSON line.
 //! The same f32 weights run on both: the last-position logits of a
 //! left-padded batch of prompts of different lengths, greedy continuations,
-//! and one training step (the production span log-probs, backward, AdamW);
-//! then the device's bf16 logits against the CPU's f32 ones.
+//! sampled reflect-and-retry rollouts (forks, rows set aside, the retry
+//! turn), and one training step (the production span log-probs, backward,
+//! AdamW); then the device's bf16 logits against the CPU's f32 ones.
 //! A GPU machine has no Rust toolchain to run the test suite, so
 //! `scripts/gpu-check.sh` runs this binary instead.
 
@@ -12,7 +13,9 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use clap::Args;
 use r3_generate::{Generator, Sampler, SamplingParams};
-use r3_model::{device_name, KvCache, Llama, Message, Weights};
+use r3_loop::{Failure, Policy, Rollouts};
+use r3_model::{device_name, KvCache, Llama, LoadedModel, Message, Weights};
+use r3_tasks::Prompts;
 use r3_train::optim::AdamW;
 use r3_train::score::span_logprobs;
 use r3_train::spans::TrainedSpan;
@@ -33,6 +36,13 @@ pub struct DeviceCheckArgs {
     /// Greedy tokens compared per prompt
     #[arg(long, default_value_t = 16)]
     new_tokens: usize,
+    /// Reflections sampled per failure in the compared rollouts
+    #[arg(long, default_value_t = 4)]
+    group: usize,
+    /// Most tokens sampled per turn (attempt, reflection, retry) in the
+    /// compared rollouts
+    #[arg(long, default_value_t = 12)]
+    rollout_tokens: usize,
     /// Leave out the training step (a model too large to train on the CPU)
     #[arg(long)]
     no_train: bool,
@@ -55,8 +65,8 @@ pub struct DeviceCheckArgs {
 const LR: f64 = 1e-4;
 
 pub fn device_check(args: DeviceCheckArgs) -> Result<()> {
-    if args.batch == 0 || args.new_tokens == 0 {
-        bail!("--batch and --new-tokens must be positive");
+    if args.batch == 0 || args.new_tokens == 0 || args.group == 0 || args.rollout_tokens == 0 {
+        bail!("--batch, --new-tokens, --group and --rollout-tokens must be positive");
     }
     let device = model::open_device(args.model.device)?;
     let loaded = match &args.random_init {
@@ -82,6 +92,18 @@ pub fn device_check(args: DeviceCheckArgs) -> Result<()> {
     let (cpu_model, gpu_model) = (build(&cpu)?, build(&gpu)?);
     let (cpu_logits, cpu_tokens) = greedy(&cpu_model, &loaded, &prompts, args.new_tokens)?;
     let (gpu_logits, gpu_tokens) = greedy(&gpu_model, &loaded, &prompts, args.new_tokens)?;
+    // A random model's logits are large (tens, for unit-variance tied
+    // embeddings), which makes 0.9 nearly greedy: the rollouts sample at a
+    // temperature that grows with them, so that rows really differ.
+    let logits_scale = max_abs(&cpu_logits)?;
+    let sampling = SamplingParams {
+        temperature: 0.9f64.max(logits_scale / 4.0),
+        max_new_tokens: args.rollout_tokens,
+        seed: 7,
+        ..Default::default()
+    };
+    let sample = |model| rollouts(model, &loaded, args.group, &sampling);
+    let (cpu_rollouts, gpu_rollouts) = (sample(&cpu_model)?, sample(&gpu_model)?);
     drop((cpu_model, gpu_model));
     let mut bf16 = on(&device);
     bf16.set_dtype(DType::BF16)?;
@@ -89,7 +111,6 @@ pub fn device_check(args: DeviceCheckArgs) -> Result<()> {
     let (bf16_logits, bf16_tokens) = greedy(&bf16_model, &loaded, &prompts, args.new_tokens)?;
     drop(bf16_model);
     let bf16_diff = max_abs_diff(&cpu_logits, &bf16_logits)?;
-    let logits_scale = max_abs(&cpu_logits)?;
     let bf16_relative = bf16_diff / logits_scale.max(f64::MIN_POSITIVE);
     let bf16_same_tokens = count_equal(&cpu_tokens, &bf16_tokens);
     let logits_diff = max_abs_diff(&cpu_logits, &gpu_logits)?;
@@ -100,9 +121,16 @@ pub fn device_check(args: DeviceCheckArgs) -> Result<()> {
     let first_divergence = cpu_tokens
         .iter()
         .zip(&gpu_tokens)
-        .map(|(a, b)| a.iter().zip(b).position(|(x, y)| x != y))
+        .map(|(a, b)| first_difference(a, b))
         .collect::<Vec<_>>();
     let greedy_equal = cpu_tokens == gpu_tokens;
+    let rollouts_equal = cpu_rollouts.ids == gpu_rollouts.ids;
+    let rollout_divergence = cpu_rollouts
+        .ids
+        .iter()
+        .zip(&gpu_rollouts.ids)
+        .enumerate()
+        .find_map(|(i, (a, b))| first_difference(a, b).map(|position| [i, position]));
 
     let mut report = serde_json::json!({
         "check": "device",
@@ -115,6 +143,12 @@ pub fn device_check(args: DeviceCheckArgs) -> Result<()> {
         "greedy_tokens": args.new_tokens,
         "greedy_equal": greedy_equal,
         "greedy_first_divergence": first_divergence,
+        "rollout_temperature": sampling.temperature,
+        "rollout_sequences": cpu_rollouts.ids.len(),
+        "rollout_reflection_tokens": cpu_rollouts.reflection_tokens,
+        "rollout_equal": rollouts_equal,
+        // [sequence, position] of the first sampled id that differs.
+        "rollout_first_divergence": rollout_divergence,
         "logits_max_abs": logits_scale,
         "bf16_logits_max_abs_diff": bf16_diff,
         "bf16_logits_relative_diff": bf16_relative,
@@ -123,7 +157,8 @@ pub fn device_check(args: DeviceCheckArgs) -> Result<()> {
         // near-tie may flip in bf16, so this is reported, not required.
         "bf16_greedy_same_tokens": bf16_same_tokens,
     });
-    let mut ok = logits_ok && greedy_equal && bf16_relative <= args.bf16_tolerance;
+    let mut ok =
+        logits_ok && greedy_equal && rollouts_equal && bf16_relative <= args.bf16_tolerance;
     if !args.no_train {
         let step = training_step(config, [&cpu, &gpu], &prompts, &cpu_tokens)?;
         let update_ok = step.update_diff <= args.update_tolerance;
@@ -149,7 +184,7 @@ pub fn device_check(args: DeviceCheckArgs) -> Result<()> {
 
 /// `batch` chat prompts, each a few tokens longer than the one before, so
 /// that the batch is left-padded.
-fn prompts(loaded: &r3_model::LoadedModel, batch: usize) -> Result<Vec<Vec<u32>>> {
+fn prompts(loaded: &LoadedModel, batch: usize) -> Result<Vec<Vec<u32>>> {
     (0..batch)
         .map(|i| {
             let question = format!(
@@ -168,7 +203,7 @@ fn prompts(loaded: &r3_model::LoadedModel, batch: usize) -> Result<Vec<Vec<u32>>
 /// row's greedy continuation.
 fn greedy(
     model: &Llama,
-    loaded: &r3_model::LoadedModel,
+    loaded: &LoadedModel,
     prompts: &[Vec<u32>],
     new_tokens: usize,
 ) -> Result<(Tensor, Vec<Vec<u32>>)> {
@@ -189,6 +224,52 @@ fn greedy(
     let out = generator.decode(cache, logits.clone(), &params, samplers, false)?;
     let tokens = out.completions.into_iter().map(|c| c.tokens).collect();
     Ok((logits.to_device(&Device::Cpu)?, tokens))
+}
+
+/// Every id sequence of [`rollouts`], and how many tokens each reflection
+/// took.
+struct SampledRollouts {
+    ids: Vec<Vec<u32>>,
+    reflection_tokens: Vec<usize>,
+}
+
+/// The loop's own rollouts of one Countdown record, sampled with `retry`
+/// from fixed per-row streams: `group` first attempts forked from one
+/// prefilled prompt, then `group` reflections on the first attempt forked
+/// from their shared prefix, then each row's retry turn continued in its
+/// own cache. Every eighth id ends a turn, so that rows finish at
+/// different steps and are set aside while the others decode (a random
+/// model would seldom sample its real end-of-turn token). Equal logits
+/// give equal ids on both devices: each row's sampler reads only its own
+/// logits.
+fn rollouts(
+    model: &Llama,
+    loaded: &LoadedModel,
+    group: usize,
+    retry: &SamplingParams,
+) -> Result<SampledRollouts> {
+    let task = r3_tasks::builtin("countdown")?;
+    let prompts = Prompts::for_task(task.as_ref());
+    let ends: Vec<u32> = (0..model.config.vocab_size as u32).step_by(8).collect();
+    let mut policy = Policy::new(model, loaded);
+    policy.eos_token_ids = &ends;
+    let rollouts = Rollouts::new(&policy, task.as_ref(), &prompts, group);
+    let record = serde_json::json!({"nums": [3, 7, 25], "target": 46});
+    let attempts = rollouts.attempts(&[&record], group, retry, 0, &mut |_| {})?;
+    let failure = Failure {
+        record: &record,
+        attempt_tokens: attempts[0][0].tokens.clone(),
+    };
+    let groups = rollouts.reflect_and_retry(&[failure], group, retry, retry, 0, &mut |_| {})?;
+    let mut out = SampledRollouts {
+        ids: attempts[0].iter().map(|a| a.tokens.clone()).collect(),
+        reflection_tokens: Vec::with_capacity(group),
+    };
+    for rollout in groups.into_iter().flatten() {
+        out.reflection_tokens.push(rollout.reflection.len());
+        out.ids.push(rollout.ids);
+    }
+    Ok(out)
 }
 
 struct StepComparison {
@@ -267,6 +348,13 @@ fn training_step(
     Ok(out)
 }
 
+/// The first position where two id sequences differ, a missing id
+/// included (one sequence ended earlier).
+fn first_difference(a: &[u32], b: &[u32]) -> Option<usize> {
+    let at = a.iter().zip(b).position(|(x, y)| x != y);
+    at.or((a.len() != b.len()).then(|| a.len().min(b.len())))
+}
+
 /// Positions where two sets of continuations agree.
 fn count_equal(a: &[Vec<u32>], b: &[Vec<u32>]) -> usize {
     a.iter()
@@ -281,4 +369,17 @@ fn max_abs(t: &Tensor) -> Result<f64> {
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
     max_abs(&(a - b)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::first_difference;
+
+    #[test]
+    fn first_difference_finds_a_changed_or_missing_id() {
+        assert_eq!(first_difference(&[1, 2, 3], &[1, 2, 3]), None);
+        assert_eq!(first_difference(&[1, 2, 3], &[1, 5, 3]), Some(1));
+        assert_eq!(first_difference(&[1, 2, 3], &[1, 2]), Some(2));
+        assert_eq!(first_difference(&[], &[4]), Some(0));
+    }
 }

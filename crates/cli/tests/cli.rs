@@ -375,6 +375,17 @@ fn init_writes_a_model_that_device_check_compares() {
     assert_eq!(v["greedy_equal"], true, "{v}");
     let lengths = v["prompt_tokens"].as_array().unwrap();
     assert!(lengths[0].as_u64() < lengths[2].as_u64(), "{v}");
+    // The sampled rollouts: 4 attempts and 4 reflect-and-retry rollouts,
+    // whose reflections ended at different steps (rows were set aside).
+    assert_eq!(v["rollout_equal"], true, "{v}");
+    assert_eq!(v["rollout_sequences"], 8, "{v}");
+    let reflections: Vec<u64> = v["rollout_reflection_tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_u64().unwrap())
+        .collect();
+    assert!(reflections.iter().any(|&n| n != reflections[0]), "{v}");
     assert_eq!(v["train_tokens"], 12, "{v}");
     assert!(v["update_max_abs"].as_f64().unwrap() > 1e-5, "{v}");
     // bf16 really ran (its logits differ from f32's), within tolerance.

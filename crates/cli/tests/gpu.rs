@@ -1,0 +1,54 @@
+//! The device test: `r3 device-check` against the first GPU on a tiny random
+//! model with the default model's tokenizer (logits, greedy tokens, sampled
+//! rollouts, one training step and bf16, each against the CPU). It runs on
+//! a CUDA build where a GPU opens (`cargo test --features r3-cli/cuda` on a
+//! GPU machine, or the test binary `scripts/build-cuda.sh tests` builds),
+//! and otherwise says why it was skipped: every other test runs on the CPU.
+
+mod common;
+
+use common::r3;
+
+#[test]
+fn a_gpu_agrees_with_the_cpu() {
+    let dir = tempfile::tempdir().unwrap();
+    let shape = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../configs/tiny-smollm2-vocab.json");
+    let model = dir.path().join("tiny");
+    let (ok, _, err) = r3(&[
+        "init",
+        "--shape",
+        shape.to_str().unwrap(),
+        "--out",
+        model.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let (ok, stdout, err) = r3(&[
+        "device-check",
+        "--model",
+        model.to_str().unwrap(),
+        "--device",
+        "cuda",
+    ]);
+    if !ok && err.contains("built without CUDA") {
+        eprintln!("skipped: this r3 was built without CUDA (see scripts/build-cuda.sh)");
+        return;
+    }
+    if !ok && err.contains("cannot open cuda:0") {
+        let why = err.lines().last().unwrap_or_default();
+        eprintln!("skipped: no GPU opens here ({why})");
+        return;
+    }
+    assert!(ok, "{stdout}\n{err}");
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    for key in [
+        "logits_ok",
+        "greedy_equal",
+        "rollout_equal",
+        "update_ok",
+        "bf16_ok",
+    ] {
+        assert_eq!(v[key], true, "{key}: {v}");
+    }
+    assert!(v["device"].as_str().unwrap().starts_with("cuda"), "{v}");
+}
