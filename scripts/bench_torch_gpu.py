@@ -8,6 +8,9 @@ measurement.
     python3 scripts/bench_torch_gpu.py generate --shape configs/Qwen2.5-1.5B.json --batch 64
     python3 scripts/bench_torch_gpu.py train --shape configs/Qwen2.5-1.5B.json --rows 64 \
         --context-tokens 128 --trained-tokens 256
+
+`--device cpu` runs the same code without a GPU (to check the script on a
+small shape; its numbers are not the comparison).
 """
 
 import argparse
@@ -18,30 +21,43 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 
+DEVICE = "cuda"
+
+
 def build(shape, dtype):
     config = AutoConfig.from_pretrained(shape)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, torch_dtype=dtype)
-    return model.to("cuda"), config
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.to(DEVICE), config
+
+
+def synchronize():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
 
 
 def timed(fn):
-    torch.cuda.synchronize()
+    synchronize()
     start = time.perf_counter()
     out = fn()
-    torch.cuda.synchronize()
+    synchronize()
     return out, time.perf_counter() - start
 
 
 def machine():
-    return {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__}
+    name = torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu"
+    return {"device": name, "torch": torch.__version__}
+
+
+def peak_memory():
+    return torch.cuda.max_memory_allocated() if DEVICE == "cuda" else None
 
 
 def generate(a, dtype):
     model, config = build(a.shape, dtype)
     model.eval()
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, config.vocab_size, (a.batch, a.prompt_tokens), generator=g).cuda()
+    ids = torch.randint(0, config.vocab_size, (a.batch, a.prompt_tokens), generator=g).to(DEVICE)
     mask = torch.ones_like(ids)
     common = dict(attention_mask=mask, do_sample=a.temperature > 0, pad_token_id=0)
     if a.temperature > 0:
@@ -64,7 +80,7 @@ def generate(a, dtype):
         "prefill_tokens_per_s": a.batch * a.prompt_tokens / prefill_s,
         "decode_seconds": decode_s,
         "decode_tokens_per_s": a.batch * a.new_tokens / decode_s,
-        "peak_gpu_bytes": torch.cuda.max_memory_allocated(),
+        "peak_gpu_bytes": peak_memory(),
     }), flush=True)
 
 
@@ -79,13 +95,13 @@ def train(a, dtype):
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-7)
     g = torch.Generator().manual_seed(0)
     length = a.context_tokens + a.trained_tokens
-    ids = torch.randint(0, config.vocab_size, (a.rows, length), generator=g).cuda()
+    ids = torch.randint(0, config.vocab_size, (a.rows, length), generator=g).to(DEVICE)
     labels = ids.clone()
     labels[:, : a.context_tokens] = -100
 
     def step():
         for chunk in range(0, a.rows, a.micro_batch):
-            with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+            with torch.autocast(DEVICE, dtype=dtype, enabled=dtype != torch.float32):
                 out = model(ids[chunk:chunk + a.micro_batch], labels=labels[chunk:chunk + a.micro_batch])
             out.loss.backward()
         optimizer.step()
@@ -100,7 +116,7 @@ def train(a, dtype):
         "micro_batch": a.micro_batch,
         "seconds_forward_backward_optimizer": seconds,
         "trained_tokens_per_s": a.rows * a.trained_tokens / seconds,
-        "peak_gpu_bytes": torch.cuda.max_memory_allocated(),
+        "peak_gpu_bytes": peak_memory(),
     }), flush=True)
 
 
@@ -117,7 +133,10 @@ def main():
     p.add_argument("--context-tokens", type=int, default=128)
     p.add_argument("--trained-tokens", type=int, default=256)
     p.add_argument("--micro-batch", type=int, default=8)
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     a = p.parse_args()
+    global DEVICE
+    DEVICE = a.device
     dtype = {"f32": torch.float32, "bf16": torch.bfloat16}[a.dtype]
     torch.backends.cuda.matmul.allow_tf32 = False
     {"generate": generate, "train": train}[a.what](a, dtype)
