@@ -5,17 +5,24 @@
 use std::collections::HashMap;
 
 use candle_core::{Device, Tensor};
-use rand::SeedableRng;
+use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
+use rayon::prelude::*;
 
 use crate::config::ModelConfig;
 use crate::error::Result;
 
+/// Tensors of more values than this are drawn in parallel blocks, each
+/// from its own stream of a generator seeded off the sequential one (a
+/// 1.5B model took 17 s on one core); smaller ones come straight from the
+/// sequential generator, so the tiny test models keep their values.
+const PARALLEL_BLOCK: usize = 1 << 22;
+
 /// Every weight of `config`'s decoder under its HF name, in f32: norms
 /// drawn around 1, projections with standard deviation 1/√input (so that
 /// activations keep their scale through the layers), embeddings around 0.
-/// The same seed gives the same weights.
+/// The same seed gives the same weights, whatever the thread count.
 pub fn random_weights(config: &ModelConfig, seed: u64) -> Result<HashMap<String, Tensor>> {
     let c = config;
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
@@ -29,7 +36,21 @@ pub fn random_weights(config: &ModelConfig, seed: u64) -> Result<HashMap<String,
     let mut put = |name: String, shape: &[usize], mean: f32, std: f32| -> Result<()> {
         let normal = Normal::new(mean, std).expect("a positive, finite deviation");
         let n: usize = shape.iter().product();
-        let values: Vec<f32> = normal.sample_iter(&mut rng).take(n).collect();
+        let values: Vec<f32> = if n <= PARALLEL_BLOCK {
+            normal.sample_iter(&mut rng).take(n).collect()
+        } else {
+            let base = rng.next_u64();
+            let mut values = vec![0f32; n];
+            values
+                .par_chunks_mut(PARALLEL_BLOCK)
+                .enumerate()
+                .for_each(|(block, out)| {
+                    let mut rng = ChaCha8Rng::seed_from_u64(base);
+                    rng.set_stream(block as u64);
+                    out.iter_mut().for_each(|v| *v = normal.sample(&mut rng));
+                });
+            values
+        };
         weights.insert(name, Tensor::from_vec(values, shape, &Device::Cpu)?);
         Ok(())
     };
@@ -97,4 +118,50 @@ pub fn random_weights(config: &ModelConfig, seed: u64) -> Result<HashMap<String,
         )?;
     }
     Ok(weights)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tiny::TinyModel;
+    use crate::Architecture;
+
+    /// A tiny shape whose embedding table spans three parallel blocks, the
+    /// last one partial.
+    fn config_with_a_large_table() -> ModelConfig {
+        let mut config = TinyModel::new(Architecture::Llama, 64, 1, 0)
+            .unwrap()
+            .config;
+        config.vocab_size = 2 * PARALLEL_BLOCK / 64 + 5;
+        config
+    }
+
+    fn draw_with_threads(config: &ModelConfig, threads: usize) -> Vec<f32> {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        let weights = pool.install(|| random_weights(config, 3)).unwrap();
+        weights["model.embed_tokens.weight"]
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+
+    #[test]
+    fn a_large_tensor_is_the_same_on_any_thread_count_and_well_drawn() {
+        let config = config_with_a_large_table();
+        let one = draw_with_threads(&config, 1);
+        assert_eq!(one, draw_with_threads(&config, 3));
+        // Each block has its own stream: no block repeats another.
+        let block = |i: usize| &one[i * PARALLEL_BLOCK..i * PARALLEL_BLOCK + 64];
+        assert_ne!(block(0), block(1));
+        assert_ne!(block(1), block(2));
+        let n = one.len() as f64;
+        let mean = one.iter().map(|&v| v as f64).sum::<f64>() / n;
+        let var = one.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+        assert!(mean.abs() < 1e-3, "mean {mean}");
+        assert!((var.sqrt() - 1.0).abs() < 1e-3, "deviation {}", var.sqrt());
+    }
 }
