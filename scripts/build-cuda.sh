@@ -3,10 +3,13 @@
 # machine with no GPU and no CUDA install, and writes a stripped binary to
 # copy to a GPU machine, with the CUDA runtime it links: dist/cuda/.
 #
-#   bash scripts/build-cuda.sh         # dist/cuda/r3
-#   bash scripts/build-cuda.sh tests   # the whole test suite built with
-#                                      # CUDA; the device test run here,
-#                                      # where it skips: no GPU opens
+#   bash scripts/build-cuda.sh                  # dist/cuda/r3
+#   bash scripts/build-cuda.sh generate-tests   # dist/cuda/generate-tests: the
+#                                               # generation tests, which
+#                                               # gpu-check.sh runs on the GPU
+#   bash scripts/build-cuda.sh tests            # the whole test suite built
+#                                               # with CUDA; the device test
+#                                               # run here, where it skips
 #
 # - nvcc (with its crt headers and NVVM) and the CUDA headers come from
 #   PyPI wheels, pinned at CUDA 13.0: a
@@ -88,8 +91,25 @@ fi
 # GPU model is dequantized on load); fat LTO drops them (23 MiB), and
 # abort-on-panic, for this binary only, trims the unwinding tables.
 export CARGO_PROFILE_RELEASE_LTO=fat CARGO_PROFILE_RELEASE_PANIC=abort
-cargo build --release --features cuda -p r3-cli --target-dir target/cuda
 mkdir -p dist/cuda
+if [ "${1:-}" = generate-tests ]; then
+  # crates/generate/tests/generate.rs builds its tiny model itself, so the
+  # binary alone travels; with R3_TEST_DEVICE=cuda it decodes on the GPU.
+  # (Tests unwind whatever the profile says: cargo ignores panic=abort.)
+  built=$(cargo test --release --features r3-model/cuda -p r3-generate --test generate \
+    --target-dir target/cuda --no-run --message-format json \
+    | python3 -c 'import json,sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "generate":
+        print(m["executable"])')
+  strip -o dist/cuda/generate-tests "$built"
+  size=$(stat -c %s dist/cuda/generate-tests)
+  echo "wrote dist/cuda/generate-tests ($((size / 1048576)) MiB)"
+  LD_LIBRARY_PATH="$stubs/run:$PWD/dist/cuda" dist/cuda/generate-tests --test-threads=1 -q
+  exit 0
+fi
+cargo build --release --features cuda -p r3-cli --target-dir target/cuda
 out=dist/cuda/r3
 strip -o "$out" target/cuda/release/r3
 cp "$root/lib/libcudart.so.13" dist/cuda/

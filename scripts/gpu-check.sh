@@ -4,16 +4,19 @@
 #   bash scripts/gpu-check.sh prepare   # here, without a GPU: builds dist/cuda/
 #   bash scripts/gpu-check.sh           # on the GPU machine, with dist/cuda/ copied over
 #
-# `prepare` builds the stripped CUDA binary (scripts/build-cuda.sh) and a
-# tiny random model with the default model's tokenizer (`r3 init`), which
-# also lends its tokenizer to the random-init shapes: the GPU machine has no
-# Rust toolchain and cannot download weights.
+# `prepare` builds the stripped CUDA binary and the generation tests
+# (scripts/build-cuda.sh) and a tiny random model with the default model's
+# tokenizer (`r3 init`, bf16 weights), which also lends its tokenizer to the
+# random-init shapes: the GPU machine has no Rust toolchain and cannot
+# download weights. It checks that the working tree and dist/cuda fit the
+# device tool's 64 MiB.
 #
 # The run (well under 8 minutes on one H200) prints one JSON line per result:
 #  - device checks, CPU against GPU in f32 (`r3 device-check`) on the tiny
 #    model and on a random-init Qwen2.5-1.5B shape: logits, greedy tokens,
-#    one training step's update, and the GPU's bf16 logits against the
-#    CPU's f32 ones;
+#    sampled rollouts, one training step's update, and the GPU's bf16
+#    logits against the CPU's f32 ones;
+#  - the generation tests (crates/generate/tests/generate.rs) on the GPU;
 #  - benchmarks on the 1.5B shape in bf16 (the issue's goals), each beside
 #    PyTorch on the same GPU:
 #    `r3 bench generate` at batch 64 and 256 against transformers' generate,
@@ -33,9 +36,16 @@ shape=configs/Qwen2.5-1.5B.json
 if [ "${1:-}" = prepare ]; then
   set -e
   bash scripts/build-cuda.sh
+  bash scripts/build-cuda.sh generate-tests
   rm -rf "$dist/tiny"
-  cargo run --release -q -p r3-cli -- init --shape configs/tiny-smollm2-vocab.json --out "$dist/tiny"
+  cargo run --release -q -p r3-cli -- init --shape configs/tiny-smollm2-vocab.json \
+    --out "$dist/tiny" --dtype bf16
   du -sh "$dist"/*
+  tree=$(git ls-files -z | xargs -0 stat -c %s | awk '{s += $1} END {print s}')
+  carried=$(du -sb "$dist" | cut -f1)
+  total=$(( (tree + carried) / 1048576 ))
+  echo "to carry: the working tree and $dist, $total MiB of at most 64"
+  [ "$total" -lt 64 ] || { echo "error: over the device tool's 64 MiB" >&2; exit 1; }
   exit 0
 fi
 
@@ -95,6 +105,8 @@ peak() {
 
 echo "== device checks (CPU against GPU, f32) =="
 check 120 "$r3" device-check --model "$tiny" --device cuda
+echo "== the generation tests, on the GPU =="
+check 120 env R3_TEST_DEVICE=cuda "$dist/generate-tests" --test-threads=1
 check 300 "$r3" device-check --random-init "$shape" --model "$tiny" --device cuda \
   --batch 4 --new-tokens 8
 

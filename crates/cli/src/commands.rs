@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{IndexOp, D};
+use candle_core::{DType, IndexOp, D};
 use clap::Args;
 use r3_generate::{Generator, SamplingParams};
 use r3_model::{KvCache, Message};
@@ -140,7 +140,7 @@ pub fn merge(args: MergeArgs) -> Result<()> {
     let tmp = args.out.with_extension("tmp");
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-    r3_model::export::save_hf_dir(&model.loaded, &tmp, weights)?;
+    r3_model::export::save_hf_dir(&model.loaded, &tmp, weights, DType::F32)?;
     std::fs::rename(&tmp, &args.out)
         .with_context(|| format!("cannot rename {} to {}", tmp.display(), args.out.display()))?;
     eprintln!(
@@ -165,6 +165,10 @@ pub struct InitArgs {
     pub out: PathBuf,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// The type the weights are written in: bf16 halves the file (a stand-in
+    /// model to copy to another machine), and reads back as f32 exactly
+    #[arg(long, default_value = "f32")]
+    pub dtype: r3_model::Precision,
 }
 
 /// Writes a randomly initialised model of a given shape, with a real
@@ -179,7 +183,7 @@ pub fn init(args: InitArgs) -> Result<()> {
     let tmp = args.out.with_extension("tmp");
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-    r3_model::export::save_hf_dir(&loaded, &tmp, weights)?;
+    r3_model::export::save_hf_dir(&loaded, &tmp, weights, args.dtype.dtype())?;
     std::fs::rename(&tmp, &args.out)
         .with_context(|| format!("cannot rename {} to {}", tmp.display(), args.out.display()))?;
     eprintln!(

@@ -391,6 +391,35 @@ fn init_writes_a_model_that_device_check_compares() {
     // bf16 really ran (its logits differ from f32's), within tolerance.
     let bf16 = v["bf16_logits_relative_diff"].as_f64().unwrap();
     assert!(bf16 > 0.0 && bf16 < 5e-2, "{v}");
+    // Written in bf16, the weights take half the bytes and load as f32.
+    let half = dir.path().join("tiny-bf16");
+    let (ok, _, err) = r3(&[
+        "init",
+        "--shape",
+        shape.to_str().unwrap(),
+        "--out",
+        half.to_str().unwrap(),
+        "--dtype",
+        "bf16",
+    ]);
+    assert!(ok, "{err}");
+    let size = |dir: &std::path::Path| dir.join("model.safetensors").metadata().unwrap().len();
+    assert!(
+        size(&half) * 2 < size(&out) + 4096,
+        "{} {}",
+        size(&half),
+        size(&out)
+    );
+    let (ok, stdout, err) = r3(&[
+        "device-check",
+        "--model",
+        half.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--no-train",
+    ]);
+    assert!(ok, "{err}");
+    assert!(stdout.contains("\"ok\":true"), "{stdout}");
     // An existing directory is never overwritten.
     let (ok, _, err) = r3(&[
         "init",

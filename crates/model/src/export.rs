@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 
 use crate::atomic::write_atomic;
 use crate::error::{ModelError, Result};
@@ -17,14 +17,18 @@ fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
     write_atomic(path, text.as_bytes()).map_err(|e| ModelError::io(path, e))
 }
 
-/// `dir/model.safetensors` (f32, HF names) and `config.json` for `model`'s
-/// architecture, then the tokenizer files.
+/// `dir/model.safetensors` (HF names, in `dtype`: f32 for checkpoints and
+/// merges; bf16 halves a random stand-in model) and `config.json` for
+/// `model`'s architecture, then the tokenizer files.
 pub fn save_hf_dir(
     model: &LoadedModel,
     dir: &Path,
     weights: HashMap<String, Tensor>,
+    dtype: DType,
 ) -> Result<()> {
-    Weights::new(dir, weights).save_safetensors(&dir.join("model.safetensors"))?;
+    let mut weights = Weights::new(dir, weights);
+    weights.set_dtype(dtype)?;
+    weights.save_safetensors(&dir.join("model.safetensors"))?;
     write_json(&dir.join("config.json"), &model.config.to_hf_json())?;
     save_tokenizer_files(model, dir)
 }

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use r3_model::atomic::write_atomic;
 use r3_model::export::{save_hf_dir, save_tokenizer_files};
 use r3_model::lora::{Adapter, LoraConfig};
@@ -211,7 +211,7 @@ pub fn save(
     std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
 
     match weights {
-        Trained::Model(weights) => save_hf_dir(model, &tmp, weights)?,
+        Trained::Model(weights) => save_hf_dir(model, &tmp, weights, DType::F32)?,
         Trained::Adapter(lora, tensors) => {
             Adapter::save(&tmp, lora, &state.base_model, &tensors)?;
             save_tokenizer_files(model, &tmp)?;
