@@ -85,7 +85,9 @@ check() {
     return
   fi
   [ "$left" -lt "$limit" ] && limit=$left
+  local start=$SECONDS
   timeout "$limit" "$@" || { echo "FAILED ($?): $*"; failed=1; }
+  echo "($((SECONDS - start)) s: ${1##*/} ${2:-})"
 }
 # check, then one JSON line with the most GPU memory nvidia-smi saw in use
 # while it ran (sampled every 100 ms; the benchmarks' own lines report the
