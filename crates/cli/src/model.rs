@@ -105,8 +105,10 @@ pub fn load_random_init(
     device: DeviceChoice,
     precision: Precision,
 ) -> Result<Model> {
+    // The device first: a missing GPU fails before seconds of random init.
+    let device = open_device(device)?;
     let mut loaded = random_model(config_path, tokenizer_from)?;
-    loaded.weights.set_device(open_device(device)?);
+    loaded.weights.set_device(device);
     loaded.weights.set_dtype(precision.dtype())?;
     let llama = Llama::new(&loaded.config, &loaded.weights).with_context(|| {
         format!(
@@ -154,8 +156,10 @@ pub fn random_shape(config_path: &Path, tokenizer_from: Option<&Path>) -> Result
 /// [`load_base`] with its weights set for the device and type `spec` asks
 /// for (the device opened and named).
 fn load_base_for(path: Option<&Path>, spec: &ModelSpec) -> Result<LoadedModel> {
+    // The device first: a missing GPU fails before a large file is read.
+    let device = open_device(spec.device)?;
     let mut loaded = load_base(path)?;
-    loaded.weights.set_device(open_device(spec.device)?);
+    loaded.weights.set_device(device);
     loaded.weights.set_dtype(spec.precision.dtype())?;
     Ok(loaded)
 }
