@@ -233,8 +233,8 @@ struct SampledRollouts {
     reflection_tokens: Vec<usize>,
 }
 
-/// The loop's own rollouts of one Countdown record, sampled with `retry`
-/// from fixed per-row streams: `group` first attempts forked from one
+/// The loop's own rollouts of one Countdown record, every turn sampled
+/// with `params` from fixed per-row streams: `group` first attempts forked from one
 /// prefilled prompt, then `group` reflections on the first attempt forked
 /// from their shared prefix, then each row's retry turn continued in its
 /// own cache. Every eighth id ends a turn, so that rows finish at
@@ -246,7 +246,7 @@ fn rollouts(
     model: &Llama,
     loaded: &LoadedModel,
     group: usize,
-    retry: &SamplingParams,
+    params: &SamplingParams,
 ) -> Result<SampledRollouts> {
     let task = r3_tasks::builtin("countdown")?;
     let prompts = Prompts::for_task(task.as_ref());
@@ -255,12 +255,12 @@ fn rollouts(
     policy.eos_token_ids = &ends;
     let rollouts = Rollouts::new(&policy, task.as_ref(), &prompts, group);
     let record = serde_json::json!({"nums": [3, 7, 25], "target": 46});
-    let attempts = rollouts.attempts(&[&record], group, retry, 0, &mut |_| {})?;
+    let attempts = rollouts.attempts(&[&record], group, params, 0, &mut |_| {})?;
     let failure = Failure {
         record: &record,
         attempt_tokens: attempts[0][0].tokens.clone(),
     };
-    let groups = rollouts.reflect_and_retry(&[failure], group, retry, retry, 0, &mut |_| {})?;
+    let groups = rollouts.reflect_and_retry(&[failure], group, params, params, 0, &mut |_| {})?;
     let mut out = SampledRollouts {
         ids: attempts[0].iter().map(|a| a.tokens.clone()).collect(),
         reflection_tokens: Vec::with_capacity(group),
