@@ -21,7 +21,8 @@
 #    PyTorch on the same GPU:
 #    `r3 bench generate` at batch 64 and 256 against transformers' generate,
 #    and `r3 bench train` (B = 8, G = 8, 256-token reflections and retries)
-#    against one TRL-style step on the same token counts.
+#    against one TRL-style step on the same token counts; last, the same
+#    step with LoRA (`--use-peft`: a bf16 frozen base, f32 adapters).
 # It ends with a non-zero status if any step failed; every step still runs,
 # each under its own time limit, and all of them within R3_GPU_CHECK_SECONDS
 # (default 520, inside the device tool's 10-minute call): a step with too
@@ -124,4 +125,7 @@ peak 240 "$r3" bench train --random-init "$shape" --model "$tiny" --device cuda 
   --steps 1 --micro-batch-size 8
 peak 120 python3 scripts/bench_torch_gpu.py train --shape "$shape" --dtype bf16 \
   --rows 64 --context-tokens 128 --trained-tokens 256 --micro-batch 8
+peak 180 "$r3" bench train --random-init "$shape" --model "$tiny" --device cuda \
+  --dtype bf16 --batch 8 --group 8 --max-reflection-tokens 256 --max-retry-tokens 256 \
+  --steps 1 --micro-batch-size 8 --use-peft
 exit "$failed"
