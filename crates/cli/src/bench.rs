@@ -222,13 +222,16 @@ fn generate(args: GenerateBench) -> Result<()> {
         args.prompt_tokens + args.new_tokens,
     );
     let start = Instant::now();
-    let oom_hint = "if the device ran out of memory: a smaller --batch";
-    let logits = generator.prefill(&mut cache, &prompts).with_context(|| {
+    // The generator's errors name the step (prefill or decode) and its rows.
+    let oom_hint = || {
         format!(
-            "prefill of {} rows × {} tokens ({oom_hint})",
-            args.batch, args.prompt_tokens
+            "--batch {} (lower it if the device ran out of memory)",
+            args.batch
         )
-    })?;
+    };
+    let logits = generator
+        .prefill(&mut cache, &prompts)
+        .with_context(oom_hint)?;
     let prefill_s = start.elapsed().as_secs_f64();
     let samplers = (0..args.batch as u64)
         .map(|r| Sampler::new(&params, r))
@@ -236,7 +239,7 @@ fn generate(args: GenerateBench) -> Result<()> {
     let start = Instant::now();
     let out = generator
         .decode(cache, logits, &params, samplers, false)
-        .with_context(|| format!("decode of {} rows ({oom_hint})", args.batch))?;
+        .with_context(oom_hint)?;
     let decode_s = start.elapsed().as_secs_f64();
     let decoded: usize = out.completions.iter().map(|c| c.tokens.len()).sum();
     let report = serde_json::json!({

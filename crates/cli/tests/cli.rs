@@ -103,6 +103,20 @@ fn bad_input_gets_a_clear_message() {
         "hi",
     ]);
     assert!(!ok && err.contains("/nonexistent/model"), "{err}");
+    // The cause is said once (the message holds it; the chain must not
+    // repeat it).
+    assert_eq!(err.matches("os error 2").count(), 1, "{err}");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("config.json"), "{").unwrap();
+    let (ok, _, err) = r3(&[
+        "generate",
+        "--model",
+        dir.path().to_str().unwrap(),
+        "--prompt",
+        "hi",
+    ]);
+    assert!(!ok && err.contains("config.json: invalid JSON"), "{err}");
+    assert_eq!(err.matches("EOF while parsing").count(), 1, "{err}");
 }
 
 #[test]

@@ -13,10 +13,12 @@ use sha2::{Digest, Sha256};
 /// What can go wrong fetching the default model; each names its file.
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
-    #[error("{path}: {source}")]
+    #[error("{path}: {cause}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        /// In the message, not `source()`: the binary prints the whole
+        /// chain, which would repeat it.
+        cause: std::io::Error,
     },
     #[error("{path}: {message}")]
     Invalid { path: PathBuf, message: String },
@@ -29,7 +31,7 @@ pub type Result<T, E = FetchError> = std::result::Result<T, E>;
 fn io(path: &Path, source: std::io::Error) -> FetchError {
     FetchError::Io {
         path: path.to_path_buf(),
-        source,
+        cause: source,
     }
 }
 

@@ -10,7 +10,7 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::sampler::{Sampler, SamplingParams};
-use crate::Result;
+use crate::{GenerateError, Result};
 
 /// Columns prefilled per forward: bounds the attention scores' memory on
 /// long prompts without changing any result.
@@ -76,10 +76,20 @@ impl<'a> Generator<'a> {
                     &s[start.max(pad) - pad..end.max(pad) - pad]
                 })
                 .collect();
-            hidden = Some(self.model.forward(&chunk, cache)?);
+            hidden = Some(self.model.forward(&chunk, cache).map_err(|source| {
+                GenerateError::Forward {
+                    step: format!("prefill of {} rows × {width} tokens", chunk.len()),
+                    cause: source,
+                }
+            })?);
         }
-        let hidden = hidden.ok_or_else(|| crate::GenerateError::EmptyPrompt)?;
-        Ok(self.model.last_logits(&hidden)?)
+        let hidden = hidden.ok_or_else(|| GenerateError::EmptyPrompt)?;
+        self.model
+            .last_logits(&hidden)
+            .map_err(|source| GenerateError::Forward {
+                step: format!("prefill's logits for {} rows", segments.len()),
+                cause: source,
+            })
     }
 
     /// Completes every prompt (token ids of rendered chats).
@@ -199,8 +209,13 @@ impl<'a> Generator<'a> {
                     .map(|&row| [*completions[row].tokens.last().expect("sampled")]),
             );
             let segments: Vec<&[u32]> = next_tokens.iter().map(|t| t.as_slice()).collect();
-            let hidden = self.model.forward(&segments, &mut cache)?;
-            logits = self.model.last_logits(&hidden)?;
+            let (rows, columns) = (segments.len(), cache.len() + 1);
+            let step = |source| GenerateError::Forward {
+                step: format!("decode of {rows} rows over {columns} cache columns"),
+                cause: source,
+            };
+            let hidden = self.model.forward(&segments, &mut cache).map_err(step)?;
+            logits = self.model.last_logits(&hidden).map_err(step)?;
         }
         for completion in &mut completions {
             completion.text = self.reply_text(completion, params)?;

@@ -12,6 +12,15 @@ pub use sampler::{argmax, Sampler, SamplingParams};
 pub enum GenerateError {
     #[error("cannot generate from an empty prompt")]
     EmptyPrompt,
+    /// A forward of the decoder failed: which step, on how large a batch,
+    /// so that an out-of-memory says what to make smaller.
+    #[error("{step}: {cause}")]
+    Forward {
+        step: String,
+        /// In the message, not `source()`: the binary prints the whole
+        /// chain, which would repeat it.
+        cause: r3_model::ModelError,
+    },
     #[error(transparent)]
     Model(#[from] r3_model::ModelError),
     #[error(transparent)]

@@ -313,3 +313,22 @@ fn sampling_follows_the_softmax_distribution() {
         assert!((freq - p).abs() < 0.01, "token {i}: {freq} vs {p}");
     }
 }
+
+/// A forward that fails says which step it was and on how many rows and
+/// tokens (what an out-of-memory asks to make smaller).
+#[test]
+fn a_failed_forward_names_its_step_and_batch() {
+    let f = fixture();
+    let g = Generator::new(&f.model, &f.tokenizer, &f.eos);
+    let params = SamplingParams {
+        max_new_tokens: 2,
+        ..Default::default()
+    };
+    let outside = f.model.config.vocab_size as u32 + 5;
+    let err = g
+        .generate(&[vec![5, 6, outside], vec![7]], &params)
+        .unwrap_err()
+        .to_string();
+    assert!(err.starts_with("prefill of 2 rows × 3 tokens: "), "{err}");
+    assert!(err.contains(&outside.to_string()), "{err}");
+}

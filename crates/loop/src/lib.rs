@@ -21,10 +21,12 @@ pub enum LoopError {
     Generate(#[from] r3_generate::GenerateError),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
-    #[error("{path}: {source}")]
+    #[error("{path}: {cause}")]
     Io {
         path: std::path::PathBuf,
-        source: std::io::Error,
+        /// In the message, not `source()`: the binary prints the whole
+        /// chain, which would repeat it.
+        cause: std::io::Error,
     },
     #[error(transparent)]
     Task(#[from] r3_tasks::TaskError),

@@ -63,7 +63,7 @@ fn state_path(out: &Path) -> PathBuf {
 fn io_err(path: &Path, e: std::io::Error) -> LoopError {
     LoopError::Io {
         path: path.to_path_buf(),
-        source: e,
+        cause: e,
     }
 }
 

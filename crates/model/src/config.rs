@@ -136,7 +136,7 @@ impl ModelConfig {
         let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
         let raw: HfConfig = serde_json::from_str(&text).map_err(|source| ModelError::Json {
             path: path.into(),
-            source,
+            cause: source,
         })?;
         let arch_name = raw
             .architectures

@@ -113,7 +113,7 @@ fn read_json(path: &Path) -> Result<Value> {
     let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
     serde_json::from_str(&text).map_err(|source| ModelError::Json {
         path: path.into(),
-        source,
+        cause: source,
     })
 }
 

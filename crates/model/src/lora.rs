@@ -191,7 +191,7 @@ impl Adapter {
             std::fs::read_to_string(&config_path).map_err(|e| ModelError::io(&config_path, e))?;
         let json: Value = serde_json::from_str(&text).map_err(|source| ModelError::Json {
             path: config_path.clone(),
-            source,
+            cause: source,
         })?;
         let config = LoraConfig::from_peft_json(&config_path, &json)?;
         let base_model = json["base_model_name_or_path"]

@@ -52,10 +52,12 @@ pub enum TaskError {
         line: usize,
         message: String,
     },
-    #[error("{path}: {source}")]
+    #[error("{path}: {cause}")]
     Io {
         path: String,
-        source: std::io::Error,
+        /// In the message, not `source()`: the binary prints the whole
+        /// chain, which would repeat it.
+        cause: std::io::Error,
     },
     #[error("{0}")]
     Invalid(String),

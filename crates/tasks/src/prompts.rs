@@ -53,7 +53,7 @@ impl Prompts {
     pub fn from_file(task: &dyn Task, path: &std::path::Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|source| TaskError::Io {
             path: path.display().to_string(),
-            source,
+            cause: source,
         })?;
         let file: PromptsFile = toml::from_str(&text)
             .map_err(|e| TaskError::Invalid(format!("{}: {e}", path.display())))?;

@@ -34,7 +34,7 @@ pub fn for_each_jsonl_line<E: From<TaskError>>(
 ) -> Result<(), E> {
     let io = |source| TaskError::Io {
         path: path.display().to_string(),
-        source,
+        cause: source,
     };
     let reader = BufReader::new(std::fs::File::open(path).map_err(io)?);
     // Lines as bytes, so that one that is not UTF-8 is a bad line with its

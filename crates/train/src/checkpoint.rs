@@ -33,7 +33,7 @@ pub struct TrainerState {
 fn io(path: &Path) -> impl Fn(std::io::Error) -> TrainError + '_ {
     move |source| TrainError::Io {
         path: path.display().to_string(),
-        source,
+        cause: source,
     }
 }
 

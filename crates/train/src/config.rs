@@ -195,7 +195,7 @@ impl TrainConfig {
             Some(p) => {
                 let text = std::fs::read_to_string(p).map_err(|source| TrainError::Io {
                     path: p.display().to_string(),
-                    source,
+                    cause: source,
                 })?;
                 text.parse::<toml::Table>()
                     .map_err(|e| TrainError::Config(format!("{}: {e}", p.display())))?

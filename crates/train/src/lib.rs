@@ -23,17 +23,19 @@ pub enum TrainError {
     Loop(#[from] r3_loop::LoopError),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
-    #[error("{path}: {source}")]
+    #[error("{path}: {cause}")]
     Io {
         path: String,
-        source: std::io::Error,
+        /// In the message, not `source()`: the binary prints the whole
+        /// chain, which would repeat it.
+        cause: std::io::Error,
     },
     /// A training step's failure, with the phase and batch it ran.
-    #[error("{phase} ({batch}): {source}{hint}")]
+    #[error("{phase} ({batch}): {cause}{hint}")]
     Phase {
         phase: &'static str,
         batch: String,
-        source: Box<TrainError>,
+        cause: Box<TrainError>,
         /// What to lower, when the device ran out of memory.
         hint: &'static str,
     },
@@ -49,7 +51,7 @@ impl TrainError {
             TrainError::Phase {
                 phase,
                 batch,
-                source: Box::new(e),
+                cause: Box::new(e),
                 hint: match out_of_memory {
                     true => {
                         "; the device ran out of memory: lower micro_batch_size \

@@ -496,7 +496,7 @@ impl<'a> Trainer<'a> {
         let dir = self.config.output_dir.clone();
         std::fs::create_dir_all(&dir).map_err(|source| TrainError::Io {
             path: dir.display().to_string(),
-            source,
+            cause: source,
         })?;
         let open = |name: &str| {
             let path = dir.join(name);
@@ -506,7 +506,7 @@ impl<'a> Trainer<'a> {
                 .open(&path)
                 .map_err(|source| TrainError::Io {
                     path: path.display().to_string(),
-                    source,
+                    cause: source,
                 })
         };
         // Lines past the checkpoint a resumed run starts from are redone.
@@ -520,12 +520,12 @@ impl<'a> Trainer<'a> {
                 .and_then(|_| metrics.flush())
                 .map_err(|source| TrainError::Io {
                     path: "metrics.jsonl".into(),
-                    source,
+                    cause: source,
                 })?;
             for t in transcripts {
                 writeln!(samples, "{t}").map_err(|source| TrainError::Io {
                     path: "samples.jsonl".into(),
-                    source,
+                    cause: source,
                 })?;
             }
             on_step(&m);

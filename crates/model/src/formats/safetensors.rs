@@ -23,7 +23,7 @@ pub fn shard_names(index: &Path, text: &str) -> Result<Vec<String>> {
     let json: serde_json::Value =
         serde_json::from_str(text).map_err(|source| ModelError::Json {
             path: index.into(),
-            source,
+            cause: source,
         })?;
     let map = json
         .get("weight_map")
