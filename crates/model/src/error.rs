@@ -32,7 +32,7 @@ pub enum ModelError {
     #[error("tokenizer: {0}")]
     Tokenizer(String),
     /// A device that cannot be opened or does not fit the request.
-    #[error("device: {0}")]
+    #[error("{0}")]
     Device(String),
     #[error("KV cache: {0}")]
     Cache(String),
