@@ -105,7 +105,7 @@ for line in sys.stdin:
         print(m["executable"])')
   strip -o dist/cuda/generate-tests "$built"
   size=$(stat -c %s dist/cuda/generate-tests)
-  echo "wrote dist/cuda/generate-tests ($((size / 1048576)) MiB)"
+  echo "wrote dist/cuda/generate-tests ($(( (size + 524288) / 1048576 )) MiB)"
   LD_LIBRARY_PATH="$stubs/run:$PWD/dist/cuda" dist/cuda/generate-tests --test-threads=1 -q
   exit 0
 fi

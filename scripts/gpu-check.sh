@@ -120,12 +120,11 @@ for batch in 64 256; do
   peak 120 python3 scripts/bench_torch_gpu.py generate --shape "$shape" --dtype bf16 \
     --batch "$batch" --prompt-tokens 128 --new-tokens 128
 done
-peak 240 "$r3" bench train --random-init "$shape" --model "$tiny" --device cuda \
-  --dtype bf16 --batch 8 --group 8 --max-reflection-tokens 256 --max-retry-tokens 256 \
-  --steps 1 --micro-batch-size 8
+step=(bench train --random-init "$shape" --model "$tiny" --device cuda --dtype bf16
+  --batch 8 --group 8 --max-reflection-tokens 256 --max-retry-tokens 256 --steps 1
+  --micro-batch-size 8)
+peak 240 "$r3" "${step[@]}"
 peak 120 python3 scripts/bench_torch_gpu.py train --shape "$shape" --dtype bf16 \
   --rows 64 --context-tokens 128 --trained-tokens 256 --micro-batch 8
-peak 180 "$r3" bench train --random-init "$shape" --model "$tiny" --device cuda \
-  --dtype bf16 --batch 8 --group 8 --max-reflection-tokens 256 --max-retry-tokens 256 \
-  --steps 1 --micro-batch-size 8 --use-peft
+peak 180 "$r3" "${step[@]}" --use-peft
 exit "$failed"

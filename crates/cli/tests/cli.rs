@@ -355,17 +355,8 @@ fn bench_generate_runs_a_random_init_shape() {
 #[test]
 fn init_writes_a_model_that_device_check_compares() {
     let dir = tempfile::tempdir().unwrap();
-    // The shipped shape gpu-check.sh writes its tiny model from.
-    let shape = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../configs/tiny-smollm2-vocab.json");
     let out = dir.path().join("tiny");
-    let (ok, _, err) = r3(&[
-        "init",
-        "--shape",
-        shape.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let (ok, _, err) = common::init_tiny(&out, &[]);
     assert!(ok, "{err}");
     for file in ["config.json", "model.safetensors", "tokenizer.json"] {
         assert!(out.join(file).exists(), "{file}");
@@ -407,15 +398,7 @@ fn init_writes_a_model_that_device_check_compares() {
     assert!(bf16 > 0.0 && bf16 < 5e-2, "{v}");
     // Written in bf16, the weights take half the bytes and load as f32.
     let half = dir.path().join("tiny-bf16");
-    let (ok, _, err) = r3(&[
-        "init",
-        "--shape",
-        shape.to_str().unwrap(),
-        "--out",
-        half.to_str().unwrap(),
-        "--dtype",
-        "bf16",
-    ]);
+    let (ok, _, err) = common::init_tiny(&half, &["--dtype", "bf16"]);
     assert!(ok, "{err}");
     let size = |dir: &std::path::Path| dir.join("model.safetensors").metadata().unwrap().len();
     assert!(
@@ -435,13 +418,7 @@ fn init_writes_a_model_that_device_check_compares() {
     assert!(ok, "{err}");
     assert!(stdout.contains("\"ok\":true"), "{stdout}");
     // An existing directory is never overwritten.
-    let (ok, _, err) = r3(&[
-        "init",
-        "--shape",
-        shape.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let (ok, _, err) = common::init_tiny(&out, &[]);
     assert!(!ok);
     assert!(err.contains("exists"), "{err}");
 }

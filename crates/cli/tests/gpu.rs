@@ -5,7 +5,6 @@
 //! GPU machine, or the test binary `scripts/build-cuda.sh tests` builds),
 //! and otherwise says why it was skipped: every other test runs on the CPU.
 
-#[allow(dead_code)] // this file uses only `r3`
 mod common;
 
 use common::r3;
@@ -13,16 +12,8 @@ use common::r3;
 #[test]
 fn a_gpu_agrees_with_the_cpu() {
     let dir = tempfile::tempdir().unwrap();
-    let shape = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../configs/tiny-smollm2-vocab.json");
     let model = dir.path().join("tiny");
-    let (ok, _, err) = r3(&[
-        "init",
-        "--shape",
-        shape.to_str().unwrap(),
-        "--out",
-        model.to_str().unwrap(),
-    ]);
+    let (ok, _, err) = common::init_tiny(&model, &[]);
     assert!(ok, "{err}");
     let (ok, stdout, err) = r3(&[
         "device-check",

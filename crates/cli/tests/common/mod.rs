@@ -1,4 +1,6 @@
 //! What the binary's tests share: running `r3`, and a tiny model with data.
+// Each test file uses a part of this.
+#![allow(dead_code)]
 
 use std::process::Command;
 
@@ -13,6 +15,23 @@ pub fn r3(args: &[&str]) -> (bool, String, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// `r3 init --out OUT EXTRA…` on the shipped shape gpu-check.sh writes its
+/// tiny model from (configs/tiny-smollm2-vocab.json), with the default
+/// model's tokenizer: (success, stdout, stderr).
+pub fn init_tiny(out: &std::path::Path, extra: &[&str]) -> (bool, String, String) {
+    let shape = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../configs/tiny-smollm2-vocab.json");
+    let mut args = vec![
+        "init",
+        "--shape",
+        shape.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    r3(&args)
 }
 
 /// A tiny random HF model (it fails nearly everything) and `n` arithmetic
