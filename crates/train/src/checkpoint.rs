@@ -137,10 +137,15 @@ pub fn discard_logs_without_checkpoints(output_dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The checkpoint `output_dir/last` points at, if a run saved one.
+/// The newest checkpoint a run saved in `output_dir`, if any: the newest
+/// `checkpoint-N`, which is renamed into place only once written and
+/// synced, so that a kill between that rename and the update of the `last`
+/// pointer loses nothing (`--resume auto` refused such a directory as
+/// "already holds a run"). A `last` that points at no checkpoint is an
+/// error.
 pub fn last_checkpoint(output_dir: &Path) -> Result<Option<PathBuf>> {
     let pointer = output_dir.join("last");
-    match std::fs::read_to_string(&pointer) {
+    let pointed = match std::fs::read_to_string(&pointer) {
         Ok(name) => {
             let dir = output_dir.join(name.trim());
             if !dir.join("trainer_state.json").is_file() {
@@ -150,11 +155,24 @@ pub fn last_checkpoint(output_dir: &Path) -> Result<Option<PathBuf>> {
                     dir.display()
                 )));
             }
-            Ok(Some(dir))
+            Some(dir)
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(io(&pointer)(e)),
-    }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(io(&pointer)(e)),
+    };
+    let (finished, _) = run_files(output_dir)?;
+    let newest = finished
+        .into_iter()
+        .filter_map(|dir| {
+            let name = dir.file_name()?.to_str()?;
+            let step: u64 = name.strip_prefix("checkpoint-")?.parse().ok()?;
+            dir.join("trainer_state.json")
+                .is_file()
+                .then_some((step, dir))
+        })
+        .max_by_key(|(step, _)| *step)
+        .map(|(_, dir)| dir);
+    Ok(newest.or(pointed))
 }
 
 /// Cuts `output_dir`'s logs back to `step`: lines of later steps were

@@ -334,6 +334,13 @@ fn output_directories_and_resumes_are_checked() {
     trainer(config(5), None).unwrap().run(&mut |_| {}).unwrap();
     let last = last_checkpoint(dir.path()).unwrap().unwrap();
     assert!(last.ends_with("checkpoint-1"));
+    // A kill between the checkpoint's rename and the pointer's write: the
+    // checkpoint is still found.
+    let pointer = dir.path().join("last");
+    let pointed = std::fs::read(&pointer).unwrap();
+    std::fs::remove_file(&pointer).unwrap();
+    assert_eq!(last_checkpoint(dir.path()).unwrap(), Some(last.clone()));
+    std::fs::write(&pointer, pointed).unwrap();
 
     let stale = dir.path().join(".checkpoint-7.tmp");
     std::fs::create_dir(&stale).unwrap();
