@@ -4,8 +4,10 @@
 # copy to a GPU machine, with the CUDA runtime it links: dist/cuda/.
 #
 #   bash scripts/build-cuda.sh                  # dist/cuda/r3
-#   bash scripts/build-cuda.sh generate-tests   # dist/cuda/generate-tests: the
-#                                               # generation tests, which
+#   bash scripts/build-cuda.sh gpu-tests        # dist/cuda/generate-tests and
+#                                               # dist/cuda/loop-tests: the
+#                                               # generation and token-in/
+#                                               # token-out tests, which
 #                                               # gpu-check.sh runs on the GPU
 #   bash scripts/build-cuda.sh tests            # the whole test suite built
 #                                               # with CUDA; the device test
@@ -92,21 +94,28 @@ fi
 # abort-on-panic, for this binary only, trims the unwinding tables.
 export CARGO_PROFILE_RELEASE_LTO=fat CARGO_PROFILE_RELEASE_PANIC=abort
 mkdir -p dist/cuda
-if [ "${1:-}" = generate-tests ]; then
-  # crates/generate/tests/generate.rs builds its tiny model itself, so the
-  # binary alone travels; with R3_TEST_DEVICE=cuda it decodes on the GPU.
+if [ "${1:-}" = gpu-tests ]; then
+  # crates/generate/tests/generate.rs builds its tiny model itself; the
+  # token-in/token-out tests (crates/loop/tests/token_in_token_out.rs) load
+  # the model at R3_TEST_MODEL (gpu-check.sh carries a small random one).
+  # With R3_TEST_DEVICE=cuda they run on the GPU; here, on the CPU.
   # (Tests unwind whatever the profile says: cargo ignores panic=abort.)
-  built=$(cargo test --release --features r3-model/cuda -p r3-generate --test generate \
-    --target-dir target/cuda --no-run --message-format json \
-    | python3 -c 'import json,sys
+  while read -r package test out; do
+    built=$(cargo test --release --features r3-model/cuda -p "$package" --test "$test" \
+      --target-dir target/cuda --no-run --message-format json </dev/null \
+      | python3 -c 'import json,sys
 for line in sys.stdin:
     m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "generate":
-        print(m["executable"])')
-  strip -o dist/cuda/generate-tests "$built"
-  size=$(stat -c %s dist/cuda/generate-tests)
-  echo "wrote dist/cuda/generate-tests ($(( (size + 524288) / 1048576 )) MiB)"
-  LD_LIBRARY_PATH="$stubs/run:$PWD/dist/cuda" dist/cuda/generate-tests --test-threads=1 -q
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == sys.argv[1]:
+        print(m["executable"])' "$test")
+    strip -o "dist/cuda/$out" "$built"
+    size=$(stat -c %s "dist/cuda/$out")
+    echo "wrote dist/cuda/$out ($(( (size + 524288) / 1048576 )) MiB)"
+    LD_LIBRARY_PATH="$stubs/run:$PWD/dist/cuda" "dist/cuda/$out" --test-threads=1 -q </dev/null
+  done <<'EOF'
+r3-generate generate           generate-tests
+r3-loop     token_in_token_out loop-tests
+EOF
   exit 0
 fi
 cargo build --release --features cuda -p r3-cli --target-dir target/cuda

@@ -1,22 +1,27 @@
 #!/usr/bin/env bash
 # The GPU proof of r3's CUDA build, in two halves.
 #
-#   bash scripts/gpu-check.sh prepare   # here, without a GPU: builds dist/cuda/
-#   bash scripts/gpu-check.sh           # on the GPU machine, with dist/cuda/ copied over
+#   bash scripts/gpu-check.sh prepare   # here, without a GPU: builds dist/cuda/, packs dist/gpu/
+#   bash scripts/gpu-check.sh           # on the GPU machine, with dist/gpu/ copied over
 #
-# `prepare` builds the stripped CUDA binary and the generation tests
-# (scripts/build-cuda.sh) and a tiny random model with the default model's
-# tokenizer (`r3 init`, bf16 weights), which also lends its tokenizer to the
-# random-init shapes: the GPU machine has no Rust toolchain and cannot
-# download weights. It checks that the working tree and dist/cuda fit the
-# device tool's 64 MiB.
+# `prepare` builds the stripped CUDA binary, the generation tests and the
+# token-in/token-out tests (scripts/build-cuda.sh) and a tiny random model
+# with the default model's tokenizer and chat template (`r3 init`, bf16
+# weights), which the token-in/token-out tests run on and which lends its
+# tokenizer to the random-init shapes: the GPU machine has no Rust
+# toolchain and cannot download weights. It packs them into dist/gpu/,
+# the executables xz-compressed (CUDA's kernel images shrink about six
+# times: r3 24 → 4 MiB), and checks that the working tree and dist/gpu fit
+# the device tool's 64 MiB. The run unpacks dist/gpu/ into dist/cuda/.
 #
 # The run (well under 8 minutes on one H200) prints one JSON line per result:
 #  - device checks, CPU against GPU in f32 (`r3 device-check`) on the tiny
 #    model and on a random-init Qwen2.5-1.5B shape: logits, greedy tokens,
 #    sampled rollouts, one training step's update, and the GPU's bf16
 #    logits against the CPU's f32 ones;
-#  - the generation tests (crates/generate/tests/generate.rs) on the GPU;
+#  - the generation tests (crates/generate/tests/generate.rs) and the
+#    token-in/token-out tests (crates/loop/tests/token_in_token_out.rs, on
+#    the tiny model) on the GPU;
 #  - benchmarks on the 1.5B shape in bf16 (the issue's goals), each beside
 #    PyTorch on the same GPU:
 #    `r3 bench generate` at batch 64 and 256 against transformers' generate,
@@ -32,20 +37,37 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 dist=dist/cuda
+pack=dist/gpu
 shape=configs/Qwen2.5-1.5B.json
+
+# xz through Python's lzma: the GPU machine has Python, maybe not xz.
+xz_copy() {
+  python3 -c 'import lzma, shutil, sys
+opener = lzma.open if sys.argv[1].endswith(".xz") else open
+with opener(sys.argv[1], "rb") as src:
+    out = sys.argv[2]
+    with (lzma.open(out, "wb", preset=6) if out.endswith(".xz") else open(out, "wb")) as dst:
+        shutil.copyfileobj(src, dst, 1 << 20)' "$1" "$2"
+}
 
 if [ "${1:-}" = prepare ]; then
   set -e
   bash scripts/build-cuda.sh
-  bash scripts/build-cuda.sh generate-tests
   rm -rf "$dist/tiny"
   cargo run --release -q -p r3-cli -- init --shape configs/tiny-smollm2-vocab.json \
     --out "$dist/tiny" --dtype bf16
-  du -sh "$dist"/*
+  R3_TEST_MODEL="$PWD/$dist/tiny" bash scripts/build-cuda.sh gpu-tests
+  rm -rf "$pack"
+  mkdir -p "$pack"
+  for exe in r3 generate-tests loop-tests; do
+    xz_copy "$dist/$exe" "$pack/$exe.xz"
+  done
+  cp -r "$dist/libcudart.so.13" "$dist/tiny" "$pack/"
+  du -sh "$pack"/*
   tree=$(git ls-files -z | xargs -0 stat -c %s | awk '{s += $1} END {print s}')
-  carried=$(du -sb "$dist" | cut -f1)
+  carried=$(du -sb "$pack" | cut -f1)
   total=$(( (tree + carried) / 1048576 ))
-  echo "to carry: the working tree and $dist, $total MiB of at most 64"
+  echo "to carry: the working tree and $pack, $total MiB of at most 64"
   [ "$total" -lt 64 ] || { echo "error: over the device tool's 64 MiB" >&2; exit 1; }
   exit 0
 fi
@@ -54,7 +76,17 @@ if [ -n "${OUT:-}" ] && [ -d "$OUT" ]; then
   exec > >(tee "$OUT/gpu-check.log") 2>&1
 fi
 budget=${R3_GPU_CHECK_SECONDS:-520}
-[ -x "$dist/r3" ] || { echo "error: no $dist/r3; run 'bash scripts/gpu-check.sh prepare' first" >&2; exit 2; }
+# The binaries are stripped: a backtrace would be frames of <unknown>.
+export RUST_BACKTRACE=0
+if [ -d "$pack" ]; then
+  mkdir -p "$dist"
+  for packed in "$pack"/*.xz; do
+    exe="$dist/$(basename "$packed" .xz)"
+    xz_copy "$packed" "$exe" && chmod +x "$exe"
+  done
+  cp -r "$pack/libcudart.so.13" "$pack/tiny" "$dist/"
+fi
+[ -x "$dist/r3" ] || { echo "error: no $dist/r3 (nor $pack); run 'bash scripts/gpu-check.sh prepare' first" >&2; exit 2; }
 # cuBLAS, cuRAND and NVRTC come from PyTorch's CUDA wheels, the driver
 # from the machine; the CUDA runtime travels with the binary.
 libs=$(python3 - <<'EOF'
@@ -88,7 +120,9 @@ check() {
   [ "$left" -lt "$limit" ] && limit=$left
   local start=$SECONDS
   timeout "$limit" "$@" || { echo "FAILED ($?): $*"; failed=1; }
-  echo "($((SECONDS - start)) s: ${1##*/} ${2:-})"
+  local what=("$@")
+  while [[ "${what[0]}" == env || "${what[0]}" == *=* ]]; do what=("${what[@]:1}"); done
+  echo "($((SECONDS - start)) s: ${what[0]##*/} ${what[1]:-})"
 }
 # check, then one JSON line with the most GPU memory nvidia-smi saw in use
 # while it ran (sampled every 100 ms; the benchmarks' own lines report the
@@ -108,8 +142,9 @@ peak() {
 
 echo "== device checks (CPU against GPU, f32) =="
 check 120 "$r3" device-check --model "$tiny" --device cuda
-echo "== the generation tests, on the GPU =="
+echo "== the generation and token-in/token-out tests, on the GPU =="
 check 120 env R3_TEST_DEVICE=cuda "$dist/generate-tests" --test-threads=1
+check 120 env R3_TEST_DEVICE=cuda R3_TEST_MODEL="$PWD/$tiny" "$dist/loop-tests" --test-threads=1
 check 300 "$r3" device-check --random-init "$shape" --model "$tiny" --device cuda \
   --batch 4 --new-tokens 8
 
