@@ -22,6 +22,8 @@
 #  - the generation tests (crates/generate/tests/generate.rs) and the
 #    token-in/token-out tests (crates/loop/tests/token_in_token_out.rs, on
 #    the tiny model) on the GPU;
+#  - `r3 mine` and `r3 train` on the GPU, with exact resume
+#    (scripts/resume-check.sh);
 #  - benchmarks on the 1.5B shape in bf16 (the issue's goals), each beside
 #    PyTorch on the same GPU:
 #    `r3 bench generate` at batch 64 and 256 against transformers' generate,
@@ -57,6 +59,8 @@ if [ "${1:-}" = prepare ]; then
   cargo run --release -q -p r3-cli -- init --shape configs/tiny-smollm2-vocab.json \
     --out "$dist/tiny" --dtype bf16
   R3_TEST_MODEL="$PWD/$dist/tiny" bash scripts/build-cuda.sh gpu-tests
+  # The resume check the run makes on the GPU, here on the CPU.
+  bash scripts/resume-check.sh target/release/r3 "$dist/tiny" cpu 2>/dev/null
   rm -rf "$pack"
   mkdir -p "$pack"
   for exe in r3 generate-tests loop-tests; do
@@ -145,6 +149,8 @@ check 120 "$r3" device-check --model "$tiny" --device cuda
 echo "== the generation and token-in/token-out tests, on the GPU =="
 check 120 env R3_TEST_DEVICE=cuda "$dist/generate-tests" --test-threads=1
 check 120 env R3_TEST_DEVICE=cuda R3_TEST_MODEL="$PWD/$tiny" "$dist/loop-tests" --test-threads=1
+echo "== r3 mine and r3 train on the GPU: three steps straight = two, a resume, one =="
+check 120 bash scripts/resume-check.sh "$r3" "$tiny" cuda
 check 300 "$r3" device-check --random-init "$shape" --model "$tiny" --device cuda \
   --batch 4 --new-tokens 8
 
