@@ -3,6 +3,7 @@
 #
 #   bash scripts/gpu-check.sh prepare   # here, without a GPU: builds dist/cuda/, packs dist/gpu/
 #   bash scripts/gpu-check.sh           # on the GPU machine, with dist/gpu/ copied over
+#   bash scripts/gpu-check.sh checks    # only the device checks and tests (or: bench)
 #
 # `prepare` builds the stripped CUDA binary, the generation tests and the
 # token-in/token-out tests (scripts/build-cuda.sh) and a tiny random model
@@ -80,6 +81,13 @@ if [ -n "${OUT:-}" ] && [ -d "$OUT" ]; then
   exec > >(tee "$OUT/gpu-check.log") 2>&1
 fi
 budget=${R3_GPU_CHECK_SECONDS:-520}
+# checks | bench | all: a second call can finish what a first one ran out
+# of time for.
+part=${1:-all}
+case "$part" in
+  checks | bench | all) ;;
+  *) echo "usage: $0 [prepare | checks | bench | all]" >&2; exit 2 ;;
+esac
 # The binaries are stripped: a backtrace would be frames of <unknown>.
 export RUST_BACKTRACE=0
 if [ -d "$pack" ]; then
@@ -144,15 +152,18 @@ peak() {
   echo "{\"peak_gpu_memory_mib\": ${top:-null}, \"of\": \"${*:2}\"}"
 }
 
-echo "== device checks (CPU against GPU, f32) =="
-check 120 "$r3" device-check --model "$tiny" --device cuda
-echo "== the generation and token-in/token-out tests, on the GPU =="
-check 120 env R3_TEST_DEVICE=cuda "$dist/generate-tests" --test-threads=1
-check 120 env R3_TEST_DEVICE=cuda R3_TEST_MODEL="$PWD/$tiny" "$dist/loop-tests" --test-threads=1
-echo "== r3 mine and r3 train on the GPU: three steps straight = two, a resume, one =="
-check 120 bash scripts/resume-check.sh "$r3" "$tiny" cuda
-check 300 "$r3" device-check --random-init "$shape" --model "$tiny" --device cuda \
-  --batch 4 --new-tokens 8
+if [ "$part" != bench ]; then
+  echo "== device checks (CPU against GPU, f32) =="
+  check 120 "$r3" device-check --model "$tiny" --device cuda
+  echo "== the generation and token-in/token-out tests, on the GPU =="
+  check 120 env R3_TEST_DEVICE=cuda "$dist/generate-tests" --test-threads=1
+  check 120 env R3_TEST_DEVICE=cuda R3_TEST_MODEL="$PWD/$tiny" "$dist/loop-tests" --test-threads=1
+  echo "== r3 mine and r3 train on the GPU: three steps straight = two, a resume, one =="
+  check 120 bash scripts/resume-check.sh "$r3" "$tiny" cuda
+  check 300 "$r3" device-check --random-init "$shape" --model "$tiny" --device cuda \
+    --batch 4 --new-tokens 8
+fi
+[ "$part" = checks ] && exit "$failed"
 
 echo "== benchmarks: 1.5B shape, bf16, r3 beside PyTorch =="
 for batch in 64 256; do
