@@ -119,22 +119,48 @@ fi
 r3="$dist/r3"
 tiny="$dist/tiny"
 failed=0
+# One line per step (ok, FAILED or SKIPPED), repeated at the end.
+summary=()
+# A step's short name: the program, its subcommands, and the flags that
+# tell steps apart.
+describe() {
+  local words=("$@") i name
+  while [[ "${words[0]}" == env || "${words[0]}" == *=* ]]; do words=("${words[@]:1}"); done
+  name="${words[0]##*/}"
+  for ((i = 1; i < ${#words[@]}; i++)); do
+    case "${words[i]}" in
+      --random-init | --shape | --batch) name+=" ${words[i]} ${words[i + 1]##*/}" ;;
+      --use-peft) name+=" ${words[i]}" ;;
+      -*) ;;
+      *) [[ "${words[i - 1]}" != -* ]] && name+=" ${words[i]##*/}" ;;
+    esac
+  done
+  echo "$name"
+}
 # check SECONDS COMMAND...: runs it under the smaller of its limit and the
 # time left.
 check() {
   local left=$((budget - SECONDS)) limit=$1
   shift
+  local name
+  name=$(describe "$@")
   if [ "$left" -lt 15 ]; then
     echo "SKIPPED (out of time): $*"
+    summary+=("SKIPPED  $name")
     failed=1
     return
   fi
   [ "$left" -lt "$limit" ] && limit=$left
-  local start=$SECONDS
-  timeout "$limit" "$@" || { echo "FAILED ($?): $*"; failed=1; }
-  local what=("$@")
-  while [[ "${what[0]}" == env || "${what[0]}" == *=* ]]; do what=("${what[@]:1}"); done
-  echo "($((SECONDS - start)) s: ${what[0]##*/} ${what[1]:-})"
+  local start=$SECONDS status=ok
+  timeout "$limit" "$@" || { echo "FAILED ($?): $*"; failed=1; status=FAILED; }
+  echo "($((SECONDS - start)) s: $name)"
+  summary+=("$(printf '%-8s %4d s  %s' "$status" $((SECONDS - start)) "$name")")
+}
+# The summary, then the exit status: non-zero if any step failed.
+finish() {
+  echo "== summary =="
+  printf '%s\n' "${summary[@]}"
+  exit "$failed"
 }
 # check, then one JSON line with the most GPU memory nvidia-smi saw in use
 # while it ran (sampled every 100 ms; the benchmarks' own lines report the
@@ -163,7 +189,7 @@ if [ "$part" != bench ]; then
   check 300 "$r3" device-check --random-init "$shape" --model "$tiny" --device cuda \
     --batch 4 --new-tokens 8
 fi
-[ "$part" = checks ] && exit "$failed"
+[ "$part" = checks ] && finish
 
 echo "== benchmarks: 1.5B shape, bf16, r3 beside PyTorch =="
 for batch in 64 256; do
@@ -179,4 +205,4 @@ peak 240 "$r3" "${step[@]}"
 peak 120 python3 scripts/bench_torch_gpu.py train --shape "$shape" --dtype bf16 \
   --rows 64 --context-tokens 128 --trained-tokens 256 --micro-batch 8
 peak 180 "$r3" "${step[@]}" --use-peft
-exit "$failed"
+finish
