@@ -17,6 +17,7 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::device_matmul::device_matmul;
 use crate::gemm::Mat;
 use crate::packed::{register_rows, PackedMatrix, GROUP};
 use crate::storage::f32_slice;
@@ -38,7 +39,7 @@ const UNITS_PER_BLOCK: usize = 8;
 /// `x [m, k] · w [k, n]`: split by columns when `x` has few rows and
 /// nothing needs a gradient; a frozen product when only `x` needs one (a
 /// LoRA base) on the CPU; candle's matmul otherwise (every other device
-/// and type).
+/// and type), through [`device_matmul`].
 pub fn matmul(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     let few_rows = x.dim(0)? <= MAX_SPLIT_ROWS;
     let cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
@@ -49,7 +50,7 @@ pub fn matmul(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     if x.track_op() && !w.track_op() && cpu_f32(x) && cpu_f32(w) {
         return crate::frozen::dense(x, w);
     }
-    x.matmul(w)
+    device_matmul(x, w)
 }
 
 /// `x [m, k] · [W₁ᵀ | W₂ᵀ | …]` for packed `W_i [n_i, k]`: the outputs of

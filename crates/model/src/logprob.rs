@@ -15,6 +15,7 @@ use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
 use crate::error::{ModelError, Result};
+use r3_kernels::device_matmul::device_matmul;
 use r3_kernels::gemm::{Mat, Out};
 use r3_kernels::storage::f32_slice;
 
@@ -62,10 +63,8 @@ fn portable_token_logprobs(hidden: &Tensor, weight: &Tensor, targets: &[u32]) ->
     let mut chunks = Vec::with_capacity(n.div_ceil(rows));
     for start in (0..n).step_by(rows) {
         let len = rows.min(n - start);
-        let logits = hidden
-            .narrow(0, start, len)?
-            .matmul(&weight_t)?
-            .to_dtype(DType::F32)?;
+        let logits =
+            device_matmul(&hidden.narrow(0, start, len)?, &weight_t)?.to_dtype(DType::F32)?;
         let max = logits.max_keepdim(1)?.detach();
         let sum = logits.broadcast_sub(&max)?.exp()?.sum_keepdim(1)?;
         let logsumexp = (sum.log()? + max)?;

@@ -6,6 +6,7 @@
 
 use candle_core::{DType, Device, Module, Tensor, D};
 use r3_kernels::attention::{cached_attention, MAX_FUSED_TOKENS};
+use r3_kernels::device_matmul::device_matmul;
 
 use super::linear::{cast_like, project_all, project_heads, Layout, Linear, ProjectionWeight};
 use crate::cache::KvCache;
@@ -145,13 +146,11 @@ impl Attention {
         // axis, so grouped-query attention needs no copy of the keys.
         let group = h / kvh;
         let q = (q * scale)?.reshape((b, kvh, group * t, d))?;
-        let scores = q
-            .matmul(&k.t()?)?
+        let scores = device_matmul(&q, &k.t()?)?
             .reshape((b, kvh, group, t, len))?
             .broadcast_add(mask)?;
         let probs = softmax_last_dim(&scores)?.reshape((b, kvh, group * t, len))?;
-        let out = probs
-            .matmul(&v)?
+        let out = device_matmul(&probs, &v)?
             .reshape((b, h, t, d))?
             .transpose(1, 2)?
             .reshape((b, t, h * d))?;

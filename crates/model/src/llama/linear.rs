@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use candle_core::Tensor;
+use r3_kernels::device_matmul::device_matmul;
 use r3_kernels::matmul::{matmul, packed_matmul};
 use r3_kernels::packed::PackedMatrix;
 
@@ -175,7 +176,7 @@ impl Linear {
             .map(|((_, out), adapter)| match adapter {
                 Some(l) => {
                     let (a, b) = (cast_like(&l.a, rows)?, cast_like(&l.b, rows)?);
-                    rows.matmul(&a.t()?)?.matmul(&b.t()?)? * l.scale
+                    device_matmul(&device_matmul(rows, &a.t()?)?, &b.t()?)? * l.scale
                 }
                 None => Tensor::zeros((rows.dim(0)?, *out), rows.dtype(), rows.device()),
             })

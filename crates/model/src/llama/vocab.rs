@@ -8,6 +8,7 @@
 use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
+use r3_kernels::device_matmul::device_matmul;
 use r3_kernels::matmul::{matmul, packed_matmul};
 use r3_kernels::packed::PackedMatrix;
 use rayon::prelude::*;
@@ -67,7 +68,7 @@ impl VocabTable {
         Ok(match (self, transposed) {
             (Self::Packed(parts), _) => packed_matmul(rows, parts)?,
             (Self::Dense(_), Some(w_t)) => matmul(rows, &cast_like(w_t, rows)?)?,
-            (Self::Dense(w), None) => rows.matmul(&cast_like(w, rows)?.t()?)?,
+            (Self::Dense(w), None) => device_matmul(rows, &cast_like(w, rows)?.t()?)?,
         })
     }
 
