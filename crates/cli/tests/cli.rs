@@ -361,17 +361,8 @@ fn init_writes_a_model_that_device_check_compares() {
     for file in ["config.json", "model.safetensors", "tokenizer.json"] {
         assert!(out.join(file).exists(), "{file}");
     }
-    let (ok, stdout, err) = r3(&[
-        "device-check",
-        "--model",
-        out.to_str().unwrap(),
-        "--device",
-        "cpu",
-        "--batch",
-        "3",
-        "--new-tokens",
-        "4",
-    ]);
+    let (ok, stdout, err) =
+        common::device_check(&out, "cpu", &["--batch", "3", "--new-tokens", "4"]);
     assert!(ok, "{err}");
     assert!(err.contains("device: cpu"), "{err}");
     let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
@@ -407,14 +398,7 @@ fn init_writes_a_model_that_device_check_compares() {
         size(&half),
         size(&out)
     );
-    let (ok, stdout, err) = r3(&[
-        "device-check",
-        "--model",
-        half.to_str().unwrap(),
-        "--device",
-        "cpu",
-        "--no-train",
-    ]);
+    let (ok, stdout, err) = common::device_check(&half, "cpu", &["--no-train"]);
     assert!(ok, "{err}");
     assert!(stdout.contains("\"ok\":true"), "{stdout}");
     // An existing directory is never overwritten.

@@ -7,21 +7,13 @@
 
 mod common;
 
-use common::r3;
-
 #[test]
 fn a_gpu_agrees_with_the_cpu() {
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("tiny");
     let (ok, _, err) = common::init_tiny(&model, &[]);
     assert!(ok, "{err}");
-    let (ok, stdout, err) = r3(&[
-        "device-check",
-        "--model",
-        model.to_str().unwrap(),
-        "--device",
-        "cuda",
-    ]);
+    let (ok, stdout, err) = common::device_check(&model, "cuda", &[]);
     if !ok && err.contains("built without CUDA") {
         eprintln!("skipped: this r3 was built without CUDA (see scripts/build-cuda.sh)");
         return;

@@ -26,7 +26,7 @@ pub fn device_matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 /// row-major or column-major (a dimension of one may have any stride), and
 /// at most two batch dimensions, one a whole number of the other apart.
 /// This is the rule of `gemm_config` in candle-core 0.11's CUDA backend.
-pub fn cublas_reads(t: &Tensor) -> bool {
+fn cublas_reads(t: &Tensor) -> bool {
     let (dims, strides) = (t.dims(), t.stride());
     let n = dims.len();
     if n < 2 {

@@ -34,6 +34,24 @@ pub fn init_tiny(out: &std::path::Path, extra: &[&str]) -> (bool, String, String
     r3(&args)
 }
 
+/// `r3 device-check --model MODEL --device DEVICE EXTRA…`: (success,
+/// stdout, stderr).
+pub fn device_check(
+    model: &std::path::Path,
+    device: &str,
+    extra: &[&str],
+) -> (bool, String, String) {
+    let mut args = vec![
+        "device-check",
+        "--model",
+        model.to_str().unwrap(),
+        "--device",
+        device,
+    ];
+    args.extend_from_slice(extra);
+    r3(&args)
+}
+
 /// A tiny random HF model (it fails nearly everything) and `n` arithmetic
 /// records, in `dir`. Its embeddings are scaled down so that sampling
 /// varies (at full scale one token dominates every step).
