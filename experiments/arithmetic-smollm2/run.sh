@@ -17,11 +17,11 @@ TRAIN=$here/train.toml
 source "$root/experiments/lib.sh"
 
 start
-"$R" data arithmetic --count 200 --seed 101 --out "$OUT/heldout.jsonl"
-"$R" data arithmetic --count 400 --seed 202 --out "$OUT/pool.jsonl"
+"$R" data arithmetic --count 200 --seed 101 --out "$OUT/heldout.jsonl" --overwrite
+"$R" data arithmetic --count 400 --seed 202 --out "$OUT/pool.jsonl" --overwrite
 # Held out means never mined or trained on: drop repeats of held-out records.
 grep -vxF -f "$OUT/heldout.jsonl" "$OUT/pool.jsonl" >"$OUT/train.jsonl"
-"$R" data arithmetic --count 200 --max-operand 99 --seed 303 --out "$OUT/forget.jsonl"
+"$R" data arithmetic --count 200 --max-operand 99 --seed 303 --out "$OUT/forget.jsonl" --overwrite
 log "$(wc -l <"$OUT/train.jsonl") training records after removing held-out repeats"
 
 evaluate eval-base "$MODEL" "$OUT/heldout.jsonl"

@@ -32,7 +32,7 @@ for category in simple_python multiple parallel parallel_multiple; do
     awk 'NR % 8 == 1' "$file" >>"$OUT/heldout.jsonl"
     awk 'NR % 8 == 3 || NR % 8 == 5' "$file" >>"$OUT/train.jsonl"
 done
-"$R" data arithmetic --count 100 --seed 303 --out "$OUT/forget.jsonl"
+"$R" data arithmetic --count 100 --seed 303 --out "$OUT/forget.jsonl" --overwrite
 
 evaluate eval-base "$MODEL" "$OUT/heldout.jsonl"
 evaluate forget-base "$MODEL" "$OUT/forget.jsonl" answer 16 64

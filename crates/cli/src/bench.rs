@@ -271,19 +271,22 @@ fn verdicts_per_second(
     task: &dyn Task,
     cases: &[(serde_json::Value, String)],
     seconds: f64,
-) -> (f64, f64) {
+) -> Result<(f64, f64)> {
     let start = Instant::now();
     let (mut n, mut passed) = (0usize, 0usize);
     while start.elapsed().as_secs_f64() < seconds {
         for (record, answer) in cases {
             passed += task.verify(record, answer).success as usize;
+            if let Some(why) = task.broken() {
+                bail!("{why}");
+            }
         }
         n += cases.len();
     }
-    (
+    Ok((
         n as f64 / start.elapsed().as_secs_f64(),
         passed as f64 / n.max(1) as f64,
-    )
+    ))
 }
 
 fn verify(args: VerifyBench) -> Result<()> {
@@ -315,7 +318,7 @@ fn verify(args: VerifyBench) -> Result<()> {
         .collect();
     let countdown = r3_tasks::countdown::Countdown;
     let (countdown_rate, countdown_ok) =
-        verdicts_per_second(&countdown, &countdown_cases, args.seconds);
+        verdicts_per_second(&countdown, &countdown_cases, args.seconds)?;
 
     let fc = r3_tasks::function_calling::FunctionCalling;
     let records = r3_tasks::read_records(&args.data, &fc, false)?.records;
@@ -329,7 +332,7 @@ fn verify(args: VerifyBench) -> Result<()> {
             )
         })
         .collect();
-    let (fc_rate, fc_ok) = verdicts_per_second(&fc, &fc_cases, args.seconds);
+    let (fc_rate, fc_ok) = verdicts_per_second(&fc, &fc_cases, args.seconds)?;
 
     let external = match &args.verifier {
         None => serde_json::Value::Null,
@@ -342,7 +345,7 @@ fn verify(args: VerifyBench) -> Result<()> {
                 serde_json::json!({"prompt": "p", "answer": "42"}),
                 "42".to_string(),
             )];
-            let (rate, ok) = verdicts_per_second(&v, &cases, args.seconds);
+            let (rate, ok) = verdicts_per_second(&v, &cases, args.seconds)?;
             serde_json::json!({"command": command, "calls_per_s": rate, "round_trip_us": 1e6 / rate, "fraction_correct": ok})
         }
     };

@@ -6,6 +6,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, IndexOp, D};
 use clap::Args;
 use r3_generate::{Generator, SamplingParams};
+use r3_model::atomic::write_dir_atomic;
 use r3_model::{KvCache, Message};
 
 use crate::{model, ModelArgs, SamplingArgs};
@@ -59,6 +60,10 @@ fn read_messages(path: &PathBuf) -> Result<Vec<Message>> {
 }
 
 pub fn generate(args: GenerateArgs) -> Result<()> {
+    crate::config::check_sampling(args.sampling.temperature, args.sampling.top_p)?;
+    if args.sampling.max_new_tokens == 0 {
+        bail!("--max-new-tokens must be at least 1");
+    }
     let model = model::load(&args.model.spec())?;
     let mut messages = Vec::new();
     if let Some(system) = &args.system {
@@ -137,12 +142,15 @@ pub fn merge(args: MergeArgs) -> Result<()> {
         bail!("nothing to merge: give --adapter DIR (or --model an adapter directory)");
     };
     let weights = model.llama.merged_hf_weights()?;
-    let tmp = args.out.with_extension("tmp");
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-    r3_model::export::save_hf_dir(&model.loaded, &tmp, weights, DType::F32)?;
-    std::fs::rename(&tmp, &args.out)
-        .with_context(|| format!("cannot rename {} to {}", tmp.display(), args.out.display()))?;
+    write_dir_atomic(&args.out, |tmp| -> Result<()> {
+        Ok(r3_model::export::save_hf_dir(
+            &model.loaded,
+            tmp,
+            weights,
+            DType::F32,
+        )?)
+    })
+    .with_context(|| format!("cannot write {}", args.out.display()))?;
     eprintln!(
         "wrote {} ({} with {} merged)",
         args.out.display(),
@@ -180,12 +188,15 @@ pub fn init(args: InitArgs) -> Result<()> {
     }
     let loaded = model::random_shape(&args.shape, args.model.as_deref())?;
     let weights = r3_model::random::random_weights(&loaded.config, args.seed)?;
-    let tmp = args.out.with_extension("tmp");
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-    r3_model::export::save_hf_dir(&loaded, &tmp, weights, args.dtype.dtype())?;
-    std::fs::rename(&tmp, &args.out)
-        .with_context(|| format!("cannot rename {} to {}", tmp.display(), args.out.display()))?;
+    write_dir_atomic(&args.out, |tmp| -> Result<()> {
+        Ok(r3_model::export::save_hf_dir(
+            &loaded,
+            tmp,
+            weights,
+            args.dtype.dtype(),
+        )?)
+    })
+    .with_context(|| format!("cannot write {}", args.out.display()))?;
     eprintln!(
         "wrote {} (shape {})",
         args.out.display(),

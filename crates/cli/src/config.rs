@@ -107,7 +107,8 @@ impl DataConfig {
 }
 
 /// Checks a sampling temperature and nucleus.
-fn check_sampling(temperature: f64, top_p: f64) -> Result<()> {
+/// Every sampling flag of every command is checked here, before a model loads.
+pub(crate) fn check_sampling(temperature: f64, top_p: f64) -> Result<()> {
     if !(temperature >= 0.0 && temperature.is_finite()) {
         bail!("--temperature must be a finite number ≥ 0, not {temperature}");
     }

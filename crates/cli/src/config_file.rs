@@ -48,9 +48,10 @@ fn config_path(args: &[OsString]) -> Option<OsString> {
     None
 }
 
-/// The file's settings as `--flag value` arguments of `command`; an
-/// unknown key or a value that is not a string, number or boolean names
-/// the file and the key.
+/// The file's settings as `--flag value` arguments of `command`. Each key
+/// is checked here, naming the file and the key: an unknown key, a boolean
+/// for a flag that takes a value (`limit = false` is not "no limit"), a
+/// value for a switch, or a value the flag's own parser refuses.
 fn flags_from_file(command: &str, path: &Path) -> Result<Vec<OsString>> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read the config {}", path.display()))?;
@@ -60,36 +61,65 @@ fn flags_from_file(command: &str, path: &Path) -> Result<Vec<OsString>> {
     let sub = cli
         .find_subcommand(command)
         .expect("eval and mine are subcommands");
-    let known: Vec<&str> = sub
+    let known: Vec<&clap::Arg> = sub
         .get_arguments()
-        .filter_map(|a| a.get_long())
-        .filter(|&long| long != "config")
+        .filter(|a| a.get_long().is_some_and(|long| long != "config"))
         .collect();
     let mut flags = Vec::new();
     for (key, value) in table {
         let flag = key.replace('_', "-");
-        if !known.contains(&flag.as_str()) {
-            let valid: Vec<String> = known.iter().map(|k| k.replace('-', "_")).collect();
+        let Some(arg) = known.iter().find(|a| a.get_long() == Some(flag.as_str())) else {
+            let valid: Vec<String> = known
+                .iter()
+                .filter_map(|a| a.get_long())
+                .map(|k| k.replace('-', "_"))
+                .collect();
             bail!(
                 "{}: unknown key '{key}' for r3 {command} (valid: {})",
                 path.display(),
                 valid.join(", ")
             );
-        }
-        let value = match value {
-            toml::Value::Boolean(true) => None,
-            toml::Value::Boolean(false) => continue,
-            toml::Value::String(s) => Some(s),
-            toml::Value::Integer(n) => Some(n.to_string()),
-            toml::Value::Float(x) => Some(x.to_string()),
-            other => bail!(
-                "{}: '{key}' must be a string, number or boolean, not {}",
+        };
+        let switch = !arg.get_action().takes_values();
+        let value = match (value, switch) {
+            (toml::Value::Boolean(on), true) => {
+                if on {
+                    flags.push(OsString::from(format!("--{flag}")));
+                }
+                continue;
+            }
+            (toml::Value::String(s), false) => s,
+            (toml::Value::Integer(n), false) => n.to_string(),
+            (toml::Value::Float(x), false) => x.to_string(),
+            (other, true) => bail!(
+                "{}: '{key}' is a switch: give true or false, not {}",
+                path.display(),
+                other.type_str()
+            ),
+            (other, false) => bail!(
+                "{}: '{key}' takes a value (a string or a number), not {}",
                 path.display(),
                 other.type_str()
             ),
         };
+        // The flag's own parser judges the value now, so that its error
+        // names the file; that the rest of the command line is missing yet
+        // is no error here.
+        let alone = [command.to_string(), format!("--{flag}"), value.clone()];
+        if let Err(e) = sub.clone().try_get_matches_from(alone) {
+            use clap::error::ErrorKind::{InvalidUtf8, InvalidValue, ValueValidation};
+            if matches!(e.kind(), InvalidValue | ValueValidation | InvalidUtf8) {
+                let why = e.to_string();
+                let why = why
+                    .lines()
+                    .next()
+                    .unwrap_or_default()
+                    .trim_start_matches("error: ");
+                bail!("{}: '{key}' = {value:?}: {why}", path.display());
+            }
+        }
         flags.push(OsString::from(format!("--{flag}")));
-        flags.extend(value.map(OsString::from));
+        flags.push(OsString::from(value));
     }
     Ok(flags)
 }

@@ -69,6 +69,13 @@ pub fn device_check(args: DeviceCheckArgs) -> Result<()> {
         bail!("--batch, --new-tokens, --group and --rollout-tokens must be positive");
     }
     let device = model::open_device(args.model.device)?;
+    if device.is_cpu() && args.model.device == r3_model::DeviceChoice::Auto {
+        bail!(
+            "no GPU opens here (a build without CUDA, or no device), so there is nothing to \
+             compare the CPU against; --device cpu runs the comparison CPU against CPU, as a \
+             self-test of the check itself"
+        );
+    }
     let loaded = match &args.random_init {
         Some(shape) => model::random_model(shape, args.model.model.as_deref())?,
         None if args.model.adapter.is_some() => {

@@ -82,6 +82,9 @@ pub fn verify(args: VerifyArgs) -> Result<()> {
         _ => bail!("give --record JSON, or --data FILE with --index I"),
     };
     let verdict = task.verify(&record, &args.answer);
+    if let Some(why) = task.broken() {
+        bail!("{why}");
+    }
     println!("{}", serde_json::to_string(&verdict)?);
     Ok(())
 }
@@ -103,8 +106,31 @@ pub struct ArithmeticData {
     max_operand: u32,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    #[command(flatten)]
+    out: DataOut,
+}
+
+/// Where `r3 data` writes, and whether it may replace a file already there.
+#[derive(Args)]
+pub struct DataOut {
     #[arg(long)]
     out: PathBuf,
+    /// Replace --out if it exists (otherwise an existing file is refused)
+    #[arg(long)]
+    overwrite: bool,
+}
+
+impl DataOut {
+    /// The path to write, once it is known that no file is lost by writing it.
+    fn path(&self) -> Result<&std::path::Path> {
+        if self.out.exists() && !self.overwrite {
+            bail!(
+                "{} exists; choose a new --out or pass --overwrite",
+                self.out.display()
+            );
+        }
+        Ok(&self.out)
+    }
 }
 
 /// Writes JSONL records atomically.
@@ -137,8 +163,8 @@ pub struct CountdownData {
     max_target: i64,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    #[arg(long)]
-    out: PathBuf,
+    #[command(flatten)]
+    out: DataOut,
 }
 
 fn parse_range(text: &str) -> Result<std::ops::RangeInclusive<usize>> {
@@ -159,6 +185,7 @@ fn parse_range(text: &str) -> Result<std::ops::RangeInclusive<usize>> {
 pub fn data(command: DataCommand) -> Result<()> {
     match command {
         DataCommand::Countdown(args) => {
+            let out = args.out.path()?;
             let difficulty = Difficulty {
                 count: parse_range(&args.numbers)?,
                 max_number: args.max_number,
@@ -166,24 +193,25 @@ pub fn data(command: DataCommand) -> Result<()> {
             };
             let records =
                 generate(args.count, &difficulty, args.seed).map_err(anyhow::Error::msg)?;
-            write_jsonl(&args.out, &records)?;
+            write_jsonl(out, &records)?;
             eprintln!(
                 "wrote {} solvable puzzles to {}",
                 records.len(),
-                args.out.display()
+                out.display()
             );
             Ok(())
         }
         DataCommand::Arithmetic(args) => {
+            let out = args.out.path()?;
             if args.max_operand == 0 {
                 bail!("--max-operand must be at least 1");
             }
             let records = r3_tasks::arithmetic::generate(args.count, args.max_operand, args.seed);
-            write_jsonl(&args.out, &records)?;
+            write_jsonl(out, &records)?;
             eprintln!(
                 "wrote {} arithmetic records to {}",
                 records.len(),
-                args.out.display()
+                out.display()
             );
             Ok(())
         }

@@ -153,7 +153,7 @@ pub fn run_train(config: TrainConfig, resume: Option<&Path>) -> Result<PathBuf> 
     // resumed LoRA run from its base (the adapter comes from the checkpoint).
     let (policy_path, base_path) = match resume {
         Some(dir) => {
-            let state = r3_train::checkpoint::read_state(dir)?;
+            let state = r3_train::checkpoint::resumable_state(dir, &config)?;
             let base = PathBuf::from(state.base_model);
             match config.use_peft {
                 true => (base.clone(), base),

@@ -6,7 +6,7 @@ mod common;
 
 use std::process::Command;
 
-use common::{r3, tiny_model_and_data};
+use common::{r3, r3_in, tiny_model_and_data};
 
 /// A tiny model and `n` arithmetic records (see [`tiny_model_and_data`]),
 /// a verifier passing an answer when the sum of its bytes is a multiple of
@@ -270,8 +270,10 @@ fn lora_adapters_train_load_and_merge() {
     let dir = tempfile::tempdir().unwrap();
     let (model, verifier, failures) = mined_tiny_run(dir.path(), 8, "3", 2, "4");
     let path = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    // The model by a relative path: the checkpoint must name it absolutely.
+    assert!(model.ends_with("/tiny"));
     let sets = [
-        format!("model={model}"),
+        "model=tiny".to_string(),
         format!("verifier={verifier}"),
         format!("failures={failures}"),
         format!("output_dir={}", path("run")),
@@ -292,14 +294,21 @@ fn lora_adapters_train_load_and_merge() {
     ];
     args.extend(sets.iter().flat_map(|s| ["--set".to_string(), s.clone()]));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let (ok, _, err) = r3(&args);
+    let (ok, _, err) = r3_in(dir.path(), &args);
     assert!(ok, "{err}");
     let checkpoint = path("run/checkpoint-2");
     let config = std::fs::read_to_string(format!("{checkpoint}/adapter_config.json")).unwrap();
+    let absolute = std::fs::canonicalize(&model).unwrap();
     assert!(
-        config.contains("\"q_proj\"") && config.contains(&model),
+        config.contains("\"q_proj\"") && config.contains(&format!("\"{}\"", absolute.display())),
         "{config}"
     );
+    // The same run resumed as full fine-tuning is refused by its setting.
+    let mut full: Vec<&str> = vec!["train", "--resume", "auto"];
+    full.extend(sets.iter().flat_map(|s| ["--set", s.as_str()]));
+    full.extend(["--set", "max_steps=3"]);
+    let (ok, _, err) = r3_in(dir.path(), &full);
+    assert!(!ok && err.contains("use_peft: true → false"), "{err}");
 
     std::fs::write(
         path("m.json"),
@@ -326,8 +335,12 @@ fn lora_adapters_train_load_and_merge() {
         adapted,
         logits(&["--model", &model, "--adapter", &checkpoint])
     );
+    // A user's `merged.tmp` beside the output is not r3's to remove.
+    std::fs::create_dir_all(path("merged.tmp")).unwrap();
+    std::fs::write(path("merged.tmp/thesis.txt"), "years of work").unwrap();
     let (ok, _, err) = r3(&["merge", "--model", &checkpoint, "--out", &path("merged")]);
     assert!(ok, "{err}");
+    assert!(std::path::Path::new(&path("merged.tmp/thesis.txt")).exists());
     let merged = logits(&["--model", &path("merged")]);
     for (a, m) in adapted.iter().zip(&merged) {
         assert!((a - m).abs() <= 1e-4, "{adapted:?} vs {merged:?}");

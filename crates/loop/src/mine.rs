@@ -148,6 +148,20 @@ pub fn mine(
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
         Err(e) => return Err(io_err(out, e)),
     };
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(out)
+        .map_err(|e| io_err(out, e))?;
+    // One miner per output: a second would interleave its lines with ours.
+    // The lock lasts as long as `file`, and the system drops it if r3 dies.
+    file.try_lock().map_err(|e| match e {
+        std::fs::TryLockError::WouldBlock => LoopError::Invalid(format!(
+            "{} is being written by another r3 mine; wait for it or choose another --out",
+            out.display()
+        )),
+        std::fs::TryLockError::Error(e) => io_err(out, e),
+    })?;
     let mut state = match std::fs::read_to_string(&state_file) {
         Ok(text) => serde_json::from_str::<MineState>(&text).map_err(|e| {
             LoopError::Invalid(format!("{}: not a mining state: {e}", state_file.display()))
@@ -188,11 +202,6 @@ pub fn mine(
             state.bytes
         )));
     }
-    let mut file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(out)
-        .map_err(|e| io_err(out, e))?;
     // Bytes past the state's are a chunk a kill interrupted: it is mined
     // again below.
     file.set_len(state.bytes).map_err(|e| io_err(out, e))?;

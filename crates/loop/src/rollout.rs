@@ -148,17 +148,22 @@ impl<'a> Rollouts<'a> {
         )
     }
 
-    fn judge(&self, record: &Value, completion: Completion) -> Attempt {
+    /// Where every reward of the loop comes from: the task's verdict on one
+    /// completion. A task that can no longer judge stops the run.
+    fn judge(&self, record: &Value, completion: Completion) -> Result<Attempt> {
         let started = std::time::Instant::now();
         let verdict = self.task.verify(record, &completion.text);
         self.verify_seconds
             .set(self.verify_seconds.get() + started.elapsed().as_secs_f64());
-        Attempt {
+        if let Some(why) = self.task.broken() {
+            return Err(LoopError::Invalid(why));
+        }
+        Ok(Attempt {
             tokens: completion.tokens,
             text: completion.text,
             finish: completion.finish,
             verdict,
-        }
+        })
     }
 
     /// Prefills one prefix per entry once, then forks each `copies` times
@@ -224,7 +229,7 @@ impl<'a> Rollouts<'a> {
                     .map(|_| {
                         self.judge(record, completions.next().expect("one completion per row"))
                     })
-                    .collect();
+                    .collect::<Result<_>>()?;
                 out.push(attempts);
             }
             progress(chunk.len());
@@ -371,7 +376,7 @@ impl<'a> Rollouts<'a> {
                 reflection: reflection_span,
                 reflection_text: reflection.text,
                 reflection_finish: reflection.finish,
-                retry: self.judge(failures[f].record, retry_completion),
+                retry: self.judge(failures[f].record, retry_completion)?,
             });
         }
         Ok(out)

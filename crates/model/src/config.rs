@@ -65,6 +65,10 @@ pub enum RopeScaling {
     Factors(Vec<f32>),
 }
 
+/// The most weights a shape may hold: past a trillion no file r3 reads is
+/// real, and an unchecked product of crafted sizes aborts on allocation.
+pub const MAX_PARAMETERS: u64 = 1 << 40;
+
 /// Everything the decoder needs to know about a model's shape.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelConfig {
@@ -187,8 +191,36 @@ impl ModelConfig {
         Ok(config)
     }
 
-    /// Checks the relations between sizes that the decoder relies on.
+    /// Checks the relations between sizes that the decoder relies on, and
+    /// the numbers it computes with: one check for the HF and GGUF paths,
+    /// so that neither lets a value through that turns every logit NaN.
     pub fn validate(&self) -> std::result::Result<(), String> {
+        if !(self.rope_theta.is_finite() && self.rope_theta > 1.0) {
+            return Err(format!(
+                "rope_theta (GGUF: rope.freq_base) {} must be a finite number above 1",
+                self.rope_theta
+            ));
+        }
+        if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0 && self.rms_norm_eps < 1.0) {
+            return Err(format!(
+                "rms_norm_eps (GGUF: layer_norm_rms_epsilon) {} must be a number in (0, 1)",
+                self.rms_norm_eps
+            ));
+        }
+        match self.parameter_count() {
+            Some(n) if n <= MAX_PARAMETERS => {}
+            _ => {
+                return Err(format!(
+                    "the shape holds more than {MAX_PARAMETERS} parameters (vocab_size {}, hidden_size {}, intermediate_size {}, {} layers, {} heads of {}): not a model r3 can hold",
+                    self.vocab_size,
+                    self.hidden_size,
+                    self.intermediate_size,
+                    self.num_layers,
+                    self.num_heads,
+                    self.head_dim
+                ))
+            }
+        }
         if self.num_kv_heads == 0 || !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return Err(format!(
                 "num_attention_heads ({}) is not a multiple of num_key_value_heads ({})",
@@ -211,6 +243,40 @@ impl ModelConfig {
             }
         }
         Ok(())
+    }
+
+    /// How many weights the shape holds (embeddings, every layer, the output
+    /// head unless tied), or `None` when the product overflows: every size
+    /// is bounded through this before anything is allocated.
+    pub fn parameter_count(&self) -> Option<u64> {
+        let n = |v: usize| u64::try_from(v).ok();
+        let (vocab, h, mlp) = (
+            n(self.vocab_size)?,
+            n(self.hidden_size)?,
+            n(self.intermediate_size)?,
+        );
+        let q = n(self.num_heads)?.checked_mul(n(self.head_dim)?)?;
+        let kv = n(self.num_kv_heads)?.checked_mul(n(self.head_dim)?)?;
+        let qkv = q.checked_add(kv.checked_mul(2)?)?;
+        let biases = if self.attention_bias { qkv } else { 0 };
+        let attention = h
+            .checked_mul(qkv)?
+            .checked_add(q.checked_mul(h)?)?
+            .checked_add(biases)?;
+        let layer = attention
+            .checked_add(h.checked_mul(mlp)?.checked_mul(3)?)?
+            .checked_add(h.checked_mul(2)?)?;
+        let embeddings = vocab.checked_mul(h)?;
+        let head = if self.tie_word_embeddings {
+            0
+        } else {
+            embeddings
+        };
+        layer
+            .checked_mul(n(self.num_layers)?)?
+            .checked_add(embeddings)?
+            .checked_add(head)?
+            .checked_add(h)
     }
 
     /// Inverse rotary frequencies, one per pair of head dimensions, with the

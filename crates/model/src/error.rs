@@ -36,6 +36,9 @@ pub enum ModelError {
     Device(String),
     #[error("KV cache: {0}")]
     Cache(String),
+    /// More memory asked for than the machine has: refused before allocating.
+    #[error("{0}")]
+    Memory(String),
     /// Tensors whose shapes do not fit together (a caller's mistake).
     #[error("shape mismatch: {0}")]
     Shape(String),

@@ -24,7 +24,7 @@ pub mod weights;
 
 pub use cache::KvCache;
 pub use chat::{ChatTemplate, Message};
-pub use config::{Architecture, ModelConfig, RopeScaling};
+pub use config::{Architecture, ModelConfig, RopeScaling, MAX_PARAMETERS};
 pub use device::{device_name, DeviceChoice, Precision};
 pub use error::{ModelError, Result};
 pub use llama::{ForwardInputs, Llama};

@@ -11,6 +11,19 @@ use std::path::Path;
 use candle_core::Tensor;
 use serde_json::{json, Value};
 
+/// The largest rank accepted before anything is allocated: past every
+/// projection's smaller side of the models r3 runs (7B: 3,584), where more
+/// rank adds nothing. Each model's own sides are checked when it is built.
+pub const MAX_RANK: usize = 16_384;
+
+/// The largest `lora_alpha / lora_r` accepted: PEFT's usual scales are 0.5
+/// to 16, and 1e30 turned every logit into NaN.
+pub const MAX_SCALE: f64 = 1_000.0;
+
+/// The largest adapter weight accepted on load: trained adapters hold
+/// values far below 1; NaN, infinities and 1e30 are corruption.
+pub const MAX_ADAPTER_WEIGHT: f32 = 1e4;
+
 use crate::error::{ModelError, Result};
 use crate::formats::safetensors::read_safetensors;
 use crate::weights::Weights;
@@ -42,8 +55,18 @@ impl LoraConfig {
         if r == 0 {
             return Err("lora_r must be at least 1".into());
         }
+        if r > MAX_RANK {
+            return Err(format!(
+                "lora_r {r} is over {MAX_RANK}; a rank past a projection's smaller side adds nothing"
+            ));
+        }
         if !(alpha.is_finite() && alpha > 0.0) {
             return Err(format!("lora_alpha must be a positive number, not {alpha}"));
+        }
+        if alpha / r as f64 > MAX_SCALE {
+            return Err(format!(
+                "lora_alpha / lora_r = {alpha} / {r} is over {MAX_SCALE}: the update would swamp the base weights"
+            ));
         }
         if targets.is_empty() {
             return Err("lora_target_modules is empty".into());
@@ -130,14 +153,25 @@ impl LoraConfig {
                 .ok_or_else(|| bad("'target_modules' is not a list of names".into()))?,
             _ => return Err(bad("no 'target_modules'".into())),
         };
+        // Set means anything but absent, null, false or empty: `"use_dora":
+        // "yes"` must not pass as off.
+        let set = |key: &str| match v.get(key) {
+            None | Some(Value::Null) | Some(Value::Bool(false)) => false,
+            Some(Value::Array(a)) => !a.is_empty(),
+            Some(Value::Object(m)) => !m.is_empty(),
+            Some(Value::String(s)) => !s.is_empty(),
+            Some(_) => true,
+        };
         let unsupported = [
+            ("use_dora", set("use_dora")),
+            ("use_rslora", set("use_rslora")),
+            ("layer_replication", set("layer_replication")),
+            ("exclude_modules", set("exclude_modules")),
+            ("fan_in_fan_out", set("fan_in_fan_out")),
             (
-                "use_dora",
-                v.get("use_dora").and_then(Value::as_bool) == Some(true),
-            ),
-            (
-                "use_rslora",
-                v.get("use_rslora").and_then(Value::as_bool) == Some(true),
+                "bias",
+                v.get("bias")
+                    .is_some_and(|b| !b.is_null() && b.as_str() != Some("none")),
             ),
             (
                 "rank_pattern",

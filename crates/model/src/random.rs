@@ -11,7 +11,7 @@ use rand_distr::{Distribution, Normal};
 use rayon::prelude::*;
 
 use crate::config::ModelConfig;
-use crate::error::Result;
+use crate::error::{ModelError, Result};
 
 /// Tensors of more values than this are drawn in parallel blocks, each
 /// from its own stream of a generator seeded off the sequential one (a
@@ -24,6 +24,7 @@ const PARALLEL_BLOCK: usize = 1 << 22;
 /// activations keep their scale through the layers), embeddings around 0.
 /// The same seed gives the same weights, whatever the thread count.
 pub fn random_weights(config: &ModelConfig, seed: u64) -> Result<HashMap<String, Tensor>> {
+    check_fits_in_memory(config)?;
     let c = config;
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let (h, q, kv, mlp) = (
@@ -118,6 +119,33 @@ pub fn random_weights(config: &ModelConfig, seed: u64) -> Result<HashMap<String,
         )?;
     }
     Ok(weights)
+}
+
+/// Refuses a shape whose f32 weights need more memory than the machine has
+/// available, instead of aborting on the allocation.
+fn check_fits_in_memory(config: &ModelConfig) -> Result<()> {
+    let bytes = config
+        .parameter_count()
+        .and_then(|n| n.checked_mul(4))
+        .ok_or_else(|| ModelError::Memory("the shape's sizes multiply past 2^64".into()))?;
+    if let Some(available) = available_memory_bytes() {
+        if bytes > available {
+            return Err(ModelError::Memory(format!(
+                "random f32 weights of this shape take {:.1} GB; the machine has {:.1} GB available",
+                bytes as f64 / 1e9,
+                available as f64 / 1e9
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// `MemAvailable` from /proc/meminfo, where there is one.
+fn available_memory_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
 }
 
 #[cfg(test)]

@@ -230,6 +230,120 @@ fn gguf_with_zero_alignment_or_an_empty_dimension() {
     );
 }
 
+/// candle keeps the last of a key given twice; a check of the first would
+/// pass an alignment of 32 followed by 0 and candle would divide by zero.
+#[test]
+fn gguf_with_the_alignment_given_twice() {
+    use candle_core::quantized::{gguf_file, QTensor};
+    let t = candle_core::Tensor::zeros((4, 32), DType::F32, &candle_core::Device::Cpu).unwrap();
+    let q = QTensor::quantize(&t, GgmlDType::F32).unwrap();
+    let arch = gguf_file::Value::String("llama".into());
+    let (good, zero) = (gguf_file::Value::U32(32), gguf_file::Value::U32(0));
+    let metadata = [
+        ("general.architecture", &arch),
+        ("general.alignment", &good),
+        ("general.alignment", &zero),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.gguf");
+    let mut file = std::fs::File::create(&path).unwrap();
+    gguf_file::write(&mut file, &metadata, &[("token_embd.weight", &q)]).unwrap();
+    drop(file);
+    let e = error_of(&path);
+    assert!(
+        e.contains("m.gguf") && e.contains("general.alignment is given more than once"),
+        "{e}"
+    );
+}
+
+/// Arrays nested 300,000 levels deep (a 3.6 MB file) overflowed the stack
+/// of the header scan; now the nesting is refused before anything recurses.
+#[test]
+fn gguf_with_arrays_nested_without_bound() {
+    let levels = 300_000;
+    let mut bytes = Vec::new();
+    bytes.extend(0x4655_4747u32.to_le_bytes()); // "GGUF"
+    bytes.extend(3u32.to_le_bytes());
+    bytes.extend(0u64.to_le_bytes()); // tensors
+    bytes.extend(1u64.to_le_bytes()); // metadata pairs
+    bytes.extend(1u64.to_le_bytes());
+    bytes.push(b'x');
+    bytes.extend(9u32.to_le_bytes()); // an array…
+    for _ in 0..levels {
+        bytes.extend(9u32.to_le_bytes()); // …of arrays…
+        bytes.extend(1u64.to_le_bytes()); // …holding one
+    }
+    bytes.extend(4u32.to_le_bytes()); // innermost: u32s
+    bytes.extend(0u64.to_le_bytes());
+    let e = r3_model::formats::gguf::GgufFile::read(
+        std::path::Path::new("deep.gguf"),
+        &mut std::io::Cursor::new(bytes),
+    )
+    .err()
+    .expect("refused")
+    .to_string();
+    assert!(
+        e.contains("deep.gguf") && e.contains("nested more than 16 levels"),
+        "{e}"
+    );
+}
+
+/// Numbers that turned every logit NaN without a word: a zero or NaN rope
+/// base and a NaN or negative epsilon, in a GGUF file and in config.json.
+#[test]
+fn model_numbers_that_would_make_every_logit_nan() {
+    let dir = tempfile::tempdir().unwrap();
+    type Edit = fn(&mut TinyModel);
+    let cases: [(&str, Edit, &str); 4] = [
+        ("theta0", |t| t.config.rope_theta = 0.0, "rope_theta"),
+        ("thetanan", |t| t.config.rope_theta = f64::NAN, "rope_theta"),
+        (
+            "epsnan",
+            |t| t.config.rms_norm_eps = f64::NAN,
+            "rms_norm_eps",
+        ),
+        ("epsneg", |t| t.config.rms_norm_eps = -1e-5, "rms_norm_eps"),
+    ];
+    for (name, edit, key) in cases {
+        let mut t = tiny();
+        edit(&mut t);
+        let path = dir.path().join(format!("{name}.gguf"));
+        t.write_gguf(&path, GgmlDType::F32).unwrap();
+        let e = error_of(&path);
+        assert!(
+            e.contains(&format!("{name}.gguf")) && e.contains(key),
+            "{name}: {e}"
+        );
+    }
+    let hf = hf_dir();
+    edit_json(&hf.path().join("config.json"), |v| {
+        v["rms_norm_eps"] = serde_json::json!(-1e-6)
+    });
+    let e = error_of(hf.path());
+    assert!(
+        e.contains("config.json") && e.contains("rms_norm_eps"),
+        "{e}"
+    );
+}
+
+/// Sizes whose product overflows or passes any real model are refused
+/// before anything is allocated.
+#[test]
+fn shapes_past_any_real_model_are_refused() {
+    let hf = hf_dir();
+    edit_json(&hf.path().join("config.json"), |v| {
+        v["hidden_size"] = serde_json::json!(1u64 << 33);
+        v["intermediate_size"] = serde_json::json!(1u64 << 31);
+        v["num_attention_heads"] = serde_json::json!(1u64 << 20);
+        v["num_key_value_heads"] = serde_json::json!(1u64 << 20);
+    });
+    let e = error_of(hf.path());
+    assert!(
+        e.contains("parameters") && e.contains("not a model r3 can hold"),
+        "{e}"
+    );
+}
+
 /// A template that never ends runs out of fuel and says so.
 #[test]
 fn chat_template_that_loops_forever() {

@@ -68,6 +68,48 @@ proptest! {
         }
     }
 
+    /// Headers built from parts: any number of `general.alignment` keys
+    /// with any values, and arrays nested to any depth. Never a panic or a
+    /// stack overflow; a repeated or zero alignment and nesting past the
+    /// bound are refused by name.
+    #[test]
+    fn gguf_alignments_and_nesting_never_panic(
+        alignments in proptest::collection::vec(any::<u32>(), 0..4),
+        depth in prop_oneof![0..20usize, 0..200_000usize],
+    ) {
+        let mut bytes = Vec::new();
+        let string = |bytes: &mut Vec<u8>, s: &str| {
+            bytes.extend((s.len() as u64).to_le_bytes());
+            bytes.extend(s.as_bytes());
+        };
+        bytes.extend(0x4655_4747u32.to_le_bytes());
+        bytes.extend(3u32.to_le_bytes());
+        bytes.extend(0u64.to_le_bytes());
+        bytes.extend((alignments.len() as u64 + 1).to_le_bytes());
+        for a in &alignments {
+            string(&mut bytes, "general.alignment");
+            bytes.extend(4u32.to_le_bytes());
+            bytes.extend(a.to_le_bytes());
+        }
+        string(&mut bytes, "nested");
+        bytes.extend(9u32.to_le_bytes());
+        for _ in 0..depth {
+            bytes.extend(9u32.to_le_bytes());
+            bytes.extend(1u64.to_le_bytes());
+        }
+        bytes.extend(4u32.to_le_bytes());
+        bytes.extend(0u64.to_le_bytes());
+        let read = GgufFile::read(Path::new("m.gguf"), &mut std::io::Cursor::new(bytes));
+        let e = read.err().map(|e| e.to_string()).unwrap_or_default();
+        if alignments.len() > 1 {
+            prop_assert!(e.contains("more than once"), "{}", e);
+        } else if alignments.first() == Some(&0) {
+            prop_assert!(e.contains("alignment is 0"), "{}", e);
+        } else if depth > 16 {
+            prop_assert!(e.contains("nested more than 16"), "{}", e);
+        }
+    }
+
     #[test]
     fn safetensors_headers_never_panic(edits in edits(), keep in keep()) {
         let seed = &seeds().safetensors;

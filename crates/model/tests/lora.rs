@@ -250,3 +250,69 @@ fn bad_adapters_are_named() {
         "{e}"
     );
 }
+
+/// The issue's attacks on adapters: NaN, infinite or absurd weights, a
+/// runaway scale or rank, and PEFT settings r3 would silently ignore are
+/// refused by name instead of turning every logit NaN.
+#[test]
+fn adapters_that_would_give_wrong_numbers_are_refused() {
+    let (tiny, weights, dir) = base(None);
+    let lora = config(&["q_proj"]);
+    let (model, _) = Llama::with_lora(&tiny.config, &weights, &lora, None, 2).unwrap();
+    for bad in [f32::NAN, f32::INFINITY, 1e30] {
+        let mut tensors = model.adapter_weights();
+        let name = tensors
+            .keys()
+            .find(|n| n.ends_with("lora_B.weight"))
+            .unwrap()
+            .clone();
+        let t = &tensors[&name];
+        let mut values = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        values[3] = bad;
+        tensors.insert(
+            name.clone(),
+            Tensor::from_vec(values, t.shape(), t.device()).unwrap(),
+        );
+        let adapter = Weights::new("bad/adapter_model.safetensors", tensors);
+        let e = Llama::with_adapter(&tiny.config, &weights, &lora, &adapter)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains(&name) && e.contains("not a trained adapter"),
+            "{bad}: {e}"
+        );
+    }
+    let e = LoraConfig::new(4, 1e30, &["q_proj".to_string()]).unwrap_err();
+    assert!(e.contains("lora_alpha / lora_r"), "{e}");
+    let e = LoraConfig::new(1_000_000_000, 8.0, &["q_proj".to_string()]).unwrap_err();
+    assert!(e.contains("lora_r 1000000000 is over"), "{e}");
+    // A rank past the tiny model's 64-wide projections.
+    let wide_rank = LoraConfig::new(65, 130.0, &["q_proj".to_string()]).unwrap();
+    let e = Llama::with_lora(&tiny.config, &weights, &wide_rank, None, 0)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("lora_r 65 is larger than"), "{e}");
+
+    let settings = dir.path().join("settings");
+    std::fs::create_dir_all(&settings).unwrap();
+    for (key, value) in [
+        ("use_dora", r#""yes""#),
+        ("layer_replication", "[[0, 1]]"),
+        ("exclude_modules", r#"["k_proj"]"#),
+        ("fan_in_fan_out", "true"),
+        ("bias", r#""all""#),
+    ] {
+        std::fs::write(
+            settings.join("adapter_config.json"),
+            format!(r#"{{"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], "{key}": {value}}}"#),
+        )
+        .unwrap();
+        let e = Adapter::load(&settings).err().unwrap().to_string();
+        assert!(
+            e.contains(key) && e.contains("plain LoRA only"),
+            "{key}: {e}"
+        );
+    }
+}

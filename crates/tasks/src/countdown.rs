@@ -55,10 +55,13 @@ impl Task for Countdown {
         Puzzle::from_record(record).map(|_| ())
     }
 
+    /// The answer alone, no chain of thought: the paper's models answered
+    /// that way, and a 1.5B model that reasons step by step runs out of any
+    /// budget a CPU run can afford before its `<answer>` tag.
     fn user_prompt(&self, record: &Value) -> String {
         let p = Puzzle::from_record(record).expect("records are checked when read");
         format!(
-            "Using the numbers {:?}, create an equation that equals {}. You can use basic arithmetic operations (+, -, *, /) and parentheses, and each number must be used exactly once. Think step by step, then write the final equation (without the result) inside <answer> </answer> tags, for example <answer> (1 + 2) * 3 </answer>.",
+            "Using the numbers {:?}, create an equation that equals {}. You can use basic arithmetic operations (+, -, *, /) and parentheses, and each number must be used exactly once. Reply with only the final equation (without the result) inside <answer> </answer> tags, for example <answer> (1 + 2) * 3 </answer>, and no explanation.",
             p.nums, p.target
         )
     }

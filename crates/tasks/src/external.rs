@@ -3,10 +3,11 @@
 //! `{"id": 7, "record": {...}, "answer": "..."}` →
 //! `{"id": 7, "success": bool, "reason": "..."}`.
 //!
-//! A verdict is never credited to the wrong request: a reply that echoes
-//! the `id` is matched by it (a stale one is skipped); a reply without one
-//! is taken in order, and a verifier that prints a line nobody asked for is
-//! restarted before the next request. A verifier that crashes, hangs (also
+//! A verdict is never credited to the wrong request: every reply must echo
+//! its request's `id` and is matched by it (a stale one is skipped). A
+//! reply without one could belong to any request (a late stray line races
+//! the next request), so it is refused, and the run stops with the one-line
+//! fix ([`Task::broken`]). A verifier that crashes, hangs (also
 //! while being written to), prints garbage, an over-long or a non-UTF-8
 //! line yields a failed verdict saying so, is killed with everything it
 //! started, and is restarted; the run goes on.
@@ -148,7 +149,12 @@ pub struct ExternalVerifier {
     command: String,
     timeout: Duration,
     process: Mutex<Option<Process>>,
+    /// Set once a reply broke the protocol in a way no restart mends.
+    broken: std::sync::OnceLock<String>,
 }
+
+/// What a reply without an `id` is told, with the one-line fix.
+pub const MISSING_ID: &str = "the verifier replied without the request's \"id\", so its verdict cannot be matched to an answer; echo it in every reply, e.g. in Python: print(json.dumps({\"id\": msg[\"id\"], \"success\": ok}), flush=True)";
 
 impl ExternalVerifier {
     pub fn new(command: &str, timeout: Duration) -> Self {
@@ -156,20 +162,12 @@ impl ExternalVerifier {
             command: command.to_string(),
             timeout,
             process: Mutex::new(None),
+            broken: std::sync::OnceLock::new(),
         }
     }
 
     fn ask(&self, record: &Value, answer: &str) -> Verdict {
         let mut slot = self.process.lock().unwrap_or_else(|p| p.into_inner());
-        // A line waiting before the request is sent answers nothing asked:
-        // the replies are out of step, so start over.
-        if let Some(process) = slot.as_ref() {
-            if process.lines.try_recv().is_ok() {
-                if let Some(p) = slot.take() {
-                    p.kill();
-                }
-            }
-        }
         if slot.is_none() {
             match Process::spawn(&self.command) {
                 Ok(p) => *slot = Some(p),
@@ -207,6 +205,10 @@ impl ExternalVerifier {
             let left = deadline.saturating_duration_since(Instant::now());
             match process.lines.recv_timeout(left) {
                 Ok(Ok(line)) => match parse_reply(&line)? {
+                    (None, _) => {
+                        let _ = self.broken.set(MISSING_ID.to_string());
+                        return Err(MISSING_ID.to_string());
+                    }
                     (Some(echoed), _) if echoed < id => continue,
                     (Some(echoed), _) if echoed > id => {
                         return Err(format!(
@@ -288,5 +290,9 @@ impl Task for ExternalVerifier {
 
     fn verify(&self, record: &Value, answer: &str) -> Verdict {
         self.ask(record, answer)
+    }
+
+    fn broken(&self) -> Option<String> {
+        self.broken.get().cloned()
     }
 }

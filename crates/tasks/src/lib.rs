@@ -81,6 +81,13 @@ pub trait Task: Send + Sync {
     /// Judges the model's answer to `record`. Never panics, whatever the text.
     fn verify(&self, record: &Value, answer: &str) -> Verdict;
 
+    /// Why this task can no longer give verdicts that mean anything (an
+    /// external verifier whose replies cannot be matched to requests), so
+    /// that a run stops with the reason instead of training on zero rewards.
+    fn broken(&self) -> Option<String> {
+        None
+    }
+
     /// The tools a record offers, as OpenAI-style `{"type": "function",
     /// "function": {...}}` objects, for chat templates that present tools in
     /// the model's own format; `None` for tasks without tools.

@@ -231,6 +231,17 @@ fn bad_records_are_named() {
             "not a list of acceptable values",
         ),
         ("/question", json!([]), "0 turns"),
+        // Records no answer can pass: the attacks.
+        (
+            "/function/0/parameters/properties",
+            json!([]),
+            "'properties' must be an object",
+        ),
+        (
+            "/function/0/parameters/required",
+            json!(["a", "ghost"]),
+            "required parameter 'ghost' is not among its properties",
+        ),
     ];
     for (pointer, value, message) in cases {
         let mut bad = good.clone();

@@ -22,7 +22,7 @@ for line in sys.stdin:
         print("this is not json", flush=True)
         continue
     ok = answer == msg["record"]["answer"]
-    print(json.dumps({"success": ok, "reason": "match" if ok else "expected " + msg["record"]["answer"]}), flush=True)
+    print(json.dumps({"id": msg["id"], "success": ok, "reason": "match" if ok else "expected " + msg["record"]["answer"]}), flush=True)
 "#;
 
 #[test]
@@ -113,9 +113,9 @@ fn a_verifier_that_never_reads_times_out_even_on_a_huge_request() {
     );
 }
 
-/// Extra lines never shift verdicts onto other requests: an id-less
-/// verifier that answers twice is restarted, and stale replies that echo an
-/// old id are skipped.
+/// Extra lines never shift verdicts onto other requests: a verifier that
+/// answers twice, or prints a late stale reply, is matched by the ids it
+/// echoes, so the extra lines are skipped.
 #[test]
 fn extra_reply_lines_never_credit_another_request() {
     let dir = tempfile::tempdir().unwrap();
@@ -127,8 +127,8 @@ import json, sys
 for line in sys.stdin:
     msg = json.loads(line)
     ok = msg["answer"] == msg["record"]["answer"]
-    print(json.dumps({"success": ok}), flush=True)
-    print(json.dumps({"success": ok}), flush=True)
+    print(json.dumps({"id": msg["id"], "success": ok}), flush=True)
+    print(json.dumps({"id": msg["id"], "success": ok}), flush=True)
 "#,
         2000,
     );
@@ -157,10 +157,44 @@ for line in sys.stdin:
             ("42", true),
             ("3", false),
         ] {
-            std::thread::sleep(Duration::from_millis(50));
             assert_eq!(v.verify(&record, answer).success, right, "answer {answer}");
         }
+        assert!(v.broken().is_none());
     }
+}
+
+/// The race the issue found: a verifier that does not echo ids, always
+/// says false and prints a late stray `true` line. Without ids no reply
+/// can be matched to its request, so the first reply without one breaks
+/// the task with the one-line fix, and no verdict is ever a success.
+#[test]
+fn replies_without_an_id_are_refused_with_the_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let stray = verifier_in(
+        dir.path(),
+        "stray.py",
+        r#"
+import json, sys, threading, time
+def late():
+    time.sleep(0.05)
+    print(json.dumps({"success": True}), flush=True)
+for line in sys.stdin:
+    print(json.dumps({"success": False}), flush=True)
+    threading.Thread(target=late).start()
+"#,
+        2000,
+    );
+    let record = json!({"prompt": "p", "answer": "42"});
+    assert!(stray.broken().is_none(), "nothing asked yet");
+    for _ in 0..20 {
+        let verdict = stray.verify(&record, "42");
+        assert!(!verdict.success, "{}", verdict.reason);
+        assert!(verdict.reason.contains("\"id\""), "{}", verdict.reason);
+    }
+    let why = stray
+        .broken()
+        .expect("a reply without an id breaks the task");
+    assert!(why.contains("msg[\"id\"]"), "{why}");
 }
 
 /// On a timeout the verifier's whole process group dies, grandchildren too.

@@ -261,6 +261,24 @@ pub fn save(
     Ok(done)
 }
 
+/// The state of checkpoint `dir`, once it is known that `config` may
+/// continue it: only [`TrainConfig::CHANGEABLE_ON_RESUME`] may differ. Read
+/// before any weights load, so that resuming a LoRA run as full
+/// fine-tuning (or the reverse) names `use_peft`, not a missing file.
+pub fn resumable_state(dir: &Path, config: &TrainConfig) -> Result<TrainerState> {
+    let state = read_state(dir)?;
+    let changed = config.resume_differences(&state.config);
+    if !changed.is_empty() {
+        return Err(TrainError::Config(format!(
+            "{} was trained with other settings ({}); only {} may change on resume",
+            dir.display(),
+            changed.join("; "),
+            TrainConfig::CHANGEABLE_ON_RESUME.join(", ")
+        )));
+    }
+    Ok(state)
+}
+
 /// The state saved in checkpoint `dir`.
 pub fn read_state(dir: &Path) -> Result<TrainerState> {
     let path = dir.join("trainer_state.json");

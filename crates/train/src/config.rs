@@ -202,6 +202,8 @@ impl TrainConfig {
             }
             None => toml::Table::new(),
         };
+        let file_table = table.clone();
+        let mut parsed_overrides = Vec::with_capacity(overrides.len());
         for item in overrides {
             let (key, value) = item
                 .split_once('=')
@@ -211,14 +213,36 @@ impl TrainConfig {
                 .ok()
                 .and_then(|mut t| t.remove("v"))
                 .unwrap_or_else(|| toml::Value::String(value.to_string()));
+            parsed_overrides.push((item, key.trim().to_string(), value.clone()));
             table.insert(key.trim().to_string(), value);
         }
-        let where_ = path
-            .map(|p| p.display().to_string())
-            .unwrap_or_else(|| "flags".into());
-        let config: Self = toml::Value::Table(table)
-            .try_into()
-            .map_err(|e| TrainError::Config(format!("{where_}: {e}")))?;
+        let parse = |table: toml::Table| -> std::result::Result<Self, toml::de::Error> {
+            toml::Value::Table(table).try_into()
+        };
+        let config = match parse(table) {
+            Ok(config) => config,
+            Err(e) => {
+                // Blame the override without which the settings parse,
+                // else the file.
+                let culprit = parsed_overrides.iter().enumerate().find(|(i, _)| {
+                    let mut others = file_table.clone();
+                    for (_, key, value) in parsed_overrides.iter().take(*i) {
+                        others.insert(key.clone(), value.clone());
+                    }
+                    for (_, key, value) in parsed_overrides.iter().skip(i + 1) {
+                        others.insert(key.clone(), value.clone());
+                    }
+                    parse(others).is_ok()
+                });
+                let culprit = culprit.map(|(_, c)| c);
+                let where_ = match (culprit, path) {
+                    (Some((item, _, _)), _) => format!("--set {item}"),
+                    (None, Some(p)) => p.display().to_string(),
+                    (None, None) => "flags".into(),
+                };
+                return Err(TrainError::Config(format!("{where_}: {e}")));
+            }
+        };
         config.validate()?;
         Ok(config)
     }

@@ -6,7 +6,13 @@ use std::process::Command;
 
 /// Runs `r3 ARGS`: (success, stdout, stderr).
 pub fn r3(args: &[&str]) -> (bool, String, String) {
+    r3_in(std::path::Path::new("."), args)
+}
+
+/// Runs `r3 ARGS` in the working directory `dir`: (success, stdout, stderr).
+pub fn r3_in(dir: &std::path::Path, args: &[&str]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_r3"))
+        .current_dir(dir)
         .args(args)
         .output()
         .unwrap();

@@ -50,13 +50,14 @@ impl GgufFile {
     /// parser of untrusted bytes, apart from the opening so that it can be
     /// fuzzed in memory.
     pub fn read<R: Read + Seek>(path: &Path, reader: &mut R) -> Result<Self> {
-        // candle divides by the alignment without checking it.
-        if super::gguf_header::stated_alignment(reader).map_err(|e| ModelError::io(path, e))?
-            == Some(0)
+        // What candle's reader would trust: a zero alignment, a key given
+        // twice, arrays nested deep enough to overflow its stack.
+        if let Some(why) =
+            super::gguf_header::refused_by_scan(reader).map_err(|e| ModelError::io(path, e))?
         {
             return Err(ModelError::invalid(
                 path,
-                "not a valid GGUF file: general.alignment is 0",
+                format!("not a valid GGUF file: {why}"),
             ));
         }
         let content = Content::read(reader)

@@ -13,7 +13,7 @@ use super::linear::{Layout, LoraPair};
 use super::Llama;
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
-use crate::lora::{peft_names, LoraConfig};
+use crate::lora::{peft_names, LoraConfig, MAX_ADAPTER_WEIGHT};
 use crate::weights::Weights;
 
 impl Llama {
@@ -41,14 +41,21 @@ impl Llama {
                 if !lora.targets(name) {
                     continue;
                 }
+                if lora.r > inp.min(*out) {
+                    return Err(ModelError::Shape(format!(
+                        "lora_r {} is larger than {name}'s smaller side ({inp} in, {out} out)",
+                        lora.r
+                    )));
+                }
                 let [a_name, b_name] = peft_names(name);
                 let (a, b) = match start {
                     Some(w) => {
                         used += 2;
-                        (
-                            w.get(&a_name, &[lora.r, inp])?.to_device(device)?,
-                            w.get(&b_name, &[*out, lora.r])?.to_device(device)?,
-                        )
+                        let a = w.get(&a_name, &[lora.r, inp])?;
+                        let b = w.get(&b_name, &[*out, lora.r])?;
+                        check_adapter_values(&w.source, &a_name, &a)?;
+                        check_adapter_values(&w.source, &b_name, &b)?;
+                        (a.to_device(device)?, b.to_device(device)?)
                     }
                     None => {
                         let bound = 1.0 / (inp as f32).sqrt();
@@ -145,4 +152,22 @@ impl Llama {
         }
         Ok(out)
     }
+}
+
+/// Refuses an adapter tensor holding NaN, an infinity or a value no
+/// training produces, naming it: such an adapter turned every logit NaN
+/// while `generate`, `merge` and `train` went on.
+fn check_adapter_values(source: &std::path::Path, name: &str, t: &Tensor) -> Result<()> {
+    let values = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+    if let Some(bad) = values
+        .iter()
+        .find(|v| !v.is_finite() || v.abs() > MAX_ADAPTER_WEIGHT)
+    {
+        return Err(ModelError::tensor(
+            source,
+            name,
+            format!("holds {bad}: NaN, an infinity or a value over {MAX_ADAPTER_WEIGHT} in magnitude is not a trained adapter"),
+        ));
+    }
+    Ok(())
 }

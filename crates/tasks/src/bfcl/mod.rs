@@ -73,11 +73,17 @@ fn signature(tool: &Value) -> Result<Signature, String> {
     let parameters = tool
         .get("parameters")
         .ok_or_else(|| format!("tool '{name}' has no 'parameters'"))?;
-    let properties = parameters
-        .get("properties")
-        .and_then(Value::as_object)
-        .cloned()
-        .unwrap_or_default();
+    // Absent means no parameters; anything but an object (`[]`) is a record
+    // that no answer could pass.
+    let properties = match parameters.get("properties") {
+        None | Some(Value::Null) => Map::new(),
+        Some(Value::Object(p)) => p.clone(),
+        Some(other) => {
+            return Err(format!(
+                "tool '{name}': 'properties' must be an object of parameters, not {other}"
+            ))
+        }
+    };
     for (param, spec) in &properties {
         let declared = spec.get("type").and_then(Value::as_str).unwrap_or_default();
         if PyType::declared(declared).is_none() {
@@ -95,6 +101,11 @@ fn signature(tool: &Value) -> Result<Signature, String> {
             .ok_or_else(|| format!("tool '{name}': 'required' is not a list of names"))?,
         Some(_) => return Err(format!("tool '{name}': 'required' is not a list")),
     };
+    if let Some(undeclared) = required.iter().find(|p| !properties.contains_key(*p)) {
+        return Err(format!(
+            "tool '{name}': required parameter '{undeclared}' is not among its properties, so no call could pass"
+        ));
+    }
     Ok(Signature {
         name: name.to_string(),
         properties,

@@ -98,18 +98,13 @@ impl<'a> Trainer<'a> {
             config.weight_decay,
         )?;
         let (mut step, mut cursor) = (0, 0);
-        let mut base_model = model.path.display().to_string();
+        // Absolute: a checkpoint names its base for loading from anywhere.
+        let mut base_model = std::fs::canonicalize(&model.path)
+            .unwrap_or_else(|_| model.path.clone())
+            .display()
+            .to_string();
         if let Some(dir) = resume {
-            let state = checkpoint::read_state(dir)?;
-            let changed = config.resume_differences(&state.config);
-            if !changed.is_empty() {
-                return Err(TrainError::Config(format!(
-                    "{} was trained with other settings ({}); only {} may change on resume",
-                    dir.display(),
-                    changed.join("; "),
-                    TrainConfig::CHANGEABLE_ON_RESUME.join(", ")
-                )));
-            }
+            let state = checkpoint::resumable_state(dir, &config)?;
             checkpoint::load_optimizer(dir, &mut optimizer)?;
             (step, cursor, base_model) = (state.step, state.cursor, state.base_model);
         }
