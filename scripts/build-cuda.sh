@@ -77,14 +77,18 @@ ln -sf "$root/lib/libcudart.so.13" "$stubs/libcudart.so"
 export RUSTFLAGS="${RUSTFLAGS:-} -L native=$stubs -L native=$root/lib"
 
 if [ "${1:-}" = tests ]; then
-  # Every test compiles with CUDA; the device test (crates/cli/tests/gpu.rs)
-  # then finds the stub driver and says it skipped. On a GPU machine with
-  # Rust and CUDA installed, run `cargo test --features r3-cli/cuda` there.
+  # Every test compiles with CUDA; the device test (crates/cli/tests/gpu.rs,
+  # ignored unless asked for) then reaches the stub driver and must fail for
+  # want of a GPU. On a GPU machine with Rust and CUDA installed, run
+  # `cargo test --features r3-cli/cuda -- --include-ignored` there.
   export LD_LIBRARY_PATH="$stubs/run:$root/lib:${LD_LIBRARY_PATH:-}"
   cargo test --features r3-cli/cuda --workspace --target-dir target/cuda --no-run
-  cargo test --features r3-cli/cuda -p r3-cli --target-dir target/cuda --test gpu \
-    -- --nocapture 2>&1 | tee target/cuda/gpu-test.log
-  grep -q "skipped: no GPU opens here" target/cuda/gpu-test.log
+  if cargo test --features r3-cli/cuda -p r3-cli --target-dir target/cuda --test gpu \
+    -- --ignored --nocapture >target/cuda/gpu-test.log 2>&1; then
+    echo "the device test passed without a GPU" >&2
+    exit 1
+  fi
+  grep -q "cannot open cuda:0" target/cuda/gpu-test.log
   exit 0
 fi
 

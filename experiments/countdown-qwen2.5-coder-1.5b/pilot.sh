@@ -27,7 +27,7 @@ head -n 60 "$OUT/pool.jsonl" >"$OUT/pilot-eval.jsonl"
 evaluate eval-countdown "$MODEL" "$OUT/pilot-eval.jsonl"
 : >"$OUT/bfcl.jsonl"
 for category in simple_python multiple parallel parallel_multiple; do
-    awk 'NR % 8 == 1' "$root/data/bfcl/$category.jsonl" | head -n 10 >>"$OUT/bfcl.jsonl"
+    awk 'NR % 8 == 1 && ++n <= 10' "$root/data/bfcl/$category.jsonl" >>"$OUT/bfcl.jsonl"
 done
 evaluate eval-bfcl "$MODEL" "$OUT/bfcl.jsonl" bfcl 256 128
 tail -n 30 "$OUT/pool.jsonl" >"$OUT/pilot-mine.jsonl"

@@ -4,6 +4,8 @@
 //! Its own crate: fetching (pip, zip, sha256) has nothing to do with
 //! running a decoder.
 
+#![forbid(unsafe_code)]
+
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;

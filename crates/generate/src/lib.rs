@@ -2,6 +2,8 @@
 //! stop rules and batched decoding over the model's KV cache, including
 //! prefix sharing through cache forking. It knows nothing about tasks.
 
+#![forbid(unsafe_code)]
+
 pub mod decode;
 pub mod sampler;
 

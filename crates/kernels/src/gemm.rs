@@ -94,30 +94,34 @@ pub(crate) unsafe fn gemm_unchecked(
     b: Mat,
     threads: usize,
 ) {
-    debug_assert!(a.holds(m, k) && b.holds(k, n));
-    gemm::gemm(
-        m,
-        n,
-        k,
-        out,
-        1,
-        out_row_stride as isize,
-        accumulate,
-        a.data.as_ptr(),
-        a.col_stride as isize,
-        a.row_stride as isize,
-        b.data.as_ptr(),
-        b.col_stride as isize,
-        b.row_stride as isize,
-        if accumulate { 1.0 } else { 0.0 },
-        1.0,
-        false,
-        false,
-        false,
-        if threads > 1 {
-            gemm::Parallelism::Rayon(threads)
-        } else {
-            gemm::Parallelism::None
-        },
-    )
+    // SAFETY: the caller upholds this function's contract (its doc),
+    // which is all its raw reads, writes and intrinsics rely on.
+    unsafe {
+        debug_assert!(a.holds(m, k) && b.holds(k, n));
+        gemm::gemm(
+            m,
+            n,
+            k,
+            out,
+            1,
+            out_row_stride as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a.col_stride as isize,
+            a.row_stride as isize,
+            b.data.as_ptr(),
+            b.col_stride as isize,
+            b.row_stride as isize,
+            if accumulate { 1.0 } else { 0.0 },
+            1.0,
+            false,
+            false,
+            false,
+            if threads > 1 {
+                gemm::Parallelism::Rayon(threads)
+            } else {
+                gemm::Parallelism::None
+            },
+        )
+    }
 }

@@ -5,6 +5,8 @@
 //! are not r3's own go through `device_matmul`, in a layout every device
 //! reads.
 
+#![deny(unsafe_op_in_unsafe_fn)]
+
 pub mod attention;
 pub mod device_matmul;
 pub mod exp;

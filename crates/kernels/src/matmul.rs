@@ -100,18 +100,22 @@ impl SharedOutput {
         rhs: &[f32],
         rhs_stride: usize,
     ) {
-        let m = x.len() / k.max(1);
-        crate::gemm::gemm_unchecked(
-            m,
-            cols,
-            k,
-            self.ptr.add(first),
-            self.row_stride,
-            false,
-            Mat::rows(x, k),
-            Mat::rows(rhs, rhs_stride),
-            1,
-        )
+        // SAFETY: the caller upholds this function's contract (its doc),
+        // which is all its raw reads, writes and intrinsics rely on.
+        unsafe {
+            let m = x.len() / k.max(1);
+            crate::gemm::gemm_unchecked(
+                m,
+                cols,
+                k,
+                self.ptr.add(first),
+                self.row_stride,
+                false,
+                Mat::rows(x, k),
+                Mat::rows(rhs, rhs_stride),
+                1,
+            )
+        }
     }
 
     /// `out[.., first..] = x [m, k] · Wᵀ` for the rows `16·groups` of `part`
@@ -131,24 +135,28 @@ impl SharedOutput {
         k: usize,
         pass: usize,
     ) {
-        let m = x.len() / k.max(1);
-        for group in groups {
-            let column = group * GROUP;
-            let valid = GROUP.min(part.rows() - column);
-            let write = |r: usize, dots: &[f32; GROUP]| {
-                let dst = self.ptr.add(r * self.row_stride + first + column);
-                std::ptr::copy_nonoverlapping(dots.as_ptr(), dst, valid);
-            };
-            let mut r0 = 0;
-            while r0 < m {
-                r0 += match m - r0 {
-                    8.. if pass >= 8 => {
-                        dots_into(part.dot_group(group, rows::<8>(x, k, r0)), r0, &write)
-                    }
-                    4.. => dots_into(part.dot_group(group, rows::<4>(x, k, r0)), r0, &write),
-                    2.. => dots_into(part.dot_group(group, rows::<2>(x, k, r0)), r0, &write),
-                    _ => dots_into(part.dot_group(group, rows::<1>(x, k, r0)), r0, &write),
+        // SAFETY: the caller upholds this function's contract (its doc),
+        // which is all its raw reads, writes and intrinsics rely on.
+        unsafe {
+            let m = x.len() / k.max(1);
+            for group in groups {
+                let column = group * GROUP;
+                let valid = GROUP.min(part.rows() - column);
+                let write = |r: usize, dots: &[f32; GROUP]| {
+                    let dst = self.ptr.add(r * self.row_stride + first + column);
+                    std::ptr::copy_nonoverlapping(dots.as_ptr(), dst, valid);
                 };
+                let mut r0 = 0;
+                while r0 < m {
+                    r0 += match m - r0 {
+                        8.. if pass >= 8 => {
+                            dots_into(part.dot_group(group, rows::<8>(x, k, r0)), r0, &write)
+                        }
+                        4.. => dots_into(part.dot_group(group, rows::<4>(x, k, r0)), r0, &write),
+                        2.. => dots_into(part.dot_group(group, rows::<2>(x, k, r0)), r0, &write),
+                        _ => dots_into(part.dot_group(group, rows::<1>(x, k, r0)), r0, &write),
+                    };
+                }
             }
         }
     }

@@ -17,90 +17,95 @@ pub(crate) unsafe fn dot_group<const R: usize>(
     group: usize,
     x: [&[f32]; R],
 ) -> [[f32; GROUP]; R] {
-    let mut acc = [[_mm256_setzero_ps(); 2]; R];
-    let mut add = |k: usize, w: [__m256; 2]| {
-        for (acc, x) in acc.iter_mut().zip(&x) {
-            let x = _mm256_set1_ps(*x.get_unchecked(k));
-            acc[0] = _mm256_fmadd_ps(x, w[0], acc[0]);
-            acc[1] = _mm256_fmadd_ps(x, w[1], acc[1]);
-        }
-    };
-    let low_nibbles = _mm256_set1_epi32(0x0F);
-    for (b, r) in matrix.records(group).enumerate() {
-        let (k, p) = (b * BLOCK, r.as_ptr());
-        // Lanes 0..8 and 8..16 of 16 halves, 16 unsigned or signed bytes.
-        let halves = |at: usize| {
-            [0, 16].map(|half| _mm256_cvtph_ps(_mm_loadu_si128(p.add(at + half).cast())))
+    // SAFETY: the caller upholds this function's contract (its doc),
+    // which is all its raw reads, writes and intrinsics rely on.
+    unsafe {
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        let mut add = |k: usize, w: [__m256; 2]| {
+            for (acc, x) in acc.iter_mut().zip(&x) {
+                let x = _mm256_set1_ps(*x.get_unchecked(k));
+                acc[0] = _mm256_fmadd_ps(x, w[0], acc[0]);
+                acc[1] = _mm256_fmadd_ps(x, w[1], acc[1]);
+            }
         };
-        let bytes = |at: usize| [0, 8].map(|half| _mm_loadl_epi64(p.add(at + half).cast()));
-        let unsigned = |at: usize| bytes(at).map(|q| _mm256_cvtepu8_epi32(q));
-        let scale = |q: [__m256i; 2], d: [__m256; 2]| {
-            [0, 1].map(|i| _mm256_mul_ps(_mm256_cvtepi32_ps(q[i]), d[i]))
-        };
-        match matrix.encoding() {
-            Encoding::Q4_0 => {
-                let (d, eight) = (halves(0), _mm256_set1_epi32(8));
-                for j in 0..BLOCK / 2 {
-                    let q = unsigned(2 * GROUP + j * GROUP);
-                    let lo = q.map(|q| _mm256_sub_epi32(_mm256_and_si256(q, low_nibbles), eight));
-                    let hi = q.map(|q| _mm256_sub_epi32(_mm256_srli_epi32(q, 4), eight));
-                    add(k + j, scale(lo, d));
-                    add(k + j + BLOCK / 2, scale(hi, d));
+        let low_nibbles = _mm256_set1_epi32(0x0F);
+        for (b, r) in matrix.records(group).enumerate() {
+            let (k, p) = (b * BLOCK, r.as_ptr());
+            // Lanes 0..8 and 8..16 of 16 halves, 16 unsigned or signed bytes.
+            let halves = |at: usize| {
+                [0, 16].map(|half| _mm256_cvtph_ps(_mm_loadu_si128(p.add(at + half).cast())))
+            };
+            let bytes = |at: usize| [0, 8].map(|half| _mm_loadl_epi64(p.add(at + half).cast()));
+            let unsigned = |at: usize| bytes(at).map(|q| _mm256_cvtepu8_epi32(q));
+            let scale = |q: [__m256i; 2], d: [__m256; 2]| {
+                [0, 1].map(|i| _mm256_mul_ps(_mm256_cvtepi32_ps(q[i]), d[i]))
+            };
+            match matrix.encoding() {
+                Encoding::Q4_0 => {
+                    let (d, eight) = (halves(0), _mm256_set1_epi32(8));
+                    for j in 0..BLOCK / 2 {
+                        let q = unsigned(2 * GROUP + j * GROUP);
+                        let lo =
+                            q.map(|q| _mm256_sub_epi32(_mm256_and_si256(q, low_nibbles), eight));
+                        let hi = q.map(|q| _mm256_sub_epi32(_mm256_srli_epi32(q, 4), eight));
+                        add(k + j, scale(lo, d));
+                        add(k + j + BLOCK / 2, scale(hi, d));
+                    }
                 }
-            }
-            Encoding::Q4_1 => {
-                let (d, m) = (halves(0), halves(2 * GROUP));
-                for j in 0..BLOCK / 2 {
-                    let q = unsigned(4 * GROUP + j * GROUP);
-                    let lo = scale(q.map(|q| _mm256_and_si256(q, low_nibbles)), d);
-                    let hi = scale(q.map(|q| _mm256_srli_epi32(q, 4)), d);
-                    add(k + j, [0, 1].map(|i| _mm256_add_ps(lo[i], m[i])));
-                    add(
-                        k + j + BLOCK / 2,
-                        [0, 1].map(|i| _mm256_add_ps(hi[i], m[i])),
-                    );
+                Encoding::Q4_1 => {
+                    let (d, m) = (halves(0), halves(2 * GROUP));
+                    for j in 0..BLOCK / 2 {
+                        let q = unsigned(4 * GROUP + j * GROUP);
+                        let lo = scale(q.map(|q| _mm256_and_si256(q, low_nibbles)), d);
+                        let hi = scale(q.map(|q| _mm256_srli_epi32(q, 4)), d);
+                        add(k + j, [0, 1].map(|i| _mm256_add_ps(lo[i], m[i])));
+                        add(
+                            k + j + BLOCK / 2,
+                            [0, 1].map(|i| _mm256_add_ps(hi[i], m[i])),
+                        );
+                    }
                 }
-            }
-            Encoding::Q8_0 => {
-                let d = halves(0);
-                for j in 0..BLOCK {
-                    let q = bytes(2 * GROUP + j * GROUP).map(|q| _mm256_cvtepi8_epi32(q));
-                    add(k + j, scale(q, d));
+                Encoding::Q8_0 => {
+                    let d = halves(0);
+                    for j in 0..BLOCK {
+                        let q = bytes(2 * GROUP + j * GROUP).map(|q| _mm256_cvtepi8_epi32(q));
+                        add(k + j, scale(q, d));
+                    }
                 }
-            }
-            Encoding::F16 => {
-                for j in 0..BLOCK {
-                    add(k + j, halves(j * 2 * GROUP));
+                Encoding::F16 => {
+                    for j in 0..BLOCK {
+                        add(k + j, halves(j * 2 * GROUP));
+                    }
                 }
-            }
-            Encoding::K8 => {
-                let floats =
-                    |at: usize| [0, 32].map(|half| _mm256_loadu_ps(p.add(at + half).cast()));
-                let (lo, hi, offset) = (floats(0), floats(4 * GROUP), floats(8 * GROUP));
-                for j in 0..BLOCK {
-                    let q = bytes(12 * GROUP + j * GROUP).map(|q| _mm256_cvtepi8_epi32(q));
-                    let scaled = scale(q, if j < BLOCK / 2 { lo } else { hi });
-                    add(k + j, [0, 1].map(|i| _mm256_add_ps(scaled[i], offset[i])));
+                Encoding::K8 => {
+                    let floats =
+                        |at: usize| [0, 32].map(|half| _mm256_loadu_ps(p.add(at + half).cast()));
+                    let (lo, hi, offset) = (floats(0), floats(4 * GROUP), floats(8 * GROUP));
+                    for j in 0..BLOCK {
+                        let q = bytes(12 * GROUP + j * GROUP).map(|q| _mm256_cvtepi8_epi32(q));
+                        let scaled = scale(q, if j < BLOCK / 2 { lo } else { hi });
+                        add(k + j, [0, 1].map(|i| _mm256_add_ps(scaled[i], offset[i])));
+                    }
                 }
-            }
-            Encoding::Bf16 => {
-                for j in 0..BLOCK {
-                    add(
-                        k + j,
-                        [0, 16].map(|half| {
-                            let h = _mm_loadu_si128(p.add(j * 2 * GROUP + half).cast());
-                            let bits = _mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16);
-                            _mm256_castsi256_ps(bits)
-                        }),
-                    );
+                Encoding::Bf16 => {
+                    for j in 0..BLOCK {
+                        add(
+                            k + j,
+                            [0, 16].map(|half| {
+                                let h = _mm_loadu_si128(p.add(j * 2 * GROUP + half).cast());
+                                let bits = _mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16);
+                                _mm256_castsi256_ps(bits)
+                            }),
+                        );
+                    }
                 }
             }
         }
+        acc.map(|[lo, hi]| {
+            let mut out = [0f32; GROUP];
+            _mm256_storeu_ps(out.as_mut_ptr(), lo);
+            _mm256_storeu_ps(out.as_mut_ptr().add(8), hi);
+            out
+        })
     }
-    acc.map(|[lo, hi]| {
-        let mut out = [0f32; GROUP];
-        _mm256_storeu_ps(out.as_mut_ptr(), lo);
-        _mm256_storeu_ps(out.as_mut_ptr().add(8), hi);
-        out
-    })
 }

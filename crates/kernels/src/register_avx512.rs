@@ -15,71 +15,77 @@ pub(crate) unsafe fn dot_group<const R: usize>(
     group: usize,
     x: [&[f32]; R],
 ) -> [[f32; GROUP]; R] {
-    let mut acc = [_mm512_setzero_ps(); R];
-    let mut add = |k: usize, w: __m512| {
-        for (acc, x) in acc.iter_mut().zip(&x) {
-            *acc = _mm512_fmadd_ps(_mm512_set1_ps(*x.get_unchecked(k)), w, *acc);
+    // SAFETY: the caller upholds this function's contract (its doc),
+    // which is all its raw reads, writes and intrinsics rely on.
+    unsafe {
+        let mut acc = [_mm512_setzero_ps(); R];
+        let mut add = |k: usize, w: __m512| {
+            for (acc, x) in acc.iter_mut().zip(&x) {
+                *acc = _mm512_fmadd_ps(_mm512_set1_ps(*x.get_unchecked(k)), w, *acc);
+            }
+        };
+        let low_nibbles = _mm512_set1_epi32(0x0F);
+        for (b, r) in matrix.records(group).enumerate() {
+            let (k, p) = (b * BLOCK, r.as_ptr());
+            let halves = |at: usize| _mm512_cvtph_ps(_mm256_loadu_si256(p.add(at).cast()));
+            let bytes = |at: usize| _mm_loadu_si128(p.add(at).cast());
+            match matrix.encoding() {
+                Encoding::Q4_0 => {
+                    let (d, eight) = (halves(0), _mm512_set1_epi32(8));
+                    for j in 0..BLOCK / 2 {
+                        let q = _mm512_cvtepu8_epi32(bytes(2 * GROUP + j * GROUP));
+                        let lo = _mm512_sub_epi32(_mm512_and_si512(q, low_nibbles), eight);
+                        let hi = _mm512_sub_epi32(_mm512_srli_epi32(q, 4), eight);
+                        add(k + j, _mm512_mul_ps(_mm512_cvtepi32_ps(lo), d));
+                        add(k + j + BLOCK / 2, _mm512_mul_ps(_mm512_cvtepi32_ps(hi), d));
+                    }
+                }
+                Encoding::Q4_1 => {
+                    let (d, m) = (halves(0), halves(2 * GROUP));
+                    for j in 0..BLOCK / 2 {
+                        let q = _mm512_cvtepu8_epi32(bytes(4 * GROUP + j * GROUP));
+                        let lo = _mm512_cvtepi32_ps(_mm512_and_si512(q, low_nibbles));
+                        let hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4));
+                        add(k + j, _mm512_add_ps(_mm512_mul_ps(lo, d), m));
+                        add(k + j + BLOCK / 2, _mm512_add_ps(_mm512_mul_ps(hi, d), m));
+                    }
+                }
+                Encoding::Q8_0 => {
+                    let d = halves(0);
+                    for j in 0..BLOCK {
+                        let q = _mm512_cvtepi8_epi32(bytes(2 * GROUP + j * GROUP));
+                        add(k + j, _mm512_mul_ps(_mm512_cvtepi32_ps(q), d));
+                    }
+                }
+                Encoding::F16 => {
+                    for j in 0..BLOCK {
+                        add(k + j, halves(j * 2 * GROUP));
+                    }
+                }
+                Encoding::Bf16 => {
+                    for j in 0..BLOCK {
+                        let h =
+                            _mm512_cvtepu16_epi32(_mm256_loadu_si256(p.add(j * 2 * GROUP).cast()));
+                        add(k + j, _mm512_castsi512_ps(_mm512_slli_epi32(h, 16)));
+                    }
+                }
+                Encoding::K8 => {
+                    let floats = |at: usize| _mm512_loadu_ps(p.add(at).cast());
+                    let (lo, hi, offset) = (floats(0), floats(4 * GROUP), floats(8 * GROUP));
+                    for j in 0..BLOCK {
+                        let q =
+                            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes(12 * GROUP + j * GROUP)));
+                        let scale = if j < BLOCK / 2 { lo } else { hi };
+                        // Multiply, then add: the rounding of the dequantized value.
+                        add(k + j, _mm512_add_ps(_mm512_mul_ps(q, scale), offset));
+                    }
+                }
+            }
         }
-    };
-    let low_nibbles = _mm512_set1_epi32(0x0F);
-    for (b, r) in matrix.records(group).enumerate() {
-        let (k, p) = (b * BLOCK, r.as_ptr());
-        let halves = |at: usize| _mm512_cvtph_ps(_mm256_loadu_si256(p.add(at).cast()));
-        let bytes = |at: usize| _mm_loadu_si128(p.add(at).cast());
-        match matrix.encoding() {
-            Encoding::Q4_0 => {
-                let (d, eight) = (halves(0), _mm512_set1_epi32(8));
-                for j in 0..BLOCK / 2 {
-                    let q = _mm512_cvtepu8_epi32(bytes(2 * GROUP + j * GROUP));
-                    let lo = _mm512_sub_epi32(_mm512_and_si512(q, low_nibbles), eight);
-                    let hi = _mm512_sub_epi32(_mm512_srli_epi32(q, 4), eight);
-                    add(k + j, _mm512_mul_ps(_mm512_cvtepi32_ps(lo), d));
-                    add(k + j + BLOCK / 2, _mm512_mul_ps(_mm512_cvtepi32_ps(hi), d));
-                }
-            }
-            Encoding::Q4_1 => {
-                let (d, m) = (halves(0), halves(2 * GROUP));
-                for j in 0..BLOCK / 2 {
-                    let q = _mm512_cvtepu8_epi32(bytes(4 * GROUP + j * GROUP));
-                    let lo = _mm512_cvtepi32_ps(_mm512_and_si512(q, low_nibbles));
-                    let hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4));
-                    add(k + j, _mm512_add_ps(_mm512_mul_ps(lo, d), m));
-                    add(k + j + BLOCK / 2, _mm512_add_ps(_mm512_mul_ps(hi, d), m));
-                }
-            }
-            Encoding::Q8_0 => {
-                let d = halves(0);
-                for j in 0..BLOCK {
-                    let q = _mm512_cvtepi8_epi32(bytes(2 * GROUP + j * GROUP));
-                    add(k + j, _mm512_mul_ps(_mm512_cvtepi32_ps(q), d));
-                }
-            }
-            Encoding::F16 => {
-                for j in 0..BLOCK {
-                    add(k + j, halves(j * 2 * GROUP));
-                }
-            }
-            Encoding::Bf16 => {
-                for j in 0..BLOCK {
-                    let h = _mm512_cvtepu16_epi32(_mm256_loadu_si256(p.add(j * 2 * GROUP).cast()));
-                    add(k + j, _mm512_castsi512_ps(_mm512_slli_epi32(h, 16)));
-                }
-            }
-            Encoding::K8 => {
-                let floats = |at: usize| _mm512_loadu_ps(p.add(at).cast());
-                let (lo, hi, offset) = (floats(0), floats(4 * GROUP), floats(8 * GROUP));
-                for j in 0..BLOCK {
-                    let q = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes(12 * GROUP + j * GROUP)));
-                    let scale = if j < BLOCK / 2 { lo } else { hi };
-                    // Multiply, then add: the rounding of the dequantized value.
-                    add(k + j, _mm512_add_ps(_mm512_mul_ps(q, scale), offset));
-                }
-            }
-        }
+        acc.map(|lanes| {
+            let mut out = [0f32; GROUP];
+            _mm512_storeu_ps(out.as_mut_ptr(), lanes);
+            out
+        })
     }
-    acc.map(|lanes| {
-        let mut out = [0f32; GROUP];
-        _mm512_storeu_ps(out.as_mut_ptr(), lanes);
-        out
-    })
 }

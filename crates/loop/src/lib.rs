@@ -2,6 +2,8 @@
 //! rollouts (attempt → reflect × G → retry), evaluation and the dataset of
 //! failures. It knows nothing of optimizers.
 
+#![forbid(unsafe_code)]
+
 pub mod conversation;
 pub mod eval;
 pub mod mine;

@@ -4,6 +4,8 @@
 //!
 //! It knows nothing about tasks or rewards.
 
+#![forbid(unsafe_code)]
+
 pub mod atomic;
 pub mod cache;
 pub mod chat;

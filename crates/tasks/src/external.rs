@@ -79,12 +79,13 @@ impl Process {
     }
 
     /// Kills the verifier and every process in its group; returns how it
-    /// ended, for the verdict's reason.
+    /// ended, for the verdict's reason. The group is signalled before the
+    /// leader is reaped: until then its pid, and so the group's id, cannot
+    /// be handed to another process.
     fn kill(mut self) -> String {
-        let exited = self.child.try_wait().ok().flatten().or_else(|| {
-            std::thread::sleep(Duration::from_millis(20));
-            self.child.try_wait().ok().flatten()
-        });
+        // A verifier on its way out gets a moment, so that its own exit
+        // status (not our signal) is what the reason reports.
+        std::thread::sleep(Duration::from_millis(20));
         #[cfg(unix)]
         // SAFETY: kill(2) with a negative pid signals the process group
         // the verifier leads; it touches no memory.
@@ -92,10 +93,9 @@ impl Process {
             libc::kill(-(self.child.id() as libc::pid_t), libc::SIGKILL);
         }
         let _ = self.child.kill();
-        let status = exited.or_else(|| self.child.wait().ok());
-        match status {
-            Some(status) => format!(" with {status}"),
-            None => String::new(),
+        match self.child.wait() {
+            Ok(status) => format!(" with {status}"),
+            Err(_) => String::new(),
         }
     }
 }

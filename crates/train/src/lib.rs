@@ -2,6 +2,8 @@
 //! reflection mask, a KL penalty to a frozen reference, AdamW, schedules,
 //! checkpoints and exact resume. It never sees prompts as text.
 
+#![forbid(unsafe_code)]
+
 pub mod checkpoint;
 pub mod config;
 pub mod grpo;
