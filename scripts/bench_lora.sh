@@ -4,7 +4,7 @@
 # models (frozen, packed Q4_K_M base); decoding with packed K8 weights
 # against the same model expanded to f32. One JSON object per line on
 # stdout (each carries the machine). Qwen models come from
-# ../shared/models/fetch.sh; pass which: bash scripts/bench_lora.sh 0.5b 1.5b
+# `r3 fetch`; pass which: bash scripts/bench_lora.sh 0.5b 1.5b
 # With PYTHON set to an interpreter that has torch, transformers and gguf,
 # transformers decodes the same GGUF beside r3 (scripts/bench_transformers.py).
 set -euo pipefail
@@ -15,7 +15,7 @@ train="--batch 4 --group 8 --max-reflection-tokens 128 --max-retry-tokens 128"
 $r3 bench train $train --steps 2
 $r3 bench train $train --steps 2 --use-peft
 for size in "$@"; do
-  model=$(bash ../shared/models/fetch.sh "qwen2.5-coder-$size")
+  model=$($r3 fetch "qwen2.5-coder-$size")
   for batch in 1 8; do
     $r3 bench generate --model "$model" --batch "$batch" --prompt-tokens 128 --new-tokens 64
     $r3 bench generate --model "$model" --batch "$batch" --prompt-tokens 128 --new-tokens 64 --f32

@@ -1,4 +1,4 @@
-//! `r3 generate`, `r3 logits` and `r3 merge`.
+//! `r3 generate`, `r3 logits`, `r3 merge`, `r3 init` and `r3 fetch`.
 
 use std::path::PathBuf;
 
@@ -202,5 +202,38 @@ pub fn init(args: InitArgs) -> Result<()> {
         args.out.display(),
         args.shape.display()
     );
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct FetchArgs {
+    /// The model: smollm2-135m (the default), qwen2.5-coder-0.5b or
+    /// qwen2.5-coder-1.5b; without one, the list and what is cached
+    name: Option<String>,
+}
+
+/// `r3 fetch`: a known model's GGUF into the cache, its path on stdout, so
+/// that scripts can say `--model "$(r3 fetch qwen2.5-coder-1.5b)"` (or
+/// `--model qwen2.5-coder-1.5b`, which fetches the same way).
+pub fn fetch(args: FetchArgs) -> Result<()> {
+    let Some(name) = args.name else {
+        for known in &r3_fetch::MODELS {
+            let cached = known.cached_path();
+            let state = if cached.exists() {
+                "cached"
+            } else {
+                "not fetched"
+            };
+            println!(
+                "{:<20} {:>6} MB  {state:<12} {}",
+                known.name,
+                known.megabytes,
+                cached.display()
+            );
+        }
+        return Ok(());
+    };
+    let known = r3_fetch::known(&name).ok_or(r3_fetch::FetchError::Unknown(name))?;
+    println!("{}", model::fetch_known(known)?.display());
     Ok(())
 }

@@ -178,7 +178,7 @@ pub fn demo(args: DemoArgs) -> Result<()> {
     let overlap = after.second_try.low <= before.second_try.high
         && before.second_try.low <= after.second_try.high;
     if overlap {
-        println!("The 95% intervals overlap; the paired McNemar test above compares the same records and is the sharper test. Twelve steps on 60 records demonstrate the loop; see the README's Results for the long run.");
+        println!("The 95% intervals overlap; the paired McNemar test above compares the same records and is the sharper test. Twelve steps on 60 records demonstrate the loop; see docs/results/arithmetic-smollm2.md for the long run.");
     }
     println!("run directory: {}", args.out.display());
     Ok(())

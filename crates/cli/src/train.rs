@@ -130,10 +130,8 @@ fn task_of(config: &TrainConfig) -> Result<Box<dyn Task>> {
 }
 
 fn model_path(spec: &str) -> Result<PathBuf> {
-    if spec.is_empty() {
-        return Ok(r3_fetch::path()?);
-    }
-    Ok(PathBuf::from(spec))
+    let path = (!spec.is_empty()).then(|| PathBuf::from(spec));
+    crate::model::resolve_model(path.as_deref())
 }
 
 /// Trains to `config.max_steps` and returns the final checkpoint.

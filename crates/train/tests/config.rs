@@ -102,3 +102,41 @@ fn lora_settings_take_peft_names_and_are_checked() {
     assert_eq!(lora.target_modules, ["q_proj", "v_proj"]);
     assert!(TrainConfig::default().lora().unwrap().is_none());
 }
+
+/// docs/config.md lists every key of `TrainConfig` with its default, and
+/// nothing else: a key added, renamed or given a new default fails here
+/// until the manual says so.
+#[test]
+fn the_manual_lists_every_key_with_its_default() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/config.md");
+    let text = std::fs::read_to_string(path).unwrap();
+    let documented: Vec<(String, String)> = text
+        .lines()
+        .filter_map(|line| {
+            let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+            let key = cells.get(1)?.strip_prefix('`')?.strip_suffix('`')?;
+            let default = cells.get(2)?.strip_prefix('`')?.strip_suffix('`')?;
+            Some((key.to_string(), default.to_string()))
+        })
+        .filter(|(key, _)| key != "key")
+        .collect();
+    let defaults = toml::Value::try_from(TrainConfig::default()).unwrap();
+    let defaults = defaults.as_table().unwrap();
+    let mut keys: Vec<&String> = documented.iter().map(|(k, _)| k).collect();
+    keys.sort();
+    // Every field, unset options included (TOML leaves those out).
+    let fields = serde_json::to_value(TrainConfig::default()).unwrap();
+    let mut actual: Vec<&String> = fields.as_object().unwrap().keys().collect();
+    actual.sort();
+    assert_eq!(keys, actual, "docs/config.md and TrainConfig list other keys");
+    for (key, default) in &documented {
+        match defaults.get(key) {
+            None => assert_eq!(default, "(unset)", "{key}"),
+            Some(value) => {
+                let written: toml::Table = toml::from_str(&format!("v = {default}"))
+                    .unwrap_or_else(|e| panic!("{key}: default `{default}` is not TOML: {e}"));
+                assert_eq!(&written["v"], value, "{key}: docs say {default}");
+            }
+        }
+    }
+}

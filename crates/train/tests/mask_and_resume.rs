@@ -111,11 +111,21 @@ fn only_the_reflection_is_trained() {
     let before = production(ids.clone());
     assert_eq!(before.len(), reflection.len());
     let mut other_retry = ids.clone();
-    other_retry[20..].iter_mut().for_each(|t| *t = (*t * 7 + 3) % 260);
-    assert_eq!(production(other_retry), before, "the retry leaked into the loss");
+    other_retry[20..]
+        .iter_mut()
+        .for_each(|t| *t = (*t * 7 + 3) % 260);
+    assert_eq!(
+        production(other_retry),
+        before,
+        "the retry leaked into the loss"
+    );
     let mut other_reflection = ids.clone();
     other_reflection[17] = (ids[17] + 1) % 260;
-    assert_ne!(production(other_reflection), before, "the reflection is not read");
+    assert_ne!(
+        production(other_reflection),
+        before,
+        "the reflection is not read"
+    );
 
     // The efficient path (shared prefix, reflection positions only) computes
     // the same log-probs and the same parameter gradients.

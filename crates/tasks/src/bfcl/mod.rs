@@ -1,5 +1,5 @@
 //! The Berkeley Function Calling Leaderboard's records, read as they are
-//! (`id`, `question`, `function`, `ground_truth`; `../shared/data/bfcl`),
+//! (`id`, `question`, `function`, `ground_truth`; `data/bfcl`),
 //! judged by BFCL's AST checker ([`checker`]). Replies are read as
 //! `--task function-calling` reads them: bare JSON, a code fence or
 //! `<tool_call>` tags holding `{"name", "arguments"}` objects.
