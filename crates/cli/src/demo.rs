@@ -17,6 +17,7 @@ use crate::evaluate::{print_summary, run_eval, run_mine};
 use crate::model::ModelSpec;
 use crate::tasks::write_jsonl;
 use crate::{model, ModelArgs};
+use r3_train::metrics::StepMetrics;
 
 #[derive(Args)]
 pub struct DemoArgs {
@@ -188,19 +189,13 @@ pub fn demo(args: DemoArgs) -> Result<()> {
 /// rewards were mixed (the only ones that train), and the retry success of
 /// the sampled reflections in the first and the last steps.
 fn reward_signal(metrics: &std::path::Path) -> Result<String> {
-    let text = std::fs::read_to_string(metrics)?;
-    let steps: Vec<serde_json::Value> = text
-        .lines()
-        .map(serde_json::from_str)
-        .collect::<std::result::Result<_, _>>()?;
-    let sum = |key: &str| steps.iter().filter_map(|m| m[key].as_f64()).sum::<f64>();
-    let (groups, silent) = (sum("groups"), sum("zero_signal_groups"));
+    let steps: Vec<StepMetrics> = crate::report::read_jsonl(metrics)?;
+    let groups: usize = steps.iter().map(|m| m.groups).sum();
+    let silent: usize = steps.iter().map(|m| m.zero_signal_groups).sum();
+    let (groups, silent) = (groups as f64, silent as f64);
     let half = steps.len().div_ceil(2);
-    let mean = |part: &[serde_json::Value]| {
-        part.iter()
-            .filter_map(|m| m["retry_success"].as_f64())
-            .sum::<f64>()
-            / part.len().max(1) as f64
+    let mean = |part: &[StepMetrics]| {
+        part.iter().map(|m| m.retry_success).sum::<f64>() / part.len().max(1) as f64
     };
     Ok(format!(
         "reward signal: {:.0}% of {} groups had mixed rewards (the rest train nothing); retry success during training {:.1}% in the first {} steps, {:.1}% in the last {}.",

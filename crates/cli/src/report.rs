@@ -7,8 +7,10 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use plotters::prelude::*;
-use r3_loop::stats::mcnemar_exact;
-use serde_json::Value;
+use r3_loop::eval::{EvalSummary, Transcript};
+use r3_loop::stats::{mcnemar_exact, Proportion};
+use r3_train::metrics::StepMetrics;
+use serde::de::DeserializeOwned;
 
 #[derive(Args)]
 pub struct ReportArgs {
@@ -36,17 +38,33 @@ pub fn report(args: ReportArgs) -> Result<()> {
     Ok(())
 }
 
-fn read_json(path: &Path) -> Result<Value> {
+/// A JSON artifact read as the type that wrote it: a missing or renamed
+/// field is an error naming the file, never a silent 0.
+fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))
+    serde_json::from_str(&text).with_context(|| format!("{}: not what r3 writes", path.display()))
+}
+
+/// The rows of a JSON-lines artifact, typed, each error naming `file:line`.
+pub fn read_jsonl<T: DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            serde_json::from_str(l)
+                .with_context(|| format!("{}:{}: not what r3 writes", path.display(), i + 1))
+        })
+        .collect()
 }
 
 /// Markdown comparing two evaluations of the same records: each column's
 /// accuracy with its 95% interval, and for each row the exact McNemar test
 /// on the records where exactly one of the two succeeded.
 pub fn compare(a: &Path, b: &Path) -> Result<String> {
-    let (sa, sb) = (
+    let (sa, sb): (EvalSummary, EvalSummary) = (
         read_json(&a.join("summary.json"))?,
         read_json(&b.join("summary.json"))?,
     );
@@ -58,15 +76,14 @@ pub fn compare(a: &Path, b: &Path) -> Result<String> {
             b.display()
         );
     }
-    let cell = |s: &Value, key: &str| {
-        let p = &s[key];
+    let cell = |p: &Proportion| {
         format!(
             "{:.1}% ({}/{}) [{:.1}, {:.1}]",
-            p["accuracy"].as_f64().unwrap_or(0.0) * 100.0,
-            p["correct"],
-            p["n"],
-            p["low"].as_f64().unwrap_or(0.0) * 100.0,
-            p["high"].as_f64().unwrap_or(0.0) * 100.0
+            p.accuracy * 100.0,
+            p.correct,
+            p.n,
+            p.low * 100.0,
+            p.high * 100.0
         )
     };
     let mut out = format!(
@@ -74,9 +91,9 @@ pub fn compare(a: &Path, b: &Path) -> Result<String> {
         a.display(),
         b.display()
     );
-    for (label, key, pick) in [
-        ("first try", "first_try", 0usize),
-        ("second try", "second_try", 1),
+    for (label, (pa, pb), pick) in [
+        ("first try", (&sa.first_try, &sb.first_try), 0usize),
+        ("second try", (&sa.second_try, &sb.second_try), 1),
     ] {
         let only_a = ta.iter().filter(|(l, o)| o[pick] && !tb[l][pick]).count();
         let only_b = tb.iter().filter(|(l, o)| o[pick] && !ta[l][pick]).count();
@@ -88,33 +105,28 @@ pub fn compare(a: &Path, b: &Path) -> Result<String> {
         };
         out.push_str(&format!(
             "| {label} | {} | {} | {only_a} / {only_b} | {p} |\n",
-            cell(&sa, key),
-            cell(&sb, key),
+            cell(pa),
+            cell(pb),
         ));
     }
     out.push_str(&format!(
         "| fixed by the retry | {} | {} | | |\n",
-        sa["fixed_by_retry"], sb["fixed_by_retry"]
+        sa.fixed_by_retry, sb.fixed_by_retry
     ));
     Ok(out)
 }
 
 /// Per record line of an eval's transcripts: [first try, second try] succeeded.
 fn outcomes(dir: &Path) -> Result<BTreeMap<u64, [bool; 2]>> {
-    let path = dir.join("transcripts.jsonl");
-    let text = std::fs::read_to_string(&path)
-        .with_context(|| format!("cannot read {}", path.display()))?;
-    let mut out = BTreeMap::new();
-    for (i, line) in text.lines().enumerate() {
-        let row: Value = serde_json::from_str(line)
-            .with_context(|| format!("{}:{}: invalid JSON", path.display(), i + 1))?;
-        let success = |turn: &str| row[turn]["verdict"]["success"].as_bool() == Some(true);
-        let (Some(record_line), first) = (row["line"].as_u64(), success("attempt")) else {
-            bail!("{}:{}: no record line number", path.display(), i + 1);
-        };
-        out.insert(record_line, [first, first || success("retry")]);
-    }
-    Ok(out)
+    let rows: Vec<Transcript> = read_jsonl(&dir.join("transcripts.jsonl"))?;
+    Ok(rows
+        .iter()
+        .map(|t| {
+            let first = t.attempt.verdict.success;
+            let retried = t.retry.as_ref().is_some_and(|r| r.verdict.success);
+            (t.line as u64, [first, first || retried])
+        })
+        .collect())
 }
 
 /// Registers a system sans-serif font for chart text (plotters draws text
@@ -155,29 +167,12 @@ pub fn training_report(run: &Path) -> Result<(String, PathBuf)> {
         run.join("train")
     };
     let metrics_path = train_dir.join("metrics.jsonl");
-    let text = std::fs::read_to_string(&metrics_path)
-        .with_context(|| format!("cannot read {}", metrics_path.display()))?;
-    let rows: Vec<Value> = text
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .enumerate()
-        .map(|(i, l)| {
-            serde_json::from_str(l)
-                .with_context(|| format!("{}:{}: invalid JSON", metrics_path.display(), i + 1))
-        })
-        .collect::<Result<_>>()?;
+    let rows: Vec<StepMetrics> = read_jsonl(&metrics_path)?;
     if rows.is_empty() {
         bail!("{}: no steps logged yet", metrics_path.display());
     }
-    let series = |key: &str| -> Vec<(f64, f64)> {
-        rows.iter()
-            .map(|r| {
-                (
-                    r["step"].as_f64().unwrap_or(0.0),
-                    r[key].as_f64().unwrap_or(0.0),
-                )
-            })
-            .collect()
+    let series = |of: fn(&StepMetrics) -> f64| -> Vec<(f64, f64)> {
+        rows.iter().map(|r| (r.step as f64, of(r))).collect()
     };
     register_font()?;
     let png = train_dir.join("training.png");
@@ -185,33 +180,23 @@ pub fn training_report(run: &Path) -> Result<(String, PathBuf)> {
         let root = BitMapBackend::new(&png, (1500, 900)).into_drawing_area();
         root.fill(&WHITE)?;
         let panels = root.split_evenly((2, 3));
-        let charts = [
-            ("reward (= retry success)", "reward_mean"),
-            ("KL to reference (k3)", "kl"),
-            ("loss", "loss"),
-            ("reflection length (tokens)", "reflection_length"),
-            ("throughput (tokens/s)", "tokens_per_s"),
+        let charts: [(&str, fn(&StepMetrics) -> f64); 5] = [
+            ("reward (= retry success)", |m| m.reward_mean),
+            ("KL to reference (k3)", |m| m.kl),
+            ("loss", |m| m.loss),
+            ("reflection length (tokens)", |m| m.reflection_length),
+            ("throughput (tokens/s)", |m| m.tokens_per_s),
         ];
-        for (panel, (title, key)) in panels.iter().zip(charts) {
-            draw_panel(panel, title, &series(key))?;
+        for (panel, (title, of)) in panels.iter().zip(charts) {
+            draw_panel(panel, title, &series(of))?;
         }
-        let groups = series("groups");
-        let zero: Vec<(f64, f64)> = series("zero_signal_groups")
-            .iter()
-            .zip(&groups)
-            .map(|(z, g)| (z.0, z.1 / g.1.max(1.0)))
-            .collect();
+        let zero = series(|m| m.zero_signal_groups as f64 / (m.groups as f64).max(1.0));
         draw_panel(&panels[5], "groups without signal (fraction)", &zero)?;
         root.present()?;
     }
     let first = &rows[0];
     let last = &rows[rows.len() - 1];
-    let mean = |key: &str| {
-        rows.iter()
-            .map(|r| r[key].as_f64().unwrap_or(0.0))
-            .sum::<f64>()
-            / rows.len() as f64
-    };
+    let mean = |of: fn(&StepMetrics) -> f64| rows.iter().map(of).sum::<f64>() / rows.len() as f64;
     let mut md = format!(
         "# r3 training report: {}\n\n![training](training.png)\n\n| | |\n|---|---|\n\
          | steps | {} |\n| reward, first → last step | {:.3} → {:.3} |\n| mean reward | {:.3} |\n\
@@ -219,17 +204,17 @@ pub fn training_report(run: &Path) -> Result<(String, PathBuf)> {
          | seconds per step | {:.1} (generation {:.1}, forward+backward {:.1}, optimizer {:.1}) |\n| tokens/s | {:.0} |\n",
         run.display(),
         rows.len(),
-        first["reward_mean"].as_f64().unwrap_or(0.0),
-        last["reward_mean"].as_f64().unwrap_or(0.0),
-        mean("reward_mean"),
-        mean("kl"),
-        100.0 * mean("zero_signal_groups") / mean("groups").max(1.0),
-        mean("reflection_length"),
-        mean("seconds_step"),
-        mean("seconds_generation"),
-        mean("seconds_forward_backward"),
-        mean("seconds_optimizer"),
-        mean("tokens_per_s"),
+        first.reward_mean,
+        last.reward_mean,
+        mean(|m| m.reward_mean),
+        mean(|m| m.kl),
+        100.0 * mean(|m| m.zero_signal_groups as f64) / mean(|m| m.groups as f64).max(1.0),
+        mean(|m| m.reflection_length),
+        mean(|m| m.seconds_step),
+        mean(|m| m.seconds_generation),
+        mean(|m| m.seconds_forward_backward),
+        mean(|m| m.seconds_optimizer),
+        mean(|m| m.tokens_per_s),
     );
     let (base, trained) = (run.join("eval-base"), run.join("eval-trained"));
     if base.join("summary.json").exists() && trained.join("summary.json").exists() {

@@ -158,17 +158,32 @@ fn countdown_data_is_deterministic_and_verifies() {
     assert!(ok && out.contains(r#""success":true"#), "{out}");
 }
 
+/// Artifacts as r3 writes them (the typed structs, serialised): `report`
+/// reads them back typed, so a renamed or missing field is an error naming
+/// the file, never a silent 0.
 #[test]
 fn report_draws_charts_and_compares_evaluations() {
+    use r3_loop::eval::{EvalSettings, EvalSummary, Transcript};
+    use r3_loop::stats::Proportion;
+    use r3_loop::Attempt;
+    use r3_train::metrics::StepMetrics;
+
     let dir = tempfile::tempdir().unwrap();
     let mut lines = String::new();
     for step in 1..=3 {
-        let m = serde_json::json!({
-            "step": step, "reward_mean": 0.1 * step as f64, "kl": 1e-4 * step as f64, "loss": -0.01,
-            "reflection_length": 40.0 + step as f64, "tokens_per_s": 100.0, "groups": 4, "zero_signal_groups": 1,
-            "seconds_step": 20.0, "seconds_generation": 12.0, "seconds_forward_backward": 6.0, "seconds_optimizer": 1.0,
-        });
-        lines.push_str(&format!("{m}\n"));
+        let m = StepMetrics {
+            step,
+            reward_mean: 0.1 * step as f64,
+            kl: 1e-4 * step as f64,
+            loss: -0.01,
+            reflection_length: 40.0 + step as f64,
+            tokens_per_s: 100.0,
+            groups: 4,
+            zero_signal_groups: 1,
+            seconds_step: 20.0,
+            ..Default::default()
+        };
+        lines.push_str(&format!("{}\n", serde_json::to_string(&m).unwrap()));
     }
     std::fs::write(dir.path().join("metrics.jsonl"), lines).unwrap();
     let (ok, out, err) = r3(&["report", dir.path().to_str().unwrap()]);
@@ -180,29 +195,59 @@ fn report_draws_charts_and_compares_evaluations() {
     let png = std::fs::read(dir.path().join("training.png")).unwrap();
     assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
 
+    let attempt = |ok: bool| Attempt {
+        tokens: vec![1, 2],
+        text: "x".into(),
+        finish: r3_generate::FinishReason::Eos,
+        verdict: if ok {
+            r3_tasks::Verdict::pass()
+        } else {
+            r3_tasks::Verdict::fail("no")
+        },
+    };
     for (name, correct) in [("a", 10), ("b", 15)] {
         let d = dir.path().join(name);
         std::fs::create_dir_all(&d).unwrap();
-        let p = |c: usize| serde_json::json!({"correct": c, "n": 40, "accuracy": c as f64 / 40.0, "low": 0.1, "high": 0.5});
-        let summary = serde_json::json!({"n": 40, "first_try": p(correct), "second_try": p(correct + 2), "fixed_by_retry": 2});
-        std::fs::write(d.join("summary.json"), summary.to_string()).unwrap();
+        let greedy = r3_generate::SamplingParams::default();
+        let summary = EvalSummary {
+            n: 40,
+            first_try_accuracy: correct as f64 / 40.0,
+            second_try_accuracy: (correct + 2) as f64 / 40.0,
+            first_try: Proportion::new(correct, 40),
+            second_try: Proportion::new(correct + 2, 40),
+            fixed_by_retry: 2,
+            settings: EvalSettings {
+                attempt: greedy.clone(),
+                reflection: greedy.clone(),
+                retry: greedy,
+            },
+        };
+        std::fs::write(d.join("summary.json"), serde_json::to_string(&summary).unwrap()).unwrap();
         // Records 1..=correct succeed first try, the next two on the retry.
         let transcripts: String = (1..=40)
             .map(|line: usize| {
-                let verdict = |ok: bool| serde_json::json!({"verdict": {"success": ok}});
                 let fixed = line > correct && line <= correct + 2;
-                let retry = (line > correct).then(|| verdict(fixed));
-                format!("{}\n", serde_json::json!({"line": line, "attempt": verdict(line <= correct), "retry": retry}))
+                let t = Transcript {
+                    line,
+                    record: serde_json::json!({"prompt": "p"}),
+                    attempt: attempt(line <= correct),
+                    reflection: (line > correct).then(|| "r".to_string()),
+                    retry: (line > correct).then(|| attempt(fixed)),
+                };
+                format!("{}\n", serde_json::to_string(&t).unwrap())
             })
             .collect();
         std::fs::write(d.join("transcripts.jsonl"), transcripts).unwrap();
     }
-    let (ok, out, err) = r3(&[
-        "report",
-        "--compare",
-        dir.path().join("a").to_str().unwrap(),
-        dir.path().join("b").to_str().unwrap(),
-    ]);
+    let compare = || {
+        r3(&[
+            "report",
+            "--compare",
+            dir.path().join("a").to_str().unwrap(),
+            dir.path().join("b").to_str().unwrap(),
+        ])
+    };
+    let (ok, out, err) = compare();
     assert!(ok, "{err}");
     assert!(
         out.contains("| first try | 25.0% (10/40)") && out.contains("37.5% (15/40)"),
@@ -217,13 +262,19 @@ fn report_draws_charts_and_compares_evaluations() {
     let b = dir.path().join("b/transcripts.jsonl");
     let text = std::fs::read_to_string(&b).unwrap();
     std::fs::write(&b, text.replace("\"line\":40", "\"line\":41")).unwrap();
-    let (ok, _, err) = r3(&[
-        "report",
-        "--compare",
-        dir.path().join("a").to_str().unwrap(),
-        dir.path().join("b").to_str().unwrap(),
-    ]);
+    let (ok, _, err) = compare();
     assert!(!ok && err.contains("evaluated different records"), "{err}");
+    // A renamed field is named with its file, not read as 0.
+    let summary = dir.path().join("b/summary.json");
+    let text = std::fs::read_to_string(&summary).unwrap();
+    std::fs::write(&summary, text.replace("\"first_try\"", "\"first\"")).unwrap();
+    let (ok, _, err) = compare();
+    assert!(!ok && err.contains("summary.json") && err.contains("first_try"), "{err}");
+    let metrics = dir.path().join("metrics.jsonl");
+    let text = std::fs::read_to_string(&metrics).unwrap();
+    std::fs::write(&metrics, text.replace("\"reward_mean\"", "\"reward\"")).unwrap();
+    let (ok, _, err) = r3(&["report", dir.path().to_str().unwrap()]);
+    assert!(!ok && err.contains("metrics.jsonl:1") && err.contains("reward_mean"), "{err}");
 }
 
 /// Values that used to panic: each is a clear error, or (a token budget

@@ -7,7 +7,7 @@ use candle_core::{Device, Tensor, D};
 use r3_kernels::storage::with_f32_elements;
 use r3_model::{KvCache, Llama, Tokenizer};
 use rayon::prelude::*;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::sampler::{Sampler, SamplingParams};
 use crate::{GenerateError, Result};
@@ -17,7 +17,7 @@ use crate::{GenerateError, Result};
 const PREFILL_CHUNK: usize = 256;
 
 /// Why a row stopped.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FinishReason {
     /// It sampled an end-of-sequence token (kept as the last token).

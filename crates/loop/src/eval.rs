@@ -3,7 +3,7 @@
 
 use r3_generate::SamplingParams;
 use r3_tasks::Record;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::rollout::{Attempt, Failure, Rollouts};
@@ -11,7 +11,7 @@ use crate::stats::Proportion;
 use crate::Result;
 
 /// Sampling of each turn; greedy everywhere by default.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EvalSettings {
     pub attempt: SamplingParams,
     pub reflection: SamplingParams,
@@ -19,7 +19,7 @@ pub struct EvalSettings {
 }
 
 /// What `summary.json` holds.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EvalSummary {
     pub n: usize,
     pub first_try_accuracy: f64,
@@ -32,7 +32,7 @@ pub struct EvalSummary {
 }
 
 /// One line of `transcripts.jsonl`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Transcript {
     /// Line of the record in its file.
     pub line: usize,

@@ -5,10 +5,10 @@
 use std::ops::Range;
 
 use candle_core::Tensor;
-use r3_generate::{Completion, FinishReason, Generator, Sampler, SamplingParams};
+use r3_generate::{Completion, Decoded, FinishReason, Generator, Sampler, SamplingParams};
 use r3_model::{KvCache, Llama, LoadedModel, Message, Tokenizer};
 use r3_tasks::{tools_in_system_turn, Prompts, Task, Verdict};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::conversation::ChatEncoder;
@@ -47,7 +47,7 @@ pub struct Rollouts<'a> {
 }
 
 /// One sampled answer and its verdict.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Attempt {
     pub tokens: Vec<u32>,
     pub text: String,
@@ -259,6 +259,9 @@ impl<'a> Rollouts<'a> {
         Ok(out)
     }
 
+    /// One chunk of failures, in four steps: the conversations up to the
+    /// reflection request, G reflections each from a forked prefix, each
+    /// reflection's cache continued with the retry, and the rollouts.
     fn reflect_and_retry_chunk(
         &self,
         failures: &[Failure<'_>],
@@ -267,12 +270,42 @@ impl<'a> Rollouts<'a> {
         retry: &SamplingParams,
         first_row: u64,
     ) -> Result<Vec<Vec<Rollout>>> {
+        if reflect.max_new_tokens == 0 {
+            return Err(LoopError::Invalid(
+                "a reflection needs a budget of at least one token".into(),
+            ));
+        }
+        let turns = self.reflection_turns(failures)?;
+        let reflections = self.reflect(&turns, group, reflect, retry, first_row)?;
+        let (continuations, retries) = self.retry(
+            reflections.cache,
+            &reflections.completions,
+            &turns,
+            group,
+            retry,
+            first_row,
+        )?;
+        self.assemble(
+            failures,
+            group,
+            &turns,
+            reflections.completions,
+            continuations,
+            retries,
+        )
+    }
+
+    /// Step 1: each failure's ids up to its reflection request (prompt,
+    /// the failed attempt as sampled, the request), and the retry request
+    /// that follows a reflection ended with or without the end-of-turn
+    /// token: both known before any reflection is.
+    fn reflection_turns(&self, failures: &[Failure<'_>]) -> Result<ReflectionTurns> {
         let chat = &self.policy.chat;
         let eos = self.policy.eos_token_ids;
-        let tok = self.policy.tokenizer;
-        // Conversations up to the reflection request, and the prefixes' ids.
-        let mut histories = Vec::with_capacity(failures.len());
-        let mut prefixes = Vec::with_capacity(failures.len());
+        let mut turns = ReflectionTurns {
+            prefixes: Vec::with_capacity(failures.len()),
+            retry_requests: Vec::with_capacity(failures.len()),
+        };
         for f in failures {
             let mut history = self.first_messages(f.record);
             let tools = self.tools(f.record);
@@ -285,47 +318,61 @@ impl<'a> Rollouts<'a> {
                 &self.prompts.reflection,
                 ended_eos,
             )?);
-            let attempt_text = tok.decode(strip_eos(&f.attempt_tokens, eos))?;
+            let attempt_text = self
+                .policy
+                .tokenizer
+                .decode(strip_eos(&f.attempt_tokens, eos))?;
             history.push(Message::new("assistant", attempt_text));
             history.push(Message::new("user", self.prompts.reflection.as_str()));
-            histories.push(history);
-            prefixes.push(ids);
+            let original = self.task.user_prompt(f.record);
+            let retry_text = self.prompts.retry_text(&original);
+            turns.retry_requests.push([
+                chat.next_turn(&history, tools.as_ref(), retry_text, false)?,
+                chat.next_turn(&history, tools.as_ref(), retry_text, true)?,
+            ]);
+            turns.prefixes.push(ids);
         }
-        // The retry request that follows a reflection, as it ended with or
-        // without the end-of-turn token: known before any reflection is.
-        let retry_turns = failures
-            .iter()
-            .zip(&histories)
-            .map(|(f, history)| {
-                let original = self.task.user_prompt(f.record);
-                let retry_text = self.prompts.retry_text(&original);
-                let tools = self.tools(f.record);
-                Ok([
-                    chat.next_turn(history, tools.as_ref(), retry_text, false)?,
-                    chat.next_turn(history, tools.as_ref(), retry_text, true)?,
-                ])
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let longest_turn = retry_turns.iter().flatten().map(Vec::len).max();
-        if reflect.max_new_tokens == 0 {
-            return Err(LoopError::Invalid(
-                "a reflection needs a budget of at least one token".into(),
-            ));
-        }
-        // One cache for both phases: room for the reflection, the retry
-        // request (after the reflection's last token) and the retry.
-        let room = reflect.max_new_tokens + 1 + longest_turn.unwrap_or(0) + retry.max_new_tokens;
-        let (cache, logits) = self.prefill_forked(&prefixes, group, room)?;
-        let samplers = (0..(failures.len() * group) as u64)
+        Ok(turns)
+    }
+
+    /// Step 2: each prefix prefilled once and forked `group` ways into a
+    /// cache with room for the whole second turn, and a reflection sampled
+    /// in every row; the cache is kept for the retries.
+    fn reflect(
+        &self,
+        turns: &ReflectionTurns,
+        group: usize,
+        reflect: &SamplingParams,
+        retry: &SamplingParams,
+        first_row: u64,
+    ) -> Result<Decoded> {
+        let longest_request = turns.retry_requests.iter().flatten().map(Vec::len).max();
+        // Room for the reflection, the retry request (after the
+        // reflection's last token) and the retry.
+        let room = reflect.max_new_tokens + 1 + longest_request.unwrap_or(0) + retry.max_new_tokens;
+        let (cache, logits) = self.prefill_forked(&turns.prefixes, group, room)?;
+        let samplers = (0..(turns.prefixes.len() * group) as u64)
             .map(|r| Sampler::new(reflect, first_row + r))
             .collect();
-        let reflections = self
+        Ok(self
             .generator()
-            .decode(cache, logits, reflect, samplers, true)?;
+            .decode(cache, logits, reflect, samplers, true)?)
+    }
 
-        // Each row continues its own reflection with the retry request.
+    /// Step 3: each row continues its own reflection's cache with the retry
+    /// request (from the reflection's last token, which the cache has not
+    /// seen yet) and samples the retry. Returns each row's continuation and
+    /// retry.
+    fn retry(
+        &self,
+        cache: Option<KvCache>,
+        reflections: &[Completion],
+        turns: &ReflectionTurns,
+        group: usize,
+        retry: &SamplingParams,
+        first_row: u64,
+    ) -> Result<(Vec<Vec<u32>>, Vec<Completion>)> {
         let continuations: Vec<Vec<u32>> = reflections
-            .completions
             .iter()
             .enumerate()
             .map(|(row, completion)| {
@@ -334,12 +381,13 @@ impl<'a> Rollouts<'a> {
                     .tokens
                     .last()
                     .expect("a reflection has at least one token");
+                let request = &turns.retry_requests[row / group][ended_eos as usize];
                 std::iter::once(last)
-                    .chain(retry_turns[row / group][ended_eos as usize].iter().copied())
+                    .chain(request.iter().copied())
                     .collect()
             })
             .collect();
-        let mut cache = reflections.cache.expect("the cache was asked for");
+        let mut cache = cache.expect("the reflections' cache was kept");
         let segments: Vec<&[u32]> = continuations.iter().map(Vec::as_slice).collect();
         let logits = self.generator().prefill(&mut cache, &segments)?;
         let samplers = (0..continuations.len() as u64)
@@ -348,39 +396,53 @@ impl<'a> Rollouts<'a> {
         let retries = self
             .generator()
             .decode(cache, logits, retry, samplers, false)?;
+        Ok((continuations, retries.completions))
+    }
 
+    /// Step 4: each row's ids (prefix, reflection, retry request, retry),
+    /// the reflection's span in them, and the retry judged.
+    fn assemble(
+        &self,
+        failures: &[Failure<'_>],
+        group: usize,
+        turns: &ReflectionTurns,
+        reflections: Vec<Completion>,
+        continuations: Vec<Vec<u32>>,
+        retries: Vec<Completion>,
+    ) -> Result<Vec<Vec<Rollout>>> {
         let mut out: Vec<Vec<Rollout>> = (0..failures.len())
             .map(|_| Vec::with_capacity(group))
             .collect();
-        let rows = reflections
-            .completions
-            .into_iter()
-            .zip(continuations)
-            .zip(retries.completions);
-        for (row, ((reflection, continuation), retry_completion)) in rows.enumerate() {
+        let rows = reflections.into_iter().zip(continuations).zip(retries);
+        for (row, ((reflection, continuation), retry)) in rows.enumerate() {
             let f = row / group;
-            let prefix = &prefixes[f];
+            let prefix = &turns.prefixes[f];
             let mut ids = Vec::with_capacity(
-                prefix.len()
-                    + reflection.tokens.len()
-                    + continuation.len()
-                    + retry_completion.tokens.len(),
+                prefix.len() + reflection.tokens.len() + continuation.len() + retry.tokens.len(),
             );
             ids.extend(prefix);
             ids.extend(&reflection.tokens);
             let reflection_span = prefix.len()..ids.len();
             ids.extend(&continuation[1..]);
-            ids.extend(&retry_completion.tokens);
+            ids.extend(&retry.tokens);
             out[f].push(Rollout {
                 ids,
                 reflection: reflection_span,
                 reflection_text: reflection.text,
                 reflection_finish: reflection.finish,
-                retry: self.judge(failures[f].record, retry_completion)?,
+                retry: self.judge(failures[f].record, retry)?,
             });
         }
         Ok(out)
     }
+}
+
+/// What a chunk's failures bring to their second turn, per failure: the
+/// ids up to the reflection request, and the retry request after a
+/// reflection that ended without (`[0]`) or with (`[1]`) end-of-turn.
+struct ReflectionTurns {
+    prefixes: Vec<Vec<u32>>,
+    retry_requests: Vec<[Vec<u32>; 2]>,
 }
 
 fn strip_eos<'t>(tokens: &'t [u32], eos: &[u32]) -> &'t [u32] {

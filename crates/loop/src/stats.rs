@@ -1,11 +1,11 @@
 //! The statistics an evaluation reports: a proportion with its 95% interval,
 //! and the exact McNemar test that compares two models on the same records.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// A proportion with its 95% Wilson score interval (sound for small n and
 /// for proportions near 0 or 1, where the normal interval is not).
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Proportion {
     pub correct: usize,
     pub n: usize,

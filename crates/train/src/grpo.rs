@@ -1,8 +1,10 @@
-//! GRPO on reflection tokens: where the reward enters (group advantages),
-//! how tokens are weighted, and the clipped objective with a k3 KL penalty
-//! to the reference. (Which tokens are trained: `spans.rs`.)
+//! GRPO on reflection tokens: where the reward enters ([`Group`]: rewards
+//! read once, turned into group advantages), how tokens are weighted, and
+//! the clipped objective with a k3 KL penalty to the reference. (Which
+//! tokens are trained: `spans.rs`.)
 
 use candle_core::Tensor;
+use r3_loop::Rollout;
 use serde::{Deserialize, Serialize};
 
 use crate::Result;
@@ -54,6 +56,35 @@ pub fn group_advantages(rewards: &[f32], scale_rewards: bool) -> Vec<f32> {
 /// A group whose rewards are all equal has zero advantages: no signal.
 pub fn has_signal(rewards: &[f32]) -> bool {
     rewards.iter().any(|&r| r != rewards[0])
+}
+
+/// The G rollouts of one failure: **where the reward enters training**.
+/// Each rollout's reward is read off its retry's verdict once, here, and
+/// everything downstream (advantages, signal, metrics, samples) uses these.
+pub struct Group {
+    pub rollouts: Vec<Rollout>,
+    /// One per rollout: 1 if its retry was verified correct, else 0.
+    pub rewards: Vec<f32>,
+    /// One per rollout, from the group's rewards ([`group_advantages`]).
+    pub advantages: Vec<f32>,
+}
+
+impl Group {
+    /// The group of `rollouts`, their rewards turned into advantages.
+    pub fn new(rollouts: Vec<Rollout>, scale_rewards: bool) -> Self {
+        let rewards: Vec<f32> = rollouts.iter().map(Rollout::reward).collect();
+        Self {
+            advantages: group_advantages(&rewards, scale_rewards),
+            rewards,
+            rollouts,
+        }
+    }
+
+    /// Whether any two rewards differ; a group without signal trains
+    /// nothing and is skipped.
+    pub fn has_signal(&self) -> bool {
+        has_signal(&self.rewards)
+    }
 }
 
 /// The weight of each token of each trained sequence that makes

@@ -3,13 +3,13 @@
 //! estimator.
 
 use r3_loop::Rollout;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::grpo::mean_and_std;
-use crate::spans::Group;
+use crate::grpo::Group;
 
 /// One line of `metrics.jsonl`.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct StepMetrics {
     pub step: usize,
     pub learning_rate: f64,
@@ -41,7 +41,11 @@ impl StepMetrics {
     /// ([`mean_and_std`]).
     pub(crate) fn record_rollouts(&mut self, groups: &[Group]) {
         let rollouts: Vec<&Rollout> = groups.iter().flat_map(|g| &g.rollouts).collect();
-        let rewards: Vec<f64> = rollouts.iter().map(|r| r.reward() as f64).collect();
+        let rewards: Vec<f64> = groups
+            .iter()
+            .flat_map(|g| &g.rewards)
+            .map(|&r| r as f64)
+            .collect();
         (self.reward_mean, self.reward_std) = mean_and_std(&rewards);
         self.retry_success = self.reward_mean;
         self.groups = groups.len();

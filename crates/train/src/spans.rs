@@ -7,37 +7,7 @@
 use r3_loop::Rollout;
 
 use crate::config::TrainOn;
-use crate::grpo::{group_advantages, has_signal, sequence_weights, LossType};
-
-/// The G rollouts of one failure and their advantages.
-pub struct Group {
-    pub rollouts: Vec<Rollout>,
-    /// One per rollout, from the group's rewards ([`group_advantages`]).
-    pub advantages: Vec<f32>,
-}
-
-impl Group {
-    /// The group of `rollouts`, their rewards turned into advantages.
-    pub fn new(rollouts: Vec<Rollout>, scale_rewards: bool) -> Self {
-        let rewards: Vec<f32> = rollouts.iter().map(Rollout::reward).collect();
-        Self {
-            advantages: group_advantages(&rewards, scale_rewards),
-            rollouts,
-        }
-    }
-
-    /// Whether any two rewards differ; a group without signal trains
-    /// nothing and is skipped.
-    pub fn has_signal(&self) -> bool {
-        has_signal(
-            &self
-                .rollouts
-                .iter()
-                .map(Rollout::reward)
-                .collect::<Vec<_>>(),
-        )
-    }
-}
+use crate::grpo::{sequence_weights, Group, LossType};
 
 /// One rollout's trained tokens: `tokens` follow `context` in its ids, and
 /// each of their log-probs enters the loss as `weight × advantage × …`.

@@ -30,20 +30,23 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::checkpoint::{self, Trained, TrainerState};
 use crate::config::TrainConfig;
-use crate::grpo::{grpo_loss, LossStats, Objective, TokenTerms};
+use crate::grpo::{grpo_loss, Group, LossStats, Objective, TokenTerms};
 use crate::metrics::StepMetrics;
 use crate::optim::{clip_scale, global_norm, AdamW, Gradients};
 use crate::score::{span_logprobs, TrainingForward};
-use crate::spans::{trained_spans, Group, TrainedSpan};
+use crate::spans::{trained_spans, TrainedSpan};
 use crate::{Result, TrainError};
 
 mod start;
 pub use start::StartWeights;
 
-/// Log-probs that stay fixed through a step's updates, one tensor per group.
-struct FixedScores {
-    reference: Option<Vec<Tensor>>,
-    old: Option<Vec<Tensor>>,
+/// A trained span with the log-probs of its tokens that stay fixed through
+/// the step's updates: under the reference (for the KL) and under the
+/// policy before its first update (with more than one iteration).
+struct ScoredSpan<'g> {
+    span: TrainedSpan<'g>,
+    reference: Option<Tensor>,
+    old: Option<Tensor>,
 }
 
 pub struct Trainer<'a> {
@@ -145,7 +148,7 @@ impl<'a> Trainer<'a> {
             let spans = trained_spans(&groups, c.train_on, c.loss_type, c.max_completion_length);
             m.trained_tokens = spans.iter().flatten().map(|s| s.tokens.len()).sum();
             // 4. Reference (and old-policy) log-probs, without gradients.
-            let fixed = self
+            let scored = self
                 .fixed_scores(&spans, &mut m)
                 .map_err(TrainError::in_phase(
                     "reference scores",
@@ -153,7 +156,7 @@ impl<'a> Trainer<'a> {
                 ))?;
             for _ in 0..c.num_iterations {
                 // 5. Forward + backward over the trained tokens.
-                self.accumulate_gradients(&spans, &fixed, &mut m)
+                self.accumulate_gradients(&scored, &mut m)
                     .map_err(TrainError::in_phase(
                         "forward and backward",
                         micro_batch.clone(),
@@ -202,16 +205,18 @@ impl<'a> Trainer<'a> {
                 &mut |_| {},
             )?;
             m.seconds_verification += rollouts.verify_seconds.get();
-            for (f, group) in mined.iter().zip(produced) {
+            for (f, rollouts) in mined.iter().zip(produced) {
+                let group = Group::new(rollouts, c.scale_rewards);
                 let room = c.log_completions.saturating_sub(samples.len());
-                samples.extend(group.iter().take(room).map(|r| {
+                let logged = group.rollouts.iter().zip(&group.rewards).take(room);
+                samples.extend(logged.map(|(r, reward)| {
                     serde_json::json!({
                         "step": self.step + 1, "record": f.record, "attempt": f.attempt,
                         "reflection": r.reflection_text, "retry": r.retry.text,
-                        "reward": r.reward(), "reason": r.retry.verdict.reason,
+                        "reward": reward, "reason": r.retry.verdict.reason,
                     })
                 }));
-                groups.push(Group::new(group, c.scale_rewards));
+                groups.push(group);
             }
         }
         drop(snapshot);
@@ -220,36 +225,56 @@ impl<'a> Trainer<'a> {
         Ok((groups, samples))
     }
 
-    /// Log-probs that stay fixed through the step's updates, per group:
-    /// under the frozen reference (for the KL) and, with more than one
-    /// iteration, under the policy before its first update.
-    fn fixed_scores(
+    /// Each group's spans with their fixed log-probs: under the frozen
+    /// reference (for the KL) and, with more than one iteration, under the
+    /// policy before its first update. A group is scored at once (its
+    /// shared prefix runs once), then cut span by span.
+    fn fixed_scores<'g>(
         &self,
-        spans: &[Vec<TrainedSpan<'_>>],
+        spans: &[Vec<TrainedSpan<'g>>],
         m: &mut StepMetrics,
-    ) -> Result<FixedScores> {
+    ) -> Result<Vec<Vec<ScoredSpan<'g>>>> {
         let started = Instant::now();
-        let score_all = |model: &Llama| -> Result<Vec<Tensor>> {
-            spans
-                .iter()
-                .map(|g| span_logprobs(model, g, false))
-                .collect()
-        };
-        let reference = self.reference.as_ref().map(score_all).transpose()?;
-        let old = match self.config.num_iterations > 1 {
-            true => Some(score_all(&self.train_model.detached())?),
-            false => None,
-        };
+        let old_policy = (self.config.num_iterations > 1).then(|| self.train_model.detached());
+        let per_span =
+            |model: Option<&Llama>, group: &[TrainedSpan<'_>]| -> Result<Vec<Option<Tensor>>> {
+                let Some(model) = model else {
+                    return Ok(vec![None; group.len()]);
+                };
+                let all = span_logprobs(model, group, false)?;
+                let mut start = 0;
+                let mut out = Vec::with_capacity(group.len());
+                for span in group {
+                    out.push(Some(all.narrow(0, start, span.tokens.len())?));
+                    start += span.tokens.len();
+                }
+                Ok(out)
+            };
+        let scored = spans
+            .iter()
+            .map(|group| {
+                let reference = per_span(self.reference.as_ref(), group)?;
+                let old = per_span(old_policy.as_ref(), group)?;
+                Ok(group
+                    .iter()
+                    .zip(reference.into_iter().zip(old))
+                    .map(|(&span, (reference, old))| ScoredSpan {
+                        span,
+                        reference,
+                        old,
+                    })
+                    .collect())
+            })
+            .collect::<Result<_>>()?;
         m.seconds_reference = started.elapsed().as_secs_f64();
-        Ok(FixedScores { reference, old })
+        Ok(scored)
     }
 
     /// Sums the gradient of the GRPO loss over every trained span, a
     /// micro-batch of spans at a time; records loss, KL and clipping.
     fn accumulate_gradients(
         &mut self,
-        spans: &[Vec<TrainedSpan<'_>>],
-        fixed: &FixedScores,
+        scored: &[Vec<ScoredSpan<'_>>],
         m: &mut StepMetrics,
     ) -> Result<()> {
         let c = &self.config;
@@ -261,27 +286,21 @@ impl<'a> Trainer<'a> {
         };
         self.grads.zero()?;
         let (mut loss_total, mut stats) = (0f64, LossStats::default());
-        for (gi, group) in spans.iter().enumerate() {
-            let mut offset = 0;
+        for group in scored {
             for batch in group.chunks(c.micro_batch_size) {
-                let n: usize = batch.iter().map(|s| s.tokens.len()).sum();
+                let spans: Vec<TrainedSpan<'_>> = batch.iter().map(|s| s.span).collect();
                 let per_token = |f: fn(&TrainedSpan<'_>) -> f32| -> Vec<f32> {
-                    let each = batch
+                    let each = spans
                         .iter()
                         .map(|s| std::iter::repeat_n(f(s), s.tokens.len()));
                     each.flatten().collect()
                 };
                 let forward =
-                    TrainingForward::new(&self.train_model, batch, c.gradient_checkpointing)?;
+                    TrainingForward::new(&self.train_model, &spans, c.gradient_checkpointing)?;
                 let logprobs = forward.logprobs();
-                let slice = |scores: &Option<Vec<Tensor>>| -> Result<Option<Tensor>> {
-                    Ok(match scores {
-                        Some(s) => Some(s[gi].narrow(0, offset, n)?),
-                        None => None,
-                    })
-                };
-                let old = slice(&fixed.old)?.unwrap_or_else(|| logprobs.detach());
-                let reference = slice(&fixed.reference)?;
+                let old = joined(batch.iter().map(|s| s.old.as_ref()))?
+                    .unwrap_or_else(|| logprobs.detach());
+                let reference = joined(batch.iter().map(|s| s.reference.as_ref()))?;
                 let terms = TokenTerms {
                     logprobs,
                     old_logprobs: &old,
@@ -300,7 +319,6 @@ impl<'a> Trainer<'a> {
                 loss_total += value;
                 stats.add(&batch_stats);
                 forward.backward(&loss, &mut self.grads)?;
-                offset += n;
             }
         }
         m.seconds_forward_backward += started.elapsed().as_secs_f64();
@@ -399,4 +417,14 @@ impl<'a> Trainer<'a> {
             _ => self.save_checkpoint(),
         }
     }
+}
+
+/// A micro-batch's fixed log-probs, joined in its order; `None` where they
+/// were not scored (no reference, or a single iteration).
+fn joined<'s>(parts: impl Iterator<Item = Option<&'s Tensor>>) -> Result<Option<Tensor>> {
+    let parts: Option<Vec<&Tensor>> = parts.collect();
+    Ok(match parts {
+        Some(parts) => Some(Tensor::cat(&parts, 0)?),
+        None => None,
+    })
 }

@@ -128,7 +128,10 @@ fn the_manual_lists_every_key_with_its_default() {
     let fields = serde_json::to_value(TrainConfig::default()).unwrap();
     let mut actual: Vec<&String> = fields.as_object().unwrap().keys().collect();
     actual.sort();
-    assert_eq!(keys, actual, "docs/config.md and TrainConfig list other keys");
+    assert_eq!(
+        keys, actual,
+        "docs/config.md and TrainConfig list other keys"
+    );
     for (key, default) in &documented {
         match defaults.get(key) {
             None => assert_eq!(default, "(unset)", "{key}"),

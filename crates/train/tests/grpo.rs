@@ -2,11 +2,12 @@
 
 use candle_core::{Device, Tensor, Var};
 use r3_train::config::TrainOn;
+use r3_train::grpo::Group;
 use r3_train::grpo::{
     group_advantages, grpo_loss, has_signal, mean_and_std, sequence_weights, LossType, Objective,
     TokenTerms,
 };
-use r3_train::spans::{trained_spans, Group};
+use r3_train::spans::trained_spans;
 
 fn close(a: f64, b: f64) -> bool {
     (a - b).abs() <= 1e-5 * (1.0 + b.abs())

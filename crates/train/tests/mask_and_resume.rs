@@ -10,9 +10,10 @@ use r3_model::lora::Adapter;
 use r3_model::tiny::{max_abs, TinyModel};
 use r3_model::{Architecture, KvCache, Llama};
 use r3_train::config::{TrainConfig, TrainOn};
+use r3_train::grpo::Group;
 use r3_train::grpo::{grpo_loss, LossType, Objective, TokenTerms};
 use r3_train::score::span_logprobs;
-use r3_train::spans::{trained_spans, Group};
+use r3_train::spans::trained_spans;
 use r3_train::trainer::{StartWeights, Trainer};
 
 fn trainable() -> (Llama, Vec<(String, Var)>) {
