@@ -159,6 +159,9 @@ fn register_font() -> Result<()> {
     Ok(())
 }
 
+/// One number of a step, for a chart.
+type Metric = fn(&StepMetrics) -> f64;
+
 /// Charts of a run's metrics.jsonl into training.png, and report.md.
 pub fn training_report(run: &Path) -> Result<(String, PathBuf)> {
     let train_dir = if run.join("metrics.jsonl").exists() {
@@ -171,16 +174,15 @@ pub fn training_report(run: &Path) -> Result<(String, PathBuf)> {
     if rows.is_empty() {
         bail!("{}: no steps logged yet", metrics_path.display());
     }
-    let series = |of: fn(&StepMetrics) -> f64| -> Vec<(f64, f64)> {
-        rows.iter().map(|r| (r.step as f64, of(r))).collect()
-    };
+    let series =
+        |of: Metric| -> Vec<(f64, f64)> { rows.iter().map(|r| (r.step as f64, of(r))).collect() };
     register_font()?;
     let png = train_dir.join("training.png");
     {
         let root = BitMapBackend::new(&png, (1500, 900)).into_drawing_area();
         root.fill(&WHITE)?;
         let panels = root.split_evenly((2, 3));
-        let charts: [(&str, fn(&StepMetrics) -> f64); 5] = [
+        let charts: [(&str, Metric); 5] = [
             ("reward (= retry success)", |m| m.reward_mean),
             ("KL to reference (k3)", |m| m.kl),
             ("loss", |m| m.loss),
@@ -196,7 +198,7 @@ pub fn training_report(run: &Path) -> Result<(String, PathBuf)> {
     }
     let first = &rows[0];
     let last = &rows[rows.len() - 1];
-    let mean = |of: fn(&StepMetrics) -> f64| rows.iter().map(of).sum::<f64>() / rows.len() as f64;
+    let mean = |of: Metric| rows.iter().map(of).sum::<f64>() / rows.len() as f64;
     let mut md = format!(
         "# r3 training report: {}\n\n![training](training.png)\n\n| | |\n|---|---|\n\
          | steps | {} |\n| reward, first → last step | {:.3} → {:.3} |\n| mean reward | {:.3} |\n\

@@ -222,7 +222,11 @@ fn report_draws_charts_and_compares_evaluations() {
                 retry: greedy,
             },
         };
-        std::fs::write(d.join("summary.json"), serde_json::to_string(&summary).unwrap()).unwrap();
+        std::fs::write(
+            d.join("summary.json"),
+            serde_json::to_string(&summary).unwrap(),
+        )
+        .unwrap();
         // Records 1..=correct succeed first try, the next two on the retry.
         let transcripts: String = (1..=40)
             .map(|line: usize| {
@@ -269,12 +273,18 @@ fn report_draws_charts_and_compares_evaluations() {
     let text = std::fs::read_to_string(&summary).unwrap();
     std::fs::write(&summary, text.replace("\"first_try\"", "\"first\"")).unwrap();
     let (ok, _, err) = compare();
-    assert!(!ok && err.contains("summary.json") && err.contains("first_try"), "{err}");
+    assert!(
+        !ok && err.contains("summary.json") && err.contains("first_try"),
+        "{err}"
+    );
     let metrics = dir.path().join("metrics.jsonl");
     let text = std::fs::read_to_string(&metrics).unwrap();
     std::fs::write(&metrics, text.replace("\"reward_mean\"", "\"reward\"")).unwrap();
     let (ok, _, err) = r3(&["report", dir.path().to_str().unwrap()]);
-    assert!(!ok && err.contains("metrics.jsonl:1") && err.contains("reward_mean"), "{err}");
+    assert!(
+        !ok && err.contains("metrics.jsonl:1") && err.contains("reward_mean"),
+        "{err}"
+    );
 }
 
 /// Values that used to panic: each is a clear error, or (a token budget
