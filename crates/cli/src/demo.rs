@@ -8,7 +8,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Args;
 use r3_train::config::TrainConfig;
 
@@ -54,7 +54,7 @@ pub fn demo(args: DemoArgs) -> Result<()> {
             "the demo trains the whole model; --adapter is for eval, mine, generate and logits"
         );
     }
-    std::fs::create_dir_all(&args.out)?;
+    claim_run_directory(&args.out)?;
     let all = r3_tasks::arithmetic::generate(args.eval_records + args.mine_records, 30, args.seed);
     let (held_out, pool) = all.split_at(args.eval_records);
     let eval_path = args.out.join("eval.jsonl");
@@ -144,7 +144,7 @@ pub fn demo(args: DemoArgs) -> Result<()> {
         ..TrainConfig::default()
     };
     config.validate()?;
-    let checkpoint = crate::train::run_train(config, None)?;
+    let checkpoint = crate::train::run_train(config, &r3_train::resume::Start::Fresh)?;
 
     eprintln!("[4/4] evaluating the trained model");
     let trained_spec = ModelSpec {
@@ -182,6 +182,24 @@ pub fn demo(args: DemoArgs) -> Result<()> {
         println!("The 95% intervals overlap; the paired McNemar test above compares the same records and is the sharper test. Twelve steps on 60 records demonstrate the loop; see docs/results/arithmetic-smollm2.md for the long run.");
     }
     println!("run directory: {}", args.out.display());
+    Ok(())
+}
+
+/// The demo replaces its own files in `out` on every run, so `out` must be
+/// empty, new, or a previous demo's (it leaves a `.r3-demo` marker): a
+/// user's directory is never written over.
+fn claim_run_directory(out: &std::path::Path) -> Result<()> {
+    let marker = out.join(".r3-demo");
+    let has_files = std::fs::read_dir(out).is_ok_and(|mut d| d.next().is_some());
+    if has_files && !marker.exists() {
+        anyhow::bail!(
+            "{} holds files that r3 demo did not write; choose another --out",
+            out.display()
+        );
+    }
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    std::fs::write(&marker, "a directory r3 demo writes and rewrites\n")
+        .with_context(|| format!("cannot write {}", marker.display()))?;
     Ok(())
 }
 

@@ -1,13 +1,14 @@
 //! `r3 train`: GRPO on reflection tokens, from a TOML config whose keys
 //! follow TRL's GRPOConfig; `--set key=value` overrides any key.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use r3_tasks::external::ExternalVerifier;
 use r3_tasks::{Prompts, Task};
 use r3_train::config::TrainConfig;
+use r3_train::resume::{self, Start, StartFiles};
 use r3_train::trainer::{StartWeights, Trainer};
 
 use crate::progress::bar;
@@ -84,36 +85,19 @@ pub fn train(args: TrainArgs) -> Result<()> {
     ]
     .concat();
     let config = TrainConfig::load(args.config.as_deref(), &overrides)?;
-    let resume = match args.resume.as_deref().and_then(Path::to_str) {
-        Some(word @ ("last" | "auto")) => {
-            let last = r3_train::checkpoint::last_checkpoint(&config.output_dir)?;
-            match (&last, word) {
-                (None, "last") => bail!(
-                    "--resume last: {} holds no checkpoint yet",
-                    config.output_dir.display()
-                ),
-                // A run killed before its first checkpoint starts again.
-                (None, _) => {
-                    r3_train::checkpoint::discard_logs_without_checkpoints(&config.output_dir)?
-                }
-                _ => {}
-            }
-            last
-        }
-        _ => args.resume.clone(),
-    };
-    if let Some(dir) = &resume {
-        // `auto` makes reruns idempotent: a finished run stays finished.
-        let auto = args.resume.as_deref().and_then(Path::to_str) == Some("auto");
-        if auto && r3_train::checkpoint::read_state(dir)?.step >= config.max_steps {
+    let start = resume::resolve(&config, args.resume.as_deref())?;
+    match &start {
+        Start::Finished(dir) => {
             eprintln!("already trained to max_steps = {}", config.max_steps);
             eprintln!("final checkpoint: {}", dir.display());
             return Ok(());
         }
-        eprintln!("resuming from {}", dir.display());
+        Start::Resume(dir) => eprintln!("resuming from {}", dir.display()),
+        Start::Fresh => {}
     }
-    r3_train::checkpoint::prepare_output_dir(&config.output_dir, resume.is_some(), args.overwrite)?;
-    let checkpoint = run_train(config, resume.as_deref())?;
+    let resuming = matches!(start, Start::Resume(_));
+    r3_train::checkpoint::prepare_output_dir(&config.output_dir, resuming, args.overwrite)?;
+    let checkpoint = run_train(config, &start)?;
     eprintln!("final checkpoint: {}", checkpoint.display());
     Ok(())
 }
@@ -134,8 +118,12 @@ fn model_path(spec: &str) -> Result<PathBuf> {
     crate::model::resolve_model(path.as_deref())
 }
 
-/// Trains to `config.max_steps` and returns the final checkpoint.
-pub fn run_train(config: TrainConfig, resume: Option<&Path>) -> Result<PathBuf> {
+/// Trains to `config.max_steps` from `start` and returns the final checkpoint.
+pub fn run_train(config: TrainConfig, start: &Start) -> Result<PathBuf> {
+    let resume = match start {
+        Start::Resume(dir) => Some(dir.as_path()),
+        Start::Fresh | Start::Finished(_) => None,
+    };
     let task = task_of(&config)?;
     let prompts = match &config.prompts {
         Some(path) => Prompts::from_file(task.as_ref(), path)?,
@@ -147,22 +135,11 @@ pub fn run_train(config: TrainConfig, resume: Option<&Path>) -> Result<PathBuf> 
             config.failures.display()
         )
     })?;
-    // A resumed full fine-tune continues from its checkpoint's weights; a
-    // resumed LoRA run from its base (the adapter comes from the checkpoint).
-    let (policy_path, base_path) = match resume {
-        Some(dir) => {
-            let state = r3_train::checkpoint::resumable_state(dir, &config)?;
-            let base = PathBuf::from(state.base_model);
-            match config.use_peft {
-                true => (base.clone(), base),
-                false => (dir.to_path_buf(), base),
-            }
-        }
-        None => {
-            let p = model_path(&config.model)?;
-            (p.clone(), p)
-        }
+    let files = match resume {
+        Some(dir) => StartFiles::resumed(&config, dir)?,
+        None => StartFiles::fresh(&model_path(&config.model)?),
     };
+    let (policy_path, base_path) = (files.policy, files.base);
     let device = crate::model::open_device(config.device().map_err(anyhow::Error::msg)?)?;
     let mut loaded = r3_model::load(&policy_path)
         .with_context(|| format!("cannot load model {}", policy_path.display()))?;

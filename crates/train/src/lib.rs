@@ -9,6 +9,7 @@ pub mod config;
 pub mod grpo;
 pub mod metrics;
 pub mod optim;
+pub mod resume;
 pub mod score;
 pub mod spans;
 pub mod trainer;
