@@ -1,9 +1,11 @@
 //! Task records from JSONL files, streamed line by line so that a 60k-line
-//! file is never read into one string.
+//! file is never read into one string, or from a JSON array of records (as
+//! xLAM ships its 60k), streamed element by element.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
 
+use serde::de::{Deserializer, SeqAccess, Visitor};
 use serde_json::Value;
 
 use crate::{Task, TaskError};
@@ -11,7 +13,7 @@ use crate::{Task, TaskError};
 /// One record and where it came from.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Record {
-    /// 1-based line in the file.
+    /// 1-based line in a JSONL file, or element of a JSON array.
     pub line: usize,
     pub value: Value,
 }
@@ -50,17 +52,15 @@ pub fn for_each_jsonl_line<E: From<TaskError>>(
     Ok(())
 }
 
-/// Reads every non-blank line of `path` as a JSON object the task accepts.
-/// A bad line is an error naming the file and line, or, with
-/// `skip_invalid`, is skipped and counted.
+/// Reads the records of `path` that the task accepts: a JSONL file (one
+/// object a line), or a JSON array of objects (a file whose first
+/// character is `[`). A bad record is an error naming the file and its
+/// line or element, or, with `skip_invalid`, is skipped and counted.
 pub fn read_records(path: &Path, task: &dyn Task, skip_invalid: bool) -> crate::Result<Records> {
     let mut records = Vec::new();
     let mut skipped = 0;
-    for_each_jsonl_line(path, |line, text| {
+    let mut take = |line: usize, text: Result<Value, String>| -> crate::Result<()> {
         let checked = text
-            .and_then(|t| {
-                serde_json::from_str::<Value>(t).map_err(|e| format!("invalid JSON: {e}"))
-            })
             .and_then(|value| match value.is_object() {
                 true => Ok(value),
                 false => Err("expected a JSON object".to_string()),
@@ -78,8 +78,84 @@ pub fn read_records(path: &Path, task: &dyn Task, skip_invalid: bool) -> crate::
             }
         }
         Ok(())
-    })?;
+    };
+    if starts_with_bracket(path)? {
+        for_each_array_element(path, |element, value| take(element, Ok(value)))?;
+    } else {
+        for_each_jsonl_line(path, |line, text| {
+            let value = text.and_then(|t| {
+                serde_json::from_str::<Value>(t).map_err(|e| format!("invalid JSON: {e}"))
+            });
+            take(line, value)
+        })?;
+    }
     Ok(Records { records, skipped })
+}
+
+fn io_error(path: &Path) -> impl Fn(std::io::Error) -> TaskError + '_ {
+    move |source| TaskError::Io {
+        path: path.display().to_string(),
+        cause: source,
+    }
+}
+
+/// Whether the file's first non-blank byte is `[`: a JSON array.
+fn starts_with_bracket(path: &Path) -> crate::Result<bool> {
+    let file = std::fs::File::open(path).map_err(io_error(path))?;
+    for byte in BufReader::new(file).bytes() {
+        match byte.map_err(io_error(path))? {
+            b' ' | b'\t' | b'\r' | b'\n' => continue,
+            first => return Ok(first == b'['),
+        }
+    }
+    Ok(false)
+}
+
+/// Calls `each(element, value)` for every element of the JSON array in
+/// `path` (1-based), deserialising one element at a time so that the array
+/// is never held whole. Malformed JSON is an error naming the element it
+/// stopped in; `each`'s first error stops the walk.
+pub fn for_each_array_element(
+    path: &Path,
+    each: impl FnMut(usize, Value) -> crate::Result<()>,
+) -> crate::Result<()> {
+    struct Elements<F> {
+        each: F,
+        done: usize,
+        failed: Option<TaskError>,
+    }
+    impl<'de, F: FnMut(usize, Value) -> crate::Result<()>> Visitor<'de> for &mut Elements<F> {
+        type Value = ();
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON array of records")
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+            while let Some(value) = seq.next_element::<Value>()? {
+                self.done += 1;
+                if let Err(e) = (self.each)(self.done, value) {
+                    self.failed = Some(e);
+                    return Ok(());
+                }
+            }
+            Ok(())
+        }
+    }
+    let file = std::fs::File::open(path).map_err(io_error(path))?;
+    let mut reader = serde_json::Deserializer::from_reader(BufReader::new(file));
+    let mut elements = Elements {
+        each,
+        done: 0,
+        failed: None,
+    };
+    let walked = (&mut reader).deserialize_seq(&mut elements);
+    if let Some(failed) = elements.failed {
+        return Err(failed);
+    }
+    walked.and_then(|_| reader.end()).map_err(|e| TaskError::Record {
+        path: path.display().to_string(),
+        line: elements.done + 1,
+        message: format!("invalid JSON in the array (element {}): {e}", elements.done + 1),
+    })
 }
 
 /// The `prompt` string of a plain record (answer tasks, external verifiers).
