@@ -115,6 +115,31 @@ pub struct GenerateBench {
     /// baseline the packed kernels are measured against
     #[arg(long)]
     f32: bool,
+    /// Seconds spent measuring each of the machine's limits (GEMM rate,
+    /// memory read rate) before the work; 0 skips them
+    #[arg(long, default_value_t = 1.0)]
+    limit_seconds: f64,
+}
+
+/// The machine's limits, measured on the CPU before the work they judge.
+struct Limits {
+    gemm_gflops: f64,
+    read_gb_per_s: f64,
+}
+
+impl Limits {
+    /// Measures both, `seconds` each: a 1024³ product through r3's gemm
+    /// entry on every thread, and a 512 MiB read.
+    fn measure(seconds: f64) -> Option<Self> {
+        if seconds <= 0.0 {
+            return None;
+        }
+        let threads = candle_core::utils::get_num_threads();
+        Some(Self {
+            gemm_gflops: r3_kernels::machine::gemm_gflops(1024, seconds, threads),
+            read_gb_per_s: r3_kernels::machine::read_gb_per_s(512 << 20, seconds),
+        })
+    }
 }
 
 pub fn run(command: BenchCommand) -> Result<()> {
@@ -168,6 +193,36 @@ fn machine() -> serde_json::Value {
     })
 }
 
+/// The work a generation bench asks of the machine, counted exactly from
+/// the model's shape ([`r3_model::ModelConfig::token_flops`]).
+struct GenerateWork {
+    prefill_flops: f64,
+    decode_flops: f64,
+    decode_bytes: f64,
+}
+
+impl GenerateWork {
+    const FORMULA: &'static str = "prefill: rows × (Σ_{i=1..P} token_flops(i) + head_flops); decode: rows × Σ_{j=1..N} (token_flops(P+j) + head_flops) FLOPs, and Σ_{j=1..N} (weight_bytes_per_step + rows × kv_bytes(P+j)) bytes; token_flops(c) = layers × (2h(q+2kv) + 2qh + 6h·mlp + 4q·c), head_flops = 2h·vocab";
+
+    fn of(model: &model::Model, rows: usize, prompt: usize, new_tokens: usize) -> Self {
+        let c = &model.loaded.config;
+        let rows_f = rows as f64;
+        let prefill: f64 = (1..=prompt).map(|i| c.token_flops(i)).sum::<f64>() + c.head_flops();
+        let value_bytes = model.llama.dtype().size_in_bytes();
+        let weights = model.llama.weight_bytes_per_step() as f64;
+        let (mut flops, mut bytes) = (0f64, 0f64);
+        for j in 1..=new_tokens {
+            flops += c.token_flops(prompt + j) + c.head_flops();
+            bytes += weights + rows_f * c.kv_bytes(prompt + j, value_bytes) as f64;
+        }
+        Self {
+            prefill_flops: rows_f * prefill,
+            decode_flops: rows_f * flops,
+            decode_bytes: bytes,
+        }
+    }
+}
+
 /// A prompt of exactly `n` tokens: a chat about a repeated text, cut to size.
 fn synthetic_prompt(model: &model::Model, n: usize) -> Result<Vec<u32>> {
     let filler = "Reflect on what went wrong, then try again with care. ".repeat(n / 8 + 8);
@@ -206,6 +261,11 @@ fn generate(args: GenerateBench) -> Result<()> {
     }
     model.loaded.weights = Default::default();
     crate::release_freed_memory();
+    // The limits are the CPU's: a GPU run reports none.
+    let limits = match model.llama.device().is_cpu() {
+        true => Limits::measure(args.limit_seconds),
+        false => None,
+    };
     let prompt = synthetic_prompt(&model, args.prompt_tokens)?;
     let prompts: Vec<&[u32]> = vec![prompt.as_slice(); args.batch];
     // No end-of-sequence ids: every row decodes the full budget.
@@ -242,9 +302,20 @@ fn generate(args: GenerateBench) -> Result<()> {
         .with_context(oom_hint)?;
     let decode_s = start.elapsed().as_secs_f64();
     let decoded: usize = out.completions.iter().map(|c| c.tokens.len()).sum();
+    let work = GenerateWork::of(&model, args.batch, args.prompt_tokens, args.new_tokens);
+    let fraction = |amount: f64, seconds: f64, limit: Option<f64>| {
+        limit.map(|limit| amount / seconds / (limit * 1e9))
+    };
+    let gemm = limits.as_ref().map(|l| l.gemm_gflops);
+    let read = limits.as_ref().map(|l| l.read_gb_per_s);
+    let decode_bandwidth = fraction(work.decode_bytes, decode_s, read);
+    let decode_compute = fraction(work.decode_flops, decode_s, gemm);
+    let mut machine = machine();
+    machine["gemm_gflops"] = gemm.into();
+    machine["read_gb_per_s"] = read.into();
     let report = serde_json::json!({
         "bench": "generate",
-        "machine": machine(),
+        "machine": machine,
         "device": r3_model::device_name(model.llama.device()),
         "dtype": format!("{:?}", model.llama.dtype()),
         "model": model.loaded.path,
@@ -260,6 +331,18 @@ fn generate(args: GenerateBench) -> Result<()> {
         "decode_seconds": decode_s,
         "decode_tokens_per_s": decoded as f64 / decode_s,
         "peak_rss_bytes": peak_rss_bytes(),
+        "work": {
+            "weight_bytes_per_step": model.llama.weight_bytes_per_step(),
+            "prefill_flops": work.prefill_flops,
+            "decode_flops": work.decode_flops,
+            "decode_bytes": work.decode_bytes,
+            "formula": GenerateWork::FORMULA,
+        },
+        "prefill_fraction_of_limit": fraction(work.prefill_flops, prefill_s, gemm),
+        "decode_bandwidth_fraction": decode_bandwidth,
+        "decode_compute_fraction": decode_compute,
+        // The limit that binds: bandwidth at small batches, compute at large.
+        "decode_fraction_of_limit": decode_bandwidth.zip(decode_compute).map(|(b, c)| b.max(c)),
     });
     println!("{report}");
     Ok(())

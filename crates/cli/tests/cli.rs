@@ -392,10 +392,29 @@ fn bench_generate_runs_a_random_init_shape() {
         "16",
         "--new-tokens",
         "5",
+        "--limit-seconds",
+        "0.05",
     ]);
     assert!(ok, "{err}");
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(v["model"], config, "{v}");
+    // The machine's limits, and each phase as a fraction of its limit.
+    for key in ["gemm_gflops", "read_gb_per_s"] {
+        assert!(
+            v["machine"][key].as_f64().is_some_and(|x| x > 0.0),
+            "{key}: {v}"
+        );
+    }
+    for key in ["prefill_fraction_of_limit", "decode_fraction_of_limit"] {
+        assert!(v[key].as_f64().is_some_and(|x| x > 0.0), "{key}: {v}");
+    }
+    // The exact count for this shape: h = 64, q = 64, kv = 32, mlp = 128,
+    // 2 layers, vocabulary 49200; 16 prompt tokens, one row.
+    let token = |c: f64| {
+        2.0 * (2.0 * 64.0 * 128.0 + 2.0 * 64.0 * 64.0 + 6.0 * 64.0 * 128.0 + 4.0 * 64.0 * c)
+    };
+    let prefill: f64 = (1..=16).map(|i| token(i as f64)).sum::<f64>() + 2.0 * 64.0 * 49200.0;
+    assert_eq!(v["work"]["prefill_flops"].as_f64().unwrap(), prefill, "{v}");
     // A shape whose vocabulary is smaller than the tokenizer's is refused.
     let small = dir.path().join("small.json");
     std::fs::write(&small, shape.to_string().replace("49200", "1000")).unwrap();

@@ -236,7 +236,13 @@ fn a_mining_output_has_one_writer() {
 fn the_demo_writes_only_into_its_own_directory() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("notes.txt"), "mine").unwrap();
-    let (ok, _, err) = r3(&["demo", "--out", dir.path().to_str().unwrap(), "--steps", "1"]);
+    let (ok, _, err) = r3(&[
+        "demo",
+        "--out",
+        dir.path().to_str().unwrap(),
+        "--steps",
+        "1",
+    ]);
     assert!(!ok && err.contains("did not write"), "{err}");
     let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
     assert_eq!(names.len(), 1);

@@ -14,6 +14,7 @@ pub mod frozen;
 pub mod gemm;
 pub mod kquants;
 pub mod level;
+pub mod machine;
 pub mod matmul;
 pub mod packed;
 mod register_avx2;

@@ -179,6 +179,11 @@ impl PackedMatrix {
         self.cols
     }
 
+    /// Bytes a product reads: the records, padding rows included.
+    pub fn bytes(&self) -> usize {
+        self.data.len()
+    }
+
     pub fn encoding(&self) -> Encoding {
         self.encoding
     }

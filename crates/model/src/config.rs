@@ -279,6 +279,32 @@ impl ModelConfig {
             .checked_add(h)
     }
 
+    /// FLOPs (2 per multiply-add) of the matrix products one token's pass
+    /// through the layers takes when it attends to `context` keys (itself
+    /// included), per layer summed: q/k/v `2h(q + 2kv)`, output `2qh`, the
+    /// MLP `6h·mlp`, attention scores and values `4q·context`, where
+    /// `q = heads·head_dim` and `kv = kv_heads·head_dim`. The output head
+    /// is [`Self::head_flops`], counted where logits are computed.
+    pub fn token_flops(&self, context: usize) -> f64 {
+        let (h, mlp) = (self.hidden_size as f64, self.intermediate_size as f64);
+        let q = (self.num_heads * self.head_dim) as f64;
+        let kv = (self.num_kv_heads * self.head_dim) as f64;
+        let per_layer =
+            2.0 * h * (q + 2.0 * kv) + 2.0 * q * h + 6.0 * h * mlp + 4.0 * q * context as f64;
+        per_layer * self.num_layers as f64
+    }
+
+    /// FLOPs of the output head for one position: `2·h·vocab`.
+    pub fn head_flops(&self) -> f64 {
+        2.0 * self.hidden_size as f64 * self.vocab_size as f64
+    }
+
+    /// Bytes of keys and values one row's decode step reads at `context`
+    /// positions, in `bytes_per_value`.
+    pub fn kv_bytes(&self, context: usize, bytes_per_value: usize) -> usize {
+        2 * self.num_layers * self.num_kv_heads * self.head_dim * context * bytes_per_value
+    }
+
     /// Inverse rotary frequencies, one per pair of head dimensions, with the
     /// model's scaling applied: computed once so that every forward agrees.
     pub fn inv_freq(&self) -> Vec<f32> {

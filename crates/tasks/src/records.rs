@@ -151,11 +151,16 @@ pub fn for_each_array_element(
     if let Some(failed) = elements.failed {
         return Err(failed);
     }
-    walked.and_then(|_| reader.end()).map_err(|e| TaskError::Record {
-        path: path.display().to_string(),
-        line: elements.done + 1,
-        message: format!("invalid JSON in the array (element {}): {e}", elements.done + 1),
-    })
+    walked
+        .and_then(|_| reader.end())
+        .map_err(|e| TaskError::Record {
+            path: path.display().to_string(),
+            line: elements.done + 1,
+            message: format!(
+                "invalid JSON in the array (element {}): {e}",
+                elements.done + 1
+            ),
+        })
 }
 
 /// The `prompt` string of a plain record (answer tasks, external verifiers).

@@ -201,21 +201,38 @@ fn json_arrays_read_like_jsonl() {
         json!({"nums": [2, 3], "target": 6}),
     ];
     let array = dir.path().join("data.json");
-    std::fs::write(&array, format!("\n  {}", serde_json::to_string_pretty(&records).unwrap())).unwrap();
+    std::fs::write(
+        &array,
+        format!("\n  {}", serde_json::to_string_pretty(&records).unwrap()),
+    )
+    .unwrap();
     let lines = dir.path().join("data.jsonl");
     std::fs::write(&lines, format!("{}\n{}\n", records[0], records[1])).unwrap();
     let from_array = read_records(&array, task.as_ref(), false).unwrap().records;
-    assert_eq!(from_array, read_records(&lines, task.as_ref(), false).unwrap().records);
+    assert_eq!(
+        from_array,
+        read_records(&lines, task.as_ref(), false).unwrap().records
+    );
 
     let with_bad = json!([records[0], {"nums": "x"}, 7, records[1]]);
     std::fs::write(&array, with_bad.to_string()).unwrap();
-    let e = read_records(&array, task.as_ref(), false).unwrap_err().to_string();
+    let e = read_records(&array, task.as_ref(), false)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("data.json:2:") && e.contains("nums"), "{e}");
     let read = read_records(&array, task.as_ref(), true).unwrap();
     assert_eq!(read.skipped, 2);
-    assert_eq!(read.records.iter().map(|r| r.line).collect::<Vec<_>>(), vec![1, 4]);
+    assert_eq!(
+        read.records.iter().map(|r| r.line).collect::<Vec<_>>(),
+        vec![1, 4]
+    );
 
     std::fs::write(&array, format!("[{}, {}", records[0], "{\"nums\": [1,")).unwrap();
-    let e = read_records(&array, task.as_ref(), false).unwrap_err().to_string();
-    assert!(e.contains("data.json:2:") && e.contains("invalid JSON in the array"), "{e}");
+    let e = read_records(&array, task.as_ref(), false)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("data.json:2:") && e.contains("invalid JSON in the array"),
+        "{e}"
+    );
 }

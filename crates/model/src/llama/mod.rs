@@ -265,6 +265,28 @@ impl Llama {
         layers + ends
     }
 
+    /// Bytes of weights one decode step reads, whatever the batch: every
+    /// projection in the encoding it is kept in, and the output head (an
+    /// embedding lookup reads one row, nothing to count). The numerator of
+    /// decoding's fraction of the memory bandwidth.
+    pub fn weight_bytes_per_step(&self) -> usize {
+        let layers: usize = self
+            .layers
+            .iter()
+            .flat_map(DecoderLayer::linears)
+            .map(|linear| match &linear.weight {
+                ProjectionWeight::Packed(parts) => parts.iter().map(|p| p.bytes()).sum(),
+                ProjectionWeight::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
+            })
+            .sum();
+        let head = match (&self.lm_head_t, &self.lm_head) {
+            (Some(t), _) => t.elem_count() * t.dtype().size_in_bytes(),
+            (None, Some(head)) => head.bytes(),
+            (None, None) => self.embed_tokens.bytes(),
+        };
+        layers + head
+    }
+
     /// The device the decoder runs on.
     pub fn device(&self) -> &Device {
         &self.device

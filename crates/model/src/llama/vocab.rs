@@ -96,6 +96,14 @@ impl VocabTable {
         }
     }
 
+    /// Bytes a product with the whole table reads (the output head).
+    pub(super) fn bytes(&self) -> usize {
+        match self {
+            Self::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
+            Self::Packed(parts) => parts.iter().map(|p| p.bytes()).sum(),
+        }
+    }
+
     /// Weights read in their file's encoding.
     pub(super) fn packed_weights(&self) -> usize {
         match self {
