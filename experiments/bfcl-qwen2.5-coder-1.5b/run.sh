@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# R3 at the paper's smallest scale: Qwen2.5-Coder-1.5B-Instruct (Q4_K_M
+# GGUF, `r3 fetch qwen2.5-coder-1.5b`), LoRA r = 16 on every linear
+# projection of the frozen, packed base, on BFCL function calling with the
+# paper's generic reflection prompt.
+#
+# Why BFCL (the pilot, docs/results/bfcl-qwen2.5-coder-1.5b.md): greedy, the
+# model solves 20/20 simple_python and multiple records and 0/20 parallel
+# and parallel_multiple ones, always making one call where two to four are
+# asked for, and its greedy retry repeats the attempt (second try = first).
+# Some reflections list every call, and a retry copies a reflection that
+# writes the answer out: the signal R3 needs. On Countdown (3-4 numbers,
+# answer only) it scored 0/60 on both tries.
+#
+# Split by line within each category file, fixed, never overlapping:
+#   held out (200, never mined or trained on): simple_python n % 8 == 1,
+#     multiple, parallel and parallel_multiple n % 4 == 1 (50 each);
+#   mined (200): simple_python n % 8 == 5, the other three n % 4 == 3.
+# Forgetting: first try on 100 Countdown puzzles and 100 arithmetic
+# records, before and after.
+#
+# Resumable anywhere: every finished evaluation and the mined failures are
+# kept, training continues with --resume auto; rerun the same command.
+#   bash experiments/bfcl-qwen2.5-coder-1.5b/run.sh [OUT]
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/../.." && pwd)
+OUT=${1:-$root/runs/bfcl-qwen2.5-coder-1.5b}
+R=${R:-$root/target/release/r3}
+TASK=bfcl
+MODEL=$("$R" fetch qwen2.5-coder-1.5b)
+ATTEMPT_TOKENS=256
+REFLECTION_TOKENS=192
+PROMPTS=""
+TRAIN=$here/train.toml
+source "$root/experiments/lib.sh"
+
+start
+split() {
+    : >"$OUT/heldout.jsonl.new"
+    : >"$OUT/train.jsonl.new"
+    for category in simple_python multiple parallel parallel_multiple; do
+        file=$root/data/bfcl/$category.jsonl
+        if [[ $category == simple_python ]]; then
+            awk 'NR % 8 == 1' "$file" >>"$OUT/heldout.jsonl.new"
+            awk 'NR % 8 == 5' "$file" >>"$OUT/train.jsonl.new"
+        else
+            awk 'NR % 4 == 1' "$file" >>"$OUT/heldout.jsonl.new"
+            awk 'NR % 4 == 3' "$file" >>"$OUT/train.jsonl.new"
+        fi
+    done
+    mv "$OUT/heldout.jsonl.new" "$OUT/heldout.jsonl"
+    mv "$OUT/train.jsonl.new" "$OUT/train.jsonl"
+}
+split
+"$R" data arithmetic --count 100 --seed 303 --out "$OUT/forget-arithmetic.jsonl" --overwrite
+"$R" data countdown --count 100 --seed 1505 --out "$OUT/forget-countdown.jsonl" --overwrite
+
+# Mining and training first: the first steps' zero-signal groups are the
+# trainable fraction the pilot asks for.
+mine "$OUT/train.jsonl" 4
+checkpoint=$(train)
+evaluate eval-base "$MODEL" "$OUT/heldout.jsonl"
+evaluate eval-trained "$checkpoint" "$OUT/heldout.jsonl"
+evaluate forget-base "$MODEL" "$OUT/forget-arithmetic.jsonl" answer 16 64
+evaluate forget-trained "$checkpoint" "$OUT/forget-arithmetic.jsonl" answer 16 64
+evaluate forget-countdown-base "$MODEL" "$OUT/forget-countdown.jsonl" countdown 64 128
+evaluate forget-countdown-trained "$checkpoint" "$OUT/forget-countdown.jsonl" countdown 64 128
+table
+"$R" report --compare "$OUT/forget-countdown-base" "$OUT/forget-countdown-trained" >>"$OUT/results.md"
