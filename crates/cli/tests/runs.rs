@@ -283,6 +283,7 @@ fn lora_adapters_train_load_and_merge() {
         "max_completion_length=4".into(),
         "retry_max_tokens=4".into(),
         "learning_rate=0.05".into(),
+        "report_to=tensorboard".into(),
     ];
     let mut args = vec![
         "train".to_string(),
@@ -297,6 +298,9 @@ fn lora_adapters_train_load_and_merge() {
     let (ok, _, err) = r3_in(dir.path(), &args);
     assert!(ok, "{err}");
     let checkpoint = path("run/checkpoint-2");
+    // Live curves: one TensorBoard event file, written during the run.
+    let events: Vec<_> = std::fs::read_dir(path("run/runs")).unwrap().collect();
+    assert_eq!(events.len(), 1);
     let config = std::fs::read_to_string(format!("{checkpoint}/adapter_config.json")).unwrap();
     let absolute = std::fs::canonicalize(&model).unwrap();
     assert!(

@@ -115,6 +115,10 @@ pub struct TrainConfig {
     /// every product, f32 master weights and AdamW moments (LoRA: a bf16
     /// frozen base, f32 adapters).
     pub dtype: String,
+    /// Where live curves go besides `metrics.jsonl` (TRL's key): `"none"`
+    /// or `"tensorboard"` (event files under `output_dir/runs/`).
+    #[serde(deserialize_with = "one_or_many")]
+    pub report_to: Vec<String>,
 }
 
 /// A string or a list of strings, as PEFT's `target_modules` accepts.
@@ -183,6 +187,7 @@ impl Default for TrainConfig {
             adapter: None,
             device: "auto".into(),
             dtype: "f32".into(),
+            report_to: vec!["none".into()],
         }
     }
 }
@@ -260,6 +265,15 @@ impl TrainConfig {
         }
         if !(self.learning_rate > 0.0 && self.learning_rate.is_finite()) {
             return bad("learning_rate", "must be a positive number");
+        }
+        if let Some(other) = self
+            .report_to
+            .iter()
+            .find(|r| !matches!(r.as_str(), "none" | "tensorboard"))
+        {
+            return Err(TrainError::Config(format!(
+                "'report_to' = {other:?}: r3 reports to \"tensorboard\" (event files under output_dir/runs/) or \"none\"; metrics.jsonl is always written"
+            )));
         }
         if let Err(why) = self.device() {
             return bad("device", &why);
@@ -340,12 +354,13 @@ impl TrainConfig {
     /// Settings a resumed run may change: how long it runs, what it writes
     /// where, and on which device. Any other change would continue another run than the
     /// one checkpointed.
-    pub const CHANGEABLE_ON_RESUME: [&'static str; 5] = [
+    pub const CHANGEABLE_ON_RESUME: [&'static str; 6] = [
         "max_steps",
         "save_steps",
         "log_completions",
         "output_dir",
         "device",
+        "report_to",
     ];
 
     /// The settings, other than [`Self::CHANGEABLE_ON_RESUME`], on which

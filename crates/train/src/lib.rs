@@ -12,6 +12,7 @@ pub mod optim;
 pub mod resume;
 pub mod score;
 pub mod spans;
+pub mod tensorboard;
 pub mod trainer;
 
 #[derive(Debug, thiserror::Error)]

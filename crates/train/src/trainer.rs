@@ -35,6 +35,7 @@ use crate::metrics::StepMetrics;
 use crate::optim::{clip_scale, global_norm, AdamW, Gradients};
 use crate::score::{span_logprobs, TrainingForward};
 use crate::spans::{trained_spans, TrainedSpan};
+use crate::tensorboard::EventWriter;
 use crate::{Result, TrainError};
 
 mod start;
@@ -391,9 +392,19 @@ impl<'a> Trainer<'a> {
         // Lines past the checkpoint a resumed run starts from are redone.
         checkpoint::trim_logs(&dir, self.step)?;
         let (mut metrics, mut samples) = (open("metrics.jsonl")?, open("samples.jsonl")?);
+        let mut tensorboard = match self.config.report_to.iter().any(|r| r == "tensorboard") {
+            true => Some(EventWriter::create(
+                &dir.join("runs"),
+                (self.step > 0).then_some(self.step),
+            )?),
+            false => None,
+        };
         let mut last = None;
         while self.step < self.config.max_steps {
             let (m, transcripts) = self.train_step()?;
+            if let Some(events) = &mut tensorboard {
+                events.step(&m)?;
+            }
             let line = serde_json::to_string(&m).expect("serialisable");
             writeln!(metrics, "{line}")
                 .and_then(|_| metrics.flush())
