@@ -63,8 +63,10 @@ struct Cli {
 /// Which model to run; the default model is fetched on first use.
 #[derive(Args, Clone)]
 pub struct ModelArgs {
-    /// An HF model directory, a GGUF file, or a LoRA adapter directory
-    /// (loaded on its base) [default: SmolLM2-135M-Instruct]
+    /// An HF model directory, a GGUF file, a LoRA adapter directory (loaded
+    /// on its base), a Hugging Face id (org/name[@revision][:file.gguf],
+    /// from the shared HF cache) or a name `r3 fetch` knows
+    /// [default: SmolLM2-135M-Instruct]
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// A PEFT LoRA adapter directory to apply on the model

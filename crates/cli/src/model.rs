@@ -170,20 +170,26 @@ pub fn load_base(path: Option<&Path>) -> Result<LoadedModel> {
     r3_model::load(&path).with_context(|| format!("cannot load model {}", path.display()))
 }
 
-/// The file or directory a `--model` names: the path itself, or a model
-/// r3 knows by name (`qwen2.5-coder-1.5b`, see `r3 fetch`) and the default
-/// model when `None`, fetched once into the cache. A path that exists wins
-/// over a name.
+/// The file or directory a `--model` names: the path itself; a model r3
+/// knows by name (`qwen2.5-coder-1.5b`, see `r3 fetch`) and the default
+/// model when `None`, fetched once into r3's cache; or a Hugging Face id
+/// (`org/name[@revision][:file.gguf]`) from the shared HF cache, downloaded
+/// there if missing and allowed. A path that exists wins over a name.
 pub fn resolve_model(path: Option<&Path>) -> Result<PathBuf> {
-    let known = match path {
-        None => &r3_fetch::MODELS[0],
-        Some(path) if path.exists() => return Ok(path.to_path_buf()),
-        Some(path) => match path.to_str().and_then(r3_fetch::known) {
-            Some(known) => known,
-            None => return Ok(path.to_path_buf()),
-        },
+    let Some(path) = path else {
+        return fetch_known(&r3_fetch::MODELS[0]);
     };
-    fetch_known(known)
+    if path.exists() {
+        return Ok(path.to_path_buf());
+    }
+    let text = path.to_str().unwrap_or_default();
+    if let Some(known) = r3_fetch::known(text) {
+        return fetch_known(known);
+    }
+    match r3_fetch::hub::HubId::parse(text) {
+        Some(id) => Ok(r3_fetch::hub::resolve(&id)?),
+        None => Ok(path.to_path_buf()),
+    }
 }
 
 /// A known model's cached file, fetched first (saying so) if missing.

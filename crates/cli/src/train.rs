@@ -139,7 +139,9 @@ pub fn run_train(config: TrainConfig, start: &Start) -> Result<PathBuf> {
         Some(dir) => StartFiles::resumed(&config, dir)?,
         None => StartFiles::fresh(&model_path(&config.model)?),
     };
-    let (policy_path, base_path) = (files.policy, files.base);
+    // A base recorded by its hub id is found in the HF cache again.
+    let policy_path = crate::model::resolve_model(Some(&files.policy))?;
+    let base_path = crate::model::resolve_model(Some(&files.base))?;
     let device = crate::model::open_device(config.device().map_err(anyhow::Error::msg)?)?;
     let mut loaded = r3_model::load(&policy_path)
         .with_context(|| format!("cannot load model {}", policy_path.display()))?;

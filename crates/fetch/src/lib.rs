@@ -15,6 +15,8 @@ use std::process::Command;
 
 use sha2::{Digest, Sha256};
 
+pub mod hub;
+
 /// What can go wrong fetching a model; each names its file or wheel.
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {

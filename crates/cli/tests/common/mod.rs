@@ -11,8 +11,18 @@ pub fn r3(args: &[&str]) -> (bool, String, String) {
 
 /// Runs `r3 ARGS` in the working directory `dir`: (success, stdout, stderr).
 pub fn r3_in(dir: &std::path::Path, args: &[&str]) -> (bool, String, String) {
+    r3_with(dir, &[], args)
+}
+
+/// Runs `r3 ARGS` in `dir` with the environment variables `env` set.
+pub fn r3_with(
+    dir: &std::path::Path,
+    env: &[(&str, &std::ffi::OsStr)],
+    args: &[&str],
+) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_r3"))
         .current_dir(dir)
+        .envs(env.iter().copied())
         .args(args)
         .output()
         .unwrap();

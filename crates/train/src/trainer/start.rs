@@ -98,11 +98,18 @@ impl<'a> Trainer<'a> {
             config.weight_decay,
         )?;
         let (mut step, mut cursor) = (0, 0);
-        // Absolute: a checkpoint names its base for loading from anywhere.
-        let mut base_model = std::fs::canonicalize(&model.path)
-            .unwrap_or_else(|_| model.path.clone())
-            .display()
-            .to_string();
+        // A checkpoint names its base for loading from anywhere: by its hub
+        // id when it came from the hub (as transformers and PEFT do), else
+        // by its absolute path.
+        let hub_id = r3_fetch::hub::HubId::parse(&config.model)
+            .filter(|_| !std::path::Path::new(&config.model).exists());
+        let mut base_model = match hub_id {
+            Some(_) => config.model.clone(),
+            None => std::fs::canonicalize(&model.path)
+                .unwrap_or_else(|_| model.path.clone())
+                .display()
+                .to_string(),
+        };
         if let Some(dir) = resume {
             let state = checkpoint::resumable_state(dir, &config)?;
             checkpoint::load_optimizer(dir, &mut optimizer)?;
