@@ -153,9 +153,12 @@ fn comparable_metrics(line: &str) -> serde_json::Value {
     v
 }
 
-/// `r3 train` on a tiny model, killed with SIGKILL at scattered moments
-/// and rerun with `--resume auto` each time, ends with the weights and
-/// metrics of an uninterrupted run; every checkpoint left behind loads.
+/// `r3 train` on a tiny model, made to die as kill -9 would at every named
+/// point of every step (`R3_CRASH_AT`: after a step's log line, with a
+/// checkpoint written but not renamed, renamed but not pointed to) and
+/// once by a real SIGKILL, rerun with `--resume auto` each time, ends with
+/// the weights and metrics of an uninterrupted run; every checkpoint left
+/// behind loads.
 #[test]
 fn train_survives_kill_9_and_resumes_exactly() {
     let dir = tempfile::tempdir().unwrap();
@@ -196,41 +199,50 @@ fn train_survives_kill_9_and_resumes_exactly() {
     );
     let run_ms = start.elapsed().as_millis() as u64;
 
+    // Deterministic kill points: the run aborts (no cleanup, as kill -9)
+    // at each named point of each step, and `--resume auto` continues.
     let parts = path("parts");
     let mut kills = 0;
-    for attempt in 0..60u64 {
-        let mut child = run(&parts)
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(
-            (attempt * 7919) % (run_ms / 3).max(1),
-        ));
-        if child.try_wait().unwrap().is_some_and(|s| s.success()) {
-            break;
-        }
-        child.kill().unwrap();
-        child.wait().unwrap();
-        kills += 1;
-        for entry in std::fs::read_dir(&parts).into_iter().flatten() {
-            let p = entry.unwrap().path();
-            if p.file_name()
-                .unwrap()
-                .to_str()
-                .unwrap()
-                .starts_with("checkpoint-")
-            {
-                r3_model::load(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    for step in 1..=5 {
+        for point in r3_train::crash::CrashPoint::ALL {
+            let out = run(&parts)
+                .env("R3_CRASH_AT", format!("{}:{step}", point.name()))
+                .output()
+                .unwrap();
+            assert!(
+                !out.status.success(),
+                "{}:{step} did not stop the run",
+                point.name()
+            );
+            kills += 1;
+            for entry in std::fs::read_dir(&parts).into_iter().flatten() {
+                let p = entry.unwrap().path();
+                if p.file_name()
+                    .unwrap()
+                    .to_str()
+                    .unwrap()
+                    .starts_with("checkpoint-")
+                {
+                    r3_model::load(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+                }
             }
         }
     }
+    // And once at a moment no code chose: SIGKILL mid-run.
+    let mut child = run(&parts)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(run_ms / 12));
+    let _ = child.kill();
+    child.wait().unwrap();
     let out = run(&parts).output().unwrap();
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(kills >= 3, "interrupted only {kills} times");
+    assert_eq!(kills, 15);
 
     let metrics = |dir: &str| -> Vec<serde_json::Value> {
         std::fs::read_to_string(format!("{dir}/metrics.jsonl"))

@@ -15,6 +15,7 @@ use r3_model::LoadedModel;
 use serde::{Deserialize, Serialize};
 
 use crate::config::TrainConfig;
+use crate::crash::{self, CrashPoint};
 use crate::optim::AdamW;
 use crate::{Result, TrainError};
 
@@ -254,8 +255,10 @@ pub fn save(
     )?;
 
     sync_dir_tree(&tmp)?;
+    crash::maybe_crash(CrashPoint::CheckpointWritten, state.step);
     let _ = std::fs::remove_dir_all(&done);
     std::fs::rename(&tmp, &done).map_err(io(&done))?;
+    crash::maybe_crash(CrashPoint::CheckpointRenamed, state.step);
     let last = output_dir.join("last");
     write_atomic(&last, name.as_bytes()).map_err(io(&last))?;
     Ok(done)

@@ -6,6 +6,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod crash;
 pub mod grpo;
 pub mod metrics;
 pub mod optim;

@@ -30,6 +30,7 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::checkpoint::{self, Trained, TrainerState};
 use crate::config::TrainConfig;
+use crate::crash::{self, CrashPoint};
 use crate::grpo::{grpo_loss, Group, LossStats, Objective, TokenTerms};
 use crate::metrics::StepMetrics;
 use crate::optim::{clip_scale, global_norm, AdamW, Gradients};
@@ -418,6 +419,7 @@ impl<'a> Trainer<'a> {
                     cause: source,
                 })?;
             }
+            crash::maybe_crash(CrashPoint::StepLogged, self.step);
             on_step(&m);
             if self.config.save_steps > 0 && self.step.is_multiple_of(self.config.save_steps) {
                 last = Some(self.save_checkpoint()?);
