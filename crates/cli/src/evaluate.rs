@@ -20,7 +20,7 @@ use crate::{model, ModelArgs};
 /// Where records come from.
 #[derive(Args, Clone)]
 pub struct DataArgs {
-    /// Task records: a JSONL file, or a JSON array of records
+    /// Task records: JSONL, a JSON array of records, or parquet
     #[arg(long)]
     pub data: PathBuf,
     /// Use only the first N records

@@ -41,7 +41,7 @@ pub struct VerifyArgs {
     /// The record as JSON
     #[arg(long, conflicts_with_all = ["data", "index"], required_unless_present = "data")]
     record: Option<String>,
-    /// Records: a JSONL file, or a JSON array of records
+    /// Records: JSONL, a JSON array of records, or parquet
     #[arg(long, requires = "index")]
     data: Option<PathBuf>,
     /// 0-based index of the record in --data

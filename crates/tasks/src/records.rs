@@ -1,6 +1,7 @@
 //! Task records from JSONL files, streamed line by line so that a 60k-line
-//! file is never read into one string, or from a JSON array of records (as
-//! xLAM ships its 60k), streamed element by element.
+//! file is never read into one string; from a JSON array of records (as
+//! xLAM ships its 60k), streamed element by element; or from a parquet file
+//! (TinyZero's Countdown, HF datasets' cache), streamed row by row.
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
@@ -52,10 +53,11 @@ pub fn for_each_jsonl_line<E: From<TaskError>>(
     Ok(())
 }
 
-/// Reads the records of `path` that the task accepts: a JSONL file (one
-/// object a line), or a JSON array of objects (a file whose first
-/// character is `[`). A bad record is an error naming the file and its
-/// line or element, or, with `skip_invalid`, is skipped and counted.
+/// Reads the records of `path` that the task accepts: a parquet file (a
+/// `.parquet` name), a JSONL file (one object a line), or a JSON array of
+/// objects (a file whose first character is `[`). A bad record is an error
+/// naming the file and its line, element or row, or, with `skip_invalid`,
+/// is skipped and counted.
 pub fn read_records(path: &Path, task: &dyn Task, skip_invalid: bool) -> crate::Result<Records> {
     let mut records = Vec::new();
     let mut skipped = 0;
@@ -79,7 +81,12 @@ pub fn read_records(path: &Path, task: &dyn Task, skip_invalid: bool) -> crate::
         }
         Ok(())
     };
-    if starts_with_bracket(path)? {
+    if path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("parquet"))
+    {
+        for_each_parquet_row(path, |row, value| take(row, Ok(value)))?;
+    } else if starts_with_bracket(path)? {
         for_each_array_element(path, |element, value| take(element, Ok(value)))?;
     } else {
         for_each_jsonl_line(path, |line, text| {
@@ -109,6 +116,28 @@ fn starts_with_bracket(path: &Path) -> crate::Result<bool> {
         }
     }
     Ok(false)
+}
+
+/// Calls `each(row, value)` for every row of the parquet file `path`
+/// (1-based), each as a JSON object keyed by column (lists as arrays), read
+/// a row group at a time so that the file is never held whole.
+pub fn for_each_parquet_row(
+    path: &Path,
+    mut each: impl FnMut(usize, Value) -> crate::Result<()>,
+) -> crate::Result<()> {
+    use parquet::file::reader::SerializedFileReader;
+    let invalid = |row: usize, e: parquet::errors::ParquetError| TaskError::Record {
+        path: path.display().to_string(),
+        line: row,
+        message: format!("not a parquet file r3 can read: {e}"),
+    };
+    let file = std::fs::File::open(path).map_err(io_error(path))?;
+    let reader = SerializedFileReader::new(file).map_err(|e| invalid(0, e))?;
+    for (index, row) in reader.into_iter().enumerate() {
+        let row = row.map_err(|e| invalid(index + 1, e))?;
+        each(index + 1, row.to_json_value())?;
+    }
+    Ok(())
 }
 
 /// Calls `each(element, value)` for every element of the JSON array in
