@@ -48,6 +48,10 @@ pub struct TrainBench {
     /// Keep every activation instead of recomputing them in the backward
     #[arg(long)]
     no_gradient_checkpointing: bool,
+    /// Seconds spent measuring the machine's GEMM rate before the work;
+    /// 0 skips it
+    #[arg(long, default_value_t = 1.0)]
+    limit_seconds: f64,
     #[command(flatten)]
     lora: crate::train::LoraArgs,
 }
@@ -522,6 +526,10 @@ fn train(args: TrainBench) -> Result<()> {
     drop(llama);
     crate::release_freed_memory();
     let device = r3_model::device_name(model.weights.device());
+    let limits = match model.weights.device().is_cpu() {
+        true => Limits::measure(args.limit_seconds),
+        false => None,
+    };
     let weights = r3_train::trainer::StartWeights {
         policy: std::mem::take(&mut model.weights),
         reference: None,
@@ -544,9 +552,15 @@ fn train(args: TrainBench) -> Result<()> {
     let mean = |f: &dyn Fn(&r3_train::metrics::StepMetrics) -> f64| {
         steps.iter().map(f).sum::<f64>() / steps.len() as f64
     };
+    let gemm = limits.as_ref().map(|l| l.gemm_gflops);
+    let flops: f64 = steps.iter().map(|m| m.forward_backward_flops).sum();
+    let seconds: f64 = steps.iter().map(|m| m.seconds_forward_backward).sum();
+    let mut machine = machine();
+    machine["gemm_gflops"] = gemm.into();
+    machine["read_gb_per_s"] = limits.as_ref().map(|l| l.read_gb_per_s).into();
     let report = serde_json::json!({
         "bench": "train",
-        "machine": machine(),
+        "machine": machine,
         "device": device,
         "model": model.path,
         "batch": args.batch,
@@ -570,6 +584,10 @@ fn train(args: TrainBench) -> Result<()> {
         "trained_tokens_per_step": mean(&|m| m.trained_tokens as f64),
         "tokens_per_s": mean(&|m| m.tokens_per_s),
         "zero_signal_groups_per_step": mean(&|m| m.zero_signal_groups as f64),
+        "forward_backward_flops_per_step": flops / steps.len() as f64,
+        // What r3_train::score::training_flops counts, over the seconds
+        // the forward and backward passes took.
+        "forward_backward_fraction_of_limit": gemm.filter(|_| seconds > 0.0).map(|g| flops / seconds / (g * 1e9)),
         "peak_rss_bytes": peak_rss_bytes(),
     });
     println!("{report}");

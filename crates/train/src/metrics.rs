@@ -31,6 +31,10 @@ pub struct StepMetrics {
     pub seconds_verification: f64,
     pub seconds_reference: f64,
     pub seconds_forward_backward: f64,
+    /// Matrix-product FLOPs the forward and backward passes needed
+    /// ([`crate::score::training_flops`]): divided by their seconds, the
+    /// rate to set against the machine's GEMM peak.
+    pub forward_backward_flops: f64,
     pub seconds_optimizer: f64,
     pub seconds_step: f64,
     pub tokens_per_s: f64,

@@ -132,6 +132,70 @@ pub fn span_logprobs(
     layout.logprobs(model, &hidden)
 }
 
+/// What the model being trained is, for counting a pass's FLOPs.
+#[derive(Debug, Clone, Copy)]
+pub struct TrainedShape {
+    /// LoRA on a frozen base: the base's backward gives inputs' gradients
+    /// only; otherwise every weight's gradient too.
+    pub lora: Option<LoraShape>,
+    /// Each layer's activations replayed in the backward (one more forward).
+    pub recompute: bool,
+}
+
+/// Rank and targeted projections' `in + out` summed over one layer.
+#[derive(Debug, Clone, Copy)]
+pub struct LoraShape {
+    pub rank: usize,
+    pub sides_per_layer: usize,
+}
+
+/// The matrix-product FLOPs (2 per multiply-add) one micro-batch's forward
+/// and backward need, counted as [`Layout`] lays the spans out (a shared
+/// prefix once, each row's tail at its own positions; no padding). Per
+/// token at context `c`: dense `D = layers·(2h(q+2kv) + 2qh + 6h·mlp)`,
+/// attention `A(c) = layers·4qc`; per trained position the output head `H
+/// = 2h·vocab`. Forward `F = Σ(D + A) + n·H` (plus LoRA's `2r·(in+out)` per
+/// targeted projection and token). Backward: full fine-tuning `2·F` (inputs'
+/// and weights' gradients); LoRA `Σ(D + 2A) + n·H` (inputs' gradients
+/// through the frozen base, both of attention's) plus `4r·(in+out)` for the
+/// adapters. Gradient checkpointing adds `Σ(D + A)`, the layers replayed.
+pub fn training_flops(
+    config: &r3_model::ModelConfig,
+    spans: &[TrainedSpan<'_>],
+    trained: TrainedShape,
+) -> f64 {
+    let layout = Layout::new(spans);
+    let dense = config.token_flops(0);
+    let attention = |c: usize| config.token_flops(c) - dense;
+    // Every position that runs through the layers, with its context.
+    let mut contexts: Vec<usize> = Vec::new();
+    for head in &layout.heads {
+        contexts.extend(1..=head.len());
+    }
+    for (span, tail) in spans.iter().zip(&layout.tails) {
+        let start = span.context.len() - 1;
+        contexts.extend((1..=tail.len()).map(|j| start + j));
+    }
+    let positions = contexts.len() as f64;
+    let attention_sum: f64 = contexts.iter().map(|&c| attention(c)).sum();
+    let head = layout.targets.len() as f64 * config.head_flops();
+    let layers = config.num_layers as f64;
+    let adapters = |per: f64| match trained.lora {
+        Some(l) => per * (l.rank * l.sides_per_layer) as f64 * layers * positions,
+        None => 0.0,
+    };
+    let forward = positions * dense + attention_sum + head + adapters(2.0);
+    let backward = match trained.lora {
+        None => 2.0 * forward,
+        Some(_) => positions * dense + 2.0 * attention_sum + head + adapters(4.0),
+    };
+    let replay = match trained.recompute {
+        true => positions * dense + attention_sum,
+        false => 0.0,
+    };
+    forward + backward + replay
+}
+
 /// The differentiable forward of one micro-batch, and its backward pass.
 pub struct TrainingForward<'m, 'a> {
     logprobs: Tensor,

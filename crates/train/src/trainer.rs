@@ -34,7 +34,7 @@ use crate::crash::{self, CrashPoint};
 use crate::grpo::{grpo_loss, Group, LossStats, Objective, TokenTerms};
 use crate::metrics::StepMetrics;
 use crate::optim::{clip_scale, global_norm, AdamW, Gradients};
-use crate::score::{span_logprobs, TrainingForward};
+use crate::score::{span_logprobs, training_flops, LoraShape, TrainedShape, TrainingForward};
 use crate::spans::{trained_spans, TrainedSpan};
 use crate::tensorboard::EventWriter;
 use crate::{Result, TrainError};
@@ -297,6 +297,8 @@ impl<'a> Trainer<'a> {
                         .map(|s| std::iter::repeat_n(f(s), s.tokens.len()));
                     each.flatten().collect()
                 };
+                m.forward_backward_flops +=
+                    training_flops(&self.model.config, &spans, self.trained_shape());
                 let forward =
                     TrainingForward::new(&self.train_model, &spans, c.gradient_checkpointing)?;
                 let logprobs = forward.logprobs();
@@ -329,6 +331,30 @@ impl<'a> Trainer<'a> {
         m.clip_fraction = stats.clipped_tokens as f64 / stats.tokens.max(1) as f64;
         (self.release_memory)();
         Ok(())
+    }
+
+    /// What is trained, for counting FLOPs: LoRA's rank and the sides of
+    /// the projections it targets, and whether layers are replayed.
+    fn trained_shape(&self) -> TrainedShape {
+        let c = &self.model.config;
+        let (h, mlp) = (c.hidden_size, c.intermediate_size);
+        let (q, kv) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+        let lora = self.lora.as_ref().map(|l| LoraShape {
+            rank: l.r,
+            sides_per_layer: l
+                .target_modules
+                .iter()
+                .map(|m| match m.as_str() {
+                    "q_proj" | "o_proj" => h + q,
+                    "k_proj" | "v_proj" => h + kv,
+                    _ => h + mlp,
+                })
+                .sum(),
+        });
+        TrainedShape {
+            lora,
+            recompute: self.config.gradient_checkpointing,
+        }
     }
 
     /// Clips the summed gradient's global norm and takes an AdamW step.
