@@ -33,7 +33,9 @@ pub struct StepMetrics {
     pub seconds_forward_backward: f64,
     /// Matrix-product FLOPs the forward and backward passes needed
     /// ([`crate::score::training_flops`]): divided by their seconds, the
-    /// rate to set against the machine's GEMM peak.
+    /// rate to set against the machine's GEMM peak. (Absent, read as 0,
+    /// in the logs of runs from before it was counted.)
+    #[serde(default)]
     pub forward_backward_flops: f64,
     pub seconds_optimizer: f64,
     pub seconds_step: f64,
