@@ -148,6 +148,7 @@ pub fn merge(args: MergeArgs) -> Result<()> {
             tmp,
             weights,
             DType::F32,
+            &model.loaded.path.display().to_string(),
         )?)
     })
     .with_context(|| format!("cannot write {}", args.out.display()))?;
@@ -194,6 +195,7 @@ pub fn init(args: InitArgs) -> Result<()> {
             tmp,
             weights,
             args.dtype.dtype(),
+            &args.shape.display().to_string(),
         )?)
     })
     .with_context(|| format!("cannot write {}", args.out.display()))?;

@@ -260,6 +260,12 @@ fn train_survives_kill_9_and_resumes_exactly() {
             .any(|m| m["grad_norm"].as_f64().unwrap() > 0.0),
         "the run should have trained"
     );
+    // A full checkpoint's config.json names what it came from, as
+    // transformers' `_name_or_path` does.
+    let config = std::fs::read_to_string(format!("{whole}/checkpoint-6/config.json")).unwrap();
+    let config: serde_json::Value = serde_json::from_str(&config).unwrap();
+    let base = std::fs::canonicalize(&model).unwrap();
+    assert_eq!(config["_name_or_path"], base.display().to_string());
     let a = r3_model::load(std::path::Path::new(&format!("{whole}/checkpoint-6"))).unwrap();
     let b = r3_model::load(std::path::Path::new(&format!("{parts}/checkpoint-6"))).unwrap();
     for name in a.weights.names() {

@@ -25,11 +25,15 @@ pub fn save_hf_dir(
     dir: &Path,
     weights: HashMap<String, Tensor>,
     dtype: DType,
+    name_or_path: &str,
 ) -> Result<()> {
     let mut weights = Weights::new(dir, weights);
     weights.set_dtype(dtype)?;
     weights.save_safetensors(&dir.join("model.safetensors"))?;
-    write_json(&dir.join("config.json"), &model.config.to_hf_json())?;
+    let mut config = model.config.to_hf_json();
+    // What the weights came from, as transformers records it.
+    config["_name_or_path"] = name_or_path.into();
+    write_json(&dir.join("config.json"), &config)?;
     save_tokenizer_files(model, dir)
 }
 

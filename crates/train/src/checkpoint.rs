@@ -230,7 +230,9 @@ pub fn save(
     std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
 
     match weights {
-        Trained::Model(weights) => save_hf_dir(model, &tmp, weights, DType::F32)?,
+        Trained::Model(weights) => {
+            save_hf_dir(model, &tmp, weights, DType::F32, &state.base_model)?
+        }
         Trained::Adapter(lora, tensors) => {
             Adapter::save(&tmp, lora, &state.base_model, &tensors)?;
             save_tokenizer_files(model, &tmp)?;
