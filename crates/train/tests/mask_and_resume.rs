@@ -23,6 +23,23 @@ fn trainable() -> (Llama, Vec<(String, Var)>) {
         .unwrap()
 }
 
+/// A rollout of `ids` whose reflection is `reflection` and whose retry is
+/// everything from position 24 on.
+fn rollout_of(ids: &[u32], reflection: std::ops::Range<usize>) -> r3_loop::Rollout {
+    r3_loop::Rollout {
+        ids: ids.to_vec(),
+        reflection,
+        reflection_text: String::new(),
+        reflection_finish: r3_generate::FinishReason::Eos,
+        retry: r3_loop::Attempt {
+            tokens: ids[24..].to_vec(),
+            text: String::new(),
+            finish: r3_generate::FinishReason::Eos,
+            verdict: r3_tasks::Verdict::pass(),
+        },
+    }
+}
+
 #[test]
 fn only_the_reflection_is_trained() {
     let (model, vars) = trainable();
@@ -33,18 +50,7 @@ fn only_the_reflection_is_trained() {
     let hidden = model.forward(&[&ids], &mut cache).unwrap();
     let logits = model.all_logits(&hidden).unwrap().i(0).unwrap(); // [28, vocab]
                                                                    // The production mask: the span the trainer trains for this rollout.
-    let rollout = r3_loop::Rollout {
-        ids: ids.clone(),
-        reflection: reflection.clone(),
-        reflection_text: String::new(),
-        reflection_finish: r3_generate::FinishReason::Eos,
-        retry: r3_loop::Attempt {
-            tokens: ids[24..].to_vec(),
-            text: String::new(),
-            finish: r3_generate::FinishReason::Eos,
-            verdict: r3_tasks::Verdict::pass(),
-        },
-    };
+    let rollout = rollout_of(&ids, reflection.clone());
     let groups = [Group::new(vec![rollout], true)];
     let spans = trained_spans(&groups, TrainOn::Reflection, LossType::Grpo, 64);
     let span = spans[0][0];
@@ -90,18 +96,7 @@ fn only_the_reflection_is_trained() {
     // request and the retry may be anything, and the trained log-probs are
     // the same bit for bit; a reflection token changed changes them.
     let production = |ids: Vec<u32>| -> Vec<f32> {
-        let rollout = r3_loop::Rollout {
-            ids: ids.clone(),
-            reflection: reflection.clone(),
-            reflection_text: String::new(),
-            reflection_finish: r3_generate::FinishReason::Eos,
-            retry: r3_loop::Attempt {
-                tokens: ids[24..].to_vec(),
-                text: String::new(),
-                finish: r3_generate::FinishReason::Eos,
-                verdict: r3_tasks::Verdict::pass(),
-            },
-        };
+        let rollout = rollout_of(&ids, reflection.clone());
         let groups = [Group::new(vec![rollout], true)];
         let spans = trained_spans(&groups, TrainOn::Reflection, LossType::Grpo, 64);
         span_logprobs(&model, &spans[0], false)
