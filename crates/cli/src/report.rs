@@ -46,18 +46,19 @@ fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
     serde_json::from_str(&text).with_context(|| format!("{}: not what r3 writes", path.display()))
 }
 
-/// The rows of a JSON-lines artifact, typed, each error naming `file:line`.
+/// The rows of a JSON-lines artifact, typed, each error naming `file:line`
+/// (read by the project's one JSONL reader, streaming).
 pub fn read_jsonl<T: DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    text.lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| {
-            serde_json::from_str(l)
-                .with_context(|| format!("{}:{}: not what r3 writes", path.display(), i + 1))
-        })
-        .collect()
+    let mut rows = Vec::new();
+    r3_tasks::records::for_each_jsonl_line(path, |line, text| -> Result<()> {
+        let row = text
+            .map_err(anyhow::Error::msg)
+            .and_then(|t| Ok(serde_json::from_str(t)?))
+            .with_context(|| format!("{}:{line}: not what r3 writes", path.display()))?;
+        rows.push(row);
+        Ok(())
+    })?;
+    Ok(rows)
 }
 
 /// Markdown comparing two evaluations of the same records: each column's

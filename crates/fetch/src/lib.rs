@@ -117,11 +117,6 @@ pub const MODELS: [KnownModel; 3] = [
 /// The names [`MODELS`] answer to.
 pub const NAMES: [&str; 3] = [MODELS[0].name, MODELS[1].name, MODELS[2].name];
 
-/// The default model's file name.
-pub const FILE_NAME: &str = MODELS[0].file;
-/// The default model's sha256.
-pub const SHA256: &str = MODELS[0].sha256;
-
 /// The model called `name`, if r3 knows it.
 pub fn known(name: &str) -> Option<&'static KnownModel> {
     MODELS.iter().find(|m| m.name == name)
