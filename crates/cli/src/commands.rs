@@ -236,6 +236,6 @@ pub fn fetch(args: FetchArgs) -> Result<()> {
         return Ok(());
     };
     let known = r3_fetch::known(&name).ok_or(r3_fetch::FetchError::Unknown(name))?;
-    println!("{}", model::fetch_known(known)?.display());
+    println!("{}", known.fetch_noisily()?.display());
     Ok(())
 }

@@ -1,26 +1,12 @@
-//! `r3 device-check`: a GPU against the CPU on one model, as one JSON line.
-//! The same f32 weights run on both: the last-position logits of a
-//! left-padded batch of prompts of different lengths, greedy continuations,
-//! sampled reflect-and-retry rollouts (forks, rows set aside, the retry
-//! turn), and one training step (the production span log-probs, backward,
-//! AdamW); then the device's bf16 logits against the CPU's f32 ones.
-//! A GPU machine has no Rust toolchain to run the test suite, so
-//! `scripts/gpu-check.sh` runs this binary instead.
+//! `r3 device-check`: flags become an r3-bench device check, whose report
+//! is printed as one JSON line; a disagreement is an error.
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor, Var};
+use anyhow::{bail, Result};
 use clap::Args;
-use r3_generate::{Generator, Sampler, SamplingParams};
-use r3_loop::{Failure, Policy, Rollouts};
-use r3_model::{device_name, KvCache, Llama, LoadedModel, Message, Weights};
-use r3_tasks::Prompts;
-use r3_train::optim::AdamW;
-use r3_train::score::span_logprobs;
-use r3_train::spans::TrainedSpan;
 
-use crate::{model, ModelArgs};
+use crate::ModelArgs;
 
 #[derive(Args)]
 pub struct DeviceCheckArgs {
@@ -36,11 +22,11 @@ pub struct DeviceCheckArgs {
     /// Greedy tokens compared per prompt
     #[arg(long, default_value_t = 16)]
     new_tokens: usize,
-    /// Reflections sampled per failure in the compared rollouts
+    /// Reflections sampled per failure in the compared rollouts and step
     #[arg(long, default_value_t = 4)]
     group: usize,
     /// Most tokens sampled per turn (attempt, reflection, retry) in the
-    /// compared rollouts
+    /// compared rollouts and step
     #[arg(long, default_value_t = 12)]
     rollout_tokens: usize,
     /// Leave out the training step (a model too large to train on the CPU)
@@ -60,333 +46,26 @@ pub struct DeviceCheckArgs {
     bf16_tolerance: f64,
 }
 
-/// The learning rate of the compared step: large enough that an update
-/// (about `LR` per weight after Adam's first step) dwarfs the tolerance.
-const LR: f64 = 1e-4;
-
 pub fn device_check(args: DeviceCheckArgs) -> Result<()> {
-    if args.batch == 0 || args.new_tokens == 0 || args.group == 0 || args.rollout_tokens == 0 {
-        bail!("--batch, --new-tokens, --group and --rollout-tokens must be positive");
-    }
-    let device = model::open_device(args.model.device)?;
-    if device.is_cpu() && args.model.device == r3_model::DeviceChoice::Auto {
-        bail!(
-            "no GPU opens here (a build without CUDA, or no device), so there is nothing to \
-             compare the CPU against; --device cpu runs the comparison CPU against CPU, as a \
-             self-test of the check itself"
-        );
-    }
-    let loaded = match &args.random_init {
-        Some(shape) => model::random_model(shape, args.model.model.as_deref())?,
-        None if args.model.adapter.is_some() => {
-            bail!("device-check compares a base model; merge the adapter first (r3 merge)")
-        }
-        None => model::load_base(args.model.model.as_deref())?,
+    let check = r3_bench::device_check::DeviceCheck {
+        model: args.model.spec(),
+        random_init: args.random_init,
+        batch: args.batch,
+        new_tokens: args.new_tokens,
+        group: args.group,
+        rollout_tokens: args.rollout_tokens,
+        train: !args.no_train,
+        logits_tolerance: args.logits_tolerance,
+        update_tolerance: args.update_tolerance,
+        bf16_tolerance: args.bf16_tolerance,
     };
-    let on = |device: &Device| -> Weights {
-        let mut weights = loaded.weights.clone();
-        weights.set_device(device.clone());
-        weights
-    };
-    let (cpu, gpu) = (on(&Device::Cpu), on(&device));
-    let config = &loaded.config;
-    let prompts = prompts(&loaded, args.batch)?;
-
-    // Inference: the f32 decoder on both (no packed weights on the CPU side
-    // either, so that both read the same values).
-    let build =
-        |w: &Weights| -> Result<Llama> { Ok(Llama::trainable(config, w)?.0.for_generation()?) };
-    let (cpu_model, gpu_model) = (build(&cpu)?, build(&gpu)?);
-    let (cpu_logits, cpu_tokens) = greedy(&cpu_model, &loaded, &prompts, args.new_tokens)?;
-    let (gpu_logits, gpu_tokens) = greedy(&gpu_model, &loaded, &prompts, args.new_tokens)?;
-    // A random model's logits are large (tens, for unit-variance tied
-    // embeddings), which makes 0.9 nearly greedy: the rollouts sample at a
-    // temperature that grows with them, so that rows really differ.
-    let logits_scale = max_abs(&cpu_logits)?;
-    let sampling = SamplingParams {
-        temperature: 0.9f64.max(logits_scale / 4.0),
-        max_new_tokens: args.rollout_tokens,
-        seed: 7,
-        ..Default::default()
-    };
-    let sample = |model| rollouts(model, &loaded, args.group, &sampling);
-    let (cpu_rollouts, gpu_rollouts) = (sample(&cpu_model)?, sample(&gpu_model)?);
-    drop((cpu_model, gpu_model));
-    let mut bf16 = on(&device);
-    bf16.set_dtype(DType::BF16)?;
-    let bf16_model = Llama::new(config, &bf16)?;
-    let (bf16_logits, bf16_tokens) = greedy(&bf16_model, &loaded, &prompts, args.new_tokens)?;
-    drop(bf16_model);
-    let bf16_diff = max_abs_diff(&cpu_logits, &bf16_logits)?;
-    let bf16_relative = bf16_diff / logits_scale.max(f64::MIN_POSITIVE);
-    let bf16_same_tokens = count_equal(&cpu_tokens, &bf16_tokens);
-    let logits_diff = max_abs_diff(&cpu_logits, &gpu_logits)?;
-    // f32 rounding grows with the logits' size: above 1, the tolerance
-    // scales with the largest logit (a random-init 1.5B model, whose tied
-    // embeddings have unit deviation, has logits of order 100).
-    let logits_ok = logits_diff <= args.logits_tolerance * logits_scale.max(1.0);
-    let first_divergence = cpu_tokens
-        .iter()
-        .zip(&gpu_tokens)
-        .map(|(a, b)| first_difference(a, b))
-        .collect::<Vec<_>>();
-    let greedy_equal = cpu_tokens == gpu_tokens;
-    let rollouts_equal = cpu_rollouts.ids == gpu_rollouts.ids;
-    let rollout_divergence = cpu_rollouts
-        .ids
-        .iter()
-        .zip(&gpu_rollouts.ids)
-        .enumerate()
-        .find_map(|(i, (a, b))| first_difference(a, b).map(|position| [i, position]));
-
-    let mut report = serde_json::json!({
-        "check": "device",
-        "device": device_name(&device),
-        "model": loaded.path,
-        "batch": args.batch,
-        "prompt_tokens": prompts.iter().map(Vec::len).collect::<Vec<_>>(),
-        "logits_max_abs_diff": logits_diff,
-        "logits_ok": logits_ok,
-        "greedy_tokens": args.new_tokens,
-        "greedy_equal": greedy_equal,
-        "greedy_first_divergence": first_divergence,
-        "rollout_temperature": sampling.temperature,
-        "rollout_sequences": cpu_rollouts.ids.len(),
-        "rollout_reflection_tokens": cpu_rollouts.reflection_tokens,
-        "rollout_equal": rollouts_equal,
-        // [sequence, position] of the first sampled id that differs.
-        "rollout_first_divergence": rollout_divergence,
-        "logits_max_abs": logits_scale,
-        "bf16_logits_max_abs_diff": bf16_diff,
-        "bf16_logits_relative_diff": bf16_relative,
-        "bf16_ok": bf16_relative <= args.bf16_tolerance,
-        // Greedy tokens of the bf16 model equal to the f32 CPU model's: a
-        // near-tie may flip in bf16, so this is reported, not required.
-        "bf16_greedy_same_tokens": bf16_same_tokens,
-    });
-    let mut ok =
-        logits_ok && greedy_equal && rollouts_equal && bf16_relative <= args.bf16_tolerance;
-    if !args.no_train {
-        let step = training_step(config, [&cpu, &gpu], &prompts, &cpu_tokens)?;
-        let update_ok = step.update_diff <= args.update_tolerance;
-        report["train_lr"] = LR.into();
-        report["train_tokens"] = step.tokens.into();
-        report["gradient_max_abs_diff"] = step.gradient_diff.into();
-        report["gradient_max_abs"] = step.gradient_max.into();
-        report["update_max_abs"] = step.update_max.into();
-        report["update_max_abs_diff"] = step.update_diff.into();
-        report["update_ok"] = update_ok.into();
-        ok &= update_ok;
-    }
-    report["ok"] = ok.into();
+    let report = r3_bench::device_check::run(&check)?;
     println!("{report}");
-    if !ok {
+    if report["ok"] != true {
         bail!(
             "{} disagrees with the CPU (see the JSON line)",
-            device_name(&device)
+            report["device"]
         );
     }
     Ok(())
-}
-
-/// `batch` chat prompts, each a few tokens longer than the one before, so
-/// that the batch is left-padded.
-fn prompts(loaded: &LoadedModel, batch: usize) -> Result<Vec<Vec<u32>>> {
-    (0..batch)
-        .map(|i| {
-            let question = format!(
-                "Question {i}: {} What comes next?",
-                "one two three four five six ".repeat(i + 1)
-            );
-            let text = loaded
-                .chat_template
-                .render(&[Message::new("user", question)], true)?;
-            Ok(loaded.tokenizer.encode(&text)?)
-        })
-        .collect()
-}
-
-/// The last-position logits of the prefilled batch (on the CPU) and each
-/// row's greedy continuation.
-fn greedy(
-    model: &Llama,
-    loaded: &LoadedModel,
-    prompts: &[Vec<u32>],
-    new_tokens: usize,
-) -> Result<(Tensor, Vec<Vec<u32>>)> {
-    // No end-of-sequence ids: every row decodes the whole budget.
-    let generator = Generator::new(model, &loaded.tokenizer, &[]);
-    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
-    let mut cache = KvCache::new(&loaded.config, prompts.len(), longest + new_tokens);
-    let segments: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
-    let logits = generator.prefill(&mut cache, &segments)?;
-    let params = SamplingParams {
-        temperature: 0.0,
-        max_new_tokens: new_tokens,
-        ..Default::default()
-    };
-    let samplers = (0..prompts.len() as u64)
-        .map(|r| Sampler::new(&params, r))
-        .collect();
-    let out = generator.decode(cache, logits.clone(), &params, samplers, false)?;
-    let tokens = out.completions.into_iter().map(|c| c.tokens).collect();
-    Ok((logits.to_device(&Device::Cpu)?, tokens))
-}
-
-/// Every id sequence of [`rollouts`], and how many tokens each reflection
-/// took.
-struct SampledRollouts {
-    ids: Vec<Vec<u32>>,
-    reflection_tokens: Vec<usize>,
-}
-
-/// The loop's own rollouts of one Countdown record, every turn sampled
-/// with `params` from fixed per-row streams: `group` first attempts forked from one
-/// prefilled prompt, then `group` reflections on the first attempt forked
-/// from their shared prefix, then each row's retry turn continued in its
-/// own cache. Every eighth id ends a turn, so that rows finish at
-/// different steps and are set aside while the others decode (a random
-/// model would seldom sample its real end-of-turn token). Equal logits
-/// give equal ids on both devices: each row's sampler reads only its own
-/// logits.
-fn rollouts(
-    model: &Llama,
-    loaded: &LoadedModel,
-    group: usize,
-    params: &SamplingParams,
-) -> Result<SampledRollouts> {
-    let task = r3_tasks::builtin("countdown")?;
-    let prompts = Prompts::for_task(task.as_ref());
-    let ends: Vec<u32> = (0..model.config.vocab_size as u32).step_by(8).collect();
-    let mut policy = Policy::new(model, loaded);
-    policy.eos_token_ids = &ends;
-    let rollouts = Rollouts::new(&policy, task.as_ref(), &prompts, group);
-    let record = serde_json::json!({"nums": [3, 7, 25], "target": 46});
-    let attempts = rollouts.attempts(&[&record], group, params, 0, &mut |_| {})?;
-    let failure = Failure {
-        record: &record,
-        attempt_tokens: attempts[0][0].tokens.clone(),
-    };
-    let groups = rollouts.reflect_and_retry(&[failure], group, params, params, 0, &mut |_| {})?;
-    let mut out = SampledRollouts {
-        ids: attempts[0].iter().map(|a| a.tokens.clone()).collect(),
-        reflection_tokens: Vec::with_capacity(group),
-    };
-    for rollout in groups.into_iter().flatten() {
-        out.reflection_tokens.push(rollout.reflection.len());
-        out.ids.push(rollout.ids);
-    }
-    Ok(out)
-}
-
-struct StepComparison {
-    tokens: usize,
-    gradient_diff: f64,
-    gradient_max: f64,
-    update_diff: f64,
-    update_max: f64,
-}
-
-/// One training step on each device from the same weights: every prompt's
-/// greedy continuation scored by the trainer's span log-probs, the mean
-/// negative log-likelihood backpropagated, and one AdamW update.
-fn training_step(
-    config: &r3_model::ModelConfig,
-    weights: [&Weights; 2],
-    prompts: &[Vec<u32>],
-    continuations: &[Vec<u32>],
-) -> Result<StepComparison> {
-    let spans: Vec<TrainedSpan> = prompts
-        .iter()
-        .zip(continuations)
-        .map(|(context, tokens)| TrainedSpan {
-            context,
-            tokens,
-            advantage: 1.0,
-            weight: 1.0,
-        })
-        .collect();
-    let tokens: usize = continuations.iter().map(Vec::len).sum();
-    let mut runs = Vec::with_capacity(2);
-    for w in weights {
-        let (model, vars) = Llama::trainable(config, w).context("building a trainable model")?;
-        let before: Vec<Tensor> = vars
-            .iter()
-            .map(|(_, v)| v.as_tensor().copy())
-            .collect::<candle_core::Result<_>>()?;
-        let loss = span_logprobs(&model, &spans, true)?.mean_all()?.neg()?;
-        let store = loss.backward()?;
-        let grads: Vec<Tensor> = vars
-            .iter()
-            .map(|(_, v)| match store.get(v.as_tensor()) {
-                Some(g) => Ok(g.clone()),
-                None => v.as_tensor().zeros_like(),
-            })
-            .collect::<candle_core::Result<_>>()?;
-        let mut optimizer = AdamW::new(vars.clone(), 0.9, 0.999, 1e-8, 0.0)?;
-        optimizer.update(&grads, LR, 1.0)?;
-        let updates = vars
-            .iter()
-            .zip(before)
-            .map(|((_, v), b): (&(String, Var), Tensor)| {
-                Ok((v.as_tensor() - b)?.to_device(&Device::Cpu)?)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let grads = grads
-            .iter()
-            .map(|g| g.to_device(&Device::Cpu))
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        runs.push((grads, updates));
-    }
-    let (gpu, cpu) = (runs.pop().expect("two runs"), runs.pop().expect("two runs"));
-    let mut out = StepComparison {
-        tokens,
-        gradient_diff: 0.0,
-        gradient_max: 0.0,
-        update_diff: 0.0,
-        update_max: 0.0,
-    };
-    for i in 0..cpu.0.len() {
-        out.gradient_diff = out.gradient_diff.max(max_abs_diff(&cpu.0[i], &gpu.0[i])?);
-        out.gradient_max = out.gradient_max.max(max_abs(&cpu.0[i])?);
-        out.update_diff = out.update_diff.max(max_abs_diff(&cpu.1[i], &gpu.1[i])?);
-        out.update_max = out.update_max.max(max_abs(&cpu.1[i])?);
-    }
-    Ok(out)
-}
-
-/// The first position where two id sequences differ, a missing id
-/// included (one sequence ended earlier).
-fn first_difference(a: &[u32], b: &[u32]) -> Option<usize> {
-    let at = a.iter().zip(b).position(|(x, y)| x != y);
-    at.or((a.len() != b.len()).then(|| a.len().min(b.len())))
-}
-
-/// Positions where two sets of continuations agree.
-fn count_equal(a: &[Vec<u32>], b: &[Vec<u32>]) -> usize {
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| x.iter().zip(y).filter(|(p, q)| p == q).count())
-        .sum()
-}
-
-fn max_abs(t: &Tensor) -> Result<f64> {
-    Ok(t.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()? as f64)
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
-    max_abs(&(a - b)?)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::first_difference;
-
-    #[test]
-    fn first_difference_finds_a_changed_or_missing_id() {
-        assert_eq!(first_difference(&[1, 2, 3], &[1, 2, 3]), None);
-        assert_eq!(first_difference(&[1, 2, 3], &[1, 5, 3]), Some(1));
-        assert_eq!(first_difference(&[1, 2, 3], &[1, 2]), Some(2));
-        assert_eq!(first_difference(&[], &[4]), Some(0));
-    }
 }

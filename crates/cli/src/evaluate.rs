@@ -1,19 +1,15 @@
 //! `r3 eval` and `r3 mine`: measure a model's first and second tries, and
 //! build the dataset of failures.
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::Args;
-use r3_generate::SamplingParams;
-use r3_loop::eval::{evaluate, EvalSettings, EvalSummary};
-use r3_loop::{Policy, Rollouts};
-use r3_tasks::{Prompts, Record, Task};
+use r3_loop::eval::EvalSummary;
 
-use crate::config::{DataConfig, EvalConfig, MineConfig, TaskConfig};
+use crate::config::{DataConfig, EvalConfig, MineConfig};
 use crate::model::Model;
-use crate::progress::{bar, Phases};
+use crate::progress::Phases;
 use crate::tasks::TaskArgs;
 use crate::{model, ModelArgs};
 
@@ -47,19 +43,6 @@ impl DataArgs {
             batch_rows: self.batch_rows,
         }
     }
-}
-
-/// The conversation side of a loaded model.
-pub fn policy(model: &Model) -> Policy<'_> {
-    Policy::new(&model.llama, &model.loaded)
-}
-
-/// The task, its records and the prompt set a command runs on.
-fn setup(task: &TaskConfig, data: &DataConfig) -> Result<(Box<dyn Task>, Vec<Record>, Prompts)> {
-    let task = task.build()?;
-    let records = data.records(task.as_ref())?;
-    let prompts = data.prompts(task.as_ref())?;
-    Ok((task, records, prompts))
 }
 
 #[derive(Args)]
@@ -123,50 +106,12 @@ pub fn eval(args: EvalArgs) -> Result<()> {
     Ok(())
 }
 
-/// Evaluates and writes summary.json and transcripts.jsonl into `args.out`.
-pub fn run_eval(args: &EvalConfig, model: &Model) -> Result<EvalSummary> {
-    // An unwritable --out fails now, not after the whole evaluation.
-    std::fs::create_dir_all(&args.out)
-        .and_then(|_| tempfile::tempfile_in(&args.out).map(drop))
-        .with_context(|| format!("cannot write into --out {}", args.out.display()))?;
-    let (task, records, prompts) = setup(&args.task, &args.data)?;
-    let policy = policy(model);
-    let rollouts = Rollouts::new(&policy, task.as_ref(), &prompts, args.data.batch_rows);
-    let turn = |max_new_tokens| SamplingParams {
-        temperature: args.temperature,
-        top_p: args.top_p,
-        max_new_tokens,
-        seed: args.seed,
-        ..Default::default()
-    };
-    let answer_tokens = model.within_context(args.max_new_tokens, "--max-new-tokens");
-    let settings = EvalSettings {
-        attempt: turn(answer_tokens),
-        reflection: turn(
-            model.within_context(args.reflection_max_tokens, "--reflection-max-tokens"),
-        ),
-        retry: turn(answer_tokens),
-    };
+/// Evaluates with the terminal's progress display.
+pub fn run_eval(config: &EvalConfig, model: &Model) -> Result<EvalSummary> {
     let mut phases = Phases::new();
-    let (summary, transcripts) = evaluate(&rollouts, &records, &settings, &mut |p, n, t| {
-        phases.report(p, n, t)
-    })?;
+    let summary = r3_loop::eval::run(config, model, &mut |p, n, t| phases.report(p, n, t))?;
     phases.finish();
-    write_atomic(
-        &args.out.join("summary.json"),
-        serde_json::to_string_pretty(&summary)?.as_bytes(),
-    )?;
-    let mut lines = Vec::new();
-    for t in &transcripts {
-        writeln!(lines, "{}", serde_json::to_string(t)?)?;
-    }
-    write_atomic(&args.out.join("transcripts.jsonl"), &lines)?;
     Ok(summary)
-}
-
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    r3_model::atomic::write_atomic(path, bytes)
-        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 pub fn print_summary(s: &EvalSummary) {
@@ -236,41 +181,10 @@ pub fn mine(args: MineArgs) -> Result<()> {
     run_mine(&config, &model)
 }
 
-pub fn run_mine(args: &MineConfig, model: &Model) -> Result<()> {
-    let (task, records, prompts) = setup(&args.task, &args.data)?;
-    let policy = policy(model);
-    let rollouts = Rollouts::new(&policy, task.as_ref(), &prompts, args.data.batch_rows);
-    let params = SamplingParams {
-        temperature: args.temperature,
-        max_new_tokens: model.within_context(args.max_new_tokens, "--max-new-tokens"),
-        seed: args.seed,
-        ..Default::default()
-    };
-    // What the failures file is bound to (with the data's digest): a rerun
-    // with other settings is refused instead of mixing two runs.
-    let settings = serde_json::json!({
-        "model": std::fs::canonicalize(&model.loaded.path)
-            .unwrap_or_else(|_| model.loaded.path.clone())
-            .display()
-            .to_string(),
-        "task": args.task.describe(),
-        "adapter": model.adapter.as_ref().map(|a| a.display().to_string()),
-        "samples": args.samples,
-        "temperature": args.temperature,
-        "seed": args.seed,
-        "max_new_tokens": args.max_new_tokens,
-    });
-    let progress = bar("mining", records.len());
-    let summary = r3_loop::mine::mine(
-        &rollouts,
-        &records,
-        args.samples,
-        &params,
-        &settings,
-        &args.out,
-        &mut |n| progress.inc(n as u64),
-    )?;
-    progress.finish();
+pub fn run_mine(config: &MineConfig, model: &Model) -> Result<()> {
+    let mut phases = Phases::new();
+    let summary = r3_loop::mine::run(config, model, &mut |p, n, t| phases.report(p, n, t))?;
+    phases.finish();
     if summary.resumed_from > 0 {
         eprintln!("resumed at record {}", summary.resumed_from);
     }
@@ -278,8 +192,8 @@ pub fn run_mine(args: &MineConfig, model: &Model) -> Result<()> {
         "{} of {} records failed at least once in {} samples; wrote {}",
         summary.failures_kept,
         summary.records_done,
-        args.samples,
-        args.out.display()
+        config.samples,
+        config.out.display()
     );
     if summary.failures_kept == 0 {
         eprintln!(

@@ -3,12 +3,10 @@
 
 mod bench;
 mod commands;
-mod config;
 mod config_file;
 mod demo;
 mod device_check;
 mod evaluate;
-mod model;
 mod progress;
 mod report;
 mod tasks;
@@ -18,6 +16,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 use r3_kernels::CpuLevel;
+use r3_loop::{config, model};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;

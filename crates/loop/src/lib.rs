@@ -4,9 +4,11 @@
 
 #![forbid(unsafe_code)]
 
+pub mod config;
 pub mod conversation;
 pub mod eval;
 pub mod mine;
+pub mod model;
 pub mod rollout;
 pub mod stats;
 
@@ -19,6 +21,14 @@ pub enum LoopError {
     Template(String),
     #[error(transparent)]
     Model(#[from] r3_model::ModelError),
+    /// A model that would not load or build, with what was being done.
+    #[error("{what}: {cause}")]
+    Load {
+        what: String,
+        cause: r3_model::ModelError,
+    },
+    #[error(transparent)]
+    Fetch(#[from] r3_fetch::FetchError),
     #[error(transparent)]
     Generate(#[from] r3_generate::GenerateError),
     #[error(transparent)]

@@ -13,6 +13,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
+use crate::config::MineConfig;
+use crate::model::Model;
 use crate::rollout::Rollouts;
 use crate::{LoopError, Result};
 
@@ -125,6 +127,48 @@ pub fn read_failures(path: &Path) -> Result<Vec<MinedFailure>> {
         Ok::<(), LoopError>(())
     })?;
     Ok(out)
+}
+
+/// Runs the mining `config` asks for on `model`, into `config.out`. The
+/// failures file is bound to the model's file, the task, the adapter and
+/// the sampling settings (with the data's digest): a rerun with other
+/// settings is refused instead of mixing two runs.
+/// `progress("mining", done, total)` reports each chunk, as evaluation's
+/// phases do.
+pub fn run(
+    config: &MineConfig,
+    model: &Model,
+    progress: &mut dyn FnMut(&str, usize, usize),
+) -> Result<MineSummary> {
+    let task = config.task.build()?;
+    let records = config.data.records(task.as_ref())?;
+    let prompts = config.data.prompts(task.as_ref())?;
+    let policy = model.policy();
+    let rollouts = Rollouts::new(&policy, task.as_ref(), &prompts, config.data.batch_rows);
+    let params = SamplingParams {
+        temperature: config.temperature,
+        max_new_tokens: model.within_context(config.max_new_tokens, "--max-new-tokens"),
+        seed: config.seed,
+        ..Default::default()
+    };
+    let settings = serde_json::json!({
+        "model": model.canonical_path().display().to_string(),
+        "task": config.task.describe(),
+        "adapter": model.adapter.as_ref().map(|a| a.display().to_string()),
+        "samples": config.samples,
+        "temperature": config.temperature,
+        "seed": config.seed,
+        "max_new_tokens": config.max_new_tokens,
+    });
+    mine(
+        &rollouts,
+        &records,
+        config.samples,
+        &params,
+        &settings,
+        &config.out,
+        &mut |n| progress("mining", n, records.len()),
+    )
 }
 
 /// Mines `records` into `out`, `samples` attempts each, continuing where a

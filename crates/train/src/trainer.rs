@@ -375,6 +375,12 @@ impl<'a> Trainer<'a> {
         Ok(())
     }
 
+    /// The trained weights by name (every weight, or the adapters'): what
+    /// a step changes, for comparing one step across devices.
+    pub fn trained_parameters(&self) -> &[(String, candle_core::Var)] {
+        &self.optimizer.params
+    }
+
     /// Saves a checkpoint of the current step under the output directory.
     pub fn save_checkpoint(&self) -> Result<PathBuf> {
         let state = TrainerState {

@@ -1,16 +1,22 @@
-//! Validated settings for `r3 eval` and `r3 mine`, built once from the
-//! command line and checked before any work (as `r3 train` builds its
-//! `TrainConfig`): the commands and the demo run on these, never on clap's
-//! argument structs.
+//! Validated settings for evaluation and mining, built once (from a
+//! command line, a file or the demo) and checked before any work, as the
+//! trainer's `TrainConfig` is: the runs take these, never raw arguments.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{bail, Result};
 use r3_tasks::external::ExternalVerifier;
 use r3_tasks::{Prompts, Record, Task};
 
 use crate::model::ModelSpec;
+use crate::{LoopError, Result};
+
+/// Stops with a message naming the flag and what is wrong with it.
+macro_rules! bail {
+    ($($arg:tt)*) => {
+        return Err(LoopError::Invalid(format!($($arg)*)))
+    };
+}
 
 /// Which judge: a built-in task or an external verifier command.
 #[derive(Debug, Clone)]
@@ -26,7 +32,7 @@ impl TaskConfig {
             (_, Some(command)) => Self::External {
                 command: command.to_string(),
                 timeout: r3_tasks::external::timeout_from_seconds(timeout_seconds)
-                    .map_err(|e| anyhow::anyhow!("--verifier-timeout: {e}"))?,
+                    .map_err(|e| LoopError::Invalid(format!("--verifier-timeout: {e}")))?,
             },
             (Some(name), None) => {
                 r3_tasks::builtin(name)?;
@@ -67,7 +73,7 @@ pub struct DataConfig {
 }
 
 impl DataConfig {
-    fn validate(&self) -> Result<()> {
+    pub fn validate(&self) -> Result<()> {
         if self.batch_rows == 0 {
             bail!("--batch-rows must be at least 1");
         }
@@ -108,7 +114,7 @@ impl DataConfig {
 
 /// Checks a sampling temperature and nucleus.
 /// Every sampling flag of every command is checked here, before a model loads.
-pub(crate) fn check_sampling(temperature: f64, top_p: f64) -> Result<()> {
+pub fn check_sampling(temperature: f64, top_p: f64) -> Result<()> {
     if !(temperature >= 0.0 && temperature.is_finite()) {
         bail!("--temperature must be a finite number ≥ 0, not {temperature}");
     }

