@@ -314,7 +314,9 @@ fn training_step(
             warmup_steps: 0,
             save_steps: 0,
             seed: sampling.seed,
-            device: device_name(w.device()),
+            device: device_name(w.device())
+                .parse()
+                .map_err(BenchError::Invalid)?,
             ..Default::default()
         };
         let task = Alternating::default();

@@ -150,8 +150,8 @@ impl TrainBench {
             retry_temperature: 0.9,
             micro_batch_size: self.micro_batch_size,
             gradient_checkpointing: !self.no_gradient_checkpointing,
-            device: self.model.device.to_string(),
-            dtype: self.model.dtype.to_string(),
+            device: self.model.device,
+            dtype: self.model.dtype,
             save_steps: 0,
             ..Default::default()
         };

@@ -81,7 +81,9 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
         temperature: s.temperature,
         top_p: s.top_p,
         top_k: s.top_k,
-        max_new_tokens: model.within_context(s.max_new_tokens, "--max-new-tokens"),
+        max_new_tokens: model
+            .policy()
+            .within_context(s.max_new_tokens, "--max-new-tokens"),
         stop_strings: Vec::new(),
         seed: s.seed,
     };

@@ -2,9 +2,10 @@
 //! two-number arithmetic (which the 135M model solves about a third of the
 //! time, so groups of reflections get mixed rewards), the base model
 //! evaluated on held-out records, failures mined from the rest, a few GRPO
-//! steps on reflection tokens, the trained model evaluated again. The
-//! setup is the arithmetic experiment's (`experiments/arithmetic-smollm2`),
-//! shortened.
+//! steps on reflection tokens, the trained model evaluated again. It runs
+//! the arithmetic experiment's own files (`experiments/arithmetic-smollm2`:
+//! its prompts and training config, embedded), shortened by overrides,
+//! through the same library calls as `r3 eval`, `r3 mine` and `r3 train`.
 
 use std::path::PathBuf;
 
@@ -42,11 +43,13 @@ pub struct DemoArgs {
     seed: u64,
 }
 
-/// The reflection turn of the arithmetic experiment: asked to "reflect on
-/// what went wrong", the 135M model apologises and its greedy retry repeats
-/// the failed answer; asked for the calculation, some sampled reflections
-/// get it right and the retry follows them, so groups get mixed rewards.
-const REFLECTION: &str = "Your answer was wrong. Work the calculation out again step by step and say what the correct number is.";
+/// The arithmetic experiment's prompts: its reflection turn asks for the
+/// calculation (asked to "reflect on what went wrong", the 135M model
+/// apologises and its greedy retry repeats the failed answer).
+const PROMPTS: &str = include_str!("../../../experiments/arithmetic-smollm2/prompts.toml");
+
+/// The arithmetic experiment's training config, which the demo shortens.
+const TRAIN: &str = include_str!("../../../experiments/arithmetic-smollm2/train.toml");
 
 pub fn demo(args: DemoArgs) -> Result<()> {
     if args.model.adapter.is_some() {
@@ -62,7 +65,10 @@ pub fn demo(args: DemoArgs) -> Result<()> {
     write_jsonl(&eval_path, held_out)?;
     write_jsonl(&train_path, pool)?;
     let prompts = args.out.join("prompts.toml");
-    std::fs::write(&prompts, format!("reflection = {REFLECTION:?}\n"))?;
+    let train_toml = args.out.join("train.toml");
+    for (path, text) in [(&prompts, PROMPTS), (&train_toml, TRAIN)] {
+        std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))?;
+    }
     let task = TaskConfig::new(Some("answer"), None, 10.0)?;
     let data = |path: &PathBuf| DataConfig {
         data: path.clone(),
@@ -73,6 +79,7 @@ pub fn demo(args: DemoArgs) -> Result<()> {
     };
     let eval_config = |model: ModelSpec, out: &str| EvalConfig {
         model,
+        engines: None,
         task: task.clone(),
         data: data(&eval_path),
         out: args.out.join(out),
@@ -88,7 +95,7 @@ pub fn demo(args: DemoArgs) -> Result<()> {
         held_out.len()
     );
     let base = model::load(&args.model.spec())?;
-    let before = run_eval(&eval_config(args.model.spec(), "eval-base"), &base)?;
+    let before = run_eval(&eval_config(args.model.spec(), "eval-base"), &base.policy())?;
 
     eprintln!(
         "[2/4] mining failures: 4 sampled attempts at each of {} records",
@@ -101,6 +108,7 @@ pub fn demo(args: DemoArgs) -> Result<()> {
     run_mine(
         &MineConfig {
             model: args.model.spec(),
+            engines: None,
             task: task.clone(),
             data: data(&train_path),
             samples: 4,
@@ -109,7 +117,9 @@ pub fn demo(args: DemoArgs) -> Result<()> {
             max_new_tokens: 16,
             out: failures.clone(),
         },
-        &base,
+        &base.policy(),
+        &base.canonical_path(),
+        None,
     )?;
     drop(base);
 
@@ -119,31 +129,24 @@ pub fn demo(args: DemoArgs) -> Result<()> {
     );
     let train_dir = args.out.join("train");
     let _ = std::fs::remove_dir_all(&train_dir);
-    let config = TrainConfig {
-        model: args
-            .model
-            .model
-            .as_ref()
-            .map(|p| p.display().to_string())
-            .unwrap_or_default(),
-        task: "answer".into(),
-        failures,
-        output_dir: train_dir.clone(),
-        seed: args.seed,
-        max_steps: args.steps,
-        prompts: Some(prompts.clone()),
-        failures_per_step: 4,
-        num_generations: 12,
-        temperature: 1.0,
-        micro_batch_size: 12,
-        max_completion_length: 64,
-        retry_max_tokens: 16,
-        learning_rate: args.learning_rate,
-        device: args.model.device.to_string(),
-        save_steps: 0,
-        ..TrainConfig::default()
-    };
-    config.validate()?;
+    let model = args.model.model.as_ref().map(|p| p.display().to_string());
+    let config = TrainConfig::load(
+        Some(&train_toml),
+        &[
+            format!("model={:?}", model.unwrap_or_default()),
+            format!("failures={:?}", failures.display().to_string()),
+            format!("output_dir={:?}", train_dir.display().to_string()),
+            format!("prompts={:?}", prompts.display().to_string()),
+            format!("device={:?}", args.model.device.to_string()),
+            format!("seed={}", args.seed),
+            // Shortened: a few steps, no warmup, a larger step to move at
+            // all, one checkpoint at the end.
+            format!("max_steps={}", args.steps),
+            "warmup_steps=0".into(),
+            format!("learning_rate={:e}", args.learning_rate),
+            "save_steps=0".into(),
+        ],
+    )?;
     let checkpoint = crate::train::run_train(config, &r3_train::resume::Start::Fresh)?;
 
     eprintln!("[4/4] evaluating the trained model");
@@ -154,7 +157,10 @@ pub fn demo(args: DemoArgs) -> Result<()> {
         precision: args.model.dtype,
     };
     let trained = model::load(&trained_spec)?;
-    let after = run_eval(&eval_config(trained_spec, "eval-trained"), &trained)?;
+    let after = run_eval(
+        &eval_config(trained_spec, "eval-trained"),
+        &trained.policy(),
+    )?;
 
     println!("\nbase model ({}):", args.out.join("eval-base").display());
     print_summary(&before);

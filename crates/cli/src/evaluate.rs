@@ -7,8 +7,9 @@ use anyhow::Result;
 use clap::Args;
 use r3_loop::eval::EvalSummary;
 
-use crate::config::{DataConfig, EvalConfig, MineConfig};
-use crate::model::Model;
+use r3_loop::Policy;
+
+use crate::config::{DataConfig, EngineConfig, EvalConfig, MineConfig};
 use crate::progress::Phases;
 use crate::tasks::TaskArgs;
 use crate::{model, ModelArgs};
@@ -45,6 +46,25 @@ impl DataArgs {
     }
 }
 
+/// OpenAI-compatible engines that sample instead of r3's own decoder.
+#[derive(Args, Clone)]
+pub struct EngineArgs {
+    /// Engine base URLs (vLLM, SGLang, r3 serve: http://host:port), comma
+    /// separated; --model still gives the tokenizer and chat template
+    #[arg(long, value_delimiter = ',')]
+    pub engine: Vec<String>,
+    /// The model name the engines serve [default: the first engine's
+    /// /v1/models]
+    #[arg(long, requires = "engine")]
+    pub engine_model: Option<String>,
+}
+
+impl EngineArgs {
+    fn config(&self) -> Option<EngineConfig> {
+        EngineConfig::new(&self.engine, self.engine_model.as_deref())
+    }
+}
+
 #[derive(Args)]
 pub struct EvalArgs {
     /// A TOML file of these settings, keyed by flag name (max_new_tokens = 64);
@@ -57,6 +77,8 @@ pub struct EvalArgs {
     pub task: TaskArgs,
     #[command(flatten)]
     pub data: DataArgs,
+    #[command(flatten)]
+    pub engines: EngineArgs,
     /// Directory for summary.json and transcripts.jsonl
     #[arg(long, default_value = "runs/eval")]
     pub out: PathBuf,
@@ -80,6 +102,7 @@ impl EvalArgs {
     fn config(&self) -> Result<EvalConfig> {
         let config = EvalConfig {
             model: self.model.spec(),
+            engines: self.engines.config(),
             task: self.task.config()?,
             data: self.data.config(),
             out: self.out.clone(),
@@ -96,8 +119,9 @@ impl EvalArgs {
 
 pub fn eval(args: EvalArgs) -> Result<()> {
     let config = args.config()?;
-    let model = model::load(&config.model)?;
-    let summary = run_eval(&config, &model)?;
+    let summary = model::with_policy(&config.model, config.engines.as_ref(), |policy, _, _| {
+        run_eval(&config, policy)
+    })?;
     print_summary(&summary);
     eprintln!(
         "wrote {}/summary.json and transcripts.jsonl",
@@ -107,9 +131,9 @@ pub fn eval(args: EvalArgs) -> Result<()> {
 }
 
 /// Evaluates with the terminal's progress display.
-pub fn run_eval(config: &EvalConfig, model: &Model) -> Result<EvalSummary> {
+pub fn run_eval(config: &EvalConfig, policy: &Policy<'_>) -> r3_loop::Result<EvalSummary> {
     let mut phases = Phases::new();
-    let summary = r3_loop::eval::run(config, model, &mut |p, n, t| phases.report(p, n, t))?;
+    let summary = r3_loop::eval::run(config, policy, &mut |p, n, t| phases.report(p, n, t))?;
     phases.finish();
     Ok(summary)
 }
@@ -143,6 +167,8 @@ pub struct MineArgs {
     pub task: TaskArgs,
     #[command(flatten)]
     pub data: DataArgs,
+    #[command(flatten)]
+    pub engines: EngineArgs,
     /// First attempts sampled per record (the paper: up to 64)
     #[arg(long, default_value_t = 8)]
     pub samples: usize,
@@ -162,6 +188,7 @@ impl MineArgs {
     fn config(&self) -> Result<MineConfig> {
         let config = MineConfig {
             model: self.model.spec(),
+            engines: self.engines.config(),
             task: self.task.config()?,
             data: self.data.config(),
             samples: self.samples,
@@ -177,13 +204,25 @@ impl MineArgs {
 
 pub fn mine(args: MineArgs) -> Result<()> {
     let config = args.config()?;
-    let model = model::load(&config.model)?;
-    run_mine(&config, &model)
+    model::with_policy(
+        &config.model,
+        config.engines.as_ref(),
+        |policy, file, adapter| run_mine(&config, policy, file, adapter),
+    )?;
+    Ok(())
 }
 
-pub fn run_mine(config: &MineConfig, model: &Model) -> Result<()> {
+/// Mines with the terminal's progress display, and says what was kept.
+pub fn run_mine(
+    config: &MineConfig,
+    policy: &Policy<'_>,
+    model_file: &std::path::Path,
+    adapter: Option<&std::path::Path>,
+) -> r3_loop::Result<()> {
     let mut phases = Phases::new();
-    let summary = r3_loop::mine::run(config, model, &mut |p, n, t| phases.report(p, n, t))?;
+    let summary = r3_loop::mine::run(config, policy, model_file, adapter, &mut |p, n, t| {
+        phases.report(p, n, t)
+    })?;
     phases.finish();
     if summary.resumed_from > 0 {
         eprintln!("resumed at record {}", summary.resumed_from);

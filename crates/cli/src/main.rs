@@ -2,6 +2,7 @@
 //! library crates; errors carry the context a user needs to fix them.
 
 mod bench;
+mod chart;
 mod commands;
 mod config_file;
 mod demo;
@@ -9,6 +10,7 @@ mod device_check;
 mod evaluate;
 mod progress;
 mod report;
+mod serve;
 mod tasks;
 mod train;
 
@@ -138,6 +140,8 @@ enum Command {
         #[command(subcommand)]
         what: tasks::DataCommand,
     },
+    /// Serve the model over an OpenAI-compatible HTTP API (vLLM's token ids)
+    Serve(serve::ServeArgs),
     /// Measure speed and memory; prints one JSON object
     Bench {
         #[command(subcommand)]
@@ -174,6 +178,7 @@ fn main() {
         Command::Verify(args) => tasks::verify(args),
         Command::Fetch(args) => commands::fetch(args),
         Command::Data { what } => tasks::data(what),
+        Command::Serve(args) => serve::serve(args),
         Command::Bench { what } => bench::run(what),
     };
     if let Err(e) = result {

@@ -142,7 +142,7 @@ pub fn run_train(config: TrainConfig, start: &Start) -> Result<PathBuf> {
     // A base recorded by its hub id is found in the HF cache again.
     let policy_path = r3_fetch::resolve_model(Some(&files.policy))?;
     let base_path = r3_fetch::resolve_model(Some(&files.base))?;
-    let device = crate::model::open_device(config.device().map_err(anyhow::Error::msg)?)?;
+    let device = crate::model::open_device(config.device)?;
     let mut loaded = r3_model::load(&policy_path)
         .with_context(|| format!("cannot load model {}", policy_path.display()))?;
     loaded.weights.set_device(device.clone());

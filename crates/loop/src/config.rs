@@ -124,10 +124,32 @@ pub fn check_sampling(temperature: f64, top_p: f64) -> Result<()> {
     Ok(())
 }
 
+/// OpenAI-compatible engines that sample instead of r3's own decoder.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Base URLs (`http://host:port`); requests are spread over them.
+    pub urls: Vec<String>,
+    /// The served model's name (or a loaded adapter's); `None` asks the
+    /// first engine's `/v1/models`.
+    pub model: Option<String>,
+}
+
+impl EngineConfig {
+    /// From `--engine URL[,URL…]` and `--engine-model`: `None` without URLs.
+    pub fn new(urls: &[String], model: Option<&str>) -> Option<Self> {
+        (!urls.is_empty()).then(|| Self {
+            urls: urls.to_vec(),
+            model: model.map(str::to_string),
+        })
+    }
+}
+
 /// `r3 eval`: first and second tries of every record.
 #[derive(Debug, Clone)]
 pub struct EvalConfig {
     pub model: ModelSpec,
+    /// Engines that sample instead of r3's decoder.
+    pub engines: Option<EngineConfig>,
     pub task: TaskConfig,
     pub data: DataConfig,
     /// Directory for summary.json and transcripts.jsonl.
@@ -159,6 +181,8 @@ impl EvalConfig {
 #[derive(Debug, Clone)]
 pub struct MineConfig {
     pub model: ModelSpec,
+    /// Engines that sample instead of r3's decoder.
+    pub engines: Option<EngineConfig>,
     pub task: TaskConfig,
     pub data: DataConfig,
     /// First attempts sampled per record (the paper: up to 64).

@@ -9,8 +9,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::config::EvalConfig;
-use crate::model::Model;
-use crate::rollout::{Attempt, Failure, Rollouts};
+use crate::rollout::{Attempt, Failure, Policy, Rollouts};
 use crate::stats::Proportion;
 use crate::{LoopError, Result};
 
@@ -24,7 +23,7 @@ pub const TRANSCRIPTS_FILE: &str = "transcripts.jsonl";
 /// rerun (or an experiment script) to mistake for a finished one.
 pub fn run(
     config: &EvalConfig,
-    model: &Model,
+    policy: &Policy<'_>,
     progress: &mut dyn FnMut(&str, usize, usize),
 ) -> Result<EvalSummary> {
     let out = &config.out;
@@ -32,13 +31,15 @@ pub fn run(
     std::fs::create_dir_all(out)
         .and_then(|_| tempfile_probe(out))
         .map_err(|cause| {
-            LoopError::Invalid(format!("cannot write into --out {}: {cause}", out.display()))
+            LoopError::Invalid(format!(
+                "cannot write into --out {}: {cause}",
+                out.display()
+            ))
         })?;
     let task = config.task.build()?;
     let records = config.data.records(task.as_ref())?;
     let prompts = config.data.prompts(task.as_ref())?;
-    let policy = model.policy();
-    let rollouts = Rollouts::new(&policy, task.as_ref(), &prompts, config.data.batch_rows);
+    let rollouts = Rollouts::new(policy, task.as_ref(), &prompts, config.data.batch_rows);
     let turn = |max_new_tokens| SamplingParams {
         temperature: config.temperature,
         top_p: config.top_p,
@@ -46,9 +47,9 @@ pub fn run(
         seed: config.seed,
         ..Default::default()
     };
-    let answer_tokens = model.within_context(config.max_new_tokens, "--max-new-tokens");
+    let answer_tokens = policy.within_context(config.max_new_tokens, "--max-new-tokens");
     let reflection_tokens =
-        model.within_context(config.reflection_max_tokens, "--reflection-max-tokens");
+        policy.within_context(config.reflection_max_tokens, "--reflection-max-tokens");
     let settings = EvalSettings {
         attempt: turn(answer_tokens),
         reflection: turn(reflection_tokens),

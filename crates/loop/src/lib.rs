@@ -6,6 +6,7 @@
 
 pub mod config;
 pub mod conversation;
+pub mod engine;
 pub mod eval;
 pub mod mine;
 pub mod model;
@@ -13,7 +14,7 @@ pub mod rollout;
 pub mod stats;
 
 pub use conversation::ChatEncoder;
-pub use rollout::{Attempt, Failure, Policy, Rollout, Rollouts};
+pub use rollout::{Attempt, Backend, Failure, Policy, Rollout, Rollouts};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoopError {

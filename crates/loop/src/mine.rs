@@ -14,8 +14,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use crate::config::MineConfig;
-use crate::model::Model;
-use crate::rollout::Rollouts;
+use crate::rollout::{Backend, Policy, Rollouts};
 use crate::{LoopError, Result};
 
 /// One line of `failures.jsonl`.
@@ -129,37 +128,43 @@ pub fn read_failures(path: &Path) -> Result<Vec<MinedFailure>> {
     Ok(out)
 }
 
-/// Runs the mining `config` asks for on `model`, into `config.out`. The
-/// failures file is bound to the model's file, the task, the adapter and
+/// Runs the mining `config` asks for, sampled by `policy`, into
+/// `config.out`. The failures file is bound to the model's file
+/// (`model_file`), the adapter, the engines when they sample, the task and
 /// the sampling settings (with the data's digest): a rerun with other
-/// settings is refused instead of mixing two runs.
-/// `progress("mining", done, total)` reports each chunk, as evaluation's
-/// phases do.
+/// settings is refused instead of mixing two runs. `progress("mining",
+/// done, total)` reports each chunk, as evaluation's phases do.
 pub fn run(
     config: &MineConfig,
-    model: &Model,
+    policy: &Policy<'_>,
+    model_file: &Path,
+    adapter: Option<&Path>,
     progress: &mut dyn FnMut(&str, usize, usize),
 ) -> Result<MineSummary> {
     let task = config.task.build()?;
     let records = config.data.records(task.as_ref())?;
     let prompts = config.data.prompts(task.as_ref())?;
-    let policy = model.policy();
-    let rollouts = Rollouts::new(&policy, task.as_ref(), &prompts, config.data.batch_rows);
+    let rollouts = Rollouts::new(policy, task.as_ref(), &prompts, config.data.batch_rows);
     let params = SamplingParams {
         temperature: config.temperature,
-        max_new_tokens: model.within_context(config.max_new_tokens, "--max-new-tokens"),
+        max_new_tokens: policy.within_context(config.max_new_tokens, "--max-new-tokens"),
         seed: config.seed,
         ..Default::default()
     };
-    let settings = serde_json::json!({
-        "model": model.canonical_path().display().to_string(),
+    let mut settings = serde_json::json!({
+        "model": model_file.display().to_string(),
         "task": config.task.describe(),
-        "adapter": model.adapter.as_ref().map(|a| a.display().to_string()),
+        "adapter": adapter.map(|a| a.display().to_string()),
         "samples": config.samples,
         "temperature": config.temperature,
         "seed": config.seed,
         "max_new_tokens": config.max_new_tokens,
     });
+    // Only when engines sample: a local run's binding stays as it was.
+    if let Backend::Engines(engines) = policy.backend {
+        settings["engines"] = serde_json::json!(engines.urls());
+        settings["engine_model"] = engines.model.clone().into();
+    }
     mine(
         &rollouts,
         &records,

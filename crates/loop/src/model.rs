@@ -9,7 +9,9 @@ use candle_core::Device;
 use r3_model::lora::Adapter;
 use r3_model::{device_name, DeviceChoice, Llama, LoadedModel, Precision};
 
-use crate::{LoopError, Policy, Result};
+use crate::config::EngineConfig;
+use crate::engine::Engines;
+use crate::{Backend, LoopError, Policy, Result};
 
 /// A loaded model and the decoder built from it.
 pub struct Model {
@@ -43,16 +45,6 @@ pub fn open_device(choice: DeviceChoice) -> Result<Device> {
 }
 
 impl Model {
-    /// `requested` new tokens for `flag`, at most the model's context
-    /// length: a budget past it cannot be used, and would be allocated.
-    pub fn within_context(&self, requested: usize, flag: &str) -> usize {
-        let context = self.loaded.config.max_position_embeddings;
-        if requested > context {
-            eprintln!("note: {flag} {requested} is past the model's context of {context} tokens; using {context}");
-        }
-        requested.min(context)
-    }
-
     /// The conversation side of the model, which rollouts sample from.
     pub fn policy(&self) -> Policy<'_> {
         Policy::new(&self.llama, &self.loaded)
@@ -62,6 +54,51 @@ impl Model {
     pub fn canonical_path(&self) -> PathBuf {
         std::fs::canonicalize(&self.loaded.path).unwrap_or_else(|_| self.loaded.path.clone())
     }
+}
+
+/// Runs `work` with the policy a command samples from: `spec`'s model on
+/// r3's own decoder, or, with `engines`, the engines serving it (only the
+/// model's tokenizer, chat template and end-of-turn ids are read here; its
+/// weights are let go at once). `work` also gets the model file a run is
+/// bound to and the adapter applied locally.
+pub fn with_policy<T>(
+    spec: &ModelSpec,
+    engines: Option<&EngineConfig>,
+    work: impl FnOnce(&Policy<'_>, &Path, Option<&Path>) -> Result<T>,
+) -> Result<T> {
+    let Some(engines) = engines else {
+        let model = load(spec)?;
+        return work(
+            &model.policy(),
+            &model.canonical_path(),
+            model.adapter.as_deref(),
+        );
+    };
+    if spec.adapter.is_some() {
+        return Err(LoopError::Invalid(
+            "--adapter applies to r3's own decoder; with --engine, load the adapter on the \
+             engines and name it with --engine-model"
+                .into(),
+        ));
+    }
+    let mut loaded = load_base(spec.path.as_deref())?;
+    loaded.weights = Default::default();
+    let model_name = match &engines.model {
+        Some(name) => name.clone(),
+        None => Engines::served_model(&engines.urls[0])?,
+    };
+    let engines = Engines::new(&engines.urls, &model_name)?;
+    eprintln!(
+        "sampling from {} engine(s) serving {model_name}: {}",
+        engines.urls().len(),
+        engines.urls().join(", ")
+    );
+    let file = std::fs::canonicalize(&loaded.path).unwrap_or_else(|_| loaded.path.clone());
+    work(
+        &Policy::with_backend(Backend::Engines(&engines), &loaded),
+        &file,
+        None,
+    )
 }
 
 /// Loads the model `spec` names. A path to a PEFT adapter directory (an

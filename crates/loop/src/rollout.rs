@@ -1,6 +1,9 @@
 //! Rollouts: first attempts, then for each failure G reflections sampled
 //! from one shared prefix (prefilled once, the cache forked G ways), and one
-//! retry per reflection continuing that reflection's own cache.
+//! retry per reflection continuing that reflection's own cache. With
+//! engines instead of the local decoder, the same conversations go out as
+//! token ids and the sampled ids come back (the engine's prefix cache does
+//! the sharing).
 
 use std::ops::Range;
 
@@ -12,26 +15,56 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::conversation::ChatEncoder;
+use crate::engine::Engines;
 use crate::{LoopError, Result};
+
+/// Where a policy's samples come from.
+pub enum Backend<'a> {
+    /// r3's own decoder, in this process.
+    Local(&'a Llama),
+    /// OpenAI-compatible engines serving the same model.
+    Engines(&'a Engines),
+}
 
 /// A model with everything needed to hold a conversation with it.
 pub struct Policy<'a> {
-    pub model: &'a Llama,
+    pub backend: Backend<'a>,
     pub tokenizer: &'a Tokenizer,
     pub chat: ChatEncoder<'a>,
     pub eos_token_ids: &'a [u32],
+    /// The model's context length: no budget goes past it.
+    pub context: usize,
 }
 
 impl<'a> Policy<'a> {
     /// The policy of a decoder built from `loaded`'s weights (or weights
     /// derived from them, as during training).
     pub fn new(model: &'a Llama, loaded: &'a LoadedModel) -> Self {
+        Self::with_backend(Backend::Local(model), loaded)
+    }
+
+    /// `loaded`'s conversations (tokenizer, chat template, end-of-turn ids),
+    /// sampled by `backend`.
+    pub fn with_backend(backend: Backend<'a>, loaded: &'a LoadedModel) -> Self {
         Self {
-            model,
+            backend,
             tokenizer: &loaded.tokenizer,
             chat: ChatEncoder::new(&loaded.chat_template, &loaded.tokenizer, &loaded.eos_token),
             eos_token_ids: &loaded.eos_token_ids,
+            context: loaded.config.max_position_embeddings,
         }
+    }
+
+    /// `requested` new tokens for `flag`, at most the model's context
+    /// length: a budget past it cannot be used, and would be allocated.
+    pub fn within_context(&self, requested: usize, flag: &str) -> usize {
+        if requested > self.context {
+            eprintln!(
+                "note: {flag} {requested} is past the model's context of {} tokens; using {}",
+                self.context, self.context
+            );
+        }
+        requested.min(self.context)
     }
 }
 
@@ -140,9 +173,33 @@ impl<'a> Rollouts<'a> {
         messages
     }
 
-    fn generator(&self) -> Generator<'_> {
-        Generator::new(
-            self.policy.model,
+    /// The local decoder's generator; `None` when engines sample.
+    fn generator(&self) -> Option<Generator<'_>> {
+        match self.policy.backend {
+            Backend::Local(model) => Some(Generator::new(
+                model,
+                self.policy.tokenizer,
+                self.policy.eos_token_ids,
+            )),
+            Backend::Engines(_) => None,
+        }
+    }
+
+    /// `copies` completions of every prompt from the engines; row `r`
+    /// samples with stream `first_row + r`.
+    fn engine_complete(
+        &self,
+        engines: &Engines,
+        prompts: &[Vec<u32>],
+        copies: usize,
+        params: &SamplingParams,
+        first_row: u64,
+    ) -> Result<Vec<Completion>> {
+        engines.complete(
+            prompts,
+            copies,
+            params,
+            first_row,
             self.policy.tokenizer,
             self.policy.eos_token_ids,
         )
@@ -171,14 +228,15 @@ impl<'a> Rollouts<'a> {
     /// cache and the logits of every row's last token.
     fn prefill_forked(
         &self,
+        generator: &Generator<'_>,
         prefixes: &[Vec<u32>],
         copies: usize,
         extra: usize,
     ) -> Result<(KvCache, Tensor)> {
         let longest = prefixes.iter().map(Vec::len).max().unwrap_or(0);
-        let mut cache = KvCache::new(&self.policy.model.config, prefixes.len(), longest);
+        let mut cache = KvCache::new(&generator.model.config, prefixes.len(), longest);
         let segments: Vec<&[u32]> = prefixes.iter().map(Vec::as_slice).collect();
-        let logits = self.generator().prefill(&mut cache, &segments)?;
+        let logits = generator.prefill(&mut cache, &segments)?;
         let rows: Vec<usize> = (0..prefixes.len())
             .flat_map(|p| std::iter::repeat_n(p, copies))
             .collect();
@@ -215,15 +273,23 @@ impl<'a> Rollouts<'a> {
                         .prompt(&self.first_messages(r), tools.as_ref())
                 })
                 .collect::<Result<Vec<_>>>()?;
-            let (cache, logits) = self.prefill_forked(&prompts, samples, params.max_new_tokens)?;
             let first_row = stream_offset + (c * per_chunk * samples) as u64;
-            let samplers = (0..(chunk.len() * samples) as u64)
-                .map(|r| Sampler::new(params, first_row + r))
-                .collect();
-            let decoded = self
-                .generator()
-                .decode(cache, logits, params, samplers, false)?;
-            let mut completions = decoded.completions.into_iter();
+            let completions = match self.generator() {
+                Some(generator) => {
+                    let (cache, logits) =
+                        self.prefill_forked(&generator, &prompts, samples, params.max_new_tokens)?;
+                    let samplers = (0..(chunk.len() * samples) as u64)
+                        .map(|r| Sampler::new(params, first_row + r))
+                        .collect();
+                    generator
+                        .decode(cache, logits, params, samplers, false)?
+                        .completions
+                }
+                None => {
+                    self.engine_complete(self.engines(), &prompts, samples, params, first_row)?
+                }
+            };
+            let mut completions = completions.into_iter();
             for record in chunk {
                 let attempts = (0..samples)
                     .map(|_| {
@@ -276,23 +342,66 @@ impl<'a> Rollouts<'a> {
             ));
         }
         let turns = self.reflection_turns(failures)?;
-        let reflections = self.reflect(&turns, group, reflect, retry, first_row)?;
-        let (continuations, retries) = self.retry(
-            reflections.cache,
-            &reflections.completions,
-            &turns,
-            group,
-            retry,
-            first_row,
-        )?;
-        self.assemble(
-            failures,
-            group,
-            &turns,
-            reflections.completions,
-            continuations,
-            retries,
-        )
+        let (reflections, continuations, retries) = match self.generator() {
+            Some(generator) => {
+                let reflections =
+                    self.reflect(&generator, &turns, group, reflect, retry, first_row)?;
+                let (continuations, retries) = self.retry(
+                    &generator,
+                    reflections.cache,
+                    &reflections.completions,
+                    &turns,
+                    group,
+                    retry,
+                    first_row,
+                )?;
+                (reflections.completions, continuations, retries)
+            }
+            None => self.reflect_and_retry_on_engines(&turns, group, reflect, retry, first_row)?,
+        };
+        self.assemble(failures, group, &turns, reflections, continuations, retries)
+    }
+
+    fn engines(&self) -> &Engines {
+        match self.policy.backend {
+            Backend::Engines(engines) => engines,
+            Backend::Local(_) => unreachable!("called only when engines sample"),
+        }
+    }
+
+    /// Steps 2 and 3 on engines: `group` reflections of every prefix, then
+    /// each row's retry from its whole conversation so far (the engine's
+    /// prefix cache finds the shared part).
+    fn reflect_and_retry_on_engines(
+        &self,
+        turns: &ReflectionTurns,
+        group: usize,
+        reflect: &SamplingParams,
+        retry: &SamplingParams,
+        first_row: u64,
+    ) -> Result<(Vec<Completion>, Vec<Vec<u32>>, Vec<Completion>)> {
+        let engines = self.engines();
+        let reflections =
+            self.engine_complete(engines, &turns.prefixes, group, reflect, first_row)?;
+        let continuations = self.continuations(&reflections, turns, group);
+        let conversations: Vec<Vec<u32>> = continuations
+            .iter()
+            .zip(&reflections)
+            .enumerate()
+            .map(|(row, (continuation, reflection))| {
+                let prefix = &turns.prefixes[row / group];
+                let mut ids =
+                    Vec::with_capacity(prefix.len() + reflection.tokens.len() + continuation.len());
+                ids.extend(prefix);
+                ids.extend(&reflection.tokens);
+                ids.extend(&continuation[1..]);
+                ids
+            })
+            .collect();
+        // One retry per row: row r samples with stream first_row + r, as
+        // on the local decoder.
+        let retries = self.engine_complete(engines, &conversations, 1, retry, first_row)?;
+        Ok((reflections, continuations, retries))
     }
 
     /// Step 1: each failure's ids up to its reflection request (prompt,
@@ -340,6 +449,7 @@ impl<'a> Rollouts<'a> {
     /// in every row; the cache is kept for the retries.
     fn reflect(
         &self,
+        generator: &Generator<'_>,
         turns: &ReflectionTurns,
         group: usize,
         reflect: &SamplingParams,
@@ -350,21 +460,21 @@ impl<'a> Rollouts<'a> {
         // Room for the reflection, the retry request (after the
         // reflection's last token) and the retry.
         let room = reflect.max_new_tokens + 1 + longest_request.unwrap_or(0) + retry.max_new_tokens;
-        let (cache, logits) = self.prefill_forked(&turns.prefixes, group, room)?;
+        let (cache, logits) = self.prefill_forked(generator, &turns.prefixes, group, room)?;
         let samplers = (0..(turns.prefixes.len() * group) as u64)
             .map(|r| Sampler::new(reflect, first_row + r))
             .collect();
-        Ok(self
-            .generator()
-            .decode(cache, logits, reflect, samplers, true)?)
+        Ok(generator.decode(cache, logits, reflect, samplers, true)?)
     }
 
     /// Step 3: each row continues its own reflection's cache with the retry
     /// request (from the reflection's last token, which the cache has not
     /// seen yet) and samples the retry. Returns each row's continuation and
     /// retry.
+    #[allow(clippy::too_many_arguments)]
     fn retry(
         &self,
+        generator: &Generator<'_>,
         cache: Option<KvCache>,
         reflections: &[Completion],
         turns: &ReflectionTurns,
@@ -372,7 +482,27 @@ impl<'a> Rollouts<'a> {
         retry: &SamplingParams,
         first_row: u64,
     ) -> Result<(Vec<Vec<u32>>, Vec<Completion>)> {
-        let continuations: Vec<Vec<u32>> = reflections
+        let continuations = self.continuations(reflections, turns, group);
+        let mut cache = cache.expect("the reflections' cache was kept");
+        let segments: Vec<&[u32]> = continuations.iter().map(Vec::as_slice).collect();
+        let logits = generator.prefill(&mut cache, &segments)?;
+        let samplers = (0..continuations.len() as u64)
+            .map(|r| Sampler::new(retry, first_row + r))
+            .collect();
+        let retries = generator.decode(cache, logits, retry, samplers, false)?;
+        Ok((continuations, retries.completions))
+    }
+
+    /// Each row's ids after its reflection, from the reflection's last
+    /// token (which a kept cache has not seen yet): that token, then the
+    /// retry request that fits how the reflection ended.
+    fn continuations(
+        &self,
+        reflections: &[Completion],
+        turns: &ReflectionTurns,
+        group: usize,
+    ) -> Vec<Vec<u32>> {
+        reflections
             .iter()
             .enumerate()
             .map(|(row, completion)| {
@@ -386,17 +516,7 @@ impl<'a> Rollouts<'a> {
                     .chain(request.iter().copied())
                     .collect()
             })
-            .collect();
-        let mut cache = cache.expect("the reflections' cache was kept");
-        let segments: Vec<&[u32]> = continuations.iter().map(Vec::as_slice).collect();
-        let logits = self.generator().prefill(&mut cache, &segments)?;
-        let samplers = (0..continuations.len() as u64)
-            .map(|r| Sampler::new(retry, first_row + r))
-            .collect();
-        let retries = self
-            .generator()
-            .decode(cache, logits, retry, samplers, false)?;
-        Ok((continuations, retries.completions))
+            .collect()
     }
 
     /// Step 4: each row's ids (prefix, reflection, retry request, retry),

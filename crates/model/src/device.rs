@@ -111,6 +111,32 @@ impl Precision {
     }
 }
 
+/// Both are written in configs and checkpoints as the flags spell them
+/// (`"cuda:0"`, `"bf16"`), and read back through the same parser, so a
+/// config file's `device = "gpu"` fails with the flag's own message.
+macro_rules! serde_as_text {
+    ($t:ty) => {
+        impl serde::Serialize for $t {
+            fn serialize<S: serde::Serializer>(
+                &self,
+                s: S,
+            ) -> std::result::Result<S::Ok, S::Error> {
+                s.collect_str(self)
+            }
+        }
+        impl<'de> serde::Deserialize<'de> for $t {
+            fn deserialize<D: serde::Deserializer<'de>>(
+                d: D,
+            ) -> std::result::Result<Self, D::Error> {
+                let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+                text.parse().map_err(serde::de::Error::custom)
+            }
+        }
+    };
+}
+serde_as_text!(DeviceChoice);
+serde_as_text!(Precision);
+
 fn open_cuda(ordinal: usize) -> Result<Device> {
     Device::new_cuda(ordinal)
         .map_err(|e| ModelError::Device(format!("cannot open cuda:{ordinal}: {e}")))

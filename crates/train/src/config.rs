@@ -109,12 +109,12 @@ pub struct TrainConfig {
     pub adapter: Option<PathBuf>,
     /// Where to train: `auto` (the first GPU of a CUDA build, else the
     /// CPU), `cpu`, `cuda` or `cuda:N`.
-    pub device: String,
+    pub device: DeviceChoice,
     /// The type the model computes in: `f32`, or `bf16` for mixed
     /// precision as TRL's `bf16 = true`: bf16 weights and activations in
     /// every product, f32 master weights and AdamW moments (LoRA: a bf16
     /// frozen base, f32 adapters).
-    pub dtype: String,
+    pub dtype: Precision,
     /// Where live curves go besides `metrics.jsonl` (TRL's key): `"none"`
     /// or `"tensorboard"` (event files under `output_dir/runs/`).
     #[serde(deserialize_with = "one_or_many")]
@@ -185,8 +185,8 @@ impl Default for TrainConfig {
             lora_dropout: 0.0,
             lora_target_modules: vec!["all-linear".into()],
             adapter: None,
-            device: "auto".into(),
-            dtype: "f32".into(),
+            device: DeviceChoice::Auto,
+            dtype: Precision::F32,
             report_to: vec!["none".into()],
         }
     }
@@ -274,12 +274,6 @@ impl TrainConfig {
             return Err(TrainError::Config(format!(
                 "'report_to' = {other:?}: r3 reports to \"tensorboard\" (event files under output_dir/runs/) or \"none\"; metrics.jsonl is always written"
             )));
-        }
-        if let Err(why) = self.device() {
-            return bad("device", &why);
-        }
-        if let Err(why) = self.precision() {
-            return bad("dtype", &why);
         }
         if self.max_steps == 0 {
             return bad("max_steps", "must be at least 1");
@@ -379,16 +373,6 @@ impl TrainConfig {
                 format!("{k}: {before} → {v}")
             })
             .collect()
-    }
-
-    /// The type the run computes in (`dtype`), parsed.
-    pub fn precision(&self) -> std::result::Result<Precision, String> {
-        self.dtype.parse()
-    }
-
-    /// The device the run asked for (`device`), parsed.
-    pub fn device(&self) -> std::result::Result<DeviceChoice, String> {
-        self.device.parse()
     }
 
     /// The adapters' shape when training LoRA (`use_peft`), else `None`.

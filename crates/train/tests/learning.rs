@@ -32,7 +32,7 @@ fn train(toy: &common::Toy, train_on: TrainOn, lora: bool, dtype: &str) -> (f64,
         save_steps: 0,
         seed: 1,
         train_on,
-        dtype: dtype.into(),
+        dtype: dtype.parse().unwrap(),
         ..TrainConfig::default()
     };
     let mut weights = StartWeights::of(&toy.loaded);

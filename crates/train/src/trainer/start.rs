@@ -53,7 +53,7 @@ impl<'a> Trainer<'a> {
     ) -> Result<Self> {
         check_run(&config, model, task, &failures)?;
         let lora = config.lora()?;
-        let compute = config.precision().map_err(TrainError::Config)?.dtype();
+        let compute = config.dtype.dtype();
         let StartWeights {
             mut policy,
             reference,

@@ -1,0 +1,222 @@
+//! `r3 serve` and `--engine`: the server answers OpenAI-style requests and
+//! refuses bad ones with JSON errors, and an evaluation sampled through it
+//! is the in-process evaluation, transcript for transcript.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+
+use serde_json::{json, Value};
+
+/// A running `r3 serve` on a free port, killed when dropped.
+struct Server {
+    child: Child,
+    url: String,
+}
+
+impl Server {
+    fn start(model: &str, extra: &[&str]) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_r3"))
+            .args(["serve", "--model", model, "--port", "0"])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let url = line.trim().rsplit(' ').next().unwrap().to_string();
+        assert!(url.starts_with("http://127.0.0.1:"), "{line}");
+        Self { child, url }
+    }
+
+    /// POSTs `body` to `path`: (status, JSON reply).
+    fn post(&self, path: &str, body: &str) -> (u16, Value) {
+        let reply = ureq::post(&format!("{}{path}", self.url))
+            .set("Content-Type", "application/json")
+            .send_string(body);
+        read(reply)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn read(reply: Result<ureq::Response, ureq::Error>) -> (u16, Value) {
+    let response = match reply {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("{e}"),
+    };
+    let status = response.status();
+    (status, response.into_json().unwrap())
+}
+
+#[test]
+fn completions_and_chat_answer_with_token_ids() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, _) = common::tiny_model_and_data(dir.path(), 1, "1");
+    let server = Server::start(&model, &[]);
+    let (status, v) = read(ureq::get(&format!("{}/v1/models", server.url)).call());
+    assert_eq!(status, 200);
+    let name = v["data"][0]["id"].as_str().unwrap().to_string();
+    assert_eq!(name, "tiny");
+    let body = json!({"model": name, "prompt": [[1, 2, 3], [4, 5]], "n": 3, "max_tokens": 5,
+                      "temperature": 0.9, "seed": 4, "return_token_ids": true});
+    let (status, v) = server.post("/v1/completions", &body.to_string());
+    assert_eq!(status, 200, "{v}");
+    let choices = v["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 6, "{v}");
+    for c in choices {
+        let ids = c["token_ids"].as_array().unwrap();
+        assert!(!ids.is_empty() && ids.len() <= 5, "{c}");
+    }
+    // The same seed gives the same choices, whatever else is batched.
+    let (_, again) = server.post("/v1/completions", &body.to_string());
+    assert_eq!(v["choices"], again["choices"]);
+    let usage = &v["usage"];
+    assert_eq!(usage["prompt_tokens"], 3 * 5);
+    let chat = json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4});
+    let (status, v) = server.post("/v1/chat/completions", &chat.to_string());
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["choices"][0]["message"]["role"], "assistant");
+    assert!(v["choices"][0]["message"]["content"].is_string());
+}
+
+#[test]
+fn bad_requests_get_json_errors_and_the_server_stays_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, _) = common::tiny_model_and_data(dir.path(), 1, "1");
+    let server = Server::start(&model, &["--api-key", "secret"]);
+    let authorized = |path: &str, body: &str| {
+        read(
+            ureq::post(&format!("{}{path}", server.url))
+                .set("Authorization", "Bearer secret")
+                .send_string(body),
+        )
+    };
+    let (status, v) = server.post("/v1/completions", r#"{"prompt": "a"}"#);
+    assert_eq!(status, 401, "{v}");
+    for (body, status, needle) in [
+        ("{bad json", 400, "not valid JSON"),
+        (r#"{"prompt": "a", "frobnicate": 1}"#, 400, "frobnicate"),
+        (r#"{"prompt": "a", "max_tokens": -5}"#, 400, "max_tokens"),
+        (
+            r#"{"prompt": "a", "max_tokens": 100000000}"#,
+            400,
+            "context",
+        ),
+        (r#"{"prompt": [999999]}"#, 400, "vocabulary"),
+        (r#"{"prompt": "a", "model": "gpt-9"}"#, 404, "gpt-9"),
+        (
+            r#"{"prompt": "a", "n": 64, "max_tokens": 1, "prompt": [[1],[2],[3],[4],[5]]}"#,
+            400,
+            "at most",
+        ),
+    ] {
+        let (got, v) = authorized("/v1/completions", body);
+        assert_eq!(got, status, "{v}");
+        let message = v["error"]["message"].as_str().unwrap();
+        assert!(message.contains(needle), "{message}");
+    }
+    // An oversized body gets 413, or (when the server answers before the
+    // client has finished sending) its connection is dropped.
+    let huge = format!(r#"{{"prompt": "{}"}}"#, "a".repeat(9 << 20));
+    let reply = ureq::post(&format!("{}/v1/completions", server.url))
+        .set("Authorization", "Bearer secret")
+        .send_string(&huge);
+    match reply {
+        Err(ureq::Error::Status(code, r)) => {
+            assert_eq!(code, 413);
+            let v: Value = r.into_json().unwrap();
+            assert!(
+                v["error"]["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("larger than"),
+                "{v}"
+            );
+        }
+        Err(ureq::Error::Transport(_)) => {}
+        Ok(r) => panic!("an oversized body was accepted: {}", r.status()),
+    }
+    let (status, _) = authorized("/v1/nothing", "{}");
+    assert_eq!(status, 404);
+    let (status, v) = read(
+        ureq::get(&format!("{}/v1/completions", server.url))
+            .set("Authorization", "Bearer secret")
+            .call(),
+    );
+    assert_eq!(status, 405, "{v}");
+    let (status, v) = authorized("/v1/completions", r#"{"prompt": "a", "max_tokens": 2}"#);
+    assert_eq!(status, 200, "{v}");
+}
+
+/// Greedy evaluation sampled by `r3 serve` through `--engine` writes the
+/// same summary and the same transcripts as r3's own decoder, and mining
+/// through it binds its failures to the engine.
+#[test]
+fn eval_on_an_engine_is_eval_in_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, data) = common::tiny_model_and_data(dir.path(), 12, "5");
+    let server = Server::start(&model, &[]);
+    let out = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    let eval = |name: &str, engine: &[&str]| {
+        let mut args = vec![
+            "eval",
+            "--model",
+            &model,
+            "--task",
+            "answer",
+            "--data",
+            &data,
+            "--max-new-tokens",
+            "6",
+            "--reflection-max-tokens",
+            "6",
+            "--batch-rows",
+            "5",
+        ];
+        let dir = out(name);
+        args.extend(["--out", &dir]);
+        args.extend(engine);
+        let (ok, _, err) = common::r3(&args);
+        assert!(ok, "{err}");
+    };
+    eval("local", &[]);
+    eval("engine", &["--engine", &server.url]);
+    for file in ["summary.json", "transcripts.jsonl"] {
+        let local = std::fs::read_to_string(dir.path().join("local").join(file)).unwrap();
+        let engine = std::fs::read_to_string(dir.path().join("engine").join(file)).unwrap();
+        assert_eq!(local, engine, "{file}");
+    }
+    let failures = out("failures.jsonl");
+    let (ok, _, err) = common::r3(&[
+        "mine",
+        "--model",
+        &model,
+        "--task",
+        "answer",
+        "--data",
+        &data,
+        "--samples",
+        "2",
+        "--max-new-tokens",
+        "4",
+        "--out",
+        &failures,
+        "--engine",
+        &server.url,
+    ]);
+    assert!(ok, "{err}");
+    assert!(err.contains("sampling from 1 engine"), "{err}");
+    let state = std::fs::read_to_string(format!("{failures}.state")).unwrap();
+    assert!(state.contains(&server.url), "{state}");
+}

@@ -1,0 +1,390 @@
+//! `r3 serve`: a model behind an OpenAI-compatible HTTP API, with vLLM's
+//! token-id extensions, so that r3's own loop (`--engine`), the `openai`
+//! client, evaluation harnesses and agent frameworks can all sample from
+//! it. Routes: `POST /v1/completions`, `POST /v1/chat/completions`,
+//! `GET /v1/models`, `GET /health`. Handlers (axum, on two threads) parse
+//! and check requests; one scheduler thread owns the decoder and batches
+//! the requests that wait together.
+
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod scheduler;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use r3_generate::{Completion, FinishReason};
+use r3_loop::model::Model;
+use r3_loop::ChatEncoder;
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, oneshot};
+
+use api::{ApiError, ApiResult, Prompt, Request};
+use scheduler::{Job, Rows};
+
+/// Largest request body read; a larger one gets 413.
+pub const MAX_BODY_BYTES: usize = 8 << 20;
+
+/// What `r3 serve` runs with.
+pub struct ServeConfig {
+    pub address: SocketAddr,
+    /// The name `/v1/models` lists and requests may give as `model`.
+    pub name: String,
+    /// Requests must carry `Authorization: Bearer <key>` when set.
+    pub api_key: Option<String>,
+    /// Most rows decoded at once.
+    pub max_rows: usize,
+}
+
+/// What can stop the server.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot listen on {address}: {cause}")]
+    Bind {
+        address: SocketAddr,
+        cause: std::io::Error,
+    },
+    #[error("the HTTP server stopped: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Serves `model` until the process ends. `ready` is called once the
+/// socket listens (the CLI prints the address there).
+pub fn serve(
+    model: Model,
+    config: ServeConfig,
+    ready: impl FnOnce(SocketAddr),
+) -> Result<(), ServeError> {
+    // Two threads answer HTTP; the decoder has a thread of its own.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_io()
+        .build()?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(config.address)
+            .await
+            .map_err(|cause| ServeError::Bind {
+                address: config.address,
+                cause,
+            })?;
+        let address = listener.local_addr()?;
+        let model = Arc::new(model);
+        let (jobs, queue) = mpsc::channel::<Job>(scheduler::QUEUE);
+        {
+            let model = Arc::clone(&model);
+            let max_rows = config.max_rows;
+            std::thread::spawn(move || scheduler::run(model, queue, max_rows));
+        }
+        let state = Arc::new(Server {
+            model,
+            config,
+            jobs,
+            ids: AtomicU64::new(0),
+        });
+        let app = Router::new()
+            .route("/health", get(health))
+            .route("/v1/models", get(models))
+            .route("/v1/completions", post(completions))
+            .route("/v1/chat/completions", post(chat))
+            .fallback(|| async { ApiError::new(404, "no such route") })
+            .method_not_allowed_fallback(|| async {
+                ApiError::new(405, "this method is not allowed on this route")
+            })
+            .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+            .with_state(state);
+        ready(address);
+        axum::serve(listener, app).await?;
+        Ok(())
+    })
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::BAD_REQUEST);
+        (status, Json(self.body())).into_response()
+    }
+}
+
+type Shared = State<Arc<Server>>;
+
+async fn health(State(server): Shared, headers: HeaderMap) -> ApiResult<Json<Value>> {
+    server.authorize(&headers)?;
+    Ok(Json(json!({})))
+}
+
+async fn models(State(server): Shared, headers: HeaderMap) -> ApiResult<Json<Value>> {
+    server.authorize(&headers)?;
+    Ok(Json(server.models()))
+}
+
+async fn completions(
+    State(server): Shared,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Json<Value>> {
+    server.authorize(&headers)?;
+    let request = api::completion_request(&json_body(body)?)?;
+    Ok(Json(server.completions(request).await?))
+}
+
+async fn chat(
+    State(server): Shared,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Json<Value>> {
+    server.authorize(&headers)?;
+    let (request, messages, tools) = api::chat_request(&json_body(body)?)?;
+    Ok(Json(server.chat(request, &messages, tools.as_ref()).await?))
+}
+
+/// A request's JSON body, at most [`MAX_BODY_BYTES`].
+fn json_body(body: Result<Bytes, BytesRejection>) -> ApiResult<Value> {
+    let bytes = body.map_err(|rejection| match rejection.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
+            413,
+            format!("the body is larger than {MAX_BODY_BYTES} bytes"),
+        ),
+        status => ApiError::new(status.as_u16(), rejection.body_text()),
+    })?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::new(400, format!("the body is not valid JSON: {e}")))
+}
+
+struct Server {
+    model: Arc<Model>,
+    config: ServeConfig,
+    jobs: mpsc::Sender<Job>,
+    ids: AtomicU64,
+}
+
+impl Server {
+    fn authorize(&self, headers: &HeaderMap) -> ApiResult<()> {
+        let Some(key) = &self.config.api_key else {
+            return Ok(());
+        };
+        let given = headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        match given {
+            Some(token) if token == key => Ok(()),
+            _ => Err(ApiError::new(
+                401,
+                "a valid API key is required (Authorization: Bearer KEY)",
+            )),
+        }
+    }
+
+    fn models(&self) -> Value {
+        json!({"object": "list", "data": [{
+            "id": self.config.name,
+            "object": "model",
+            "owned_by": "r3",
+            "max_model_len": self.model.loaded.config.max_position_embeddings,
+        }]})
+    }
+
+    fn check_model(&self, request: &Request) -> ApiResult<()> {
+        match &request.model {
+            Some(name) if *name != self.config.name => Err(ApiError::new(
+                404,
+                format!(
+                    "the model {name} does not exist here; this server serves {}",
+                    self.config.name
+                ),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    async fn completions(&self, request: Request) -> ApiResult<Value> {
+        self.check_model(&request)?;
+        let tokenizer = &self.model.loaded.tokenizer;
+        let prompts = request
+            .prompts
+            .iter()
+            .map(|p| match p {
+                Prompt::Ids(ids) => Ok(ids.clone()),
+                Prompt::Text(text) => tokenizer
+                    .encode(text)
+                    .map_err(|e| ApiError::new(400, format!("prompt: {e}"))),
+            })
+            .collect::<ApiResult<Vec<_>>>()?;
+        let (completions, usage) = self.generate(&request, prompts).await?;
+        let choices: Vec<Value> = completions
+            .iter()
+            .enumerate()
+            .map(|(index, c)| {
+                let mut choice = json!({
+                    "index": index,
+                    "text": c.text,
+                    "logprobs": null,
+                    "finish_reason": finish_reason(c),
+                });
+                if request.return_token_ids {
+                    choice["token_ids"] = json!(c.tokens);
+                }
+                choice
+            })
+            .collect();
+        Ok(json!({
+            "id": format!("cmpl-{}", self.ids.fetch_add(1, Ordering::Relaxed)),
+            "object": "text_completion",
+            "created": now(),
+            "model": self.config.name,
+            "choices": choices,
+            "usage": usage,
+        }))
+    }
+
+    async fn chat(
+        &self,
+        request: Request,
+        messages: &[r3_model::Message],
+        tools: Option<&Value>,
+    ) -> ApiResult<Value> {
+        self.check_model(&request)?;
+        let loaded = &self.model.loaded;
+        let chat = ChatEncoder::new(&loaded.chat_template, &loaded.tokenizer, &loaded.eos_token);
+        let prompt = chat
+            .prompt(messages, tools)
+            .map_err(|e| ApiError::bad("messages", e.to_string()))?;
+        let (completions, usage) = self.generate(&request, vec![prompt]).await?;
+        let choices: Vec<Value> = completions
+            .iter()
+            .enumerate()
+            .map(|(index, c)| {
+                let mut choice = json!({
+                    "index": index,
+                    "message": {"role": "assistant", "content": c.text},
+                    "logprobs": null,
+                    "finish_reason": finish_reason(c),
+                });
+                if request.return_token_ids {
+                    choice["token_ids"] = json!(c.tokens);
+                }
+                choice
+            })
+            .collect();
+        Ok(json!({
+            "id": format!("chatcmpl-{}", self.ids.fetch_add(1, Ordering::Relaxed)),
+            "object": "chat.completion",
+            "created": now(),
+            "model": self.config.name,
+            "choices": choices,
+            "usage": usage,
+        }))
+    }
+
+    /// Checks the prompts against the model, queues the job and waits for
+    /// its completions; returns them with the usage counts.
+    async fn generate(
+        &self,
+        request: &Request,
+        prompts: Vec<Vec<u32>>,
+    ) -> ApiResult<(Vec<Completion>, Value)> {
+        let config = &self.model.loaded.config;
+        let context = config.max_position_embeddings;
+        let rows = prompts.len() * request.n;
+        if rows > api::MAX_ROWS {
+            return Err(ApiError::bad(
+                "n",
+                format!(
+                    "{rows} completions in one request; at most {}",
+                    api::MAX_ROWS
+                ),
+            ));
+        }
+        let mut params = request.params.clone();
+        let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+        if longest >= context {
+            return Err(ApiError::bad(
+                "prompt",
+                format!("{longest} tokens; the model's context is {context}"),
+            ));
+        }
+        if params.max_new_tokens == usize::MAX {
+            // Chat's default: the rest of the context.
+            params.max_new_tokens = context - longest;
+        }
+        if longest + params.max_new_tokens > context {
+            return Err(ApiError::bad(
+                "max_tokens",
+                format!(
+                    "{} after a {longest}-token prompt passes the model's context of {context}",
+                    params.max_new_tokens
+                ),
+            ));
+        }
+        if let Some(&bad) = prompts
+            .iter()
+            .flatten()
+            .find(|&&t| t as usize >= config.vocab_size)
+        {
+            return Err(ApiError::bad(
+                "prompt",
+                format!(
+                    "token id {bad} is outside the vocabulary of {}",
+                    config.vocab_size
+                ),
+            ));
+        }
+        let mut stop_token_ids = self.model.loaded.eos_token_ids.clone();
+        stop_token_ids.extend(&request.stop_token_ids);
+        stop_token_ids.sort_unstable();
+        stop_token_ids.dedup();
+        let prompt_tokens: usize = prompts.iter().map(Vec::len).sum::<usize>() * request.n;
+        let (reply, answer) = oneshot::channel();
+        let job = Job {
+            rows: prompts
+                .into_iter()
+                .map(|prompt| Rows {
+                    prompt,
+                    n: request.n,
+                })
+                .collect(),
+            params,
+            stop_token_ids,
+            reply,
+        };
+        self.jobs
+            .send(job)
+            .await
+            .map_err(|_| ApiError::new(503, "the scheduler has stopped"))?;
+        let completions = answer
+            .await
+            .map_err(|_| ApiError::new(503, "the scheduler has stopped"))?
+            .map_err(|e| ApiError::new(500, e))?;
+        let completion_tokens: usize = completions.iter().map(|c| c.tokens.len()).sum();
+        let usage = json!({
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        });
+        Ok((completions, usage))
+    }
+}
+
+/// OpenAI's finish reasons: an end-of-turn id or a stop string is "stop".
+fn finish_reason(c: &Completion) -> &'static str {
+    match c.finish {
+        FinishReason::Eos | FinishReason::Stop => "stop",
+        FinishReason::Length => "length",
+    }
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
