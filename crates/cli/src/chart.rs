@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use plotters::prelude::*;
 use r3_train::metrics::StepMetrics;
 
-use crate::report::{compare, read_jsonl};
+use r3_loop::report::{compare, read_jsonl};
 
 /// Registers a system sans-serif font for chart text (plotters draws text
 /// itself); `R3_FONT` names one explicitly.

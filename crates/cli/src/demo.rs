@@ -180,7 +180,7 @@ pub fn demo(args: DemoArgs) -> Result<()> {
     println!("{}", reward_signal(&train_dir.join("metrics.jsonl"))?);
     println!(
         "\npaired, on the same records:\n{}",
-        crate::report::compare(&args.out.join("eval-base"), &args.out.join("eval-trained"))?
+        r3_loop::report::compare(&args.out.join("eval-base"), &args.out.join("eval-trained"))?
     );
     let overlap = after.second_try.low <= before.second_try.high
         && before.second_try.low <= after.second_try.high;
@@ -213,7 +213,7 @@ fn claim_run_directory(out: &std::path::Path) -> Result<()> {
 /// rewards were mixed (the only ones that train), and the retry success of
 /// the sampled reflections in the first and the last steps.
 fn reward_signal(metrics: &std::path::Path) -> Result<String> {
-    let steps: Vec<StepMetrics> = crate::report::read_jsonl(metrics)?;
+    let steps: Vec<StepMetrics> = r3_loop::report::read_jsonl(metrics)?;
     let groups: usize = steps.iter().map(|m| m.groups).sum();
     let silent: usize = steps.iter().map(|m| m.zero_signal_groups).sum();
     let (groups, silent) = (groups as f64, silent as f64);

@@ -505,6 +505,9 @@ fn device_flag_is_validated() {
         assert!(err.contains("built without CUDA"), "{err}");
         let (ok, _, err) = r3(&["train", "--set", "device=\"tpu\""]);
         assert!(!ok);
-        assert!(err.contains("'device'"), "{err}");
+        assert!(
+            err.contains("device=\"tpu\"") && err.contains("unknown device 'tpu'"),
+            "{err}"
+        );
     }
 }

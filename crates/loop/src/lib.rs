@@ -10,6 +10,7 @@ pub mod engine;
 pub mod eval;
 pub mod mine;
 pub mod model;
+pub mod report;
 pub mod rollout;
 pub mod stats;
 
