@@ -95,8 +95,10 @@ fn expected_calls(record: &Value) -> Result<Vec<Call>, String> {
     calls_from_json(&json_field(record, "answers")?)
 }
 
-/// Finds the calls in a reply: inside `<tool_call>` tags, in a code fence,
-/// or as bare JSON in the text.
+/// Finds the calls in a reply: every call it writes, inside `<tool_call>`
+/// tags, in code fences, or as bare JSON in the text. A reply that writes
+/// two calls as two blocks (two tags, two fences, two objects) makes two
+/// calls; echoed tool definitions are passed over.
 pub fn extract_calls(reply: &str) -> Result<Vec<Call>, String> {
     if reply.len() > MAX_REPLY_LEN {
         return Err(format!("reply is longer than {MAX_REPLY_LEN} bytes"));
@@ -111,29 +113,70 @@ pub fn extract_calls(reply: &str) -> Result<Vec<Call>, String> {
         }
         return Ok(calls);
     }
-    if let Some(v) = fenced_json(reply) {
-        return calls_from_json(&v);
+    let fenced = fenced_calls(reply);
+    let values = match fenced.is_empty() {
+        true => bare_calls(reply),
+        false => fenced,
+    };
+    if values.is_empty() {
+        return Err("no JSON list of calls in the reply".into());
     }
-    match first_json(reply) {
-        Some(v) => calls_from_json(&v),
-        None => Err("no JSON list of calls in the reply".into()),
+    let mut calls = Vec::new();
+    for v in &values {
+        calls.extend(calls_from_json(v)?);
+    }
+    Ok(calls)
+}
+
+/// Whether `v` reads as calls: an object with a `name`, or a list of
+/// objects, none of them an echoed tool definition.
+fn holds_calls(v: &Value) -> bool {
+    match v {
+        // An empty list is an answer too: no calls.
+        Value::Array(items) => items
+            .iter()
+            .all(|item| item.is_object() && !is_tool_definition(item)),
+        Value::Object(_) => v.get("name").is_some() && !is_tool_definition(v),
+        _ => false,
     }
 }
 
-/// The last ``` fenced block that parses as JSON.
-fn fenced_json(reply: &str) -> Option<Value> {
-    let blocks: Vec<&str> = reply.split("```").collect();
-    blocks
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| i % 2 == 1)
-        .rev()
-        .find_map(|(_, block)| {
+/// Every ``` fenced block that parses as JSON and holds calls, in order.
+fn fenced_calls(reply: &str) -> Vec<Value> {
+    reply
+        .split("```")
+        .skip(1)
+        .step_by(2)
+        .filter_map(|block| {
             let body = block
                 .trim_start_matches(|c: char| c.is_ascii_alphabetic())
                 .trim();
             serde_json::from_str::<Value>(body).ok()
         })
+        .filter(holds_calls)
+        .collect()
+}
+
+/// Every JSON value in the text that holds calls, left to right and not
+/// overlapping (at most [`MAX_JSON_STARTS`] places tried).
+fn bare_calls(reply: &str) -> Vec<Value> {
+    let mut found = Vec::new();
+    let mut from = 0;
+    for _ in 0..MAX_JSON_STARTS {
+        let Some(offset) = reply[from..].find(['[', '{']) else {
+            break;
+        };
+        let start = from + offset;
+        let mut stream = serde_json::Deserializer::from_str(&reply[start..]).into_iter::<Value>();
+        match stream.next() {
+            Some(Ok(v)) if holds_calls(&v) => {
+                found.push(v);
+                from = start + stream.byte_offset();
+            }
+            _ => from = start + 1,
+        }
+    }
+    found
 }
 
 /// Whether `v` is a tool's definition rather than a call to it: models
@@ -145,32 +188,6 @@ fn is_tool_definition(v: &Value) -> bool {
         .get("parameters")
         .is_some_and(|p| p.get("type").is_some() && p.get("properties").is_some());
     v.get("arguments").is_none() && (v.get("description").is_some() || schema)
-}
-
-/// The first JSON value in the text that looks like calls: a list of
-/// objects, or an object with a `name`; echoed tool definitions are passed
-/// over.
-fn first_json(reply: &str) -> Option<Value> {
-    let starts = reply
-        .char_indices()
-        .filter(|&(_, c)| c == '[' || c == '{')
-        .map(|(i, _)| i)
-        .take(MAX_JSON_STARTS);
-    for start in starts {
-        let mut stream = serde_json::Deserializer::from_str(&reply[start..]).into_iter::<Value>();
-        match stream.next() {
-            Some(Ok(Value::Array(items)))
-                if items
-                    .iter()
-                    .all(|item| item.is_object() && !is_tool_definition(item)) =>
-            {
-                return Some(Value::Array(items))
-            }
-            Some(Ok(v)) if v.get("name").is_some() && !is_tool_definition(&v) => return Some(v),
-            _ => {}
-        }
-    }
-    None
 }
 
 /// JSON equality where numbers compare by value (`5 == 5.0`) and object key

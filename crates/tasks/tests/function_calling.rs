@@ -144,7 +144,53 @@ fn the_shipped_data_set_is_well_formed_and_its_answers_verify() {
     );
 }
 
+/// Two calls written as two blocks are two calls, however they are
+/// written: two fences (as Qwen2.5-Coder writes parallel calls when it
+/// does), two bare objects, or a fenced tool echo before the call, which
+/// is passed over. (The extractor once read only the last fence, and so
+/// failed correct parallel answers.)
+#[test]
+fn calls_written_as_separate_blocks_all_count() {
+    let parallel = json!([
+        {"name": "add", "arguments": {"a": 1, "b": 2}},
+        {"name": "get_weather", "arguments": {"city": "Oslo"}}
+    ]);
+    let add = r#"{"name": "add", "arguments": {"a": 1, "b": 2}}"#;
+    let oslo = r#"{"name": "get_weather", "arguments": {"city": "Oslo"}}"#;
+    let echo = r#"{"name": "add", "description": "Add numbers", "parameters": {"type": "object", "properties": {}}}"#;
+    for reply in [
+        format!("First:\n```json\n{add}\n```\nThen:\n```json\n{oslo}\n```"),
+        format!("{add}\n{oslo}"),
+        format!("```json\n{echo}\n```\n```json\n[{add}, {oslo}]\n```"),
+        format!("```json\n{add}\n```\n```\nnot json\n```\n```json\n{oslo}\n```"),
+    ] {
+        let v = verdict(parallel.clone(), &reply);
+        assert!(v.success, "{reply}: {}", v.reason);
+    }
+    // One call written once is one call, and a second block repeating it
+    // is a second call.
+    let v = verdict(
+        json!([{"name": "add", "arguments": {"a": 1, "b": 2}}]),
+        &format!("```json\n{add}\n```\n```json\n{add}\n```"),
+    );
+    assert_eq!(v.reason, "expected 1 call(s), got 2");
+}
+
 proptest! {
+    #[test]
+    fn fenced_calls_all_count(n in 1usize..6, prose in "[A-Za-z .]{0,30}") {
+        let calls: Vec<Value> = (0..n).map(|i| json!({"name": "add", "arguments": {"a": i, "b": 2}})).collect();
+        let reply: String = calls
+            .iter()
+            .map(|c| format!("{prose}\n```json\n{c:#}\n```\n"))
+            .collect();
+        let found = extract_calls(&reply).unwrap();
+        prop_assert_eq!(found.len(), n);
+        for (i, call) in found.iter().enumerate() {
+            prop_assert_eq!(&call.arguments["a"], &json!(i));
+        }
+    }
+
     #[test]
     fn extractor_never_panics(s in "\\PC{0,400}") {
         let _ = extract_calls(&s);
