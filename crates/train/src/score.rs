@@ -20,7 +20,7 @@ use crate::Result;
 /// A batch of spans laid out for the decoder: a head pass over the prefixes
 /// (once when every row shares it), a fork to one cache row per span, and a
 /// tail pass whose outputs predict exactly the trained ids.
-struct Layout<'a> {
+struct ScoringBatch<'a> {
     /// Each distinct prefix but its last id.
     heads: Vec<&'a [u32]>,
     /// Cache rows to fork after the head pass; `None` when prefixes differ.
@@ -33,7 +33,7 @@ struct Layout<'a> {
     lengths: Vec<usize>,
 }
 
-impl<'a> Layout<'a> {
+impl<'a> ScoringBatch<'a> {
     fn new(spans: &[TrainedSpan<'a>]) -> Self {
         let prefixes: Vec<&'a [u32]> = spans.iter().map(|s| s.context).collect();
         let tokens: Vec<&[u32]> = spans.iter().map(|s| s.tokens).collect();
@@ -118,7 +118,7 @@ pub fn span_logprobs(
     spans: &[TrainedSpan<'_>],
     differentiable: bool,
 ) -> Result<Tensor> {
-    let layout = Layout::new(spans);
+    let layout = ScoringBatch::new(spans);
     let mut cache = if differentiable {
         KvCache::differentiable(&model.config, layout.heads.len())
     } else {
@@ -150,7 +150,7 @@ pub struct LoraShape {
 }
 
 /// The matrix-product FLOPs (2 per multiply-add) one micro-batch's forward
-/// and backward need, counted as [`Layout`] lays the spans out (a shared
+/// and backward need, counted as [`ScoringBatch`] lays the spans out (a shared
 /// prefix once, each row's tail at its own positions; no padding). Per
 /// token at context `c`: dense `D = layers·(2h(q+2kv) + 2qh + 6h·mlp)`,
 /// attention `A(c) = layers·4qc`; per trained position the output head `H
@@ -164,7 +164,7 @@ pub fn training_flops(
     spans: &[TrainedSpan<'_>],
     trained: TrainedShape,
 ) -> f64 {
-    let layout = Layout::new(spans);
+    let layout = ScoringBatch::new(spans);
     let dense = config.token_flops(0);
     let attention = |c: usize| config.token_flops(c) - dense;
     // Every position that runs through the layers, with its context.
@@ -211,7 +211,7 @@ impl<'m, 'a> TrainingForward<'m, 'a> {
                 recompute: None,
             });
         }
-        let (recompute, logprobs) = Recompute::forward(model, Layout::new(spans))?;
+        let (recompute, logprobs) = Recompute::forward(model, ScoringBatch::new(spans))?;
         Ok(Self {
             logprobs,
             recompute: Some(recompute),
@@ -243,7 +243,7 @@ impl<'m, 'a> TrainingForward<'m, 'a> {
 /// layer's output as a leaf of the loss graph.
 struct Recompute<'m, 'a> {
     model: &'m Llama,
-    layout: Layout<'a>,
+    layout: ScoringBatch<'a>,
     /// Per layer: its input in the head pass (when there is one) and in the
     /// tail pass, detached.
     inputs: Vec<(Option<Tensor>, Tensor)>,
@@ -256,7 +256,7 @@ impl<'m, 'a> Recompute<'m, 'a> {
     /// graph dropped as soon as its output is known; keeps each layer's
     /// inputs and returns the log-probs, differentiable from the last
     /// layer's output up.
-    fn forward(model: &'m Llama, layout: Layout<'a>) -> Result<(Self, Tensor)> {
+    fn forward(model: &'m Llama, layout: ScoringBatch<'a>) -> Result<(Self, Tensor)> {
         let layers = model.num_layers();
         let mut cache = KvCache::differentiable(&model.config, layout.heads.len());
         let mut head_inputs = Vec::with_capacity(layers);

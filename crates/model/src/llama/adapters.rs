@@ -9,7 +9,7 @@ use candle_core::{DType, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::linear::{Layout, LoraPair};
+use super::linear::{LoraPair, WeightLayout};
 use super::Llama;
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
@@ -30,7 +30,7 @@ impl Llama {
         start: Option<&Weights>,
         seed: u64,
     ) -> Result<(Self, Vec<(String, Var)>)> {
-        let mut model = Self::build(config, weights, Layout::Packed)?;
+        let mut model = Self::build(config, weights, WeightLayout::Packed)?;
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let mut vars = Vec::new();
         let mut used = 0;

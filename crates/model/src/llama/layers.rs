@@ -8,7 +8,9 @@ use candle_core::{DType, Device, Module, Tensor, D};
 use r3_kernels::attention::{cached_attention, MAX_FUSED_TOKENS};
 use r3_kernels::device_matmul::device_matmul;
 
-use super::linear::{cast_like, project_all, project_heads, Layout, Linear, ProjectionWeight};
+use super::linear::{
+    cast_like, project_all, project_heads, Linear, ProjectionWeight, Projections, WeightLayout,
+};
 use crate::cache::KvCache;
 use crate::config::ModelConfig;
 use crate::error::Result;
@@ -92,7 +94,7 @@ impl Rotary {
 #[derive(Debug, Clone)]
 pub(super) struct Attention {
     /// q, k and v: one fused projection, or three (compact).
-    pub(super) qkv: Vec<Linear>,
+    pub(super) qkv: Projections<3>,
     pub(super) o_proj: Linear,
     pub(super) num_heads: usize,
     pub(super) num_kv_heads: usize,
@@ -100,7 +102,12 @@ pub(super) struct Attention {
 }
 
 impl Attention {
-    pub(super) fn load(w: &Weights, prefix: &str, c: &ModelConfig, layout: Layout) -> Result<Self> {
+    pub(super) fn load(
+        w: &Weights,
+        prefix: &str,
+        c: &ModelConfig,
+        layout: WeightLayout,
+    ) -> Result<Self> {
         let (h, q, kv) = (
             c.hidden_size,
             c.num_heads * c.head_dim,
@@ -110,7 +117,7 @@ impl Attention {
         let qkv = [part("q_proj", q), part("k_proj", kv), part("v_proj", kv)];
         let mut o_proj = Linear::load(w, &[part("o_proj", h)], q, false, layout)?;
         Ok(Self {
-            qkv: Linear::load(w, &qkv, h, c.attention_bias, layout)?,
+            qkv: Projections::load(w, &qkv, h, c.attention_bias, layout)?,
             o_proj: o_proj.remove(0),
             num_heads: c.num_heads,
             num_kv_heads: c.num_kv_heads,
@@ -128,7 +135,7 @@ impl Attention {
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let mut qkv = project_heads(&self.qkv, x, d)?.into_iter();
+        let mut qkv = project_heads(self.qkv.as_slice(), x, d)?.into_iter();
         let mut next = || qkv.next().expect("q, k and v");
         let (q, k, v) = (next(), next(), next());
         let q = rotary.apply(&q)?;
@@ -161,18 +168,23 @@ impl Attention {
 #[derive(Debug, Clone)]
 pub(super) struct Mlp {
     /// gate and up: one fused projection, or two (compact).
-    pub(super) gate_up: Vec<Linear>,
+    pub(super) gate_up: Projections<2>,
     pub(super) down_proj: Linear,
 }
 
 impl Mlp {
-    pub(super) fn load(w: &Weights, prefix: &str, c: &ModelConfig, layout: Layout) -> Result<Self> {
+    pub(super) fn load(
+        w: &Weights,
+        prefix: &str,
+        c: &ModelConfig,
+        layout: WeightLayout,
+    ) -> Result<Self> {
         let (h, i) = (c.hidden_size, c.intermediate_size);
         let part = |name: &str, out| (format!("{prefix}.{name}"), out);
         let gate_up = [part("gate_proj", i), part("up_proj", i)];
         let mut down_proj = Linear::load(w, &[part("down_proj", h)], i, false, layout)?;
         Ok(Self {
-            gate_up: Linear::load(w, &gate_up, h, false, layout)?,
+            gate_up: Projections::load(w, &gate_up, h, false, layout)?,
             down_proj: down_proj.remove(0),
         })
     }
@@ -180,7 +192,7 @@ impl Mlp {
 
 impl Module for Mlp {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let mut gate_up = project_all(&self.gate_up, x)?.into_iter();
+        let mut gate_up = project_all(self.gate_up.as_slice(), x)?.into_iter();
         let (gate, up) = (gate_up.next().expect("gate"), gate_up.next().expect("up"));
         self.down_proj.forward(&(gate.silu()? * up)?)
     }
@@ -195,7 +207,12 @@ pub(super) struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    pub(super) fn load(w: &Weights, i: usize, c: &ModelConfig, layout: Layout) -> Result<Self> {
+    pub(super) fn load(
+        w: &Weights,
+        i: usize,
+        c: &ModelConfig,
+        layout: WeightLayout,
+    ) -> Result<Self> {
         let prefix = format!("model.layers.{i}");
         let norm = |name: &str| -> Result<RmsNorm> {
             Ok(RmsNorm {
@@ -237,9 +254,10 @@ impl DecoderLayer {
     pub(super) fn linears(&self) -> impl Iterator<Item = &Linear> {
         let (attn, mlp) = (&self.self_attn, &self.mlp);
         attn.qkv
+            .as_slice()
             .iter()
             .chain([&attn.o_proj])
-            .chain(&mlp.gate_up)
+            .chain(mlp.gate_up.as_slice())
             .chain([&mlp.down_proj])
     }
 
@@ -292,8 +310,9 @@ fn projections_mut<'a>(
     mlp: &'a mut Mlp,
 ) -> impl Iterator<Item = &'a mut Linear> {
     attn.qkv
+        .as_mut_slice()
         .iter_mut()
         .chain([&mut attn.o_proj])
-        .chain(mlp.gate_up.iter_mut())
+        .chain(mlp.gate_up.as_mut_slice().iter_mut())
         .chain([&mut mlp.down_proj])
 }

@@ -15,7 +15,7 @@ use crate::weights::Weights;
 
 /// How a decoder holds its projections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Layout {
+pub(super) enum WeightLayout {
     /// Packed in the file's encoding where a kernel reads it, fast
     /// otherwise: for generation.
     Packed,
@@ -45,6 +45,50 @@ pub(super) struct LoraPair {
     pub(super) scale: f64,
 }
 
+/// The projections that read one input (q/k/v, gate/up): one fused
+/// product, or one product per part (a compact model's transposed views).
+/// An enum, so that which one a layer holds is a type, not a length.
+#[derive(Debug, Clone)]
+pub(super) enum Projections<const N: usize> {
+    Fused(Linear),
+    Split([Linear; N]),
+}
+
+impl<const N: usize> Projections<N> {
+    /// The `N` parts of one input of width `inp` (see [`Linear::load`]).
+    pub(super) fn load(
+        w: &Weights,
+        parts: &[(String, usize); N],
+        inp: usize,
+        bias: bool,
+        layout: WeightLayout,
+    ) -> Result<Self> {
+        let mut linears = Linear::load(w, parts, inp, bias, layout)?;
+        Ok(match linears.len() {
+            1 => Self::Fused(linears.remove(0)),
+            _ => Self::Split(
+                linears
+                    .try_into()
+                    .unwrap_or_else(|_| unreachable!("Linear::load gives one or N projections")),
+            ),
+        })
+    }
+
+    pub(super) fn as_slice(&self) -> &[Linear] {
+        match self {
+            Self::Fused(linear) => std::slice::from_ref(linear),
+            Self::Split(linears) => linears,
+        }
+    }
+
+    pub(super) fn as_mut_slice(&mut self) -> &mut [Linear] {
+        match self {
+            Self::Fused(linear) => std::slice::from_mut(linear),
+            Self::Split(linears) => linears,
+        }
+    }
+}
+
 /// Projections of one input, `x · W (+ b)` with `W` `[in, Σ out]`,
 /// flattening the batch first so that one GEMM serves every row (a
 /// broadcast batched matmul would re-read the weights once per row).
@@ -69,7 +113,7 @@ impl Linear {
         parts: &[(String, usize)],
         inp: usize,
         bias: bool,
-        layout: Layout,
+        layout: WeightLayout,
     ) -> Result<Vec<Self>> {
         let load_bias = || -> Result<Option<Tensor>> {
             if !bias {
@@ -81,7 +125,7 @@ impl Linear {
                 .collect::<Result<Vec<_>>>()?;
             Ok(Some(Tensor::cat(&biases, 0)?))
         };
-        if layout != Layout::Fast {
+        if layout != WeightLayout::Fast {
             let packed = parts
                 .iter()
                 .map(|(name, out)| w.packed(&format!("{name}.weight"), &[*out, inp]))
@@ -104,7 +148,7 @@ impl Linear {
             Ok((weight, b))
         };
         let loaded = parts.iter().map(load_one).collect::<Result<Vec<_>>>()?;
-        if layout == Layout::Compact {
+        if layout == WeightLayout::Compact {
             return parts
                 .iter()
                 .zip(loaded)

@@ -31,7 +31,7 @@ use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::weights::Weights;
 use layers::{DecoderLayer, RmsNorm, Rotary};
-use linear::{Layout, ProjectionWeight};
+use linear::{ProjectionWeight, WeightLayout};
 use vocab::VocabTable;
 
 /// What every layer of one forward shares, planned against the cache: the
@@ -70,14 +70,14 @@ impl Llama {
     /// every shape. Projections stay in their file's encoding where a
     /// packed kernel reads it; such a decoder cannot be trained.
     pub fn new(config: &ModelConfig, weights: &Weights) -> Result<Self> {
-        Self::build(config, weights, Layout::Packed)
+        Self::build(config, weights, WeightLayout::Packed)
     }
 
     /// The decoder in the least memory: projections packed where the file
     /// allows, otherwise views of `weights` without transposed copies
     /// (slower GEMMs). For a reference model that only scores.
     pub fn new_compact(config: &ModelConfig, weights: &Weights) -> Result<Self> {
-        Self::build(config, weights, Layout::Compact)
+        Self::build(config, weights, WeightLayout::Compact)
     }
 
     /// The decoder with every parameter a `Var` (in the decoder's own
@@ -87,7 +87,7 @@ impl Llama {
         config: &ModelConfig,
         weights: &Weights,
     ) -> Result<(Self, Vec<(String, Var)>)> {
-        let mut model = Self::build(config, weights, Layout::Fast)?;
+        let mut model = Self::build(config, weights, WeightLayout::Fast)?;
         let mut vars = Vec::new();
         for (name, tensor) in model.tensors_mut() {
             let var = Var::from_tensor(tensor)?;
@@ -97,7 +97,7 @@ impl Llama {
         Ok((model, vars))
     }
 
-    fn build(config: &ModelConfig, weights: &Weights, layout: Layout) -> Result<Self> {
+    fn build(config: &ModelConfig, weights: &Weights, layout: WeightLayout) -> Result<Self> {
         let c = config;
         let shape = [c.vocab_size, c.hidden_size];
         let embed_tokens = VocabTable::load(weights, "model.embed_tokens.weight", shape, layout)?;
@@ -116,7 +116,7 @@ impl Llama {
             .map(|i| DecoderLayer::load(weights, i, c, layout))
             .collect::<Result<Vec<_>>>()?;
         let lm_head_t = match (layout, lm_head.as_ref().unwrap_or(&embed_tokens)) {
-            (Layout::Packed, VocabTable::Dense(w)) => Some(w.t()?.contiguous()?),
+            (WeightLayout::Packed, VocabTable::Dense(w)) => Some(w.t()?.contiguous()?),
             _ => None,
         };
         Ok(Self {

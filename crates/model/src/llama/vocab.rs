@@ -13,7 +13,7 @@ use r3_kernels::matmul::{matmul, packed_matmul};
 use r3_kernels::packed::PackedMatrix;
 use rayon::prelude::*;
 
-use super::linear::{cast_like, Layout};
+use super::linear::{cast_like, WeightLayout};
 use crate::error::Result;
 use crate::logprob;
 use crate::weights::Weights;
@@ -33,9 +33,9 @@ impl VocabTable {
         weights: &Weights,
         name: &str,
         shape: [usize; 2],
-        layout: Layout,
+        layout: WeightLayout,
     ) -> Result<Self> {
-        if layout != Layout::Fast {
+        if layout != WeightLayout::Fast {
             if let Some(packed) = weights.packed(name, &shape)? {
                 return Ok(Self::Packed(Arc::from(vec![packed])));
             }

@@ -81,13 +81,13 @@ pub struct Toy {
 
 /// Ids of the conversation up to the reflection, and from the reflection
 /// letter to the retry answer.
-struct Layout {
+struct ToyConversation {
     prefix: Vec<u32>,
     /// For each letter: the ids after the prefix up to the retry's answer.
     before_answer: Vec<Vec<u32>>,
 }
 
-fn layout(loaded: &LoadedModel, attempt: &[u32], letters: &[u32]) -> Layout {
+fn toy_conversation(loaded: &LoadedModel, attempt: &[u32], letters: &[u32]) -> ToyConversation {
     let chat = ChatEncoder::new(&loaded.chat_template, &loaded.tokenizer, &loaded.eos_token);
     let history = vec![Message::new("user", "?")];
     let mut prefix = chat.prompt(&history, None).unwrap();
@@ -102,7 +102,7 @@ fn layout(loaded: &LoadedModel, attempt: &[u32], letters: &[u32]) -> Layout {
         .iter()
         .map(|&l| [vec![l], continuation.clone()].concat())
         .collect();
-    Layout {
+    ToyConversation {
         prefix,
         before_answer,
     }
@@ -112,7 +112,7 @@ fn layout(loaded: &LoadedModel, attempt: &[u32], letters: &[u32]) -> Layout {
 fn teach(
     tiny: &mut TinyModel,
     _loaded: &LoadedModel,
-    layout: &Layout,
+    layout: &ToyConversation,
     letters: &[u32],
     digits: &[u32],
 ) {
@@ -164,7 +164,7 @@ pub fn toy() -> Toy {
         vec![loaded.eos_token_ids[0]],
     ]
     .concat();
-    let layout = layout(&loaded, &attempt, &letters);
+    let layout = toy_conversation(&loaded, &attempt, &letters);
     teach(&mut tiny, &loaded, &layout, &letters, &digits);
     tiny.write_hf_dir(dir.path(), DType::F32).unwrap();
     let loaded = r3_model::load(dir.path()).unwrap();
@@ -220,7 +220,7 @@ pub fn retry_success(toy: &Toy, model: &Llama, samples: usize) -> f64 {
 
 /// Probability of reflecting "C", the letter that carries the answer.
 pub fn good_reflection_probability(toy: &Toy, model: &Llama) -> f64 {
-    let layout = layout(&toy.loaded, &toy.failures[0].attempt_tokens, &toy.letters);
+    let layout = toy_conversation(&toy.loaded, &toy.failures[0].attempt_tokens, &toy.letters);
     let good = [toy.letters[GOOD]];
     let lp = span_logprobs(model, &spans(&[layout.prefix.as_slice()], &[&good]), false).unwrap();
     (lp.to_vec1::<f32>().unwrap()[0] as f64).exp()
