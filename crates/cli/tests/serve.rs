@@ -220,3 +220,67 @@ fn eval_on_an_engine_is_eval_in_process() {
     let state = std::fs::read_to_string(format!("{failures}.state")).unwrap();
     assert!(state.contains(&server.url), "{state}");
 }
+
+/// A PEFT adapter for `model` whose B matrices are not zero, so that it
+/// changes the model's output.
+fn adapter_for(model: &str, dir: &std::path::Path) {
+    let loaded = r3_model::load(std::path::Path::new(model)).unwrap();
+    let lora = r3_model::lora::LoraConfig::new(4, 8.0, &["all-linear".to_string()]).unwrap();
+    let (llama, vars) =
+        r3_model::Llama::with_lora(&loaded.config, &loaded.weights, &lora, None, 3).unwrap();
+    for (name, var) in &vars {
+        if name.contains("lora_B") {
+            let noise = var.as_tensor().randn_like(0.0, 0.5).unwrap();
+            var.set(&noise).unwrap();
+        }
+    }
+    std::fs::create_dir_all(dir).unwrap();
+    r3_model::lora::Adapter::save(dir, &lora, model, &llama.adapter_weights()).unwrap();
+}
+
+/// vLLM's adapter routes: an adapter loaded at run time is listed, answers
+/// under its name with other tokens than the base, and is gone once
+/// unloaded; a corrupt adapter directory gets a 400 naming it.
+#[test]
+fn adapters_load_serve_and_unload() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, _) = common::tiny_model_and_data(dir.path(), 1, "1");
+    let adapter = dir.path().join("adapter");
+    adapter_for(&model, &adapter);
+    let server = Server::start(&model, &[]);
+    let load = json!({"lora_name": "run-step-1", "lora_path": adapter});
+    let (status, v) = server.post("/v1/load_lora_adapter", &load.to_string());
+    assert_eq!(status, 200, "{v}");
+    let (status, v) = server.post("/v1/load_lora_adapter", &load.to_string());
+    assert_eq!(status, 400, "{v}");
+    let (_, v) = read(ureq::get(&format!("{}/v1/models", server.url)).call());
+    assert_eq!(v["data"][1]["id"], "run-step-1", "{v}");
+    assert_eq!(v["data"][1]["parent"], "tiny", "{v}");
+    let ask = |name: &str| {
+        let body = json!({"model": name, "prompt": [[1, 2, 3]], "max_tokens": 6,
+                          "temperature": 0, "return_token_ids": true});
+        server.post("/v1/completions", &body.to_string())
+    };
+    let (_, base) = ask("tiny");
+    let (status, adapted) = ask("run-step-1");
+    assert_eq!(status, 200, "{adapted}");
+    assert_ne!(
+        base["choices"][0]["token_ids"], adapted["choices"][0]["token_ids"],
+        "the adapter changed nothing"
+    );
+    let unload = json!({"lora_name": "run-step-1"});
+    let (status, _) = server.post("/v1/unload_lora_adapter", &unload.to_string());
+    assert_eq!(status, 200);
+    let (status, _) = ask("run-step-1");
+    assert_eq!(status, 404);
+    let (status, _) = server.post("/v1/unload_lora_adapter", &unload.to_string());
+    assert_eq!(status, 404);
+    std::fs::write(
+        adapter.join("adapter_model.safetensors"),
+        b"not safetensors",
+    )
+    .unwrap();
+    let (status, v) = server.post("/v1/load_lora_adapter", &load.to_string());
+    assert_eq!(status, 400, "{v}");
+    assert!(v["error"]["param"] == "lora_path", "{v}");
+}

@@ -11,9 +11,10 @@
 pub mod api;
 pub mod scheduler;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -25,6 +26,8 @@ use axum::{Json, Router};
 use r3_generate::{Completion, FinishReason};
 use r3_loop::model::Model;
 use r3_loop::ChatEncoder;
+use r3_model::lora::Adapter;
+use r3_model::{Llama, LoadedModel};
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot};
 
@@ -77,7 +80,8 @@ pub fn serve(
                 cause,
             })?;
         let address = listener.local_addr()?;
-        let model = Arc::new(model);
+        let Model { loaded, llama, .. } = model;
+        let model = Arc::new(loaded);
         let (jobs, queue) = mpsc::channel::<Job>(scheduler::QUEUE);
         {
             let model = Arc::clone(&model);
@@ -86,6 +90,8 @@ pub fn serve(
         }
         let state = Arc::new(Server {
             model,
+            base: Arc::new(llama),
+            adapters: RwLock::new(HashMap::new()),
             config,
             jobs,
             ids: AtomicU64::new(0),
@@ -95,6 +101,8 @@ pub fn serve(
             .route("/v1/models", get(models))
             .route("/v1/completions", post(completions))
             .route("/v1/chat/completions", post(chat))
+            .route("/v1/load_lora_adapter", post(load_adapter))
+            .route("/v1/unload_lora_adapter", post(unload_adapter))
             .fallback(|| async { ApiError::new(404, "no such route") })
             .method_not_allowed_fallback(|| async {
                 ApiError::new(405, "this method is not allowed on this route")
@@ -146,6 +154,71 @@ async fn chat(
     Ok(Json(server.chat(request, &messages, tools.as_ref()).await?))
 }
 
+/// vLLM's `POST /v1/load_lora_adapter {"lora_name", "lora_path"}`: a PEFT
+/// directory loaded onto the base (sharing its weights), served under
+/// `lora_name`.
+async fn load_adapter(
+    State(server): Shared,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Json<Value>> {
+    server.authorize(&headers)?;
+    let body = json_body(body)?;
+    let name = string_field(&body, "lora_name")?;
+    let path = string_field(&body, "lora_path")?;
+    if name == server.config.name || server.adapters().contains_key(name) {
+        return Err(ApiError::bad(
+            "lora_name",
+            format!("{name} is already served; unload it first"),
+        ));
+    }
+    let adapter = Adapter::load(std::path::Path::new(path))
+        .map_err(|e| ApiError::bad("lora_path", e.to_string()))?;
+    let decoder = server
+        .base
+        .with_adapter_on_base(&adapter.config, &adapter.weights)
+        .map_err(|e| {
+            ApiError::bad(
+                "lora_path",
+                format!("{path} does not fit the served model: {e}"),
+            )
+        })?;
+    server
+        .adapters
+        .write()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .insert(name.to_string(), Arc::new(decoder));
+    Ok(Json(json!({"loaded": name})))
+}
+
+/// vLLM's `POST /v1/unload_lora_adapter {"lora_name"}`; requests already
+/// queued for it still finish.
+async fn unload_adapter(
+    State(server): Shared,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Json<Value>> {
+    server.authorize(&headers)?;
+    let body = json_body(body)?;
+    let name = string_field(&body, "lora_name")?;
+    let removed = server
+        .adapters
+        .write()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .remove(name);
+    match removed {
+        Some(_) => Ok(Json(json!({"unloaded": name}))),
+        None => Err(ApiError::new(404, format!("no adapter {name} is loaded"))),
+    }
+}
+
+fn string_field<'a>(body: &'a Value, key: &str) -> ApiResult<&'a str> {
+    body[key]
+        .as_str()
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| ApiError::bad(key, "is required, as a non-empty string"))
+}
+
 /// A request's JSON body, at most [`MAX_BODY_BYTES`].
 fn json_body(body: Result<Bytes, BytesRejection>) -> ApiResult<Value> {
     let bytes = body.map_err(|rejection| match rejection.status() {
@@ -160,7 +233,10 @@ fn json_body(body: Result<Bytes, BytesRejection>) -> ApiResult<Value> {
 }
 
 struct Server {
-    model: Arc<Model>,
+    model: Arc<LoadedModel>,
+    base: Arc<Llama>,
+    /// Loaded adapters by name, each sharing the base's weights.
+    adapters: RwLock<HashMap<String, Arc<Llama>>>,
     config: ServeConfig,
     jobs: mpsc::Sender<Job>,
     ids: AtomicU64,
@@ -184,31 +260,51 @@ impl Server {
         }
     }
 
+    fn adapters(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Arc<Llama>>> {
+        self.adapters
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The base model, then each loaded adapter with the base as its parent
+    /// (as vLLM lists them).
     fn models(&self) -> Value {
-        json!({"object": "list", "data": [{
+        let context = self.model.config.max_position_embeddings;
+        let mut data = vec![json!({
             "id": self.config.name,
             "object": "model",
             "owned_by": "r3",
-            "max_model_len": self.model.loaded.config.max_position_embeddings,
-        }]})
+            "max_model_len": context,
+        })];
+        let mut names: Vec<String> = self.adapters().keys().cloned().collect();
+        names.sort();
+        data.extend(names.into_iter().map(|name| {
+            json!({"id": name, "object": "model", "owned_by": "r3",
+                   "parent": self.config.name, "max_model_len": context})
+        }));
+        json!({"object": "list", "data": data})
     }
 
-    fn check_model(&self, request: &Request) -> ApiResult<()> {
+    /// The decoder a request's `model` names: the base (or none given),
+    /// or a loaded adapter.
+    fn decoder(&self, request: &Request) -> ApiResult<Arc<Llama>> {
         match &request.model {
-            Some(name) if *name != self.config.name => Err(ApiError::new(
-                404,
-                format!(
-                    "the model {name} does not exist here; this server serves {}",
-                    self.config.name
-                ),
-            )),
-            _ => Ok(()),
+            None => Ok(Arc::clone(&self.base)),
+            Some(name) if *name == self.config.name => Ok(Arc::clone(&self.base)),
+            Some(name) => self.adapters().get(name).cloned().ok_or_else(|| {
+                ApiError::new(
+                    404,
+                    format!(
+                        "the model {name} does not exist here; this server serves {} and its loaded adapters",
+                        self.config.name
+                    ),
+                )
+            }),
         }
     }
 
     async fn completions(&self, request: Request) -> ApiResult<Value> {
-        self.check_model(&request)?;
-        let tokenizer = &self.model.loaded.tokenizer;
+        let tokenizer = &self.model.tokenizer;
         let prompts = request
             .prompts
             .iter()
@@ -252,8 +348,7 @@ impl Server {
         messages: &[r3_model::Message],
         tools: Option<&Value>,
     ) -> ApiResult<Value> {
-        self.check_model(&request)?;
-        let loaded = &self.model.loaded;
+        let loaded = &self.model;
         let chat = ChatEncoder::new(&loaded.chat_template, &loaded.tokenizer, &loaded.eos_token);
         let prompt = chat
             .prompt(messages, tools)
@@ -292,7 +387,8 @@ impl Server {
         request: &Request,
         prompts: Vec<Vec<u32>>,
     ) -> ApiResult<(Vec<Completion>, Value)> {
-        let config = &self.model.loaded.config;
+        let decoder = self.decoder(request)?;
+        let config = &self.model.config;
         let context = config.max_position_embeddings;
         let rows = prompts.len() * request.n;
         if rows > api::MAX_ROWS {
@@ -338,13 +434,14 @@ impl Server {
                 ),
             ));
         }
-        let mut stop_token_ids = self.model.loaded.eos_token_ids.clone();
+        let mut stop_token_ids = self.model.eos_token_ids.clone();
         stop_token_ids.extend(&request.stop_token_ids);
         stop_token_ids.sort_unstable();
         stop_token_ids.dedup();
         let prompt_tokens: usize = prompts.iter().map(Vec::len).sum::<usize>() * request.n;
         let (reply, answer) = oneshot::channel();
         let job = Job {
+            decoder,
             rows: prompts
                 .into_iter()
                 .map(|prompt| Rows {

@@ -11,8 +11,7 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 
 use r3_generate::{Completion, Generator, Sampler, SamplingParams};
-use r3_loop::model::Model;
-use r3_model::KvCache;
+use r3_model::{KvCache, Llama, LoadedModel};
 
 /// One prompt's rows: `n` choices of `prompt`, each with its own stream.
 pub struct Rows {
@@ -22,6 +21,8 @@ pub struct Rows {
 
 /// A request's work and where its completions go.
 pub struct Job {
+    /// The base decoder, or the base with a loaded adapter.
+    pub decoder: Arc<Llama>,
     pub rows: Vec<Rows>,
     pub params: SamplingParams,
     /// The model's end-of-turn ids and the request's extra stop ids.
@@ -36,9 +37,11 @@ impl Job {
     }
 
     /// Jobs batch together when everything the decoder applies to a whole
-    /// batch agrees: the budget, the stop strings and the stop ids.
+    /// batch agrees: the decoder (adapter), the budget, the stop strings
+    /// and the stop ids.
     fn batches_with(&self, other: &Job) -> bool {
-        self.params.max_new_tokens == other.params.max_new_tokens
+        Arc::ptr_eq(&self.decoder, &other.decoder)
+            && self.params.max_new_tokens == other.params.max_new_tokens
             && self.params.stop_strings == other.params.stop_strings
             && self.stop_token_ids == other.stop_token_ids
     }
@@ -51,7 +54,7 @@ pub const QUEUE: usize = 256;
 /// Runs jobs from `jobs` until every sender is gone. `max_rows` bounds a
 /// batch (and so the KV cache's memory). A thread of its own: decoding
 /// blocks for seconds.
-pub fn run(model: Arc<Model>, mut jobs: mpsc::Receiver<Job>, max_rows: usize) {
+pub fn run(model: Arc<LoadedModel>, mut jobs: mpsc::Receiver<Job>, max_rows: usize) {
     let mut waiting: VecDeque<Job> = VecDeque::new();
     loop {
         if waiting.is_empty() {
@@ -106,7 +109,7 @@ fn take_batch(waiting: &mut VecDeque<Job>, max_rows: usize) -> Vec<Job> {
 
 /// Prefills every row's prompt and decodes the batch; returns the
 /// completions in job, prompt, choice order.
-fn decode(model: &Model, batch: &[Job]) -> r3_generate::Result<Vec<Completion>> {
+fn decode(model: &LoadedModel, batch: &[Job]) -> r3_generate::Result<Vec<Completion>> {
     let first = &batch[0];
     let mut prompts: Vec<&[u32]> = Vec::new();
     let mut samplers = Vec::new();
@@ -129,10 +132,10 @@ fn decode(model: &Model, batch: &[Job]) -> r3_generate::Result<Vec<Completion>> 
             .fold(0.0, f64::max),
         ..first.params.clone()
     };
-    let generator = Generator::new(&model.llama, &model.loaded.tokenizer, &first.stop_token_ids);
+    let generator = Generator::new(&first.decoder, &model.tokenizer, &first.stop_token_ids);
     let longest = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
     let mut cache = KvCache::new(
-        &model.loaded.config,
+        &model.config,
         prompts.len(),
         longest + params.max_new_tokens,
     );

@@ -31,11 +31,25 @@ impl Llama {
         seed: u64,
     ) -> Result<(Self, Vec<(String, Var)>)> {
         let mut model = Self::build(config, weights, WeightLayout::Packed)?;
+        let vars = model.attach_lora(lora, start, seed)?;
+        Ok((model, vars))
+    }
+
+    /// Puts an adapter on every projection `lora` targets: `start`'s
+    /// tensors (PEFT names, shapes and values checked, every one used), or
+    /// PEFT's initialisation from `seed`. Returns the adapters as `Var`s.
+    fn attach_lora(
+        &mut self,
+        lora: &LoraConfig,
+        start: Option<&Weights>,
+        seed: u64,
+    ) -> Result<Vec<(String, Var)>> {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let mut vars = Vec::new();
         let mut used = 0;
-        let device = weights.device();
-        for linear in model.layers.iter_mut().flat_map(|l| l.linears_mut()) {
+        let device = self.device().clone();
+        let device = &device;
+        for linear in self.layers.iter_mut().flat_map(|l| l.linears_mut()) {
             let inp = linear.input_width();
             for ((name, out), adapter) in linear.parts.iter().zip(&mut linear.adapters) {
                 if !lora.targets(name) {
@@ -96,7 +110,7 @@ impl Llama {
                 ));
             }
         }
-        Ok((model, vars))
+        Ok(vars)
     }
 
     /// The inference decoder with the adapter `adapter` (tensors under PEFT
@@ -108,6 +122,15 @@ impl Llama {
         adapter: &Weights,
     ) -> Result<Self> {
         let (model, _) = Self::with_lora(config, weights, lora, Some(adapter), 0)?;
+        Ok(model.detached())
+    }
+
+    /// This decoder's base, sharing every base weight, with the adapter
+    /// `adapter` (tensors under PEFT names) applied: a server holding many
+    /// adapters pays for each one's own tensors only.
+    pub fn with_adapter_on_base(&self, lora: &LoraConfig, adapter: &Weights) -> Result<Self> {
+        let mut model = self.without_adapters();
+        model.attach_lora(lora, Some(adapter), 0)?;
         Ok(model.detached())
     }
 
