@@ -32,6 +32,10 @@ pub struct TrainArgs {
     /// auto, cpu, cuda or cuda:N (the config key `device`)
     #[arg(long)]
     pub device: Option<r3_model::DeviceChoice>,
+    /// Engine base URLs that sample the rollouts, comma separated (the
+    /// config key `engines`; LoRA only)
+    #[arg(long, value_delimiter = ',')]
+    pub engine: Vec<String>,
     #[command(flatten)]
     pub lora: LoraArgs,
 }
@@ -78,9 +82,11 @@ impl LoraArgs {
 
 pub fn train(args: TrainArgs) -> Result<()> {
     let device = args.device.map(|d| format!("device={:?}", d.to_string()));
+    let engines = (!args.engine.is_empty()).then(|| format!("engines={:?}", args.engine));
     let overrides = [
         args.lora.overrides(),
         device.into_iter().collect(),
+        engines.into_iter().collect(),
         args.set.clone(),
     ]
     .concat();

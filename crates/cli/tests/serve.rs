@@ -284,3 +284,84 @@ fn adapters_load_serve_and_unload() {
     assert_eq!(status, 400, "{v}");
     assert!(v["error"]["param"] == "lora_path", "{v}");
 }
+
+/// Two `r3 serve` processes sample a two-step LoRA run's rollouts: before
+/// each step's rollouts the adapter as it stands is loaded on both under a
+/// new name and the previous one unloaded; every transcript names the
+/// version it came from, and the engines end serving the trained adapter.
+/// Full fine-tuning with engines is refused.
+#[test]
+fn lora_training_samples_on_engines_and_pushes_each_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, data) = common::tiny_model_and_data(dir.path(), 6, "7");
+    let failures = dir.path().join("failures.jsonl");
+    let failures = failures.to_str().unwrap();
+    let (ok, _, err) = common::r3(&[
+        "mine",
+        "--model",
+        &model,
+        "--task",
+        "answer",
+        "--data",
+        &data,
+        "--samples",
+        "1",
+        "--max-new-tokens",
+        "4",
+        "--out",
+        failures,
+    ]);
+    assert!(ok, "{err}");
+    let servers = [Server::start(&model, &[]), Server::start(&model, &[])];
+    let urls = format!("{},{}", servers[0].url, servers[1].url);
+    let out = dir.path().join("run");
+    let sets = [
+        format!("model={model:?}"),
+        "task=\"answer\"".to_string(),
+        format!("failures={failures:?}"),
+        format!("output_dir={:?}", out.to_str().unwrap()),
+        "max_steps=2".into(),
+        "failures_per_step=2".into(),
+        "num_generations=3".into(),
+        "max_completion_length=4".into(),
+        "retry_max_tokens=4".into(),
+        "save_steps=0".into(),
+    ];
+    let mut args: Vec<&str> = vec!["train", "--engine", &urls];
+    args.extend(sets.iter().flat_map(|s| ["--set", s.as_str()]));
+    let (ok, _, err) = common::r3(&args);
+    assert!(!ok && err.contains("use_peft = true"), "{err}");
+    args.extend(["--use-peft", "--lora-r", "4"]);
+    let (ok, _, err) = common::r3(&args);
+    assert!(ok, "{err}");
+    let samples = std::fs::read_to_string(out.join("samples.jsonl")).unwrap();
+    let versions: std::collections::BTreeSet<String> = samples
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["adapter"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(
+        versions.into_iter().collect::<Vec<_>>(),
+        ["run-step-0", "run-step-1"],
+        "{samples}"
+    );
+    for server in &servers {
+        let (_, v) = read(ureq::get(&format!("{}/v1/models", server.url)).call());
+        let ids: Vec<&str> = v["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["id"].as_str().unwrap())
+            .collect();
+        assert_eq!(ids, ["tiny", "run-step-2"], "{v}");
+    }
+    let kept: Vec<_> = std::fs::read_dir(out.join("engine-adapters"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(kept, ["run-step-2"]);
+}

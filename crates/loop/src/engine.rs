@@ -70,6 +70,38 @@ impl Engines {
             .ok_or_else(|| failed("lists no model; name one with --engine-model".into()))
     }
 
+    /// Loads the PEFT directory `path` on every engine under `name` (vLLM's
+    /// `/v1/load_lora_adapter`; vLLM needs
+    /// `VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`). `path` must be readable by
+    /// the engines: the same file system, or a shared one.
+    pub fn load_adapter(&self, name: &str, path: &std::path::Path) -> Result<()> {
+        let body = json!({"lora_name": name, "lora_path": path});
+        self.post_everywhere("/v1/load_lora_adapter", &body)
+    }
+
+    /// Unloads the adapter `name` from every engine.
+    pub fn unload_adapter(&self, name: &str) -> Result<()> {
+        self.post_everywhere("/v1/unload_lora_adapter", &json!({"lora_name": name}))
+    }
+
+    fn post_everywhere(&self, route: &str, body: &Value) -> Result<()> {
+        for url in &self.urls {
+            let endpoint = format!("{url}{route}");
+            match self.agent.post(&endpoint).send_json(body) {
+                Ok(_) => {}
+                Err(ureq::Error::Status(code, reply)) => {
+                    let text = reply.into_string().unwrap_or_default();
+                    return Err(LoopError::Invalid(format!(
+                        "engine {endpoint}: HTTP {code}: {}",
+                        text.trim()
+                    )));
+                }
+                Err(e) => return Err(LoopError::Invalid(format!("engine {endpoint}: {e}"))),
+            }
+        }
+        Ok(())
+    }
+
     /// The engines' base URLs, as runs record them.
     pub fn urls(&self) -> &[String] {
         &self.urls

@@ -119,6 +119,16 @@ pub struct TrainConfig {
     /// or `"tensorboard"` (event files under `output_dir/runs/`).
     #[serde(deserialize_with = "one_or_many")]
     pub report_to: Vec<String>,
+    /// OpenAI-compatible engines (vLLM, SGLang, `r3 serve`: base URLs)
+    /// that sample the rollouts instead of r3's own decoder; LoRA only.
+    #[serde(deserialize_with = "one_or_many")]
+    pub engines: Vec<String>,
+    /// The base model's name on the engines (default: the first engine's
+    /// `/v1/models`).
+    pub engine_model: Option<String>,
+    /// Where each step's adapter is written for the engines to load: a
+    /// path they can read (default: `output_dir/engine-adapters`).
+    pub engine_adapter_dir: Option<PathBuf>,
 }
 
 /// A string or a list of strings, as PEFT's `target_modules` accepts.
@@ -188,6 +198,9 @@ impl Default for TrainConfig {
             device: DeviceChoice::Auto,
             dtype: Precision::F32,
             report_to: vec!["none".into()],
+            engines: Vec::new(),
+            engine_model: None,
+            engine_adapter_dir: None,
         }
     }
 }
@@ -340,6 +353,14 @@ impl TrainConfig {
         }
         if !self.use_peft && self.adapter.is_some() {
             return bad("adapter", "needs use_peft = true");
+        }
+        if !self.engines.is_empty() && !self.use_peft {
+            // Decided: engines get each step's weights as a LoRA adapter
+            // (a few MB); full weights would be gigabytes a step.
+            return bad(
+                "engines",
+                "need use_peft = true: r3 pushes each step's LoRA adapter to the engines; full fine-tuning with engines is not supported",
+            );
         }
         self.lora()?;
         Ok(())

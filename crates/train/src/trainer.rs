@@ -20,7 +20,7 @@ use std::time::Instant;
 use candle_core::Tensor;
 use r3_generate::SamplingParams;
 use r3_loop::mine::MinedFailure;
-use r3_loop::{Failure, Policy, Rollouts};
+use r3_loop::{Backend, Failure, Policy, Rollouts};
 use r3_model::lora::LoraConfig;
 use r3_model::{Llama, LoadedModel};
 use r3_tasks::{Prompts, Task};
@@ -39,6 +39,7 @@ use crate::spans::{trained_spans, TrainedSpan};
 use crate::tensorboard::EventWriter;
 use crate::{Result, TrainError};
 
+mod engines;
 mod start;
 pub use start::StartWeights;
 
@@ -73,6 +74,8 @@ pub struct Trainer<'a> {
     base_model: String,
     /// Called between the phases of a step (see [`Trainer::set_memory_release`]).
     release_memory: fn(),
+    /// The engines that sample the rollouts, when the config names any.
+    engines: Option<engines::EngineSync>,
 }
 
 impl<'a> Trainer<'a> {
@@ -183,8 +186,23 @@ impl<'a> Trainer<'a> {
     ) -> Result<(Vec<Group>, Vec<serde_json::Value>)> {
         let c = self.config.clone();
         let started = Instant::now();
-        let snapshot = self.train_model.for_generation()?;
-        let policy = Policy::new(&snapshot, self.model);
+        // Engines sample from the adapter as it stands now; r3's decoder
+        // from a snapshot of the policy.
+        let mut engines = self.engines.take();
+        if let (Some(sync), Some(lora)) = (&mut engines, &self.lora) {
+            let weights = self.train_model.adapter_weights();
+            sync.serve(self.step, lora, &self.base_model, &weights)?;
+        }
+        let snapshot = match &engines {
+            Some(_) => None,
+            None => Some(self.train_model.for_generation()?),
+        };
+        let policy = match (&engines, &snapshot) {
+            (Some(sync), _) => Policy::with_backend(Backend::Engines(&sync.engines), self.model),
+            (None, Some(snapshot)) => Policy::new(snapshot, self.model),
+            (None, None) => unreachable!("a snapshot without engines"),
+        };
+        let version = engines.as_ref().map(|sync| sync.engines.model.clone());
         let (mut groups, mut samples) = (Vec::new(), Vec::new());
         for accum in 0..c.gradient_accumulation_steps {
             let batch = (self.step * c.gradient_accumulation_steps + accum) as u64;
@@ -216,12 +234,15 @@ impl<'a> Trainer<'a> {
                         "step": self.step + 1, "record": f.record, "attempt": f.attempt,
                         "reflection": r.reflection_text, "retry": r.retry.text,
                         "reward": reward, "reason": r.retry.verdict.reason,
+                        "adapter": version,
                     })
                 }));
                 groups.push(group);
             }
         }
+        drop(policy);
         drop(snapshot);
+        self.engines = engines;
         (self.release_memory)();
         m.seconds_generation = started.elapsed().as_secs_f64() - m.seconds_verification;
         Ok((groups, samples))
@@ -456,6 +477,11 @@ impl<'a> Trainer<'a> {
             if self.config.save_steps > 0 && self.step.is_multiple_of(self.config.save_steps) {
                 last = Some(self.save_checkpoint()?);
             }
+        }
+        // The engines end serving the trained adapter, to evaluate it there.
+        if let (Some(sync), Some(lora)) = (&mut self.engines, &self.lora) {
+            let weights = self.train_model.adapter_weights();
+            sync.serve(self.step, lora, &self.base_model, &weights)?;
         }
         match last {
             Some(path) if path.ends_with(format!("checkpoint-{}", self.step)) => Ok(path),

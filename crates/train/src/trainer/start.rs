@@ -115,6 +115,7 @@ impl<'a> Trainer<'a> {
             checkpoint::load_optimizer(dir, &mut optimizer)?;
             (step, cursor, base_model) = (state.step, state.cursor, state.base_model);
         }
+        let engines = super::engines::EngineSync::connect(&config)?;
         Ok(Self {
             grads: Gradients::new(&optimizer.params)?,
             config,
@@ -132,6 +133,7 @@ impl<'a> Trainer<'a> {
             order: Vec::new(),
             base_model,
             release_memory: || {},
+            engines,
         })
     }
 }
