@@ -83,6 +83,20 @@ fn completions_and_chat_answer_with_token_ids() {
     assert_eq!(v["choices"], again["choices"]);
     let usage = &v["usage"];
     assert_eq!(usage["prompt_tokens"], 3 * 5);
+    // The sampled tokens' log-probs, sampled and greedy: one per id, ≤ 0.
+    for temperature in [0.9, 0.0] {
+        let body = json!({"prompt": [[1, 2, 3]], "max_tokens": 5, "logprobs": 0,
+                          "temperature": temperature, "return_token_ids": true});
+        let (status, v) = server.post("/v1/completions", &body.to_string());
+        assert_eq!(status, 200, "{v}");
+        let choice = &v["choices"][0];
+        let logprobs = choice["logprobs"]["token_logprobs"].as_array().unwrap();
+        assert_eq!(
+            logprobs.len(),
+            choice["token_ids"].as_array().unwrap().len()
+        );
+        assert!(logprobs.iter().all(|l| l.as_f64().unwrap() <= 0.0), "{v}");
+    }
     let chat = json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4});
     let (status, v) = server.post("/v1/chat/completions", &chat.to_string());
     assert_eq!(status, 200, "{v}");

@@ -9,7 +9,7 @@ use r3_model::{KvCache, Llama, Tokenizer};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::sampler::{Sampler, SamplingParams};
+use crate::sampler::{Drawn, Sampler, SamplingParams};
 use crate::{GenerateError, Result};
 
 /// Columns prefilled per forward: bounds the attention scores' memory on
@@ -33,6 +33,10 @@ pub enum FinishReason {
 pub struct Completion {
     /// Exactly the sampled ids, the end-of-sequence token included.
     pub tokens: Vec<u32>,
+    /// Each sampled id's log-prob under the distribution it was drawn from
+    /// (see [`crate::Drawn`]); `None` where a step did not compute one
+    /// (greedy rows that did not ask, or a GPU's on-device argmax).
+    pub logprobs: Option<Vec<f32>>,
     /// The reply text, without the end-of-sequence token or stop string.
     pub text: String,
     pub finish: FinishReason,
@@ -131,6 +135,7 @@ impl<'a> Generator<'a> {
         let mut completions: Vec<Completion> = (0..n)
             .map(|_| Completion {
                 tokens: Vec::with_capacity(params.max_new_tokens),
+                logprobs: Some(Vec::with_capacity(params.max_new_tokens)),
                 text: String::new(),
                 finish: FinishReason::Length,
             })
@@ -153,14 +158,19 @@ impl<'a> Generator<'a> {
         let mut active: Vec<usize> = (0..n).collect();
         let mut logits = logits;
         let mut finished = Vec::with_capacity(n);
-        let mut sampled: Vec<u32> = Vec::with_capacity(n);
+        let mut sampled: Vec<Drawn> = Vec::with_capacity(n);
         let mut next_tokens: Vec<[u32; 1]> = Vec::with_capacity(n);
         loop {
             let vocab = logits.dim(1)?;
             if params.temperature <= 0.0 && !logits.device().is_cpu() {
                 // Greedy on a GPU: the argmax there, and only the ids come
                 // over (a [256, 152k] block of logits is 155 MB a step).
-                sampled = logits.argmax(D::Minus1)?.to_vec1()?;
+                let ids: Vec<u32> = logits.argmax(D::Minus1)?.to_vec1()?;
+                sampled.clear();
+                sampled.extend(ids.into_iter().map(|token| Drawn {
+                    token,
+                    logprob: None,
+                }));
             } else {
                 // Rows sample in parallel, reading the logits where they
                 // lie (copied over first from a GPU): each has its own RNG,
@@ -170,14 +180,19 @@ impl<'a> Generator<'a> {
                     samplers
                         .par_iter_mut()
                         .zip(flat.par_chunks(vocab))
-                        .map(|(sampler, row_logits)| sampler.sample(row_logits))
+                        .map(|(sampler, row_logits)| sampler.draw(row_logits))
                         .collect_into_vec(&mut sampled)
                 })?;
             }
             finished.clear();
-            for (slot, (&row, &token)) in active.iter().zip(&sampled).enumerate() {
-                let completion = &mut completions[row];
+            for (slot, (&row, drawn)) in active.iter().zip(&sampled).enumerate() {
+                let (token, completion) = (drawn.token, &mut completions[row]);
                 completion.tokens.push(token);
+                match (drawn.logprob, &mut completion.logprobs) {
+                    (Some(logprob), Some(logprobs)) => logprobs.push(logprob),
+                    (None, logprobs) => *logprobs = None,
+                    (Some(_), None) => {}
+                }
                 let finish = if self.eos_token_ids.contains(&token) {
                     Some(FinishReason::Eos)
                 } else if self.hits_stop_string(&completion.tokens, params, stop_window)? {

@@ -8,7 +8,7 @@ pub mod decode;
 pub mod sampler;
 
 pub use decode::{Completion, Decoded, FinishReason, Generator};
-pub use sampler::{argmax, Sampler, SamplingParams};
+pub use sampler::{argmax, Drawn, Sampler, SamplingParams};
 
 #[derive(Debug, thiserror::Error)]
 pub enum GenerateError {

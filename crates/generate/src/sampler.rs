@@ -34,12 +34,25 @@ impl Default for SamplingParams {
     }
 }
 
+/// One drawn token and, where known, its log-probability under the
+/// distribution it was drawn from: after temperature, top-k and top-p
+/// (renormalised over what they keep); for greedy rows that asked for it,
+/// the plain log-softmax of the logits.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Drawn {
+    pub token: u32,
+    pub logprob: Option<f32>,
+}
+
 /// Draws tokens for one row, reusing its scratch buffers across steps.
 pub struct Sampler {
     rng: ChaCha8Rng,
     temperature: f32,
     top_p: f32,
     top_k: usize,
+    /// Greedy rows compute their log-prob only when asked: it costs a pass
+    /// over the vocabulary that greedy decoding otherwise skips.
+    greedy_logprobs: bool,
     /// (probability, token) candidates; reused so that a step allocates nothing.
     candidates: Vec<(f32, u32)>,
     probs: Vec<f32>,
@@ -55,14 +68,33 @@ impl Sampler {
             temperature: params.temperature as f32,
             top_p: params.top_p as f32,
             top_k: params.top_k,
+            greedy_logprobs: false,
             candidates: Vec::new(),
             probs: Vec::new(),
         }
     }
 
+    /// This sampler, reporting log-probs on greedy rows too.
+    pub fn with_logprobs(mut self) -> Self {
+        self.greedy_logprobs = true;
+        self
+    }
+
+    /// The next token.
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
+        self.draw(logits).token
+    }
+
+    /// The next token, with its log-prob (see [`Drawn`]).
+    pub fn draw(&mut self, logits: &[f32]) -> Drawn {
         if self.temperature <= 0.0 {
-            return argmax(logits);
+            let token = argmax(logits);
+            let logprob = self.greedy_logprobs.then(|| {
+                let max = logits[token as usize];
+                let total: f32 = logits.iter().map(|&l| (l - max).exp()).sum();
+                -total.ln()
+            });
+            return Drawn { token, logprob };
         }
         let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let inv_t = 1.0 / self.temperature;
@@ -72,7 +104,7 @@ impl Sampler {
         let total: f32 = self.probs.iter().sum();
         self.probs.iter_mut().for_each(|p| *p /= total);
         if self.top_k == 0 && self.top_p >= 1.0 {
-            return draw(
+            let token = draw(
                 &mut self.rng,
                 self.probs
                     .iter()
@@ -81,10 +113,14 @@ impl Sampler {
                     .map(|(i, p)| (p, i as u32)),
                 1.0,
             );
+            let logprob = Some(self.probs[token as usize].ln());
+            return Drawn { token, logprob };
         }
         self.collect_candidates();
         let mass: f32 = self.candidates.iter().map(|c| c.0).sum();
-        draw(&mut self.rng, self.candidates.iter().copied(), mass)
+        let token = draw(&mut self.rng, self.candidates.iter().copied(), mass);
+        let logprob = Some((self.probs[token as usize] / mass).ln());
+        Drawn { token, logprob }
     }
 
     /// Fills `candidates` with the top-k / top-p set, most likely first,

@@ -332,3 +332,55 @@ fn a_failed_forward_names_its_step_and_batch() {
     assert!(err.starts_with("prefill of 2 rows × 3 tokens: "), "{err}");
     assert!(err.contains(&outside.to_string()), "{err}");
 }
+
+/// Each drawn token's log-prob is its log-probability under the
+/// distribution it was drawn from, computed here in f64 from the logits:
+/// temperature-scaled softmax; renormalised over the top-k/top-p set; and
+/// for greedy rows that ask, the plain log-softmax at the argmax.
+#[test]
+fn drawn_log_probs_are_those_of_the_sampling_distribution() {
+    let logits = [0.5f32, 2.0, 1.0, -1.0, 1.5];
+    let log_softmax = |scale: f64, keep: &[usize]| -> Vec<f64> {
+        let z: f64 = keep.iter().map(|&i| (logits[i] as f64 / scale).exp()).sum();
+        (0..logits.len())
+            .map(|i| (logits[i] as f64 / scale) - z.ln())
+            .collect()
+    };
+    let all: Vec<usize> = (0..logits.len()).collect();
+    let sampled = |params: SamplingParams, keep: &[usize]| {
+        let expected = log_softmax(params.temperature, keep);
+        let mut s = Sampler::new(&params, 3);
+        for _ in 0..200 {
+            let d = s.draw(&logits);
+            let got = d.logprob.expect("a sampled row has its log-prob") as f64;
+            let want = expected[d.token as usize];
+            assert!(
+                (got - want).abs() < 1e-5,
+                "{params:?}: token {} {got} vs {want}",
+                d.token
+            );
+        }
+    };
+    sampled(
+        SamplingParams {
+            temperature: 0.7,
+            ..Default::default()
+        },
+        &all,
+    );
+    // top_k = 2 keeps tokens 1 and 4.
+    sampled(
+        SamplingParams {
+            temperature: 1.3,
+            top_k: 2,
+            ..Default::default()
+        },
+        &[1, 4],
+    );
+    let greedy = SamplingParams::default();
+    assert_eq!(Sampler::new(&greedy, 0).draw(&logits).logprob, None);
+    let d = Sampler::new(&greedy, 0).with_logprobs().draw(&logits);
+    assert_eq!(d.token, 1);
+    let want = log_softmax(1.0, &all)[1];
+    assert!((d.logprob.unwrap() as f64 - want).abs() < 1e-5);
+}

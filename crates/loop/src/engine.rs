@@ -189,6 +189,8 @@ impl Engines {
             "stop_token_ids": eos_token_ids,
             "return_token_ids": true,
             "skip_special_tokens": false,
+            // The sampled tokens' log-probs (no alternatives).
+            "logprobs": 0,
         });
         if params.top_k > 0 {
             body["top_k"] = params.top_k.into();
@@ -233,8 +235,15 @@ impl Engines {
                     .map(|t| t.as_u64().and_then(|t| u32::try_from(t).ok()))
                     .collect::<Option<Vec<u32>>>()
                     .ok_or_else(|| failed("a token id is not a u32".into()))?;
+                let logprobs = c["logprobs"]["token_logprobs"].as_array().and_then(|l| {
+                    l.iter()
+                        .map(|x| x.as_f64().map(|x| x as f32))
+                        .collect::<Option<Vec<f32>>>()
+                        .filter(|l| l.len() == tokens.len())
+                });
                 Ok(EngineChoice {
                     tokens,
+                    logprobs,
                     stopped: c["finish_reason"] == "stop",
                 })
             })
@@ -257,6 +266,8 @@ fn base_url(u: &str) -> Result<String> {
 /// What one choice of an engine's reply says.
 struct EngineChoice {
     tokens: Vec<u32>,
+    /// The engine's log-prob of each sampled id, when it gave them all.
+    logprobs: Option<Vec<f32>>,
     /// `finish_reason` was "stop" (an end-of-turn id or a stop string),
     /// not "length".
     stopped: bool,
@@ -271,7 +282,7 @@ fn completion(
     tokenizer: &Tokenizer,
     eos_token_ids: &[u32],
 ) -> Result<Completion> {
-    let mut tokens = choice.tokens;
+    let (mut tokens, mut logprobs) = (choice.tokens, choice.logprobs);
     let ends_eos = tokens.last().is_some_and(|t| eos_token_ids.contains(t));
     let body = match ends_eos {
         true => &tokens[..tokens.len() - 1],
@@ -291,12 +302,15 @@ fn completion(
         }
         (false, None, true) => {
             tokens.push(eos_token_ids[0]);
+            // The appended id was not reported: no log-prob for it.
+            logprobs = None;
             FinishReason::Eos
         }
         (false, None, false) => FinishReason::Length,
     };
     Ok(Completion {
         tokens,
+        logprobs,
         text,
         finish,
     })

@@ -76,6 +76,9 @@ pub struct Request {
     pub stop_token_ids: Vec<u32>,
     /// vLLM's `return_token_ids`: each choice carries its sampled ids.
     pub return_token_ids: bool,
+    /// Each choice carries its sampled tokens' log-probs (completions'
+    /// `logprobs: 0`, chat's `logprobs: true`).
+    pub logprobs: bool,
 }
 
 /// Fields OpenAI clients send with neutral values, accepted only with
@@ -87,7 +90,6 @@ const NEUTRAL: &[(&str, &str)] = &[
     ("best_of", "n"),
     ("echo", "false"),
     ("stream", "false"),
-    ("logprobs", "null"),
     ("top_logprobs", "null"),
     ("logit_bias", "null"),
     ("suffix", "null"),
@@ -193,6 +195,7 @@ fn request(
                     | "stop"
                     | "stop_token_ids"
                     | "return_token_ids"
+                    | "logprobs"
             );
         if known {
             continue;
@@ -264,6 +267,17 @@ fn request(
         Some(Value::Bool(b)) => *b,
         Some(_) => return Err(ApiError::bad("return_token_ids", "must be true or false")),
     };
+    let logprobs = match object.get("logprobs") {
+        None | Some(Value::Null) | Some(Value::Bool(false)) => false,
+        Some(Value::Bool(true)) => true,
+        Some(v) if v.as_u64() == Some(0) => true,
+        Some(_) => {
+            return Err(ApiError::bad(
+                "logprobs",
+                "only the sampled tokens' log-probs are returned yet (completions: 0; chat: true), no alternatives",
+            ))
+        }
+    };
     let model = match object.get("model") {
         None | Some(Value::Null) => None,
         Some(Value::String(s)) => Some(s.clone()),
@@ -283,6 +297,7 @@ fn request(
         },
         stop_token_ids,
         return_token_ids,
+        logprobs,
     })
 }
 
@@ -383,9 +398,10 @@ mod tests {
             "model": "m", "prompt": [[1, 2], [3]], "n": 2, "max_tokens": 5,
             "temperature": 0.7, "top_p": 0.9, "top_k": 4, "seed": 9, "stop": "x",
             "stop_token_ids": [7], "return_token_ids": true, "user": "u",
-            "frequency_penalty": 0, "echo": false, "logprobs": null,
+            "frequency_penalty": 0, "echo": false, "logprobs": 0,
         }))
         .unwrap();
+        assert!(r.logprobs);
         assert_eq!(
             r.prompts,
             vec![Prompt::Ids(vec![1, 2]), Prompt::Ids(vec![3])]
@@ -428,6 +444,10 @@ mod tests {
             (json!({"prompt": "a", "frobnicate": 1}), Some("frobnicate")),
             (json!({"prompt": "a", "stream": true}), Some("stream")),
             (json!({"prompt": "a", "logprobs": 5}), Some("logprobs")),
+            (
+                json!({"prompt": "a", "top_logprobs": 3}),
+                Some("top_logprobs"),
+            ),
             (
                 json!({"prompt": "a", "presence_penalty": 0.5}),
                 Some("presence_penalty"),

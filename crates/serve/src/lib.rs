@@ -285,6 +285,21 @@ impl Server {
         json!({"object": "list", "data": data})
     }
 
+    /// Each sampled token's text and log-prob (null where the decoder
+    /// computed none: a GPU's on-device greedy argmax).
+    fn token_logprobs(&self, c: &Completion) -> (Vec<String>, Vec<Option<f32>>) {
+        let tokens = c
+            .tokens
+            .iter()
+            .map(|&t| self.model.tokenizer.decode(&[t]).unwrap_or_default())
+            .collect();
+        let logprobs = match &c.logprobs {
+            Some(l) => l.iter().map(|&x| Some(x)).collect(),
+            None => vec![None; c.tokens.len()],
+        };
+        (tokens, logprobs)
+    }
+
     /// The decoder a request's `model` names: the base (or none given),
     /// or a loaded adapter.
     fn decoder(&self, request: &Request) -> ApiResult<Arc<Llama>> {
@@ -326,6 +341,13 @@ impl Server {
                     "logprobs": null,
                     "finish_reason": finish_reason(c),
                 });
+                if request.logprobs {
+                    let (tokens, logprobs) = self.token_logprobs(c);
+                    choice["logprobs"] = json!({
+                        "tokens": tokens, "token_logprobs": logprobs,
+                        "top_logprobs": null, "text_offset": null,
+                    });
+                }
                 if request.return_token_ids {
                     choice["token_ids"] = json!(c.tokens);
                 }
@@ -364,6 +386,15 @@ impl Server {
                     "logprobs": null,
                     "finish_reason": finish_reason(c),
                 });
+                if request.logprobs {
+                    let (tokens, logprobs) = self.token_logprobs(c);
+                    let content: Vec<Value> = tokens
+                        .iter()
+                        .zip(&logprobs)
+                        .map(|(t, l)| json!({"token": t, "logprob": l, "bytes": null, "top_logprobs": []}))
+                        .collect();
+                    choice["logprobs"] = json!({"content": content});
+                }
                 if request.return_token_ids {
                     choice["token_ids"] = json!(c.tokens);
                 }
@@ -451,6 +482,7 @@ impl Server {
                 .collect(),
             params,
             stop_token_ids,
+            logprobs: request.logprobs,
             reply,
         };
         self.jobs

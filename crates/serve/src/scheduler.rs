@@ -27,6 +27,8 @@ pub struct Job {
     pub params: SamplingParams,
     /// The model's end-of-turn ids and the request's extra stop ids.
     pub stop_token_ids: Vec<u32>,
+    /// Greedy rows compute their log-probs too.
+    pub logprobs: bool,
     /// Dropped unanswered only if the scheduler stops.
     pub reply: oneshot::Sender<Result<Vec<Completion>, String>>,
 }
@@ -117,7 +119,11 @@ fn decode(model: &LoadedModel, batch: &[Job]) -> r3_generate::Result<Vec<Complet
         for rows in &job.rows {
             for choice in 0..rows.n as u64 {
                 prompts.push(&rows.prompt);
-                samplers.push(Sampler::new(&job.params, choice));
+                let sampler = Sampler::new(&job.params, choice);
+                samplers.push(match job.logprobs {
+                    true => sampler.with_logprobs(),
+                    false => sampler,
+                });
             }
         }
     }
