@@ -67,7 +67,11 @@ fn flags_from_file(command: &str, path: &Path) -> Result<Vec<OsString>> {
         .collect();
     let mut flags = Vec::new();
     for (key, value) in table {
-        let flag = key.replace('_', "-");
+        // `engines = [...]`, as `r3 train`'s config spells it.
+        let flag = match key.as_str() {
+            "engines" => "engine".to_string(),
+            _ => key.replace('_', "-"),
+        };
         let Some(arg) = known.iter().find(|a| a.get_long() == Some(flag.as_str())) else {
             let valid: Vec<String> = known
                 .iter()
@@ -89,6 +93,13 @@ fn flags_from_file(command: &str, path: &Path) -> Result<Vec<OsString>> {
                 continue;
             }
             (toml::Value::String(s), false) => s,
+            // A list, for a flag that takes several values (`engine`).
+            (toml::Value::Array(items), false) if arg.get_value_delimiter().is_some() => items
+                .iter()
+                .map(|v| v.as_str().map(str::to_string))
+                .collect::<Option<Vec<_>>>()
+                .with_context(|| format!("{}: '{key}' must be a list of strings", path.display()))?
+                .join(","),
             (toml::Value::Integer(n), false) => n.to_string(),
             (toml::Value::Float(x), false) => x.to_string(),
             (other, true) => bail!(

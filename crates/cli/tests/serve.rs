@@ -211,23 +211,28 @@ fn eval_on_an_engine_is_eval_in_process() {
         let engine = std::fs::read_to_string(dir.path().join("engine").join(file)).unwrap();
         assert_eq!(local, engine, "{file}");
     }
+    // Mining, with the engines from a config file, as a list.
     let failures = out("failures.jsonl");
+    let config = dir.path().join("mine.toml");
+    std::fs::write(
+        &config,
+        format!("engines = [{:?}]\nsamples = 2\n", server.url),
+    )
+    .unwrap();
     let (ok, _, err) = common::r3(&[
         "mine",
+        "--config",
+        config.to_str().unwrap(),
         "--model",
         &model,
         "--task",
         "answer",
         "--data",
         &data,
-        "--samples",
-        "2",
         "--max-new-tokens",
         "4",
         "--out",
         &failures,
-        "--engine",
-        &server.url,
     ]);
     assert!(ok, "{err}");
     assert!(err.contains("sampling from 1 engine"), "{err}");
