@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The ablation a reader of the paper asks for first: the same run as
+# run.sh, at equal steps, with GRPO's credit on the retry's tokens instead
+# of the reflection's (train_on = "retry"). It reuses run.sh's split and
+# mined failures, so run it after run.sh has mined (it refuses otherwise).
+# Resumable like run.sh: rerun the same command.
+#   bash experiments/bfcl-qwen2.5-coder-1.5b/ablation.sh [OUT]
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/../.." && pwd)
+OUT=${1:-$root/runs/bfcl-qwen2.5-coder-1.5b}
+R=${R:-$root/target/release/r3}
+TASK=bfcl
+MODEL=$("$R" fetch qwen2.5-coder-1.5b)
+ATTEMPT_TOKENS=256
+REFLECTION_TOKENS=192
+PROMPTS=""
+TRAIN=$here/train.toml
+source "$root/experiments/lib.sh"
+
+if [[ ! -f $OUT/failures.jsonl.state || ! -f $OUT/heldout.jsonl ]]; then
+    echo "run experiments/bfcl-qwen2.5-coder-1.5b/run.sh first: the ablation trains on its mined failures" >&2
+    exit 1
+fi
+start
+timed train-retry "$R" train --config "$TRAIN" --resume auto \
+    --set "failures=\"$OUT/failures.jsonl\"" --set "output_dir=\"$OUT/train-retry\"" \
+    --set "model=\"$MODEL\"" --set 'train_on="retry"'
+checkpoint="$OUT/train-retry/$(cat "$OUT/train-retry/last")"
+evaluate eval-trained-retry "$checkpoint" "$OUT/heldout.jsonl"
+"$R" report --compare "$OUT/eval-base" "$OUT/eval-trained-retry" >"$OUT/results-retry.md"
+cat "$OUT/results-retry.md"
