@@ -2,7 +2,8 @@
 # The ablation a reader of the paper asks for first: the same run as
 # run.sh, at equal steps, with GRPO's credit on the retry's tokens instead
 # of the reflection's (train_on = "retry"). It reuses run.sh's split and
-# mined failures, so run it after run.sh has mined (it refuses otherwise).
+# mined failures and compares with its eval-base, so run it after run.sh
+# has finished (it refuses otherwise; two runs would share the 2 cores).
 # Resumable like run.sh: rerun the same command.
 #   bash experiments/bfcl-qwen2.5-coder-1.5b/ablation.sh [OUT]
 here=$(cd "$(dirname "$0")" && pwd)
@@ -17,8 +18,8 @@ PROMPTS=""
 TRAIN=$here/train.toml
 source "$root/experiments/lib.sh"
 
-if [[ ! -f $OUT/failures.jsonl.state || ! -f $OUT/heldout.jsonl ]]; then
-    echo "run experiments/bfcl-qwen2.5-coder-1.5b/run.sh first: the ablation trains on its mined failures" >&2
+if [[ ! -f $OUT/results.md ]]; then
+    echo "finish experiments/bfcl-qwen2.5-coder-1.5b/run.sh first: the ablation trains on its mined failures and compares with its eval-base" >&2
     exit 1
 fi
 start
