@@ -384,3 +384,78 @@ fn lora_training_samples_on_engines_and_pushes_each_step() {
         .collect();
     assert_eq!(kept, ["run-step-2"]);
 }
+
+/// The data of each server-sent event of a streamed reply.
+fn events(server: &Server, path: &str, body: &Value) -> Vec<String> {
+    let reply = ureq::post(&format!("{}{path}", server.url))
+        .send_json(body.clone())
+        .unwrap();
+    assert!(reply.content_type().contains("text/event-stream"));
+    reply
+        .into_string()
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: ").map(str::to_string))
+        .collect()
+}
+
+/// Streamed replies carry the same text as the whole reply, in pieces,
+/// then [DONE]; a client that leaves mid-stream does not hurt the server.
+#[test]
+fn streamed_replies_add_up_to_the_whole_reply() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, _) = common::tiny_model_and_data(dir.path(), 1, "1");
+    let server = Server::start(&model, &[]);
+    let chat = json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 12,
+                      "temperature": 0.0});
+    let (_, whole) = server.post("/v1/chat/completions", &chat.to_string());
+    let mut streamed = chat.clone();
+    streamed["stream"] = true.into();
+    let data = events(&server, "/v1/chat/completions", &streamed);
+    assert_eq!(data.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(
+        text,
+        whole["choices"][0]["message"]["content"].as_str().unwrap()
+    );
+    assert_eq!(
+        chunks.last().unwrap()["choices"][0]["finish_reason"],
+        whole["choices"][0]["finish_reason"]
+    );
+    let completion = json!({"prompt": "hello", "max_tokens": 8, "temperature": 0.0, "n": 2});
+    let (_, whole) = server.post("/v1/completions", &completion.to_string());
+    let mut streamed = completion.clone();
+    streamed["stream"] = true.into();
+    let data = events(&server, "/v1/completions", &streamed);
+    for choice in 0..2 {
+        let text: String = data[..data.len() - 1]
+            .iter()
+            .map(|d| serde_json::from_str::<Value>(d).unwrap())
+            .filter(|c| c["choices"][0]["index"] == choice)
+            .filter_map(|c| c["choices"][0]["text"].as_str().map(str::to_string))
+            .collect();
+        assert_eq!(text, whole["choices"][choice]["text"].as_str().unwrap());
+    }
+    // A client that reads one event and goes away.
+    {
+        use std::io::{Read, Write};
+        let address = server.url.trim_start_matches("http://");
+        let mut socket = std::net::TcpStream::connect(address).unwrap();
+        let body = json!({"prompt": "hello", "max_tokens": 200, "stream": true}).to_string();
+        write!(socket, "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+        let mut first = [0u8; 64];
+        let _ = socket.read(&mut first).unwrap();
+    }
+    let (status, _) = read(ureq::get(&format!("{}/health", server.url)).call());
+    assert_eq!(status, 200);
+    let (status, _) = server.post("/v1/completions", &completion.to_string());
+    assert_eq!(status, 200);
+}

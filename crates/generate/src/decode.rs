@@ -125,11 +125,25 @@ impl<'a> Generator<'a> {
     /// logits of its last token, with one sampler per row (in row order).
     pub fn decode(
         &self,
+        cache: KvCache,
+        logits: Tensor,
+        params: &SamplingParams,
+        samplers: Vec<Sampler>,
+        keep_cache: bool,
+    ) -> Result<Decoded> {
+        self.decode_observed(cache, logits, params, samplers, keep_cache, &mut |_, _| {})
+    }
+
+    /// [`Generator::decode`], calling `on_token(row, token)` as each token
+    /// is sampled (a server streams them).
+    pub fn decode_observed(
+        &self,
         mut cache: KvCache,
         logits: Tensor,
         params: &SamplingParams,
         mut samplers: Vec<Sampler>,
         keep_cache: bool,
+        on_token: &mut dyn FnMut(usize, u32),
     ) -> Result<Decoded> {
         let n = cache.batch();
         let mut completions: Vec<Completion> = (0..n)
@@ -188,6 +202,7 @@ impl<'a> Generator<'a> {
             for (slot, (&row, drawn)) in active.iter().zip(&sampled).enumerate() {
                 let (token, completion) = (drawn.token, &mut completions[row]);
                 completion.tokens.push(token);
+                on_token(row, token);
                 match (drawn.logprob, &mut completion.logprobs) {
                     (Some(logprob), Some(logprobs)) => logprobs.push(logprob),
                     (None, logprobs) => *logprobs = None,

@@ -79,6 +79,8 @@ pub struct Request {
     /// Each choice carries its sampled tokens' log-probs (completions'
     /// `logprobs: 0`, chat's `logprobs: true`).
     pub logprobs: bool,
+    /// The reply comes as server-sent events, text as it is sampled.
+    pub stream: bool,
 }
 
 /// Fields OpenAI clients send with neutral values, accepted only with
@@ -89,7 +91,6 @@ const NEUTRAL: &[(&str, &str)] = &[
     ("repetition_penalty", "1"),
     ("best_of", "n"),
     ("echo", "false"),
-    ("stream", "false"),
     ("top_logprobs", "null"),
     ("logit_bias", "null"),
     ("suffix", "null"),
@@ -196,6 +197,7 @@ fn request(
                     | "stop_token_ids"
                     | "return_token_ids"
                     | "logprobs"
+                    | "stream"
             );
         if known {
             continue;
@@ -278,6 +280,17 @@ fn request(
             ))
         }
     };
+    let stream = match object.get("stream") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err(ApiError::bad("stream", "must be true or false")),
+    };
+    if stream && logprobs {
+        return Err(ApiError::bad(
+            "logprobs",
+            "is not streamed yet; ask without stream",
+        ));
+    }
     let model = match object.get("model") {
         None | Some(Value::Null) => None,
         Some(Value::String(s)) => Some(s.clone()),
@@ -298,6 +311,7 @@ fn request(
         stop_token_ids,
         return_token_ids,
         logprobs,
+        stream,
     })
 }
 
@@ -442,7 +456,7 @@ mod tests {
             (json!({"prompt": "a", "stop": [1]}), Some("stop")),
             (json!({"prompt": "a", "stop": ""}), Some("stop")),
             (json!({"prompt": "a", "frobnicate": 1}), Some("frobnicate")),
-            (json!({"prompt": "a", "stream": true}), Some("stream")),
+            (json!({"prompt": "a", "stream": "yes"}), Some("stream")),
             (json!({"prompt": "a", "logprobs": 5}), Some("logprobs")),
             (
                 json!({"prompt": "a", "top_logprobs": 3}),

@@ -10,6 +10,7 @@
 
 pub mod api;
 pub mod scheduler;
+mod stream;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -138,20 +139,28 @@ async fn completions(
     State(server): Shared,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Response> {
     server.authorize(&headers)?;
     let request = api::completion_request(&json_body(body)?)?;
-    Ok(Json(server.completions(request).await?))
+    let prompts = server.completion_prompts(&request)?;
+    if request.stream {
+        return stream::reply(server, request, prompts, stream::Route::Completions).await;
+    }
+    Ok(Json(server.completions(request, prompts).await?).into_response())
 }
 
 async fn chat(
     State(server): Shared,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Response> {
     server.authorize(&headers)?;
     let (request, messages, tools) = api::chat_request(&json_body(body)?)?;
-    Ok(Json(server.chat(request, &messages, tools.as_ref()).await?))
+    let prompt = server.chat_prompt(&messages, tools.as_ref())?;
+    if request.stream {
+        return stream::reply(server, request, vec![prompt], stream::Route::Chat).await;
+    }
+    Ok(Json(server.chat(request, prompt).await?).into_response())
 }
 
 /// vLLM's `POST /v1/load_lora_adapter {"lora_name", "lora_path"}`: a PEFT
@@ -232,14 +241,14 @@ fn json_body(body: Result<Bytes, BytesRejection>) -> ApiResult<Value> {
         .map_err(|e| ApiError::new(400, format!("the body is not valid JSON: {e}")))
 }
 
-struct Server {
-    model: Arc<LoadedModel>,
+pub(crate) struct Server {
+    pub(crate) model: Arc<LoadedModel>,
     base: Arc<Llama>,
     /// Loaded adapters by name, each sharing the base's weights.
     adapters: RwLock<HashMap<String, Arc<Llama>>>,
-    config: ServeConfig,
+    pub(crate) config: ServeConfig,
     jobs: mpsc::Sender<Job>,
-    ids: AtomicU64,
+    pub(crate) ids: AtomicU64,
 }
 
 impl Server {
@@ -318,9 +327,10 @@ impl Server {
         }
     }
 
-    async fn completions(&self, request: Request) -> ApiResult<Value> {
+    /// A completion request's prompts as ids (texts encoded).
+    fn completion_prompts(&self, request: &Request) -> ApiResult<Vec<Vec<u32>>> {
         let tokenizer = &self.model.tokenizer;
-        let prompts = request
+        request
             .prompts
             .iter()
             .map(|p| match p {
@@ -329,7 +339,22 @@ impl Server {
                     .encode(text)
                     .map_err(|e| ApiError::new(400, format!("prompt: {e}"))),
             })
-            .collect::<ApiResult<Vec<_>>>()?;
+            .collect()
+    }
+
+    /// A chat's prompt: the messages (and tools) in the model's template.
+    fn chat_prompt(
+        &self,
+        messages: &[r3_model::Message],
+        tools: Option<&Value>,
+    ) -> ApiResult<Vec<u32>> {
+        let loaded = &self.model;
+        let chat = ChatEncoder::new(&loaded.chat_template, &loaded.tokenizer, &loaded.eos_token);
+        chat.prompt(messages, tools)
+            .map_err(|e| ApiError::bad("messages", e.to_string()))
+    }
+
+    async fn completions(&self, request: Request, prompts: Vec<Vec<u32>>) -> ApiResult<Value> {
         let (completions, usage) = self.generate(&request, prompts).await?;
         let choices: Vec<Value> = completions
             .iter()
@@ -364,17 +389,7 @@ impl Server {
         }))
     }
 
-    async fn chat(
-        &self,
-        request: Request,
-        messages: &[r3_model::Message],
-        tools: Option<&Value>,
-    ) -> ApiResult<Value> {
-        let loaded = &self.model;
-        let chat = ChatEncoder::new(&loaded.chat_template, &loaded.tokenizer, &loaded.eos_token);
-        let prompt = chat
-            .prompt(messages, tools)
-            .map_err(|e| ApiError::bad("messages", e.to_string()))?;
+    async fn chat(&self, request: Request, prompt: Vec<u32>) -> ApiResult<Value> {
         let (completions, usage) = self.generate(&request, vec![prompt]).await?;
         let choices: Vec<Value> = completions
             .iter()
@@ -418,6 +433,29 @@ impl Server {
         request: &Request,
         prompts: Vec<Vec<u32>>,
     ) -> ApiResult<(Vec<Completion>, Value)> {
+        let (answer, prompt_tokens) = self.submit(request, prompts, None).await?;
+        let completions = answer
+            .await
+            .map_err(|_| ApiError::new(503, "the scheduler has stopped"))?
+            .map_err(|e| ApiError::new(500, e))?;
+        let completion_tokens: usize = completions.iter().map(|c| c.tokens.len()).sum();
+        let usage = json!({
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        });
+        Ok((completions, usage))
+    }
+
+    /// Checks the prompts against the model and queues the job (its tokens
+    /// sent to `stream` as they are sampled, when given); returns where
+    /// its completions will come, and its prompt tokens.
+    pub(crate) async fn submit(
+        &self,
+        request: &Request,
+        prompts: Vec<Vec<u32>>,
+        stream: Option<mpsc::UnboundedSender<(usize, u32)>>,
+    ) -> ApiResult<(Answer, usize)> {
         let decoder = self.decoder(request)?;
         let config = &self.model.config;
         let context = config.max_position_embeddings;
@@ -483,35 +521,29 @@ impl Server {
             params,
             stop_token_ids,
             logprobs: request.logprobs,
+            stream,
             reply,
         };
         self.jobs
             .send(job)
             .await
             .map_err(|_| ApiError::new(503, "the scheduler has stopped"))?;
-        let completions = answer
-            .await
-            .map_err(|_| ApiError::new(503, "the scheduler has stopped"))?
-            .map_err(|e| ApiError::new(500, e))?;
-        let completion_tokens: usize = completions.iter().map(|c| c.tokens.len()).sum();
-        let usage = json!({
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-        });
-        Ok((completions, usage))
+        Ok((answer, prompt_tokens))
     }
 }
 
+/// Where a queued job's completions arrive.
+pub(crate) type Answer = oneshot::Receiver<Result<Vec<Completion>, String>>;
+
 /// OpenAI's finish reasons: an end-of-turn id or a stop string is "stop".
-fn finish_reason(c: &Completion) -> &'static str {
+pub(crate) fn finish_reason(c: &Completion) -> &'static str {
     match c.finish {
         FinishReason::Eos | FinishReason::Stop => "stop",
         FinishReason::Length => "length",
     }
 }
 
-fn now() -> u64 {
+pub(crate) fn now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())

@@ -29,6 +29,9 @@ pub struct Job {
     pub stop_token_ids: Vec<u32>,
     /// Greedy rows compute their log-probs too.
     pub logprobs: bool,
+    /// Where each sampled token goes as it is sampled, `(choice, token)`,
+    /// for a streamed reply; a closed receiver (a client gone) is ignored.
+    pub stream: Option<mpsc::UnboundedSender<(usize, u32)>>,
     /// Dropped unanswered only if the scheduler stops.
     pub reply: oneshot::Sender<Result<Vec<Completion>, String>>,
 }
@@ -115,9 +118,14 @@ fn decode(model: &LoadedModel, batch: &[Job]) -> r3_generate::Result<Vec<Complet
     let first = &batch[0];
     let mut prompts: Vec<&[u32]> = Vec::new();
     let mut samplers = Vec::new();
-    for job in batch {
+    // Each row's job and choice index within it.
+    let mut owners: Vec<(usize, usize)> = Vec::new();
+    for (j, job) in batch.iter().enumerate() {
+        let mut index = 0;
         for rows in &job.rows {
             for choice in 0..rows.n as u64 {
+                owners.push((j, index));
+                index += 1;
                 prompts.push(&rows.prompt);
                 let sampler = Sampler::new(&job.params, choice);
                 samplers.push(match job.logprobs {
@@ -146,7 +154,13 @@ fn decode(model: &LoadedModel, batch: &[Job]) -> r3_generate::Result<Vec<Complet
         longest + params.max_new_tokens,
     );
     let logits = generator.prefill(&mut cache, &prompts)?;
+    let mut on_token = |row: usize, token: u32| {
+        let (j, choice) = owners[row];
+        if let Some(stream) = &batch[j].stream {
+            let _ = stream.send((choice, token));
+        }
+    };
     Ok(generator
-        .decode(cache, logits, &params, samplers, false)?
+        .decode_observed(cache, logits, &params, samplers, false, &mut on_token)?
         .completions)
 }
