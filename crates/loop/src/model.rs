@@ -58,9 +58,9 @@ impl Model {
 
 /// Runs `work` with the policy a command samples from: `spec`'s model on
 /// r3's own decoder, or, with `engines`, the engines serving it (only the
-/// model's tokenizer, chat template and end-of-turn ids are read here; its
-/// weights are let go at once). `work` also gets the model file a run is
-/// bound to and the adapter applied locally.
+/// model's config, tokenizer, chat template and end-of-turn ids are read
+/// here: an HF directory without weights will do). `work` also gets the
+/// model file a run is bound to and the adapter applied locally.
 pub fn with_policy<T>(
     spec: &ModelSpec,
     engines: Option<&EngineConfig>,
@@ -81,8 +81,9 @@ pub fn with_policy<T>(
                 .into(),
         ));
     }
-    let mut loaded = load_base(spec.path.as_deref())?;
-    loaded.weights = Default::default();
+    let path = r3_fetch::resolve_model(spec.path.as_deref())?;
+    let loaded = r3_model::load_conversation(&path)
+        .map_err(context(format!("cannot load model {}", path.display())))?;
     let model_name = match &engines.model {
         Some(name) => name.clone(),
         None => Engines::served_model(&engines.urls[0])?,

@@ -30,6 +30,6 @@ pub use config::{Architecture, ModelConfig, RopeScaling, MAX_PARAMETERS};
 pub use device::{device_name, DeviceChoice, Precision};
 pub use error::{ModelError, Result};
 pub use llama::{ForwardInputs, Llama};
-pub use loader::{load, GenerationDefaults, LoadedModel, ModelFormat};
+pub use loader::{load, load_conversation, GenerationDefaults, LoadedModel, ModelFormat};
 pub use tokenizer::Tokenizer;
 pub use weights::Weights;

@@ -44,13 +44,33 @@ pub struct LoadedModel {
     pub generation: GenerationDefaults,
 }
 
+/// What to read of a model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Parts {
+    Everything,
+    /// Config, tokenizer, chat template and end-of-turn ids: what a
+    /// conversation needs when engines elsewhere hold the weights.
+    Conversation,
+}
+
 /// Loads an HF model directory or a `.gguf` file.
 pub fn load(path: &Path) -> Result<LoadedModel> {
+    load_parts(path, Parts::Everything)
+}
+
+/// [`load`] without the weights (`weights` is empty): an HF directory
+/// needs only `config.json` and the tokenizer files. For sampling on
+/// engines, where a model too large for this machine lives.
+pub fn load_conversation(path: &Path) -> Result<LoadedModel> {
+    load_parts(path, Parts::Conversation)
+}
+
+fn load_parts(path: &Path, parts: Parts) -> Result<LoadedModel> {
     let meta = std::fs::metadata(path).map_err(|e| ModelError::io(path, e))?;
     let loaded = if meta.is_dir() {
-        load_hf_dir(path)?
+        load_hf_dir(path, parts)?
     } else {
-        load_gguf(path)?
+        load_gguf(path, parts)?
     };
     if loaded.tokenizer.vocab_size() > loaded.config.vocab_size {
         return Err(ModelError::invalid(
@@ -127,7 +147,7 @@ fn token_string(v: Option<&Value>) -> Option<String> {
     }
 }
 
-fn load_hf_dir(dir: &Path) -> Result<LoadedModel> {
+fn load_hf_dir(dir: &Path, parts: Parts) -> Result<LoadedModel> {
     let config = ModelConfig::from_hf_file(&dir.join("config.json"))?;
     let tokenizer = Tokenizer::from_file(&dir.join("tokenizer.json"))?;
     let tc_path = dir.join("tokenizer_config.json");
@@ -184,7 +204,10 @@ fn load_hf_dir(dir: &Path) -> Result<LoadedModel> {
     Ok(LoadedModel {
         path: dir.into(),
         format: ModelFormat::HfDirectory,
-        weights: Weights::from_hf_dir(dir)?,
+        weights: match parts {
+            Parts::Everything => Weights::from_hf_dir(dir)?,
+            Parts::Conversation => Weights::default(),
+        },
         config,
         tokenizer,
         chat_template,
@@ -196,11 +219,14 @@ fn load_hf_dir(dir: &Path) -> Result<LoadedModel> {
     })
 }
 
-fn load_gguf(path: &Path) -> Result<LoadedModel> {
+fn load_gguf(path: &Path, parts: Parts) -> Result<LoadedModel> {
     let gguf = GgufFile::open(path)?;
     let tokenizer = Tokenizer::from_gguf(&gguf)?;
     let config = gguf.config(tokenizer.vocab_size())?;
-    let weights = gguf.weights(&config)?;
+    let weights = match parts {
+        Parts::Everything => gguf.weights(&config)?,
+        Parts::Conversation => Weights::default(),
+    };
     let template = gguf
         .get_str("tokenizer.chat_template")
         .ok_or_else(|| {
