@@ -356,59 +356,54 @@ impl Server {
 
     async fn completions(&self, request: Request, prompts: Vec<Vec<u32>>) -> ApiResult<Value> {
         let (completions, usage) = self.generate(&request, prompts).await?;
-        let choices: Vec<Value> = completions
-            .iter()
-            .enumerate()
-            .map(|(index, c)| {
-                let mut choice = json!({
-                    "index": index,
-                    "text": c.text,
-                    "logprobs": null,
-                    "finish_reason": finish_reason(c),
-                });
-                if request.logprobs {
-                    let (tokens, logprobs) = self.token_logprobs(c);
-                    choice["logprobs"] = json!({
-                        "tokens": tokens, "token_logprobs": logprobs,
-                        "top_logprobs": null, "text_offset": null,
-                    });
-                }
-                if request.return_token_ids {
-                    choice["token_ids"] = json!(c.tokens);
-                }
-                choice
-            })
-            .collect();
-        Ok(json!({
-            "id": format!("cmpl-{}", self.ids.fetch_add(1, Ordering::Relaxed)),
-            "object": "text_completion",
-            "created": now(),
-            "model": self.config.name,
-            "choices": choices,
-            "usage": usage,
-        }))
+        Ok(self.reply(&request, &completions, usage, stream::Route::Completions))
     }
 
     async fn chat(&self, request: Request, prompt: Vec<u32>) -> ApiResult<Value> {
         let (completions, usage) = self.generate(&request, vec![prompt]).await?;
+        Ok(self.reply(&request, &completions, usage, stream::Route::Chat))
+    }
+
+    /// The whole reply of either route: one choice per completion, in the
+    /// route's own shape, with log-probs and token ids when asked.
+    fn reply(
+        &self,
+        request: &Request,
+        completions: &[Completion],
+        usage: Value,
+        route: stream::Route,
+    ) -> Value {
         let choices: Vec<Value> = completions
             .iter()
             .enumerate()
             .map(|(index, c)| {
                 let mut choice = json!({
                     "index": index,
-                    "message": {"role": "assistant", "content": c.text},
                     "logprobs": null,
                     "finish_reason": finish_reason(c),
                 });
+                match route {
+                    stream::Route::Completions => choice["text"] = json!(c.text),
+                    stream::Route::Chat => {
+                        choice["message"] = json!({"role": "assistant", "content": c.text})
+                    }
+                }
                 if request.logprobs {
                     let (tokens, logprobs) = self.token_logprobs(c);
-                    let content: Vec<Value> = tokens
-                        .iter()
-                        .zip(&logprobs)
-                        .map(|(t, l)| json!({"token": t, "logprob": l, "bytes": null, "top_logprobs": []}))
-                        .collect();
-                    choice["logprobs"] = json!({"content": content});
+                    choice["logprobs"] = match route {
+                        stream::Route::Completions => json!({
+                            "tokens": tokens, "token_logprobs": logprobs,
+                            "top_logprobs": null, "text_offset": null,
+                        }),
+                        stream::Route::Chat => {
+                            let content: Vec<Value> = tokens
+                                .iter()
+                                .zip(&logprobs)
+                                .map(|(t, l)| json!({"token": t, "logprob": l, "bytes": null, "top_logprobs": []}))
+                                .collect();
+                            json!({"content": content})
+                        }
+                    };
                 }
                 if request.return_token_ids {
                     choice["token_ids"] = json!(c.tokens);
@@ -416,14 +411,23 @@ impl Server {
                 choice
             })
             .collect();
-        Ok(json!({
-            "id": format!("chatcmpl-{}", self.ids.fetch_add(1, Ordering::Relaxed)),
-            "object": "chat.completion",
+        json!({
+            "id": self.reply_id(route),
+            "object": route.object(),
             "created": now(),
             "model": self.config.name,
             "choices": choices,
             "usage": usage,
-        }))
+        })
+    }
+
+    /// A fresh reply id in the route's style (`cmpl-N`, `chatcmpl-N`).
+    pub(crate) fn reply_id(&self, route: stream::Route) -> String {
+        let n = self.ids.fetch_add(1, Ordering::Relaxed);
+        match route {
+            stream::Route::Completions => format!("cmpl-{n}"),
+            stream::Route::Chat => format!("chatcmpl-{n}"),
+        }
     }
 
     /// Checks the prompts against the model, queues the job and waits for

@@ -7,7 +7,6 @@
 //! away ends the stream; its rows finish in their batch unseen.
 
 use std::convert::Infallible;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use axum::response::sse::{Event, Sse};
@@ -25,6 +24,16 @@ pub(crate) enum Route {
     Chat,
 }
 
+impl Route {
+    /// The `object` of a whole reply.
+    pub(crate) fn object(self) -> &'static str {
+        match self {
+            Route::Completions => "text_completion",
+            Route::Chat => "chat.completion",
+        }
+    }
+}
+
 /// Queues the job and answers with its event stream.
 pub(crate) async fn reply(
     server: Arc<Server>,
@@ -36,10 +45,7 @@ pub(crate) async fn reply(
     let (tokens, mut sampled) = mpsc::unbounded_channel();
     let (mut answer, _) = server.submit(&request, prompts, Some(tokens)).await?;
     let (events, outgoing) = mpsc::channel::<String>(64);
-    let id = match route {
-        Route::Completions => format!("cmpl-{}", server.ids.fetch_add(1, Ordering::Relaxed)),
-        Route::Chat => format!("chatcmpl-{}", server.ids.fetch_add(1, Ordering::Relaxed)),
-    };
+    let id = server.reply_id(route);
     let hold = !request.params.stop_strings.is_empty();
     tokio::spawn(async move {
         let (name, created) = (server.config.name.clone(), now());
