@@ -6,50 +6,7 @@ mod common;
 
 use std::process::Command;
 
-use common::{r3, r3_in, tiny_model_and_data};
-
-/// A tiny model and `n` arithmetic records (see [`tiny_model_and_data`]),
-/// a verifier passing an answer when the sum of its bytes is a multiple of
-/// `modulus` (deterministic mixed rewards, so that groups train), and
-/// failures mined with 2 samples per record. Returns (model, verifier
-/// command, failures file).
-fn mined_tiny_run(
-    dir: &std::path::Path,
-    n: usize,
-    seed: &str,
-    modulus: u32,
-    max_new_tokens: &str,
-) -> (String, String, String) {
-    let (model, data) = tiny_model_and_data(dir, n, seed);
-    let path = |name: &str| dir.join(name).to_str().unwrap().to_string();
-    std::fs::write(
-        path("verify.py"),
-        format!(
-            "import json, sys\nfor line in sys.stdin:\n    m = json.loads(line)\n    \
-             print(json.dumps({{\"id\": m[\"id\"], \"success\": sum(m[\"answer\"].encode()) % {modulus} == 0}}), flush=True)\n"
-        ),
-    )
-    .unwrap();
-    let verifier = format!("python3 {}", path("verify.py"));
-    let failures = path("failures.jsonl");
-    let (ok, _, err) = r3(&[
-        "mine",
-        "--model",
-        &model,
-        "--verifier",
-        &verifier,
-        "--data",
-        &data,
-        "--samples",
-        "2",
-        "--max-new-tokens",
-        max_new_tokens,
-        "--out",
-        &failures,
-    ]);
-    assert!(ok, "{err}");
-    (model, verifier, failures)
-}
+use common::{mined_tiny_run, r3, r3_in, tiny_model_and_data};
 
 fn mine_args<'a>(model: &'a str, data: &'a str, out: &'a str, samples: &'a str) -> Vec<&'a str> {
     vec![

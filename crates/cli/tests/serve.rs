@@ -323,31 +323,14 @@ fn adapters_load_serve_and_unload() {
 #[test]
 fn lora_training_samples_on_engines_and_pushes_each_step() {
     let dir = tempfile::tempdir().unwrap();
-    let (model, data) = common::tiny_model_and_data(dir.path(), 6, "7");
-    let failures = dir.path().join("failures.jsonl");
-    let failures = failures.to_str().unwrap();
-    let (ok, _, err) = common::r3(&[
-        "mine",
-        "--model",
-        &model,
-        "--task",
-        "answer",
-        "--data",
-        &data,
-        "--samples",
-        "1",
-        "--max-new-tokens",
-        "4",
-        "--out",
-        failures,
-    ]);
-    assert!(ok, "{err}");
+    let (model, verifier, failures) = common::mined_tiny_run(dir.path(), 8, "3", 2, "4");
+    let failures = failures.as_str();
     let servers = [Server::start(&model, &[]), Server::start(&model, &[])];
     let urls = format!("{},{}", servers[0].url, servers[1].url);
     let out = dir.path().join("run");
     let sets = [
         format!("model={model:?}"),
-        "task=\"answer\"".to_string(),
+        format!("verifier={verifier:?}"),
         format!("failures={failures:?}"),
         format!("output_dir={:?}", out.to_str().unwrap()),
         "max_steps=2".into(),
@@ -394,6 +377,20 @@ fn lora_training_samples_on_engines_and_pushes_each_step() {
         .map(|e| e.unwrap().file_name())
         .collect();
     assert_eq!(kept, ["run-step-2"]);
+    // The sampler–trainer gap, measured on the trained tokens: r3 serve
+    // samples with the same kernels as the trainer scores, so ~0.
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let trained: Vec<Value> = metrics
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|m| m["trained_tokens"].as_u64() > Some(0))
+        .collect();
+    assert!(!trained.is_empty(), "no step trained: {metrics}");
+    for m in trained {
+        let gap = m["logprob_gap_max"].as_f64().unwrap();
+        let ratio = m["importance_ratio_mean"].as_f64().unwrap();
+        assert!(gap < 1e-3 && (ratio - 1.0).abs() < 1e-3, "{m}");
+    }
 }
 
 /// The data of each server-sent event of a streamed reply.

@@ -15,7 +15,7 @@ pub mod rollout;
 pub mod stats;
 
 pub use conversation::ChatEncoder;
-pub use rollout::{Attempt, Backend, Failure, Policy, Rollout, Rollouts};
+pub use rollout::{Attempt, Backend, Failure, Policy, Rollout, Rollouts, SampledLogprobs};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoopError {

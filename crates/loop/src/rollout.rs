@@ -108,6 +108,21 @@ pub struct Rollout {
     pub reflection_text: String,
     pub reflection_finish: FinishReason,
     pub retry: Attempt,
+    /// The sampler's log-prob of each reflection id, then of each retry id,
+    /// under the distribution it drew them from (after temperature and
+    /// top-p): what the trainer's own log-probs are checked against (the
+    /// sampler–trainer gap) and corrected with. `None` where the sampler
+    /// reported none (greedy rows).
+    #[serde(skip)]
+    pub sampled_logprobs: SampledLogprobs,
+}
+
+/// A rollout's sampled log-probs, part by part (see
+/// [`Rollout::sampled_logprobs`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SampledLogprobs {
+    pub reflection: Option<Vec<f32>>,
+    pub retry: Option<Vec<f32>>,
 }
 
 impl Rollout {
@@ -534,7 +549,7 @@ impl<'a> Rollouts<'a> {
             .map(|_| Vec::with_capacity(group))
             .collect();
         let rows = reflections.into_iter().zip(continuations).zip(retries);
-        for (row, ((reflection, continuation), retry)) in rows.enumerate() {
+        for (row, ((mut reflection, continuation), mut retry)) in rows.enumerate() {
             let f = row / group;
             let prefix = &turns.prefixes[f];
             let mut ids = Vec::with_capacity(
@@ -545,9 +560,14 @@ impl<'a> Rollouts<'a> {
             let reflection_span = prefix.len()..ids.len();
             ids.extend(&continuation[1..]);
             ids.extend(&retry.tokens);
+            let sampled_logprobs = SampledLogprobs {
+                reflection: reflection.logprobs.take(),
+                retry: retry.logprobs.take(),
+            };
             out[f].push(Rollout {
                 ids,
                 reflection: reflection_span,
+                sampled_logprobs,
                 reflection_text: reflection.text,
                 reflection_finish: reflection.finish,
                 retry: self.judge(failures[f].record, retry)?,

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use r3_model::lora::LoraConfig;
 use r3_model::{DeviceChoice, Precision};
 
-use crate::grpo::LossType;
+use crate::grpo::{ImportanceSampling, LossType};
 use crate::{Result, TrainError};
 
 /// How the learning rate moves after warm-up.
@@ -68,6 +68,13 @@ pub struct TrainConfig {
     pub num_iterations: usize,
     pub loss_type: LossType,
     pub scale_rewards: bool,
+    /// Correction for the gap between the sampler's log-probs and the
+    /// trainer's (TRL's `vllm_importance_sampling_mode`, or `"none"`): an
+    /// engine in bf16 or another kernel samples from a slightly different
+    /// distribution than the one trained.
+    pub importance_sampling: ImportanceSampling,
+    /// Ratios above this are cut to it (`*_truncate`) or zeroed (`*_mask`).
+    pub importance_sampling_cap: f64,
     pub learning_rate: f64,
     pub lr_scheduler_type: Schedule,
     pub warmup_steps: usize,
@@ -173,6 +180,8 @@ impl Default for TrainConfig {
             num_iterations: 1,
             loss_type: LossType::Grpo,
             scale_rewards: true,
+            importance_sampling: ImportanceSampling::SequenceMask,
+            importance_sampling_cap: 3.0,
             learning_rate: 5e-7,
             lr_scheduler_type: Schedule::Constant,
             warmup_steps: 0,
@@ -309,6 +318,12 @@ impl TrainConfig {
         if !(self.beta >= 0.0) {
             return bad("beta", "must be ≥ 0");
         }
+        if !(self.importance_sampling_cap >= 1.0 && self.importance_sampling_cap.is_finite()) {
+            return bad(
+                "importance_sampling_cap",
+                "must be a number ≥ 1: a cap below 1 would cut or drop rollouts that sampler and trainer agree on",
+            );
+        }
         if !(self.epsilon > 0.0) || self.epsilon_high.is_some_and(|e| !(e > 0.0)) {
             return bad("epsilon", "must be positive");
         }
@@ -404,6 +419,21 @@ impl TrainConfig {
         LoraConfig::new(self.lora_r, self.lora_alpha, &self.lora_target_modules)
             .map(Some)
             .map_err(TrainError::Config)
+    }
+
+    /// The temperature the trained tokens were sampled at, which the
+    /// trainer scores them at too (as TRL does): the reflections', or the
+    /// retries' for `train_on = "retry"`; 1 for greedy ones.
+    pub fn scoring_temperature(&self) -> f64 {
+        let sampled = match self.train_on {
+            TrainOn::Reflection => self.temperature,
+            TrainOn::Retry => self.retry_temperature,
+        };
+        if sampled > 0.0 {
+            sampled
+        } else {
+            1.0
+        }
     }
 
     /// Warm-up steps, from `warmup_steps` or `warmup_ratio`.

@@ -1,5 +1,6 @@
 //! GRPO on reflection tokens: where the reward enters ([`Group`]: rewards
-//! read once, turned into group advantages), how tokens are weighted, and
+//! read once, turned into group advantages), how tokens are weighted, the
+//! correction for the sampler–trainer gap ([`importance_weights`]), and
 //! the clipped objective with a k3 KL penalty to the reference. (Which
 //! tokens are trained: `spans.rs`.)
 
@@ -108,6 +109,101 @@ pub fn sequence_weights(
         .collect()
 }
 
+/// Truncated importance sampling, by TRL's `vllm_importance_sampling_mode`
+/// names: the ratio `π_trainer / π_sampler` per token or per sequence
+/// (the product of its tokens'), cut to the cap (`truncate`) or zeroed
+/// above it (`mask`), weights each token's policy-gradient term.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ImportanceSampling {
+    None,
+    TokenTruncate,
+    TokenMask,
+    SequenceTruncate,
+    SequenceMask,
+}
+
+/// How far the sampler's log-probs were from the trainer's, and what the
+/// correction did, summed over a step's micro-batches.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct SamplerGap {
+    /// Σ |log π_sampler − log π_trainer| over the tokens with a sampled log-prob.
+    pub gap_sum: f64,
+    pub gap_max: f64,
+    pub tokens: usize,
+    /// Σ of the ratios (per token or per sequence, by the mode) before the cap.
+    pub ratio_sum: f64,
+    pub ratios: usize,
+    /// Ratios above the cap.
+    pub capped: usize,
+}
+
+impl SamplerGap {
+    /// Adds a micro-batch's numbers to the step's.
+    pub fn add(&mut self, other: &SamplerGap) {
+        self.gap_sum += other.gap_sum;
+        self.gap_max = self.gap_max.max(other.gap_max);
+        self.tokens += other.tokens;
+        self.ratio_sum += other.ratio_sum;
+        self.ratios += other.ratios;
+        self.capped += other.capped;
+    }
+}
+
+/// The importance weight of every trained token, sequence after sequence,
+/// and the gap measured on the way. `trainer` holds log π_old of each
+/// token (the policy before this step's updates, scored as it is
+/// trained), `lengths` each sequence's token count, and `sampled[i]` the
+/// sampler's log-probs of sequence `i`'s tokens, or `None` when it reported
+/// none: those tokens weigh 1 and are not measured.
+pub fn importance_weights(
+    trainer: &[f32],
+    lengths: &[usize],
+    sampled: &[Option<&[f32]>],
+    mode: ImportanceSampling,
+    cap: f64,
+) -> (Vec<f32>, SamplerGap) {
+    let mut weights = Vec::with_capacity(trainer.len());
+    let mut gap = SamplerGap::default();
+    let corrected = |ratio: f64, gap: &mut SamplerGap| -> f32 {
+        gap.ratio_sum += ratio;
+        gap.ratios += 1;
+        let over = ratio > cap;
+        gap.capped += over as usize;
+        match (mode, over) {
+            (_, false) => ratio as f32,
+            (ImportanceSampling::TokenMask | ImportanceSampling::SequenceMask, true) => 0.0,
+            (_, true) => cap as f32,
+        }
+    };
+    let mut start = 0;
+    for (&len, sequence) in lengths.iter().zip(sampled) {
+        let own = &trainer[start..start + len];
+        start += len;
+        let Some(sampled) = sequence.filter(|s| s.len() == len) else {
+            weights.extend(std::iter::repeat_n(1.0, len));
+            continue;
+        };
+        let deltas = own.iter().zip(sampled).map(|(&t, &s)| t as f64 - s as f64);
+        for delta in deltas.clone() {
+            gap.gap_sum += delta.abs();
+            gap.gap_max = gap.gap_max.max(delta.abs());
+        }
+        gap.tokens += len;
+        match mode {
+            ImportanceSampling::None => weights.extend(std::iter::repeat_n(1.0, len)),
+            ImportanceSampling::TokenTruncate | ImportanceSampling::TokenMask => {
+                weights.extend(deltas.map(|delta| corrected(delta.exp(), &mut gap)));
+            }
+            ImportanceSampling::SequenceTruncate | ImportanceSampling::SequenceMask => {
+                let weight = corrected(deltas.sum::<f64>().exp(), &mut gap);
+                weights.extend(std::iter::repeat_n(weight, len));
+            }
+        }
+    }
+    (weights, gap)
+}
+
 /// Per-token inputs of the objective, all `[n]` over the tokens trained.
 pub struct TokenTerms<'a> {
     /// log π_θ of each token: the only differentiable input.
@@ -120,6 +216,9 @@ pub struct TokenTerms<'a> {
     pub advantages: &'a [f32],
     /// Aggregation weights, from [`sequence_weights`], one per token.
     pub weights: &'a [f32],
+    /// Importance weights of the policy-gradient term, from
+    /// [`importance_weights`], one per token.
+    pub importance: &'a [f32],
 }
 
 /// Clipping bounds and KL strength.
@@ -149,18 +248,19 @@ impl LossStats {
     }
 }
 
-/// `Σ weight × (−min(ρA, clip(ρ)A) + β·k3)` with `ρ = exp(logp − old)` and
-/// `k3 = exp(ref − logp) − (ref − logp) − 1`.
+/// `Σ weight × (−w·min(ρA, clip(ρ)A) + β·k3)` with `ρ = exp(logp − old)`,
+/// `w` the importance weight and `k3 = exp(ref − logp) − (ref − logp) − 1`.
 pub fn grpo_loss(terms: &TokenTerms<'_>, objective: &Objective) -> Result<(Tensor, LossStats)> {
     let n = terms.advantages.len();
     let device = terms.logprobs.device();
     let advantages = Tensor::from_slice(terms.advantages, n, device)?;
     let weights = Tensor::from_slice(terms.weights, n, device)?;
+    let importance = Tensor::from_slice(terms.importance, n, device)?;
     let ratio = (terms.logprobs - terms.old_logprobs)?.exp()?;
     let clipped_ratio = ratio.clamp(1.0 - objective.epsilon_low, 1.0 + objective.epsilon_high)?;
     let unclipped = (&ratio * &advantages)?;
     let clipped = (&clipped_ratio * &advantages)?;
-    let mut per_token = unclipped.minimum(&clipped)?.neg()?;
+    let mut per_token = (unclipped.minimum(&clipped)?.neg()? * importance)?;
     let mut stats = LossStats {
         tokens: n,
         ..Default::default()

@@ -5,8 +5,7 @@
 use r3_loop::Rollout;
 use serde::{Deserialize, Serialize};
 
-use crate::grpo::mean_and_std;
-use crate::grpo::Group;
+use crate::grpo::{mean_and_std, Group, SamplerGap};
 
 /// One line of `metrics.jsonl`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -20,6 +19,22 @@ pub struct StepMetrics {
     pub retry_success: f64,
     pub loss: f64,
     pub kl: f64,
+    /// Mean and max of |log π_sampler − log π_trainer| over the trained
+    /// tokens the sampler reported log-probs for: ~0 when r3's own
+    /// decoder samples, larger from an engine in another precision.
+    /// (Absent, read as 0, in logs from before it was measured; so are
+    /// the two below.)
+    #[serde(default)]
+    pub logprob_gap_mean: f64,
+    #[serde(default)]
+    pub logprob_gap_max: f64,
+    /// Mean importance ratio π_trainer / π_sampler (per token or per
+    /// sequence, by `importance_sampling`) before the cap, and the
+    /// fraction of ratios above the cap.
+    #[serde(default)]
+    pub importance_ratio_mean: f64,
+    #[serde(default)]
+    pub importance_capped_fraction: f64,
     pub grad_norm: f64,
     pub clip_fraction: f64,
     pub reflection_length: f64,
@@ -61,5 +76,13 @@ impl StepMetrics {
             .sum();
         let lengths: Vec<f64> = rollouts.iter().map(|r| r.reflection.len() as f64).collect();
         self.reflection_length = mean_and_std(&lengths).0;
+    }
+
+    /// The step's sampler–trainer gap and what its correction did.
+    pub(crate) fn record_gap(&mut self, gap: &SamplerGap) {
+        self.logprob_gap_mean = gap.gap_sum / gap.tokens.max(1) as f64;
+        self.logprob_gap_max = gap.gap_max;
+        self.importance_ratio_mean = gap.ratio_sum / gap.ratios.max(1) as f64;
+        self.importance_capped_fraction = gap.capped as f64 / gap.ratios.max(1) as f64;
     }
 }

@@ -31,10 +31,12 @@ struct ScoringBatch<'a> {
     targets: Vec<u32>,
     /// Trained ids per row.
     lengths: Vec<usize>,
+    /// The temperature the trained ids were sampled at.
+    temperature: f64,
 }
 
 impl<'a> ScoringBatch<'a> {
-    fn new(spans: &[TrainedSpan<'a>]) -> Self {
+    fn new(spans: &[TrainedSpan<'a>], temperature: f64) -> Self {
         let prefixes: Vec<&'a [u32]> = spans.iter().map(|s| s.context).collect();
         let tokens: Vec<&[u32]> = spans.iter().map(|s| s.tokens).collect();
         let shared = prefixes.windows(2).all(|w| w[0] == w[1]);
@@ -57,6 +59,7 @@ impl<'a> ScoringBatch<'a> {
                 .collect(),
             targets: tokens.iter().flat_map(|r| r.iter().copied()).collect(),
             lengths: tokens.iter().map(|r| r.len()).collect(),
+            temperature,
         }
     }
 
@@ -88,8 +91,12 @@ impl<'a> ScoringBatch<'a> {
         })
     }
 
-    /// log p of the trained ids from the tail pass's final hidden states
-    /// `[rows, width, hidden]` (right-aligned: each row's span ends last).
+    /// **Where a token's log-prob is computed**: log p of the trained ids
+    /// from the tail pass's final hidden states `[rows, width, hidden]`
+    /// (right-aligned: each row's span ends last), under the distribution
+    /// that sampled them, `softmax(logits / T)`. The logits are linear in
+    /// the hidden state, so dividing it by T is the same and costs a
+    /// vocabulary-sized pass less.
     fn logprobs(&self, model: &Llama, hidden: &Tensor) -> Result<Tensor> {
         let (rows, width, size) = hidden.dims3()?;
         let positions: Vec<u32> = self
@@ -100,14 +107,18 @@ impl<'a> ScoringBatch<'a> {
             .collect();
         let n = positions.len();
         let positions = Tensor::from_vec(positions, n, hidden.device())?;
-        let picked = hidden
+        let mut picked = hidden
             .reshape((rows * width, size))?
             .index_select(&positions, 0)?;
+        if self.temperature != 1.0 {
+            picked = (picked * (1.0 / self.temperature))?;
+        }
         Ok(model.token_logprobs(&picked, &self.targets)?)
     }
 }
 
-/// log p of every trained token, concatenated span after span: span `i`
+/// log p of every trained token at `temperature` (the one it was sampled
+/// at), concatenated span after span: span `i`
 /// scores its `tokens` following its `context`. When every span has the
 /// same context (the G reflections of one failure) it is computed once and
 /// forked. With `differentiable` the result stays in the autograd graph
@@ -116,9 +127,10 @@ impl<'a> ScoringBatch<'a> {
 pub fn span_logprobs(
     model: &Llama,
     spans: &[TrainedSpan<'_>],
+    temperature: f64,
     differentiable: bool,
 ) -> Result<Tensor> {
-    let layout = ScoringBatch::new(spans);
+    let layout = ScoringBatch::new(spans, temperature);
     let mut cache = if differentiable {
         KvCache::differentiable(&model.config, layout.heads.len())
     } else {
@@ -164,7 +176,7 @@ pub fn training_flops(
     spans: &[TrainedSpan<'_>],
     trained: TrainedShape,
 ) -> f64 {
-    let layout = ScoringBatch::new(spans);
+    let layout = ScoringBatch::new(spans, 1.0);
     let dense = config.token_flops(0);
     let attention = |c: usize| config.token_flops(c) - dense;
     // Every position that runs through the layers, with its context.
@@ -203,15 +215,22 @@ pub struct TrainingForward<'m, 'a> {
 }
 
 impl<'m, 'a> TrainingForward<'m, 'a> {
-    /// `recompute` chooses gradient checkpointing (see the module doc).
-    pub fn new(model: &'m Llama, spans: &[TrainedSpan<'a>], recompute: bool) -> Result<Self> {
+    /// `recompute` chooses gradient checkpointing (see the module doc);
+    /// `temperature` is the one the spans were sampled at.
+    pub fn new(
+        model: &'m Llama,
+        spans: &[TrainedSpan<'a>],
+        temperature: f64,
+        recompute: bool,
+    ) -> Result<Self> {
         if !recompute {
             return Ok(Self {
-                logprobs: span_logprobs(model, spans, true)?,
+                logprobs: span_logprobs(model, spans, temperature, true)?,
                 recompute: None,
             });
         }
-        let (recompute, logprobs) = Recompute::forward(model, ScoringBatch::new(spans))?;
+        let layout = ScoringBatch::new(spans, temperature);
+        let (recompute, logprobs) = Recompute::forward(model, layout)?;
         Ok(Self {
             logprobs,
             recompute: Some(recompute),

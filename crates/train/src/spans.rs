@@ -21,19 +21,26 @@ pub struct TrainedSpan<'g> {
     pub advantage: f32,
     /// The `loss_type` aggregate's weight of each of these tokens.
     pub weight: f32,
+    /// The sampler's log-probs of `tokens`, where it reported them: the
+    /// other side of the sampler–trainer gap.
+    pub sampled: Option<&'g [f32]>,
 }
 
 /// The trained spans of a step's groups, group by group, rollout by
 /// rollout: the one place that decides which tokens learn.
-pub fn trained_spans(
-    groups: &[Group],
+pub fn trained_spans<'g>(
+    groups: &'g [Group],
     train_on: TrainOn,
     loss_type: LossType,
     max_completion_length: usize,
-) -> Vec<Vec<TrainedSpan<'_>>> {
+) -> Vec<Vec<TrainedSpan<'g>>> {
     let span = |r: &Rollout| match train_on {
         TrainOn::Reflection => r.reflection.clone(),
         TrainOn::Retry => r.retry_span(),
+    };
+    let sampled = |r: &'g Rollout| match train_on {
+        TrainOn::Reflection => r.sampled_logprobs.reflection.as_deref(),
+        TrainOn::Retry => r.sampled_logprobs.retry.as_deref(),
     };
     let lengths: Vec<usize> = groups
         .iter()
@@ -54,6 +61,7 @@ pub fn trained_spans(
                         tokens: &r.ids[span],
                         advantage,
                         weight: weights.next().expect("one weight per rollout"),
+                        sampled: sampled(r),
                     }
                 })
                 .collect()

@@ -31,7 +31,9 @@ use rand_chacha::ChaCha8Rng;
 use crate::checkpoint::{self, Trained, TrainerState};
 use crate::config::TrainConfig;
 use crate::crash::{self, CrashPoint};
-use crate::grpo::{grpo_loss, Group, LossStats, Objective, TokenTerms};
+use crate::grpo::{
+    grpo_loss, importance_weights, Group, LossStats, Objective, SamplerGap, TokenTerms,
+};
 use crate::metrics::StepMetrics;
 use crate::optim::{clip_scale, global_norm, AdamW, Gradients};
 use crate::score::{span_logprobs, training_flops, LoraShape, TrainedShape, TrainingForward};
@@ -259,12 +261,13 @@ impl<'a> Trainer<'a> {
     ) -> Result<Vec<Vec<ScoredSpan<'g>>>> {
         let started = Instant::now();
         let old_policy = (self.config.num_iterations > 1).then(|| self.train_model.detached());
+        let temperature = self.config.scoring_temperature();
         let per_span =
             |model: Option<&Llama>, group: &[TrainedSpan<'_>]| -> Result<Vec<Option<Tensor>>> {
                 let Some(model) = model else {
                     return Ok(vec![None; group.len()]);
                 };
-                let all = span_logprobs(model, group, false)?;
+                let all = span_logprobs(model, group, temperature, false)?;
                 let mut start = 0;
                 let mut out = Vec::with_capacity(group.len());
                 for span in group {
@@ -307,8 +310,10 @@ impl<'a> Trainer<'a> {
             epsilon_high: c.epsilon_high.unwrap_or(c.epsilon),
             beta: c.beta,
         };
+        let temperature = c.scoring_temperature();
         self.grads.zero()?;
         let (mut loss_total, mut stats) = (0f64, LossStats::default());
+        let mut gap = SamplerGap::default();
         for group in scored {
             for batch in group.chunks(c.micro_batch_size) {
                 let spans: Vec<TrainedSpan<'_>> = batch.iter().map(|s| s.span).collect();
@@ -320,18 +325,33 @@ impl<'a> Trainer<'a> {
                 };
                 m.forward_backward_flops +=
                     training_flops(&self.model.config, &spans, self.trained_shape());
-                let forward =
-                    TrainingForward::new(&self.train_model, &spans, c.gradient_checkpointing)?;
+                let forward = TrainingForward::new(
+                    &self.train_model,
+                    &spans,
+                    temperature,
+                    c.gradient_checkpointing,
+                )?;
                 let logprobs = forward.logprobs();
                 let old = joined(batch.iter().map(|s| s.old.as_ref()))?
                     .unwrap_or_else(|| logprobs.detach());
                 let reference = joined(batch.iter().map(|s| s.reference.as_ref()))?;
+                // The sampler–trainer gap, measured and corrected against
+                // the policy as it sampled (before this step's updates).
+                let (importance, batch_gap) = importance_weights(
+                    &old.to_dtype(candle_core::DType::F32)?.to_vec1()?,
+                    &spans.iter().map(|s| s.tokens.len()).collect::<Vec<_>>(),
+                    &spans.iter().map(|s| s.sampled).collect::<Vec<_>>(),
+                    c.importance_sampling,
+                    c.importance_sampling_cap,
+                );
+                gap.add(&batch_gap);
                 let terms = TokenTerms {
                     logprobs,
                     old_logprobs: &old,
                     ref_logprobs: reference.as_ref(),
                     advantages: &per_token(|s| s.advantage),
                     weights: &per_token(|s| s.weight),
+                    importance: &importance,
                 };
                 let (loss, batch_stats) = grpo_loss(&terms, &objective)?;
                 let value = loss.to_scalar::<f32>()? as f64;
@@ -350,6 +370,7 @@ impl<'a> Trainer<'a> {
         m.loss = loss_total;
         m.kl = stats.kl;
         m.clip_fraction = stats.clipped_tokens as f64 / stats.tokens.max(1) as f64;
+        m.record_gap(&gap);
         (self.release_memory)();
         Ok(())
     }

@@ -13,6 +13,7 @@ fn span<'g>(context: &'g [u32], tokens: &'g [u32]) -> TrainedSpan<'g> {
         tokens,
         advantage: 1.0,
         weight: 0.5,
+        sampled: None,
     }
 }
 

@@ -4,8 +4,8 @@ use candle_core::{Device, Tensor, Var};
 use r3_train::config::TrainOn;
 use r3_train::grpo::Group;
 use r3_train::grpo::{
-    group_advantages, grpo_loss, has_signal, mean_and_std, sequence_weights, LossType, Objective,
-    TokenTerms,
+    group_advantages, grpo_loss, has_signal, importance_weights, mean_and_std, sequence_weights,
+    ImportanceSampling, LossType, Objective, TokenTerms,
 };
 use r3_train::spans::trained_spans;
 
@@ -48,6 +48,7 @@ fn rollout(reward: bool) -> r3_loop::Rollout {
                 false => r3_tasks::Verdict::fail("no"),
             },
         },
+        sampled_logprobs: Default::default(),
     }
 }
 
@@ -104,6 +105,7 @@ fn loss_and_gradient_match_a_hand_computation() {
     let reference = [-1.2f32, -2.0, -0.3, -1.0, -0.9];
     let adv = [1.0f32, 1.0, 1.0, -1.0, -1.0];
     let weights = [0.1f32, 0.2, 0.3, 0.25, 0.15];
+    let importance = [1.0f32, 0.5, 2.0, 0.0, 1.5];
     let objective = Objective {
         epsilon_low: 0.2,
         epsilon_high: 0.2,
@@ -118,6 +120,7 @@ fn loss_and_gradient_match_a_hand_computation() {
         ref_logprobs: Some(&ref_t),
         advantages: &adv,
         weights: &weights,
+        importance: &importance,
     };
     let (loss, stats) = grpo_loss(&terms, &objective).unwrap();
     let grads = loss.backward().unwrap();
@@ -127,12 +130,13 @@ fn loss_and_gradient_match_a_hand_computation() {
     let mut expected_loss = 0.0f64;
     let mut expected_kl = 0.0f64;
     for i in 0..5 {
-        let (l, o, r, a, w) = (
+        let (l, o, r, a, w, is) = (
             lp[i] as f64,
             old[i] as f64,
             reference[i] as f64,
             adv[i] as f64,
             weights[i] as f64,
+            importance[i] as f64,
         );
         let ratio = (l - o).exp();
         let clipped = ratio.clamp(0.8, 1.2);
@@ -143,9 +147,10 @@ fn loss_and_gradient_match_a_hand_computation() {
         };
         let kl = (r - l).exp() - (r - l) - 1.0;
         let dkl = 1.0 - (r - l).exp();
-        expected_loss += w * (pg + 0.04 * kl);
+        // The importance weight scales the policy term, not the KL.
+        expected_loss += w * (is * pg + 0.04 * kl);
         expected_kl += w * kl;
-        let expected_grad = w * (dpg + 0.04 * dkl);
+        let expected_grad = w * (is * dpg + 0.04 * dkl);
         assert!(
             close(grad[i] as f64, expected_grad),
             "token {i}: {} vs {expected_grad}",
@@ -193,6 +198,7 @@ fn each_loss_type_aggregates_per_token_losses_as_documented() {
             ref_logprobs: None,
             advantages: &adv,
             weights: &weights,
+            importance: &[1.0; 5],
         };
         let (loss, _) = grpo_loss(&terms, &objective).unwrap();
         assert!(
@@ -200,4 +206,42 @@ fn each_loss_type_aggregates_per_token_losses_as_documented() {
             "{loss_type:?}"
         );
     }
+}
+
+#[test]
+fn importance_weights_cut_or_drop_what_the_sampler_overrated_as_documented() {
+    // Three sequences: 2 tokens, 2 tokens, and 1 token with no sampled
+    // log-probs. Trainer − sampler: [ln 2, ln 2], [ln 0.5, ln 5], [−].
+    let (l2, l5, lh) = (2f32.ln(), 5f32.ln(), 0.5f32.ln());
+    let trainer = [-1.0 + l2, -2.0 + l2, -1.0 + lh, -3.0 + l5, -0.7];
+    let sampled_a = [-1.0f32, -2.0];
+    let sampled_b = [-1.0f32, -3.0];
+    let sampled = [Some(&sampled_a[..]), Some(&sampled_b[..]), None];
+    let lengths = [2, 2, 1];
+    let weights = |mode| importance_weights(&trainer, &lengths, &sampled, mode, 3.0);
+    let near = |got: &[f32], want: &[f32]| {
+        got.len() == want.len() && got.iter().zip(want).all(|(g, w)| (g - w).abs() < 1e-5)
+    };
+
+    let (w, gap) = weights(ImportanceSampling::TokenTruncate);
+    assert!(near(&w, &[2.0, 2.0, 0.5, 3.0, 1.0]), "{w:?}");
+    assert_eq!((gap.tokens, gap.ratios, gap.capped), (4, 4, 1));
+    assert!(close(gap.ratio_sum, 2.0 + 2.0 + 0.5 + 5.0));
+    assert!(close(gap.gap_max, 5f64.ln()));
+    assert!(close(gap.gap_sum, 2.0 * 2f64.ln() + 2f64.ln() + 5f64.ln()));
+
+    let (w, _) = weights(ImportanceSampling::TokenMask);
+    assert!(near(&w, &[2.0, 2.0, 0.5, 0.0, 1.0]), "{w:?}");
+
+    // Per sequence: the product of the tokens' ratios, 4 and 2.5.
+    let (w, gap) = weights(ImportanceSampling::SequenceTruncate);
+    assert!(near(&w, &[3.0, 3.0, 2.5, 2.5, 1.0]), "{w:?}");
+    assert_eq!((gap.ratios, gap.capped), (2, 1));
+    let (w, _) = weights(ImportanceSampling::SequenceMask);
+    assert!(near(&w, &[0.0, 0.0, 2.5, 2.5, 1.0]), "{w:?}");
+
+    // "none" measures the gap and weighs every token 1.
+    let (w, gap) = weights(ImportanceSampling::None);
+    assert_eq!(w, vec![1.0; 5]);
+    assert_eq!((gap.tokens, gap.ratios), (4, 0));
 }

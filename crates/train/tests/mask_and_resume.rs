@@ -37,6 +37,7 @@ fn rollout_of(ids: &[u32], reflection: std::ops::Range<usize>) -> r3_loop::Rollo
             finish: r3_generate::FinishReason::Eos,
             verdict: r3_tasks::Verdict::pass(),
         },
+        sampled_logprobs: Default::default(),
     }
 }
 
@@ -89,6 +90,7 @@ fn only_the_reflection_is_trained() {
             ref_logprobs: Some(&reference),
             advantages: &advantages,
             weights: &weights,
+            importance: &[1.0; 27],
         };
         (grpo_loss(&terms, &objective).unwrap().0, logprobs)
     };
@@ -99,7 +101,7 @@ fn only_the_reflection_is_trained() {
         let rollout = rollout_of(&ids, reflection.clone());
         let groups = [Group::new(vec![rollout], true)];
         let spans = trained_spans(&groups, TrainOn::Reflection, LossType::Grpo, 64);
-        span_logprobs(&model, &spans[0], false)
+        span_logprobs(&model, &spans[0], 1.0, false)
             .unwrap()
             .to_vec1()
             .unwrap()
@@ -127,7 +129,7 @@ fn only_the_reflection_is_trained() {
     // the same log-probs and the same parameter gradients.
     let (loss, logprobs) = masked_loss(&logits);
     let grads = loss.backward().unwrap();
-    let fast = span_logprobs(&model, &spans[0], true).unwrap();
+    let fast = span_logprobs(&model, &spans[0], 1.0, true).unwrap();
     let full: Vec<f32> = logprobs.to_vec1().unwrap();
     let fast_values: Vec<f32> = fast.to_vec1().unwrap();
     for (i, v) in fast_values.iter().enumerate() {
@@ -146,6 +148,7 @@ fn only_the_reflection_is_trained() {
         ref_logprobs: Some(&fast_ref),
         advantages: &adv,
         weights: &w,
+        importance: &[1.0; 5],
     };
     let (fast_loss, _) = grpo_loss(&terms, &objective).unwrap();
     let fast_grads = fast_loss.backward().unwrap();

@@ -20,7 +20,7 @@ fn run(
         TinyModel::new(arch, 64, 3, 5).unwrap().trainable().unwrap();
     let mut grads = Gradients::new(&vars).unwrap();
     let forward =
-        TrainingForward::new(&model, &common::spans(prefixes, tokens), recompute).unwrap();
+        TrainingForward::new(&model, &common::spans(prefixes, tokens), 1.0, recompute).unwrap();
     let logprobs = forward.logprobs().clone();
     let n = logprobs.dim(0).unwrap();
     let weights: Vec<f32> = (0..n).map(|i| 1.0 + (i % 3) as f32 * 0.5).collect();

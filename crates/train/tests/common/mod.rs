@@ -30,6 +30,7 @@ pub fn spans<'a>(contexts: &[&'a [u32]], tokens: &[&'a [u32]]) -> Vec<TrainedSpa
             tokens,
             advantage: 0.0,
             weight: 0.0,
+            sampled: None,
         })
         .collect()
 }
@@ -122,7 +123,8 @@ fn teach(
         // Every letter equally likely as the reflection…
         let reflections: Vec<&[u32]> = letters.iter().map(std::slice::from_ref).collect();
         let prefixes = vec![layout.prefix.as_slice(); 4];
-        let lp_reflection = span_logprobs(&model, &spans(&prefixes, &reflections), true).unwrap();
+        let lp_reflection =
+            span_logprobs(&model, &spans(&prefixes, &reflections), 1.0, true).unwrap();
         // …and the retry answering that letter's digit.
         let retry_prefixes: Vec<Vec<u32>> = layout
             .before_answer
@@ -131,7 +133,7 @@ fn teach(
             .collect();
         let retry_refs: Vec<&[u32]> = retry_prefixes.iter().map(Vec::as_slice).collect();
         let answers: Vec<&[u32]> = digits.iter().map(std::slice::from_ref).collect();
-        let lp_retry = span_logprobs(&model, &spans(&retry_refs, &answers), true).unwrap();
+        let lp_retry = span_logprobs(&model, &spans(&retry_refs, &answers), 1.0, true).unwrap();
         let loss = ((lp_reflection.mean_all().unwrap() + lp_retry.mean_all().unwrap()).unwrap()
             * -1.0)
             .unwrap();
@@ -222,6 +224,12 @@ pub fn retry_success(toy: &Toy, model: &Llama, samples: usize) -> f64 {
 pub fn good_reflection_probability(toy: &Toy, model: &Llama) -> f64 {
     let layout = toy_conversation(&toy.loaded, &toy.failures[0].attempt_tokens, &toy.letters);
     let good = [toy.letters[GOOD]];
-    let lp = span_logprobs(model, &spans(&[layout.prefix.as_slice()], &[&good]), false).unwrap();
+    let lp = span_logprobs(
+        model,
+        &spans(&[layout.prefix.as_slice()], &[&good]),
+        1.0,
+        false,
+    )
+    .unwrap();
     (lp.to_vec1::<f32>().unwrap()[0] as f64).exp()
 }
