@@ -3,18 +3,17 @@
 //! costing compute; their keys and values stay in the cache, which can be
 //! kept to continue every conversation.
 
-use candle_core::{Device, Tensor, D};
-use r3_kernels::storage::with_f32_elements;
+use candle_core::Tensor;
 use r3_model::{KvCache, Llama, Tokenizer};
-use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::sampler::{Drawn, Sampler, SamplingParams};
+use crate::sampler::{Sampler, SamplingParams};
+use crate::stream::DecodeStream;
 use crate::{GenerateError, Result};
 
 /// Columns prefilled per forward: bounds the attention scores' memory on
 /// long prompts without changing any result.
-const PREFILL_CHUNK: usize = 256;
+pub(crate) const PREFILL_CHUNK: usize = 256;
 
 /// Why a row stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -138,128 +137,48 @@ impl<'a> Generator<'a> {
     /// is sampled (a server streams them).
     pub fn decode_observed(
         &self,
-        mut cache: KvCache,
+        cache: KvCache,
         logits: Tensor,
         params: &SamplingParams,
-        mut samplers: Vec<Sampler>,
+        samplers: Vec<Sampler>,
         keep_cache: bool,
         on_token: &mut dyn FnMut(usize, u32),
     ) -> Result<Decoded> {
         let n = cache.batch();
-        let mut completions: Vec<Completion> = (0..n)
-            .map(|_| Completion {
-                tokens: Vec::with_capacity(params.max_new_tokens),
-                logprobs: Some(Vec::with_capacity(params.max_new_tokens)),
+        if params.max_new_tokens == 0 {
+            let empty = Completion {
+                tokens: Vec::new(),
+                logprobs: Some(Vec::new()),
                 text: String::new(),
                 finish: FinishReason::Length,
-            })
-            .collect();
-        if params.max_new_tokens == 0 {
+            };
             return Ok(Decoded {
-                completions,
+                completions: vec![empty; n],
                 cache: keep_cache.then_some(cache),
             });
         }
-        let stop_window = params
-            .stop_strings
-            .iter()
-            .map(|s| s.len())
-            .max()
-            .unwrap_or(0)
-            + 2;
-        // `active[slot]` is the row held in active cache slot `slot`, and
-        // `samplers[slot]` its sampler: both follow the cache's slot moves.
-        let mut active: Vec<usize> = (0..n).collect();
-        let mut logits = logits;
-        let mut finished = Vec::with_capacity(n);
-        let mut sampled: Vec<Drawn> = Vec::with_capacity(n);
-        let mut next_tokens: Vec<[u32; 1]> = Vec::with_capacity(n);
+        let mut completions: Vec<Option<Completion>> = vec![None; n];
+        let (mut stream, mut finished) =
+            DecodeStream::prefilled(self, cache, logits, params, samplers, keep_cache, on_token)?;
         loop {
-            let vocab = logits.dim(1)?;
-            if params.temperature <= 0.0 && !logits.device().is_cpu() {
-                // Greedy on a GPU: the argmax there, and only the ids come
-                // over (a [256, 152k] block of logits is 155 MB a step).
-                let ids: Vec<u32> = logits.argmax(D::Minus1)?.to_vec1()?;
-                sampled.clear();
-                sampled.extend(ids.into_iter().map(|token| Drawn {
-                    token,
-                    logprob: None,
-                }));
-            } else {
-                // Rows sample in parallel, reading the logits where they
-                // lie (copied over first from a GPU): each has its own RNG,
-                // so the result does not depend on the threads.
-                let on_cpu = logits.to_device(&Device::Cpu)?.contiguous()?;
-                with_f32_elements(&on_cpu, |flat| {
-                    samplers
-                        .par_iter_mut()
-                        .zip(flat.par_chunks(vocab))
-                        .map(|(sampler, row_logits)| sampler.draw(row_logits))
-                        .collect_into_vec(&mut sampled)
-                })?;
+            for f in finished {
+                completions[f.key] = Some(f.completion);
             }
-            finished.clear();
-            for (slot, (&row, drawn)) in active.iter().zip(&sampled).enumerate() {
-                let (token, completion) = (drawn.token, &mut completions[row]);
-                completion.tokens.push(token);
-                on_token(row, token);
-                match (drawn.logprob, &mut completion.logprobs) {
-                    (Some(logprob), Some(logprobs)) => logprobs.push(logprob),
-                    (None, logprobs) => *logprobs = None,
-                    (Some(_), None) => {}
-                }
-                let finish = if self.eos_token_ids.contains(&token) {
-                    Some(FinishReason::Eos)
-                } else if self.hits_stop_string(&completion.tokens, params, stop_window)? {
-                    Some(FinishReason::Stop)
-                } else if completion.tokens.len() >= params.max_new_tokens {
-                    Some(FinishReason::Length)
-                } else {
-                    None
-                };
-                if let Some(reason) = finish {
-                    completion.finish = reason;
-                    finished.push(slot);
-                }
-            }
-            // Highest slot first: each trades places with the last active
-            // slot, which is then never a finished one still to move.
-            for &slot in finished.iter().rev() {
-                cache.deactivate(slot)?;
-                active.swap_remove(slot);
-                samplers.swap_remove(slot);
-            }
-            if active.is_empty() {
+            if stream.is_idle() {
                 break;
             }
-            next_tokens.clear();
-            next_tokens.extend(
-                active
-                    .iter()
-                    .map(|&row| [*completions[row].tokens.last().expect("sampled")]),
-            );
-            let segments: Vec<&[u32]> = next_tokens.iter().map(|t| t.as_slice()).collect();
-            let (rows, columns) = (segments.len(), cache.len() + 1);
-            let step = |source| GenerateError::Forward {
-                step: format!("decode of {rows} rows over {columns} cache columns"),
-                cause: source,
-            };
-            let hidden = self.model.forward(&segments, &mut cache).map_err(step)?;
-            logits = self.model.last_logits(&hidden).map_err(step)?;
+            finished = stream.step(on_token)?;
         }
-        for completion in &mut completions {
-            completion.text = self.reply_text(completion, params)?;
-        }
-        let cache = if keep_cache {
-            cache.activate_all()?;
-            Some(cache)
-        } else {
-            None
-        };
-        Ok(Decoded { completions, cache })
+        Ok(Decoded {
+            completions: completions
+                .into_iter()
+                .map(|c| c.expect("every row finishes"))
+                .collect(),
+            cache: keep_cache.then(|| stream.into_cache()).transpose()?,
+        })
     }
 
-    fn hits_stop_string(
+    pub(crate) fn hits_stop_string(
         &self,
         tokens: &[u32],
         params: &SamplingParams,
@@ -277,7 +196,11 @@ impl<'a> Generator<'a> {
             .any(|s| tail.contains(s.as_str())))
     }
 
-    fn reply_text(&self, completion: &Completion, params: &SamplingParams) -> Result<String> {
+    pub(crate) fn reply_text(
+        &self,
+        completion: &Completion,
+        params: &SamplingParams,
+    ) -> Result<String> {
         let tokens = match completion.finish {
             FinishReason::Eos => &completion.tokens[..completion.tokens.len() - 1],
             _ => &completion.tokens[..],

@@ -6,9 +6,11 @@
 
 pub mod decode;
 pub mod sampler;
+pub mod stream;
 
 pub use decode::{Completion, Decoded, FinishReason, Generator};
 pub use sampler::{argmax, Drawn, Sampler, SamplingParams};
+pub use stream::{DecodeStream, Finished, Turn};
 
 #[derive(Debug, thiserror::Error)]
 pub enum GenerateError {
@@ -23,6 +25,9 @@ pub enum GenerateError {
         /// chain, which would repeat it.
         cause: r3_model::ModelError,
     },
+    /// A continuous batch was asked for a row it does not hold.
+    #[error("{0}")]
+    Stream(String),
     #[error(transparent)]
     Model(#[from] r3_model::ModelError),
     #[error(transparent)]

@@ -1,7 +1,10 @@
 //! Sampling and batched decoding on a tiny model the test builds itself,
 //! on `R3_TEST_DEVICE` (the CPU unless set; see `r3_model::tiny`).
 
-use r3_generate::{argmax, FinishReason, Generator, Sampler, SamplingParams};
+use r3_generate::{
+    argmax, Completion, DecodeStream, FinishReason, Finished, Generator, Sampler, SamplingParams,
+    Turn,
+};
 use r3_model::tiny::{max_abs, test_device, TinyModel};
 use r3_model::{Architecture, KvCache, Llama, Tokenizer};
 
@@ -383,4 +386,107 @@ fn drawn_log_probs_are_those_of_the_sampling_distribution() {
     assert_eq!(d.token, 1);
     let want = log_softmax(1.0, &all)[1];
     assert!((d.logprob.unwrap() as f64 - want).abs() < 1e-5);
+}
+
+/// Continuous batching: rows that join a running batch mid-way (one with
+/// a prompt longer than a prefill chunk, fed a chunk per step while the
+/// others decode) sample exactly what each samples alone; a kept row
+/// resumed with a next turn continues exactly as the whole conversation
+/// decoded from scratch.
+#[test]
+fn rows_joining_and_resuming_a_running_batch_sample_as_if_alone() {
+    let f = fixture();
+    let g = Generator::new(&f.model, &f.tokenizer, &f.eos);
+    let params = SamplingParams {
+        temperature: 20.0,
+        max_new_tokens: 9,
+        seed: 5,
+        ..Default::default()
+    };
+    let long: Vec<u32> = (0..300).map(|i| 3 + (i * 7) % 250).collect();
+    let prompts = [vec![5, 80, 81, 82], vec![9, 10], long, vec![100, 101, 102]];
+    let turn = |key: usize, ids: Vec<u32>, keep: bool| Turn {
+        key,
+        ids,
+        params: params.clone(),
+        sampler: Sampler::new(&params, key as u64),
+        keep,
+    };
+    let alone = |key: usize, prompt: &[u32]| {
+        let mut cache = KvCache::new(&f.model.config, 1, 512);
+        let logits = g.prefill(&mut cache, &[prompt]).unwrap();
+        let sampler = Sampler::new(&params, key as u64);
+        g.decode(cache, logits, &params, vec![sampler], false)
+            .unwrap()
+            .completions
+            .remove(0)
+    };
+
+    let mut stream = DecodeStream::new(&g, 64);
+    // Rows 0–3; slot 4 holds row 0's first turn once it resumes.
+    let mut done: Vec<Option<Completion>> = vec![None; 5];
+    let record = |finished: Vec<Finished>, done: &mut Vec<Option<Completion>>| {
+        for fin in finished {
+            done[fin.key] = Some(fin.completion);
+        }
+    };
+    let mut seen = 0;
+    stream
+        .join(vec![turn(0, prompts[0].clone(), true)])
+        .unwrap();
+    for _ in 0..3 {
+        let finished = stream.step(&mut |_, _| seen += 1).unwrap();
+        record(finished, &mut done);
+    }
+    stream
+        .join(vec![
+            turn(1, prompts[1].clone(), false),
+            turn(2, prompts[2].clone(), false),
+        ])
+        .unwrap();
+    let next_turn = vec![120, 121, 122];
+    let mut resumed = false;
+    while !stream.is_idle() || !resumed {
+        let finished = stream.step(&mut |_, _| seen += 1).unwrap();
+        record(finished, &mut done);
+        if done[0].is_some() && !resumed {
+            // The kept row resumes under its own key, and its second
+            // turn's completion comes back under it too: keep the first.
+            done[4] = done[0].take();
+            stream.resume(turn(0, next_turn.clone(), false)).unwrap();
+            stream
+                .join(vec![turn(3, prompts[3].clone(), false)])
+                .unwrap();
+            resumed = true;
+        }
+    }
+    // Equal tokens, log-probs to float precision (the batch changes the
+    // order of some sums).
+    let same = |got: &Completion, expected: &Completion, what: &str| {
+        assert_eq!(got.tokens, expected.tokens, "{what}");
+        let (a, b) = (
+            got.logprobs.as_ref().unwrap(),
+            expected.logprobs.as_ref().unwrap(),
+        );
+        assert!(
+            a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-4),
+            "{what}: {a:?} vs {b:?}"
+        );
+    };
+    let first = done[4].take().unwrap();
+    same(&first, &alone(0, &prompts[0]), "row 0's first turn");
+    for key in 0..4 {
+        let got = done[key].as_ref().unwrap();
+        let expected = match key {
+            0 => {
+                // The whole conversation from scratch: prompt, first turn,
+                // next turn; sampled with row 0's stream afresh.
+                let whole = [prompts[0].clone(), first.tokens.clone(), next_turn.clone()].concat();
+                alone(0, &whole)
+            }
+            _ => alone(key, &prompts[key]),
+        };
+        same(got, &expected, &format!("row {key}"));
+    }
+    assert_eq!(seen, 9 * 5, "on_token sees every sampled token");
 }

@@ -237,6 +237,12 @@ impl KvCache {
                 "select_rows needs every row active".into(),
             ));
         }
+        self.gather(rows, capacity)
+    }
+
+    /// [`KvCache::select_rows`] without its check: the rows given become
+    /// the new cache's rows, all active, in that order.
+    fn gather(&self, rows: &[usize], capacity: usize) -> Result<Self> {
         let first_used = rows
             .iter()
             .map(|&r| {
@@ -306,6 +312,80 @@ impl KvCache {
         let last = self.active - 1;
         self.swap_rows(slot, last)?;
         self.active = last;
+        Ok(())
+    }
+
+    /// Adds `n` rows that have seen nothing (a hole in every column so
+    /// far), active, after the active ones: requests joining a running
+    /// batch, whose first segment the next forward appends.
+    pub fn add_rows(&mut self, n: usize) -> Result<()> {
+        if self.storage == Storage::Differentiable {
+            return Err(ModelError::Cache(
+                "rows join only a generation cache".into(),
+            ));
+        }
+        let old = self.rows.len();
+        for layer in self.layers.iter_mut().flatten() {
+            for x in [&mut layer.0, &mut layer.1] {
+                let (_, heads, capacity, dim) = x.dims4()?;
+                let grown = Tensor::zeros((old + n, heads, capacity, dim), x.dtype(), x.device())?;
+                grown.slice_set(&*x, 0, 0)?;
+                *x = grown;
+            }
+        }
+        for row in old..old + n {
+            self.rows.push(Row {
+                positions: vec![None; self.len],
+                next_position: 0,
+            });
+            self.order.push(row);
+            self.swap_rows(self.active, row)?;
+            self.active += 1;
+        }
+        Ok(())
+    }
+
+    /// Makes set-aside row `slot` active again, as the last active slot
+    /// (whose number it returns): a finished row continuing with its next
+    /// turn.
+    pub fn reactivate(&mut self, slot: usize) -> Result<usize> {
+        if slot < self.active || slot >= self.rows.len() {
+            return Err(ModelError::Cache(format!(
+                "row {slot} is not set aside ({} active of {})",
+                self.active,
+                self.rows.len()
+            )));
+        }
+        self.swap_rows(slot, self.active)?;
+        self.active += 1;
+        Ok(self.active - 1)
+    }
+
+    /// Keeps only the rows listed, in that order, the active ones first
+    /// (they stay active, the others set aside), and drops the leading
+    /// columns none of them uses: the memory of finished rows, freed. The
+    /// column capacity stays.
+    pub fn retain_rows(&mut self, keep: &[usize]) -> Result<()> {
+        let active = keep.iter().take_while(|&&r| r < self.active).count();
+        if keep[active..]
+            .iter()
+            .any(|&r| r < self.active || r >= self.rows.len())
+        {
+            return Err(ModelError::Cache(
+                "retain_rows lists the active rows first, then set-aside ones".into(),
+            ));
+        }
+        if keep.is_empty() {
+            self.layers.iter_mut().for_each(|l| *l = None);
+            (self.rows, self.order, self.len, self.active) = (Vec::new(), Vec::new(), 0, 0);
+            return Ok(());
+        }
+        let capacity = match self.layers.iter().flatten().next() {
+            Some((k, _)) => k.dim(2)?,
+            None => self.initial_capacity,
+        };
+        *self = self.gather(keep, capacity)?;
+        self.active = active;
         Ok(())
     }
 
