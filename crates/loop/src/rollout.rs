@@ -1,6 +1,7 @@
 //! Rollouts: first attempts, then for each failure G reflections sampled
 //! from one shared prefix (prefilled once, the cache forked G ways), and one
-//! retry per reflection continuing that reflection's own cache. With
+//! retry per reflection continuing that reflection's own cache, started as
+//! soon as the reflection ends, in the same running batch. With
 //! engines instead of the local decoder, the same conversations go out as
 //! token ids and the sampled ids come back (the engine's prefix cache does
 //! the sharing).
@@ -8,7 +9,9 @@
 use std::ops::Range;
 
 use candle_core::Tensor;
-use r3_generate::{Completion, Decoded, FinishReason, Generator, Sampler, SamplingParams};
+use r3_generate::{
+    Completion, DecodeStream, FinishReason, Finished, Generator, Sampler, SamplingParams, Turn,
+};
 use r3_model::{KvCache, Llama, LoadedModel, Message, Tokenizer};
 use r3_tasks::{tools_in_system_turn, Prompts, Task, Verdict};
 use serde::{Deserialize, Serialize};
@@ -77,6 +80,9 @@ pub struct Rollouts<'a> {
     pub max_rows: usize,
     /// Seconds spent in the verifier so far (for per-phase timings).
     pub verify_seconds: std::cell::Cell<f64>,
+    /// Forwards of the reflect-and-retry stream so far, and the sum of the
+    /// fraction of rows live in each (see [`Rollouts::batch_occupancy`]).
+    occupancy: std::cell::Cell<(usize, f64)>,
 }
 
 /// One sampled answer and its verdict.
@@ -154,6 +160,7 @@ impl<'a> Rollouts<'a> {
             prompts,
             max_rows,
             verify_seconds: Default::default(),
+            occupancy: Default::default(),
         }
     }
 
@@ -359,18 +366,7 @@ impl<'a> Rollouts<'a> {
         let turns = self.reflection_turns(failures)?;
         let (reflections, continuations, retries) = match self.generator() {
             Some(generator) => {
-                let reflections =
-                    self.reflect(&generator, &turns, group, reflect, retry, first_row)?;
-                let (continuations, retries) = self.retry(
-                    &generator,
-                    reflections.cache,
-                    &reflections.completions,
-                    &turns,
-                    group,
-                    retry,
-                    first_row,
-                )?;
-                (reflections.completions, continuations, retries)
+                self.reflect_then_retry(&generator, &turns, group, reflect, retry, first_row)?
             }
             None => self.reflect_and_retry_on_engines(&turns, group, reflect, retry, first_row)?,
         };
@@ -398,7 +394,11 @@ impl<'a> Rollouts<'a> {
         let engines = self.engines();
         let reflections =
             self.engine_complete(engines, &turns.prefixes, group, reflect, first_row)?;
-        let continuations = self.continuations(&reflections, turns, group);
+        let continuations: Vec<Vec<u32>> = reflections
+            .iter()
+            .enumerate()
+            .map(|(row, reflection)| self.continuation(reflection, turns, row / group))
+            .collect();
         let conversations: Vec<Vec<u32>> = continuations
             .iter()
             .zip(&reflections)
@@ -459,10 +459,14 @@ impl<'a> Rollouts<'a> {
         Ok(turns)
     }
 
-    /// Step 2: each prefix prefilled once and forked `group` ways into a
-    /// cache with room for the whole second turn, and a reflection sampled
-    /// in every row; the cache is kept for the retries.
-    fn reflect(
+    /// Steps 2 and 3 on r3's decoder, as one continuously batched stream:
+    /// each prefix is prefilled once and forked `group` ways into a cache
+    /// with room for the whole second turn; every row samples a
+    /// reflection, and a row whose reflection ends starts its retry (the
+    /// retry request fed into its own cache) at the next step, beside the
+    /// rows still reflecting. Returns each row's reflection, continuation
+    /// and retry.
+    fn reflect_then_retry(
         &self,
         generator: &Generator<'_>,
         turns: &ReflectionTurns,
@@ -470,67 +474,95 @@ impl<'a> Rollouts<'a> {
         reflect: &SamplingParams,
         retry: &SamplingParams,
         first_row: u64,
-    ) -> Result<Decoded> {
+    ) -> Result<(Vec<Completion>, Vec<Vec<u32>>, Vec<Completion>)> {
         let longest_request = turns.retry_requests.iter().flatten().map(Vec::len).max();
         // Room for the reflection, the retry request (after the
         // reflection's last token) and the retry.
         let room = reflect.max_new_tokens + 1 + longest_request.unwrap_or(0) + retry.max_new_tokens;
         let (cache, logits) = self.prefill_forked(generator, &turns.prefixes, group, room)?;
-        let samplers = (0..(turns.prefixes.len() * group) as u64)
+        let rows = turns.prefixes.len() * group;
+        let samplers = (0..rows as u64)
             .map(|r| Sampler::new(reflect, first_row + r))
             .collect();
-        Ok(generator.decode(cache, logits, reflect, samplers, true)?)
+        let (mut stream, mut finished) = DecodeStream::prefilled(
+            generator,
+            cache,
+            logits,
+            reflect,
+            samplers,
+            true,
+            &mut |_, _| {},
+        )?;
+        let mut reflections: Vec<Option<Completion>> = vec![None; rows];
+        let mut continuations = vec![Vec::new(); rows];
+        let mut retries: Vec<Option<Completion>> = vec![None; rows];
+        loop {
+            for Finished {
+                key: row,
+                completion,
+            } in finished
+            {
+                if reflections[row].is_some() {
+                    retries[row] = Some(completion);
+                    continue;
+                }
+                let continuation = self.continuation(&completion, turns, row / group);
+                stream.resume(Turn {
+                    key: row,
+                    // The stream feeds the reflection's last token itself.
+                    ids: continuation[1..].to_vec(),
+                    params: retry.clone(),
+                    sampler: Sampler::new(retry, first_row + row as u64),
+                    keep: false,
+                })?;
+                continuations[row] = continuation;
+                reflections[row] = Some(completion);
+            }
+            if stream.is_idle() {
+                break;
+            }
+            self.record_occupancy(stream.live(), rows);
+            finished = stream.step(&mut |_, _| {})?;
+        }
+        let done = |c: Vec<Option<Completion>>| -> Vec<Completion> {
+            c.into_iter()
+                .map(|c| c.expect("every row finished"))
+                .collect()
+        };
+        Ok((done(reflections), continuations, done(retries)))
     }
 
-    /// Step 3: each row continues its own reflection's cache with the retry
-    /// request (from the reflection's last token, which the cache has not
-    /// seen yet) and samples the retry. Returns each row's continuation and
-    /// retry.
-    #[allow(clippy::too_many_arguments)]
-    fn retry(
-        &self,
-        generator: &Generator<'_>,
-        cache: Option<KvCache>,
-        reflections: &[Completion],
-        turns: &ReflectionTurns,
-        group: usize,
-        retry: &SamplingParams,
-        first_row: u64,
-    ) -> Result<(Vec<Vec<u32>>, Vec<Completion>)> {
-        let continuations = self.continuations(reflections, turns, group);
-        let mut cache = cache.expect("the reflections' cache was kept");
-        let segments: Vec<&[u32]> = continuations.iter().map(Vec::as_slice).collect();
-        let logits = generator.prefill(&mut cache, &segments)?;
-        let samplers = (0..continuations.len() as u64)
-            .map(|r| Sampler::new(retry, first_row + r))
-            .collect();
-        let retries = generator.decode(cache, logits, retry, samplers, false)?;
-        Ok((continuations, retries.completions))
+    /// Adds one forward's live rows, out of `rows`, to the occupancy.
+    fn record_occupancy(&self, live: usize, rows: usize) {
+        let (steps, sum) = self.occupancy.get();
+        self.occupancy
+            .set((steps + 1, sum + live as f64 / rows as f64));
     }
 
-    /// Each row's ids after its reflection, from the reflection's last
-    /// token (which a kept cache has not seen yet): that token, then the
-    /// retry request that fits how the reflection ended.
-    fn continuations(
+    /// Mean fraction of its rows each forward of the rollouts' decoding
+    /// ran live (1: no row ever waited); `None` before any forward.
+    pub fn batch_occupancy(&self) -> Option<f64> {
+        let (steps, sum) = self.occupancy.get();
+        (steps > 0).then(|| sum / steps as f64)
+    }
+
+    /// A row's ids after its reflection, from the reflection's last token
+    /// (which a kept cache has not seen yet): that token, then failure
+    /// `failure`'s retry request that fits how the reflection ended.
+    fn continuation(
         &self,
-        reflections: &[Completion],
+        reflection: &Completion,
         turns: &ReflectionTurns,
-        group: usize,
-    ) -> Vec<Vec<u32>> {
-        reflections
-            .iter()
-            .enumerate()
-            .map(|(row, completion)| {
-                let ended_eos = completion.finish == FinishReason::Eos;
-                let last = *completion
-                    .tokens
-                    .last()
-                    .expect("a reflection has at least one token");
-                let request = &turns.retry_requests[row / group][ended_eos as usize];
-                std::iter::once(last)
-                    .chain(request.iter().copied())
-                    .collect()
-            })
+        failure: usize,
+    ) -> Vec<u32> {
+        let ended_eos = reflection.finish == FinishReason::Eos;
+        let last = *reflection
+            .tokens
+            .last()
+            .expect("a reflection has at least one token");
+        let request = &turns.retry_requests[failure][ended_eos as usize];
+        std::iter::once(last)
+            .chain(request.iter().copied())
             .collect()
     }
 

@@ -43,6 +43,11 @@ pub struct StepMetrics {
     pub trained_tokens: usize,
     pub generated_tokens: usize,
     pub seconds_generation: f64,
+    /// Mean fraction of the rollout rows live in each forward of r3's
+    /// decoder (reflections and retries run as one continuous batch);
+    /// 0 when engines sample. (Absent, read as 0, in older logs.)
+    #[serde(default)]
+    pub generation_batch_occupancy: f64,
     pub seconds_verification: f64,
     pub seconds_reference: f64,
     pub seconds_forward_backward: f64,

@@ -206,6 +206,7 @@ impl<'a> Trainer<'a> {
         };
         let version = engines.as_ref().map(|sync| sync.engines.model.clone());
         let (mut groups, mut samples) = (Vec::new(), Vec::new());
+        let mut occupancy = Vec::new();
         for accum in 0..c.gradient_accumulation_steps {
             let batch = (self.step * c.gradient_accumulation_steps + accum) as u64;
             let mined = self.next_failures();
@@ -227,6 +228,7 @@ impl<'a> Trainer<'a> {
                 &mut |_| {},
             )?;
             m.seconds_verification += rollouts.verify_seconds.get();
+            occupancy.extend(rollouts.batch_occupancy());
             for (f, rollouts) in mined.iter().zip(produced) {
                 let group = Group::new(rollouts, c.scale_rewards);
                 let room = c.log_completions.saturating_sub(samples.len());
@@ -247,6 +249,8 @@ impl<'a> Trainer<'a> {
         self.engines = engines;
         (self.release_memory)();
         m.seconds_generation = started.elapsed().as_secs_f64() - m.seconds_verification;
+        m.generation_batch_occupancy =
+            occupancy.iter().sum::<f64>() / occupancy.len().max(1) as f64;
         Ok((groups, samples))
     }
 
