@@ -364,13 +364,13 @@ impl<'a> Rollouts<'a> {
             ));
         }
         let turns = self.reflection_turns(failures)?;
-        let (reflections, continuations, retries) = match self.generator() {
+        let second_turns = match self.generator() {
             Some(generator) => {
                 self.reflect_then_retry(&generator, &turns, group, reflect, retry, first_row)?
             }
             None => self.reflect_and_retry_on_engines(&turns, group, reflect, retry, first_row)?,
         };
-        self.assemble(failures, group, &turns, reflections, continuations, retries)
+        self.assemble(failures, group, &turns, second_turns)
     }
 
     fn engines(&self) -> &Engines {
@@ -390,7 +390,7 @@ impl<'a> Rollouts<'a> {
         reflect: &SamplingParams,
         retry: &SamplingParams,
         first_row: u64,
-    ) -> Result<(Vec<Completion>, Vec<Vec<u32>>, Vec<Completion>)> {
+    ) -> Result<SecondTurns> {
         let engines = self.engines();
         let reflections =
             self.engine_complete(engines, &turns.prefixes, group, reflect, first_row)?;
@@ -416,7 +416,11 @@ impl<'a> Rollouts<'a> {
         // One retry per row: row r samples with stream first_row + r, as
         // on the local decoder.
         let retries = self.engine_complete(engines, &conversations, 1, retry, first_row)?;
-        Ok((reflections, continuations, retries))
+        Ok(SecondTurns {
+            reflections,
+            continuations,
+            retries,
+        })
     }
 
     /// Step 1: each failure's ids up to its reflection request (prompt,
@@ -474,7 +478,7 @@ impl<'a> Rollouts<'a> {
         reflect: &SamplingParams,
         retry: &SamplingParams,
         first_row: u64,
-    ) -> Result<(Vec<Completion>, Vec<Vec<u32>>, Vec<Completion>)> {
+    ) -> Result<SecondTurns> {
         let longest_request = turns.retry_requests.iter().flatten().map(Vec::len).max();
         // Room for the reflection, the retry request (after the
         // reflection's last token) and the retry.
@@ -529,7 +533,11 @@ impl<'a> Rollouts<'a> {
                 .map(|c| c.expect("every row finished"))
                 .collect()
         };
-        Ok((done(reflections), continuations, done(retries)))
+        Ok(SecondTurns {
+            reflections: done(reflections),
+            continuations,
+            retries: done(retries),
+        })
     }
 
     /// Adds one forward's live rows, out of `rows`, to the occupancy.
@@ -573,14 +581,14 @@ impl<'a> Rollouts<'a> {
         failures: &[Failure<'_>],
         group: usize,
         turns: &ReflectionTurns,
-        reflections: Vec<Completion>,
-        continuations: Vec<Vec<u32>>,
-        retries: Vec<Completion>,
+        second: SecondTurns,
     ) -> Result<Vec<Vec<Rollout>>> {
         let mut out: Vec<Vec<Rollout>> = (0..failures.len())
             .map(|_| Vec::with_capacity(group))
             .collect();
-        let rows = reflections.into_iter().zip(continuations).zip(retries);
+        let rows = (second.reflections.into_iter())
+            .zip(second.continuations)
+            .zip(second.retries);
         for (row, ((mut reflection, continuation), mut retry)) in rows.enumerate() {
             let f = row / group;
             let prefix = &turns.prefixes[f];
@@ -607,6 +615,14 @@ impl<'a> Rollouts<'a> {
         }
         Ok(out)
     }
+}
+
+/// Every row's second turn: its reflection, the ids after it up to the
+/// retry (from the reflection's last token), and the retry.
+struct SecondTurns {
+    reflections: Vec<Completion>,
+    continuations: Vec<Vec<u32>>,
+    retries: Vec<Completion>,
 }
 
 /// What a chunk's failures bring to their second turn, per failure: the
