@@ -467,3 +467,75 @@ fn streamed_replies_add_up_to_the_whole_reply() {
     let (status, _) = server.post("/v1/completions", &completion.to_string());
     assert_eq!(status, 200);
 }
+
+/// Continuous batching: a short request sent while a long one is decoding
+/// joins the running batch and is answered while the long one still
+/// streams, not after it; and both replies are what each gets alone
+/// (their budgets differ, which used to keep them in separate batches).
+#[test]
+fn a_request_joins_a_running_batch_and_leaves_it_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, _) = common::tiny_model_and_data(dir.path(), 1, "1");
+    let server = Server::start(&model, &[]);
+    let long = json!({"prompt": [5, 80, 81], "max_tokens": 1500, "temperature": 1.0,
+                      "seed": 3, "stream": true, "return_token_ids": true});
+    let short = json!({"prompt": [9, 10, 11], "max_tokens": 3, "temperature": 1.0, "seed": 4,
+                       "return_token_ids": true});
+    // (token ids, text) of a reply.
+    let reply = |v: &Value| -> (Vec<u64>, String) {
+        let choice = &v["choices"][0];
+        let ids = choice["token_ids"].as_array().unwrap();
+        let ids = ids.iter().map(|t| t.as_u64().unwrap()).collect();
+        (ids, choice["text"].as_str().unwrap().to_string())
+    };
+    let alone = |body: &Value| {
+        let mut body = body.clone();
+        body["stream"] = json!(false);
+        let (status, v) = server.post("/v1/completions", &body.to_string());
+        assert_eq!(status, 200, "{v}");
+        reply(&v)
+    };
+    let (long_alone, short_alone) = (alone(&long), alone(&short));
+    assert!(
+        long_alone.0.len() > 200,
+        "the long reply ended early: {:?}",
+        long_alone.0
+    );
+
+    let (started, wait_started) = std::sync::mpsc::channel();
+    let url = server.url.clone();
+    let streamer = std::thread::spawn(move || {
+        let reply = ureq::post(&format!("{url}/v1/completions"))
+            .send_json(long)
+            .unwrap();
+        let mut events = Vec::new();
+        for line in BufReader::new(reply.into_reader()).lines() {
+            let line = line.unwrap();
+            if let Some(data) = line.strip_prefix("data: ") {
+                if events.is_empty() {
+                    started.send(()).unwrap();
+                }
+                events.push(data.to_string());
+            }
+        }
+        events
+    });
+    wait_started.recv().unwrap();
+    let (status, v) = server.post("/v1/completions", &short.to_string());
+    assert_eq!(status, 200, "{v}");
+    assert!(
+        !streamer.is_finished(),
+        "the short request waited for the long one to finish"
+    );
+    assert_eq!(reply(&v), short_alone);
+    let events = streamer.join().unwrap();
+    let streamed: String = events
+        .iter()
+        .filter(|e| *e != "[DONE]")
+        .map(|e| {
+            let v: Value = serde_json::from_str(e).unwrap();
+            v["choices"][0]["text"].as_str().unwrap().to_string()
+        })
+        .collect();
+    assert_eq!(streamed, long_alone.1);
+}

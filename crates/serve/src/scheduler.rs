@@ -1,17 +1,18 @@
-//! One thread owns the decoder and runs the requests that arrive together
-//! as one batch: every waiting request whose budget and stop rules match
-//! the oldest one's joins its batch (up to a row limit), so N concurrent
-//! clients share each forward instead of queueing behind one another.
-//! Each row samples with its own seeded stream, so a reply does not
-//! depend on what else was batched with it.
+//! One thread owns the decoder and runs every request in one continuously
+//! batched stream: a request joins the running batch at the next step
+//! (its prompt fed a chunk per step beside the rows decoding), and each
+//! row leaves as soon as it finishes, so N concurrent clients share each
+//! forward instead of queueing behind one another. Each row samples with
+//! its own seeded stream under its own budget and stop rules, so a reply
+//! does not depend on what else was batched with it.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
 
-use r3_generate::{Completion, Generator, Sampler, SamplingParams};
-use r3_model::{KvCache, Llama, LoadedModel};
+use r3_generate::{Completion, DecodeStream, Generator, Sampler, Turn};
+use r3_model::{Llama, LoadedModel};
 
 /// One prompt's rows: `n` choices of `prompt`, each with its own stream.
 pub struct Rows {
@@ -24,7 +25,7 @@ pub struct Job {
     /// The base decoder, or the base with a loaded adapter.
     pub decoder: Arc<Llama>,
     pub rows: Vec<Rows>,
-    pub params: SamplingParams,
+    pub params: r3_generate::SamplingParams,
     /// The model's end-of-turn ids and the request's extra stop ids.
     pub stop_token_ids: Vec<u32>,
     /// Greedy rows compute their log-probs too.
@@ -41,14 +42,10 @@ impl Job {
         self.rows.iter().map(|r| r.n).sum()
     }
 
-    /// Jobs batch together when everything the decoder applies to a whole
-    /// batch agrees: the decoder (adapter), the budget, the stop strings
-    /// and the stop ids.
-    fn batches_with(&self, other: &Job) -> bool {
-        Arc::ptr_eq(&self.decoder, &other.decoder)
-            && self.params.max_new_tokens == other.params.max_new_tokens
-            && self.params.stop_strings == other.params.stop_strings
-            && self.stop_token_ids == other.stop_token_ids
+    /// Jobs share a running batch when what the decoder applies to every
+    /// row agrees: the weights (adapter) and the end-of-sequence ids.
+    fn batches_with(&self, decoder: &Arc<Llama>, stop_token_ids: &[u32]) -> bool {
+        Arc::ptr_eq(&self.decoder, decoder) && self.stop_token_ids == stop_token_ids
     }
 }
 
@@ -56,9 +53,16 @@ impl Job {
 /// memory stays bounded however many clients connect.
 pub const QUEUE: usize = 256;
 
-/// Runs jobs from `jobs` until every sender is gone. `max_rows` bounds a
-/// batch (and so the KV cache's memory). A thread of its own: decoding
-/// blocks for seconds.
+/// A job in the running batch, and the completions it has so far.
+struct Running {
+    job: Job,
+    completions: Vec<Option<Completion>>,
+    missing: usize,
+}
+
+/// Runs jobs from `jobs` until every sender is gone. `max_rows` bounds the
+/// running batch (and so the KV cache's memory): a job joins when its
+/// rows fit, or alone. A thread of its own: decoding blocks for seconds.
 pub fn run(model: Arc<LoadedModel>, mut jobs: mpsc::Receiver<Job>, max_rows: usize) {
     let mut waiting: VecDeque<Job> = VecDeque::new();
     loop {
@@ -68,99 +72,115 @@ pub fn run(model: Arc<LoadedModel>, mut jobs: mpsc::Receiver<Job>, max_rows: usi
                 None => return,
             }
         }
+        let first = waiting.front().expect("a waiting job");
+        let (decoder, stop_token_ids) = (first.decoder.clone(), first.stop_token_ids.clone());
+        let generator = Generator::new(&decoder, &model.tokenizer, &stop_token_ids);
+        serve_batch(&generator, &decoder, &mut waiting, &mut jobs, max_rows);
+    }
+}
+
+/// One running batch for the decoder and stop ids of the oldest waiting
+/// job: jobs join while the oldest waiting one shares them (so a job that
+/// needs another decoder waits only for this batch to drain), and the
+/// batch ends when no row is left.
+fn serve_batch(
+    generator: &Generator<'_>,
+    decoder: &Arc<Llama>,
+    waiting: &mut VecDeque<Job>,
+    jobs: &mut mpsc::Receiver<Job>,
+    max_rows: usize,
+) {
+    let mut stream = DecodeStream::new(generator, 256);
+    let mut running: HashMap<usize, Running> = HashMap::new();
+    // Each row's job and choice index within it.
+    let mut owners: HashMap<usize, (usize, usize)> = HashMap::new();
+    let (mut next_job, mut next_row) = (0usize, 0usize);
+    loop {
         while let Ok(job) = jobs.try_recv() {
             waiting.push_back(job);
         }
-        let batch = take_batch(&mut waiting, max_rows);
-        let rows: usize = batch.iter().map(Job::row_count).sum();
-        match decode(&model, &batch) {
-            Ok(completions) => {
-                let mut rest = completions.into_iter();
-                for job in batch {
-                    let mine: Vec<Completion> = rest.by_ref().take(job.row_count()).collect();
-                    // A client that went away is not waiting for it.
-                    let _ = job.reply.send(Ok(mine));
+        while let Some(job) = waiting.front() {
+            let rows = job.row_count();
+            let fits = stream.live() + rows <= max_rows || stream.is_idle();
+            if !fits || !job.batches_with(decoder, generator.eos_token_ids) {
+                break;
+            }
+            let job = waiting.pop_front().expect("looked at");
+            let (mut turns, mut rows_of_job) = (Vec::with_capacity(rows), Vec::with_capacity(rows));
+            for (choice, prompt) in job
+                .rows
+                .iter()
+                .flat_map(|r| std::iter::repeat_n(&r.prompt, r.n))
+                .enumerate()
+            {
+                let sampler = Sampler::new(&job.params, choice as u64);
+                turns.push(Turn {
+                    key: next_row,
+                    ids: prompt.clone(),
+                    params: job.params.clone(),
+                    sampler: if job.logprobs {
+                        sampler.with_logprobs()
+                    } else {
+                        sampler
+                    },
+                    keep: false,
+                });
+                rows_of_job.push((next_row, (next_job, choice)));
+                next_row += 1;
+            }
+            if let Err(e) = stream.join(turns) {
+                let _ = job
+                    .reply
+                    .send(Err(format!("the request could not join the batch: {e}")));
+                continue;
+            }
+            owners.extend(rows_of_job);
+            running.insert(
+                next_job,
+                Running {
+                    completions: vec![None; rows],
+                    missing: rows,
+                    job,
+                },
+            );
+            next_job += 1;
+        }
+        if stream.is_idle() {
+            return;
+        }
+        let live = stream.live();
+        let mut on_token = |row: usize, token: u32| {
+            let (j, choice) = owners[&row];
+            if let Some(sender) = &running[&j].job.stream {
+                let _ = sender.send((choice, token));
+            }
+        };
+        match stream.step(&mut on_token) {
+            Ok(finished) => {
+                for f in finished {
+                    let (j, choice) = owners.remove(&f.key).expect("a row of a running job");
+                    let done = running.get_mut(&j).expect("running");
+                    done.completions[choice] = Some(f.completion);
+                    done.missing -= 1;
+                    if done.missing == 0 {
+                        let done = running.remove(&j).expect("running");
+                        let completions = done
+                            .completions
+                            .into_iter()
+                            .map(|c| c.expect("finished"))
+                            .collect();
+                        // A client that went away is not waiting for it.
+                        let _ = done.job.reply.send(Ok(completions));
+                    }
                 }
             }
             Err(e) => {
-                let message = format!("generation failed on a batch of {rows} rows: {e}");
-                for job in batch {
-                    let _ = job.reply.send(Err(message.clone()));
+                let message = format!("generation failed on a batch of {live} rows: {e}");
+                for (_, r) in running.drain() {
+                    let _ = r.job.reply.send(Err(message.clone()));
                 }
+                return;
             }
         }
     }
-}
-
-/// The oldest job and every waiting one that batches with it, within
-/// `max_rows` (the oldest always runs, even alone past the limit).
-fn take_batch(waiting: &mut VecDeque<Job>, max_rows: usize) -> Vec<Job> {
-    let first = waiting.pop_front().expect("a waiting job");
-    let mut rows = first.row_count();
-    let mut batch = vec![first];
-    let mut i = 0;
-    while i < waiting.len() {
-        let fits = rows + waiting[i].row_count() <= max_rows;
-        if fits && waiting[i].batches_with(&batch[0]) {
-            let job = waiting.remove(i).expect("in range");
-            rows += job.row_count();
-            batch.push(job);
-        } else {
-            i += 1;
-        }
-    }
-    batch
-}
-
-/// Prefills every row's prompt and decodes the batch; returns the
-/// completions in job, prompt, choice order.
-fn decode(model: &LoadedModel, batch: &[Job]) -> r3_generate::Result<Vec<Completion>> {
-    let first = &batch[0];
-    let mut prompts: Vec<&[u32]> = Vec::new();
-    let mut samplers = Vec::new();
-    // Each row's job and choice index within it.
-    let mut owners: Vec<(usize, usize)> = Vec::new();
-    for (j, job) in batch.iter().enumerate() {
-        let mut index = 0;
-        for rows in &job.rows {
-            for choice in 0..rows.n as u64 {
-                owners.push((j, index));
-                index += 1;
-                prompts.push(&rows.prompt);
-                let sampler = Sampler::new(&job.params, choice);
-                samplers.push(match job.logprobs {
-                    true => sampler.with_logprobs(),
-                    false => sampler,
-                });
-            }
-        }
-    }
-    // The batch-wide settings are the first job's, which every job shares
-    // (`batches_with`); sampling is per row. The hottest temperature
-    // stands for the batch, so that a GPU takes its greedy shortcut only
-    // when every row is greedy.
-    let params = SamplingParams {
-        temperature: batch
-            .iter()
-            .map(|j| j.params.temperature)
-            .fold(0.0, f64::max),
-        ..first.params.clone()
-    };
-    let generator = Generator::new(&first.decoder, &model.tokenizer, &first.stop_token_ids);
-    let longest = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
-    let mut cache = KvCache::new(
-        &model.config,
-        prompts.len(),
-        longest + params.max_new_tokens,
-    );
-    let logits = generator.prefill(&mut cache, &prompts)?;
-    let mut on_token = |row: usize, token: u32| {
-        let (j, choice) = owners[row];
-        if let Some(stream) = &batch[j].stream {
-            let _ = stream.send((choice, token));
-        }
-    };
-    Ok(generator
-        .decode_observed(cache, logits, &params, samplers, false, &mut on_token)?
-        .completions)
 }
