@@ -1,10 +1,16 @@
 //! K-quants (Q4_K, Q5_K, Q6_K) and the 5-bit Q5_0/Q5_1 — what Q4_K_M
-//! files hold — re-cut into the 32-input blocks the packed kernels read
-//! ([`Encoding::K8`]): per block a scale for each half (Q6_K scales every
-//! 16 weights), one offset, and each weight's quant as a byte. The values
-//! are those of GGUF's own dequantization, bit for bit (`q·s + o` is
-//! `d₁·q − m₁`, `(d·sc)·q` and `q·d + m` as ggml rounds them); the weights
-//! take 11 bits each instead of 32.
+//! files hold — re-cut into the 32-input blocks the packed kernels read.
+//! A K-quant super-block's 6-bit sub-block scales are multiplied out into
+//! f32 per 32 weights (a decode step cannot afford to unpack them per
+//! weight), and the quants keep their own width:
+//! - Q4_K → [`Encoding::K4`]: scale, offset, 32 nibbles (6 bits a weight);
+//! - Q6_K → [`Encoding::K6`]: a scale per 16 weights, 32 nibbles and
+//!   32 bit pairs (8 bits a weight);
+//! - Q5_K, Q5_0, Q5_1 → [`Encoding::K8`]: a scale per half, an offset,
+//!   each quant as a byte (11 bits a weight).
+//!
+//! The values are those of GGUF's own dequantization, bit for bit (`q·s +
+//! o` is `d₁·q − m₁`, `(d·sc)·q` and `q·d + m` as ggml rounds them).
 
 use candle_core::quantized::GgmlDType;
 use half::f16;
@@ -16,22 +22,23 @@ const SUPER: usize = 256;
 
 /// Bytes of one block of [`Encoding::K8`]: two scales and an offset (f32),
 /// then 32 signed quants.
-pub(crate) const K8_BYTES: usize = 12 + BLOCK;
+const K8_BYTES: usize = 12 + BLOCK;
 
-/// Appends the K8 blocks of one GGUF block.
+/// Appends the re-cut blocks of one GGUF block.
 type Convert = fn(&[u8], &mut Vec<u8>);
 
 /// `raw`, blocks of `dtype` as a GGUF file stores them (any number of
-/// rows, each a whole number of blocks), as [`Encoding::K8`] blocks in the
-/// same order; `None` for types that are not re-cut.
-pub fn to_k8(dtype: GgmlDType, raw: &[u8]) -> Option<Result<Vec<u8>, String>> {
-    // (bytes of a block, weights in it, its conversion)
-    let (bytes, weights, convert): (usize, usize, Convert) = match dtype {
-        GgmlDType::Q4K => (144, SUPER, q4k),
-        GgmlDType::Q5K => (176, SUPER, q5k),
-        GgmlDType::Q6K => (210, SUPER, q6k),
-        GgmlDType::Q5_0 => (22, BLOCK, q5_0),
-        GgmlDType::Q5_1 => (24, BLOCK, q5_1),
+/// rows, each a whole number of blocks), re-cut into blocks of 32 inputs in
+/// the same order, with the encoding they are in; `None` for types that
+/// are not re-cut.
+pub fn recut(dtype: GgmlDType, raw: &[u8]) -> Option<Result<(Encoding, Vec<u8>), String>> {
+    // (bytes of a block, weights in it, the encoding, the conversion)
+    let (bytes, weights, encoding, convert): (usize, usize, Encoding, Convert) = match dtype {
+        GgmlDType::Q4K => (144, SUPER, Encoding::K4, q4k),
+        GgmlDType::Q5K => (176, SUPER, Encoding::K8, q5k),
+        GgmlDType::Q6K => (210, SUPER, Encoding::K6, q6k),
+        GgmlDType::Q5_0 => (22, BLOCK, Encoding::K8, q5_0),
+        GgmlDType::Q5_1 => (24, BLOCK, Encoding::K8, q5_1),
         _ => return None,
     };
     if !raw.len().is_multiple_of(bytes) {
@@ -40,12 +47,17 @@ pub fn to_k8(dtype: GgmlDType, raw: &[u8]) -> Option<Result<Vec<u8>, String>> {
             raw.len()
         )));
     }
-    let mut out = Vec::with_capacity(raw.len() / bytes * (weights / BLOCK) * K8_BYTES);
+    let mut out =
+        Vec::with_capacity(raw.len() / bytes * (weights / BLOCK) * encoding.block_bytes());
     for block in raw.chunks_exact(bytes) {
         convert(block, &mut out);
     }
     debug_assert_eq!(Encoding::K8.block_bytes(), K8_BYTES);
-    Some(Ok(out))
+    debug_assert_eq!(
+        out.len(),
+        raw.len() / bytes * (weights / BLOCK) * encoding.block_bytes()
+    );
+    Some(Ok((encoding, out)))
 }
 
 fn f16_at(bytes: &[u8]) -> f32 {
@@ -78,7 +90,9 @@ fn scale_min(j: usize, s: &[u8]) -> (f32, f32) {
 }
 
 /// Q4_K: `d`, `dmin` (f16), 12 bytes of scales, 128 bytes of nibbles; each
-/// 64 weights are the low then the high nibbles of 32 bytes.
+/// 64 weights are the low then the high nibbles of 32 bytes. Each 32 become
+/// a [`Encoding::K4`] block: scale `d·sc`, offset `−dmin·m`, and byte `i`
+/// holding quant `i` (low nibble) and quant `i + 16` (high nibble).
 fn q4k(b: &[u8], out: &mut Vec<u8>) {
     let (d, dmin, scales, qs) = (f16_at(&b[0..]), f16_at(&b[2..]), &b[4..16], &b[16..144]);
     for j in 0..SUPER / BLOCK {
@@ -86,13 +100,10 @@ fn q4k(b: &[u8], out: &mut Vec<u8>) {
         let (scale, min) = (d * sc, dmin * m);
         let bytes = &qs[(j / 2) * 32..][..32];
         let shift = 4 * (j % 2);
-        push(
-            out,
-            scale,
-            scale,
-            -min,
-            bytes.iter().map(|q| ((q >> shift) & 0xF) as i8),
-        );
+        let q = |l: usize| (bytes[l] >> shift) & 0xF;
+        out.extend_from_slice(&scale.to_le_bytes());
+        out.extend_from_slice(&(-min).to_le_bytes());
+        out.extend((0..BLOCK / 2).map(|i| q(i) | (q(i + BLOCK / 2) << 4)));
     }
 }
 
@@ -114,25 +125,30 @@ fn q5k(b: &[u8], out: &mut Vec<u8>) {
 }
 
 /// Q6_K: 128 bytes of low nibbles, 64 of high bit pairs, 16 signed scales
-/// (one per 16 weights), `d` (f16); quants are stored offset by 32.
+/// (one per 16 weights), `d` (f16); quants are stored offset by 32. Each 32
+/// become a [`Encoding::K6`] block: scales `d·sc` of each half, byte `i` of
+/// 16 holding the low nibbles of quants `i` and `i + 16`, byte `b` of 8 the
+/// high bit pairs of quants `b`, `b + 8`, `b + 16` and `b + 24`.
 fn q6k(b: &[u8], out: &mut Vec<u8>) {
     let (ql, qh, scales, d) = (&b[0..128], &b[128..192], &b[192..208], f16_at(&b[208..]));
     for j in 0..SUPER / BLOCK {
         // Weights 128·half + 32·t + l, for l in 0..32.
         let (part, t) = (j / 4, j % 4);
         let (ql, qh) = (&ql[64 * part..], &qh[32 * part..]);
-        let quants = (0..BLOCK).map(|l| {
-            let low = match t {
-                0 => ql[l] & 0xF,
-                1 => ql[l + 32] & 0xF,
-                2 => ql[l] >> 4,
-                _ => ql[l + 32] >> 4,
-            };
-            let high = (qh[l] >> (2 * t)) & 3;
-            (low | (high << 4)) as i8 - 32
-        });
+        let low = |l: usize| match t {
+            0 => ql[l] & 0xF,
+            1 => ql[l + 32] & 0xF,
+            2 => ql[l] >> 4,
+            _ => ql[l + 32] >> 4,
+        };
+        let high = |l: usize| (qh[l] >> (2 * t)) & 3;
         let scale = |i: usize| d * scales[i] as i8 as f32;
-        push(out, scale(2 * j), scale(2 * j + 1), 0.0, quants);
+        out.extend_from_slice(&scale(2 * j).to_le_bytes());
+        out.extend_from_slice(&scale(2 * j + 1).to_le_bytes());
+        out.extend((0..BLOCK / 2).map(|i| low(i) | (low(i + BLOCK / 2) << 4)));
+        out.extend(
+            (0..8).map(|b| high(b) | high(b + 8) << 2 | high(b + 16) << 4 | high(b + 24) << 6),
+        );
     }
 }
 

@@ -39,7 +39,15 @@ pub enum Encoding {
     Q8_0,
     F16,
     Bf16,
-    /// A K-quant's (Q4_K, Q5_K, Q6_K) or 5-bit (Q5_0, Q5_1) block re-cut to 32 inputs (see
+    /// A Q4_K sub-block (see `kquants.rs`): f32 scale `d` and offset `o`,
+    /// 32 nibbles `q` as Q4_1 lays them out: `q·d + o`.
+    K4,
+    /// A Q6_K sub-block (see `kquants.rs`): f32 scales `lo`, `hi`, 32
+    /// nibbles as Q4_1 lays them out and 32 bit pairs above them, making
+    /// 6-bit quants `q`: `(q − 32)·lo` for the first 16, `(q − 32)·hi` for
+    /// the rest.
+    K6,
+    /// A Q5_K or 5-bit (Q5_0, Q5_1) block re-cut to 32 inputs (see
     /// `kquants.rs`): f32 scales `lo`, `hi` and offset `o`, 32 signed bytes
     /// `q`: `q·lo + o` for the first 16, `q·hi + o` for the rest.
     K8,
@@ -62,16 +70,16 @@ impl Encoding {
     fn scales(self) -> usize {
         match self {
             Self::K8 => 3,
-            Self::Q4_1 => 2,
+            Self::Q4_1 | Self::K4 | Self::K6 => 2,
             Self::Q4_0 | Self::Q8_0 => 1,
             Self::F16 | Self::Bf16 => 0,
         }
     }
 
-    /// Bytes of one scalar: f16 in GGUF's blocks, f32 in K8's.
+    /// Bytes of one scalar: f16 in GGUF's blocks, f32 in re-cut ones.
     fn scalar_bytes(self) -> usize {
         match self {
-            Self::K8 => 4,
+            Self::K4 | Self::K6 | Self::K8 => 4,
             _ => 2,
         }
     }
@@ -79,7 +87,8 @@ impl Encoding {
     /// Bytes of weights after the scales in a file block.
     fn payload_bytes(self) -> usize {
         match self {
-            Self::Q4_0 | Self::Q4_1 => BLOCK / 2,
+            Self::Q4_0 | Self::Q4_1 | Self::K4 => BLOCK / 2,
+            Self::K6 => BLOCK / 2 + BLOCK / 4,
             Self::Q8_0 | Self::K8 => BLOCK,
             Self::F16 | Self::Bf16 => 2 * BLOCK,
         }
@@ -94,7 +103,7 @@ impl Encoding {
         }
     }
 
-    /// Bytes of one block as the file (or, for K8, `kquants.rs`) stores it.
+    /// Bytes of one block as the file (or, re-cut, `kquants.rs`) stores it.
     pub fn block_bytes(self) -> usize {
         self.scalar_bytes() * self.scales() + self.payload_bytes()
     }
@@ -326,6 +335,34 @@ impl PackedMatrix {
                         f(k + j, &each_lane(|c| f32::from_bits((h[c] as u32) << 16)));
                     }
                 }
+                Encoding::K4 => {
+                    let (d, o) = (f32_lanes(r), f32_lanes(&r[4 * GROUP..]));
+                    for j in 0..BLOCK / 2 {
+                        let q = byte_lanes(&r[8 * GROUP + j * GROUP..]);
+                        f(k + j, &each_lane(|c| (q[c] & 0x0F) as f32 * d[c] + o[c]));
+                        f(
+                            k + j + BLOCK / 2,
+                            &each_lane(|c| (q[c] >> 4) as f32 * d[c] + o[c]),
+                        );
+                    }
+                }
+                Encoding::K6 => {
+                    let (lo, hi) = (f32_lanes(r), f32_lanes(&r[4 * GROUP..]));
+                    for j in 0..BLOCK / 2 {
+                        let q = byte_lanes(&r[8 * GROUP + j * GROUP..]);
+                        let h = byte_lanes(&r[24 * GROUP + (j % 8) * GROUP..]);
+                        let shift = 2 * (j / 8);
+                        let six = |low: u8, high: u8| (low | ((high & 3) << 4)) as i32 - 32;
+                        f(
+                            k + j,
+                            &each_lane(|c| six(q[c] & 0x0F, h[c] >> shift) as f32 * lo[c]),
+                        );
+                        f(
+                            k + j + BLOCK / 2,
+                            &each_lane(|c| six(q[c] >> 4, h[c] >> (shift + 4)) as f32 * hi[c]),
+                        );
+                    }
+                }
                 Encoding::K8 => {
                     let (lo, hi) = (f32_lanes(r), f32_lanes(&r[4 * GROUP..]));
                     let offset = f32_lanes(&r[8 * GROUP..]);
@@ -452,8 +489,11 @@ mod tests {
         let t = Tensor::from_vec(values, (rows, cols), &Device::Cpu).unwrap();
         let q = QTensor::quantize(&t, dtype).unwrap();
         let raw = q.data().unwrap();
-        let packed = match crate::kquants::to_k8(dtype, &raw) {
-            Some(k8) => PackedMatrix::new(Encoding::K8, rows, cols, &k8.unwrap(), None),
+        let packed = match crate::kquants::recut(dtype, &raw) {
+            Some(recut) => {
+                let (encoding, blocks) = recut.unwrap();
+                PackedMatrix::new(encoding, rows, cols, &blocks, None)
+            }
             None => PackedMatrix::new(Encoding::of_ggml(dtype).unwrap(), rows, cols, &raw, None),
         }
         .unwrap();
@@ -473,7 +513,7 @@ mod tests {
         gamma * magnitude
     }
 
-    /// Every encoding, K-quants (re-cut to K8) included: unpacking (a
+    /// Every encoding, K-quants (re-cut) included: unpacking (a
     /// group, or one row) gives the dequantizer's values bit for bit, and every kernel the product
     /// with them within f32 rounding.
     #[test]

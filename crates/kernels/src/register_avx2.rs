@@ -37,6 +37,7 @@ pub(crate) unsafe fn dot_group<const R: usize>(
             };
             let bytes = |at: usize| [0, 8].map(|half| _mm_loadl_epi64(p.add(at + half).cast()));
             let unsigned = |at: usize| bytes(at).map(|q| _mm256_cvtepu8_epi32(q));
+            let floats = |at: usize| [0, 32].map(|half| _mm256_loadu_ps(p.add(at + half).cast()));
             let scale = |q: [__m256i; 2], d: [__m256; 2]| {
                 [0, 1].map(|i| _mm256_mul_ps(_mm256_cvtepi32_ps(q[i]), d[i]))
             };
@@ -77,9 +78,43 @@ pub(crate) unsafe fn dot_group<const R: usize>(
                         add(k + j, halves(j * 2 * GROUP));
                     }
                 }
+                Encoding::K4 => {
+                    let (d, o) = (floats(0), floats(4 * GROUP));
+                    for j in 0..BLOCK / 2 {
+                        let q = unsigned(8 * GROUP + j * GROUP);
+                        let lo = scale(q.map(|q| _mm256_and_si256(q, low_nibbles)), d);
+                        let hi = scale(q.map(|q| _mm256_srli_epi32(q, 4)), d);
+                        add(k + j, [0, 1].map(|i| _mm256_add_ps(lo[i], o[i])));
+                        add(
+                            k + j + BLOCK / 2,
+                            [0, 1].map(|i| _mm256_add_ps(hi[i], o[i])),
+                        );
+                    }
+                }
+                Encoding::K6 => {
+                    let (lo, hi) = (floats(0), floats(4 * GROUP));
+                    let (three, offset) = (_mm256_set1_epi32(3), _mm256_set1_epi32(32));
+                    // (low | (high >> shift & 3) << 4) − 32, lane by lane.
+                    let six = |low: __m256i, high: __m256i, shift: i32| {
+                        let high = _mm256_and_si256(
+                            _mm256_srl_epi32(high, _mm_cvtsi32_si128(shift)),
+                            three,
+                        );
+                        _mm256_sub_epi32(_mm256_or_si256(low, _mm256_slli_epi32(high, 4)), offset)
+                    };
+                    for j in 0..BLOCK / 2 {
+                        let q = unsigned(8 * GROUP + j * GROUP);
+                        let h = unsigned(24 * GROUP + (j % 8) * GROUP);
+                        let shift = 2 * (j / 8) as i32;
+                        let first =
+                            [0, 1].map(|i| six(_mm256_and_si256(q[i], low_nibbles), h[i], shift));
+                        let second =
+                            [0, 1].map(|i| six(_mm256_srli_epi32(q[i], 4), h[i], shift + 4));
+                        add(k + j, scale(first, lo));
+                        add(k + j + BLOCK / 2, scale(second, hi));
+                    }
+                }
                 Encoding::K8 => {
-                    let floats =
-                        |at: usize| [0, 32].map(|half| _mm256_loadu_ps(p.add(at + half).cast()));
                     let (lo, hi, offset) = (floats(0), floats(4 * GROUP), floats(8 * GROUP));
                     for j in 0..BLOCK {
                         let q = bytes(12 * GROUP + j * GROUP).map(|q| _mm256_cvtepi8_epi32(q));

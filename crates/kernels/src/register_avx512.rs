@@ -29,6 +29,7 @@ pub(crate) unsafe fn dot_group<const R: usize>(
             let (k, p) = (b * BLOCK, r.as_ptr());
             let halves = |at: usize| _mm512_cvtph_ps(_mm256_loadu_si256(p.add(at).cast()));
             let bytes = |at: usize| _mm_loadu_si128(p.add(at).cast());
+            let floats = |at: usize| _mm512_loadu_ps(p.add(at).cast());
             match matrix.encoding() {
                 Encoding::Q4_0 => {
                     let (d, eight) = (halves(0), _mm512_set1_epi32(8));
@@ -69,8 +70,43 @@ pub(crate) unsafe fn dot_group<const R: usize>(
                         add(k + j, _mm512_castsi512_ps(_mm512_slli_epi32(h, 16)));
                     }
                 }
+                Encoding::K4 => {
+                    let (d, o) = (floats(0), floats(4 * GROUP));
+                    for j in 0..BLOCK / 2 {
+                        let q = _mm512_cvtepu8_epi32(bytes(8 * GROUP + j * GROUP));
+                        let lo = _mm512_cvtepi32_ps(_mm512_and_si512(q, low_nibbles));
+                        let hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4));
+                        // Multiply, then add: the rounding of the dequantized value.
+                        add(k + j, _mm512_add_ps(_mm512_mul_ps(lo, d), o));
+                        add(k + j + BLOCK / 2, _mm512_add_ps(_mm512_mul_ps(hi, d), o));
+                    }
+                }
+                Encoding::K6 => {
+                    let (lo, hi) = (floats(0), floats(4 * GROUP));
+                    let (three, offset) = (_mm512_set1_epi32(3), _mm512_set1_epi32(32));
+                    // (low | (high >> shift & 3) << 4) − 32, lane by lane.
+                    let six = |low: __m512i, high: __m512i, shift: i32| {
+                        let high = _mm512_and_si512(
+                            _mm512_srl_epi32(high, _mm_cvtsi32_si128(shift)),
+                            three,
+                        );
+                        let q = _mm512_sub_epi32(
+                            _mm512_or_si512(low, _mm512_slli_epi32(high, 4)),
+                            offset,
+                        );
+                        _mm512_cvtepi32_ps(q)
+                    };
+                    for j in 0..BLOCK / 2 {
+                        let q = _mm512_cvtepu8_epi32(bytes(8 * GROUP + j * GROUP));
+                        let h = _mm512_cvtepu8_epi32(bytes(24 * GROUP + (j % 8) * GROUP));
+                        let shift = 2 * (j / 8) as i32;
+                        let first = six(_mm512_and_si512(q, low_nibbles), h, shift);
+                        let second = six(_mm512_srli_epi32(q, 4), h, shift + 4);
+                        add(k + j, _mm512_mul_ps(first, lo));
+                        add(k + j + BLOCK / 2, _mm512_mul_ps(second, hi));
+                    }
+                }
                 Encoding::K8 => {
-                    let floats = |at: usize| _mm512_loadu_ps(p.add(at).cast());
                     let (lo, hi, offset) = (floats(0), floats(4 * GROUP), floats(8 * GROUP));
                     for j in 0..BLOCK {
                         let q =

@@ -11,7 +11,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::error::{ModelError, Result};
 use crate::formats::rope_rows::unpermute_rope_rows;
 use crate::formats::safetensors::{read_safetensors, shard_files};
-use r3_kernels::kquants::to_k8;
+use r3_kernels::kquants::recut;
 use r3_kernels::packed::{Encoding, PackedMatrix};
 
 /// One tensor as its file stores it, so that inference can keep a compact
@@ -200,14 +200,13 @@ impl Weights {
                 let raw = tensor.data().map_err(|e| fail(&e))?;
                 match (
                     Encoding::of_ggml(tensor.dtype()),
-                    to_k8(tensor.dtype(), &raw),
+                    recut(tensor.dtype(), &raw),
                 ) {
                     (Some(encoding), _) => (encoding, raw, *rope_heads),
-                    (None, Some(k8)) => (
-                        Encoding::K8,
-                        Cow::Owned(k8.map_err(|e| fail(&e))?),
-                        *rope_heads,
-                    ),
+                    (None, Some(recut)) => {
+                        let (encoding, blocks) = recut.map_err(|e| fail(&e))?;
+                        (encoding, Cow::Owned(blocks), *rope_heads)
+                    }
                     (None, None) => return Ok(None),
                 }
             }
