@@ -30,9 +30,13 @@ assert all(lp <= 0 for lp in choice.logprobs.token_logprobs), choice.logprobs
 
 chat = client.chat.completions.create(
     model=name, messages=[{"role": "user", "content": "hi"}], max_tokens=6, temperature=0,
+    logprobs=True, top_logprobs=2,
 )
 whole = chat.choices[0].message.content
 assert isinstance(whole, str), chat
+for item in chat.choices[0].logprobs.content:
+    assert len(item.top_logprobs) == 2, item
+    assert item.top_logprobs[0].logprob == item.logprob, item
 
 pieces = client.chat.completions.create(
     model=name, messages=[{"role": "user", "content": "hi"}], max_tokens=6, temperature=0,
@@ -59,5 +63,5 @@ try:
 except openai.BadRequestError as e:
     assert "max_tokens" in str(e), e
 
-print(f"openai {openai.__version__}: completions (ids, log-probs), chat, streamed chat, "
+print(f"openai {openai.__version__}: completions (ids, log-probs), chat (with top log-probs), streamed chat, "
       f"an adapter and a bad request all as expected")

@@ -97,11 +97,41 @@ fn completions_and_chat_answer_with_token_ids() {
         );
         assert!(logprobs.iter().all(|l| l.as_f64().unwrap() <= 0.0), "{v}");
     }
-    let chat = json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4});
+    // Alternatives: greedy, the sampled token is the most likely one, so
+    // its log-prob is the best alternative's.
+    let body = json!({"prompt": [[1, 2, 3]], "max_tokens": 4, "logprobs": 3, "temperature": 0});
+    let (status, v) = server.post("/v1/completions", &body.to_string());
+    assert_eq!(status, 200, "{v}");
+    let logprobs = &v["choices"][0]["logprobs"];
+    let tops = logprobs["top_logprobs"].as_array().unwrap();
+    assert_eq!(
+        tops.len(),
+        logprobs["tokens"].as_array().unwrap().len(),
+        "{v}"
+    );
+    for (top, sampled) in tops
+        .iter()
+        .zip(logprobs["token_logprobs"].as_array().unwrap())
+    {
+        let top = top.as_object().unwrap();
+        assert!((1..=3).contains(&top.len()), "{v}");
+        let best = top
+            .values()
+            .map(|l| l.as_f64().unwrap())
+            .fold(f64::MIN, f64::max);
+        assert!((best - sampled.as_f64().unwrap()).abs() < 1e-6, "{v}");
+    }
+    let chat = json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
+                      "logprobs": true, "top_logprobs": 2, "temperature": 0});
     let (status, v) = server.post("/v1/chat/completions", &chat.to_string());
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["choices"][0]["message"]["role"], "assistant");
     assert!(v["choices"][0]["message"]["content"].is_string());
+    for item in v["choices"][0]["logprobs"]["content"].as_array().unwrap() {
+        let top = item["top_logprobs"].as_array().unwrap();
+        assert_eq!(top.len(), 2, "{item}");
+        assert_eq!(top[0]["logprob"], item["logprob"], "{item}");
+    }
 }
 
 #[test]

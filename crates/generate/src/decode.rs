@@ -36,6 +36,11 @@ pub struct Completion {
     /// (see [`crate::Drawn`]); `None` where a step did not compute one
     /// (greedy rows that did not ask, or a GPU's on-device argmax).
     pub logprobs: Option<Vec<f32>>,
+    /// Per sampled id, when asked for (see [`crate::Turn::alternatives`]):
+    /// the most likely ids of the distribution it was drawn from, with
+    /// their log-probs, most likely first. Empty otherwise.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub alternatives: Vec<Vec<(u32, f32)>>,
     /// The reply text, without the end-of-sequence token or stop string.
     pub text: String,
     pub finish: FinishReason,
@@ -149,6 +154,7 @@ impl<'a> Generator<'a> {
             let empty = Completion {
                 tokens: Vec::new(),
                 logprobs: Some(Vec::new()),
+                alternatives: Vec::new(),
                 text: String::new(),
                 finish: FinishReason::Length,
             };

@@ -166,6 +166,54 @@ impl Sampler {
     }
 }
 
+impl Sampler {
+    /// The `k` most likely tokens of the distribution the last token was
+    /// drawn from (the one [`Drawn::logprob`] is under), most likely
+    /// first, with their log-probs: OpenAI's `top_logprobs`. Call it
+    /// right after [`Sampler::draw`] on the same logits.
+    pub fn alternatives(&self, logits: &[f32], k: usize) -> Vec<(u32, f32)> {
+        if k == 0 {
+            return Vec::new();
+        }
+        if self.temperature <= 0.0 {
+            let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let log_total = logits.iter().map(|&l| (l - max).exp()).sum::<f32>().ln();
+            let top = largest(k, logits.iter().enumerate().map(|(i, &l)| (l, i as u32)));
+            return top
+                .into_iter()
+                .map(|(l, t)| (t, l - max - log_total))
+                .collect();
+        }
+        if self.top_k == 0 && self.top_p >= 1.0 {
+            let top = largest(
+                k,
+                self.probs.iter().enumerate().map(|(i, &p)| (p, i as u32)),
+            );
+            return top.into_iter().map(|(p, t)| (t, p.ln())).collect();
+        }
+        // The candidates kept by top-k / top-p, sorted, most likely first.
+        let mass: f32 = self.candidates.iter().map(|c| c.0).sum();
+        let kept = self.candidates.iter().take(k);
+        kept.map(|&(p, t)| (t, (p / mass).ln())).collect()
+    }
+}
+
+/// The `k` largest `(value, token)` pairs, largest first (the lower token
+/// on ties), without sorting the vocabulary: most values fall below the
+/// smallest kept one and cost one comparison.
+fn largest(k: usize, items: impl Iterator<Item = (f32, u32)>) -> Vec<(f32, u32)> {
+    let mut top: Vec<(f32, u32)> = Vec::with_capacity(k + 1);
+    for item in items {
+        if top.len() == k && item.0 <= top[k - 1].0 {
+            continue;
+        }
+        let at = top.partition_point(|kept| kept.0 >= item.0);
+        top.insert(at, item);
+        top.truncate(k);
+    }
+    top
+}
+
 /// Index of the largest logit (the first on ties, as torch's argmax).
 pub fn argmax(logits: &[f32]) -> u32 {
     let mut best = 0;

@@ -29,6 +29,9 @@ pub struct Turn {
     /// Keep the row's keys and values once it finishes, so that it can
     /// continue with another turn ([`DecodeStream::resume`]).
     pub keep: bool,
+    /// How many of the most likely ids to report beside each sampled one
+    /// ([`Completion::alternatives`]); 0 for none.
+    pub alternatives: usize,
 }
 
 /// A row that finished its turn.
@@ -48,6 +51,7 @@ struct Live {
     sampler: Sampler,
     completion: Completion,
     keep: bool,
+    alternatives: usize,
     /// Tokens of text a stop string can span, plus slack.
     stop_window: usize,
 }
@@ -102,13 +106,8 @@ impl<'g> DecodeStream<'g> {
             .into_iter()
             .enumerate()
             .map(|(key, sampler)| {
-                Row::Live(Box::new(Live::new(
-                    key,
-                    Vec::new(),
-                    params.clone(),
-                    sampler,
-                    keep,
-                )))
+                let live = Live::new(key, Vec::new(), params.clone(), sampler, keep, 0);
+                Row::Live(Box::new(live))
             })
             .collect();
         let mut stream = Self {
@@ -225,18 +224,20 @@ impl<'g> DecodeStream<'g> {
             .collect();
         let greedy = live
             .iter()
-            .all(|l| l.params.temperature <= 0.0 || !l.is_ready());
-        let drawn: Vec<Option<Drawn>> = if greedy && !logits.device().is_cpu() {
+            .all(|l| (l.params.temperature <= 0.0 && l.alternatives == 0) || !l.is_ready());
+        type Sampled = Option<(Drawn, Vec<(u32, f32)>)>;
+        let drawn: Vec<Sampled> = if greedy && !logits.device().is_cpu() {
             // Greedy on a GPU: the argmax there, and only the ids come
             // over (a [256, 152k] block of logits is 155 MB a step).
             let ids: Vec<u32> = logits.argmax(D::Minus1)?.to_vec1()?;
             live.iter()
                 .zip(ids)
                 .map(|(l, token)| {
-                    l.is_ready().then_some(Drawn {
+                    let drawn = Drawn {
                         token,
                         logprob: None,
-                    })
+                    };
+                    l.is_ready().then_some((drawn, Vec::new()))
                 })
                 .collect()
         } else {
@@ -248,18 +249,28 @@ impl<'g> DecodeStream<'g> {
             with_f32_elements(&on_cpu, |flat| {
                 live.par_iter_mut()
                     .zip(flat.par_chunks(vocab))
-                    .map(|(l, row_logits)| l.is_ready().then(|| l.sampler.draw(row_logits)))
+                    .map(|(l, row_logits)| {
+                        l.is_ready().then(|| {
+                            let drawn = l.sampler.draw(row_logits);
+                            (drawn, l.sampler.alternatives(row_logits, l.alternatives))
+                        })
+                    })
                     .collect()
             })?
         };
         let mut finished = Vec::new();
         let mut finished_slots = Vec::new();
         for (slot, drawn) in drawn.into_iter().enumerate() {
-            let Some(drawn) = drawn else { continue };
+            let Some((drawn, alternatives)) = drawn else {
+                continue;
+            };
             let Row::Live(live) = &mut self.rows[slot] else {
                 unreachable!("the first rows are live")
             };
             on_token(live.key, drawn.token);
+            if live.alternatives > 0 {
+                live.completion.alternatives.push(alternatives);
+            }
             if let Some(reason) = live.push(drawn, self.generator)? {
                 live.completion.finish = reason;
                 finished_slots.push(slot);
@@ -326,6 +337,7 @@ impl Live {
         params: SamplingParams,
         sampler: Sampler,
         keep: bool,
+        alternatives: usize,
     ) -> Self {
         let stop_window = params
             .stop_strings
@@ -340,6 +352,7 @@ impl Live {
             completion: Completion {
                 tokens: Vec::with_capacity(params.max_new_tokens),
                 logprobs: Some(Vec::with_capacity(params.max_new_tokens)),
+                alternatives: Vec::new(),
                 text: String::new(),
                 finish: FinishReason::Length,
             },
@@ -347,6 +360,7 @@ impl Live {
             params,
             sampler,
             keep,
+            alternatives,
             stop_window,
         }
     }
@@ -354,7 +368,14 @@ impl Live {
     /// A row for `turn`, fed `before` (a kept row's unfed token) first.
     fn from_turn(turn: Turn, mut before: Vec<u32>) -> Self {
         before.extend(turn.ids);
-        Self::new(turn.key, before, turn.params, turn.sampler, turn.keep)
+        Self::new(
+            turn.key,
+            before,
+            turn.params,
+            turn.sampler,
+            turn.keep,
+            turn.alternatives,
+        )
     }
 
     /// Whether the row samples after this step: all its ids are fed.

@@ -411,6 +411,7 @@ fn rows_joining_and_resuming_a_running_batch_sample_as_if_alone() {
         params: params.clone(),
         sampler: Sampler::new(&params, key as u64),
         keep,
+        alternatives: 0,
     };
     let alone = |key: usize, prompt: &[u32]| {
         let mut cache = KvCache::new(&f.model.config, 1, 512);
@@ -489,4 +490,46 @@ fn rows_joining_and_resuming_a_running_batch_sample_as_if_alone() {
         same(got, &expected, &format!("row {key}"));
     }
     assert_eq!(seen, 9 * 5, "on_token sees every sampled token");
+}
+
+/// The alternatives reported beside a sampled token come from the
+/// distribution it was drawn from: most likely first, the drawn token's
+/// log-prob among them where it is one of them, and all of them a whole
+/// distribution (greedy: the plain log-softmax; sampled: after
+/// temperature; with top-k / top-p: renormalised over what they keep).
+#[test]
+fn alternatives_are_the_drawn_distributions_most_likely_tokens() {
+    let logits: Vec<f32> = (0..50).map(|i| ((i * 37) % 50) as f32 / 7.0).collect();
+    for (temperature, top_k, top_p) in [(0.0, 0, 1.0), (0.7, 0, 1.0), (1.3, 5, 1.0), (0.9, 0, 0.8)]
+    {
+        let params = SamplingParams {
+            temperature,
+            top_k,
+            top_p,
+            seed: 9,
+            ..Default::default()
+        };
+        for row in 0..20 {
+            let mut sampler = Sampler::new(&params, row).with_logprobs();
+            let drawn = sampler.draw(&logits);
+            let all = sampler.alternatives(&logits, 50);
+            let what = format!("T {temperature} top_k {top_k} top_p {top_p}");
+            assert!(
+                all.windows(2).all(|w| w[0].1 >= w[1].1),
+                "{what}: not sorted"
+            );
+            let mass: f32 = all.iter().map(|(_, l)| l.exp()).sum();
+            assert!((mass - 1.0).abs() < 1e-4, "{what}: mass {mass}");
+            let own = all
+                .iter()
+                .find(|(t, _)| *t == drawn.token)
+                .expect("drawn is kept");
+            assert!((own.1 - drawn.logprob.unwrap()).abs() < 1e-6, "{what}");
+            assert_eq!(
+                sampler.alternatives(&logits, 3),
+                all[..3].to_vec(),
+                "{what}"
+            );
+        }
+    }
 }

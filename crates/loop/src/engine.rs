@@ -309,6 +309,7 @@ fn completion(
         (false, None, false) => FinishReason::Length,
     };
     Ok(Completion {
+        alternatives: Vec::new(),
         tokens,
         logprobs,
         text,

@@ -518,6 +518,7 @@ impl<'a> Rollouts<'a> {
                     params: retry.clone(),
                     sampler: Sampler::new(retry, first_row + row as u64),
                     keep: false,
+                    alternatives: 0,
                 })?;
                 continuations[row] = continuation;
                 reflections[row] = Some(completion);

@@ -11,6 +11,9 @@ pub const MAX_ROWS: usize = 256;
 /// Most choices per prompt.
 pub const MAX_N: usize = 64;
 
+/// Most alternatives per token (vLLM's default limit).
+pub const MAX_TOP_LOGPROBS: usize = 20;
+
 /// An error as OpenAI's API reports one, with its HTTP status.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ApiError {
@@ -77,8 +80,11 @@ pub struct Request {
     /// vLLM's `return_token_ids`: each choice carries its sampled ids.
     pub return_token_ids: bool,
     /// Each choice carries its sampled tokens' log-probs (completions'
-    /// `logprobs: 0`, chat's `logprobs: true`).
+    /// `logprobs: k`, chat's `logprobs: true`).
     pub logprobs: bool,
+    /// And beside each, the `k` most likely tokens with theirs
+    /// (completions' `logprobs: k`, chat's `top_logprobs: k`).
+    pub top_logprobs: usize,
     /// The reply comes as server-sent events, text as it is sampled.
     pub stream: bool,
 }
@@ -91,7 +97,6 @@ const NEUTRAL: &[(&str, &str)] = &[
     ("repetition_penalty", "1"),
     ("best_of", "n"),
     ("echo", "false"),
-    ("top_logprobs", "null"),
     ("logit_bias", "null"),
     ("suffix", "null"),
 ];
@@ -197,6 +202,7 @@ fn request(
                     | "stop_token_ids"
                     | "return_token_ids"
                     | "logprobs"
+                    | "top_logprobs"
                     | "stream"
             );
         if known {
@@ -269,17 +275,22 @@ fn request(
         Some(Value::Bool(b)) => *b,
         Some(_) => return Err(ApiError::bad("return_token_ids", "must be true or false")),
     };
-    let logprobs = match object.get("logprobs") {
-        None | Some(Value::Null) | Some(Value::Bool(false)) => false,
-        Some(Value::Bool(true)) => true,
-        Some(v) if v.as_u64() == Some(0) => true,
-        Some(_) => {
-            return Err(ApiError::bad(
-                "logprobs",
-                "only the sampled tokens' log-probs are returned yet (completions: 0; chat: true), no alternatives",
-            ))
-        }
+    // Completions: `logprobs: k` (alternatives per token); chat:
+    // `logprobs: true` and `top_logprobs: k`.
+    let (logprobs, mut top_logprobs) = match object.get("logprobs") {
+        None | Some(Value::Null) | Some(Value::Bool(false)) => (false, 0),
+        Some(Value::Bool(true)) => (true, 0),
+        Some(v) => (true, count(v, "logprobs", 0, MAX_TOP_LOGPROBS)?),
     };
+    match object.get("top_logprobs") {
+        None | Some(Value::Null) => {}
+        Some(v) => {
+            top_logprobs = count(v, "top_logprobs", 0, MAX_TOP_LOGPROBS)?;
+            if top_logprobs > 0 && !logprobs {
+                return Err(ApiError::bad("top_logprobs", "needs logprobs: true"));
+            }
+        }
+    }
     let stream = match object.get("stream") {
         None | Some(Value::Null) => false,
         Some(Value::Bool(b)) => *b,
@@ -311,6 +322,7 @@ fn request(
         stop_token_ids,
         return_token_ids,
         logprobs,
+        top_logprobs,
         stream,
     })
 }
@@ -457,7 +469,8 @@ mod tests {
             (json!({"prompt": "a", "stop": ""}), Some("stop")),
             (json!({"prompt": "a", "frobnicate": 1}), Some("frobnicate")),
             (json!({"prompt": "a", "stream": "yes"}), Some("stream")),
-            (json!({"prompt": "a", "logprobs": 5}), Some("logprobs")),
+            (json!({"prompt": "a", "logprobs": 21}), Some("logprobs")),
+            (json!({"prompt": "a", "logprobs": -1}), Some("logprobs")),
             (
                 json!({"prompt": "a", "top_logprobs": 3}),
                 Some("top_logprobs"),

@@ -29,7 +29,7 @@ use r3_loop::model::Model;
 use r3_loop::ChatEncoder;
 use r3_model::lora::Adapter;
 use r3_model::{Llama, LoadedModel};
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 use tokio::sync::{mpsc, oneshot};
 
 use api::{ApiError, ApiResult, Prompt, Request};
@@ -297,16 +297,16 @@ impl Server {
     /// Each sampled token's text and log-prob (null where the decoder
     /// computed none: a GPU's on-device greedy argmax).
     fn token_logprobs(&self, c: &Completion) -> (Vec<String>, Vec<Option<f32>>) {
-        let tokens = c
-            .tokens
-            .iter()
-            .map(|&t| self.model.tokenizer.decode(&[t]).unwrap_or_default())
-            .collect();
+        let tokens = c.tokens.iter().map(|&t| self.token_text(t)).collect();
         let logprobs = match &c.logprobs {
             Some(l) => l.iter().map(|&x| Some(x)).collect(),
             None => vec![None; c.tokens.len()],
         };
         (tokens, logprobs)
+    }
+
+    fn token_text(&self, token: u32) -> String {
+        self.model.tokenizer.decode(&[token]).unwrap_or_default()
     }
 
     /// The decoder a request's `model` names: the base (or none given),
@@ -390,16 +390,46 @@ impl Server {
                 }
                 if request.logprobs {
                     let (tokens, logprobs) = self.token_logprobs(c);
+                    // Per token, its alternatives as (text, log-prob).
+                    let alternatives: Vec<Vec<(String, f32)>> = (0..c.tokens.len())
+                        .map(|i| match c.alternatives.get(i) {
+                            Some(top) => top.iter().map(|&(t, l)| (self.token_text(t), l)).collect(),
+                            None => Vec::new(),
+                        })
+                        .collect();
                     choice["logprobs"] = match route {
-                        stream::Route::Completions => json!({
-                            "tokens": tokens, "token_logprobs": logprobs,
-                            "top_logprobs": null, "text_offset": null,
-                        }),
+                        stream::Route::Completions => {
+                            // OpenAI's legacy shape: one {text: log-prob}
+                            // object per token; a text several tokens
+                            // share keeps the most likely one's.
+                            let top: Option<Vec<Map<String, Value>>> = (request.top_logprobs > 0)
+                                .then(|| {
+                                    let object = |top: &Vec<(String, f32)>| {
+                                        let mut object = Map::new();
+                                        for (t, l) in top {
+                                            object.entry(t.clone()).or_insert(json!(l));
+                                        }
+                                        object
+                                    };
+                                    alternatives.iter().map(object).collect()
+                                });
+                            json!({
+                                "tokens": tokens, "token_logprobs": logprobs,
+                                "top_logprobs": top, "text_offset": null,
+                            })
+                        }
                         stream::Route::Chat => {
                             let content: Vec<Value> = tokens
                                 .iter()
                                 .zip(&logprobs)
-                                .map(|(t, l)| json!({"token": t, "logprob": l, "bytes": null, "top_logprobs": []}))
+                                .zip(&alternatives)
+                                .map(|((t, l), top)| {
+                                    let top: Vec<Value> = top
+                                        .iter()
+                                        .map(|(t, l)| json!({"token": t, "logprob": l, "bytes": t.as_bytes()}))
+                                        .collect();
+                                    json!({"token": t, "logprob": l, "bytes": t.as_bytes(), "top_logprobs": top})
+                                })
                                 .collect();
                             json!({"content": content})
                         }
@@ -525,6 +555,7 @@ impl Server {
             params,
             stop_token_ids,
             logprobs: request.logprobs,
+            top_logprobs: request.top_logprobs,
             stream,
             reply,
         };

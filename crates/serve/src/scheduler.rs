@@ -30,6 +30,8 @@ pub struct Job {
     pub stop_token_ids: Vec<u32>,
     /// Greedy rows compute their log-probs too.
     pub logprobs: bool,
+    /// Alternatives reported beside each sampled token.
+    pub top_logprobs: usize,
     /// Where each sampled token goes as it is sampled, `(choice, token)`,
     /// for a streamed reply; a closed receiver (a client gone) is ignored.
     pub stream: Option<mpsc::UnboundedSender<(usize, u32)>>,
@@ -124,6 +126,7 @@ fn serve_batch(
                         sampler
                     },
                     keep: false,
+                    alternatives: job.top_logprobs,
                 });
                 rows_of_job.push((next_row, (next_job, choice)));
                 next_row += 1;
