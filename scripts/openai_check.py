@@ -28,6 +28,14 @@ assert 1 <= len(ids) <= 5, ids
 assert len(choice.logprobs.token_logprobs) == len(ids), choice.logprobs
 assert all(lp <= 0 for lp in choice.logprobs.token_logprobs), choice.logprobs
 
+# Echo, as lm-evaluation-harness scores a continuation.
+scored = client.completions.create(
+    model=name, prompt=[1, 2, 3, 4], max_tokens=0, echo=True, logprobs=1, temperature=0,
+)
+lp = scored.choices[0].logprobs
+assert len(lp.token_logprobs) == 4 and lp.token_logprobs[0] is None, lp
+assert all(x <= 0 for x in lp.token_logprobs[1:]), lp
+
 chat = client.chat.completions.create(
     model=name, messages=[{"role": "user", "content": "hi"}], max_tokens=6, temperature=0,
     logprobs=True, top_logprobs=2,
@@ -63,5 +71,5 @@ try:
 except openai.BadRequestError as e:
     assert "max_tokens" in str(e), e
 
-print(f"openai {openai.__version__}: completions (ids, log-probs), chat (with top log-probs), streamed chat, "
+print(f"openai {openai.__version__}: completions (ids, log-probs, echo), chat (with top log-probs), streamed chat, "
       f"an adapter and a bad request all as expected")

@@ -121,6 +121,50 @@ fn completions_and_chat_answer_with_token_ids() {
             .fold(f64::MIN, f64::max);
         assert!((best - sampled.as_f64().unwrap()).abs() < 1e-6, "{v}");
     }
+    // Echo, as lm-evaluation-harness scores a continuation: the prompt's
+    // own tokens scored (the first has no log-prob), and a greedy token's
+    // log-prob the same whether sampled or scored as part of the prompt.
+    let prompt = [1u32, 2, 3, 4];
+    let body = json!({"prompt": prompt, "max_tokens": 1, "logprobs": 0, "temperature": 0,
+                      "return_token_ids": true});
+    let (_, sampled) = server.post("/v1/completions", &body.to_string());
+    let next = sampled["choices"][0]["token_ids"][0].as_u64().unwrap() as u32;
+    let sampled_logprob = sampled["choices"][0]["logprobs"]["token_logprobs"][0]
+        .as_f64()
+        .unwrap();
+    let whole: Vec<u32> = prompt.iter().copied().chain([next]).collect();
+    for max_tokens in [0, 2] {
+        let body = json!({"prompt": whole, "max_tokens": max_tokens, "echo": true,
+                          "logprobs": 1, "temperature": 0});
+        let (status, v) = server.post("/v1/completions", &body.to_string());
+        assert_eq!(status, 200, "{v}");
+        let logprobs = &v["choices"][0]["logprobs"];
+        let scores = logprobs["token_logprobs"].as_array().unwrap();
+        assert_eq!(scores.len(), whole.len() + max_tokens, "{v}");
+        assert!(
+            scores[0].is_null() && logprobs["top_logprobs"][0].is_null(),
+            "{v}"
+        );
+        let scored = scores[whole.len() - 1].as_f64().unwrap();
+        assert!(
+            (scored - sampled_logprob).abs() < 1e-4,
+            "{scored} vs {sampled_logprob}"
+        );
+        let top = logprobs["top_logprobs"][whole.len() - 1]
+            .as_object()
+            .unwrap();
+        assert_eq!(top.len(), 1, "{v}");
+        assert!(v["choices"][0]["text"].as_str().is_some(), "{v}");
+    }
+    let (status, v) = server.post(
+        "/v1/completions",
+        &json!({"prompt": "a", "max_tokens": 0}).to_string(),
+    );
+    assert_eq!(
+        (status, v["error"]["param"].as_str()),
+        (400, Some("max_tokens")),
+        "{v}"
+    );
     let chat = json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
                       "logprobs": true, "top_logprobs": 2, "temperature": 0});
     let (status, v) = server.post("/v1/chat/completions", &chat.to_string());

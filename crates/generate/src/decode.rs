@@ -7,7 +7,7 @@ use candle_core::Tensor;
 use r3_model::{KvCache, Llama, Tokenizer};
 use serde::{Deserialize, Serialize};
 
-use crate::sampler::{Sampler, SamplingParams};
+use crate::sampler::{largest, Sampler, SamplingParams};
 use crate::stream::DecodeStream;
 use crate::{GenerateError, Result};
 
@@ -44,6 +44,15 @@ pub struct Completion {
     /// The reply text, without the end-of-sequence token or stop string.
     pub text: String,
     pub finish: FinishReason,
+}
+
+/// A prompt's own tokens scored ([`Generator::prompt_logprobs`]): entry
+/// `i` is about token `i + 1`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScoredPrompt {
+    pub logprobs: Vec<f32>,
+    /// Empty unless alternatives were asked for.
+    pub alternatives: Vec<Vec<(u32, f32)>>,
 }
 
 /// Generation outputs, and (when asked for) the cache with every row active
@@ -98,6 +107,43 @@ impl<'a> Generator<'a> {
                 step: format!("prefill's logits for {} rows", segments.len()),
                 cause: source,
             })
+    }
+
+    /// Scores a prompt's own tokens (OpenAI's `echo`): the log-prob of each
+    /// token after the ones before it (the first has none), and, for
+    /// `k > 0`, the `k` most likely tokens at each of those positions, most
+    /// likely first. Plain log-softmax of the logits: no temperature.
+    pub fn prompt_logprobs(&self, prompt: &[u32], k: usize) -> Result<ScoredPrompt> {
+        let mut scored = ScoredPrompt {
+            logprobs: Vec::with_capacity(prompt.len().saturating_sub(1)),
+            alternatives: Vec::new(),
+        };
+        let mut cache = KvCache::new(&self.model.config, 1, prompt.len());
+        for (c, chunk) in prompt.chunks(PREFILL_CHUNK).enumerate() {
+            let step = |source| GenerateError::Forward {
+                step: format!("scoring a prompt of {} tokens", prompt.len()),
+                cause: source,
+            };
+            let hidden = self.model.forward(&[chunk], &mut cache).map_err(step)?;
+            let logits = self.model.all_logits(&hidden).map_err(step)?;
+            let logits = logits.squeeze(0)?.to_device(&candle_core::Device::Cpu)?;
+            let rows: Vec<Vec<f32>> = logits.to_vec2()?;
+            for (i, row) in rows.iter().enumerate() {
+                let Some(&next) = prompt.get(c * PREFILL_CHUNK + i + 1) else {
+                    break;
+                };
+                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let norm = max + row.iter().map(|&l| (l - max).exp()).sum::<f32>().ln();
+                scored.logprobs.push(row[next as usize] - norm);
+                if k > 0 {
+                    let top = largest(k, row.iter().enumerate().map(|(t, &l)| (l, t as u32)));
+                    scored
+                        .alternatives
+                        .push(top.into_iter().map(|(l, t)| (t, l - norm)).collect());
+                }
+            }
+        }
+        Ok(scored)
     }
 
     /// Completes every prompt (token ids of rendered chats).

@@ -8,7 +8,7 @@ pub mod decode;
 pub mod sampler;
 pub mod stream;
 
-pub use decode::{Completion, Decoded, FinishReason, Generator};
+pub use decode::{Completion, Decoded, FinishReason, Generator, ScoredPrompt};
 pub use sampler::{argmax, Drawn, Sampler, SamplingParams};
 pub use stream::{DecodeStream, Finished, Turn};
 

@@ -201,7 +201,7 @@ impl Sampler {
 /// The `k` largest `(value, token)` pairs, largest first (the lower token
 /// on ties), without sorting the vocabulary: most values fall below the
 /// smallest kept one and cost one comparison.
-fn largest(k: usize, items: impl Iterator<Item = (f32, u32)>) -> Vec<(f32, u32)> {
+pub(crate) fn largest(k: usize, items: impl Iterator<Item = (f32, u32)>) -> Vec<(f32, u32)> {
     let mut top: Vec<(f32, u32)> = Vec::with_capacity(k + 1);
     for item in items {
         if top.len() == k && item.0 <= top[k - 1].0 {

@@ -533,3 +533,42 @@ fn alternatives_are_the_drawn_distributions_most_likely_tokens() {
         }
     }
 }
+
+/// Scoring a prompt's own tokens (`echo`) agrees with decoding: a greedy
+/// completion, scored as part of the prompt, gets the log-probs its
+/// sampler reported, and each of its tokens is the top alternative where
+/// it was sampled; a prompt longer than a prefill chunk scores the same.
+#[test]
+fn a_scored_prompt_agrees_with_greedy_decoding() {
+    let f = fixture();
+    let g = Generator::new(&f.model, &f.tokenizer, &f.eos);
+    let params = SamplingParams {
+        max_new_tokens: 6,
+        ..Default::default()
+    };
+    let prompt: Vec<u32> = (0..300).map(|i| 3 + (i * 11) % 250).collect();
+    let mut cache = KvCache::new(&f.model.config, 1, 400);
+    let logits = g.prefill(&mut cache, &[&prompt]).unwrap();
+    let sampler = Sampler::new(&params, 0).with_logprobs();
+    let greedy = g
+        .decode(cache, logits, &params, vec![sampler], false)
+        .unwrap()
+        .completions
+        .remove(0);
+    let whole = [prompt.clone(), greedy.tokens.clone()].concat();
+    let scored = g.prompt_logprobs(&whole, 2).unwrap();
+    assert_eq!(scored.logprobs.len(), whole.len() - 1);
+    assert_eq!(scored.alternatives.len(), whole.len() - 1);
+    let sampled = greedy.logprobs.as_ref().unwrap();
+    for (i, &token) in greedy.tokens.iter().enumerate() {
+        let at = prompt.len() - 1 + i;
+        assert!(
+            (scored.logprobs[at] - sampled[i]).abs() < 1e-4,
+            "token {i}: {} vs {}",
+            scored.logprobs[at],
+            sampled[i]
+        );
+        assert_eq!(scored.alternatives[at][0].0, token, "token {i}");
+        assert!(scored.alternatives[at][0].1 >= scored.alternatives[at][1].1);
+    }
+}

@@ -87,6 +87,10 @@ pub struct Request {
     pub top_logprobs: usize,
     /// The reply comes as server-sent events, text as it is sampled.
     pub stream: bool,
+    /// Completions' `echo`: each choice starts with its prompt, whose
+    /// tokens are scored too (with `logprobs`); `max_tokens: 0` scores
+    /// without generating.
+    pub echo: bool,
 }
 
 /// Fields OpenAI clients send with neutral values, accepted only with
@@ -115,7 +119,7 @@ pub fn completion_request(body: &Value) -> ApiResult<Request> {
         Some(p) => prompts(p)?,
         None => return Err(ApiError::bad("prompt", "is required")),
     };
-    request(object, prompts, &["prompt"], 16)
+    request(object, prompts, &["prompt", "echo"], 16)
 }
 
 /// Parses a `/v1/chat/completions` body; returns the request (without
@@ -220,9 +224,15 @@ fn request(
     let max_tokens = ["max_tokens", "max_completion_tokens"]
         .iter()
         .find_map(|k| object.get(*k).filter(|v| !v.is_null()).map(|v| (*k, v)));
+    let echo = match object.get("echo") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err(ApiError::bad("echo", "must be true or false")),
+    };
+    // Only an echo may generate nothing: it scores the prompt.
     let max_new_tokens = match max_tokens {
         None => default_max_tokens,
-        Some((key, v)) => count(v, key, 1, usize::MAX)?,
+        Some((key, v)) => count(v, key, if echo { 0 } else { 1 }, usize::MAX)?,
     };
     let temperature = number(object, "temperature", 1.0)?;
     if !(0.0..=100.0).contains(&temperature) {
@@ -302,6 +312,9 @@ fn request(
             "is not streamed yet; ask without stream",
         ));
     }
+    if stream && echo {
+        return Err(ApiError::bad("echo", "is not streamed; ask without stream"));
+    }
     let model = match object.get("model") {
         None | Some(Value::Null) => None,
         Some(Value::String(s)) => Some(s.clone()),
@@ -324,6 +337,7 @@ fn request(
         logprobs,
         top_logprobs,
         stream,
+        echo,
     })
 }
 

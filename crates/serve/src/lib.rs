@@ -24,7 +24,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use r3_generate::{Completion, FinishReason};
+use r3_generate::{Completion, FinishReason, ScoredPrompt};
 use r3_loop::model::Model;
 use r3_loop::ChatEncoder;
 use r3_model::lora::Adapter;
@@ -33,7 +33,7 @@ use serde_json::{json, Map, Value};
 use tokio::sync::{mpsc, oneshot};
 
 use api::{ApiError, ApiResult, Prompt, Request};
-use scheduler::{Job, Rows};
+use scheduler::{Done, Job, Rows};
 
 /// Largest request body read; a larger one gets 413.
 pub const MAX_BODY_BYTES: usize = 8 << 20;
@@ -294,15 +294,37 @@ impl Server {
         json!({"object": "list", "data": data})
     }
 
-    /// Each sampled token's text and log-prob (null where the decoder
-    /// computed none: a GPU's on-device greedy argmax).
-    fn token_logprobs(&self, c: &Completion) -> (Vec<String>, Vec<Option<f32>>) {
-        let tokens = c.tokens.iter().map(|&t| self.token_text(t)).collect();
-        let logprobs = match &c.logprobs {
-            Some(l) => l.iter().map(|&x| Some(x)).collect(),
-            None => vec![None; c.tokens.len()],
+    /// Each token of a choice with its log-prob (null where none was
+    /// computed: an echoed prompt's first token, or a GPU's on-device
+    /// greedy argmax) and its alternatives: the echoed prompt's tokens
+    /// (`scored`) first, then the sampled ones.
+    fn choice_tokens(
+        &self,
+        prompt: Option<(&[u32], &ScoredPrompt)>,
+        c: &Completion,
+    ) -> Vec<(String, Option<f32>, Vec<(String, f32)>)> {
+        let texts = |top: &[(u32, f32)]| -> Vec<(String, f32)> {
+            top.iter().map(|&(t, l)| (self.token_text(t), l)).collect()
         };
-        (tokens, logprobs)
+        let mut out = Vec::new();
+        if let Some((ids, scored)) = prompt {
+            for (i, &t) in ids.iter().enumerate() {
+                let (logprob, top) = match i.checked_sub(1) {
+                    Some(j) => (
+                        Some(scored.logprobs[j]),
+                        scored.alternatives.get(j).map_or(Vec::new(), |a| texts(a)),
+                    ),
+                    None => (None, Vec::new()),
+                };
+                out.push((self.token_text(t), logprob, top));
+            }
+        }
+        for (i, &t) in c.tokens.iter().enumerate() {
+            let logprob = c.logprobs.as_ref().map(|l| l[i]);
+            let top = c.alternatives.get(i).map_or(Vec::new(), |a| texts(a));
+            out.push((self.token_text(t), logprob, top));
+        }
+        out
     }
 
     fn token_text(&self, token: u32) -> String {
@@ -355,75 +377,91 @@ impl Server {
     }
 
     async fn completions(&self, request: Request, prompts: Vec<Vec<u32>>) -> ApiResult<Value> {
-        let (completions, usage) = self.generate(&request, prompts).await?;
-        Ok(self.reply(&request, &completions, usage, stream::Route::Completions))
+        let (done, usage) = self.generate(&request, prompts.clone()).await?;
+        Ok(self.reply(&request, &prompts, &done, usage, stream::Route::Completions))
     }
 
     async fn chat(&self, request: Request, prompt: Vec<u32>) -> ApiResult<Value> {
-        let (completions, usage) = self.generate(&request, vec![prompt]).await?;
-        Ok(self.reply(&request, &completions, usage, stream::Route::Chat))
+        let prompts = vec![prompt];
+        let (done, usage) = self.generate(&request, prompts.clone()).await?;
+        Ok(self.reply(&request, &prompts, &done, usage, stream::Route::Chat))
+    }
+
+    /// Prompt `p`'s text as the request gave it (ids decoded), for `echo`.
+    fn prompt_text(&self, request: &Request, ids: &[u32], p: usize) -> String {
+        match request.prompts.get(p) {
+            Some(Prompt::Text(text)) => text.clone(),
+            _ => self.model.tokenizer.decode(ids).unwrap_or_default(),
+        }
     }
 
     /// The whole reply of either route: one choice per completion, in the
-    /// route's own shape, with log-probs and token ids when asked.
+    /// route's own shape, with the echoed prompt, log-probs and token ids
+    /// when asked.
     fn reply(
         &self,
         request: &Request,
-        completions: &[Completion],
+        prompts: &[Vec<u32>],
+        done: &Done,
         usage: Value,
         route: stream::Route,
     ) -> Value {
-        let choices: Vec<Value> = completions
+        let choices: Vec<Value> = done
+            .completions
             .iter()
             .enumerate()
             .map(|(index, c)| {
+                let p = index / request.n;
+                let echoed = done.scored.get(p).map(|scored| (prompts[p].as_slice(), scored));
                 let mut choice = json!({
                     "index": index,
                     "logprobs": null,
                     "finish_reason": finish_reason(c),
                 });
                 match route {
-                    stream::Route::Completions => choice["text"] = json!(c.text),
+                    stream::Route::Completions => {
+                        choice["text"] = match echoed {
+                            Some((ids, _)) => json!(self.prompt_text(request, ids, p) + &c.text),
+                            None => json!(c.text),
+                        }
+                    }
                     stream::Route::Chat => {
                         choice["message"] = json!({"role": "assistant", "content": c.text})
                     }
                 }
                 if request.logprobs {
-                    let (tokens, logprobs) = self.token_logprobs(c);
-                    // Per token, its alternatives as (text, log-prob).
-                    let alternatives: Vec<Vec<(String, f32)>> = (0..c.tokens.len())
-                        .map(|i| match c.alternatives.get(i) {
-                            Some(top) => top.iter().map(|&(t, l)| (self.token_text(t), l)).collect(),
-                            None => Vec::new(),
-                        })
-                        .collect();
+                    let tokens = self.choice_tokens(echoed, c);
                     choice["logprobs"] = match route {
                         stream::Route::Completions => {
                             // OpenAI's legacy shape: one {text: log-prob}
-                            // object per token; a text several tokens
-                            // share keeps the most likely one's.
-                            let top: Option<Vec<Map<String, Value>>> = (request.top_logprobs > 0)
-                                .then(|| {
-                                    let object = |top: &Vec<(String, f32)>| {
+                            // object per token (null for an echoed
+                            // prompt's first); a text several tokens share
+                            // keeps the most likely one's.
+                            let top: Option<Vec<Value>> = (request.top_logprobs > 0).then(|| {
+                                tokens
+                                    .iter()
+                                    .map(|(_, logprob, top)| {
+                                        if logprob.is_none() && top.is_empty() {
+                                            return Value::Null;
+                                        }
                                         let mut object = Map::new();
                                         for (t, l) in top {
                                             object.entry(t.clone()).or_insert(json!(l));
                                         }
-                                        object
-                                    };
-                                    alternatives.iter().map(object).collect()
-                                });
+                                        Value::Object(object)
+                                    })
+                                    .collect()
+                            });
                             json!({
-                                "tokens": tokens, "token_logprobs": logprobs,
+                                "tokens": tokens.iter().map(|t| &t.0).collect::<Vec<_>>(),
+                                "token_logprobs": tokens.iter().map(|t| t.1).collect::<Vec<_>>(),
                                 "top_logprobs": top, "text_offset": null,
                             })
                         }
                         stream::Route::Chat => {
                             let content: Vec<Value> = tokens
                                 .iter()
-                                .zip(&logprobs)
-                                .zip(&alternatives)
-                                .map(|((t, l), top)| {
+                                .map(|(t, l, top)| {
                                     let top: Vec<Value> = top
                                         .iter()
                                         .map(|(t, l)| json!({"token": t, "logprob": l, "bytes": t.as_bytes()}))
@@ -466,19 +504,19 @@ impl Server {
         &self,
         request: &Request,
         prompts: Vec<Vec<u32>>,
-    ) -> ApiResult<(Vec<Completion>, Value)> {
+    ) -> ApiResult<(Done, Value)> {
         let (answer, prompt_tokens) = self.submit(request, prompts, None).await?;
-        let completions = answer
+        let done = answer
             .await
             .map_err(|_| ApiError::new(503, "the scheduler has stopped"))?
             .map_err(|e| ApiError::new(500, e))?;
-        let completion_tokens: usize = completions.iter().map(|c| c.tokens.len()).sum();
+        let completion_tokens: usize = done.completions.iter().map(|c| c.tokens.len()).sum();
         let usage = json!({
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens,
         });
-        Ok((completions, usage))
+        Ok((done, usage))
     }
 
     /// Checks the prompts against the model and queues the job (its tokens
@@ -556,6 +594,7 @@ impl Server {
             stop_token_ids,
             logprobs: request.logprobs,
             top_logprobs: request.top_logprobs,
+            echo: request.echo,
             stream,
             reply,
         };
@@ -568,7 +607,7 @@ impl Server {
 }
 
 /// Where a queued job's completions arrive.
-pub(crate) type Answer = oneshot::Receiver<Result<Vec<Completion>, String>>;
+pub(crate) type Answer = oneshot::Receiver<Result<scheduler::Done, String>>;
 
 /// OpenAI's finish reasons: an end-of-turn id or a stop string is "stop".
 pub(crate) fn finish_reason(c: &Completion) -> &'static str {

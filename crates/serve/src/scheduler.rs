@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
 
-use r3_generate::{Completion, DecodeStream, Generator, Sampler, Turn};
+use r3_generate::{Completion, DecodeStream, FinishReason, Generator, Sampler, ScoredPrompt, Turn};
 use r3_model::{Llama, LoadedModel};
 
 /// One prompt's rows: `n` choices of `prompt`, each with its own stream.
@@ -32,11 +32,20 @@ pub struct Job {
     pub logprobs: bool,
     /// Alternatives reported beside each sampled token.
     pub top_logprobs: usize,
+    /// Score each prompt's own tokens too (`echo`).
+    pub echo: bool,
     /// Where each sampled token goes as it is sampled, `(choice, token)`,
     /// for a streamed reply; a closed receiver (a client gone) is ignored.
     pub stream: Option<mpsc::UnboundedSender<(usize, u32)>>,
     /// Dropped unanswered only if the scheduler stops.
-    pub reply: oneshot::Sender<Result<Vec<Completion>, String>>,
+    pub reply: oneshot::Sender<Result<Done, String>>,
+}
+
+/// A finished job: its completions in prompt, choice order, and (for
+/// `echo`) each prompt's own tokens scored.
+pub struct Done {
+    pub completions: Vec<Completion>,
+    pub scored: Vec<ScoredPrompt>,
 }
 
 impl Job {
@@ -59,7 +68,24 @@ pub const QUEUE: usize = 256;
 struct Running {
     job: Job,
     completions: Vec<Option<Completion>>,
+    scored: Vec<ScoredPrompt>,
     missing: usize,
+}
+
+impl Running {
+    /// Answers the job (a client that went away is not waiting for it).
+    fn reply(self) {
+        let completions = self
+            .completions
+            .into_iter()
+            .map(|c| c.expect("finished"))
+            .collect();
+        let done = Done {
+            completions,
+            scored: self.scored,
+        };
+        let _ = self.job.reply.send(Ok(done));
+    }
 }
 
 /// Runs jobs from `jobs` until every sender is gone. `max_rows` bounds the
@@ -108,6 +134,42 @@ fn serve_batch(
                 break;
             }
             let job = waiting.pop_front().expect("looked at");
+            let scored = match job.echo {
+                true => {
+                    let scores = job
+                        .rows
+                        .iter()
+                        .map(|r| generator.prompt_logprobs(&r.prompt, job.top_logprobs));
+                    match scores.collect::<r3_generate::Result<Vec<_>>>() {
+                        Ok(scored) => scored,
+                        Err(e) => {
+                            let _ = job
+                                .reply
+                                .send(Err(format!("scoring the prompt failed: {e}")));
+                            continue;
+                        }
+                    }
+                }
+                false => Vec::new(),
+            };
+            if job.params.max_new_tokens == 0 {
+                // Scoring only: nothing to generate.
+                let empty = Completion {
+                    tokens: Vec::new(),
+                    logprobs: Some(Vec::new()),
+                    alternatives: Vec::new(),
+                    text: String::new(),
+                    finish: FinishReason::Length,
+                };
+                Running {
+                    completions: vec![Some(empty); rows],
+                    scored,
+                    missing: 0,
+                    job,
+                }
+                .reply();
+                continue;
+            }
             let (mut turns, mut rows_of_job) = (Vec::with_capacity(rows), Vec::with_capacity(rows));
             for (choice, prompt) in job
                 .rows
@@ -142,6 +204,7 @@ fn serve_batch(
                 next_job,
                 Running {
                     completions: vec![None; rows],
+                    scored,
                     missing: rows,
                     job,
                 },
@@ -166,14 +229,7 @@ fn serve_batch(
                     done.completions[choice] = Some(f.completion);
                     done.missing -= 1;
                     if done.missing == 0 {
-                        let done = running.remove(&j).expect("running");
-                        let completions = done
-                            .completions
-                            .into_iter()
-                            .map(|c| c.expect("finished"))
-                            .collect();
-                        // A client that went away is not waiting for it.
-                        let _ = done.job.reply.send(Ok(completions));
+                        running.remove(&j).expect("running").reply();
                     }
                 }
             }

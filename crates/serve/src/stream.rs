@@ -104,7 +104,8 @@ pub(crate) async fn reply(
                 }
                 result = &mut answer => {
                     let last: Vec<String> = match result {
-                        Ok(Ok(completions)) => completions
+                        Ok(Ok(done)) => done
+                            .completions
                             .iter()
                             .enumerate()
                             .map(|(choice, c)| {
