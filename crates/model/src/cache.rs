@@ -100,6 +100,12 @@ impl KvCache {
         }
     }
 
+    /// Whether the keys and values stay in autograd's graph: a training
+    /// forward's cache (see [`crate::exec::Exec::of`]).
+    pub fn is_differentiable(&self) -> bool {
+        self.storage == Storage::Differentiable
+    }
+
     /// Rows taking part in forwards: one segment each.
     pub fn batch(&self) -> usize {
         self.active

@@ -302,7 +302,8 @@ impl<'m, 'a> Recompute<'m, 'a> {
         }
         drop(cache);
         let top = Var::from_tensor(&x)?;
-        let logprobs = layout.logprobs(model, &model.final_norm(top.as_tensor())?)?;
+        let normed = model.final_norm(top.as_tensor(), r3_model::Exec::Train)?;
+        let logprobs = layout.logprobs(model, &normed)?;
         Ok((
             Self {
                 model,

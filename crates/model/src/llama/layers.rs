@@ -1,8 +1,8 @@
 //! The decoder's layers, one struct each with a plain `forward`: RMSNorm,
 //! rotary embeddings, attention, the MLP, and the decoder layer that joins
-//! them. candle's fused kernels (rms-norm, softmax, rope) have no backward
-//! pass, so an op takes the fused kernel only when none of its inputs can
-//! need a gradient, and otherwise composes basic ops autograd records.
+//! them. Whether an op runs a fused kernel (rms-norm, softmax, rope, cached
+//! attention: no backward pass) or composes basic ops autograd records is
+//! the forward's [`Exec`], chosen once per forward.
 
 use candle_core::{DType, Device, Module, Tensor, D};
 use r3_kernels::attention::{cached_attention, MAX_FUSED_TOKENS};
@@ -11,9 +11,11 @@ use r3_kernels::device_matmul::device_matmul;
 use super::linear::{
     cast_like, project_all, project_heads, Linear, ProjectionWeight, Projections, WeightLayout,
 };
+use super::ForwardInputs;
 use crate::cache::KvCache;
 use crate::config::ModelConfig;
 use crate::error::Result;
+use crate::exec::Exec;
 use crate::lora::peft_names;
 use crate::weights::Weights;
 
@@ -23,10 +25,10 @@ pub(super) struct RmsNorm {
     pub(super) eps: f64,
 }
 
-impl Module for RmsNorm {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+impl RmsNorm {
+    pub(super) fn forward(&self, x: &Tensor, exec: Exec) -> candle_core::Result<Tensor> {
         let weight = cast_like(&self.weight, x)?;
-        if !x.track_op() && !weight.track_op() && x.is_contiguous() {
+        if exec.fused() && x.is_contiguous() {
             return candle_nn::ops::rms_norm(x, &weight, self.eps as f32);
         }
         let mean_square = x.sqr()?.mean_keepdim(D::Minus1)?;
@@ -35,8 +37,8 @@ impl Module for RmsNorm {
     }
 }
 
-pub(super) fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
-    if !x.track_op() {
+pub(super) fn softmax_last_dim(x: &Tensor, exec: Exec) -> candle_core::Result<Tensor> {
+    if exec.fused() {
         return candle_nn::ops::softmax_last_dim(x);
     }
     let max = x.max_keepdim(D::Minus1)?.detach();
@@ -77,8 +79,8 @@ impl Rotary {
     }
 
     /// HF's rotate-half RoPE on `[batch, heads, t, head_dim]`.
-    pub(super) fn apply(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        if !x.track_op() {
+    pub(super) fn apply(&self, x: &Tensor, exec: Exec) -> candle_core::Result<Tensor> {
+        if exec.fused() {
             return candle_nn::rotary_emb::rope(&x.contiguous()?, &self.cos, &self.sin);
         }
         let half = x.dim(D::Minus1)? / 2;
@@ -128,23 +130,22 @@ impl Attention {
     pub(super) fn forward(
         &self,
         x: &Tensor,
-        rotary: &Rotary,
-        mask: &Tensor,
+        inputs: &ForwardInputs,
         cache: &mut KvCache,
         layer: usize,
     ) -> Result<Tensor> {
+        let (rotary, mask, exec) = (&inputs.rotary, &inputs.mask, inputs.exec);
         let (b, t, _) = x.dims3()?;
         let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let mut qkv = project_heads(self.qkv.as_slice(), x, d)?.into_iter();
         let mut next = || qkv.next().expect("q, k and v");
         let (q, k, v) = (next(), next(), next());
-        let q = rotary.apply(&q)?;
-        let k = rotary.apply(&k)?;
+        let q = rotary.apply(&q, exec)?;
+        let k = rotary.apply(&k, exec)?;
         let (k, v) = cache.append_layer(layer, k.contiguous()?, v)?;
         let scale = 1.0 / (d as f64).sqrt();
-        let needs_grad = q.track_op() || k.track_op() || v.track_op();
-        let fused = q.device().is_cpu() && q.dtype() == DType::F32;
-        if t <= MAX_FUSED_TOKENS && !needs_grad && fused {
+        let kernel_fits = q.device().is_cpu() && q.dtype() == DType::F32 && t <= MAX_FUSED_TOKENS;
+        if exec.fused() && kernel_fits {
             let out = cached_attention(&q, &k, &v, mask, scale as f32)?;
             return Ok(self.o_proj.forward(&out)?);
         }
@@ -156,7 +157,7 @@ impl Attention {
         let scores = device_matmul(&q, &k.t()?)?
             .reshape((b, kvh, group, t, len))?
             .broadcast_add(mask)?;
-        let probs = softmax_last_dim(&scores)?.reshape((b, kvh, group * t, len))?;
+        let probs = softmax_last_dim(&scores, exec)?.reshape((b, kvh, group * t, len))?;
         let out = device_matmul(&probs, &v)?
             .reshape((b, h, t, d))?
             .transpose(1, 2)?
@@ -231,22 +232,15 @@ impl DecoderLayer {
     pub(super) fn forward(
         &self,
         x: &Tensor,
-        rotary: &Rotary,
-        mask: &Tensor,
+        inputs: &ForwardInputs,
         cache: &mut KvCache,
         layer: usize,
     ) -> Result<Tensor> {
-        let attn = self.self_attn.forward(
-            &self.input_layernorm.forward(x)?,
-            rotary,
-            mask,
-            cache,
-            layer,
-        )?;
+        let normed = self.input_layernorm.forward(x, inputs.exec)?;
+        let attn = self.self_attn.forward(&normed, inputs, cache, layer)?;
         let x = (x + attn)?;
-        let mlp = self
-            .mlp
-            .forward(&self.post_attention_layernorm.forward(&x)?)?;
+        let normed = self.post_attention_layernorm.forward(&x, inputs.exec)?;
+        let mlp = self.mlp.forward(&normed)?;
         Ok((x + mlp)?)
     }
 

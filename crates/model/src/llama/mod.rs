@@ -23,7 +23,9 @@ mod linear;
 mod names;
 mod vocab;
 
-use candle_core::{DType, Device, Module, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
+
+use crate::exec::Exec;
 use r3_kernels::packed::PackedMatrix;
 
 use crate::cache::KvCache;
@@ -42,6 +44,8 @@ pub struct ForwardInputs {
     rotary: Rotary,
     batch: usize,
     t: usize,
+    /// Fused kernels or autograd ops, for every layer of this forward.
+    exec: Exec,
 }
 
 /// A causal language model of the Llama family.
@@ -172,7 +176,7 @@ impl Llama {
         for layer in 0..self.layers.len() {
             x = self.layer_forward(layer, &x, &inputs, cache)?;
         }
-        self.final_norm(&x)
+        self.final_norm(&x, inputs.exec)
     }
 
     /// Registers one segment of new tokens per cache row and prepares what
@@ -197,6 +201,7 @@ impl Llama {
                 cache.batch()
             )));
         }
+        let exec = Exec::of(cache);
         let plan = cache.plan_append(segments);
         let (b, t) = (segments.len(), plan.t);
         let total = cache.len();
@@ -214,6 +219,7 @@ impl Llama {
             )?,
             batch: b,
             t,
+            exec,
         })
     }
 
@@ -235,12 +241,13 @@ impl Llama {
         inputs: &ForwardInputs,
         cache: &mut KvCache,
     ) -> Result<Tensor> {
-        self.layers[layer].forward(x, &inputs.rotary, &inputs.mask, cache, layer)
+        self.layers[layer].forward(x, inputs, cache, layer)
     }
 
-    /// The last RMSNorm, applied to the last layer's output.
-    pub fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(self.norm.forward(x)?)
+    /// The last RMSNorm, applied to the last layer's output, run as
+    /// `exec` says.
+    pub fn final_norm(&self, x: &Tensor, exec: Exec) -> Result<Tensor> {
+        Ok(self.norm.forward(x, exec)?)
     }
 
     /// How many weights the decoder reads in their file's compact encoding
