@@ -140,12 +140,13 @@ pub fn load_with_weights(spec: &ModelSpec) -> Result<Model> {
         None => lora.base_model.as_ref().map(PathBuf::from),
     };
     let loaded = load_base_for(base.as_deref(), spec)?;
-    let llama = Llama::with_adapter(&loaded.config, &loaded.weights, &lora.config, &lora.weights)
+    let llama = Llama::new(&loaded.config, &loaded.weights)
+        .and_then(|base| base.with_adapter(&lora.config, &lora.weights))
         .map_err(context(format!(
-        "the adapter {} does not fit {}",
-        dir.display(),
-        loaded.path.display()
-    )))?;
+            "the adapter {} does not fit {}",
+            dir.display(),
+            loaded.path.display()
+        )))?;
     Ok(Model {
         loaded,
         llama,

@@ -138,7 +138,10 @@ fn merged_weights_give_the_adapter_forwards_logits() {
         let lora = config(&["all-linear"]);
         let (fresh, _) = Llama::with_lora(&tiny.config, &weights, &lora, None, 2).unwrap();
         let adapter = random_adapters(&fresh, 4);
-        let with = Llama::with_adapter(&tiny.config, &weights, &lora, &adapter).unwrap();
+        let with = Llama::new(&tiny.config, &weights)
+            .unwrap()
+            .with_adapter(&lora, &adapter)
+            .unwrap();
         let merged = Llama::new(
             &tiny.config,
             &Weights::new("<merged>", with.merged_hf_weights().unwrap()),
@@ -163,7 +166,10 @@ fn adapters_round_trip_through_a_peft_directory() {
     let lora = config(&["q_proj", "o_proj"]);
     let (fresh, _) = Llama::with_lora(&tiny.config, &weights, &lora, None, 2).unwrap();
     let adapter = random_adapters(&fresh, 5);
-    let with = Llama::with_adapter(&tiny.config, &weights, &lora, &adapter).unwrap();
+    let with = Llama::new(&tiny.config, &weights)
+        .unwrap()
+        .with_adapter(&lora, &adapter)
+        .unwrap();
     let out = dir.path().join("adapter");
     std::fs::create_dir_all(&out).unwrap();
     Adapter::save(&out, &lora, "tiny.gguf", &with.adapter_weights()).unwrap();
@@ -184,8 +190,10 @@ fn adapters_round_trip_through_a_peft_directory() {
             .any(|n| *n == "base_model.model.model.layers.1.self_attn.o_proj.lora_B.weight"),
         "{names:?}"
     );
-    let again =
-        Llama::with_adapter(&tiny.config, &weights, &loaded.config, &loaded.weights).unwrap();
+    let again = Llama::new(&tiny.config, &weights)
+        .unwrap()
+        .with_adapter(&loaded.config, &loaded.weights)
+        .unwrap();
     assert_eq!(
         max_abs(&(all_logits(&with) - all_logits(&again)).unwrap()).unwrap(),
         0.0
@@ -274,7 +282,9 @@ fn adapters_that_would_give_wrong_numbers_are_refused() {
             Tensor::from_vec(values, t.shape(), t.device()).unwrap(),
         );
         let adapter = Weights::new("bad/adapter_model.safetensors", tensors);
-        let e = Llama::with_adapter(&tiny.config, &weights, &lora, &adapter)
+        let e = Llama::new(&tiny.config, &weights)
+            .unwrap()
+            .with_adapter(&lora, &adapter)
             .err()
             .unwrap()
             .to_string();

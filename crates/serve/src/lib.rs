@@ -185,7 +185,7 @@ async fn load_adapter(
         .map_err(|e| ApiError::bad("lora_path", e.to_string()))?;
     let decoder = server
         .base
-        .with_adapter_on_base(&adapter.config, &adapter.weights)
+        .with_adapter(&adapter.config, &adapter.weights)
         .map_err(|e| {
             ApiError::bad(
                 "lora_path",

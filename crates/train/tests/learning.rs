@@ -55,13 +55,10 @@ fn train(toy: &common::Toy, train_on: TrainOn, lora: bool, dtype: &str) -> (f64,
     let model = if lora {
         let adapter = Adapter::load(&checkpoint).unwrap();
         let base = &toy.loaded;
-        Llama::with_adapter(
-            &base.config,
-            &base.weights,
-            &adapter.config,
-            &adapter.weights,
-        )
-        .unwrap()
+        Llama::new(&base.config, &base.weights)
+            .unwrap()
+            .with_adapter(&adapter.config, &adapter.weights)
+            .unwrap()
     } else {
         let trained = r3_model::load(&checkpoint).unwrap();
         Llama::new(&trained.config, &trained.weights).unwrap()

@@ -113,22 +113,11 @@ impl Llama {
         Ok(vars)
     }
 
-    /// The inference decoder with the adapter `adapter` (tensors under PEFT
-    /// names) applied beside its projections.
-    pub fn with_adapter(
-        config: &ModelConfig,
-        weights: &Weights,
-        lora: &LoraConfig,
-        adapter: &Weights,
-    ) -> Result<Self> {
-        let (model, _) = Self::with_lora(config, weights, lora, Some(adapter), 0)?;
-        Ok(model.detached())
-    }
-
     /// This decoder's base, sharing every base weight, with the adapter
-    /// `adapter` (tensors under PEFT names) applied: a server holding many
-    /// adapters pays for each one's own tensors only.
-    pub fn with_adapter_on_base(&self, lora: &LoraConfig, adapter: &Weights) -> Result<Self> {
+    /// `adapter` (tensors under PEFT names) applied, for inference
+    /// (`Llama::new(…)?.with_adapter(…)`): a server holding many adapters
+    /// pays for each one's own tensors only.
+    pub fn with_adapter(&self, lora: &LoraConfig, adapter: &Weights) -> Result<Self> {
         let mut model = self.without_adapters();
         model.attach_lora(lora, Some(adapter), 0)?;
         Ok(model.detached())
