@@ -51,6 +51,9 @@ pub struct KvCache {
     len: usize,
     /// Columns to allocate on first write, so decoding does not regrow.
     initial_capacity: usize,
+    /// Rows the buffers hold (at least `rows.len()`): rows that join a
+    /// running batch take spare ones, so a join copies nothing.
+    row_capacity: usize,
     sliding_window: Option<usize>,
     kv_heads: usize,
     head_dim: usize,
@@ -94,6 +97,7 @@ impl KvCache {
             order: (0..batch).collect(),
             len: 0,
             initial_capacity: capacity,
+            row_capacity: batch,
             sliding_window: config.sliding_window,
             kv_heads: config.num_kv_heads,
             head_dim: config.head_dim,
@@ -226,7 +230,7 @@ impl KvCache {
     /// type and on its device.
     fn zeros(&self, capacity: usize, like: &Tensor) -> Result<Tensor> {
         Ok(Tensor::zeros(
-            (self.rows(), self.kv_heads, capacity, self.head_dim),
+            (self.row_capacity, self.kv_heads, capacity, self.head_dim),
             like.dtype(),
             like.device(),
         )?)
@@ -249,34 +253,36 @@ impl KvCache {
     /// [`KvCache::select_rows`] without its check: the rows given become
     /// the new cache's rows, all active, in that order.
     fn gather(&self, rows: &[usize], capacity: usize) -> Result<Self> {
-        let first_used = rows
-            .iter()
-            .map(|&r| {
-                self.rows[r]
-                    .positions
-                    .iter()
-                    .position(Option::is_some)
-                    .unwrap_or(self.len)
-            })
-            .min()
-            .unwrap_or(0);
-        let len = self.len - first_used;
+        // The columns some kept row uses; the others (holes in every kept
+        // row, as a finished row's leave behind) are dropped.
+        let used: Vec<usize> = (0..self.len)
+            .filter(|&c| rows.iter().any(|&r| self.rows[r].positions[c].is_some()))
+            .collect();
+        let len = used.len();
+        // A contiguous run (the usual case: leading holes only) is a view.
+        let first = used.first().copied().unwrap_or(self.len);
+        let contiguous = used.last().is_none_or(|&last| last + 1 - first == len);
         let device = match self.layers.iter().flatten().next() {
             Some((k, _)) => k.device().clone(),
             None => Device::Cpu,
         };
-        let index = Tensor::from_vec(
-            rows.iter().map(|&r| r as u32).collect::<Vec<_>>(),
-            rows.len(),
-            &device,
-        )?;
+        let index = |ids: &[usize]| {
+            let ids: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
+            let n = ids.len();
+            Tensor::from_vec(ids, n, &device)
+        };
+        let row_index = index(rows)?;
+        let column_index = match contiguous {
+            true => None,
+            false => Some(index(&used)?),
+        };
         let mut out = Self {
             storage: self.storage,
             layers: Vec::with_capacity(self.layers.len()),
             rows: rows
                 .iter()
                 .map(|&r| Row {
-                    positions: self.rows[r].positions[first_used..].to_vec(),
+                    positions: used.iter().map(|&c| self.rows[r].positions[c]).collect(),
                     next_position: self.rows[r].next_position,
                 })
                 .collect(),
@@ -284,6 +290,7 @@ impl KvCache {
             order: (0..rows.len()).collect(),
             len,
             initial_capacity: self.initial_capacity,
+            row_capacity: rows.len(),
             sliding_window: self.sliding_window,
             kv_heads: self.kv_heads,
             head_dim: self.head_dim,
@@ -293,7 +300,11 @@ impl KvCache {
                 None => None,
                 Some((k, v)) => {
                     let pick = |x: &Tensor| -> Result<Tensor> {
-                        let x = x.index_select(&index, 0)?.narrow(2, first_used, len)?;
+                        let x = x.index_select(&row_index, 0)?;
+                        let x = match &column_index {
+                            None => x.narrow(2, first, len)?,
+                            Some(columns) => x.index_select(columns, 2)?,
+                        };
                         out.with_capacity(x, capacity)
                     };
                     Some((pick(k)?, pick(v)?))
@@ -331,12 +342,29 @@ impl KvCache {
             ));
         }
         let old = self.rows.len();
-        for layer in self.layers.iter_mut().flatten() {
-            for x in [&mut layer.0, &mut layer.1] {
-                let (_, heads, capacity, dim) = x.dims4()?;
-                let grown = Tensor::zeros((old + n, heads, capacity, dim), x.dtype(), x.device())?;
-                grown.slice_set(&*x, 0, 0)?;
-                *x = grown;
+        if old + n > self.row_capacity {
+            // Grown by half again at least, so that joins one at a time
+            // copy the cache a logarithmic number of times.
+            let grown = (old + n).max(self.row_capacity + self.row_capacity / 2);
+            for layer in self.layers.iter_mut().flatten() {
+                for x in [&mut layer.0, &mut layer.1] {
+                    let (_, heads, capacity, dim) = x.dims4()?;
+                    let bigger =
+                        Tensor::zeros((grown, heads, capacity, dim), x.dtype(), x.device())?;
+                    bigger.slice_set(&x.narrow(0, 0, old)?.contiguous()?, 0, 0)?;
+                    *x = bigger;
+                }
+            }
+            self.row_capacity = grown;
+        } else {
+            // Spare rows may hold a dropped row's values: zero them, so
+            // that holes hold zeros as everywhere else.
+            for layer in self.layers.iter_mut().flatten() {
+                for x in [&layer.0, &layer.1] {
+                    let (_, heads, capacity, dim) = x.dims4()?;
+                    let zeros = Tensor::zeros((n, heads, capacity, dim), x.dtype(), x.device())?;
+                    x.slice_set(&zeros, 0, old)?;
+                }
             }
         }
         for row in old..old + n {
