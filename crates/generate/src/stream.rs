@@ -4,11 +4,15 @@
 //! next turn) or the token it sampled last, so a row that finishes one turn
 //! can start its next at the next step while the others decode, and a
 //! request that arrives mid-way joins without waiting for the batch to end.
+//! Beside decoding rows, pending ids are fed a few at a time (the most the
+//! fused attention of a decode step takes), so joining costs the decoding
+//! rows little; with no row decoding, they go in prefill-sized chunks.
 //! Rows of different lengths share the cache's columns as they always do
 //! (shorter segments are padded with holes no query attends to), so a
 //! row's output is the one it would have alone.
 
 use candle_core::{Device, Tensor, D};
+use r3_kernels::attention::MAX_FUSED_TOKENS;
 use r3_kernels::storage::with_f32_elements;
 use r3_model::KvCache;
 use rayon::prelude::*;
@@ -182,12 +186,22 @@ impl<'g> DecodeStream<'g> {
         if self.live == 0 {
             return Ok(Vec::new());
         }
+        // Beside rows that decode, pending ids go in small chunks, so the
+        // step keeps the fused attention that one-token steps take (a wide
+        // segment would widen every row's); alone, in prefill-sized ones.
+        let decoding = self.rows[..self.live]
+            .iter()
+            .any(|row| matches!(row, Row::Live(live) if live.is_ready()));
+        let chunk = match decoding {
+            true => MAX_FUSED_TOKENS,
+            false => PREFILL_CHUNK,
+        };
         let mut segments: Vec<&[u32]> = Vec::with_capacity(self.live);
         for row in &mut self.rows[..self.live] {
             let Row::Live(live) = row else {
                 unreachable!("the first rows are live")
             };
-            segments.push(live.next_segment());
+            segments.push(live.next_segment(chunk));
         }
         let (rows, width, columns) = (
             segments.len(),
@@ -383,12 +397,12 @@ impl Live {
         self.fed == self.pending.len()
     }
 
-    /// The ids this step feeds: the next chunk of pending ids, or the token
+    /// The ids this step feeds: the next `chunk` pending ids, or the token
     /// sampled last.
-    fn next_segment(&mut self) -> &[u32] {
+    fn next_segment(&mut self, chunk: usize) -> &[u32] {
         if self.fed < self.pending.len() {
             let start = self.fed;
-            self.fed = (start + PREFILL_CHUNK).min(self.pending.len());
+            self.fed = (start + chunk).min(self.pending.len());
             return &self.pending[start..self.fed];
         }
         let last = self.completion.tokens.len() - 1;

@@ -7,7 +7,10 @@
 //! batch 32, a fifth of the step. Here each row is one task: scores, softmax
 //! and the weighted sum of values for every head, reading the cache in
 //! place and writing the output in the `[batch, t, heads · head_dim]` layout
-//! the output projection wants. There is no backward: forwards that need
+//! the output projection wants. A cache column hidden from every query of a
+//! row (a hole: another row's token, in a batch whose rows joined at
+//! different times) takes no part, so a row costs its own columns, not the
+//! batch's. There is no backward: forwards that need
 //! gradients take the matmul path.
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
@@ -20,6 +23,11 @@ use crate::storage::{f32_slice, with_f32_elements};
 /// Rows with at most this many new tokens take the fused path; longer
 /// segments (prefill) are better served by real GEMMs.
 pub const MAX_FUSED_TOKENS: usize = 4;
+
+/// Mask values at or below this hide a column (the cache masks with −1e9):
+/// its weight after the softmax is exactly 0 whatever the key, so it is
+/// not read.
+const HIDDEN: f32 = -1e8;
 
 /// Softmax attention of `q` `[batch, heads, t, head_dim]` (contiguous) over
 /// the cache's `k`, `v` `[batch, kv_heads, len, head_dim]` (each row of
@@ -102,8 +110,11 @@ impl CustomOp3 for CachedAttention<'_> {
         }
         let mut out = vec![0f32; batch * t * heads * d];
         out.par_chunks_mut(t * heads * d).enumerate().for_each_init(
-            || vec![0f32; heads / kv_heads * t * len],
-            |scores, (b, out)| {
+            || {
+                let scores = vec![0f32; heads / kv_heads * t * len];
+                (scores, Vec::with_capacity(len))
+            },
+            |(scores, visible), (b, out)| {
                 let row = RowAttention {
                     q: &q[b * heads * t * d..][..heads * t * d],
                     mask: &self.mask[b * t * len..][..t * len],
@@ -117,7 +128,7 @@ impl CustomOp3 for CachedAttention<'_> {
                     len,
                     scale: self.scale,
                 };
-                row.run(scores, out);
+                row.run(scores, visible, out);
             },
         );
         Ok((CpuStorage::F32(out), Shape::from((batch, t, heads * d))))
@@ -143,15 +154,21 @@ struct RowAttention<'a> {
 impl RowAttention<'_> {
     /// Writes `out` `[t, heads, d]`, with the widest vector instructions the
     /// CPU has (the loops below are written for the compiler to vectorize).
-    fn run(&self, scores: &mut [f32], out: &mut [f32]) {
-        with_vector_features!(self.run_portable(scores, out))
+    fn run(&self, scores: &mut [f32], visible: &mut Vec<usize>, out: &mut [f32]) {
+        with_vector_features!(self.run_portable(scores, visible, out))
     }
 
     /// The query heads that share a kv head are done together, so that each
-    /// key and value row is read from memory once for all of them.
+    /// key and value row is read from memory once for all of them. Only the
+    /// columns some query of the row sees take part: a hidden column's
+    /// weight is exactly 0, so leaving it out changes nothing but the cost.
     #[inline(always)]
-    fn run_portable(&self, scores: &mut [f32], out: &mut [f32]) {
+    fn run_portable(&self, scores: &mut [f32], visible: &mut Vec<usize>, out: &mut [f32]) {
         let (t, d, len) = (self.t, self.d, self.len);
+        visible.clear();
+        visible
+            .extend((0..len).filter(|&j| (0..t).any(|token| self.mask[token * len + j] > HIDDEN)));
+        let seen = visible.len();
         let group = self.heads / self.kv_heads;
         // Query `n` of a group is head `kv_head · group + n / t`, token `n % t`.
         let query = |kv_head: usize, n: usize| {
@@ -159,15 +176,15 @@ impl RowAttention<'_> {
             &self.q[(h * t + n % t) * d..][..d]
         };
         for kv_head in 0..self.kv_heads {
-            for j in 0..len {
+            for (i, &j) in visible.iter().enumerate() {
                 let key = self.keys.row(self.b, kv_head, j, d);
                 for n in 0..group * t {
                     let mask = self.mask[(n % t) * len + j];
-                    scores[n * len + j] = dot(query(kv_head, n), key) * self.scale + mask;
+                    scores[n * seen + i] = dot(query(kv_head, n), key) * self.scale + mask;
                 }
             }
             for n in 0..group * t {
-                let row = &mut scores[n * len..][..len];
+                let row = &mut scores[n * seen..][..seen];
                 let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                 row.iter_mut().for_each(|score| *score = exp(*score - max));
                 let total = sum(row);
@@ -175,10 +192,10 @@ impl RowAttention<'_> {
                 let h = kv_head * group + n / t;
                 out[((n % t) * self.heads + h) * d..][..d].fill(0.0);
             }
-            for j in 0..len {
+            for (i, &j) in visible.iter().enumerate() {
                 let value = self.values.row(self.b, kv_head, j, d);
                 for n in 0..group * t {
-                    let p = scores[n * len + j];
+                    let p = scores[n * seen + i];
                     if p != 0.0 {
                         let h = kv_head * group + n / t;
                         axpy(p, value, &mut out[((n % t) * self.heads + h) * d..][..d]);

@@ -356,17 +356,10 @@ impl KvCache {
                 }
             }
             self.row_capacity = grown;
-        } else {
-            // Spare rows may hold a dropped row's values: zero them, so
-            // that holes hold zeros as everywhere else.
-            for layer in self.layers.iter_mut().flatten() {
-                for x in [&layer.0, &layer.1] {
-                    let (_, heads, capacity, dim) = x.dims4()?;
-                    let zeros = Tensor::zeros((n, heads, capacity, dim), x.dtype(), x.device())?;
-                    x.slice_set(&zeros, 0, old)?;
-                }
-            }
         }
+        // A spare row may still hold a dropped row's keys and values: finite
+        // numbers in columns the new row never attends to (a hole's weight
+        // is exactly 0), so they need no clearing.
         for row in old..old + n {
             self.rows.push(Row {
                 positions: vec![None; self.len],
