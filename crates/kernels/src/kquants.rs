@@ -6,8 +6,10 @@
 //! - Q4_K → [`Encoding::K4`]: scale, offset, 32 nibbles (6 bits a weight);
 //! - Q6_K → [`Encoding::K6`]: a scale per 16 weights, 32 nibbles and
 //!   32 bit pairs (8 bits a weight);
-//! - Q5_K, Q5_0, Q5_1 → [`Encoding::K8`]: a scale per half, an offset,
-//!   each quant as a byte (11 bits a weight).
+//! - Q5_K and Q5_1 → [`Encoding::K5`]: scale, offset, 32 nibbles and 32
+//!   fifth bits (7 bits a weight);
+//! - Q5_0 → [`Encoding::K8`]: a scale per half, an offset, each quant as a
+//!   byte (11 bits a weight; its `(q − 16)·d` has no exact `q·s + o` form).
 //!
 //! The values are those of GGUF's own dequantization, bit for bit (`q·s +
 //! o` is `d₁·q − m₁`, `(d·sc)·q` and `q·d + m` as ggml rounds them).
@@ -35,10 +37,10 @@ pub fn recut(dtype: GgmlDType, raw: &[u8]) -> Option<Result<(Encoding, Vec<u8>),
     // (bytes of a block, weights in it, the encoding, the conversion)
     let (bytes, weights, encoding, convert): (usize, usize, Encoding, Convert) = match dtype {
         GgmlDType::Q4K => (144, SUPER, Encoding::K4, q4k),
-        GgmlDType::Q5K => (176, SUPER, Encoding::K8, q5k),
+        GgmlDType::Q5K => (176, SUPER, Encoding::K5, q5k),
         GgmlDType::Q6K => (210, SUPER, Encoding::K6, q6k),
         GgmlDType::Q5_0 => (22, BLOCK, Encoding::K8, q5_0),
-        GgmlDType::Q5_1 => (24, BLOCK, Encoding::K8, q5_1),
+        GgmlDType::Q5_1 => (24, BLOCK, Encoding::K5, q5_1),
         _ => return None,
     };
     if !raw.len().is_multiple_of(bytes) {
@@ -107,7 +109,8 @@ fn q4k(b: &[u8], out: &mut Vec<u8>) {
     }
 }
 
-/// Q5_K: as Q4_K, with a fifth bit per weight in 32 bytes of `qh`.
+/// Q5_K: as Q4_K, with a fifth bit per weight in 32 bytes of `qh`. Each
+/// 32 become a [`Encoding::K5`] block.
 fn q5k(b: &[u8], out: &mut Vec<u8>) {
     let (d, dmin, scales) = (f16_at(&b[0..]), f16_at(&b[2..]), &b[4..16]);
     let (qh, qs) = (&b[16..48], &b[48..176]);
@@ -116,12 +119,22 @@ fn q5k(b: &[u8], out: &mut Vec<u8>) {
         let (scale, min) = (d * sc, dmin * m);
         let bytes = &qs[(j / 2) * 32..][..32];
         let shift = 4 * (j % 2);
-        let quants = bytes.iter().zip(qh).map(|(q, h)| {
-            let high = (h >> j) & 1;
-            (((q >> shift) & 0xF) | (high << 4)) as i8
-        });
-        push(out, scale, scale, -min, quants);
+        let quants: Vec<u8> = (0..BLOCK)
+            .map(|l| ((bytes[l] >> shift) & 0xF) | (((qh[l] >> j) & 1) << 4))
+            .collect();
+        push_k5(out, scale, -min, &quants);
     }
+}
+
+/// One [`Encoding::K5`] block: scale and offset, byte `i` of 16 holding the
+/// low nibbles of quants `i` and `i + 16`, byte `b` of 4 the fifth bits of
+/// quants `8b … 8b + 7`.
+fn push_k5(out: &mut Vec<u8>, scale: f32, offset: f32, quants: &[u8]) {
+    out.extend_from_slice(&scale.to_le_bytes());
+    out.extend_from_slice(&offset.to_le_bytes());
+    let low = |l: usize| quants[l] & 0xF;
+    out.extend((0..BLOCK / 2).map(|i| low(i) | (low(i + BLOCK / 2) << 4)));
+    out.extend((0..4).map(|b| (0..8).fold(0u8, |byte, k| byte | ((quants[8 * b + k] >> 4) << k))));
 }
 
 /// Q6_K: 128 bytes of low nibbles, 64 of high bit pairs, 16 signed scales
@@ -178,8 +191,10 @@ fn q5_0(b: &[u8], out: &mut Vec<u8>) {
     );
 }
 
-/// Q5_1: `d`, `m` (f16), `qh`, 16 bytes of nibbles; `q·d + m`.
+/// Q5_1: `d`, `m` (f16), `qh`, 16 bytes of nibbles; `q·d + m`, as a
+/// [`Encoding::K5`] block.
 fn q5_1(b: &[u8], out: &mut Vec<u8>) {
     let (d, m) = (f16_at(b), f16_at(&b[2..]));
-    push(out, d, d, m, five_bits(&b[4..8], &b[8..24]));
+    let quants: Vec<u8> = five_bits(&b[4..8], &b[8..24]).map(|q| q as u8).collect();
+    push_k5(out, d, m, &quants);
 }

@@ -42,12 +42,16 @@ pub enum Encoding {
     /// A Q4_K sub-block (see `kquants.rs`): f32 scale `d` and offset `o`,
     /// 32 nibbles `q` as Q4_1 lays them out: `q·d + o`.
     K4,
+    /// A Q5_K sub-block or a Q5_1 block (see `kquants.rs`): f32 scale `d`
+    /// and offset `o`, 32 nibbles as Q4_1 lays them out and 32 fifth bits
+    /// above them, making 5-bit quants `q`: `q·d + o`.
+    K5,
     /// A Q6_K sub-block (see `kquants.rs`): f32 scales `lo`, `hi`, 32
     /// nibbles as Q4_1 lays them out and 32 bit pairs above them, making
     /// 6-bit quants `q`: `(q − 32)·lo` for the first 16, `(q − 32)·hi` for
     /// the rest.
     K6,
-    /// A Q5_K or 5-bit (Q5_0, Q5_1) block re-cut to 32 inputs (see
+    /// A Q5_0 block re-cut to 32 inputs (see
     /// `kquants.rs`): f32 scales `lo`, `hi` and offset `o`, 32 signed bytes
     /// `q`: `q·lo + o` for the first 16, `q·hi + o` for the rest.
     K8,
@@ -70,7 +74,7 @@ impl Encoding {
     fn scales(self) -> usize {
         match self {
             Self::K8 => 3,
-            Self::Q4_1 | Self::K4 | Self::K6 => 2,
+            Self::Q4_1 | Self::K4 | Self::K5 | Self::K6 => 2,
             Self::Q4_0 | Self::Q8_0 => 1,
             Self::F16 | Self::Bf16 => 0,
         }
@@ -79,7 +83,7 @@ impl Encoding {
     /// Bytes of one scalar: f16 in GGUF's blocks, f32 in re-cut ones.
     fn scalar_bytes(self) -> usize {
         match self {
-            Self::K4 | Self::K6 | Self::K8 => 4,
+            Self::K4 | Self::K5 | Self::K6 | Self::K8 => 4,
             _ => 2,
         }
     }
@@ -88,6 +92,7 @@ impl Encoding {
     fn payload_bytes(self) -> usize {
         match self {
             Self::Q4_0 | Self::Q4_1 | Self::K4 => BLOCK / 2,
+            Self::K5 => BLOCK / 2 + BLOCK / 8,
             Self::K6 => BLOCK / 2 + BLOCK / 4,
             Self::Q8_0 | Self::K8 => BLOCK,
             Self::F16 | Self::Bf16 => 2 * BLOCK,
@@ -343,6 +348,24 @@ impl PackedMatrix {
                         f(
                             k + j + BLOCK / 2,
                             &each_lane(|c| (q[c] >> 4) as f32 * d[c] + o[c]),
+                        );
+                    }
+                }
+                Encoding::K5 => {
+                    let (d, o) = (f32_lanes(r), f32_lanes(&r[4 * GROUP..]));
+                    for j in 0..BLOCK / 2 {
+                        let q = byte_lanes(&r[8 * GROUP + j * GROUP..]);
+                        let first = byte_lanes(&r[(24 + j / 8) * GROUP..]);
+                        let second = byte_lanes(&r[(26 + j / 8) * GROUP..]);
+                        let bit = j % 8;
+                        let five = |low: u8, high: u8| (low | (((high >> bit) & 1) << 4)) as f32;
+                        f(
+                            k + j,
+                            &each_lane(|c| five(q[c] & 0x0F, first[c]) * d[c] + o[c]),
+                        );
+                        f(
+                            k + j + BLOCK / 2,
+                            &each_lane(|c| five(q[c] >> 4, second[c]) * d[c] + o[c]),
                         );
                     }
                 }

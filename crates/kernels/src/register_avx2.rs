@@ -91,6 +91,31 @@ pub(crate) unsafe fn dot_group<const R: usize>(
                         );
                     }
                 }
+                Encoding::K5 => {
+                    let (d, o) = (floats(0), floats(4 * GROUP));
+                    let one = _mm256_set1_epi32(1);
+                    // low | (high >> bit & 1) << 4, lane by lane.
+                    let five = |low: __m256i, high: __m256i, bit: i32| {
+                        let high =
+                            _mm256_and_si256(_mm256_srl_epi32(high, _mm_cvtsi32_si128(bit)), one);
+                        _mm256_or_si256(low, _mm256_slli_epi32(high, 4))
+                    };
+                    for j in 0..BLOCK / 2 {
+                        let q = unsigned(8 * GROUP + j * GROUP);
+                        let first = unsigned((24 + j / 8) * GROUP);
+                        let second = unsigned((26 + j / 8) * GROUP);
+                        let bit = (j % 8) as i32;
+                        let lo = [0, 1]
+                            .map(|i| five(_mm256_and_si256(q[i], low_nibbles), first[i], bit));
+                        let hi = [0, 1].map(|i| five(_mm256_srli_epi32(q[i], 4), second[i], bit));
+                        let (lo, hi) = (scale(lo, d), scale(hi, d));
+                        add(k + j, [0, 1].map(|i| _mm256_add_ps(lo[i], o[i])));
+                        add(
+                            k + j + BLOCK / 2,
+                            [0, 1].map(|i| _mm256_add_ps(hi[i], o[i])),
+                        );
+                    }
+                }
                 Encoding::K6 => {
                     let (lo, hi) = (floats(0), floats(4 * GROUP));
                     let (three, offset) = (_mm256_set1_epi32(3), _mm256_set1_epi32(32));

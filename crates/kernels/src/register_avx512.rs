@@ -81,6 +81,27 @@ pub(crate) unsafe fn dot_group<const R: usize>(
                         add(k + j + BLOCK / 2, _mm512_add_ps(_mm512_mul_ps(hi, d), o));
                     }
                 }
+                Encoding::K5 => {
+                    let (d, o) = (floats(0), floats(4 * GROUP));
+                    let one = _mm512_set1_epi32(1);
+                    // low | (high >> bit & 1) << 4, lane by lane.
+                    let five = |low: __m512i, high: __m512i, bit: i32| {
+                        let high =
+                            _mm512_and_si512(_mm512_srl_epi32(high, _mm_cvtsi32_si128(bit)), one);
+                        _mm512_cvtepi32_ps(_mm512_or_si512(low, _mm512_slli_epi32(high, 4)))
+                    };
+                    for j in 0..BLOCK / 2 {
+                        let q = _mm512_cvtepu8_epi32(bytes(8 * GROUP + j * GROUP));
+                        let first = _mm512_cvtepu8_epi32(bytes((24 + j / 8) * GROUP));
+                        let second = _mm512_cvtepu8_epi32(bytes((26 + j / 8) * GROUP));
+                        let bit = (j % 8) as i32;
+                        let lo = five(_mm512_and_si512(q, low_nibbles), first, bit);
+                        let hi = five(_mm512_srli_epi32(q, 4), second, bit);
+                        // Multiply, then add: the rounding of the dequantized value.
+                        add(k + j, _mm512_add_ps(_mm512_mul_ps(lo, d), o));
+                        add(k + j + BLOCK / 2, _mm512_add_ps(_mm512_mul_ps(hi, d), o));
+                    }
+                }
                 Encoding::K6 => {
                     let (lo, hi) = (floats(0), floats(4 * GROUP));
                     let (three, offset) = (_mm512_set1_epi32(3), _mm512_set1_epi32(32));
