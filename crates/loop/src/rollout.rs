@@ -1,7 +1,7 @@
 //! Rollouts: first attempts, then for each failure G reflections sampled
 //! from one shared prefix (prefilled once, the cache forked G ways), and one
-//! retry per reflection continuing that reflection's own cache, started as
-//! soon as the reflection ends, in the same running batch. With
+//! retry per reflection continuing that reflection's own cache (the
+//! retries prefilled together once the reflections are done). With
 //! engines instead of the local decoder, the same conversations go out as
 //! token ids and the sampled ids come back (the engine's prefix cache does
 //! the sharing).
@@ -463,13 +463,12 @@ impl<'a> Rollouts<'a> {
         Ok(turns)
     }
 
-    /// Steps 2 and 3 on r3's decoder, as one continuously batched stream:
-    /// each prefix is prefilled once and forked `group` ways into a cache
-    /// with room for the whole second turn; every row samples a
-    /// reflection, and a row whose reflection ends starts its retry (the
-    /// retry request fed into its own cache) at the next step, beside the
-    /// rows still reflecting. Returns each row's reflection, continuation
-    /// and retry.
+    /// Steps 2 and 3 on r3's decoder, on one stream: each prefix is
+    /// prefilled once and forked `group` ways into a cache with room for
+    /// the whole second turn; every row samples a reflection and keeps its
+    /// cache; once no reflection is decoding, every row's retry request is
+    /// fed into its own cache in one prefill and the retries are sampled.
+    /// Returns each row's reflection, continuation and retry.
     fn reflect_then_retry(
         &self,
         generator: &Generator<'_>,
@@ -500,6 +499,8 @@ impl<'a> Rollouts<'a> {
         let mut reflections: Vec<Option<Completion>> = vec![None; rows];
         let mut continuations = vec![Vec::new(); rows];
         let mut retries: Vec<Option<Completion>> = vec![None; rows];
+        // Rows whose reflection has ended, their retries not yet started.
+        let mut waiting: Vec<usize> = Vec::new();
         loop {
             for Finished {
                 key: row,
@@ -510,18 +511,27 @@ impl<'a> Rollouts<'a> {
                     retries[row] = Some(completion);
                     continue;
                 }
-                let continuation = self.continuation(&completion, turns, row / group);
-                stream.resume(Turn {
-                    key: row,
-                    // The stream feeds the reflection's last token itself.
-                    ids: continuation[1..].to_vec(),
-                    params: retry.clone(),
-                    sampler: Sampler::new(retry, first_row + row as u64),
-                    keep: false,
-                    alternatives: 0,
-                })?;
-                continuations[row] = continuation;
+                continuations[row] = self.continuation(&completion, turns, row / group);
                 reflections[row] = Some(completion);
+                waiting.push(row);
+            }
+            // Retries start together once no reflection is decoding: the
+            // cache's rows share one column axis, so a retry request fed
+            // beside decoding rows pads every one of them to its width
+            // (each such step computes all rows that many times); fed
+            // together, they are one prefill.
+            if stream.is_idle() {
+                for row in waiting.drain(..) {
+                    stream.resume(Turn {
+                        key: row,
+                        // The stream feeds the reflection's last token itself.
+                        ids: continuations[row][1..].to_vec(),
+                        params: retry.clone(),
+                        sampler: Sampler::new(retry, first_row + row as u64),
+                        keep: false,
+                        alternatives: 0,
+                    })?;
+                }
             }
             if stream.is_idle() {
                 break;
