@@ -55,6 +55,19 @@ pub struct ScoredPrompt {
     pub alternatives: Vec<Vec<(u32, f32)>>,
 }
 
+impl Completion {
+    /// What a budget of zero tokens gives: nothing, ended by length.
+    pub fn empty() -> Self {
+        Self {
+            tokens: Vec::new(),
+            logprobs: Some(Vec::new()),
+            alternatives: Vec::new(),
+            text: String::new(),
+            finish: FinishReason::Length,
+        }
+    }
+}
+
 /// Generation outputs, and (when asked for) the cache with every row active
 /// again, in order, each holding its prompt and every sampled token but the
 /// last.
@@ -197,13 +210,7 @@ impl<'a> Generator<'a> {
     ) -> Result<Decoded> {
         let n = cache.batch();
         if params.max_new_tokens == 0 {
-            let empty = Completion {
-                tokens: Vec::new(),
-                logprobs: Some(Vec::new()),
-                alternatives: Vec::new(),
-                text: String::new(),
-                finish: FinishReason::Length,
-            };
+            let empty = Completion::empty();
             return Ok(Decoded {
                 completions: vec![empty; n],
                 cache: keep_cache.then_some(cache),

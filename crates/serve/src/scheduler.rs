@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
 
-use r3_generate::{Completion, DecodeStream, FinishReason, Generator, Sampler, ScoredPrompt, Turn};
+use r3_generate::{Completion, DecodeStream, Generator, Sampler, ScoredPrompt, Turn};
 use r3_model::{Llama, LoadedModel};
 
 /// One prompt's rows: `n` choices of `prompt`, each with its own stream.
@@ -154,15 +154,8 @@ fn serve_batch(
             };
             if job.params.max_new_tokens == 0 {
                 // Scoring only: nothing to generate.
-                let empty = Completion {
-                    tokens: Vec::new(),
-                    logprobs: Some(Vec::new()),
-                    alternatives: Vec::new(),
-                    text: String::new(),
-                    finish: FinishReason::Length,
-                };
                 Running {
-                    completions: vec![Some(empty); rows],
+                    completions: vec![Some(Completion::empty()); rows],
                     scored,
                     missing: 0,
                     job,
