@@ -175,6 +175,7 @@ pub fn run_train(config: TrainConfig, start: &Start) -> Result<PathBuf> {
     std::fs::create_dir_all(&config.output_dir)
         .with_context(|| format!("cannot create {}", config.output_dir.display()))?;
     let max_steps = config.max_steps;
+    let (mined, max_failure_rate) = (failures.len(), config.max_failure_rate);
     let mut trainer = Trainer::new(
         config,
         &loaded,
@@ -185,6 +186,12 @@ pub fn run_train(config: TrainConfig, start: &Start) -> Result<PathBuf> {
         resume,
     )?;
     trainer.set_memory_release(crate::release_freed_memory);
+    if trainer.failures_in_training() < mined {
+        eprintln!(
+            "training on {} of {mined} mined failures (max_failure_rate = {max_failure_rate})",
+            trainer.failures_in_training()
+        );
+    }
     if trainer.step >= max_steps {
         bail!(
             "the checkpoint is already at step {} of max_steps = {max_steps}",

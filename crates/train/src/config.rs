@@ -42,6 +42,11 @@ pub struct TrainConfig {
     pub verifier_timeout: f64,
     /// The dataset of failures written by `r3 mine`.
     pub failures: PathBuf,
+    /// Trains only on failures whose mined failure rate is at most this
+    /// (1 = all): records the model sometimes solves are where a reflection
+    /// can turn a retry right; ones it never solves mostly give groups
+    /// without signal.
+    pub max_failure_rate: f64,
     /// TOML file overriding the reflection/retry prompts.
     pub prompts: Option<PathBuf>,
     pub output_dir: PathBuf,
@@ -162,6 +167,7 @@ impl Default for TrainConfig {
             verifier: None,
             verifier_timeout: 10.0,
             failures: PathBuf::from("failures.jsonl"),
+            max_failure_rate: 1.0,
             prompts: None,
             output_dir: PathBuf::from("runs/train"),
             seed: 0,
@@ -287,6 +293,12 @@ impl TrainConfig {
         }
         if !(self.learning_rate > 0.0 && self.learning_rate.is_finite()) {
             return bad("learning_rate", "must be a positive number");
+        }
+        if !(self.max_failure_rate > 0.0 && self.max_failure_rate <= 1.0) {
+            return bad(
+                "max_failure_rate",
+                "must be in (0, 1]: a failure's rate is its failed share of the mined samples",
+            );
         }
         if let Some(other) = self
             .report_to

@@ -89,6 +89,11 @@ impl<'a> Trainer<'a> {
         self.release_memory = release;
     }
 
+    /// How many failures the run draws from (after `max_failure_rate`).
+    pub fn failures_in_training(&self) -> usize {
+        self.failures.len()
+    }
+
     /// The next B failures, in an order reshuffled (from the seed) every epoch.
     fn next_failures(&mut self) -> Vec<MinedFailure> {
         let n = self.failures.len();

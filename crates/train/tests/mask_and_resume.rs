@@ -284,7 +284,7 @@ fn empty_or_too_small_failure_sets_are_rejected() {
         beta: 0.0,
         ..TrainConfig::default()
     };
-    let err = |failures| match Trainer::new(
+    let err = |config: &TrainConfig, failures| match Trainer::new(
         config.clone(),
         &toy.loaded,
         StartWeights::of(&toy.loaded),
@@ -296,8 +296,8 @@ fn empty_or_too_small_failure_sets_are_rejected() {
         Ok(_) => panic!("accepted"),
         Err(e) => e.to_string(),
     };
-    assert!(err(Vec::new()).contains("dataset of failures is empty"));
-    assert!(err(toy.failures.clone())
+    assert!(err(&config, Vec::new()).contains("dataset of failures is empty"));
+    assert!(err(&config, toy.failures.clone())
         .contains("'failures_per_step' (8) is larger than the dataset of failures (4)"));
     // Failures mined for the toy task, trained as Countdown.
     let countdown = r3_tasks::builtin("countdown").unwrap();
@@ -314,6 +314,23 @@ fn empty_or_too_small_failure_sets_are_rejected() {
         Err(e) => e.to_string(),
     };
     assert!(e.contains("does not fit the task 'countdown'"), "{e}");
+    // max_failure_rate keeps the failures the model sometimes solves.
+    let mut rated = toy.failures.clone();
+    for (f, rate) in rated.iter_mut().zip([1.0, 0.75, 0.5, 0.25]) {
+        f.failure_rate = rate;
+    }
+    let config = TrainConfig {
+        max_failure_rate: 0.5,
+        ..config
+    };
+    let e = err(&config, rated.clone());
+    assert!(e.contains("larger than the dataset of failures (2)"), "{e}");
+    let none = TrainConfig {
+        max_failure_rate: 0.2,
+        ..config
+    };
+    let e = err(&none, rated);
+    assert!(e.contains("'max_failure_rate' = 0.2 keeps none of the 4"), "{e}");
 }
 
 /// A fresh run never mixes with an old one in its output_dir, a resumed

@@ -51,6 +51,7 @@ impl<'a> Trainer<'a> {
         failures: Vec<MinedFailure>,
         resume: Option<&Path>,
     ) -> Result<Self> {
+        let failures = select_failures(failures, config.max_failure_rate)?;
         check_run(&config, model, task, &failures)?;
         let lora = config.lora()?;
         let compute = config.dtype.dtype();
@@ -154,6 +155,22 @@ fn starting_adapter(dir: &Path, lora: &LoraConfig) -> Result<Adapter> {
         )));
     }
     Ok(adapter)
+}
+
+/// The failures the run trains on: those failed at most `max_rate` of
+/// their mined samples (all, at 1).
+fn select_failures(failures: Vec<MinedFailure>, max_rate: f64) -> Result<Vec<MinedFailure>> {
+    let mined = failures.len();
+    let kept: Vec<MinedFailure> = failures
+        .into_iter()
+        .filter(|f| f.failure_rate <= max_rate)
+        .collect();
+    if kept.is_empty() && mined > 0 {
+        return Err(TrainError::Config(format!(
+            "'max_failure_rate' = {max_rate} keeps none of the {mined} failures: every one failed more often"
+        )));
+    }
+    Ok(kept)
 }
 
 /// Refuses a run that cannot start: no failures, a token budget past the
