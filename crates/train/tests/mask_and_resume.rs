@@ -330,7 +330,10 @@ fn empty_or_too_small_failure_sets_are_rejected() {
         ..config
     };
     let e = err(&none, rated);
-    assert!(e.contains("'max_failure_rate' = 0.2 keeps none of the 4"), "{e}");
+    assert!(
+        e.contains("'max_failure_rate' = 0.2 keeps none of the 4"),
+        "{e}"
+    );
 }
 
 /// A fresh run never mixes with an old one in its output_dir, a resumed
