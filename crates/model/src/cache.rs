@@ -1,13 +1,19 @@
 //! The KV cache: per-layer keys/values for a batch of rows, plus which cache
 //! columns each row actually uses.
 //!
-//! Rows of different lengths are right-aligned: when a batch appends segments
-//! of different lengths, the shorter ones are left-padded with *holes* —
-//! columns no query may attend to. Prefilling a fresh batch (left padding),
-//! appending a new chat turn to every row, and one-token decode steps are all
-//! the same operation. A prefix can be forked into G rows, and a row that has
-//! finished decoding can leave the forwards while keeping its keys and values
-//! in place, to continue later with the next turn of its conversation.
+//! Rows share one axis of columns, and a column a row does not use is a
+//! *hole* for it, which no query of the row attends to. Each new segment
+//! goes right after its row's last token: into the row's trailing holes
+//! where they reach, so that a row joining a running batch fills the
+//! columns it has not used rather than widening every row, and the axis
+//! grows only by what the row furthest along needs (a training cache, whose
+//! keys and values are concatenated, appends every segment after all
+//! columns instead, right-aligned). Prefilling a fresh batch, appending a
+//! new chat turn to every row, and one-token decode steps are all the same
+//! operation. A prefix can be forked into G rows, and a row that has
+//! finished decoding can leave the forwards while keeping its keys and
+//! values in place, to continue later with the next turn of its
+//! conversation.
 
 use candle_core::{Device, Tensor};
 
@@ -35,6 +41,31 @@ struct Row {
     next_position: u32,
 }
 
+impl Row {
+    /// The column after the row's last token: where its next segment goes.
+    fn end(&self) -> usize {
+        self.positions
+            .iter()
+            .rposition(Option::is_some)
+            .map_or(0, |last| last + 1)
+    }
+}
+
+/// Where the forward being run writes its keys and values: one block of
+/// columns for every row, or per slot of its `[batch, t]` query grid.
+#[derive(Debug, Clone)]
+enum Placement {
+    /// Every row's segment fills columns `start..start + t`.
+    Block { start: usize },
+    /// Slot `(r, i)` goes to column `columns[r * t + i]` (`u32::MAX`, a
+    /// padding slot, goes nowhere); `index` is that broadcast over heads
+    /// and head dims, built at the first layer.
+    Scattered {
+        columns: Vec<u32>,
+        index: Option<Tensor>,
+    },
+}
+
 /// Keys and values of every layer for a batch of rows.
 #[derive(Debug, Clone)]
 pub struct KvCache {
@@ -57,6 +88,8 @@ pub struct KvCache {
     sliding_window: Option<usize>,
     kv_heads: usize,
     head_dim: usize,
+    /// Where the planned forward's keys and values go.
+    placement: Placement,
 }
 
 /// What one forward over new tokens needs from the cache, computed before
@@ -101,6 +134,7 @@ impl KvCache {
             sliding_window: config.sliding_window,
             kv_heads: config.num_kv_heads,
             head_dim: config.head_dim,
+            placement: Placement::Block { start: 0 },
         }
     }
 
@@ -130,36 +164,53 @@ impl KvCache {
     }
 
     /// Registers one segment of new tokens per row and returns the inputs of
-    /// the forward that will fill them in. Shorter segments are left-padded
-    /// with holes (token id 0, never attended to).
+    /// the forward that will fill them in. The segments are laid out
+    /// `[batch, t]`, shorter ones left-padded (token id 0, a slot that is
+    /// written nowhere and that no query attends to).
     pub(crate) fn plan_append(&mut self, segments: &[&[u32]]) -> AppendPlan {
         let batch = self.batch();
         assert_eq!(segments.len(), batch, "one segment per active cache row");
         let t = segments.iter().map(|s| s.len()).max().unwrap_or(0);
         let start = self.len;
-        let total = start + t;
-        for row in &mut self.rows[batch..] {
-            row.positions.extend(std::iter::repeat_n(None, t));
+        // The first column of each row's segment.
+        let firsts: Vec<usize> = match self.storage {
+            Storage::Buffer => self.rows[..batch].iter().map(Row::end).collect(),
+            Storage::Differentiable => segments.iter().map(|s| start + t - s.len()).collect(),
+        };
+        let total = firsts
+            .iter()
+            .zip(segments)
+            .map(|(first, s)| first + s.len())
+            .fold(start, usize::max);
+        for row in &mut self.rows {
+            row.positions.resize(total, None);
         }
+        let block = firsts
+            .iter()
+            .zip(segments)
+            .all(|(&first, s)| s.len() == t && first == total - t);
+        let mut columns = vec![u32::MAX; if block { 0 } else { batch * t }];
         let mut tokens = vec![0u32; batch * t];
         let mut positions = vec![0u32; batch * t];
         let mut mask = vec![MASKED; batch * t * total];
         for (r, (row, segment)) in self.rows.iter_mut().zip(segments).enumerate() {
             let pad = t - segment.len();
-            row.positions.extend(std::iter::repeat_n(None, pad));
             for (i, &token) in segment.iter().enumerate() {
-                tokens[r * t + pad + i] = token;
-                positions[r * t + pad + i] = row.next_position;
-                row.positions.push(Some(row.next_position));
+                let (slot, column) = (r * t + pad + i, firsts[r] + i);
+                tokens[slot] = token;
+                positions[slot] = row.next_position;
+                row.positions[column] = Some(row.next_position);
                 row.next_position += 1;
+                if !block {
+                    columns[slot] = column as u32;
+                }
             }
-            for q in 0..t {
-                let Some(query_position) = row.positions[start + q] else {
-                    continue;
-                };
-                let mask_row = &mut mask[(r * t + q) * total..(r * t + q + 1) * total];
-                for (key, slot) in row.positions[..=start + q].iter().enumerate() {
-                    let visible = match (slot, self.sliding_window) {
+            for i in 0..segment.len() {
+                let (slot, column) = (r * t + pad + i, firsts[r] + i);
+                let query_position = positions[slot];
+                let mask_row = &mut mask[slot * total..(slot + 1) * total];
+                for (key, key_position) in row.positions[..=column].iter().enumerate() {
+                    let visible = match (key_position, self.sliding_window) {
                         (None, _) => false,
                         (Some(_), None) => true,
                         (Some(p), Some(w)) => ((query_position - p) as usize) < w,
@@ -171,6 +222,13 @@ impl KvCache {
             }
         }
         self.len = total;
+        self.placement = match block {
+            true => Placement::Block { start: total - t },
+            false => Placement::Scattered {
+                columns,
+                index: None,
+            },
+        };
         AppendPlan {
             tokens,
             positions,
@@ -179,8 +237,10 @@ impl KvCache {
         }
     }
 
-    /// Stores the newest `t` columns of keys/values of `layer` and returns the
-    /// keys and values of all `len` columns `[batch, kv_heads, len, head_dim]`.
+    /// Stores the planned forward's keys/values of `layer` `[batch,
+    /// kv_heads, t, head_dim]` where [`KvCache::plan_append`] placed them,
+    /// and returns the keys and values of all `len` columns `[batch,
+    /// kv_heads, len, head_dim]`.
     pub(crate) fn append_layer(
         &mut self,
         layer: usize,
@@ -188,7 +248,6 @@ impl KvCache {
         v: Tensor,
     ) -> Result<(Tensor, Tensor)> {
         let t = k.dim(2)?;
-        let start = self.len - t;
         if self.storage == Storage::Differentiable {
             let (k, v) = match self.layers[layer].take() {
                 None => (k, v),
@@ -205,15 +264,31 @@ impl KvCache {
             let grown = self.len.max(capacity * 2).max(self.initial_capacity);
             let (kb, vb) = (self.zeros(grown, &k)?, self.zeros(grown, &v)?);
             if let Some((old_k, old_v)) = self.layers[layer].take() {
-                kb.slice_set(&old_k.narrow(2, 0, start)?.contiguous()?, 2, 0)?;
-                vb.slice_set(&old_v.narrow(2, 0, start)?.contiguous()?, 2, 0)?;
+                kb.slice_set(&old_k.contiguous()?, 2, 0)?;
+                vb.slice_set(&old_v.contiguous()?, 2, 0)?;
             }
             self.layers[layer] = Some((kb, vb));
         }
         let (kb, vb) = self.layers[layer].as_ref().expect("allocated above");
         let (kb, vb) = (kb.narrow(0, 0, self.active)?, vb.narrow(0, 0, self.active)?);
-        kb.slice_set(&k, 2, start)?;
-        vb.slice_set(&v, 2, start)?;
+        match &mut self.placement {
+            Placement::Block { start } => {
+                kb.slice_set(&k, 2, *start)?;
+                vb.slice_set(&v, 2, *start)?;
+            }
+            Placement::Scattered { columns, index } => {
+                if index.is_none() {
+                    let (b, _, _, d) = k.dims4()?;
+                    let grid = Tensor::from_slice(columns, (b, 1, t, 1), k.device())?;
+                    *index = Some(grid.broadcast_as((b, self.kv_heads, t, d))?.contiguous()?);
+                }
+                // candle's scatter (CPU and CUDA) skips a `u32::MAX` index:
+                // padding slots write nothing.
+                let index = index.as_ref().expect("built above");
+                kb.scatter_set(index, &k.contiguous()?, 2)?;
+                vb.scatter_set(index, &v.contiguous()?, 2)?;
+            }
+        }
         Ok((kb.narrow(2, 0, self.len)?, vb.narrow(2, 0, self.len)?))
     }
 
@@ -294,6 +369,7 @@ impl KvCache {
             sliding_window: self.sliding_window,
             kv_heads: self.kv_heads,
             head_dim: self.head_dim,
+            placement: Placement::Block { start: 0 },
         };
         for layer in &self.layers {
             let selected = match layer {

@@ -104,6 +104,33 @@ fn forked_selected_and_set_aside_rows_continue_like_a_fresh_prefill() {
     }
 }
 
+/// A row that joins a decoding batch goes into the columns it has not
+/// used: the column axis grows by one a step (the decoding row's), not by
+/// the joining row's segment, and both rows see what they would alone.
+#[test]
+fn a_row_joining_a_decoding_batch_fills_its_unused_columns() {
+    let model = tiny_model(Architecture::Qwen2, 6);
+    let prompt: Vec<u32> = (1..=10).collect();
+    let mut cache = KvCache::new(&model.config, 1, 4);
+    model.forward(&[&prompt], &mut cache).unwrap();
+    cache.add_rows(1).unwrap();
+    let joining: [&[u32]; 3] = [&[70, 71, 72, 73], &[74, 75, 76, 77], &[78]];
+    let (mut first, mut second) = (prompt.clone(), Vec::new());
+    for (step, segment) in joining.iter().enumerate() {
+        let decoded = [200 + step as u32];
+        let out = model
+            .last_logits(&model.forward(&[&decoded, segment], &mut cache).unwrap())
+            .unwrap();
+        assert_eq!(cache.len(), prompt.len() + step + 1, "step {step}");
+        first.push(decoded[0]);
+        second.extend_from_slice(segment);
+        for (r, history) in [&first, &second].into_iter().enumerate() {
+            let diff = max_abs_diff(&out.i(r).unwrap(), &last_logits(&model, history));
+            assert!(diff < 1e-4, "step {step} row {r}: {diff}");
+        }
+    }
+}
+
 /// The model with every weight a `Var`, for gradient tests.
 fn trainable(seed: u64) -> (Llama, Vec<(String, Var)>) {
     TinyModel::new(Architecture::Qwen2, 64, 2, seed)
