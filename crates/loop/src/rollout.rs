@@ -515,11 +515,12 @@ impl<'a> Rollouts<'a> {
                 reflections[row] = Some(completion);
                 waiting.push(row);
             }
-            // Retries start together once no reflection is decoding: the
-            // cache's rows share one column axis, so a retry request fed
-            // beside decoding rows pads every one of them to its width
-            // (each such step computes all rows that many times); fed
-            // together, they are one prefill.
+            // Retries start together once no reflection is decoding, as
+            // one prefill. Started each at the step after its reflection
+            // (a join costs only its own tokens now), `r3 bench train`
+            // measured generation 5-7% slower (2026-12-04,
+            // docs/performance.md): the requests go in a few tokens a step
+            // and the reflections end close together.
             if stream.is_idle() {
                 for row in waiting.drain(..) {
                     stream.resume(Turn {

@@ -135,9 +135,9 @@ impl Attention {
         layer: usize,
     ) -> Result<Tensor> {
         let (rotary, mask, exec) = (&inputs.rotary, &inputs.mask, inputs.exec);
-        let (b, t, _) = x.dims3()?;
+        let (b, t) = (inputs.batch, inputs.t);
         let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let mut qkv = project_heads(self.qkv.as_slice(), x, d)?.into_iter();
+        let mut qkv = project_heads(self.qkv.as_slice(), x, d, inputs)?.into_iter();
         let mut next = || qkv.next().expect("q, k and v");
         let (q, k, v) = (next(), next(), next());
         let q = rotary.apply(&q, exec)?;
@@ -147,7 +147,7 @@ impl Attention {
         let kernel_fits = q.device().is_cpu() && q.dtype() == DType::F32 && t <= MAX_FUSED_TOKENS;
         if exec.fused() && kernel_fits {
             let out = cached_attention(&q, &k, &v, mask, scale as f32)?;
-            return Ok(self.o_proj.forward(&out)?);
+            return Ok(self.o_proj.forward(&inputs.from_grid(out)?)?);
         }
         let len = k.dim(2)?;
         // The query heads that share one kv head are stacked along the time
@@ -162,7 +162,7 @@ impl Attention {
             .reshape((b, h, t, d))?
             .transpose(1, 2)?
             .reshape((b, t, h * d))?;
-        Ok(self.o_proj.forward(&out)?)
+        Ok(self.o_proj.forward(&inputs.from_grid(out)?)?)
     }
 }
 

@@ -274,17 +274,18 @@ pub(super) fn project_all(linears: &[Linear], x: &Tensor) -> candle_core::Result
     Ok(outputs)
 }
 
-/// The output of every part of `linears`, in order, split into heads of
-/// `head_dim`: `[b, heads_i, t, head_dim]`, contiguous. Each part is one
-/// copy out of the fused product.
+/// The output of every part of `linears`, in order, on the forward's grid
+/// and split into heads of `head_dim`: `[b, heads_i, t, head_dim]`,
+/// contiguous. Each part is one copy out of the fused product.
 pub(super) fn project_heads(
     linears: &[Linear],
     x: &Tensor,
     head_dim: usize,
+    inputs: &super::ForwardInputs,
 ) -> candle_core::Result<Vec<Tensor>> {
     let mut outputs = Vec::with_capacity(3);
     for linear in linears {
-        let y = linear.forward(x)?;
+        let y = inputs.to_grid(linear.forward(x)?)?;
         let (b, t, total) = y.dims3()?;
         let heads = y.reshape((b, t, total / head_dim, head_dim))?;
         let mut offset = 0;

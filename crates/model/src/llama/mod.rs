@@ -39,6 +39,7 @@ use vocab::VocabTable;
 /// What every layer of one forward shares, planned against the cache: the
 /// new tokens, their additive attention mask and rotary angles.
 pub struct ForwardInputs {
+    /// The ids of the grid's slots, or of the real ones alone when packed.
     tokens: Vec<u32>,
     mask: Tensor,
     rotary: Rotary,
@@ -46,6 +47,39 @@ pub struct ForwardInputs {
     t: usize,
     /// Fused kernels or autograd ops, for every layer of this forward.
     exec: Exec,
+    /// The real tokens' slots of the `[batch, t]` grid when some slots are
+    /// padding and the forward computes values only: then the residual
+    /// stream holds those tokens alone, `[1, n, hidden]`, and only
+    /// attention, which reads the cache row by row, sees the grid. A row
+    /// joining a decoding batch, or prompts of different lengths, cost the
+    /// projections and the MLP their own tokens, not the grid's.
+    packed: Option<Tensor>,
+}
+
+impl ForwardInputs {
+    /// `y` `[1, n, c]` of the real tokens laid out on the grid `[batch, t,
+    /// c]`, zeros in padding slots (unchanged when nothing is packed).
+    fn to_grid(&self, y: Tensor) -> candle_core::Result<Tensor> {
+        let Some(slots) = &self.packed else {
+            return Ok(y);
+        };
+        let (_, n, c) = y.dims3()?;
+        let grid = Tensor::zeros((self.batch * self.t, c), y.dtype(), y.device())?;
+        grid.index_add(slots, &y.reshape((n, c))?, 0)?
+            .reshape((self.batch, self.t, c))
+    }
+
+    /// The real tokens `[1, n, c]` of `y` laid out on the grid `[batch, t,
+    /// c]` (unchanged when nothing is packed).
+    fn from_grid(&self, y: Tensor) -> candle_core::Result<Tensor> {
+        let Some(slots) = &self.packed else {
+            return Ok(y);
+        };
+        let c = y.dim(2)?;
+        y.reshape((self.batch * self.t, c))?
+            .index_select(slots, 0)?
+            .unsqueeze(0)
+    }
 }
 
 /// A causal language model of the Llama family.
@@ -176,7 +210,7 @@ impl Llama {
         for layer in 0..self.layers.len() {
             x = self.layer_forward(layer, &x, &inputs, cache)?;
         }
-        self.final_norm(&x, inputs.exec)
+        Ok(inputs.to_grid(self.final_norm(&x, inputs.exec)?)?)
     }
 
     /// Registers one segment of new tokens per cache row and prepares what
@@ -205,8 +239,21 @@ impl Llama {
         let plan = cache.plan_append(segments);
         let (b, t) = (segments.len(), plan.t);
         let total = cache.len();
+        let real: usize = segments.iter().map(|s| s.len()).sum();
+        let (tokens, packed) = match exec == Exec::Infer && real < b * t {
+            false => (plan.tokens, None),
+            true => {
+                let slots: Vec<u32> = segments
+                    .iter()
+                    .enumerate()
+                    .flat_map(|(r, s)| (r * t + t - s.len()..(r + 1) * t).map(|i| i as u32))
+                    .collect();
+                let tokens = slots.iter().map(|&i| plan.tokens[i as usize]).collect();
+                (tokens, Some(Tensor::from_vec(slots, real, &self.device)?))
+            }
+        };
         Ok(ForwardInputs {
-            tokens: plan.tokens,
+            tokens,
             mask: Tensor::from_vec(plan.mask, (b, 1, 1, t, total), &self.device)?
                 .to_dtype(self.dtype)?,
             rotary: Rotary::new(
@@ -220,16 +267,22 @@ impl Llama {
             batch: b,
             t,
             exec,
+            packed,
         })
     }
 
-    /// The token embeddings `[batch, t, hidden]` of a planned forward.
+    /// The token embeddings `[batch, t, hidden]` of a planned forward
+    /// (`[1, n, hidden]`, its real tokens, when it is packed).
     pub fn embed(&self, inputs: &ForwardInputs) -> Result<Tensor> {
+        let (b, t) = match &inputs.packed {
+            None => (inputs.batch, inputs.t),
+            Some(_) => (1, inputs.tokens.len()),
+        };
         Ok(self
             .embed_tokens
             .lookup(&inputs.tokens)?
             .to_dtype(self.dtype)?
-            .reshape((inputs.batch, inputs.t, ()))?)
+            .reshape((b, t, ()))?)
     }
 
     /// Decoder layer `layer` on `x` `[batch, t, hidden]`, appending its keys
