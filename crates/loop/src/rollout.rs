@@ -518,7 +518,7 @@ impl<'a> Rollouts<'a> {
             // Retries start together once no reflection is decoding, as
             // one prefill. Started each at the step after its reflection
             // (a join costs only its own tokens now), `r3 bench train`
-            // measured generation 5-7% slower (2026-12-04,
+            // measured generation 7-20% slower (2026-12-04,
             // docs/performance.md): the requests go in a few tokens a step
             // and the reflections end close together.
             if stream.is_idle() {
