@@ -35,4 +35,4 @@ else
 fi
 "$R" --version
 python3 "$root/scripts/load_test.py" "${servers[@]}" --clients 1 8 32 \
-    --requests-per-client 2 --max-tokens 64
+    --requests-per-client 4 --max-tokens 128
