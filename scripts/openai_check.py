@@ -46,12 +46,16 @@ for item in chat.choices[0].logprobs.content:
     assert len(item.top_logprobs) == 2, item
     assert item.top_logprobs[0].logprob == item.logprob, item
 
-pieces = client.chat.completions.create(
+pieces = list(client.chat.completions.create(
     model=name, messages=[{"role": "user", "content": "hi"}], max_tokens=6, temperature=0,
-    stream=True,
-)
+    stream=True, logprobs=True, top_logprobs=2,
+))
 streamed = "".join(c.choices[0].delta.content or "" for c in pieces)
 assert streamed == whole, (streamed, whole)
+streamed_logprobs = [
+    item.logprob for c in pieces if c.choices[0].logprobs for item in c.choices[0].logprobs.content
+]
+assert streamed_logprobs == [item.logprob for item in chat.choices[0].logprobs.content], pieces
 
 request = urllib.request.Request(
     f"{base}/v1/load_lora_adapter",
@@ -71,5 +75,5 @@ try:
 except openai.BadRequestError as e:
     assert "max_tokens" in str(e), e
 
-print(f"openai {openai.__version__}: completions (ids, log-probs, echo), chat (with top log-probs), streamed chat, "
+print(f"openai {openai.__version__}: completions (ids, log-probs, echo), chat (with top log-probs), streamed chat (with log-probs), "
       f"an adapter and a bad request all as expected")

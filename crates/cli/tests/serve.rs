@@ -526,6 +526,51 @@ fn streamed_replies_add_up_to_the_whole_reply() {
             .collect();
         assert_eq!(text, whole["choices"][choice]["text"].as_str().unwrap());
     }
+    // Log-probs stream with their tokens: the chunks' pieces, joined, are
+    // the whole reply's (tokens, log-probs and alternatives).
+    let chat = json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 12,
+                      "temperature": 0.7, "seed": 5, "logprobs": true, "top_logprobs": 2});
+    let (_, whole) = server.post("/v1/chat/completions", &chat.to_string());
+    let mut streamed = chat.clone();
+    streamed["stream"] = true.into();
+    let pieces: Vec<Value> = events(&server, "/v1/chat/completions", &streamed)
+        .iter()
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str::<Value>(d).unwrap())
+        .filter_map(|c| c["choices"][0]["logprobs"]["content"].as_array().cloned())
+        .flatten()
+        .collect();
+    let expected = whole["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .unwrap();
+    assert!(!expected.is_empty());
+    assert_eq!(&pieces, expected);
+    let completion = json!({"prompt": "hello", "max_tokens": 8, "temperature": 0.0, "n": 2,
+                            "logprobs": 1});
+    let (_, whole) = server.post("/v1/completions", &completion.to_string());
+    let mut streamed = completion.clone();
+    streamed["stream"] = true.into();
+    let data = events(&server, "/v1/completions", &streamed);
+    for choice in 0..2 {
+        let chunks: Vec<Value> = data[..data.len() - 1]
+            .iter()
+            .map(|d| serde_json::from_str::<Value>(d).unwrap())
+            .filter(|c| c["choices"][0]["index"] == choice)
+            .collect();
+        for key in ["tokens", "token_logprobs", "top_logprobs"] {
+            let joined: Vec<Value> = chunks
+                .iter()
+                .flat_map(|c| c["choices"][0]["logprobs"][key].as_array().unwrap().clone())
+                .collect();
+            assert_eq!(
+                &joined,
+                whole["choices"][choice]["logprobs"][key]
+                    .as_array()
+                    .unwrap(),
+                "{key}"
+            );
+        }
+    }
     // A client that reads one event and goes away.
     {
         use std::io::{Read, Write};

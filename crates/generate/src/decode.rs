@@ -194,20 +194,6 @@ impl<'a> Generator<'a> {
         samplers: Vec<Sampler>,
         keep_cache: bool,
     ) -> Result<Decoded> {
-        self.decode_observed(cache, logits, params, samplers, keep_cache, &mut |_, _| {})
-    }
-
-    /// [`Generator::decode`], calling `on_token(row, token)` as each token
-    /// is sampled (a server streams them).
-    pub fn decode_observed(
-        &self,
-        cache: KvCache,
-        logits: Tensor,
-        params: &SamplingParams,
-        samplers: Vec<Sampler>,
-        keep_cache: bool,
-        on_token: &mut dyn FnMut(usize, u32),
-    ) -> Result<Decoded> {
         let n = cache.batch();
         if params.max_new_tokens == 0 {
             let empty = Completion::empty();
@@ -217,8 +203,15 @@ impl<'a> Generator<'a> {
             });
         }
         let mut completions: Vec<Option<Completion>> = vec![None; n];
-        let (mut stream, mut finished) =
-            DecodeStream::prefilled(self, cache, logits, params, samplers, keep_cache, on_token)?;
+        let (mut stream, mut finished) = DecodeStream::prefilled(
+            self,
+            cache,
+            logits,
+            params,
+            samplers,
+            keep_cache,
+            &mut |_, _, _| {},
+        )?;
         loop {
             for f in finished {
                 completions[f.key] = Some(f.completion);
@@ -226,7 +219,7 @@ impl<'a> Generator<'a> {
             if stream.is_idle() {
                 break;
             }
-            finished = stream.step(on_token)?;
+            finished = stream.step(&mut |_, _, _| {})?;
         }
         Ok(Decoded {
             completions: completions

@@ -10,7 +10,7 @@ pub mod stream;
 
 pub use decode::{Completion, Decoded, FinishReason, Generator, ScoredPrompt};
 pub use sampler::{argmax, Drawn, Sampler, SamplingParams};
-pub use stream::{DecodeStream, Finished, Turn};
+pub use stream::{DecodeStream, Finished, OnToken, Turn};
 
 #[derive(Debug, thiserror::Error)]
 pub enum GenerateError {

@@ -38,6 +38,12 @@ pub struct Turn {
     pub alternatives: usize,
 }
 
+/// Sees each token as it is sampled: the row's key, the draw (its
+/// log-prob under the distribution it was drawn from) and the most likely
+/// ids beside it (empty unless the row asked for them). A server streams
+/// them.
+pub type OnToken<'a> = dyn FnMut(usize, &Drawn, &[(u32, f32)]) + 'a;
+
 /// A row that finished its turn.
 #[derive(Debug)]
 pub struct Finished {
@@ -104,7 +110,7 @@ impl<'g> DecodeStream<'g> {
         params: &SamplingParams,
         samplers: Vec<Sampler>,
         keep: bool,
-        on_token: &mut dyn FnMut(usize, u32),
+        on_token: &mut OnToken,
     ) -> Result<(Self, Vec<Finished>)> {
         let rows: Vec<Row> = samplers
             .into_iter()
@@ -180,9 +186,9 @@ impl<'g> DecodeStream<'g> {
     }
 
     /// One forward over every live row, and a token sampled for each row
-    /// that has fed all its ids; `on_token(key, token)` sees each. Returns
+    /// that has fed all its ids; `on_token` sees each. Returns
     /// the rows that finished.
-    pub fn step(&mut self, on_token: &mut dyn FnMut(usize, u32)) -> Result<Vec<Finished>> {
+    pub fn step(&mut self, on_token: &mut OnToken) -> Result<Vec<Finished>> {
         if self.live == 0 {
             return Ok(Vec::new());
         }
@@ -223,11 +229,7 @@ impl<'g> DecodeStream<'g> {
     /// Samples a token for every live row that has fed all its ids (the
     /// others are mid-way through a long prompt), records it and sets
     /// finished rows aside.
-    fn sample(
-        &mut self,
-        logits: Tensor,
-        on_token: &mut dyn FnMut(usize, u32),
-    ) -> Result<Vec<Finished>> {
+    fn sample(&mut self, logits: Tensor, on_token: &mut OnToken) -> Result<Vec<Finished>> {
         let vocab = logits.dim(1)?;
         let live: Vec<&mut Live> = self.rows[..self.live]
             .iter_mut()
@@ -281,7 +283,7 @@ impl<'g> DecodeStream<'g> {
             let Row::Live(live) = &mut self.rows[slot] else {
                 unreachable!("the first rows are live")
             };
-            on_token(live.key, drawn.token);
+            on_token(live.key, &drawn, &alternatives);
             if live.alternatives > 0 {
                 live.completion.alternatives.push(alternatives);
             }

@@ -436,7 +436,7 @@ fn rows_joining_and_resuming_a_running_batch_sample_as_if_alone() {
         .join(vec![turn(0, prompts[0].clone(), true)])
         .unwrap();
     for _ in 0..3 {
-        let finished = stream.step(&mut |_, _| seen += 1).unwrap();
+        let finished = stream.step(&mut |_, _, _| seen += 1).unwrap();
         record(finished, &mut done);
     }
     stream
@@ -448,7 +448,7 @@ fn rows_joining_and_resuming_a_running_batch_sample_as_if_alone() {
     let next_turn = vec![120, 121, 122];
     let mut resumed = false;
     while !stream.is_idle() || !resumed {
-        let finished = stream.step(&mut |_, _| seen += 1).unwrap();
+        let finished = stream.step(&mut |_, _, _| seen += 1).unwrap();
         record(finished, &mut done);
         if done[0].is_some() && !resumed {
             // The kept row resumes under its own key, and its second

@@ -494,7 +494,7 @@ impl<'a> Rollouts<'a> {
             reflect,
             samplers,
             true,
-            &mut |_, _| {},
+            &mut |_, _, _| {},
         )?;
         let mut reflections: Vec<Option<Completion>> = vec![None; rows];
         let mut continuations = vec![Vec::new(); rows];
@@ -538,7 +538,7 @@ impl<'a> Rollouts<'a> {
                 break;
             }
             self.record_occupancy(stream.live(), rows);
-            finished = stream.step(&mut |_, _| {})?;
+            finished = stream.step(&mut |_, _, _| {})?;
         }
         let done = |c: Vec<Option<Completion>>| -> Vec<Completion> {
             c.into_iter()

@@ -306,12 +306,6 @@ fn request(
         Some(Value::Bool(b)) => *b,
         Some(_) => return Err(ApiError::bad("stream", "must be true or false")),
     };
-    if stream && logprobs {
-        return Err(ApiError::bad(
-            "logprobs",
-            "is not streamed yet; ask without stream",
-        ));
-    }
     if stream && echo {
         return Err(ApiError::bad("echo", "is not streamed; ask without stream"));
     }

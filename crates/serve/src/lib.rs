@@ -302,29 +302,36 @@ impl Server {
         &self,
         prompt: Option<(&[u32], &ScoredPrompt)>,
         c: &Completion,
-    ) -> Vec<(String, Option<f32>, Vec<(String, f32)>)> {
-        let texts = |top: &[(u32, f32)]| -> Vec<(String, f32)> {
-            top.iter().map(|&(t, l)| (self.token_text(t), l)).collect()
-        };
+    ) -> Vec<TokenLogprob> {
         let mut out = Vec::new();
         if let Some((ids, scored)) = prompt {
             for (i, &t) in ids.iter().enumerate() {
-                let (logprob, top) = match i.checked_sub(1) {
-                    Some(j) => (
-                        Some(scored.logprobs[j]),
-                        scored.alternatives.get(j).map_or(Vec::new(), |a| texts(a)),
-                    ),
-                    None => (None, Vec::new()),
-                };
-                out.push((self.token_text(t), logprob, top));
+                out.push(match i.checked_sub(1) {
+                    Some(j) => {
+                        let top = scored.alternatives.get(j).map_or(&[][..], |a| a);
+                        self.token_logprob(t, Some(scored.logprobs[j]), top)
+                    }
+                    None => self.token_logprob(t, None, &[]),
+                });
             }
         }
         for (i, &t) in c.tokens.iter().enumerate() {
             let logprob = c.logprobs.as_ref().map(|l| l[i]);
-            let top = c.alternatives.get(i).map_or(Vec::new(), |a| texts(a));
-            out.push((self.token_text(t), logprob, top));
+            let top = c.alternatives.get(i).map_or(&[][..], |a| a);
+            out.push(self.token_logprob(t, logprob, top));
         }
         out
+    }
+
+    /// A token with its log-prob and alternatives, as text.
+    pub(crate) fn token_logprob(
+        &self,
+        token: u32,
+        logprob: Option<f32>,
+        top: &[(u32, f32)],
+    ) -> TokenLogprob {
+        let top = top.iter().map(|&(t, l)| (self.token_text(t), l)).collect();
+        (self.token_text(token), logprob, top)
     }
 
     fn token_text(&self, token: u32) -> String {
@@ -412,7 +419,10 @@ impl Server {
             .enumerate()
             .map(|(index, c)| {
                 let p = index / request.n;
-                let echoed = done.scored.get(p).map(|scored| (prompts[p].as_slice(), scored));
+                let echoed = done
+                    .scored
+                    .get(p)
+                    .map(|scored| (prompts[p].as_slice(), scored));
                 let mut choice = json!({
                     "index": index,
                     "logprobs": null,
@@ -431,47 +441,7 @@ impl Server {
                 }
                 if request.logprobs {
                     let tokens = self.choice_tokens(echoed, c);
-                    choice["logprobs"] = match route {
-                        stream::Route::Completions => {
-                            // OpenAI's legacy shape: one {text: log-prob}
-                            // object per token (null for an echoed
-                            // prompt's first); a text several tokens share
-                            // keeps the most likely one's.
-                            let top: Option<Vec<Value>> = (request.top_logprobs > 0).then(|| {
-                                tokens
-                                    .iter()
-                                    .map(|(_, logprob, top)| {
-                                        if logprob.is_none() && top.is_empty() {
-                                            return Value::Null;
-                                        }
-                                        let mut object = Map::new();
-                                        for (t, l) in top {
-                                            object.entry(t.clone()).or_insert(json!(l));
-                                        }
-                                        Value::Object(object)
-                                    })
-                                    .collect()
-                            });
-                            json!({
-                                "tokens": tokens.iter().map(|t| &t.0).collect::<Vec<_>>(),
-                                "token_logprobs": tokens.iter().map(|t| t.1).collect::<Vec<_>>(),
-                                "top_logprobs": top, "text_offset": null,
-                            })
-                        }
-                        stream::Route::Chat => {
-                            let content: Vec<Value> = tokens
-                                .iter()
-                                .map(|(t, l, top)| {
-                                    let top: Vec<Value> = top
-                                        .iter()
-                                        .map(|(t, l)| json!({"token": t, "logprob": l, "bytes": t.as_bytes()}))
-                                        .collect();
-                                    json!({"token": t, "logprob": l, "bytes": t.as_bytes(), "top_logprobs": top})
-                                })
-                                .collect();
-                            json!({"content": content})
-                        }
-                    };
+                    choice["logprobs"] = logprobs_json(route, &tokens, request.top_logprobs);
                 }
                 if request.return_token_ids {
                     choice["token_ids"] = json!(c.tokens);
@@ -526,7 +496,7 @@ impl Server {
         &self,
         request: &Request,
         prompts: Vec<Vec<u32>>,
-        stream: Option<mpsc::UnboundedSender<(usize, u32)>>,
+        stream: Option<mpsc::UnboundedSender<scheduler::StreamedToken>>,
     ) -> ApiResult<(Answer, usize)> {
         let decoder = self.decoder(request)?;
         let config = &self.model.config;
@@ -610,6 +580,59 @@ impl Server {
 pub(crate) type Answer = oneshot::Receiver<Result<scheduler::Done, String>>;
 
 /// OpenAI's finish reasons: an end-of-turn id or a stop string is "stop".
+/// A token's text, its log-prob (none where none was computed) and its
+/// alternatives' texts and log-probs.
+pub(crate) type TokenLogprob = (String, Option<f32>, Vec<(String, f32)>);
+
+/// A choice's `logprobs` in the route's shape, for `tokens` (a whole
+/// reply's, or one streamed chunk's).
+pub(crate) fn logprobs_json(
+    route: stream::Route,
+    tokens: &[TokenLogprob],
+    top_logprobs: usize,
+) -> Value {
+    match route {
+        stream::Route::Completions => {
+            // OpenAI's legacy shape: one {text: log-prob} object per token
+            // (null for an echoed prompt's first); a text several tokens
+            // share keeps the most likely one's.
+            let top: Option<Vec<Value>> = (top_logprobs > 0).then(|| {
+                tokens
+                    .iter()
+                    .map(|(_, logprob, top)| {
+                        if logprob.is_none() && top.is_empty() {
+                            return Value::Null;
+                        }
+                        let mut object = Map::new();
+                        for (t, l) in top {
+                            object.entry(t.clone()).or_insert(json!(l));
+                        }
+                        Value::Object(object)
+                    })
+                    .collect()
+            });
+            json!({
+                "tokens": tokens.iter().map(|t| &t.0).collect::<Vec<_>>(),
+                "token_logprobs": tokens.iter().map(|t| t.1).collect::<Vec<_>>(),
+                "top_logprobs": top, "text_offset": null,
+            })
+        }
+        stream::Route::Chat => {
+            let content: Vec<Value> = tokens
+                .iter()
+                .map(|(t, l, top)| {
+                    let top: Vec<Value> = top
+                        .iter()
+                        .map(|(t, l)| json!({"token": t, "logprob": l, "bytes": t.as_bytes()}))
+                        .collect();
+                    json!({"token": t, "logprob": l, "bytes": t.as_bytes(), "top_logprobs": top})
+                })
+                .collect();
+            json!({"content": content})
+        }
+    }
+}
+
 pub(crate) fn finish_reason(c: &Completion) -> &'static str {
     match c.finish {
         FinishReason::Eos | FinishReason::Stop => "stop",

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
 
-use r3_generate::{Completion, DecodeStream, Generator, Sampler, ScoredPrompt, Turn};
+use r3_generate::{Completion, DecodeStream, Drawn, Generator, Sampler, ScoredPrompt, Turn};
 use r3_model::{Llama, LoadedModel};
 
 /// One prompt's rows: `n` choices of `prompt`, each with its own stream.
@@ -34,11 +34,20 @@ pub struct Job {
     pub top_logprobs: usize,
     /// Score each prompt's own tokens too (`echo`).
     pub echo: bool,
-    /// Where each sampled token goes as it is sampled, `(choice, token)`,
-    /// for a streamed reply; a closed receiver (a client gone) is ignored.
-    pub stream: Option<mpsc::UnboundedSender<(usize, u32)>>,
+    /// Where each sampled token goes as it is sampled, for a streamed
+    /// reply; a closed receiver (a client gone) is ignored.
+    pub stream: Option<mpsc::UnboundedSender<StreamedToken>>,
     /// Dropped unanswered only if the scheduler stops.
     pub reply: oneshot::Sender<Result<Done, String>>,
+}
+
+/// One sampled token of a streamed reply: its choice, the token, its
+/// log-prob and its alternatives (empty unless asked for).
+pub struct StreamedToken {
+    pub choice: usize,
+    pub token: u32,
+    pub logprob: Option<f32>,
+    pub alternatives: Vec<(u32, f32)>,
 }
 
 /// A finished job: its completions in prompt, choice order, and (for
@@ -208,10 +217,15 @@ fn serve_batch(
             return;
         }
         let live = stream.live();
-        let mut on_token = |row: usize, token: u32| {
+        let mut on_token = |row: usize, drawn: &Drawn, alternatives: &[(u32, f32)]| {
             let (j, choice) = owners[&row];
             if let Some(sender) = &running[&j].job.stream {
-                let _ = sender.send((choice, token));
+                let _ = sender.send(StreamedToken {
+                    choice,
+                    token: drawn.token,
+                    logprob: drawn.logprob,
+                    alternatives: alternatives.to_vec(),
+                });
             }
         };
         match stream.step(&mut on_token) {

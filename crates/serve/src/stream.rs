@@ -3,19 +3,22 @@
 //! `data: [DONE]`. Text goes out only once it decodes to whole characters
 //! and extends what was sent; the end-of-turn token is never sent. With
 //! stop strings, text is held until the choice ends (a stop string's first
-//! characters must not go out before it is recognised). A client that goes
-//! away ends the stream; its rows finish in their batch unseen.
+//! characters must not go out before it is recognised). With `logprobs`,
+//! each chunk carries its tokens' log-probs (and alternatives) in the
+//! route's shape. A client that goes away ends the stream; its rows finish
+//! in their batch unseen.
 
 use std::convert::Infallible;
 use std::sync::Arc;
 
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
+use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use crate::api::{ApiResult, Request};
-use crate::{finish_reason, now, Server};
+use crate::scheduler::StreamedToken;
+use crate::{finish_reason, logprobs_json, now, Server, TokenLogprob};
 
 /// Which route's chunk objects to send.
 #[derive(Clone, Copy)]
@@ -49,11 +52,23 @@ pub(crate) async fn reply(
     let hold = !request.params.stop_strings.is_empty();
     tokio::spawn(async move {
         let (name, created) = (server.config.name.clone(), now());
-        let chunk = |choice: usize, text: &str, finish: Option<&str>| -> String {
+        let (logprobs, top) = (request.logprobs, request.top_logprobs);
+        // Each chunk carries the log-probs of the tokens sampled since the
+        // last one it sent (held text, and the end-of-turn token, go with
+        // the next chunk that is sent).
+        let chunk = |choice: usize,
+                     text: &str,
+                     finish: Option<&str>,
+                     tokens: &mut Vec<TokenLogprob>|
+         -> String {
+            let logprobs = match logprobs {
+                true => logprobs_json(route, &std::mem::take(tokens), top),
+                false => Value::Null,
+            };
             let body = match route {
                 Route::Completions => json!({
                     "id": id, "object": "text_completion", "created": created, "model": name,
-                    "choices": [{"index": choice, "text": text, "logprobs": null, "finish_reason": finish}],
+                    "choices": [{"index": choice, "text": text, "logprobs": logprobs, "finish_reason": finish}],
                 }),
                 Route::Chat => {
                     let delta = match finish {
@@ -62,7 +77,7 @@ pub(crate) async fn reply(
                     };
                     json!({
                         "id": id, "object": "chat.completion.chunk", "created": created, "model": name,
-                        "choices": [{"index": choice, "delta": delta, "logprobs": null, "finish_reason": finish}],
+                        "choices": [{"index": choice, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
                     })
                 }
             };
@@ -81,11 +96,16 @@ pub(crate) async fn reply(
         let eos = &server.model.eos_token_ids;
         let mut ids: Vec<Vec<u32>> = vec![Vec::new(); choices];
         let mut sent: Vec<String> = vec![String::new(); choices];
+        let mut unsent: Vec<Vec<TokenLogprob>> = vec![Vec::new(); choices];
         loop {
             tokio::select! {
                 // Tokens first: every one is queued before the answer is.
                 biased;
-                Some((choice, token)) = sampled.recv() => {
+                Some(sampled) = sampled.recv() => {
+                    let StreamedToken { choice, token, logprob, alternatives } = sampled;
+                    if logprobs {
+                        unsent[choice].push(server.token_logprob(token, logprob, &alternatives));
+                    }
                     if hold || eos.contains(&token) {
                         continue;
                     }
@@ -95,7 +115,7 @@ pub(crate) async fn reply(
                         continue;
                     }
                     if text.len() > sent[choice].len() {
-                        let delta = chunk(choice, &text[sent[choice].len()..], None);
+                        let delta = chunk(choice, &text[sent[choice].len()..], None, &mut unsent[choice]);
                         if events.send(delta).await.is_err() {
                             return;
                         }
@@ -110,7 +130,7 @@ pub(crate) async fn reply(
                             .enumerate()
                             .map(|(choice, c)| {
                                 let rest = c.text.strip_prefix(sent[choice].as_str()).unwrap_or("");
-                                chunk(choice, rest, Some(finish_reason(c)))
+                                chunk(choice, rest, Some(finish_reason(c)), &mut unsent[choice])
                             })
                             .collect(),
                         Ok(Err(e)) => vec![json!({"error": {"message": e, "type": "server_error", "code": 500}}).to_string()],
