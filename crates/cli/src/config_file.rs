@@ -1,8 +1,11 @@
-//! `--config FILE` for `r3 eval` and `r3 mine`: a TOML file whose keys are
-//! the command's long flags (`max_new_tokens = 64`, `task = "countdown"`,
-//! `skip_invalid = true`). Its settings are placed before the command
-//! line's, so a flag given there wins (`r3 eval --config eval.toml
-//! --limit 5`). (`r3 train --config` is a training config; see r3-train.)
+//! `--config FILE`, one way for every command that takes it: a TOML file
+//! of the command's settings, placed on the command line before what the
+//! user typed, so that the command line wins (`r3 eval --config eval.toml
+//! --limit 5`, `r3 train --config r3.toml --set max_steps=3`). For `r3
+//! eval` and `r3 mine` the keys are the long flags (`max_new_tokens = 64`,
+//! `skip_invalid = true`); for `r3 train` they are the training config's
+//! keys (TRL's names), each becoming a `--set key=value`. Every key is
+//! checked here, so that an error names the file and the key.
 
 use std::ffi::OsString;
 use std::path::Path;
@@ -11,7 +14,7 @@ use anyhow::{bail, Context, Result};
 use clap::CommandFactory;
 
 /// The commands whose `--config` this file reads.
-const COMMANDS: [&str; 2] = ["eval", "mine"];
+const COMMANDS: [&str; 3] = ["eval", "mine", "train"];
 
 /// `args` (the whole command line, program name first) with the settings of
 /// an `eval` or `mine` command's `--config FILE` inserted as flags right
@@ -57,6 +60,9 @@ fn flags_from_file(command: &str, path: &Path) -> Result<Vec<OsString>> {
         .with_context(|| format!("cannot read the config {}", path.display()))?;
     let table: toml::Table =
         toml::from_str(&text).with_context(|| format!("{}: invalid TOML", path.display()))?;
+    if command == "train" {
+        return training_settings(path, table);
+    }
     let cli = crate::Cli::command();
     let sub = cli
         .find_subcommand(command)
@@ -131,6 +137,20 @@ fn flags_from_file(command: &str, path: &Path) -> Result<Vec<OsString>> {
         }
         flags.push(OsString::from(format!("--{flag}")));
         flags.push(OsString::from(value));
+    }
+    Ok(flags)
+}
+
+/// A training config's settings as `--set key=value` arguments (values in
+/// TOML syntax), each checked against `TrainConfig`.
+fn training_settings(path: &Path, table: toml::Table) -> Result<Vec<OsString>> {
+    let mut flags = Vec::with_capacity(2 * table.len());
+    for (key, value) in table {
+        if let Err(e) = r3_train::config::TrainConfig::check_setting(&key, &value) {
+            bail!("{}: '{key}' = {value}: {e}", path.display());
+        }
+        flags.push(OsString::from("--set"));
+        flags.push(OsString::from(format!("{key}={value}")));
     }
     Ok(flags)
 }

@@ -15,8 +15,9 @@ use crate::progress::bar;
 
 #[derive(Args)]
 pub struct TrainArgs {
-    /// A TOML file of training settings (see README)
-    #[arg(long)]
+    /// A TOML file of training settings (docs/config.md); the command
+    /// line's --set and flags win
+    #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Override one setting, e.g. --set learning_rate=1e-6 (repeatable)
     #[arg(long = "set", value_name = "KEY=VALUE")]
@@ -83,14 +84,16 @@ impl LoraArgs {
 pub fn train(args: TrainArgs) -> Result<()> {
     let device = args.device.map(|d| format!("device={:?}", d.to_string()));
     let engines = (!args.engine.is_empty()).then(|| format!("engines={:?}", args.engine));
+    // `--config`'s settings came in as the first `--set`s (config_file.rs);
+    // the flags come last, so that the command line wins.
     let overrides = [
+        args.set.clone(),
         args.lora.overrides(),
         device.into_iter().collect(),
         engines.into_iter().collect(),
-        args.set.clone(),
     ]
     .concat();
-    let config = TrainConfig::load(args.config.as_deref(), &overrides)?;
+    let config = TrainConfig::load(None, &overrides)?;
     let start = resume::resolve(&config, args.resume.as_deref())?;
     match &start {
         Start::Finished(dir) => {

@@ -143,6 +143,25 @@ fn set_errors_name_the_override() {
         !ok && err.contains("train.toml") && !err.contains("--set"),
         "{err}"
     );
+    // An unknown key names the file and the key.
+    std::fs::write(&config, "max_stepz = 2\n").unwrap();
+    let (ok, _, err) = r3(&["train", "--config", config.to_str().unwrap()]);
+    assert!(
+        !ok && err.contains("train.toml") && err.contains("max_stepz"),
+        "{err}"
+    );
+    // The command line wins over the file: --use-peft over use_peft = false
+    // (the huge rank is refused only for LoRA).
+    std::fs::write(&config, "use_peft = false\nfailures = \"x.jsonl\"\n").unwrap();
+    let (ok, _, err) = r3(&[
+        "train",
+        "--config",
+        config.to_str().unwrap(),
+        "--use-peft",
+        "--set",
+        "lora_r=1000000000",
+    ]);
+    assert!(!ok && err.contains("lora_r 1000000000 is over"), "{err}");
 }
 
 /// A 206 GB random init and a rank of a billion aborted on allocation.

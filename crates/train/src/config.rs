@@ -221,6 +221,18 @@ impl Default for TrainConfig {
 }
 
 impl TrainConfig {
+    /// Whether `key = value` is a setting this config has, with a value of
+    /// its type (the other keys at their defaults; the settings together
+    /// are checked by [`TrainConfig::validate`]): a file's settings checked
+    /// one by one, so that an error names the file and the key.
+    pub fn check_setting(key: &str, value: &toml::Value) -> Result<()> {
+        let table = toml::Table::from_iter([(key.to_string(), value.clone())]);
+        toml::Value::Table(table)
+            .try_into::<Self>()
+            .map(|_| ())
+            .map_err(|e| TrainError::Config(e.to_string().trim().to_string()))
+    }
+
     /// Reads `path` (if any), applies `key=value` overrides (values in TOML
     /// syntax; bare words are strings) and validates the result.
     pub fn load(path: Option<&Path>, overrides: &[String]) -> Result<Self> {
