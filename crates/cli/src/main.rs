@@ -2,7 +2,6 @@
 //! library crates; errors carry the context a user needs to fix them.
 
 mod bench;
-mod chart;
 mod commands;
 mod config_file;
 mod demo;

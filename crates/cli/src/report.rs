@@ -23,7 +23,7 @@ pub fn report(args: ReportArgs) -> Result<()> {
         return Ok(());
     }
     let run = args.run.expect("clap requires a run directory");
-    let (markdown, png) = crate::chart::training_report(&run)?;
+    let (markdown, png) = r3_train::report::training_report(&run)?;
     println!("{markdown}");
     eprintln!(
         "wrote {} and {}",

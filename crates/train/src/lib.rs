@@ -10,6 +10,7 @@ pub mod crash;
 pub mod grpo;
 pub mod metrics;
 pub mod optim;
+pub mod report;
 pub mod resume;
 pub mod score;
 pub mod spans;

@@ -147,7 +147,7 @@ impl Attention {
         let kernel_fits = q.device().is_cpu() && q.dtype() == DType::F32 && t <= MAX_FUSED_TOKENS;
         if exec.fused() && kernel_fits {
             let out = cached_attention(&q, &k, &v, mask, scale as f32)?;
-            return Ok(self.o_proj.forward(&inputs.from_grid(out)?)?);
+            return Ok(self.o_proj.forward(&inputs.real_tokens(out)?)?);
         }
         let len = k.dim(2)?;
         // The query heads that share one kv head are stacked along the time
@@ -162,7 +162,7 @@ impl Attention {
             .reshape((b, h, t, d))?
             .transpose(1, 2)?
             .reshape((b, t, h * d))?;
-        Ok(self.o_proj.forward(&inputs.from_grid(out)?)?)
+        Ok(self.o_proj.forward(&inputs.real_tokens(out)?)?)
     }
 }
 

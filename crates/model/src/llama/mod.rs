@@ -39,7 +39,7 @@ use vocab::VocabTable;
 /// What every layer of one forward shares, planned against the cache: the
 /// new tokens, their additive attention mask and rotary angles.
 pub struct ForwardInputs {
-    /// The ids of the grid's slots, or of the real ones alone when packed.
+    /// The ids of the grid's slots, or of the real ones alone when ragged.
     tokens: Vec<u32>,
     mask: Tensor,
     rotary: Rotary,
@@ -53,14 +53,14 @@ pub struct ForwardInputs {
     /// attention, which reads the cache row by row, sees the grid. A row
     /// joining a decoding batch, or prompts of different lengths, cost the
     /// projections and the MLP their own tokens, not the grid's.
-    packed: Option<Tensor>,
+    real_slots: Option<Tensor>,
 }
 
 impl ForwardInputs {
     /// `y` `[1, n, c]` of the real tokens laid out on the grid `[batch, t,
-    /// c]`, zeros in padding slots (unchanged when nothing is packed).
+    /// c]`, zeros in padding slots (unchanged when the forward is not ragged).
     fn to_grid(&self, y: Tensor) -> candle_core::Result<Tensor> {
-        let Some(slots) = &self.packed else {
+        let Some(slots) = &self.real_slots else {
             return Ok(y);
         };
         let (_, n, c) = y.dims3()?;
@@ -70,9 +70,9 @@ impl ForwardInputs {
     }
 
     /// The real tokens `[1, n, c]` of `y` laid out on the grid `[batch, t,
-    /// c]` (unchanged when nothing is packed).
-    fn from_grid(&self, y: Tensor) -> candle_core::Result<Tensor> {
-        let Some(slots) = &self.packed else {
+    /// c]` (unchanged when the forward is not ragged).
+    fn real_tokens(&self, y: Tensor) -> candle_core::Result<Tensor> {
+        let Some(slots) = &self.real_slots else {
             return Ok(y);
         };
         let c = y.dim(2)?;
@@ -240,7 +240,7 @@ impl Llama {
         let (b, t) = (segments.len(), plan.t);
         let total = cache.len();
         let real: usize = segments.iter().map(|s| s.len()).sum();
-        let (tokens, packed) = match exec == Exec::Infer && real < b * t {
+        let (tokens, real_slots) = match exec == Exec::Infer && real < b * t {
             false => (plan.tokens, None),
             true => {
                 let slots: Vec<u32> = segments
@@ -267,14 +267,14 @@ impl Llama {
             batch: b,
             t,
             exec,
-            packed,
+            real_slots,
         })
     }
 
     /// The token embeddings `[batch, t, hidden]` of a planned forward
-    /// (`[1, n, hidden]`, its real tokens, when it is packed).
+    /// (`[1, n, hidden]`, its real tokens, when it is ragged).
     pub fn embed(&self, inputs: &ForwardInputs) -> Result<Tensor> {
-        let (b, t) = match &inputs.packed {
+        let (b, t) = match &inputs.real_slots {
             None => (inputs.batch, inputs.t),
             Some(_) => (1, inputs.tokens.len()),
         };

@@ -1,13 +1,27 @@
-//! `r3 report`'s training charts: metrics.jsonl drawn into training.png,
-//! with a markdown summary beside it.
+//! A training run's report (`r3 report RUN`): metrics.jsonl drawn into
+//! training.png, with a markdown summary beside it, and the held-out
+//! comparison when the run directory has one.
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
 use plotters::prelude::*;
-use r3_train::metrics::StepMetrics;
 
+use crate::metrics::StepMetrics;
+use crate::{Result, TrainError};
 use r3_loop::report::{compare, read_jsonl};
+
+/// A drawing failure, naming the chart file.
+fn drawing<E: std::fmt::Display>(png: &Path) -> impl Fn(E) -> TrainError + '_ {
+    move |e| TrainError::Invalid(format!("cannot draw {}: {e}", png.display()))
+}
+
+/// A file written, or the error naming it.
+fn write(path: &Path, text: &str) -> Result<()> {
+    std::fs::write(path, text).map_err(|cause| TrainError::Io {
+        path: path.display().to_string(),
+        cause,
+    })
+}
 
 /// Registers a system sans-serif font for chart text (plotters draws text
 /// itself); `R3_FONT` names one explicitly.
@@ -27,22 +41,26 @@ fn register_font() -> Result<()> {
         .chain(candidates.iter().map(PathBuf::from))
         .find(|p| p.exists());
     let Some(path) = chosen else {
-        bail!("no TrueType font found for chart text: install one (Debian: fonts-dejavu-core) or set R3_FONT=/path/to/font.ttf");
+        return Err(TrainError::Invalid("no TrueType font found for chart text: install one (Debian: fonts-dejavu-core) or set R3_FONT=/path/to/font.ttf".into()));
     };
-    let bytes: &'static [u8] = Box::leak(
-        std::fs::read(&path)
-            .with_context(|| format!("cannot read {}", path.display()))?
-            .into_boxed_slice(),
-    );
+    let bytes = std::fs::read(&path).map_err(|cause| TrainError::Io {
+        path: path.display().to_string(),
+        cause,
+    })?;
+    // plotters keeps the font for the process's life.
+    let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
     plotters::style::register_font("sans-serif", FontStyle::Normal, bytes)
-        .map_err(|_| anyhow::anyhow!("{}: not a usable font", path.display()))?;
+        .map_err(|_| TrainError::Invalid(format!("{}: not a usable font", path.display())))?;
     Ok(())
 }
 
 /// One number of a step, for a chart.
 type Metric = fn(&StepMetrics) -> f64;
 
-/// Charts of a run's metrics.jsonl into training.png, and report.md.
+/// Charts of a run's metrics.jsonl into training.png, and report.md (a
+/// training directory, or a run directory holding `train/` and, for the
+/// held-out comparison, `eval-base/` and `eval-trained/`). Returns the
+/// markdown and the chart's path.
 pub fn training_report(run: &Path) -> Result<(String, PathBuf)> {
     let train_dir = if run.join("metrics.jsonl").exists() {
         run.to_path_buf()
@@ -52,7 +70,10 @@ pub fn training_report(run: &Path) -> Result<(String, PathBuf)> {
     let metrics_path = train_dir.join("metrics.jsonl");
     let rows: Vec<StepMetrics> = read_jsonl(&metrics_path)?;
     if rows.is_empty() {
-        bail!("{}: no steps logged yet", metrics_path.display());
+        return Err(TrainError::Invalid(format!(
+            "{}: no steps logged yet",
+            metrics_path.display()
+        )));
     }
     let series =
         |of: Metric| -> Vec<(f64, f64)> { rows.iter().map(|r| (r.step as f64, of(r))).collect() };
@@ -60,7 +81,7 @@ pub fn training_report(run: &Path) -> Result<(String, PathBuf)> {
     let png = train_dir.join("training.png");
     {
         let root = BitMapBackend::new(&png, (1500, 900)).into_drawing_area();
-        root.fill(&WHITE)?;
+        root.fill(&WHITE).map_err(drawing(&png))?;
         let panels = root.split_evenly((2, 3));
         let charts: [(&str, Metric); 5] = [
             ("reward (= retry success)", |m| m.reward_mean),
@@ -70,11 +91,11 @@ pub fn training_report(run: &Path) -> Result<(String, PathBuf)> {
             ("throughput (tokens/s)", |m| m.tokens_per_s),
         ];
         for (panel, (title, of)) in panels.iter().zip(charts) {
-            draw_panel(panel, title, &series(of))?;
+            draw_panel(panel, title, &series(of)).map_err(drawing(&png))?;
         }
         let zero = series(|m| m.zero_signal_groups as f64 / (m.groups as f64).max(1.0));
-        draw_panel(&panels[5], "groups without signal (fraction)", &zero)?;
-        root.present()?;
+        draw_panel(&panels[5], "groups without signal (fraction)", &zero).map_err(drawing(&png))?;
+        root.present().map_err(drawing(&png))?;
     }
     let first = &rows[0];
     let last = &rows[rows.len() - 1];
@@ -103,21 +124,22 @@ pub fn training_report(run: &Path) -> Result<(String, PathBuf)> {
         md.push_str("\n## Held-out evaluation\n\n");
         md.push_str(&compare(&base, &trained)?);
     }
-    std::fs::write(train_dir.join("report.md"), &md)?;
+    write(&train_dir.join("report.md"), &md)?;
     if train_dir != run {
-        std::fs::write(
-            run.join("report.md"),
-            md.replace("](training.png)", "](train/training.png)"),
+        write(
+            &run.join("report.md"),
+            &md.replace("](training.png)", "](train/training.png)"),
         )?;
     }
     Ok((md, png))
 }
 
+/// One chart of `points`, scaled to them, in `area`.
 fn draw_panel(
     area: &DrawingArea<BitMapBackend<'_>, plotters::coord::Shift>,
     title: &str,
     points: &[(f64, f64)],
-) -> Result<()> {
+) -> std::result::Result<(), String> {
     let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
     for &(x, y) in points {
         (x0, x1, y0, y1) = (x0.min(x), x1.max(x), y0.min(y), y1.max(y));
@@ -131,7 +153,8 @@ fn draw_panel(
         .margin(12)
         .x_label_area_size(36)
         .y_label_area_size(64)
-        .build_cartesian_2d(x0..x1, (y0 - pad)..(y1 + pad))?;
+        .build_cartesian_2d(x0..x1, (y0 - pad)..(y1 + pad))
+        .map_err(|e| e.to_string())?;
     let small = (y1 - y0).abs() < 0.01 || y1.abs().max(y0.abs()) < 0.01;
     let format_y = |v: &f64| {
         if small {
@@ -145,12 +168,17 @@ fn draw_panel(
         .x_desc("step")
         .label_style(("sans-serif", 14))
         .y_label_formatter(&format_y)
-        .draw()?;
+        .draw()
+        .map_err(|e| e.to_string())?;
     let color = Palette99::pick(0);
-    chart.draw_series(LineSeries::new(
-        points.iter().copied(),
-        color.stroke_width(2),
-    ))?;
-    chart.draw_series(points.iter().map(|&p| Circle::new(p, 3, color.filled())))?;
+    chart
+        .draw_series(LineSeries::new(
+            points.iter().copied(),
+            color.stroke_width(2),
+        ))
+        .map_err(|e| e.to_string())?;
+    chart
+        .draw_series(points.iter().map(|&p| Circle::new(p, 3, color.filled())))
+        .map_err(|e| e.to_string())?;
     Ok(())
 }
