@@ -19,7 +19,7 @@ use rayon::prelude::*;
 
 use crate::device_matmul::device_matmul;
 use crate::gemm::Mat;
-use crate::packed::{register_rows, PackedMatrix, GROUP};
+use crate::packed::{interleave, register_rows, PackedMatrix, GROUP};
 use crate::storage::f32_slice;
 
 /// Products with at most this many rows take the split path; larger ones
@@ -120,7 +120,8 @@ impl SharedOutput {
 
     /// `out[.., first..] = x [m, k] · Wᵀ` for the rows `16·groups` of `part`
     /// (whose first output column is `first`), with `PackedMatrix::dot_group`
-    /// on up to `pass` (8 or 4) rows at a time.
+    /// on the passes of [`passes`], `x` interleaved pass by pass
+    /// ([`interleaved_passes`]).
     ///
     /// # Safety
     /// The output must have `m` rows of `row_stride` columns, the part's
@@ -146,38 +147,57 @@ impl SharedOutput {
                     let dst = self.ptr.add(r * self.row_stride + first + column);
                     std::ptr::copy_nonoverlapping(dots.as_ptr(), dst, valid);
                 };
-                let mut r0 = 0;
-                while r0 < m {
-                    r0 += match m - r0 {
-                        8.. if pass >= 8 => {
-                            dots_into(part.dot_group(group, rows::<8>(x, k, r0)), r0, &write)
-                        }
-                        4.. => dots_into(part.dot_group(group, rows::<4>(x, k, r0)), r0, &write),
-                        2.. => dots_into(part.dot_group(group, rows::<2>(x, k, r0)), r0, &write),
-                        _ => dots_into(part.dot_group(group, rows::<1>(x, k, r0)), r0, &write),
-                    };
+                for (r0, rows) in passes(m, pass) {
+                    let x = &x[r0 * k..(r0 + rows) * k];
+                    match rows {
+                        8 => dots_into(part.dot_group::<8>(group, x), r0, &write),
+                        4 => dots_into(part.dot_group::<4>(group, x), r0, &write),
+                        2 => dots_into(part.dot_group::<2>(group, x), r0, &write),
+                        _ => dots_into(part.dot_group::<1>(group, x), r0, &write),
+                    }
                 }
             }
         }
     }
 }
 
-/// Rows `r0 .. r0 + R` of `x`, whose rows are `k` long.
-fn rows<const R: usize>(x: &[f32], k: usize, r0: usize) -> [&[f32]; R] {
-    std::array::from_fn(|i| &x[(r0 + i) * k..][..k])
+/// The passes of a register product over `m` rows: (first row, rows), 8
+/// rows a pass where `pass` allows it, then 4, 2 and 1.
+fn passes(m: usize, pass: usize) -> impl Iterator<Item = (usize, usize)> {
+    let mut r0 = 0;
+    std::iter::from_fn(move || {
+        let rows = match m - r0 {
+            0 => return None,
+            8.. if pass >= 8 => 8,
+            4.. => 4,
+            2.. => 2,
+            _ => 1,
+        };
+        r0 += rows;
+        Some((r0 - rows, rows))
+    })
 }
 
-/// Hands each of `R` rows of dots, the first being row `r0`, to `write`;
-/// returns `R`.
+/// `x [m, k]` with each pass's rows [`interleave`]d, in place of those
+/// rows: made once per product, read by every task.
+fn interleaved_passes(x: &[f32], m: usize, k: usize, pass: usize) -> Vec<f32> {
+    let mut out = vec![0f32; m * k];
+    for (r0, rows) in passes(m, pass) {
+        let rows_of_x: Vec<&[f32]> = (r0..r0 + rows).map(|r| &x[r * k..][..k]).collect();
+        interleave(&rows_of_x, k, &mut out[r0 * k..(r0 + rows) * k]);
+    }
+    out
+}
+
+/// Hands each of `R` rows of dots, the first being row `r0`, to `write`.
 fn dots_into<const R: usize>(
     dots: [[f32; GROUP]; R],
     r0: usize,
     write: &impl Fn(usize, &[f32; GROUP]),
-) -> usize {
+) {
     for (i, row) in dots.iter().enumerate() {
         write(r0 + i, row);
     }
-    R
 }
 
 struct DenseProduct;
@@ -333,10 +353,15 @@ impl CustomOp1 for PackedProduct<'_> {
         }
         let pass = register_rows();
         let in_registers = m <= MAX_REGISTER_ROWS && pass > 0;
+        let interleaved = if in_registers {
+            interleaved_passes(x, m, k, pass)
+        } else {
+            Vec::new()
+        };
         tasks.into_par_iter().for_each(|(part, offset, groups)| {
             if in_registers {
                 // SAFETY: as below, for columns offset + 16·groups.
-                return unsafe { output.dot_groups(part, offset, groups, x, k, pass) };
+                return unsafe { output.dot_groups(part, offset, groups, &interleaved, k, pass) };
             }
             with_panel(part, groups, |panel, width, first, cols| {
                 // SAFETY: `out` is m × n and this task alone writes columns

@@ -9,21 +9,22 @@ use std::arch::x86_64::*;
 use crate::packed::{Encoding, PackedMatrix, BLOCK, GROUP};
 
 /// # Safety
-/// The CPU must support AVX2, FMA and F16C, and every row of `x` must
-/// hold at least `matrix.cols` values.
+/// The CPU must support AVX2, FMA and F16C, and `x` must hold
+/// `matrix.cols` inputs of `R` interleaved rows.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) unsafe fn dot_group<const R: usize>(
     matrix: &PackedMatrix,
     group: usize,
-    x: [&[f32]; R],
+    x: &[f32],
 ) -> [[f32; GROUP]; R] {
     // SAFETY: the caller upholds this function's contract (its doc),
     // which is all its raw reads, writes and intrinsics rely on.
     unsafe {
         let mut acc = [[_mm256_setzero_ps(); 2]; R];
         let mut add = |k: usize, w: [__m256; 2]| {
-            for (acc, x) in acc.iter_mut().zip(&x) {
-                let x = _mm256_set1_ps(*x.get_unchecked(k));
+            let inputs = x.as_ptr().add(k * R);
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let x = _mm256_set1_ps(*inputs.add(r));
                 acc[0] = _mm256_fmadd_ps(x, w[0], acc[0]);
                 acc[1] = _mm256_fmadd_ps(x, w[1], acc[1]);
             }

@@ -7,21 +7,22 @@ use std::arch::x86_64::*;
 use crate::packed::{Encoding, PackedMatrix, BLOCK, GROUP};
 
 /// # Safety
-/// The CPU must support AVX-512F, and every row of `x` must hold at
-/// least `matrix.cols` values.
+/// The CPU must support AVX-512F, and `x` must hold `matrix.cols` inputs
+/// of `R` interleaved rows.
 #[target_feature(enable = "avx512f")]
 pub(crate) unsafe fn dot_group<const R: usize>(
     matrix: &PackedMatrix,
     group: usize,
-    x: [&[f32]; R],
+    x: &[f32],
 ) -> [[f32; GROUP]; R] {
     // SAFETY: the caller upholds this function's contract (its doc),
     // which is all its raw reads, writes and intrinsics rely on.
     unsafe {
         let mut acc = [_mm512_setzero_ps(); R];
         let mut add = |k: usize, w: __m512| {
-            for (acc, x) in acc.iter_mut().zip(&x) {
-                *acc = _mm512_fmadd_ps(_mm512_set1_ps(*x.get_unchecked(k)), w, *acc);
+            let inputs = x.as_ptr().add(k * R);
+            for (r, acc) in acc.iter_mut().enumerate() {
+                *acc = _mm512_fmadd_ps(_mm512_set1_ps(*inputs.add(r)), w, *acc);
             }
         };
         let low_nibbles = _mm512_set1_epi32(0x0F);
