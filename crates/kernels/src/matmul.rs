@@ -26,10 +26,13 @@ use crate::storage::f32_slice;
 /// (prefill) have enough rows for gemm's own parallelism.
 const MAX_SPLIT_ROWS: usize = 64;
 
-/// Products with at most this many rows keep packed weights in registers
-/// (`PackedMatrix::dot_group`); more rows share an unpacked panel and gemm
-/// (measured at batch 8: 330 against 294 tok/s; at 16: 353 against 377).
-const MAX_REGISTER_ROWS: usize = 8;
+/// Products of at most this many register passes ([`register_rows`]
+/// rows each) keep packed weights in registers (`PackedMatrix::dot_group`);
+/// more rows share an unpacked panel and gemm. Measured on Qwen2.5-Coder-1.5B
+/// Q4_K_M decoding: AVX-512 (16-row passes) at batch 16 53 against 34 tok/s
+/// for the panel, at 32 53 against 43; AVX2 (4-row passes) at 16 26
+/// against 34, so two passes there.
+const MAX_REGISTER_PASSES: usize = 2;
 
 /// Output columns per task, in 16-column units: small enough that a
 /// 576-column projection still gives each thread a few blocks to balance
@@ -150,6 +153,7 @@ impl SharedOutput {
                 for (r0, rows) in passes(m, pass) {
                     let x = &x[r0 * k..(r0 + rows) * k];
                     match rows {
+                        16 => dots_into(part.dot_group::<16>(group, x), r0, &write),
                         8 => dots_into(part.dot_group::<8>(group, x), r0, &write),
                         4 => dots_into(part.dot_group::<4>(group, x), r0, &write),
                         2 => dots_into(part.dot_group::<2>(group, x), r0, &write),
@@ -161,13 +165,14 @@ impl SharedOutput {
     }
 }
 
-/// The passes of a register product over `m` rows: (first row, rows), 8
-/// rows a pass where `pass` allows it, then 4, 2 and 1.
+/// The passes of a register product over `m` rows: (first row, rows), 16
+/// or 8 rows a pass where `pass` allows it, then 4, 2 and 1.
 fn passes(m: usize, pass: usize) -> impl Iterator<Item = (usize, usize)> {
     let mut r0 = 0;
     std::iter::from_fn(move || {
         let rows = match m - r0 {
             0 => return None,
+            16.. if pass >= 16 => 16,
             8.. if pass >= 8 => 8,
             4.. => 4,
             2.. => 2,
@@ -352,7 +357,7 @@ impl CustomOp1 for PackedProduct<'_> {
             offset += part.rows();
         }
         let pass = register_rows();
-        let in_registers = m <= MAX_REGISTER_ROWS && pass > 0;
+        let in_registers = pass > 0 && m <= MAX_REGISTER_PASSES * pass;
         let interleaved = if in_registers {
             interleaved_passes(x, m, k, pass)
         } else {

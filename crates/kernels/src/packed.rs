@@ -506,7 +506,7 @@ pub fn interleave(rows: &[&[f32]], cols: usize, out: &mut [f32]) {
 /// into a panel.
 pub(crate) fn register_rows() -> usize {
     match CpuLevel::current() {
-        CpuLevel::Avx512 => 8,
+        CpuLevel::Avx512 => 16,
         CpuLevel::Avx2 => 4,
         CpuLevel::Portable => 0,
     }
@@ -558,7 +558,7 @@ mod tests {
     #[test]
     fn register_kernels_compute_the_product_with_the_dequantized_weights() {
         let rows = 40;
-        let x: Vec<Vec<f32>> = (0..8)
+        let x: Vec<Vec<f32>> = (0..16)
             .map(|r| {
                 (0..512)
                     .map(|k| ((r * 96 + k) % 13) as f32 / 6.0 - 1.0)
@@ -589,22 +589,25 @@ mod tests {
                     interleave(&rows, cols, &mut out);
                     out
                 };
-                let (rows8, four, one) = (
-                    interleaved(0, 8),
-                    [0, 4].map(|from| interleaved(from, 4)),
-                    interleaved(5, 1),
-                );
-                // Per level: 8 rows at once, 4 + 4, and row 5 alone.
+                let sixteen = interleaved(0, 16);
+                let eights = [0, 8].map(|from| interleaved(from, 8));
+                let fours = [0, 4, 8, 12].map(|from| interleaved(from, 4));
+                let one = interleaved(5, 1);
+                // Per level: 16 rows at once, 8 + 8, 4 × 4, and row 5 alone.
                 let runs: Vec<_> = levels
                     .iter()
                     .map(|&level| {
-                        let [a, b] = four
+                        let eight = eights
+                            .each_ref()
+                            .map(|x| packed.dot_group_at::<8>(level, group, x));
+                        let four = fours
                             .each_ref()
                             .map(|x| packed.dot_group_at::<4>(level, group, x));
                         (
                             level,
-                            packed.dot_group_at::<8>(level, group, &rows8),
-                            [a, b].concat(),
+                            packed.dot_group_at::<16>(level, group, &sixteen),
+                            eight.concat(),
+                            four.concat(),
                             packed.dot_group_at::<1>(level, group, &one),
                         )
                     })
@@ -625,21 +628,23 @@ mod tests {
                         let terms = (0..cols).map(|k| x[k] as f64 * w[row * cols + k] as f64);
                         let exact: f64 = terms.clone().sum();
                         let bound = dot_error_bound(cols, terms.map(f64::abs).sum());
-                        for (level, eight, four, one) in &runs {
-                            let err = (eight[r][c] as f64 - exact).abs();
+                        for (level, sixteen, eight, four, one) in &runs {
+                            let err = (sixteen[r][c] as f64 - exact).abs();
                             assert!(
                                 err <= bound,
                                 "{dtype:?} {level:?} row {r} col {row}: {err} > {bound}"
                             );
-                            assert_eq!(
-                                eight[r][c].to_bits(),
-                                four[r][c].to_bits(),
-                                "{dtype:?} {level:?}: row {r} in a batch of 8 or of 4"
-                            );
+                            for (rows, other) in [(8, eight), (4, four)] {
+                                assert_eq!(
+                                    sixteen[r][c].to_bits(),
+                                    other[r][c].to_bits(),
+                                    "{dtype:?} {level:?}: row {r} in a batch of 16 or of {rows}"
+                                );
+                            }
                             if r == 5 {
                                 assert_eq!(
                                     one[0][c].to_bits(),
-                                    eight[r][c].to_bits(),
+                                    sixteen[r][c].to_bits(),
                                     "{dtype:?} {level:?}: one row alone"
                                 );
                             }
