@@ -120,32 +120,24 @@ fn config_files_mean_what_they_say() {
 fn set_errors_name_the_override() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("train.toml");
+    // `r3 train --config train.toml` with `args` after it.
+    let train = |args: &[&str]| {
+        let mut all = vec!["train", "--config", config.to_str().unwrap()];
+        all.extend_from_slice(args);
+        r3(&all)
+    };
     std::fs::write(&config, "max_steps = 2\n").unwrap();
-    let (ok, _, err) = r3(&[
-        "train",
-        "--config",
-        config.to_str().unwrap(),
-        "--set",
-        "failures=x.jsonl",
-        "--set",
-        "lora_r=many",
-    ]);
+    let (ok, _, err) = train(&["--set", "failures=x.jsonl", "--set", "lora_r=many"]);
     assert!(!ok && err.contains("--set lora_r=many"), "{err}");
     std::fs::write(&config, "max_steps = \"two\"\n").unwrap();
-    let (ok, _, err) = r3(&[
-        "train",
-        "--config",
-        config.to_str().unwrap(),
-        "--set",
-        "lora_r=4",
-    ]);
+    let (ok, _, err) = train(&["--set", "lora_r=4"]);
     assert!(
         !ok && err.contains("train.toml") && !err.contains("--set"),
         "{err}"
     );
     // An unknown key names the file and the key.
     std::fs::write(&config, "max_stepz = 2\n").unwrap();
-    let (ok, _, err) = r3(&["train", "--config", config.to_str().unwrap()]);
+    let (ok, _, err) = train(&[]);
     assert!(
         !ok && err.contains("train.toml") && err.contains("max_stepz"),
         "{err}"
@@ -153,14 +145,7 @@ fn set_errors_name_the_override() {
     // The command line wins over the file: --use-peft over use_peft = false
     // (the huge rank is refused only for LoRA).
     std::fs::write(&config, "use_peft = false\nfailures = \"x.jsonl\"\n").unwrap();
-    let (ok, _, err) = r3(&[
-        "train",
-        "--config",
-        config.to_str().unwrap(),
-        "--use-peft",
-        "--set",
-        "lora_r=1000000000",
-    ]);
+    let (ok, _, err) = train(&["--use-peft", "--set", "lora_r=1000000000"]);
     assert!(!ok && err.contains("lora_r 1000000000 is over"), "{err}");
 }
 

@@ -188,8 +188,8 @@ fn passes(m: usize, pass: usize) -> impl Iterator<Item = (usize, usize)> {
 fn interleaved_passes(x: &[f32], m: usize, k: usize, pass: usize) -> Vec<f32> {
     let mut out = vec![0f32; m * k];
     for (r0, rows) in passes(m, pass) {
-        let rows_of_x: Vec<&[f32]> = (r0..r0 + rows).map(|r| &x[r * k..][..k]).collect();
-        interleave(&rows_of_x, k, &mut out[r0 * k..(r0 + rows) * k]);
+        let span = r0 * k..(r0 + rows) * k;
+        interleave(&x[span.clone()], k, &mut out[span]);
     }
     out
 }

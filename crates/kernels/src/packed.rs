@@ -485,16 +485,16 @@ fn f16_to_f32(half: u16) -> f32 {
     f32::from_bits(sign | magnitude)
 }
 
-/// `rows` (each at least `cols` long) interleaved input by input into
-/// `out`: `out[k·R + r] = rows[r][k]`, the layout
-/// [`PackedMatrix::dot_group`] reads. Its kernels then broadcast every
-/// row's input from one pointer at a constant offset: with a pointer per
-/// row, eight rows spilled pointers to the stack inside the hottest loop
-/// (batch-8 decoding ~10% slower, seen in a profile).
-pub fn interleave(rows: &[&[f32]], cols: usize, out: &mut [f32]) {
-    let r_count = rows.len();
-    for (r, row) in rows.iter().enumerate() {
-        for (k, &v) in row[..cols].iter().enumerate() {
+/// `R` rows of `cols` inputs, stored one after the other in `rows`,
+/// interleaved input by input into `out`: `out[k·R + r] = rows[r·cols + k]`,
+/// the layout [`PackedMatrix::dot_group`] reads. Its kernels then broadcast
+/// every row's input from one pointer at a constant offset: with a pointer
+/// per row, eight rows spilled pointers to the stack inside the hottest
+/// loop (batch-8 decoding ~10% slower, seen in a profile).
+pub fn interleave(rows: &[f32], cols: usize, out: &mut [f32]) {
+    let r_count = rows.len() / cols.max(1);
+    for (r, row) in rows.chunks_exact(cols).enumerate() {
+        for (k, &v) in row.iter().enumerate() {
             out[k * r_count + r] = v;
         }
     }
@@ -584,7 +584,11 @@ mod tests {
                 let width = packed.groups() * GROUP;
                 packed.unpack_group(group, &mut panel[group * GROUP..], width);
                 let interleaved = |from: usize, n: usize| {
-                    let rows: Vec<&[f32]> = x[from..from + n].iter().map(Vec::as_slice).collect();
+                    let rows: Vec<f32> = x[from..from + n]
+                        .iter()
+                        .flat_map(|row| &row[..cols])
+                        .copied()
+                        .collect();
                     let mut out = vec![f32::NAN; n * cols];
                     interleave(&rows, cols, &mut out);
                     out
