@@ -19,6 +19,7 @@ pub mod matmul;
 pub mod packed;
 mod register_avx2;
 mod register_avx512;
+pub mod softmax;
 pub mod storage;
 
 pub use level::CpuLevel;

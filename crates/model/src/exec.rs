@@ -13,7 +13,8 @@ pub enum Exec {
     /// policy): candle's fused rms-norm, softmax and rope, and r3's cached
     /// attention, none of which has a backward pass.
     Infer,
-    /// Training: every op composed of basic ops that autograd records, so
+    /// Training: every op composed of basic ops that autograd records (or a
+    /// fused kernel with its own backward: attention's softmax), so
     /// that gradients reach every trained weight and, through the
     /// differentiable cache, a shared prefix. The forward of a
     /// checkpointed layer and its replay run these same ops, so their

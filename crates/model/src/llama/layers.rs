@@ -1,12 +1,14 @@
 //! The decoder's layers, one struct each with a plain `forward`: RMSNorm,
 //! rotary embeddings, attention, the MLP, and the decoder layer that joins
-//! them. Whether an op runs a fused kernel (rms-norm, softmax, rope, cached
-//! attention: no backward pass) or composes basic ops autograd records is
-//! the forward's [`Exec`], chosen once per forward.
+//! them. Whether an op runs a fused kernel (rms-norm, rope, cached attention:
+//! no backward pass) or composes basic ops autograd records is the
+//! forward's [`Exec`], chosen once per forward; attention's masked softmax
+//! has a fused kernel with a backward, used by both on the CPU.
 
 use candle_core::{DType, Device, Module, Tensor, D};
 use r3_kernels::attention::{cached_attention, MAX_FUSED_TOKENS};
 use r3_kernels::device_matmul::device_matmul;
+use r3_kernels::softmax::masked_softmax;
 
 use super::linear::{
     cast_like, project_all, project_heads, Linear, ProjectionWeight, Projections, WeightLayout,
@@ -37,9 +39,16 @@ impl RmsNorm {
     }
 }
 
-pub(super) fn softmax_last_dim(x: &Tensor, exec: Exec) -> candle_core::Result<Tensor> {
+/// Attention's weights, `softmax(scores + mask)` over the last dimension:
+/// r3's fused kernel, which has a backward, for f32 on the CPU; candle's
+/// fused softmax, or basic ops autograd records, elsewhere.
+fn attention_probs(scores: &Tensor, mask: &Tensor, exec: Exec) -> candle_core::Result<Tensor> {
+    if scores.device().is_cpu() && scores.dtype() == DType::F32 {
+        return masked_softmax(scores, mask);
+    }
+    let x = scores.broadcast_add(mask)?;
     if exec.fused() {
-        return candle_nn::ops::softmax_last_dim(x);
+        return candle_nn::ops::softmax_last_dim(&x);
     }
     let max = x.max_keepdim(D::Minus1)?.detach();
     let exp = x.broadcast_sub(&max)?.exp()?;
@@ -154,10 +163,8 @@ impl Attention {
         // axis, so grouped-query attention needs no copy of the keys.
         let group = h / kvh;
         let q = (q * scale)?.reshape((b, kvh, group * t, d))?;
-        let scores = device_matmul(&q, &k.t()?)?
-            .reshape((b, kvh, group, t, len))?
-            .broadcast_add(mask)?;
-        let probs = softmax_last_dim(&scores, exec)?.reshape((b, kvh, group * t, len))?;
+        let scores = device_matmul(&q, &k.t()?)?.reshape((b, kvh, group, t, len))?;
+        let probs = attention_probs(&scores, mask, exec)?.reshape((b, kvh, group * t, len))?;
         let out = device_matmul(&probs, &v)?
             .reshape((b, h, t, d))?
             .transpose(1, 2)?
