@@ -21,5 +21,6 @@ mod register_avx2;
 mod register_avx512;
 pub mod softmax;
 pub mod storage;
+pub mod swiglu;
 
 pub use level::CpuLevel;

@@ -2,13 +2,15 @@
 //! rotary embeddings, attention, the MLP, and the decoder layer that joins
 //! them. Whether an op runs a fused kernel (rms-norm, rope, cached attention:
 //! no backward pass) or composes basic ops autograd records is the
-//! forward's [`Exec`], chosen once per forward; attention's masked softmax
-//! has a fused kernel with a backward, used by both on the CPU.
+//! forward's [`Exec`], chosen once per forward. Attention's masked softmax
+//! and the MLP's gate have fused kernels with a backward, used by both on
+//! the CPU.
 
 use candle_core::{DType, Device, Module, Tensor, D};
 use r3_kernels::attention::{cached_attention, MAX_FUSED_TOKENS};
 use r3_kernels::device_matmul::device_matmul;
 use r3_kernels::softmax::masked_softmax;
+use r3_kernels::swiglu::swiglu;
 
 use super::linear::{
     cast_like, project_all, project_heads, Linear, ProjectionWeight, Projections, WeightLayout,
@@ -199,10 +201,21 @@ impl Mlp {
 }
 
 impl Module for Mlp {
+    /// `down(silu(gate) ⊙ up)`: the gate is r3's fused kernel (which has a
+    /// backward) on a fused projection in f32 on the CPU, candle's ops
+    /// elsewhere.
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let mut gate_up = project_all(self.gate_up.as_slice(), x)?.into_iter();
-        let (gate, up) = (gate_up.next().expect("gate"), gate_up.next().expect("up"));
-        self.down_proj.forward(&(gate.silu()? * up)?)
+        let gated = match &self.gate_up {
+            Projections::Fused(gate_up) if x.device().is_cpu() && x.dtype() == DType::F32 => {
+                swiglu(&gate_up.forward(x)?)?
+            }
+            projections => {
+                let mut gate_up = project_all(projections.as_slice(), x)?.into_iter();
+                let (gate, up) = (gate_up.next().expect("gate"), gate_up.next().expect("up"));
+                (gate.silu()? * up)?
+            }
+        };
+        self.down_proj.forward(&gated)
     }
 }
 
