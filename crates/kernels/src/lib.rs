@@ -17,10 +17,14 @@ pub mod level;
 pub mod machine;
 pub mod matmul;
 pub mod packed;
+mod reduce;
 mod register_avx2;
 mod register_avx512;
+pub mod rms_norm;
 pub mod softmax;
 pub mod storage;
 pub mod swiglu;
+#[cfg(test)]
+mod test_support;
 
 pub use level::CpuLevel;

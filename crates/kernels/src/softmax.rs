@@ -17,14 +17,11 @@ use rayon::prelude::*;
 
 use crate::exp::exp;
 use crate::level::with_vector_features;
+use crate::reduce::{lanes_dot, lanes_max, lanes_sum};
 use crate::storage::{f32_slice, with_f32_elements};
 
 /// Rows handed to one task: enough work to outweigh the hand-off.
 const ROWS_PER_TASK: usize = 16;
-
-/// Lanes of the reductions: one AVX-512 register, two AVX2 ones, so that
-/// the compiler keeps independent partial results in vector registers.
-const LANES: usize = 16;
 
 /// `softmax(scores + mask)` over the last dimension, differentiable in
 /// `scores`. `scores` is `[batch, …, t, len]` in f32 on the CPU; `mask` is
@@ -171,73 +168,11 @@ fn softmax_backward_row(out: &mut [f32], p: &[f32], g: &[f32]) {
     })
 }
 
-/// The largest element (−∞ for none), in `LANES` running maxima.
-#[inline(always)]
-fn lanes_max(x: &[f32]) -> f32 {
-    let mut lanes = [f32::NEG_INFINITY; LANES];
-    let chunks = x.chunks_exact(LANES);
-    let tail = chunks.remainder();
-    for chunk in chunks {
-        for (lane, v) in lanes.iter_mut().zip(chunk) {
-            *lane = lane.max(*v);
-        }
-    }
-    tail.iter()
-        .chain(&lanes)
-        .fold(f32::NEG_INFINITY, |a, b| a.max(*b))
-}
-
-/// The sum of the elements, in `LANES` running sums.
-#[inline(always)]
-fn lanes_sum(x: &[f32]) -> f32 {
-    let mut lanes = [0f32; LANES];
-    let chunks = x.chunks_exact(LANES);
-    let tail = chunks.remainder();
-    for chunk in chunks {
-        for (lane, v) in lanes.iter_mut().zip(chunk) {
-            *lane += v;
-        }
-    }
-    lanes.iter().sum::<f32>() + tail.iter().sum::<f32>()
-}
-
-/// `Σ a ⊙ b`, in `LANES` running sums.
-#[inline(always)]
-fn lanes_dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut lanes = [0f32; LANES];
-    let (a_chunks, b_chunks) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-    let tail: f32 = a_chunks
-        .remainder()
-        .iter()
-        .zip(b_chunks.remainder())
-        .map(|(a, b)| a * b)
-        .sum();
-    for (a, b) in a_chunks.zip(b_chunks) {
-        for ((lane, a), b) in lanes.iter_mut().zip(a).zip(b) {
-            *lane += a * b;
-        }
-    }
-    lanes.iter().sum::<f32>() + tail
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::{max_relative_difference, random};
     use candle_core::{Device, Var, D};
-
-    fn random(dims: &[usize], seed: u64) -> Tensor {
-        let count: usize = dims.iter().product();
-        let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-        let values: Vec<f32> = (0..count)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                (state >> 40) as f32 / (1u64 << 24) as f32 * 8.0 - 4.0
-            })
-            .collect();
-        Tensor::from_vec(values, dims, &Device::Cpu).unwrap()
-    }
 
     /// A causal mask `[batch, 1, 1, t, len]` over a cache of `len − t`
     /// earlier columns, with row 1's first column hidden too (a hole).
@@ -265,19 +200,6 @@ mod tests {
             .unwrap()
     }
 
-    fn max_difference(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
-    }
-
     /// Shapes with rows shorter and longer than the lanes, tails that are
     /// not a multiple of them, and a row count that is not a multiple of a
     /// task's.
@@ -287,10 +209,10 @@ mod tests {
     #[test]
     fn probabilities_match_the_composed_softmax() {
         for (seed, (b, kvh, group, t, len)) in SHAPES.into_iter().enumerate() {
-            let scores = random(&[b, kvh, group, t, len], seed as u64);
+            let scores = random(&[b, kvh, group, t, len], seed as u64, 4.0);
             let mask = causal_mask(b, t, len);
             let fused = masked_softmax(&scores, &mask).unwrap();
-            let difference = max_difference(&fused, &composed(&scores, &mask));
+            let difference = max_relative_difference(&fused, &composed(&scores, &mask));
             assert!(difference < 1e-6, "{:?}: {difference}", scores.dims());
             // Hidden columns get exactly nothing.
             let hidden = mask.broadcast_as(scores.shape()).unwrap().lt(-1e8).unwrap();
@@ -315,9 +237,9 @@ mod tests {
         for (seed, (b, kvh, group, t, len)) in SHAPES.into_iter().enumerate() {
             let dims = [b, kvh, group, t, len];
             let mask = causal_mask(b, t, len);
-            let upstream = random(&dims, 100 + seed as u64);
+            let upstream = random(&dims, 100 + seed as u64, 4.0);
             let grad = |f: &dyn Fn(&Tensor) -> Tensor| {
-                let scores = Var::from_tensor(&random(&dims, seed as u64)).unwrap();
+                let scores = Var::from_tensor(&random(&dims, seed as u64, 4.0)).unwrap();
                 let loss = (f(scores.as_tensor()) * &upstream)
                     .unwrap()
                     .sum_all()
@@ -326,7 +248,7 @@ mod tests {
             };
             let fused = grad(&|s| masked_softmax(s, &mask).unwrap());
             let reference = grad(&|s| composed(s, &mask));
-            let difference = max_difference(&fused, &reference);
+            let difference = max_relative_difference(&fused, &reference);
             assert!(difference < 1e-6, "{dims:?}: {difference}");
         }
     }
@@ -336,8 +258,8 @@ mod tests {
     fn gradient_matches_finite_differences() {
         let (b, heads, t, len) = (2, 2, 3, 20);
         let mask = causal_mask(b, t, len);
-        let upstream = random(&[b, heads, t, len], 7);
-        let scores = random(&[b, heads, t, len], 8);
+        let upstream = random(&[b, heads, t, len], 7, 4.0);
+        let scores = random(&[b, heads, t, len], 8, 4.0);
         let var = Var::from_tensor(&scores).unwrap();
         let loss = (masked_softmax(var.as_tensor(), &mask).unwrap() * &upstream).unwrap();
         let grads = loss.sum_all().unwrap().backward().unwrap();
@@ -387,7 +309,7 @@ mod tests {
 
     #[test]
     fn a_mask_of_the_wrong_size_is_an_error() {
-        let scores = random(&[2, 3, 4, 5], 1);
+        let scores = random(&[2, 3, 4, 5], 1, 4.0);
         let mask = causal_mask(1, 4, 5);
         let error = masked_softmax(&scores, &mask).unwrap_err().to_string();
         assert!(error.contains("does not fit"), "{error}");

@@ -150,21 +150,8 @@ fn swiglu_backward_row(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Var, D};
-
-    fn random(dims: &[usize], seed: u64) -> Tensor {
-        let count: usize = dims.iter().product();
-        let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-        let values: Vec<f32> = (0..count)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                (state >> 40) as f32 / (1u64 << 24) as f32 * 12.0 - 6.0
-            })
-            .collect();
-        Tensor::from_vec(values, dims, &Device::Cpu).unwrap()
-    }
+    use crate::test_support::{max_relative_difference, random};
+    use candle_core::{Var, D};
 
     /// candle's ops on the two halves, as the MLP composed them.
     fn composed(gate_up: &Tensor) -> Tensor {
@@ -174,20 +161,6 @@ mod tests {
         (gate.silu().unwrap() * up).unwrap()
     }
 
-    fn max_relative_difference(a: &Tensor, b: &Tensor) -> f32 {
-        let scale = b.abs().unwrap().flatten_all().unwrap().max(0).unwrap();
-        let scale: f32 = scale.to_scalar::<f32>().unwrap().max(1e-6);
-        let difference = (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap();
-        difference.to_scalar::<f32>().unwrap() / scale
-    }
-
     /// Widths shorter and longer than a vector, and a row count that is not
     /// a multiple of a task's; values to ±6, where σ saturates.
     const SHAPES: [&[usize]; 3] = [&[3, 14], &[2, 5, 70], &[1, 9, 2 * 96]];
@@ -195,7 +168,7 @@ mod tests {
     #[test]
     fn output_matches_the_composed_gate() {
         for (seed, dims) in SHAPES.into_iter().enumerate() {
-            let gate_up = random(dims, seed as u64);
+            let gate_up = random(dims, seed as u64, 6.0);
             let difference =
                 max_relative_difference(&swiglu(&gate_up).unwrap(), &composed(&gate_up));
             assert!(difference < 1e-6, "{dims:?}: {difference}");
@@ -210,9 +183,9 @@ mod tests {
                 .enumerate()
                 .map(|(d, n)| if d + 1 == dims.len() { n / 2 } else { *n })
                 .collect();
-            let upstream = random(&out_dims, 50 + seed as u64);
+            let upstream = random(&out_dims, 50 + seed as u64, 6.0);
             let grad = |f: &dyn Fn(&Tensor) -> Tensor| {
-                let x = Var::from_tensor(&random(dims, seed as u64)).unwrap();
+                let x = Var::from_tensor(&random(dims, seed as u64, 6.0)).unwrap();
                 let loss = (f(x.as_tensor()) * &upstream).unwrap().sum_all().unwrap();
                 loss.backward().unwrap().get(&x).unwrap().clone()
             };
@@ -226,8 +199,8 @@ mod tests {
     #[test]
     fn gradient_matches_finite_differences() {
         let (rows, i) = (3, 21);
-        let x = random(&[rows, 2 * i], 3);
-        let upstream = random(&[rows, i], 4);
+        let x = random(&[rows, 2 * i], 3, 6.0);
+        let upstream = random(&[rows, i], 4, 6.0);
         let var = Var::from_tensor(&x).unwrap();
         let loss = (swiglu(var.as_tensor()).unwrap() * &upstream).unwrap();
         let grads = loss.sum_all().unwrap().backward().unwrap();
@@ -274,7 +247,7 @@ mod tests {
 
     #[test]
     fn an_odd_width_is_an_error() {
-        let error = swiglu(&random(&[2, 7], 1)).unwrap_err().to_string();
+        let error = swiglu(&random(&[2, 7], 1, 6.0)).unwrap_err().to_string();
         assert!(error.contains("2·i"), "{error}");
     }
 }

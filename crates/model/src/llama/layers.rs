@@ -1,14 +1,15 @@
 //! The decoder's layers, one struct each with a plain `forward`: RMSNorm,
 //! rotary embeddings, attention, the MLP, and the decoder layer that joins
-//! them. Whether an op runs a fused kernel (rms-norm, rope, cached attention:
-//! no backward pass) or composes basic ops autograd records is the
-//! forward's [`Exec`], chosen once per forward. Attention's masked softmax
+//! them. Whether an op runs a fused kernel (rope, cached attention: no
+//! backward pass) or composes basic ops autograd records is the forward's
+//! [`Exec`], chosen once per forward. RMSNorm, attention's masked softmax
 //! and the MLP's gate have fused kernels with a backward, used by both on
 //! the CPU.
 
 use candle_core::{DType, Device, Module, Tensor, D};
 use r3_kernels::attention::{cached_attention, MAX_FUSED_TOKENS};
 use r3_kernels::device_matmul::device_matmul;
+use r3_kernels::rms_norm::rms_norm;
 use r3_kernels::softmax::masked_softmax;
 use r3_kernels::swiglu::swiglu;
 
@@ -30,8 +31,13 @@ pub(super) struct RmsNorm {
 }
 
 impl RmsNorm {
+    /// r3's fused kernel, which has a backward, for f32 on the CPU;
+    /// candle's fused norm, or basic ops autograd records, elsewhere.
     pub(super) fn forward(&self, x: &Tensor, exec: Exec) -> candle_core::Result<Tensor> {
         let weight = cast_like(&self.weight, x)?;
+        if x.device().is_cpu() && x.dtype() == DType::F32 {
+            return rms_norm(x, &weight, self.eps as f32);
+        }
         if exec.fused() && x.is_contiguous() {
             return candle_nn::ops::rms_norm(x, &weight, self.eps as f32);
         }
