@@ -21,6 +21,7 @@ mod reduce;
 mod register_avx2;
 mod register_avx512;
 pub mod rms_norm;
+pub mod rope;
 pub mod softmax;
 pub mod storage;
 pub mod swiglu;

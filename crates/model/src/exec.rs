@@ -10,11 +10,12 @@ use crate::cache::KvCache;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Exec {
     /// Values only (generation, and scoring under the reference or old
-    /// policy): candle's fused rms-norm, softmax and rope, and r3's cached
-    /// attention, none of which has a backward pass.
+    /// policy): r3's cached attention, and off the CPU candle's fused
+    /// rms-norm, softmax and rope, none of which has a backward pass.
     Infer,
     /// Training: every op composed of basic ops that autograd records (or a
-    /// fused kernel with its own backward: attention's softmax), so
+    /// fused kernel with its own backward: on the CPU RMSNorm, rope,
+    /// attention's softmax and the MLP's gate), so
     /// that gradients reach every trained weight and, through the
     /// differentiable cache, a shared prefix. The forward of a
     /// checkpointed layer and its replay run these same ops, so their

@@ -1,15 +1,16 @@
 //! The decoder's layers, one struct each with a plain `forward`: RMSNorm,
 //! rotary embeddings, attention, the MLP, and the decoder layer that joins
-//! them. Whether an op runs a fused kernel (rope, cached attention: no
-//! backward pass) or composes basic ops autograd records is the forward's
-//! [`Exec`], chosen once per forward. RMSNorm, attention's masked softmax
-//! and the MLP's gate have fused kernels with a backward, used by both on
-//! the CPU.
+//! them. Whether an op runs a fused kernel (cached attention: no backward
+//! pass) or composes basic ops autograd records is the forward's [`Exec`],
+//! chosen once per forward. RMSNorm, rope, attention's masked softmax and
+//! the MLP's gate have fused kernels with a backward, used by both on the
+//! CPU.
 
 use candle_core::{DType, Device, Module, Tensor, D};
 use r3_kernels::attention::{cached_attention, MAX_FUSED_TOKENS};
 use r3_kernels::device_matmul::device_matmul;
 use r3_kernels::rms_norm::rms_norm;
+use r3_kernels::rope::rope;
 use r3_kernels::softmax::masked_softmax;
 use r3_kernels::swiglu::swiglu;
 
@@ -95,8 +96,13 @@ impl Rotary {
         })
     }
 
-    /// HF's rotate-half RoPE on `[batch, heads, t, head_dim]`.
+    /// HF's rotate-half RoPE on `[batch, heads, t, head_dim]`: r3's fused
+    /// kernel, which has a backward, for f32 on the CPU; candle's fused
+    /// rope, or basic ops autograd records, elsewhere.
     pub(super) fn apply(&self, x: &Tensor, exec: Exec) -> candle_core::Result<Tensor> {
+        if x.device().is_cpu() && x.dtype() == DType::F32 {
+            return rope(x, &self.cos, &self.sin);
+        }
         if exec.fused() {
             return candle_nn::rotary_emb::rope(&x.contiguous()?, &self.cos, &self.sin);
         }
