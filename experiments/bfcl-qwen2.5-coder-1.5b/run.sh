@@ -62,7 +62,15 @@ split
 "$R" data countdown --count 100 --seed 1505 --out "$OUT/forget-countdown.jsonl" --overwrite
 
 # Mining and training first: the first steps' zero-signal groups are the
-# trainable fraction the pilot asks for.
+# trainable fraction the pilot asks for. Mining takes an hour on a 2-core
+# CPU, and a run often moves to a new machine, so the mined failures are
+# committed (docs/results/, with the state that binds them to the data and
+# settings) and a new run directory starts from them; MINE=1 mines afresh.
+mined=$root/docs/results/bfcl-qwen2.5-coder-1.5b/mined
+if [[ ${MINE:-0} != 1 && -f $mined/failures.jsonl && ! -f $OUT/failures.jsonl ]]; then
+    cp "$mined/failures.jsonl" "$mined/failures.jsonl.state" "$OUT/"
+    log "mine: the committed failures ($mined)"
+fi
 mine "$OUT/train.jsonl" 4
 checkpoint=$(train)
 evaluate eval-base "$MODEL" "$OUT/heldout.jsonl"
