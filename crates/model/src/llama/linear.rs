@@ -219,8 +219,11 @@ impl Linear {
             .zip(&self.adapters)
             .map(|((_, out), adapter)| match adapter {
                 Some(l) => {
-                    let (a, b) = (cast_like(&l.a, rows)?, cast_like(&l.b, rows)?);
-                    device_matmul(&device_matmul(rows, &a.t()?)?, &b.t()?)? * l.scale
+                    // The scale goes into B (`[out, r]`), not onto the
+                    // `[rows, out]` update: one pass fewer each way.
+                    let a = cast_like(&l.a, rows)?;
+                    let b = (cast_like(&l.b, rows)? * l.scale)?;
+                    device_matmul(&device_matmul(rows, &a.t()?)?, &b.t()?)
                 }
                 None => Tensor::zeros((rows.dim(0)?, *out), rows.dtype(), rows.device()),
             })
