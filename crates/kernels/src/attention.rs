@@ -18,6 +18,7 @@ use rayon::prelude::*;
 
 use crate::exp::exp;
 use crate::level::with_vector_features;
+use crate::reduce::{lanes_dot, lanes_sum};
 use crate::storage::{f32_slice, with_f32_elements};
 
 /// Rows with at most this many new tokens take the fused path; longer
@@ -190,14 +191,14 @@ impl RowAttention<'_> {
                 let key = self.keys.row(self.b, kv_head, j, d);
                 for n in queries() {
                     let mask = self.mask[(n % t) * len + j];
-                    scores[n * seen + i] = dot(query(kv_head, n), key) * self.scale + mask;
+                    scores[n * seen + i] = lanes_dot(query(kv_head, n), key) * self.scale + mask;
                 }
             }
             for n in queries() {
                 let row = &mut scores[n * seen..][..seen];
                 let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                 row.iter_mut().for_each(|score| *score = exp(*score - max));
-                let total = sum(row);
+                let total = lanes_sum(row);
                 row.iter_mut().for_each(|p| *p /= total);
             }
             for (i, &j) in visible.iter().enumerate() {
@@ -212,41 +213,6 @@ impl RowAttention<'_> {
             }
         }
     }
-}
-
-/// Lanes wide enough for the compiler to keep them in vector registers.
-const LANES: usize = 16;
-
-#[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; LANES];
-    let (a_chunks, b_chunks) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-    let tail: f32 = a_chunks
-        .remainder()
-        .iter()
-        .zip(b_chunks.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in a_chunks.zip(b_chunks) {
-        for l in 0..LANES {
-            acc[l] += x[l] * y[l];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
-}
-
-/// The sum in `LANES` partial sums, so that it vectorizes.
-#[inline(always)]
-fn sum(values: &[f32]) -> f32 {
-    let mut acc = [0f32; LANES];
-    let chunks = values.chunks_exact(LANES);
-    let tail: f32 = chunks.remainder().iter().sum();
-    for chunk in chunks {
-        for l in 0..LANES {
-            acc[l] += chunk[l];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
 }
 
 #[inline(always)]

@@ -1,4 +1,4 @@
-//! Reductions of a row (max, sum, dot product) in a form the compiler
+//! Reductions of a row (max, sum, dot product), shared by the kernels, in a form the compiler
 //! vectorizes: `LANES` independent partial results, which a loop over
 //! `f32`s carried in one accumulator cannot have (the additions' order is
 //! fixed). Inlined into the callers' `with_vector_features!` bodies.
