@@ -25,6 +25,12 @@ use crate::exec::Exec;
 use crate::lora::peft_names;
 use crate::weights::Weights;
 
+/// Whether `x` is what r3's own CPU kernels (`r3_kernels`) take: f32 on
+/// the CPU. Elsewhere candle's kernels or composed ops run.
+fn has_cpu_kernels(x: &Tensor) -> bool {
+    x.device().is_cpu() && x.dtype() == DType::F32
+}
+
 #[derive(Debug, Clone)]
 pub(super) struct RmsNorm {
     pub(super) weight: Tensor,
@@ -36,7 +42,7 @@ impl RmsNorm {
     /// candle's fused norm, or basic ops autograd records, elsewhere.
     pub(super) fn forward(&self, x: &Tensor, exec: Exec) -> candle_core::Result<Tensor> {
         let weight = cast_like(&self.weight, x)?;
-        if x.device().is_cpu() && x.dtype() == DType::F32 {
+        if has_cpu_kernels(x) {
             return rms_norm(x, &weight, self.eps as f32);
         }
         if exec.fused() && x.is_contiguous() {
@@ -52,7 +58,7 @@ impl RmsNorm {
 /// r3's fused kernel, which has a backward, for f32 on the CPU; candle's
 /// fused softmax, or basic ops autograd records, elsewhere.
 fn attention_probs(scores: &Tensor, mask: &Tensor, exec: Exec) -> candle_core::Result<Tensor> {
-    if scores.device().is_cpu() && scores.dtype() == DType::F32 {
+    if has_cpu_kernels(scores) {
         return masked_softmax(scores, mask);
     }
     let x = scores.broadcast_add(mask)?;
@@ -100,7 +106,7 @@ impl Rotary {
     /// kernel, which has a backward, for f32 on the CPU; candle's fused
     /// rope, or basic ops autograd records, elsewhere.
     pub(super) fn apply(&self, x: &Tensor, exec: Exec) -> candle_core::Result<Tensor> {
-        if x.device().is_cpu() && x.dtype() == DType::F32 {
+        if has_cpu_kernels(x) {
             return rope(x, &self.cos, &self.sin);
         }
         if exec.fused() {
@@ -167,7 +173,7 @@ impl Attention {
         let k = rotary.apply(&k, exec)?;
         let (k, v) = cache.append_layer(layer, k.contiguous()?, v)?;
         let scale = 1.0 / (d as f64).sqrt();
-        let kernel_fits = q.device().is_cpu() && q.dtype() == DType::F32 && t <= MAX_FUSED_TOKENS;
+        let kernel_fits = has_cpu_kernels(&q) && t <= MAX_FUSED_TOKENS;
         if exec.fused() && kernel_fits {
             let out = cached_attention(&q, &k, &v, mask, scale as f32)?;
             return Ok(self.o_proj.forward(&inputs.real_tokens(out)?)?);
@@ -218,9 +224,7 @@ impl Module for Mlp {
     /// elsewhere.
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let gated = match &self.gate_up {
-            Projections::Fused(gate_up) if x.device().is_cpu() && x.dtype() == DType::F32 => {
-                swiglu(&gate_up.forward(x)?)?
-            }
+            Projections::Fused(gate_up) if has_cpu_kernels(x) => swiglu(&gate_up.forward(x)?)?,
             projections => {
                 let mut gate_up = project_all(projections.as_slice(), x)?.into_iter();
                 let (gate, up) = (gate_up.next().expect("gate"), gate_up.next().expect("up"));
