@@ -160,6 +160,34 @@ fn merged_weights_give_the_adapter_forwards_logits() {
     }
 }
 
+/// A snapshot for generation holds each projection's adapters stacked
+/// into two products: the same logits as one product pair per adapter,
+/// with every projection adapted and with some parts of a fused q/k/v
+/// or gate/up projection left without (zero blocks, offsets).
+#[test]
+fn stacked_adapters_give_the_per_adapter_logits() {
+    for dtype in [None, Some(GgmlDType::Q8_0)] {
+        for targets in [&["all-linear"][..], &["q_proj", "v_proj", "up_proj"]] {
+            let (tiny, weights, _dir) = base(dtype);
+            let lora = config(targets);
+            let (fresh, _) = Llama::with_lora(&tiny.config, &weights, &lora, None, 2).unwrap();
+            let adapter = random_adapters(&fresh, 5);
+            let (model, _) =
+                Llama::with_lora(&tiny.config, &weights, &lora, Some(&adapter), 2).unwrap();
+            let per_adapter = all_logits(&model.detached());
+            let stacked = all_logits(&model.for_generation().unwrap());
+            let diff = max_abs(&(&stacked - &per_adapter).unwrap()).unwrap();
+            assert!(diff <= 1e-4, "{dtype:?} {targets:?}: {diff}");
+            let plain = Llama::new(&tiny.config, &weights).unwrap();
+            let moved = max_abs(&(stacked - all_logits(&plain)).unwrap()).unwrap();
+            assert!(
+                moved > 1e-3,
+                "{dtype:?} {targets:?}: the adapters changed nothing"
+            );
+        }
+    }
+}
+
 #[test]
 fn adapters_round_trip_through_a_peft_directory() {
     let (tiny, weights, dir) = base(Some(GgmlDType::F16));

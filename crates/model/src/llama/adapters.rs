@@ -120,7 +120,9 @@ impl Llama {
     pub fn with_adapter(&self, lora: &LoraConfig, adapter: &Weights) -> Result<Self> {
         let mut model = self.without_adapters();
         model.attach_lora(lora, Some(adapter), 0)?;
-        Ok(model.detached())
+        let mut model = model.detached();
+        model.stack_adapters()?;
+        Ok(model)
     }
 
     /// The same decoder without its adapters, sharing every base weight:
@@ -129,6 +131,7 @@ impl Llama {
         let mut view = self.detached();
         for linear in view.layers.iter_mut().flat_map(|l| l.linears_mut()) {
             linear.adapters.iter_mut().for_each(|a| *a = None);
+            linear.stacked = None;
         }
         view
     }

@@ -191,13 +191,24 @@ impl Llama {
     }
 
     /// [`Llama::detached`] with the transposed output projection that fast
-    /// generation wants (a copy, when the model has none).
+    /// generation wants (a copy, when the model has none) and its adapters
+    /// stacked: a snapshot, which does not follow later updates of the
+    /// adapters.
     pub fn for_generation(&self) -> Result<Self> {
         let mut view = self.detached();
         if let (None, VocabTable::Dense(w)) = (&view.lm_head_t, view.output()) {
             view.lm_head_t = Some(w.t()?.contiguous()?);
         }
+        view.stack_adapters()?;
         Ok(view)
+    }
+
+    /// Every projection's adapters as two products (`Linear::stack_adapters`).
+    fn stack_adapters(&mut self) -> Result<()> {
+        for linear in self.layers.iter_mut().flat_map(|l| l.linears_mut()) {
+            linear.stack_adapters()?;
+        }
+        Ok(())
     }
 
     /// Runs one segment of new tokens per cache row through the decoder,
