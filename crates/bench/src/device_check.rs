@@ -18,6 +18,7 @@ use r3_loop::{Failure, Policy, Rollouts};
 use r3_model::{device_name, DeviceChoice, KvCache, Llama, LoadedModel, Message, Weights};
 use r3_tasks::Prompts;
 use r3_train::config::TrainConfig;
+use r3_train::grpo::ImportanceSampling;
 use r3_train::trainer::{StartWeights, Trainer};
 use serde_json::{json, Value};
 
@@ -42,15 +43,33 @@ pub struct DeviceCheck {
     pub train: bool,
     /// Largest logits difference (times the largest logit, when above 1).
     pub logits_tolerance: f64,
-    /// Largest difference between the two devices' updated weights.
+    /// Largest difference between the two devices' weight updates,
+    /// relative to the largest update.
     pub update_tolerance: f64,
     /// Largest bf16-vs-f32 logits difference, relative to the largest logit.
     pub bf16_tolerance: f64,
 }
 
-/// The learning rate of the compared step: large enough that an update
-/// (about `LR` per weight after Adam's first step) dwarfs the tolerance.
-const LR: f64 = 1e-4;
+/// The learning rate of the compared step: large enough that updates
+/// (`LR` times the gradient, see [`ADAM_EPSILON`]) dwarf the rounding of
+/// the weights they are added to.
+const LR: f64 = 1e-2;
+
+/// AdamW's ε in the compared step. Adam's first update is `lr·g/(|g|+ε)`:
+/// at the usual ε = 1e-8 that is `lr·sign(g)`, so a weight whose gradient
+/// is at rounding level (zero on one device, -1e-12 on the other) moves
+/// by `lr` one way on one device and the other way on the other, which
+/// says nothing about the gradients. At ε = 1 (gradients are far below 1
+/// per weight) the update is `lr·g`: the updates compare the gradients.
+const ADAM_EPSILON: f64 = 1.0;
+
+/// Candidates each sampled token is drawn from. A random model at the
+/// high temperature below spreads its probability over the whole
+/// vocabulary, 150k tokens on a Qwen shape, whose neighbouring CDF
+/// boundaries lie closer than the devices' rounding: a full-vocabulary
+/// draw would differ between devices without any fault. Among the top 20
+/// the boundaries are far apart, and rows still differ.
+const TOP_K: usize = 20;
 
 /// Runs the comparison; returns the report, whose `ok` says whether every
 /// required agreement held.
@@ -101,6 +120,7 @@ pub fn run(check: &DeviceCheck) -> Result<Value> {
     let logits_scale = max_abs(&cpu_logits)?;
     let sampling = SamplingParams {
         temperature: 0.9f64.max(logits_scale / 4.0),
+        top_k: TOP_K,
         max_new_tokens: check.rollout_tokens,
         seed: 7,
         ..Default::default()
@@ -164,14 +184,20 @@ pub fn run(check: &DeviceCheck) -> Result<Value> {
         logits_ok && greedy_equal && rollouts_equal && bf16_relative <= check.bf16_tolerance;
     if check.train {
         let step = training_step(&loaded, [&cpu, &gpu], check, &sampling)?;
-        let update_ok = step.update_diff <= check.update_tolerance;
+        let update_relative = step.update_diff / step.update_max.max(f64::MIN_POSITIVE);
+        let update_ok = step.samples_equal && update_relative <= check.update_tolerance;
         report["train_lr"] = LR.into();
+        report["train_adam_epsilon"] = ADAM_EPSILON.into();
         report["train_tokens"] = step.tokens.into();
+        // The step's own rollouts (reflection and retry texts, rewards):
+        // unequal ones would make the gradients differ for another reason.
+        report["train_samples_equal"] = step.samples_equal.into();
         report["train_loss"] = json!(step.loss);
         report["train_grad_norm"] = json!(step.grad_norm);
         report["grad_norm_abs_diff"] = step.gradient_diff.into();
         report["update_max_abs"] = step.update_max.into();
         report["update_max_abs_diff"] = step.update_diff.into();
+        report["update_relative_diff"] = update_relative.into();
         report["update_ok"] = update_ok.into();
         ok &= update_ok;
     }
@@ -275,6 +301,7 @@ struct StepComparison {
     loss: [f64; 2],
     grad_norm: [f64; 2],
     gradient_diff: f64,
+    samples_equal: bool,
     update_diff: f64,
     update_max: f64,
 }
@@ -306,12 +333,21 @@ fn training_step(
             failures_per_step: failures.len(),
             num_generations: check.group,
             temperature: sampling.temperature,
+            top_k: sampling.top_k,
+            // The top-k draws' log-probs are far from the full softmax the
+            // trainer scores, so the default correction would mask every
+            // sequence: the comparison is of the gradients, uncorrected.
+            importance_sampling: ImportanceSampling::None,
             max_completion_length: check.rollout_tokens,
             retry_temperature: sampling.temperature,
             retry_max_tokens: check.rollout_tokens,
             micro_batch_size: check.group,
             learning_rate: LR,
+            adam_epsilon: ADAM_EPSILON,
             warmup_steps: 0,
+            // Every rollout's texts, to tell whether both steps sampled
+            // the same ones.
+            log_completions: usize::MAX,
             save_steps: 0,
             seed: sampling.seed,
             device: device_name(w.device())
@@ -340,7 +376,7 @@ fn training_step(
             // changes in place.
             .map(|(_, v)| v.as_tensor().to_device(&Device::Cpu)?.copy())
             .collect::<candle_core::Result<_>>()?;
-        let (metrics, _) = trainer.train_step()?;
+        let (metrics, samples) = trainer.train_step()?;
         let updates = trainer
             .trained_parameters()
             .iter()
@@ -348,7 +384,7 @@ fn training_step(
             .map(|((_, v), b)| Ok((v.as_tensor().to_device(&Device::Cpu)? - b)?))
             .collect::<Result<Vec<Tensor>>>()?;
         let _ = std::fs::remove_dir_all(&config.output_dir);
-        runs.push((metrics, updates));
+        runs.push((metrics, updates, samples));
     }
     let (gpu, cpu) = (runs.pop().expect("two runs"), runs.pop().expect("two runs"));
     let mut out = StepComparison {
@@ -356,6 +392,7 @@ fn training_step(
         loss: [cpu.0.loss, gpu.0.loss],
         grad_norm: [cpu.0.grad_norm, gpu.0.grad_norm],
         gradient_diff: (cpu.0.grad_norm - gpu.0.grad_norm).abs(),
+        samples_equal: cpu.2 == gpu.2,
         update_diff: 0.0,
         update_max: 0.0,
     };

@@ -469,6 +469,13 @@ fn init_writes_a_model_that_device_check_compares() {
     assert_eq!(v["train_grad_norm"][0], v["train_grad_norm"][1], "{v}");
     assert!(v["train_grad_norm"][0].as_f64().unwrap() > 0.0, "{v}");
     assert!(v["update_max_abs"].as_f64().unwrap() > 1e-5, "{v}");
+    assert_eq!(v["train_samples_equal"], true, "{v}");
+    assert_eq!(v["update_relative_diff"], 0.0, "{v}");
+    // At AdamW ε = 1 the update is the learning rate times the gradient,
+    // well below the learning rate (ε = 1e-8 would make it ±lr, whose
+    // signs flip on gradients at rounding level).
+    let lr = v["train_lr"].as_f64().unwrap();
+    assert!(v["update_max_abs"].as_f64().unwrap() < 0.5 * lr, "{v}");
     // bf16 really ran (its logits differ from f32's), within tolerance.
     let bf16 = v["bf16_logits_relative_diff"].as_f64().unwrap();
     assert!(bf16 > 0.0 && bf16 < 5e-2, "{v}");

@@ -80,6 +80,12 @@ impl Sampler {
         self
     }
 
+    /// Whether greedy draws report their log-prob: a GPU's greedy path
+    /// computes it there only for such rows.
+    pub fn greedy_logprobs(&self) -> bool {
+        self.greedy_logprobs
+    }
+
     /// The next token.
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
         self.draw(logits).token

@@ -11,7 +11,7 @@
 //! (shorter segments are padded with holes no query attends to), so a
 //! row's output is the one it would have alone.
 
-use candle_core::{Device, Tensor, D};
+use candle_core::{DType, Device, Tensor, D};
 use r3_kernels::attention::MAX_FUSED_TOKENS;
 use r3_kernels::storage::with_f32_elements;
 use r3_model::KvCache;
@@ -244,15 +244,26 @@ impl<'g> DecodeStream<'g> {
         type Sampled = Option<(Drawn, Vec<(u32, f32)>)>;
         let drawn: Vec<Sampled> = if greedy && !logits.device().is_cpu() {
             // Greedy on a GPU: the argmax there, and only the ids come
-            // over (a [256, 152k] block of logits is 155 MB a step).
+            // over (a [256, 152k] block of logits is 155 MB a step); so do
+            // the argmax's log-probs, -ln Σ exp(l - max), where a row asks.
             let ids: Vec<u32> = logits.argmax(D::Minus1)?.to_vec1()?;
+            let logprobs: Option<Vec<f32>> = if live.iter().any(|l| l.sampler.greedy_logprobs()) {
+                let logits = logits.to_dtype(DType::F32)?;
+                let max = logits.max_keepdim(D::Minus1)?;
+                let sum = logits.broadcast_sub(&max)?.exp()?.sum(D::Minus1)?;
+                Some(sum.log()?.neg()?.to_vec1()?)
+            } else {
+                None
+            };
             live.iter()
                 .zip(ids)
-                .map(|(l, token)| {
-                    let drawn = Drawn {
-                        token,
-                        logprob: None,
+                .enumerate()
+                .map(|(i, (l, token))| {
+                    let logprob = match &logprobs {
+                        Some(all) if l.sampler.greedy_logprobs() => Some(all[i]),
+                        _ => None,
                     };
+                    let drawn = Drawn { token, logprob };
                     l.is_ready().then_some((drawn, Vec::new()))
                 })
                 .collect()
