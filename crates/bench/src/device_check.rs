@@ -185,7 +185,13 @@ pub fn run(check: &DeviceCheck) -> Result<Value> {
     if check.train {
         let step = training_step(&loaded, [&cpu, &gpu], check, &sampling)?;
         let update_relative = step.update_diff / step.update_max.max(f64::MIN_POSITIVE);
-        let update_ok = step.samples_equal && update_relative <= check.update_tolerance;
+        // Each device rounds `w + Δ` once: the updates, read back as
+        // differences of weights, also differ by up to an ulp of the
+        // largest weight (2.4e-7 against updates of 3.3e-5 on the
+        // random-init 1.5B shape, whose embeddings reach ~4).
+        let weight_rounding = step.weight_max * f32::EPSILON as f64;
+        let update_ok = step.samples_equal
+            && step.update_diff <= check.update_tolerance * step.update_max + weight_rounding;
         report["train_lr"] = LR.into();
         report["train_adam_epsilon"] = ADAM_EPSILON.into();
         report["train_tokens"] = step.tokens.into();
@@ -198,6 +204,7 @@ pub fn run(check: &DeviceCheck) -> Result<Value> {
         report["update_max_abs"] = step.update_max.into();
         report["update_max_abs_diff"] = step.update_diff.into();
         report["update_relative_diff"] = update_relative.into();
+        report["weight_rounding"] = weight_rounding.into();
         report["update_ok"] = update_ok.into();
         ok &= update_ok;
     }
@@ -304,6 +311,8 @@ struct StepComparison {
     samples_equal: bool,
     update_diff: f64,
     update_max: f64,
+    /// The largest trained weight before the step.
+    weight_max: f64,
 }
 
 /// One `Trainer::train_step` on each device from the same weights: the
@@ -325,6 +334,7 @@ fn training_step(
         stand_in_failures(&policy, &Alternating::default(), &prompts, 2)?
     };
     let mut runs = Vec::with_capacity(2);
+    let mut weight_max = None;
     for (i, w) in weights.into_iter().enumerate() {
         let config = TrainConfig {
             output_dir: std::env::temp_dir()
@@ -376,6 +386,10 @@ fn training_step(
             // changes in place.
             .map(|(_, v)| v.as_tensor().to_device(&Device::Cpu)?.copy())
             .collect::<candle_core::Result<_>>()?;
+        if weight_max.is_none() {
+            let largest = before.iter().map(max_abs).collect::<Result<Vec<_>>>()?;
+            weight_max = Some(largest.into_iter().fold(0.0, f64::max));
+        }
         let (metrics, samples) = trainer.train_step()?;
         let updates = trainer
             .trained_parameters()
@@ -395,6 +409,7 @@ fn training_step(
         samples_equal: cpu.2 == gpu.2,
         update_diff: 0.0,
         update_max: 0.0,
+        weight_max: weight_max.unwrap_or(0.0),
     };
     for (c, g) in cpu.1.iter().zip(&gpu.1) {
         out.update_diff = out.update_diff.max(max_abs_diff(c, g)?);

@@ -38,7 +38,8 @@ pub struct DeviceCheckArgs {
     logits_tolerance: f64,
     /// Largest difference allowed between the two devices' weight updates
     /// (after one step at AdamW ε = 1, where an update is the learning
-    /// rate times the gradient), relative to the largest update
+    /// rate times the gradient), relative to the largest update, beyond
+    /// an ulp of the largest weight (each device rounds its new weights)
     #[arg(long, default_value_t = 2e-3)]
     update_tolerance: f64,
     /// Largest difference allowed between the device's bf16 logits and the
