@@ -19,7 +19,7 @@ use rayon::prelude::*;
 
 use crate::device_matmul::device_matmul;
 use crate::gemm::Mat;
-use crate::packed::{interleave, register_rows, PackedMatrix, GROUP};
+use crate::packed::{interleave, interleaved_len, register_rows, PackedMatrix, GROUP};
 use crate::storage::f32_slice;
 
 /// Products with at most this many rows take the split path; larger ones
@@ -142,7 +142,7 @@ impl SharedOutput {
         // SAFETY: the caller upholds this function's contract (its doc),
         // which is all its raw reads, writes and intrinsics rely on.
         unsafe {
-            let m = x.len() / k.max(1);
+            let m = x.len() / interleaved_len(1, k).max(1);
             for group in groups {
                 let column = group * GROUP;
                 let valid = GROUP.min(part.rows() - column);
@@ -150,8 +150,9 @@ impl SharedOutput {
                     let dst = self.ptr.add(r * self.row_stride + first + column);
                     std::ptr::copy_nonoverlapping(dots.as_ptr(), dst, valid);
                 };
+                let row = interleaved_len(1, k);
                 for (r0, rows) in passes(m, pass) {
-                    let x = &x[r0 * k..(r0 + rows) * k];
+                    let x = &x[r0 * row..(r0 + rows) * row];
                     // One monomorph per pass width: a pass of any width
                     // unpacks the weights once.
                     macro_rules! widths {
@@ -180,13 +181,18 @@ fn passes(m: usize, pass: usize) -> impl Iterator<Item = (usize, usize)> {
     (0..m).step_by(pass).map(move |r0| (r0, pass.min(m - r0)))
 }
 
-/// `x [m, k]` with each pass's rows [`interleave`]d, in place of those
-/// rows: made once per product, read by every task.
+/// `x [m, k]` with each pass's rows [`interleave`]d (with their block
+/// sums), pass after pass, `interleaved_len(1, k)` values a row: made once
+/// per product, read by every task.
 fn interleaved_passes(x: &[f32], m: usize, k: usize, pass: usize) -> Vec<f32> {
-    let mut out = vec![0f32; m * k];
+    let row = interleaved_len(1, k);
+    let mut out = vec![0f32; m * row];
     for (r0, rows) in passes(m, pass) {
-        let span = r0 * k..(r0 + rows) * k;
-        interleave(&x[span.clone()], k, &mut out[span]);
+        interleave(
+            &x[r0 * k..(r0 + rows) * k],
+            k,
+            &mut out[r0 * row..(r0 + rows) * row],
+        );
     }
     out
 }

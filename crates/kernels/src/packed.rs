@@ -241,8 +241,8 @@ impl PackedMatrix {
         x: &[f32],
     ) -> [[f32; GROUP]; R] {
         assert!(
-            x.len() >= self.cols * R,
-            "{R} interleaved rows of {} inputs",
+            x.len() >= interleaved_len(R, self.cols),
+            "{R} interleaved rows of {} inputs and their block sums",
             self.cols
         );
         assert!(
@@ -490,14 +490,27 @@ fn f16_to_f32(half: u16) -> f32 {
 /// the layout [`PackedMatrix::dot_group`] reads. Its kernels then broadcast
 /// every row's input from one pointer at a constant offset: with a pointer
 /// per row, eight rows spilled pointers to the stack inside the hottest
-/// loop (batch-8 decoding ~10% slower, seen in a profile).
+/// loop (batch-8 decoding ~10% slower, seen in a profile). After them,
+/// `out[R·cols + b·R + r]` holds row `r`'s sum over block `b`'s 32 inputs
+/// (summed in order): a block of weights `d·q + o` adds `d·Σ x·q + o·Σ x`,
+/// and `Σ x` is the same for every group of rows. `out` holds
+/// [`interleaved_len`] values.
 pub fn interleave(rows: &[f32], cols: usize, out: &mut [f32]) {
     let r_count = rows.len() / cols.max(1);
+    let (inputs, sums) = out.split_at_mut(r_count * cols);
     for (r, row) in rows.chunks_exact(cols).enumerate() {
         for (k, &v) in row.iter().enumerate() {
-            out[k * r_count + r] = v;
+            inputs[k * r_count + r] = v;
+        }
+        for (b, block) in row.chunks_exact(BLOCK).enumerate() {
+            sums[b * r_count + r] = block.iter().sum();
         }
     }
+}
+
+/// The values [`interleave`] writes for `rows` rows of `cols` inputs.
+pub fn interleaved_len(rows: usize, cols: usize) -> usize {
+    rows * cols + rows * (cols / BLOCK)
 }
 
 /// How many rows one pass of [`PackedMatrix::dot_group`] should take here
@@ -589,7 +602,7 @@ mod tests {
                         .flat_map(|row| &row[..cols])
                         .copied()
                         .collect();
-                    let mut out = vec![f32::NAN; n * cols];
+                    let mut out = vec![f32::NAN; interleaved_len(n, cols)];
                     interleave(&rows, cols, &mut out);
                     out
                 };
@@ -618,20 +631,30 @@ mod tests {
                     .collect();
                 for c in 0..GROUP.min(rows - group * GROUP) {
                     let row = group * GROUP + c;
+                    let w = &w[row * cols..][..cols];
                     let mut single = vec![f32::NAN; cols];
                     packed.unpack_row(row, &mut single);
                     for k in 0..cols {
-                        assert_eq!(
-                            panel[k * width + row],
-                            w[row * cols + k],
-                            "{dtype:?} unpack"
-                        );
-                        assert_eq!(single[k], w[row * cols + k], "{dtype:?} unpack_row");
+                        assert_eq!(panel[k * width + row], w[k], "{dtype:?} unpack");
+                        assert_eq!(single[k], w[k], "{dtype:?} unpack_row");
                     }
+                    // A K4 block sums d·Σ x·q + o·Σ x: its rounding scales
+                    // with |d·q| + |o| ≤ |w| + 2·|o|, and |o| (the block's
+                    // offset, −min) is at most its largest |w|.
+                    let scale: Vec<f64> = w
+                        .chunks_exact(BLOCK)
+                        .flat_map(|block| {
+                            let largest = block.iter().fold(0f32, |a, v| a.max(v.abs())) as f64;
+                            block.iter().map(move |&v| match dtype {
+                                GgmlDType::Q4K => v.abs() as f64 + 2.0 * largest,
+                                _ => v.abs() as f64,
+                            })
+                        })
+                        .collect();
                     for (r, x) in x.iter().enumerate() {
-                        let terms = (0..cols).map(|k| x[k] as f64 * w[row * cols + k] as f64);
-                        let exact: f64 = terms.clone().sum();
-                        let bound = dot_error_bound(cols, terms.map(f64::abs).sum());
+                        let exact: f64 = (0..cols).map(|k| x[k] as f64 * w[k] as f64).sum();
+                        let magnitude = (0..cols).map(|k| (x[k] as f64).abs() * scale[k]).sum();
+                        let bound = dot_error_bound(cols, magnitude);
                         for (level, sixteen, eight, four, one) in &runs {
                             let err = (sixteen[r][c] as f64 - exact).abs();
                             assert!(

@@ -21,7 +21,7 @@ pub(crate) unsafe fn dot_group<const R: usize>(
     // which is all its raw reads, writes and intrinsics rely on.
     unsafe {
         let mut acc = [[_mm256_setzero_ps(); 2]; R];
-        let mut add = |k: usize, w: [__m256; 2]| {
+        let add = |acc: &mut [[__m256; 2]; R], k: usize, w: [__m256; 2]| {
             let inputs = x.as_ptr().add(k * R);
             for (r, acc) in acc.iter_mut().enumerate() {
                 let x = _mm256_set1_ps(*inputs.add(r));
@@ -50,8 +50,8 @@ pub(crate) unsafe fn dot_group<const R: usize>(
                         let lo =
                             q.map(|q| _mm256_sub_epi32(_mm256_and_si256(q, low_nibbles), eight));
                         let hi = q.map(|q| _mm256_sub_epi32(_mm256_srli_epi32(q, 4), eight));
-                        add(k + j, scale(lo, d));
-                        add(k + j + BLOCK / 2, scale(hi, d));
+                        add(&mut acc, k + j, scale(lo, d));
+                        add(&mut acc, k + j + BLOCK / 2, scale(hi, d));
                     }
                 }
                 Encoding::Q4_1 => {
@@ -60,8 +60,9 @@ pub(crate) unsafe fn dot_group<const R: usize>(
                         let q = unsigned(4 * GROUP + j * GROUP);
                         let lo = scale(q.map(|q| _mm256_and_si256(q, low_nibbles)), d);
                         let hi = scale(q.map(|q| _mm256_srli_epi32(q, 4)), d);
-                        add(k + j, [0, 1].map(|i| _mm256_add_ps(lo[i], m[i])));
+                        add(&mut acc, k + j, [0, 1].map(|i| _mm256_add_ps(lo[i], m[i])));
                         add(
+                            &mut acc,
                             k + j + BLOCK / 2,
                             [0, 1].map(|i| _mm256_add_ps(hi[i], m[i])),
                         );
@@ -71,25 +72,42 @@ pub(crate) unsafe fn dot_group<const R: usize>(
                     let d = halves(0);
                     for j in 0..BLOCK {
                         let q = bytes(2 * GROUP + j * GROUP).map(|q| _mm256_cvtepi8_epi32(q));
-                        add(k + j, scale(q, d));
+                        add(&mut acc, k + j, scale(q, d));
                     }
                 }
                 Encoding::F16 => {
                     for j in 0..BLOCK {
-                        add(k + j, halves(j * 2 * GROUP));
+                        add(&mut acc, k + j, halves(j * 2 * GROUP));
                     }
                 }
                 Encoding::K4 => {
+                    // d·Σ x·q + o·Σ x, as in the AVX-512 kernel.
                     let (d, o) = (floats(0), floats(4 * GROUP));
+                    let mut dots = [[_mm256_setzero_ps(); 2]; R];
                     for j in 0..BLOCK / 2 {
                         let q = unsigned(8 * GROUP + j * GROUP);
-                        let lo = scale(q.map(|q| _mm256_and_si256(q, low_nibbles)), d);
-                        let hi = scale(q.map(|q| _mm256_srli_epi32(q, 4)), d);
-                        add(k + j, [0, 1].map(|i| _mm256_add_ps(lo[i], o[i])));
-                        add(
-                            k + j + BLOCK / 2,
-                            [0, 1].map(|i| _mm256_add_ps(hi[i], o[i])),
-                        );
+                        let lo = q.map(|q| _mm256_cvtepi32_ps(_mm256_and_si256(q, low_nibbles)));
+                        let hi = q.map(|q| _mm256_cvtepi32_ps(_mm256_srli_epi32(q, 4)));
+                        let first = x.as_ptr().add((k + j) * R);
+                        let second = x.as_ptr().add((k + j + BLOCK / 2) * R);
+                        for (r, dot) in dots.iter_mut().enumerate() {
+                            let (a, c) = (
+                                _mm256_set1_ps(*first.add(r)),
+                                _mm256_set1_ps(*second.add(r)),
+                            );
+                            for i in 0..2 {
+                                dot[i] = _mm256_fmadd_ps(a, lo[i], dot[i]);
+                                dot[i] = _mm256_fmadd_ps(c, hi[i], dot[i]);
+                            }
+                        }
+                    }
+                    let sums = x.as_ptr().add(matrix.cols() * R + b * R);
+                    for (r, (acc, dot)) in acc.iter_mut().zip(dots).enumerate() {
+                        let sum = _mm256_set1_ps(*sums.add(r));
+                        for i in 0..2 {
+                            acc[i] = _mm256_fmadd_ps(d[i], dot[i], acc[i]);
+                            acc[i] = _mm256_fmadd_ps(o[i], sum, acc[i]);
+                        }
                     }
                 }
                 Encoding::K5 => {
@@ -110,8 +128,9 @@ pub(crate) unsafe fn dot_group<const R: usize>(
                             .map(|i| five(_mm256_and_si256(q[i], low_nibbles), first[i], bit));
                         let hi = [0, 1].map(|i| five(_mm256_srli_epi32(q[i], 4), second[i], bit));
                         let (lo, hi) = (scale(lo, d), scale(hi, d));
-                        add(k + j, [0, 1].map(|i| _mm256_add_ps(lo[i], o[i])));
+                        add(&mut acc, k + j, [0, 1].map(|i| _mm256_add_ps(lo[i], o[i])));
                         add(
+                            &mut acc,
                             k + j + BLOCK / 2,
                             [0, 1].map(|i| _mm256_add_ps(hi[i], o[i])),
                         );
@@ -136,8 +155,8 @@ pub(crate) unsafe fn dot_group<const R: usize>(
                             [0, 1].map(|i| six(_mm256_and_si256(q[i], low_nibbles), h[i], shift));
                         let second =
                             [0, 1].map(|i| six(_mm256_srli_epi32(q[i], 4), h[i], shift + 4));
-                        add(k + j, scale(first, lo));
-                        add(k + j + BLOCK / 2, scale(second, hi));
+                        add(&mut acc, k + j, scale(first, lo));
+                        add(&mut acc, k + j + BLOCK / 2, scale(second, hi));
                     }
                 }
                 Encoding::K8 => {
@@ -145,12 +164,17 @@ pub(crate) unsafe fn dot_group<const R: usize>(
                     for j in 0..BLOCK {
                         let q = bytes(12 * GROUP + j * GROUP).map(|q| _mm256_cvtepi8_epi32(q));
                         let scaled = scale(q, if j < BLOCK / 2 { lo } else { hi });
-                        add(k + j, [0, 1].map(|i| _mm256_add_ps(scaled[i], offset[i])));
+                        add(
+                            &mut acc,
+                            k + j,
+                            [0, 1].map(|i| _mm256_add_ps(scaled[i], offset[i])),
+                        );
                     }
                 }
                 Encoding::Bf16 => {
                     for j in 0..BLOCK {
                         add(
+                            &mut acc,
                             k + j,
                             [0, 16].map(|half| {
                                 let h = _mm_loadu_si128(p.add(j * 2 * GROUP + half).cast());
