@@ -109,7 +109,7 @@ impl<'a> Generator<'a> {
             hidden = Some(self.model.forward(&chunk, cache).map_err(|source| {
                 GenerateError::Forward {
                     step: format!("prefill of {} rows × {width} tokens", chunk.len()),
-                    cause: source,
+                    cause: Box::new(source),
                 }
             })?);
         }
@@ -118,7 +118,7 @@ impl<'a> Generator<'a> {
             .last_logits(&hidden)
             .map_err(|source| GenerateError::Forward {
                 step: format!("prefill's logits for {} rows", segments.len()),
-                cause: source,
+                cause: Box::new(source),
             })
     }
 
@@ -135,7 +135,7 @@ impl<'a> Generator<'a> {
         for (c, chunk) in prompt.chunks(PREFILL_CHUNK).enumerate() {
             let step = |source| GenerateError::Forward {
                 step: format!("scoring a prompt of {} tokens", prompt.len()),
-                cause: source,
+                cause: Box::new(source),
             };
             let hidden = self.model.forward(&[chunk], &mut cache).map_err(step)?;
             let logits = self.model.all_logits(&hidden).map_err(step)?;

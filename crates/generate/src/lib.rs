@@ -22,8 +22,9 @@ pub enum GenerateError {
     Forward {
         step: String,
         /// In the message, not `source()`: the binary prints the whole
-        /// chain, which would repeat it.
-        cause: r3_model::ModelError,
+        /// chain, which would repeat it. Boxed: errors travel by value
+        /// through every `Result`, so the largest variant sets their size.
+        cause: Box<r3_model::ModelError>,
     },
     /// A continuous batch was asked for a row it does not hold.
     #[error("{0}")]

@@ -216,7 +216,7 @@ impl<'g> DecodeStream<'g> {
         );
         let step = |source| GenerateError::Forward {
             step: format!("step of {rows} rows × {width} tokens over {columns} cache columns"),
-            cause: source,
+            cause: Box::new(source),
         };
         let model = self.generator.model;
         let hidden = model.forward(&segments, &mut self.cache).map_err(step)?;

@@ -27,7 +27,8 @@ pub enum LoopError {
     #[error("{what}: {cause}")]
     Load {
         what: String,
-        cause: r3_model::ModelError,
+        /// Boxed, as `GenerateError::Forward`'s: it sets the error's size.
+        cause: Box<r3_model::ModelError>,
     },
     #[error(transparent)]
     Fetch(#[from] r3_fetch::FetchError),

@@ -32,7 +32,10 @@ pub struct ModelSpec {
 }
 
 fn context(what: String) -> impl FnOnce(r3_model::ModelError) -> LoopError {
-    move |cause| LoopError::Load { what, cause }
+    move |cause| LoopError::Load {
+        what,
+        cause: Box::new(cause),
+    }
 }
 
 /// Opens the device `choice` names and says which one runs the model.

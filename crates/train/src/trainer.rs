@@ -249,7 +249,6 @@ impl<'a> Trainer<'a> {
                 groups.push(group);
             }
         }
-        drop(policy);
         drop(snapshot);
         self.engines = engines;
         (self.release_memory)();
