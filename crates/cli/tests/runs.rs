@@ -1,5 +1,5 @@
-//! Runs that must survive: mining and training killed with SIGKILL and
-//! resumed, and LoRA adapters trained, loaded and merged from the command
+//! Runs that must survive: mining, evaluation and training killed with
+//! SIGKILL and resumed, and LoRA adapters trained, loaded and merged from the command
 //! line.
 
 mod common;
@@ -99,6 +99,96 @@ fn mine_survives_kill_9_and_refuses_what_it_cannot_continue() {
     let (ok, _, err) = r3(&mine_args(&model, &data, &stray, "2"));
     assert!(!ok && err.contains("is not a mining run"), "{err}");
     assert_eq!(std::fs::read_to_string(&stray).unwrap(), "{}\n");
+}
+
+fn eval_args<'a>(model: &'a str, data: &'a str, out: &'a str, tokens: &'a str) -> Vec<&'a str> {
+    vec![
+        "eval",
+        "--model",
+        model,
+        "--task",
+        "answer",
+        "--data",
+        data,
+        "--max-new-tokens",
+        tokens,
+        "--reflection-max-tokens",
+        "6",
+        // Sampled (hot: the tiny model is sure of itself), so that a
+        // resumed chunk must continue the streams, not restart them.
+        "--temperature",
+        "20",
+        "--batch-rows",
+        "2",
+        "--out",
+        out,
+    ]
+}
+
+/// `r3 eval` killed with SIGKILL at arbitrary moments and rerun each time
+/// ends with exactly the summary and transcripts an uninterrupted run
+/// writes, and leaves no unfinished chunks behind; while chunks are kept,
+/// a rerun with other settings is refused, naming what changed.
+#[test]
+fn eval_survives_kill_9_and_resumes_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, data) = tiny_model_and_data(dir.path(), 320, "7");
+    let path = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    let (reference, out) = (path("reference"), path("eval"));
+    let start = std::time::Instant::now();
+    let (ok, _, err) = r3(&eval_args(&model, &data, &reference, "8"));
+    assert!(ok, "{err}");
+    let run_ms = start.elapsed().as_millis() as u64;
+    let read = |dir: &str, file: &str| {
+        std::fs::read_to_string(std::path::Path::new(dir).join(file)).unwrap()
+    };
+    let expected = read(&reference, "transcripts.jsonl");
+    assert_eq!(expected.lines().count(), 320);
+    assert!(expected.contains("\"reflection\":\""), "some attempts fail");
+
+    let partial = std::path::Path::new(&out).join("partial");
+    let mut kills = 0;
+    let mut refused = false;
+    for attempt in 0..60u64 {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_r3"))
+            .args(eval_args(&model, &data, &out, "8"))
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let moment = (attempt * 7919) % (run_ms / 4).max(1);
+        std::thread::sleep(std::time::Duration::from_millis(moment));
+        if child.try_wait().unwrap().is_some_and(|s| s.success()) {
+            break;
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        kills += 1;
+        if !refused && partial.join("00000000.jsonl").exists() {
+            let (ok, _, err) = r3(&eval_args(&model, &data, &out, "9"));
+            assert!(
+                !ok && err.contains("unfinished evaluation") && err.contains("max_new_tokens"),
+                "{err}"
+            );
+            refused = true;
+        }
+    }
+    // The last child may have finished the run itself; a rerun then would
+    // evaluate everything again, straight, and prove nothing.
+    if partial.exists() {
+        let (ok, _, err) = r3(&eval_args(&model, &data, &out, "8"));
+        assert!(ok, "{err}");
+    }
+    // (Not assert_eq: 320 transcripts would bury the message.)
+    assert!(
+        read(&out, "transcripts.jsonl") == expected,
+        "the resumed transcripts differ from an uninterrupted run's"
+    );
+    assert_eq!(read(&out, "summary.json"), read(&reference, "summary.json"));
+    assert!(
+        kills >= 3 && refused,
+        "interrupted {kills} times, refused: {refused}"
+    );
+    assert!(!partial.exists(), "the finished chunks are removed");
 }
 
 /// The metrics of a line, without its timings.

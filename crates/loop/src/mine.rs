@@ -68,10 +68,10 @@ fn io_err(path: &Path, e: std::io::Error) -> LoopError {
     }
 }
 
-/// What a mining run is bound to: `settings` (model, task, sampling) plus
+/// What a mining run (or an evaluation) is bound to: `settings` (model, task, sampling) plus
 /// the number of records and a digest of their contents, so that other
 /// data under the same file name is noticed.
-fn binding(records: &[Record], settings: &Value) -> serde_json::Map<String, Value> {
+pub(crate) fn binding(records: &[Record], settings: &Value) -> serde_json::Map<String, Value> {
     let mut digest = Sha256::new();
     for record in records {
         digest.update(record.value.to_string().as_bytes());
@@ -87,7 +87,7 @@ fn binding(records: &[Record], settings: &Value) -> serde_json::Map<String, Valu
 }
 
 /// The keys on which two bindings differ, `key: was → now`.
-fn differences(
+pub(crate) fn differences(
     was: &serde_json::Map<String, Value>,
     now: &serde_json::Map<String, Value>,
 ) -> Vec<String> {
