@@ -68,12 +68,12 @@ pub fn run(
         retry: turn(answer_tokens),
     };
     let chunk = 4 * config.data.batch_rows;
-    let show = |path: &Option<std::path::PathBuf>| path.as_ref().map(|p| p.display().to_string());
+    let text = |path: &Option<std::path::PathBuf>| path.as_ref().map(|p| p.display().to_string());
     let mut bound = serde_json::json!({
-        "model": show(&config.model.path),
-        "adapter": show(&config.model.adapter),
+        "model": text(&config.model.path),
+        "adapter": text(&config.model.adapter),
         "task": config.task.describe(),
-        "prompts": show(&config.data.prompts),
+        "prompts": text(&config.data.prompts),
         "settings": settings,
         "chunk_records": chunk,
     });
@@ -89,7 +89,7 @@ pub fn run(
         .count();
     for start in (transcripts.len()..records.len()).step_by(chunk) {
         let end = (start + chunk).min(records.len());
-        let mut show = |phase: &str, n, total| {
+        let mut report = |phase: &str, n, total| {
             let phase = format!("{phase}, records {}–{end} of {}", start + 1, records.len());
             progress(&phase, n, total)
         };
@@ -98,7 +98,7 @@ pub fn run(
             &records[start..end],
             &settings,
             [start, failures],
-            &mut show,
+            &mut report,
         )?;
         failures += done.iter().filter(|t| !t.attempt.verdict.success).count();
         write(&partial.join(format!("{start:08}.jsonl")), &jsonl(&done))?;
