@@ -28,6 +28,31 @@ fn mine_args<'a>(model: &'a str, data: &'a str, out: &'a str, samples: &'a str) 
     ]
 }
 
+/// Runs `r3 args` up to 60 times, each killed with SIGKILL at a
+/// deterministic but scattered moment within the first quarter of
+/// `run_ms` (one uninterrupted run's length), calling `after_kill` after
+/// each kill; stops early when a run finishes. Returns the kills.
+fn kill_repeatedly(args: &[&str], run_ms: u64, mut after_kill: impl FnMut()) -> usize {
+    let mut kills = 0;
+    for attempt in 0..60u64 {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_r3"))
+            .args(args)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let moment = (attempt * 7919) % (run_ms / 4).max(1);
+        std::thread::sleep(std::time::Duration::from_millis(moment));
+        if child.try_wait().unwrap().is_some_and(|s| s.success()) {
+            break;
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        kills += 1;
+        after_kill();
+    }
+    kills
+}
+
 /// `r3 mine` killed with SIGKILL at arbitrary moments and rerun each time
 /// ends with exactly the file an uninterrupted run writes: nothing kept is
 /// lost, nothing doubled. Reruns on other data or settings, a failures
@@ -45,23 +70,8 @@ fn mine_survives_kill_9_and_refuses_what_it_cannot_continue() {
     let expected = std::fs::read_to_string(&reference).unwrap();
     assert!(expected.lines().count() > 50, "the tiny model fails often");
 
-    let mut kills = 0;
-    for attempt in 0..60u64 {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_r3"))
-            .args(mine_args(&model, &data, &out, "2"))
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        // Deterministic but scattered moments within one run's length.
-        let moment = (attempt * 7919) % (run_ms / 4).max(1);
-        std::thread::sleep(std::time::Duration::from_millis(moment));
-        if child.try_wait().unwrap().is_some_and(|s| s.success()) {
-            break;
-        }
-        child.kill().unwrap();
-        child.wait().unwrap();
-        kills += 1;
-        // Invariant after every kill: the state vouches only for whole lines.
+    // Invariant after every kill: the state vouches only for whole lines.
+    let kills = kill_repeatedly(&mine_args(&model, &data, &out, "2"), run_ms, || {
         if let Ok(state) = std::fs::read_to_string(format!("{out}.state")) {
             let state: serde_json::Value = serde_json::from_str(&state).unwrap();
             let bytes = state["bytes"].as_u64().unwrap() as usize;
@@ -72,7 +82,7 @@ fn mine_survives_kill_9_and_refuses_what_it_cannot_continue() {
                 "kept lines changed"
             );
         }
-    }
+    });
     let (ok, _, err) = r3(&mine_args(&model, &data, &out, "2"));
     assert!(ok, "{err}");
     assert!(kills >= 3, "interrupted only {kills} times");
@@ -147,22 +157,8 @@ fn eval_survives_kill_9_and_resumes_exactly() {
     assert!(expected.contains("\"reflection\":\""), "some attempts fail");
 
     let partial = std::path::Path::new(&out).join("partial");
-    let mut kills = 0;
     let mut refused = false;
-    for attempt in 0..60u64 {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_r3"))
-            .args(eval_args(&model, &data, &out, "8"))
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        let moment = (attempt * 7919) % (run_ms / 4).max(1);
-        std::thread::sleep(std::time::Duration::from_millis(moment));
-        if child.try_wait().unwrap().is_some_and(|s| s.success()) {
-            break;
-        }
-        child.kill().unwrap();
-        child.wait().unwrap();
-        kills += 1;
+    let kills = kill_repeatedly(&eval_args(&model, &data, &out, "8"), run_ms, || {
         if !refused && partial.join("00000000.jsonl").exists() {
             let (ok, _, err) = r3(&eval_args(&model, &data, &out, "9"));
             assert!(
@@ -171,7 +167,7 @@ fn eval_survives_kill_9_and_resumes_exactly() {
             );
             refused = true;
         }
-    }
+    });
     // The last child may have finished the run itself; a rerun then would
     // evaluate everything again, straight, and prove nothing.
     if partial.exists() {
