@@ -303,7 +303,7 @@ impl<'m, 'a> Recompute<'m, 'a> {
         drop(cache);
         let top = Var::from_tensor(&x)?;
         let normed = model.final_norm(top.as_tensor(), r3_model::Exec::Train)?;
-        let logprobs = layout.logprobs(model, &normed)?;
+        let logprobs = layout.logprobs(model, &planned.to_grid(normed)?)?;
         Ok((
             Self {
                 model,

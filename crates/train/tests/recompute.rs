@@ -1,7 +1,9 @@
 //! Gradient checkpointing changes memory, not results: the recomputed
 //! backward gives the plain backward's log-probs and parameter gradients,
 //! for a group sharing one prefix and for rows with different prefixes,
-//! training every weight or LoRA adapters on a frozen base.
+//! training every weight or LoRA adapters on a frozen base. And batching
+//! changes nothing either: spans of different lengths, whose padding the
+//! forward leaves out of its products, score as each does alone.
 
 mod common;
 
@@ -31,9 +33,14 @@ fn run(
     let forward =
         TrainingForward::new(&model, &common::spans(prefixes, tokens), 1.0, recompute).unwrap();
     let logprobs = forward.logprobs().clone();
-    let n = logprobs.dim(0).unwrap();
-    let weights: Vec<f32> = (0..n).map(|i| 1.0 + (i % 3) as f32 * 0.5).collect();
-    let weights = Tensor::from_vec(weights, n, logprobs.device()).unwrap();
+    // Each token's weight follows from the token, so that a span weighs
+    // the same in a batch and alone.
+    let weights: Vec<f32> = tokens
+        .iter()
+        .flat_map(|t| t.iter())
+        .map(|&t| 1.0 + (t % 3) as f32 * 0.5)
+        .collect();
+    let weights = Tensor::from_vec(weights, logprobs.dim(0).unwrap(), logprobs.device()).unwrap();
     let loss = (&logprobs * &weights).unwrap().sum_all().unwrap();
     forward.backward(&loss, &mut grads).unwrap();
     let names = vars.iter().map(|(n, _)| n.clone());
@@ -89,4 +96,49 @@ fn recomputed_gradients_match_plain_ones_for_different_prefixes() {
     let b: Vec<u32> = (0..4).map(|i| (i * 7 + 100) % 250).collect();
     let spans: [&[u32]; 2] = [&[8, 8, 8], &[60, 61, 62, 63, 64]];
     assert_same(Architecture::Qwen2, &[&a, &b], &spans);
+}
+
+#[test]
+fn spans_of_different_lengths_score_in_a_batch_as_each_does_alone() {
+    let prefix: Vec<u32> = (0..7).map(|i| (i * 19 + 3) % 250).collect();
+    let other: Vec<u32> = (0..10).map(|i| (i * 23 + 11) % 250).collect();
+    let spans: [&[u32]; 3] = [&[5, 9, 200, 3, 77, 78, 79], &[17], &[42, 43, 44]];
+    for (prefixes, arch) in [
+        ([prefix.as_slice(); 3], Architecture::Llama),
+        ([&prefix, &other, &prefix], Architecture::Qwen2),
+    ] {
+        for (recompute, lora) in [(false, false), (true, false), (true, true)] {
+            let (batched_lp, batched) = run(arch, &prefixes, &spans, recompute, lora);
+            let mut alone_lp = Vec::new();
+            let mut alone: Vec<(String, Tensor)> = Vec::new();
+            for (p, t) in prefixes.iter().zip(&spans) {
+                let (lp, grads) = run(arch, &[p], &[t], recompute, lora);
+                alone_lp.extend(lp);
+                alone = match alone.is_empty() {
+                    true => grads,
+                    false => alone
+                        .into_iter()
+                        .zip(grads)
+                        .map(|((n, a), (_, b))| (n, (a + b).unwrap()))
+                        .collect(),
+                };
+            }
+            let what = format!("{arch:?}, recompute {recompute}, lora {lora}");
+            assert_eq!(batched_lp.len(), alone_lp.len());
+            for (a, b) in batched_lp.iter().zip(&alone_lp) {
+                assert!(
+                    (a - b).abs() <= 1e-5 * a.abs().max(1.0),
+                    "{what}: {a} vs {b}"
+                );
+            }
+            for ((name, a), (_, b)) in batched.iter().zip(&alone) {
+                let scale = max_abs(b).unwrap();
+                let diff = max_abs(&(a - b).unwrap()).unwrap();
+                assert!(
+                    diff <= 1e-5 * scale.max(1e-3),
+                    "{what}, {name}: {diff} of {scale}"
+                );
+            }
+        }
+    }
 }

@@ -48,18 +48,20 @@ pub struct ForwardInputs {
     /// Fused kernels or autograd ops, for every layer of this forward.
     exec: Exec,
     /// The real tokens' slots of the `[batch, t]` grid when some slots are
-    /// padding and the forward computes values only: then the residual
-    /// stream holds those tokens alone, `[1, n, hidden]`, and only
-    /// attention, which reads the cache row by row, sees the grid. A row
-    /// joining a decoding batch, or prompts of different lengths, cost the
-    /// projections and the MLP their own tokens, not the grid's.
+    /// padding: then the residual stream holds those tokens alone, `[1, n,
+    /// hidden]`, and only attention, which reads the cache row by row, sees
+    /// the grid. A row joining a decoding batch, prompts of different
+    /// lengths, or a training micro-batch of reflections of different
+    /// lengths cost the projections and the MLP their own tokens, not the
+    /// grid's.
     real_slots: Option<Tensor>,
 }
 
 impl ForwardInputs {
     /// `y` `[1, n, c]` of the real tokens laid out on the grid `[batch, t,
-    /// c]`, zeros in padding slots (unchanged when the forward is not ragged).
-    fn to_grid(&self, y: Tensor) -> candle_core::Result<Tensor> {
+    /// c]`, zeros in padding slots (unchanged when the forward is not ragged):
+    /// for a caller that runs the layers itself and reads rows by position.
+    pub fn to_grid(&self, y: Tensor) -> candle_core::Result<Tensor> {
         let Some(slots) = &self.real_slots else {
             return Ok(y);
         };
@@ -251,7 +253,7 @@ impl Llama {
         let (b, t) = (segments.len(), plan.t);
         let total = cache.len();
         let real: usize = segments.iter().map(|s| s.len()).sum();
-        let (tokens, real_slots) = match exec == Exec::Infer && real < b * t {
+        let (tokens, real_slots) = match real < b * t {
             false => (plan.tokens, None),
             true => {
                 let slots: Vec<u32> = segments
