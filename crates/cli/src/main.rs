@@ -164,21 +164,6 @@ fn fix_thread_count() {
     std::env::set_var("RAYON_NUM_THREADS", candle_threads.to_string());
 }
 
-/// Runs the command on a thread of its own rayon pool, so that each
-/// parallel operation (hundreds per decode step) splits its work with the
-/// thread that asked for it, instead of handing it to the pool and sleeping
-/// until it is done: one wake-up saved per operation. Measured: default
-/// model batch-1 decode 87–89 → 121–131 tokens/s, batch 32 355–383 → 397–402;
-/// Qwen2.5-Coder-1.5B batch 1 65–77 → 61–62 ms a step. The stack is the
-/// main thread's size or more (autograd walks its graph recursively).
-fn run_in_pool<T: Send>(command: impl FnOnce() -> T + Send) -> T {
-    match rayon::ThreadPoolBuilder::new().stack_size(16 << 20).build() {
-        Ok(pool) => pool.install(command),
-        // No pool (threads refused): the command runs here, on the global one.
-        Err(_) => command(),
-    }
-}
-
 fn main() {
     keep_freed_memory();
     fix_thread_count();
@@ -195,7 +180,8 @@ fn main() {
         eprintln!("error: {message}");
         std::process::exit(2);
     }
-    let result = run_in_pool(|| match cli.command {
+    // On a pool thread: see r3_kernels::pool.
+    let result = r3_kernels::pool::run_in_pool(|| match cli.command {
         Command::Generate(args) => commands::generate(args),
         Command::Logits(args) => commands::logits(args),
         Command::Merge(args) => commands::merge(args),

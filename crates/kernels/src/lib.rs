@@ -17,6 +17,7 @@ pub mod level;
 pub mod machine;
 pub mod matmul;
 pub mod packed;
+pub mod pool;
 mod reduce;
 mod register_avx2;
 mod register_avx512;

@@ -293,7 +293,8 @@ pub struct Panel<'a> {
 /// Folds `f` over every block of rows of `parts` (stacked), each unpacked
 /// once into a per-thread panel, in parallel: one pass over a large packed
 /// matrix, such as the vocabulary, serves any number of input rows. Each
-/// thread's accumulator starts as `init()`; they are combined by `merge`.
+/// thread's accumulator starts as `init()`; they are combined by `merge`,
+/// in an order fixed by the thread count ([`crate::pool::fold_in_order`]).
 pub fn fold_panels<T: Send>(
     parts: &[PackedMatrix],
     init: impl Fn() -> T + Sync + Send,
@@ -306,9 +307,10 @@ pub fn fold_panels<T: Send>(
         tasks.extend(blocks(part.groups()).map(|groups| (part, offset, groups)));
         offset += part.rows();
     }
-    tasks
-        .into_par_iter()
-        .fold(&init, |mut acc, (part, offset, groups)| {
+    crate::pool::fold_in_order(
+        tasks.into_par_iter(),
+        &init,
+        |mut acc, (part, offset, groups)| {
             with_panel(part, groups, |data, width, first, rows| {
                 let panel = Panel {
                     data,
@@ -319,8 +321,9 @@ pub fn fold_panels<T: Send>(
                 f(&mut acc, panel)
             });
             acc
-        })
-        .reduce(&init, merge)
+        },
+        merge,
+    )
 }
 
 pub(crate) struct PackedProduct<'a> {

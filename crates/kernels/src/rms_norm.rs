@@ -175,30 +175,26 @@ impl CustomOp2 for WeightGradient {
             candle_core::bail!("rms-norm weight gradient: {:?}", g_layout.shape().dims())
         }
         let norm = self.0;
-        let sum = x
-            .par_chunks(n * ROWS_PER_TASK)
-            .zip(g.par_chunks(n * ROWS_PER_TASK))
-            .fold(
-                || vec![0f32; n],
-                |mut sum, (x, g)| {
-                    for (x, g) in x.chunks(n).zip(g.chunks(n)) {
-                        with_vector_features!({
-                            let r = norm.inv_rms(x);
-                            for ((s, x), g) in sum.iter_mut().zip(x).zip(g) {
-                                *s += g * x * r;
-                            }
-                        })
-                    }
-                    sum
-                },
-            )
-            .reduce(
-                || vec![0f32; n],
-                |mut a, b| {
-                    a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
-                    a
-                },
-            );
+        let sum = crate::pool::fold_in_order(
+            x.par_chunks(n * ROWS_PER_TASK)
+                .zip(g.par_chunks(n * ROWS_PER_TASK)),
+            || vec![0f32; n],
+            |mut sum, (x, g)| {
+                for (x, g) in x.chunks(n).zip(g.chunks(n)) {
+                    with_vector_features!({
+                        let r = norm.inv_rms(x);
+                        for ((s, x), g) in sum.iter_mut().zip(x).zip(g) {
+                            *s += g * x * r;
+                        }
+                    })
+                }
+                sum
+            },
+            |mut a, b| {
+                a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
+                a
+            },
+        );
         Ok((CpuStorage::F32(sum), Shape::from(n)))
     }
 }

@@ -87,7 +87,11 @@ pub fn serve(
         {
             let model = Arc::clone(&model);
             let max_rows = config.max_rows;
-            std::thread::spawn(move || scheduler::run(model, queue, max_rows));
+            // The decoder's operations start from a pool thread (see
+            // r3_kernels::pool); the server's own threads wait on sockets.
+            std::thread::spawn(move || {
+                r3_kernels::pool::run_in_pool(|| scheduler::run(model, queue, max_rows))
+            });
         }
         let state = Arc::new(Server {
             model,
