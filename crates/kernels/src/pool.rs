@@ -52,8 +52,8 @@ mod tests {
     fn a_fold_in_order_is_the_sequential_fold_of_one_run_per_thread() {
         // Magnitudes far apart, so that any other grouping of the additions
         // rounds differently.
-        let values: Vec<f32> = (0..10_007)
-            .map(|i| ((i * 7919) % 1000) as f32 * 10f32.powi((i % 9) as i32 - 4))
+        let values: Vec<f32> = (0..10_007i32)
+            .map(|i| ((i * 7919) % 1000) as f32 * 10f32.powi(i % 9 - 4))
             .collect();
         for threads in [1, 2, 3, 5] {
             let pool = rayon::ThreadPoolBuilder::new()
