@@ -37,8 +37,8 @@ pub struct TrainBench {
     max_retry_tokens: usize,
     #[arg(long, default_value_t = 2)]
     steps: usize,
-    /// Reflections per forward/backward pass
-    #[arg(long, default_value_t = 4)]
+    /// Reflections per forward/backward pass (the trainer's default)
+    #[arg(long, default_value_t = 8)]
     micro_batch_size: usize,
     /// Keep every activation instead of recomputing them in the backward
     #[arg(long)]
