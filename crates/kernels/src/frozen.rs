@@ -130,10 +130,6 @@ impl CustomOp1 for PackedTransposedProduct<'_> {
             )
         }
         let g = f32_slice(storage, layout)?;
-        let add = |mut a: Vec<f32>, b: Vec<f32>| {
-            a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
-            a
-        };
         let out = fold_panels(
             self.parts,
             || vec![0f32; m * k],
@@ -152,7 +148,7 @@ impl CustomOp1 for PackedTransposedProduct<'_> {
                 };
                 gemm((m, k, panel.rows), out, true, g_cols, w_rows, 1);
             },
-            add,
+            crate::pool::add_vectors,
         );
         Ok((CpuStorage::F32(out), Shape::from((m, k))))
     }

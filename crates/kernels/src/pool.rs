@@ -43,6 +43,13 @@ where
     runs.into_iter().reduce(merge).unwrap_or_else(init)
 }
 
+/// `a + b`, element by element, in `a`: the merge of per-thread partial
+/// sums of equal length.
+pub fn add_vectors(mut a: Vec<f32>, b: Vec<f32>) -> Vec<f32> {
+    a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
+    a
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

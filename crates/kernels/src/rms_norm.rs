@@ -190,10 +190,7 @@ impl CustomOp2 for WeightGradient {
                 }
                 sum
             },
-            |mut a, b| {
-                a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
-                a
-            },
+            crate::pool::add_vectors,
         );
         Ok((CpuStorage::F32(sum), Shape::from(n)))
     }

@@ -183,10 +183,7 @@ impl CustomOp1 for PackedTokenLogprobs {
                 };
                 r3_kernels::gemm::gemm((n, h, panel.rows), out, true, coeff, w_rows, 1);
             },
-            |(mut a, scratch), (b, _)| {
-                a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
-                (a, scratch)
-            },
+            |(a, scratch), (b, _)| (r3_kernels::pool::add_vectors(a, b), scratch),
         );
         Ok(Some(Tensor::from_vec(grad, (n, h), hidden.device())?))
     }
