@@ -1,4 +1,5 @@
-//! `r3 generate`, `r3 logits`, `r3 merge`, `r3 init` and `r3 fetch`.
+//! `r3 generate`, `r3 logits`, `r3 merge`, `r3 export-adapter`, `r3 init`
+//! and `r3 fetch`.
 
 use std::path::PathBuf;
 
@@ -159,6 +160,41 @@ pub fn merge(args: MergeArgs) -> Result<()> {
         args.out.display(),
         model.loaded.path.display(),
         adapter.display()
+    );
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct ExportAdapterArgs {
+    /// A PEFT adapter directory, or a checkpoint of a LoRA training run
+    #[arg(long)]
+    adapter: PathBuf,
+    /// The adapter directory to write (must not exist yet)
+    #[arg(long)]
+    out: PathBuf,
+    /// The type the tensors are written in: bf16 halves the file
+    #[arg(long, default_value = "bf16")]
+    dtype: r3_model::Precision,
+}
+
+/// `r3 export-adapter`: an adapter's two PEFT files alone, in `--dtype`,
+/// to share or commit (a checkpoint also holds the optimizer's moments,
+/// twice the adapter's size).
+pub fn export_adapter(args: ExportAdapterArgs) -> Result<()> {
+    if args.out.exists() {
+        bail!("{} exists; choose a new directory", args.out.display());
+    }
+    let adapter = r3_model::lora::Adapter::load(&args.adapter)
+        .with_context(|| format!("cannot read the adapter in {}", args.adapter.display()))?;
+    write_dir_atomic(&args.out, |tmp| -> Result<()> {
+        Ok(adapter.export(tmp, args.dtype.dtype())?)
+    })
+    .with_context(|| format!("cannot write {}", args.out.display()))?;
+    eprintln!(
+        "wrote {} ({} in {})",
+        args.out.display(),
+        args.adapter.display(),
+        args.dtype
     );
     Ok(())
 }

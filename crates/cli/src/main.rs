@@ -116,6 +116,8 @@ enum Command {
     Logits(commands::LogitsArgs),
     /// Fold a LoRA adapter into its base and write a plain HF directory
     Merge(commands::MergeArgs),
+    /// Write a LoRA adapter's PEFT files alone (from a checkpoint), in bf16 or f32
+    ExportAdapter(commands::ExportAdapterArgs),
     /// Write a model of a given shape with random weights as an HF directory
     Init(commands::InitArgs),
     /// Compare a GPU with the CPU on one model: logits, greedy tokens, a training step
@@ -185,6 +187,7 @@ fn main() {
         Command::Generate(args) => commands::generate(args),
         Command::Logits(args) => commands::logits(args),
         Command::Merge(args) => commands::merge(args),
+        Command::ExportAdapter(args) => commands::export_adapter(args),
         Command::Init(args) => commands::init(args),
         Command::DeviceCheck(args) => device_check::device_check(args),
         Command::Demo(args) => demo::demo(args),

@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use serde_json::{json, Value};
 
 /// The largest rank accepted before anything is allocated: past every
@@ -232,7 +232,7 @@ impl Adapter {
             .as_str()
             .filter(|b| !b.is_empty())
             .map(str::to_string);
-        let tensors_path = dir.join("adapter_model.safetensors");
+        let tensors_path = dir.join(TENSORS_FILE);
         if !tensors_path.exists() {
             return Err(ModelError::invalid(
                 &tensors_path,
@@ -248,6 +248,16 @@ impl Adapter {
         })
     }
 
+    /// Writes this adapter's two PEFT files into `dir` with its tensors in
+    /// `dtype` (f32 or bf16): a training checkpoint's optimizer and
+    /// trainer state stay behind, and bf16 halves the file, for sharing an
+    /// adapter (PEFT and r3 load either).
+    pub fn export(mut self, dir: &Path, dtype: DType) -> Result<()> {
+        write_config(dir, &self.config, self.base_model.as_deref().unwrap_or(""))?;
+        self.weights.set_dtype(dtype)?;
+        self.weights.save_safetensors(&dir.join(TENSORS_FILE))
+    }
+
     /// Writes the adapter as PEFT does (each file atomically).
     pub fn save(
         dir: &Path,
@@ -255,11 +265,18 @@ impl Adapter {
         base_model: &str,
         tensors: &HashMap<String, Tensor>,
     ) -> Result<()> {
-        let config_path = dir.join("adapter_config.json");
-        let text =
-            serde_json::to_string_pretty(&config.to_peft_json(base_model)).expect("serialisable");
-        crate::atomic::write_atomic(&config_path, text.as_bytes())
-            .map_err(|e| ModelError::io(&config_path, e))?;
-        Weights::new(dir, tensors.clone()).save_safetensors(&dir.join("adapter_model.safetensors"))
+        write_config(dir, config, base_model)?;
+        Weights::new(dir, tensors.clone()).save_safetensors(&dir.join(TENSORS_FILE))
     }
+}
+
+/// PEFT's file of adapter tensors.
+const TENSORS_FILE: &str = "adapter_model.safetensors";
+
+/// `dir/adapter_config.json`, atomically.
+fn write_config(dir: &Path, config: &LoraConfig, base_model: &str) -> Result<()> {
+    let path = dir.join("adapter_config.json");
+    let text =
+        serde_json::to_string_pretty(&config.to_peft_json(base_model)).expect("serialisable");
+    crate::atomic::write_atomic(&path, text.as_bytes()).map_err(|e| ModelError::io(&path, e))
 }

@@ -229,6 +229,67 @@ fn adapters_round_trip_through_a_peft_directory() {
 }
 
 #[test]
+fn an_adapter_exported_in_bf16_holds_each_tensor_rounded_to_bf16() {
+    let (tiny, weights, dir) = base(Some(GgmlDType::F16));
+    let lora = config(&["q_proj", "down_proj"]);
+    let (fresh, _) = Llama::with_lora(&tiny.config, &weights, &lora, None, 2).unwrap();
+    let adapter = random_adapters(&fresh, 9);
+    let (f32_dir, bf16_dir) = (dir.path().join("f32"), dir.path().join("bf16"));
+    std::fs::create_dir_all(&f32_dir).unwrap();
+    std::fs::create_dir_all(&bf16_dir).unwrap();
+    let tensors: std::collections::HashMap<String, Tensor> = adapter
+        .names()
+        .map(|n| (n.clone(), adapter.get(n, adapter.dims(n).unwrap()).unwrap()))
+        .collect();
+    Adapter::save(&f32_dir, &lora, "tiny.gguf", &tensors).unwrap();
+    Adapter::load(&f32_dir)
+        .unwrap()
+        .export(&bf16_dir, candle_core::DType::BF16)
+        .unwrap();
+    let file = bf16_dir.join("adapter_model.safetensors");
+    let bytes = std::fs::read(&file).unwrap();
+    let stored = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    assert_eq!(stored.len(), tensors.len());
+    for (name, view) in stored.tensors() {
+        assert_eq!(view.dtype(), safetensors::Dtype::BF16, "{name}");
+    }
+    let size = |d: &std::path::Path| {
+        std::fs::metadata(d.join("adapter_model.safetensors"))
+            .unwrap()
+            .len()
+    };
+    assert!(
+        size(&bf16_dir) * 10 < size(&f32_dir) * 6,
+        "bf16 is about half"
+    );
+    let exported = Adapter::load(&bf16_dir).unwrap();
+    assert_eq!(exported.config, lora);
+    assert_eq!(exported.base_model.as_deref(), Some("tiny.gguf"));
+    for (name, original) in &tensors {
+        let rounded = original
+            .to_dtype(candle_core::DType::BF16)
+            .and_then(|t| t.to_dtype(candle_core::DType::F32))
+            .unwrap();
+        let read = exported.weights.get(name, original.dims()).unwrap();
+        let (want, got) = (
+            rounded.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            read.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        );
+        assert!(
+            want.iter()
+                .zip(&got)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{name}: not the bf16 rounding of the f32 adapter"
+        );
+        assert_ne!(
+            original.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            got,
+            "{name}: random f32 values survive bf16 unchanged only if nothing was rounded"
+        );
+    }
+}
+
+#[test]
 fn bad_adapters_are_named() {
     let (tiny, weights, dir) = base(None);
     let lora = config(&["q_proj"]);
