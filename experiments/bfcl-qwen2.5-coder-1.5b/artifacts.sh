@@ -27,7 +27,8 @@ for name in eval-base eval-trained forget-base forget-trained \
     fi
 done
 rm -rf "$DEST/adapter"
-"$R" export-adapter --adapter "$OUT/train/$(cat "$OUT/train/last")" --out "$DEST/adapter"
+"$R" export-adapter --adapter "$OUT/train/$(cat "$OUT/train/last")" --out "$DEST/adapter" \
+    --base-model qwen2.5-coder-1.5b
 cp "$here/train.toml" "$DEST/train.toml"
 "$R" report "$OUT/train" >/dev/null
 cp "$OUT/train/training.png" "$OUT/train/report.md" "$OUT/train/metrics.jsonl" "$DEST/"

@@ -175,6 +175,11 @@ pub struct ExportAdapterArgs {
     /// The type the tensors are written in: bf16 halves the file
     #[arg(long, default_value = "bf16")]
     dtype: r3_model::Precision,
+    /// The base the adapter names (`base_model_name_or_path`), for the
+    /// machines that will load it: a name `r3 fetch` knows, a hub id or a
+    /// path [default: the one it names now, often a path on this machine]
+    #[arg(long)]
+    base_model: Option<String>,
 }
 
 /// `r3 export-adapter`: an adapter's two PEFT files alone, in `--dtype`,
@@ -184,8 +189,11 @@ pub fn export_adapter(args: ExportAdapterArgs) -> Result<()> {
     if args.out.exists() {
         bail!("{} exists; choose a new directory", args.out.display());
     }
-    let adapter = r3_model::lora::Adapter::load(&args.adapter)
+    let mut adapter = r3_model::lora::Adapter::load(&args.adapter)
         .with_context(|| format!("cannot read the adapter in {}", args.adapter.display()))?;
+    if let Some(base) = args.base_model {
+        adapter.base_model = Some(base);
+    }
     write_dir_atomic(&args.out, |tmp| -> Result<()> {
         Ok(adapter.export(tmp, args.dtype.dtype())?)
     })
