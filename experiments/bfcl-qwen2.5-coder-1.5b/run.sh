@@ -72,6 +72,15 @@ if [[ ${MINE:-0} != 1 && -f $mined/failures.jsonl && ! -f $OUT/failures.jsonl ]]
     log "mine: the committed failures ($mined)"
 fi
 mine "$OUT/train.jsonl" 4
+# Finished evaluations are committed too (the base's took an hour): a new
+# run directory starts from them (the split and the settings are fixed).
+for name in eval-base; do
+    if [[ -f $root/docs/results/bfcl-qwen2.5-coder-1.5b/$name/summary.json && ! -d $OUT/$name ]]; then
+        mkdir -p "$OUT/$name"
+        cp "$root/docs/results/bfcl-qwen2.5-coder-1.5b/$name/"* "$OUT/$name/"
+        log "$name: the committed evaluation"
+    fi
+done
 # Training took sessions of a 2-core CPU (2026-12-03 to 05); its result,
 # checkpoint-30's adapter in bf16, is committed. A run directory without
 # the training evaluates that adapter instead of training for hours again
