@@ -66,26 +66,24 @@ split
 # CPU, and a run often moves to a new machine, so the mined failures are
 # committed (docs/results/, with the state that binds them to the data and
 # settings) and a new run directory starts from them; MINE=1 mines afresh.
-mined=$root/docs/results/bfcl-qwen2.5-coder-1.5b/mined
+results=$root/docs/results/bfcl-qwen2.5-coder-1.5b
+mined=$results/mined
 if [[ ${MINE:-0} != 1 && -f $mined/failures.jsonl && ! -f $OUT/failures.jsonl ]]; then
     cp "$mined/failures.jsonl" "$mined/failures.jsonl.state" "$OUT/"
     log "mine: the committed failures ($mined)"
 fi
 mine "$OUT/train.jsonl" 4
-# Finished evaluations are committed too (the base's took an hour): a new
-# run directory starts from them (the split and the settings are fixed).
-for name in eval-base; do
-    if [[ -f $root/docs/results/bfcl-qwen2.5-coder-1.5b/$name/summary.json && ! -d $OUT/$name ]]; then
-        mkdir -p "$OUT/$name"
-        cp "$root/docs/results/bfcl-qwen2.5-coder-1.5b/$name/"* "$OUT/$name/"
-        log "$name: the committed evaluation"
-    fi
-done
+# The base's held-out evaluation is committed too (it took an hour): a
+# new run directory starts from it (the split and the settings are fixed).
+if [[ -f $results/eval-base/summary.json && ! -d $OUT/eval-base ]]; then
+    cp -r "$results/eval-base" "$OUT/eval-base"
+    log "eval-base: the committed evaluation"
+fi
 # Training took sessions of a 2-core CPU (2026-12-03 to 05); its result,
 # checkpoint-30's adapter in bf16, is committed. A run directory without
 # the training evaluates that adapter instead of training for hours again
 # (TRAIN_AGAIN=1 trains).
-adapter=$root/docs/results/bfcl-qwen2.5-coder-1.5b/adapter
+adapter=$results/adapter
 if [[ ${TRAIN_AGAIN:-0} != 1 && -f $adapter/adapter_config.json && ! -d $OUT/train ]]; then
     checkpoint=$adapter
     log "train: the committed adapter ($adapter)"

@@ -60,6 +60,24 @@ fn random_adapters(model: &Llama, seed: u64) -> Weights {
     Weights::new("<random adapters>", tensors)
 }
 
+/// The tiny model's packed F16 base with random adapters (seed `seed`) on
+/// `targets`: the base, its weights, their directory, the adapters'
+/// config and the adapted model.
+fn adapted(
+    targets: &[&str],
+    seed: u64,
+) -> (TinyModel, Weights, tempfile::TempDir, LoraConfig, Llama) {
+    let (tiny, weights, dir) = base(Some(GgmlDType::F16));
+    let lora = config(targets);
+    let (fresh, _) = Llama::with_lora(&tiny.config, &weights, &lora, None, 2).unwrap();
+    let adapter = random_adapters(&fresh, seed);
+    let with = Llama::new(&tiny.config, &weights)
+        .unwrap()
+        .with_adapter(&lora, &adapter)
+        .unwrap();
+    (tiny, weights, dir, lora, with)
+}
+
 #[test]
 fn a_zero_b_leaves_the_base_models_logits_unchanged() {
     for dtype in [None, Some(GgmlDType::Q8_0)] {
@@ -190,14 +208,7 @@ fn stacked_adapters_give_the_per_adapter_logits() {
 
 #[test]
 fn adapters_round_trip_through_a_peft_directory() {
-    let (tiny, weights, dir) = base(Some(GgmlDType::F16));
-    let lora = config(&["q_proj", "o_proj"]);
-    let (fresh, _) = Llama::with_lora(&tiny.config, &weights, &lora, None, 2).unwrap();
-    let adapter = random_adapters(&fresh, 5);
-    let with = Llama::new(&tiny.config, &weights)
-        .unwrap()
-        .with_adapter(&lora, &adapter)
-        .unwrap();
+    let (tiny, weights, dir, lora, with) = adapted(&["q_proj", "o_proj"], 5);
     let out = dir.path().join("adapter");
     std::fs::create_dir_all(&out).unwrap();
     Adapter::save(&out, &lora, "tiny.gguf", &with.adapter_weights()).unwrap();
@@ -230,17 +241,11 @@ fn adapters_round_trip_through_a_peft_directory() {
 
 #[test]
 fn an_adapter_exported_in_bf16_holds_each_tensor_rounded_to_bf16() {
-    let (tiny, weights, dir) = base(Some(GgmlDType::F16));
-    let lora = config(&["q_proj", "down_proj"]);
-    let (fresh, _) = Llama::with_lora(&tiny.config, &weights, &lora, None, 2).unwrap();
-    let adapter = random_adapters(&fresh, 9);
+    let (_, _, dir, lora, with) = adapted(&["q_proj", "down_proj"], 9);
     let (f32_dir, bf16_dir) = (dir.path().join("f32"), dir.path().join("bf16"));
     std::fs::create_dir_all(&f32_dir).unwrap();
     std::fs::create_dir_all(&bf16_dir).unwrap();
-    let tensors: std::collections::HashMap<String, Tensor> = adapter
-        .names()
-        .map(|n| (n.clone(), adapter.get(n, adapter.dims(n).unwrap()).unwrap()))
-        .collect();
+    let tensors = with.adapter_weights();
     Adapter::save(&f32_dir, &lora, "tiny.gguf", &tensors).unwrap();
     let mut loaded = Adapter::load(&f32_dir).unwrap();
     loaded.base_model = Some("qwen2.5-coder-1.5b".into());
