@@ -26,12 +26,16 @@ for name in eval-base eval-trained forget-base forget-trained \
         cp "$OUT/$name/summary.json" "$OUT/$name/transcripts.jsonl" "$DEST/$name/"
     fi
 done
-rm -rf "$DEST/adapter"
-"$R" export-adapter --adapter "$OUT/train/$(cat "$OUT/train/last")" --out "$DEST/adapter" \
-    --base-model qwen2.5-coder-1.5b
-cp "$here/train.toml" "$DEST/train.toml"
-"$R" report "$OUT/train" >/dev/null
-cp "$OUT/train/training.png" "$OUT/train/report.md" "$OUT/train/metrics.jsonl" "$DEST/"
+# A run that evaluated the committed adapter (run.sh on a machine without
+# the training) has no training of its own: the committed one stays.
+if [[ -d $OUT/train ]]; then
+    rm -rf "$DEST/adapter"
+    "$R" export-adapter --adapter "$OUT/train/$(cat "$OUT/train/last")" --out "$DEST/adapter" \
+        --base-model qwen2.5-coder-1.5b
+    cp "$here/train.toml" "$DEST/train.toml"
+    "$R" report "$OUT/train" >/dev/null
+    cp "$OUT/train/training.png" "$OUT/train/report.md" "$OUT/train/metrics.jsonl" "$DEST/"
+fi
 cp "$OUT/results.md" "$DEST/results.md"
 if [[ -f $OUT/results-retry.md ]]; then cp "$OUT/results-retry.md" "$DEST/"; fi
 # Three retries the trained model's reflection turned right, two it did not.
