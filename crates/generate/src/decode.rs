@@ -15,6 +15,16 @@ use crate::{GenerateError, Result};
 /// long prompts without changing any result.
 pub(crate) const PREFILL_CHUNK: usize = 256;
 
+/// Tokens (rows × columns) a prefill forward takes at most, so that a wide
+/// batch's activations stay in the last-level cache between products.
+const PREFILL_TOKENS: usize = 1024;
+
+/// Columns a prefill forward over `rows` rows takes: `PREFILL_CHUNK`,
+/// narrowed for wide batches to `PREFILL_TOKENS` in all (never below 16).
+pub(crate) fn prefill_columns(rows: usize) -> usize {
+    (PREFILL_TOKENS / rows.max(1)).clamp(16, PREFILL_CHUNK)
+}
+
 /// Why a row stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -96,9 +106,10 @@ impl<'a> Generator<'a> {
     /// and returns the logits `[batch, vocab]` of each row's last token.
     pub fn prefill(&self, cache: &mut KvCache, segments: &[&[u32]]) -> Result<Tensor> {
         let width = segments.iter().map(|s| s.len()).max().unwrap_or(0);
+        let columns = prefill_columns(segments.len());
         let mut hidden = None;
-        for start in (0..width).step_by(PREFILL_CHUNK) {
-            let end = (start + PREFILL_CHUNK).min(width);
+        for start in (0..width).step_by(columns) {
+            let end = (start + columns).min(width);
             let chunk: Vec<&[u32]> = segments
                 .iter()
                 .map(|s| {

@@ -17,7 +17,7 @@ use r3_kernels::storage::with_f32_elements;
 use r3_model::KvCache;
 use rayon::prelude::*;
 
-use crate::decode::{Completion, FinishReason, Generator, PREFILL_CHUNK};
+use crate::decode::{prefill_columns, Completion, FinishReason, Generator};
 use crate::sampler::{Drawn, Sampler, SamplingParams};
 use crate::{GenerateError, Result};
 
@@ -200,7 +200,7 @@ impl<'g> DecodeStream<'g> {
             .any(|row| matches!(row, Row::Live(live) if live.is_ready()));
         let chunk = match decoding {
             true => MAX_FUSED_TOKENS,
-            false => PREFILL_CHUNK,
+            false => prefill_columns(self.live),
         };
         let mut segments: Vec<&[u32]> = Vec::with_capacity(self.live);
         for row in &mut self.rows[..self.live] {

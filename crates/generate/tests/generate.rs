@@ -48,6 +48,11 @@ fn assert_same_row(batched: &Completion, alone: &Completion, what: &str) {
         assert_eq!(batched, alone, "{what}");
         return;
     }
+    assert_close_row(batched, alone, what);
+}
+
+/// The same tokens, text and finish, with log-probs equal up to rounding.
+fn assert_close_row(batched: &Completion, alone: &Completion, what: &str) {
     assert_eq!(batched.tokens, alone.tokens, "{what}");
     assert_eq!(batched.text, alone.text, "{what}");
     assert_eq!(batched.finish, alone.finish, "{what}");
@@ -118,6 +123,38 @@ fn rows_that_finish_early_leave_the_others_sampling_as_if_alone() {
             .decode(cache, logits, &params, vec![sampler], false)
             .unwrap();
         assert_same_row(&together[r], &alone.completions[0], &format!("row {r}"));
+    }
+}
+
+/// A wide batch prefills in narrower column chunks than one row does (so
+/// that its activations stay in cache): each row's prompt, cut at other
+/// columns, samples what it samples alone, with log-probs equal up to
+/// rounding (a padded batch's standard: its attention sums run over other
+/// lengths).
+#[test]
+fn a_wide_batch_prefilled_in_narrow_chunks_samples_as_each_row_alone() {
+    let f = fixture();
+    let g = Generator::new(&f.model, &f.tokenizer, &f.eos);
+    let params = SamplingParams {
+        temperature: 20.0,
+        max_new_tokens: 4,
+        seed: 3,
+        ..Default::default()
+    };
+    // 40 rows: 25 columns a chunk, so the longest prompts take five chunks
+    // together and one alone; lengths differ, so rows are left-padded.
+    let batch: Vec<Vec<u32>> = (0..40)
+        .map(|r| (0..90 + r).map(|i| 3 + (i * 11 + r) as u32 % 250).collect())
+        .collect();
+    let together = g.generate(&batch, &params).unwrap();
+    for (r, prompt) in batch.iter().enumerate() {
+        let mut cache = KvCache::new(&f.model.config, 1, 160);
+        let logits = g.prefill(&mut cache, &[prompt]).unwrap();
+        let sampler = Sampler::new(&params, r as u64);
+        let alone = g
+            .decode(cache, logits, &params, vec![sampler], false)
+            .unwrap();
+        assert_close_row(&together[r], &alone.completions[0], &format!("row {r}"));
     }
 }
 
