@@ -4,6 +4,7 @@
 //! kept to continue every conversation.
 
 use candle_core::Tensor;
+use r3_kernels::attention::MAX_FUSED_TOKENS;
 use r3_model::{KvCache, Llama, Tokenizer};
 use serde::{Deserialize, Serialize};
 
@@ -20,9 +21,11 @@ pub(crate) const PREFILL_CHUNK: usize = 256;
 const PREFILL_TOKENS: usize = 1024;
 
 /// Columns a prefill forward over `rows` rows takes: `PREFILL_CHUNK`,
-/// narrowed for wide batches to `PREFILL_TOKENS` in all (never below 16).
+/// narrowed for wide batches to `PREFILL_TOKENS` in all, but never to the
+/// few columns that take the fused decode attention (made for one new
+/// token a row, not for prompts).
 pub(crate) fn prefill_columns(rows: usize) -> usize {
-    (PREFILL_TOKENS / rows.max(1)).clamp(16, PREFILL_CHUNK)
+    (PREFILL_TOKENS / rows.max(1)).clamp(2 * MAX_FUSED_TOKENS, PREFILL_CHUNK)
 }
 
 /// Why a row stopped.

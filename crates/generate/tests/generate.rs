@@ -141,7 +141,7 @@ fn a_wide_batch_prefilled_in_narrow_chunks_samples_as_each_row_alone() {
         seed: 3,
         ..Default::default()
     };
-    // 40 rows: 25 columns a chunk, so the longest prompts take five chunks
+    // 40 rows: 32 columns a chunk, so the longest prompts take five chunks
     // together and one alone; lengths differ, so rows are left-padded.
     let batch: Vec<Vec<u32>> = (0..40)
         .map(|r| (0..90 + r).map(|i| 3 + (i * 11 + r) as u32 % 250).collect())
