@@ -73,12 +73,17 @@ if [[ ${MINE:-0} != 1 && -f $mined/failures.jsonl && ! -f $OUT/failures.jsonl ]]
     log "mine: the committed failures ($mined)"
 fi
 mine "$OUT/train.jsonl" 4
-# The base's held-out evaluation is committed too (it took an hour): a
-# new run directory starts from it (the split and the settings are fixed).
-if [[ -f $results/eval-base/summary.json && ! -d $OUT/eval-base ]]; then
-    cp -r "$results/eval-base" "$OUT/eval-base"
-    log "eval-base: the committed evaluation"
-fi
+# The held-out evaluations are committed too (an hour or two each): a new
+# run directory starts from them (the split and the settings are fixed).
+# eval-trained is that of the committed adapter, so it is taken only where
+# this run evaluates that adapter (not when it trains again).
+for name in eval-base eval-trained; do
+    if [[ $name == eval-trained && ( ${TRAIN_AGAIN:-0} == 1 || -d $OUT/train ) ]]; then continue; fi
+    if [[ -f $results/$name/summary.json && ! -d $OUT/$name ]]; then
+        cp -r "$results/$name" "$OUT/$name"
+        log "$name: the committed evaluation"
+    fi
+done
 # Training took sessions of a 2-core CPU (2026-12-03 to 05); its result,
 # checkpoint-30's adapter in bf16, is committed. A run directory without
 # the training evaluates that adapter instead of training for hours again
