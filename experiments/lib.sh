@@ -42,11 +42,12 @@ evaluate() {
         --reflection-max-tokens "$reflection" $prompts
 }
 
+# mine DATA SAMPLES [NAME]: failures into OUT/NAME.jsonl (failures.jsonl).
 mine() {
-    local data=$1 samples=$2
+    local data=$1 samples=$2 name=${3:-failures}
     # shellcheck disable=SC2046
-    timed mine "$R" mine $(model_flag "$MODEL") --task "$TASK" --data "$data" \
-        --samples "$samples" --temperature 0.9 --out "$OUT/failures.jsonl" \
+    timed "mine${3:+-$3}" "$R" mine $(model_flag "$MODEL") --task "$TASK" --data "$data" \
+        --samples "$samples" --temperature 0.9 --out "$OUT/$name.jsonl" \
         --max-new-tokens "$ATTEMPT_TOKENS" $(prompts_flag)
 }
 

@@ -32,9 +32,7 @@ for numbers in 3..=4 3; do
     "$R" data countdown --count 2000 --numbers "$numbers" --seed 2026 \
         --out "$OUT/countdown-$name.jsonl" --overwrite
     sed -n '1001,1060p' "$OUT/countdown-$name.jsonl" >"$OUT/pilot-$name.jsonl"
-    timed "mine-$name" "$R" mine --model "$MODEL" --task countdown \
-        --data "$OUT/pilot-$name.jsonl" --samples 16 --temperature 0.9 \
-        --max-new-tokens "$ATTEMPT_TOKENS" --out "$OUT/failures-$name.jsonl"
+    mine "$OUT/pilot-$name.jsonl" 16 "failures-$name"
     python3 - "$OUT/failures-$name.jsonl" "$name" <<'PY' | tee -a "$OUT/pilot.md"
 import json, sys
 rows = [json.loads(line) for line in open(sys.argv[1])]
