@@ -36,16 +36,25 @@ if [[ -d $OUT/train ]]; then
     "$R" report "$OUT/train" >/dev/null
     cp "$OUT/train/training.png" "$OUT/train/report.md" "$OUT/train/metrics.jsonl" "$DEST/"
 fi
-cp "$OUT/results.md" "$DEST/results.md"
-if [[ -f $OUT/results-retry.md ]]; then cp "$OUT/results-retry.md" "$DEST/"; fi
-# Three retries the trained model's reflection turned right, two it did not.
-python3 - "$DEST/eval-trained/transcripts.jsonl" >"$DEST/examples.jsonl" <<'EOF'
+# The tables name the evaluations by their run directory: keep the names,
+# not this machine's paths.
+for table in results results-retry; do
+    if [[ -f $OUT/$table.md ]]; then sed "s|$OUT/||g" "$OUT/$table.md" >"$DEST/$table.md"; fi
+done
+# Examples: retries the trained model's reflection turned right, records
+# it gets right on the first try where the base model did not, and
+# failures neither try fixed (up to three, three and two).
+python3 - "$DEST/eval-base/transcripts.jsonl" "$DEST/eval-trained/transcripts.jsonl" \
+    >"$DEST/examples.jsonl" <<'EOF'
 import json, sys
-rows = [json.loads(line) for line in open(sys.argv[1])]
-retried = [r for r in rows if r.get("retry")]
+base, trained = ([json.loads(line) for line in open(path)] for path in sys.argv[1:])
+base_right = {r["line"] for r in base if r["attempt"]["verdict"]["success"]}
+retried = [r for r in trained if r.get("retry")]
 fixed = [r for r in retried if r["retry"]["verdict"]["success"]][:3]
+gained = [r for r in trained
+          if r["attempt"]["verdict"]["success"] and r["line"] not in base_right][:3]
 missed = [r for r in retried if not r["retry"]["verdict"]["success"]][:2]
-for r in fixed + missed:
+for r in fixed + gained + missed:
     print(json.dumps(r))
 EOF
 du -sh "$DEST"/* | sort -h

@@ -28,7 +28,7 @@ source "$root/experiments/lib.sh"
 start
 
 for numbers in 3..=4 3; do
-    name=${numbers//.=/-}
+    name=${numbers//..=/-}
     "$R" data countdown --count 2000 --numbers "$numbers" --seed 2026 \
         --out "$OUT/countdown-$name.jsonl" --overwrite
     sed -n '1001,1060p' "$OUT/countdown-$name.jsonl" >"$OUT/pilot-$name.jsonl"
