@@ -20,11 +20,12 @@
 # run's 200 held-out records (its committed base evaluation is the
 # "before") and its 100 arithmetic records.
 #
-# Resumable anywhere: every finished evaluation and the mined failures are
-# kept, training continues with --resume auto; rerun the same command.
-# Mining, the base evaluation and the adapter are committed under
-# docs/results/countdown-qwen2.5-coder-1.5b/ as they finish, and a new
-# run directory starts from them.
+# Resumable: every finished evaluation and the mined failures are kept,
+# training continues with --resume auto; rerun the same command. A run
+# often moves to a new machine, so the mined failures (finished or not:
+# mining resumes from their state) and the base evaluation, once
+# committed under docs/results/countdown-qwen2.5-coder-1.5b/, are where a
+# new run directory starts; training starts over there.
 #   bash experiments/countdown-qwen2.5-coder-1.5b/run.sh [OUT]
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
@@ -44,6 +45,14 @@ start
 sed -n '1,250p' "$OUT/countdown.jsonl" >"$OUT/heldout.jsonl"
 sed -n '251,850p' "$OUT/countdown.jsonl" >"$OUT/train.jsonl"
 
+# reuse NAME DIR: a committed evaluation as this run's NAME.
+reuse() {
+    if [[ -f $2/summary.json && ! -d $OUT/$1 ]]; then
+        cp -r "$2" "$OUT/$1"
+        log "$1: the committed evaluation ($2)"
+    fi
+}
+
 # The other tasks' records, exactly those the BFCL run evaluated (taken
 # from its committed transcripts), and its base model's evaluations.
 bfcl=$root/docs/results/bfcl-qwen2.5-coder-1.5b
@@ -52,12 +61,8 @@ for line in open(sys.argv[1]):
     print(json.dumps(json.loads(line)["record"]))' "$1"; }
 records "$bfcl/eval-base/transcripts.jsonl" >"$OUT/forget-bfcl.jsonl"
 records "$bfcl/forget-base/transcripts.jsonl" >"$OUT/forget-arithmetic.jsonl"
-for name in forget-base:forget-base forget-bfcl-base:eval-base; do
-    if [[ ! -d $OUT/${name%%:*} ]]; then
-        cp -r "$bfcl/${name#*:}" "$OUT/${name%%:*}"
-        log "${name%%:*}: the BFCL run's committed evaluation"
-    fi
-done
+reuse forget-base "$bfcl/forget-base"
+reuse forget-bfcl-base "$bfcl/eval-base"
 
 results=$root/docs/results/countdown-qwen2.5-coder-1.5b
 if [[ ${MINE:-0} != 1 && -f $results/mined/failures.jsonl && ! -f $OUT/failures.jsonl ]]; then
@@ -65,10 +70,7 @@ if [[ ${MINE:-0} != 1 && -f $results/mined/failures.jsonl && ! -f $OUT/failures.
     log "mine: the committed failures ($results/mined)"
 fi
 mine "$OUT/train.jsonl" 16
-if [[ -f $results/eval-base/summary.json && ! -d $OUT/eval-base ]]; then
-    cp -r "$results/eval-base" "$OUT/eval-base"
-    log "eval-base: the committed evaluation"
-fi
+reuse eval-base "$results/eval-base"
 evaluate eval-base "$MODEL" "$OUT/heldout.jsonl"
 checkpoint=$(train)
 evaluate eval-trained "$checkpoint" "$OUT/heldout.jsonl"
