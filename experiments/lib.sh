@@ -2,7 +2,7 @@
 # train reflections, evaluate the trained model, write the table. Sourced by
 # each experiment's run.sh, which sets the variables below and prepares data.
 #
-#   R3       the r3 binary (copied into the run directory first, so that
+#   R        the r3 binary (copied into the run directory first, so that
 #            rebuilding r3 during a long run cannot change it mid-way)
 #   OUT      the run directory
 #   TASK     r3's --task
@@ -10,6 +10,7 @@
 #   ATTEMPT_TOKENS, REFLECTION_TOKENS  token budgets of eval and mine
 #   PROMPTS  a prompts TOML for every step, or ""
 #   TRAIN    the training config (TOML)
+#   BASE_MODEL  the name `r3 fetch` knows the base by (artifacts only)
 set -euo pipefail
 
 log() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$OUT/run.log" >&2; }
@@ -77,4 +78,57 @@ start() {
     R=$OUT/r3
     touch "$OUT/times.tsv"
     log "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2) $(nproc) cores"
+}
+
+# artifacts DEST NAME...: a finished run's artifacts into DEST for
+# committing: each named evaluation's summary.json and transcripts.jsonl
+# (the tables recompute from them), the final adapter in PEFT format (bf16,
+# without the optimizer state), the training config, the run's charts and
+# report, the comparison tables, and a few example transcripts.
+artifacts() {
+    local dest=$1 name table
+    shift
+    if [[ ! -f $OUT/results.md ]]; then
+        echo "finish the run first ($OUT/results.md is missing)" >&2
+        return 1
+    fi
+    mkdir -p "$dest"
+    for name in "$@"; do
+        if [[ -f $OUT/$name/summary.json ]]; then
+            mkdir -p "$dest/$name"
+            cp "$OUT/$name/summary.json" "$OUT/$name/transcripts.jsonl" "$dest/$name/"
+        fi
+    done
+    # A run that evaluated a committed adapter has no training of its own:
+    # the committed one stays.
+    if [[ -d $OUT/train ]]; then
+        rm -rf "$dest/adapter"
+        "$R" export-adapter --adapter "$OUT/train/$(cat "$OUT/train/last")" \
+            --out "$dest/adapter" --base-model "$BASE_MODEL"
+        cp "$TRAIN" "$dest/train.toml"
+        "$R" report "$OUT/train" >/dev/null
+        cp "$OUT/train/training.png" "$OUT/train/report.md" "$OUT/train/metrics.jsonl" "$dest/"
+    fi
+    # The tables name the evaluations by their run directory: keep the
+    # names, not this machine's paths.
+    for table in results results-retry; do
+        if [[ -f $OUT/$table.md ]]; then sed "s|$OUT/||g" "$OUT/$table.md" >"$dest/$table.md"; fi
+    done
+    # Examples: retries the trained model's reflection turned right, records
+    # it gets right on the first try where the base model did not, and
+    # failures neither try fixed (up to three, three and two).
+    python3 - "$dest/eval-base/transcripts.jsonl" "$dest/eval-trained/transcripts.jsonl" \
+        >"$dest/examples.jsonl" <<'PY'
+import json, sys
+base, trained = ([json.loads(line) for line in open(path)] for path in sys.argv[1:])
+base_right = {r["line"] for r in base if r["attempt"]["verdict"]["success"]}
+retried = [r for r in trained if r.get("retry")]
+fixed = [r for r in retried if r["retry"]["verdict"]["success"]][:3]
+gained = [r for r in trained
+          if r["attempt"]["verdict"]["success"] and r["line"] not in base_right][:3]
+missed = [r for r in retried if not r["retry"]["verdict"]["success"]][:2]
+for r in fixed + gained + missed:
+    print(json.dumps(r))
+PY
+    du -sh "$dest"/* | sort -h
 }
