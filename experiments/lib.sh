@@ -72,6 +72,26 @@ table() {
     cat "$OUT/results.md"
 }
 
+# reuse NAME DIR: a committed evaluation (DIR) as this run's NAME, unless
+# the run has its own: an evaluation takes hours on a 2-core CPU, and a
+# run often moves to a new machine.
+reuse() {
+    if [[ -f $2/summary.json && ! -d $OUT/$1 ]]; then
+        cp -r "$2" "$OUT/$1"
+        log "$1: the committed evaluation ($2)"
+    fi
+}
+
+# reuse_failures DIR: committed mined failures with their state (finished
+# or not: mining resumes from the state), unless the run has its own or
+# MINE=1 asks to mine afresh.
+reuse_failures() {
+    if [[ ${MINE:-0} != 1 && -f $1/failures.jsonl && ! -f $OUT/failures.jsonl ]]; then
+        cp "$1/failures.jsonl" "$1/failures.jsonl.state" "$OUT/"
+        log "mine: the committed failures ($1)"
+    fi
+}
+
 start() {
     mkdir -p "$OUT"
     cp "$R" "$OUT/r3"

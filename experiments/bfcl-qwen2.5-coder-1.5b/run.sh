@@ -67,23 +67,16 @@ split
 # committed (docs/results/, with the state that binds them to the data and
 # settings) and a new run directory starts from them; MINE=1 mines afresh.
 results=$root/docs/results/bfcl-qwen2.5-coder-1.5b
-mined=$results/mined
-if [[ ${MINE:-0} != 1 && -f $mined/failures.jsonl && ! -f $OUT/failures.jsonl ]]; then
-    cp "$mined/failures.jsonl" "$mined/failures.jsonl.state" "$OUT/"
-    log "mine: the committed failures ($mined)"
-fi
+reuse_failures "$results/mined"
 mine "$OUT/train.jsonl" 4
 # The held-out evaluations are committed too (an hour or two each): a new
 # run directory starts from them (the split and the settings are fixed).
 # eval-trained is that of the committed adapter, so it is taken only where
 # this run evaluates that adapter (not when it trains again).
-for name in eval-base eval-trained; do
-    if [[ $name == eval-trained && ( ${TRAIN_AGAIN:-0} == 1 || -d $OUT/train ) ]]; then continue; fi
-    if [[ -f $results/$name/summary.json && ! -d $OUT/$name ]]; then
-        cp -r "$results/$name" "$OUT/$name"
-        log "$name: the committed evaluation"
-    fi
-done
+reuse eval-base "$results/eval-base"
+if [[ ${TRAIN_AGAIN:-0} != 1 && ! -d $OUT/train ]]; then
+    reuse eval-trained "$results/eval-trained"
+fi
 # Training took sessions of a 2-core CPU (2026-12-03 to 05); its result,
 # checkpoint-30's adapter in bf16, is committed. A run directory without
 # the training evaluates that adapter instead of training for hours again

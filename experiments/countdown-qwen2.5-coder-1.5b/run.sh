@@ -45,14 +45,6 @@ start
 sed -n '1,250p' "$OUT/countdown.jsonl" >"$OUT/heldout.jsonl"
 sed -n '251,850p' "$OUT/countdown.jsonl" >"$OUT/train.jsonl"
 
-# reuse NAME DIR: a committed evaluation as this run's NAME.
-reuse() {
-    if [[ -f $2/summary.json && ! -d $OUT/$1 ]]; then
-        cp -r "$2" "$OUT/$1"
-        log "$1: the committed evaluation ($2)"
-    fi
-}
-
 # The other tasks' records, exactly those the BFCL run evaluated (taken
 # from its committed transcripts), and its base model's evaluations.
 bfcl=$root/docs/results/bfcl-qwen2.5-coder-1.5b
@@ -65,10 +57,7 @@ reuse forget-base "$bfcl/forget-base"
 reuse forget-bfcl-base "$bfcl/eval-base"
 
 results=$root/docs/results/countdown-qwen2.5-coder-1.5b
-if [[ ${MINE:-0} != 1 && -f $results/mined/failures.jsonl && ! -f $OUT/failures.jsonl ]]; then
-    cp "$results/mined/failures.jsonl" "$results/mined/failures.jsonl.state" "$OUT/"
-    log "mine: the committed failures ($results/mined)"
-fi
+reuse_failures "$results/mined"
 mine "$OUT/train.jsonl" 16
 reuse eval-base "$results/eval-base"
 evaluate eval-base "$MODEL" "$OUT/heldout.jsonl"
