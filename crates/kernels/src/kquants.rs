@@ -1,18 +1,20 @@
 //! K-quants (Q4_K, Q5_K, Q6_K) and the 5-bit Q5_0/Q5_1 — what Q4_K_M
 //! files hold — re-cut into the 32-input blocks the packed kernels read.
-//! A K-quant super-block's 6-bit sub-block scales are multiplied out into
-//! f32 per 32 weights (a decode step cannot afford to unpack them per
-//! weight), and the quants keep their own width:
-//! - Q4_K → [`Encoding::K4`]: scale, offset, 32 nibbles (6 bits a weight);
-//! - Q6_K → [`Encoding::K6`]: a scale per 16 weights, 32 nibbles and
-//!   32 bit pairs (8 bits a weight);
-//! - Q5_K and Q5_1 → [`Encoding::K5`]: scale, offset, 32 nibbles and 32
-//!   fifth bits (7 bits a weight);
+//! The quants keep their own width:
+//! - Q4_K → [`Encoding::K4`]: the sub-block's 6-bit scale and minimum as
+//!   bytes, 32 nibbles, and per super-block (256 weights) a head of f32
+//!   `d`, `−dmin` (4.75 bits a weight);
+//! - Q6_K → [`Encoding::K6`]: a signed 8-bit scale per 16 weights, 32
+//!   nibbles and 32 bit pairs, and per super-block a head `d` (6.625 bits a
+//!   weight);
+//! - Q5_K and Q5_1 → [`Encoding::K5`]: f32 scale and offset (multiplied
+//!   out), 32 nibbles and 32 fifth bits (7 bits a weight);
 //! - Q5_0 → [`Encoding::K8`]: a scale per half, an offset, each quant as a
 //!   byte (11 bits a weight; its `(q − 16)·d` has no exact `q·s + o` form).
 //!
 //! The values are those of GGUF's own dequantization, bit for bit (`q·s +
-//! o` is `d₁·q − m₁`, `(d·sc)·q` and `q·d + m` as ggml rounds them).
+//! o` is `d₁·q − m₁`, `(d·sc)·q` and `q·d + m` as ggml rounds them; the
+//! kernels' `d·sc` and `−dmin·m` are exact products).
 
 use candle_core::quantized::GgmlDType;
 use half::f16;
@@ -49,16 +51,15 @@ pub fn recut(dtype: GgmlDType, raw: &[u8]) -> Option<Result<(Encoding, Vec<u8>),
             raw.len()
         )));
     }
-    let mut out =
-        Vec::with_capacity(raw.len() / bytes * (weights / BLOCK) * encoding.block_bytes());
+    // Spans (8 blocks under a head in K4 and K6, else one block) a GGUF
+    // block becomes.
+    let spans = weights / (encoding.span() * BLOCK);
+    let mut out = Vec::with_capacity(raw.len() / bytes * spans * encoding.span_bytes());
     for block in raw.chunks_exact(bytes) {
         convert(block, &mut out);
     }
     debug_assert_eq!(Encoding::K8.block_bytes(), K8_BYTES);
-    debug_assert_eq!(
-        out.len(),
-        raw.len() / bytes * (weights / BLOCK) * encoding.block_bytes()
-    );
+    debug_assert_eq!(out.len(), raw.len() / bytes * spans * encoding.span_bytes());
     Some(Ok((encoding, out)))
 }
 
@@ -79,32 +80,32 @@ fn push(out: &mut Vec<u8>, lo: f32, hi: f32, offset: f32, quants: impl Iterator<
 
 /// The 6-bit scale and minimum of sub-block `j` of a Q4_K/Q5_K block's
 /// 12 packed bytes.
-fn scale_min(j: usize, s: &[u8]) -> (f32, f32) {
-    let (scale, min) = if j < 4 {
+fn scale_min(j: usize, s: &[u8]) -> (u8, u8) {
+    if j < 4 {
         (s[j] & 63, s[j + 4] & 63)
     } else {
         (
             (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4),
             (s[j + 4] >> 4) | ((s[j] >> 6) << 4),
         )
-    };
-    (scale as f32, min as f32)
+    }
 }
 
 /// Q4_K: `d`, `dmin` (f16), 12 bytes of scales, 128 bytes of nibbles; each
-/// 64 weights are the low then the high nibbles of 32 bytes. Each 32 become
-/// a [`Encoding::K4`] block: scale `d·sc`, offset `−dmin·m`, and byte `i`
-/// holding quant `i` (low nibble) and quant `i + 16` (high nibble).
+/// 64 weights are the low then the high nibbles of 32 bytes. The head is
+/// `d` and `−dmin` in f32; each 32 weights become a [`Encoding::K4`]
+/// block: scale `sc`, minimum `m`, and byte `i` holding quant `i` (low
+/// nibble) and quant `i + 16` (high nibble).
 fn q4k(b: &[u8], out: &mut Vec<u8>) {
     let (d, dmin, scales, qs) = (f16_at(&b[0..]), f16_at(&b[2..]), &b[4..16], &b[16..144]);
+    out.extend_from_slice(&d.to_le_bytes());
+    out.extend_from_slice(&(-dmin).to_le_bytes());
     for j in 0..SUPER / BLOCK {
         let (sc, m) = scale_min(j, scales);
-        let (scale, min) = (d * sc, dmin * m);
         let bytes = &qs[(j / 2) * 32..][..32];
         let shift = 4 * (j % 2);
         let q = |l: usize| (bytes[l] >> shift) & 0xF;
-        out.extend_from_slice(&scale.to_le_bytes());
-        out.extend_from_slice(&(-min).to_le_bytes());
+        out.extend([sc, m]);
         out.extend((0..BLOCK / 2).map(|i| q(i) | (q(i + BLOCK / 2) << 4)));
     }
 }
@@ -116,7 +117,7 @@ fn q5k(b: &[u8], out: &mut Vec<u8>) {
     let (qh, qs) = (&b[16..48], &b[48..176]);
     for j in 0..SUPER / BLOCK {
         let (sc, m) = scale_min(j, scales);
-        let (scale, min) = (d * sc, dmin * m);
+        let (scale, min) = (d * sc as f32, dmin * m as f32);
         let bytes = &qs[(j / 2) * 32..][..32];
         let shift = 4 * (j % 2);
         let quants: Vec<u8> = (0..BLOCK)
@@ -138,12 +139,14 @@ fn push_k5(out: &mut Vec<u8>, scale: f32, offset: f32, quants: &[u8]) {
 }
 
 /// Q6_K: 128 bytes of low nibbles, 64 of high bit pairs, 16 signed scales
-/// (one per 16 weights), `d` (f16); quants are stored offset by 32. Each 32
-/// become a [`Encoding::K6`] block: scales `d·sc` of each half, byte `i` of
-/// 16 holding the low nibbles of quants `i` and `i + 16`, byte `b` of 8 the
-/// high bit pairs of quants `b`, `b + 8`, `b + 16` and `b + 24`.
+/// (one per 16 weights), `d` (f16); quants are stored offset by 32. The
+/// head is `d` in f32; each 32 weights become a [`Encoding::K6`] block:
+/// the scales of each half, byte `i` of 16 holding the low nibbles of
+/// quants `i` and `i + 16`, byte `b` of 8 the high bit pairs of quants `b`,
+/// `b + 8`, `b + 16` and `b + 24`.
 fn q6k(b: &[u8], out: &mut Vec<u8>) {
     let (ql, qh, scales, d) = (&b[0..128], &b[128..192], &b[192..208], f16_at(&b[208..]));
+    out.extend_from_slice(&d.to_le_bytes());
     for j in 0..SUPER / BLOCK {
         // Weights 128·half + 32·t + l, for l in 0..32.
         let (part, t) = (j / 4, j % 4);
@@ -155,9 +158,7 @@ fn q6k(b: &[u8], out: &mut Vec<u8>) {
             _ => ql[l + 32] >> 4,
         };
         let high = |l: usize| (qh[l] >> (2 * t)) & 3;
-        let scale = |i: usize| d * scales[i] as i8 as f32;
-        out.extend_from_slice(&scale(2 * j).to_le_bytes());
-        out.extend_from_slice(&scale(2 * j + 1).to_le_bytes());
+        out.extend([scales[2 * j], scales[2 * j + 1]]);
         out.extend((0..BLOCK / 2).map(|i| low(i) | (low(i + BLOCK / 2) << 4)));
         out.extend(
             (0..8).map(|b| high(b) | high(b + 8) << 2 | high(b + 16) << 4 | high(b + 24) << 6),

@@ -27,6 +27,9 @@ pub const BLOCK: usize = 32;
 /// Output rows interleaved in one record.
 pub const GROUP: usize = 16;
 
+/// Blocks of a K-quant super-block (256 weights), which share a head.
+pub const SPAN: usize = 8;
+
 /// How a block of 32 weights of one output row is stored: the GGUF block
 /// types, and plain 16-bit floats taken 32 at a time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,17 +42,20 @@ pub enum Encoding {
     Q8_0,
     F16,
     Bf16,
-    /// A Q4_K sub-block (see `kquants.rs`): f32 scale `d` and offset `o`,
-    /// 32 nibbles `q` as Q4_1 lays them out: `q·d + o`.
+    /// A Q4_K sub-block (see `kquants.rs`): its 6-bit scale `sc` and
+    /// minimum `m` as bytes, 32 nibbles `q` as Q4_1 lays them out, under
+    /// the super-block's f32 `d` and `n = −dmin` (the span's head):
+    /// `q·(d·sc) + n·m`.
     K4,
     /// A Q5_K sub-block or a Q5_1 block (see `kquants.rs`): f32 scale `d`
     /// and offset `o`, 32 nibbles as Q4_1 lays them out and 32 fifth bits
     /// above them, making 5-bit quants `q`: `q·d + o`.
     K5,
-    /// A Q6_K sub-block (see `kquants.rs`): f32 scales `lo`, `hi`, 32
-    /// nibbles as Q4_1 lays them out and 32 bit pairs above them, making
-    /// 6-bit quants `q`: `(q − 32)·lo` for the first 16, `(q − 32)·hi` for
-    /// the rest.
+    /// A Q6_K sub-block (see `kquants.rs`): signed 8-bit scales `lo`,
+    /// `hi`, 32 nibbles as Q4_1 lays them out and 32 bit pairs above them,
+    /// making 6-bit quants `q`, under the super-block's f32 `d` (the span's
+    /// head): `(q − 32)·(d·lo)` for the first 16, `(q − 32)·(d·hi)` for the
+    /// rest.
     K6,
     /// A Q5_0 block re-cut to 32 inputs (see
     /// `kquants.rs`): f32 scales `lo`, `hi` and offset `o`, 32 signed bytes
@@ -80,12 +86,44 @@ impl Encoding {
         }
     }
 
-    /// Bytes of one scalar: f16 in GGUF's blocks, f32 in re-cut ones.
+    /// Bytes of one scalar: f16 in GGUF's blocks, f32 in re-cut ones, the
+    /// K-quants' own 6- or 8-bit integer scales in K4 and K6.
     fn scalar_bytes(self) -> usize {
         match self {
-            Self::K4 | Self::K5 | Self::K6 | Self::K8 => 4,
+            Self::K4 | Self::K6 => 1,
+            Self::K5 | Self::K8 => 4,
             _ => 2,
         }
+    }
+
+    /// Blocks under one head: a K-quant super-block's 8 for K4 and K6,
+    /// whose blocks' integer scales multiply the head's; 1 (and no head)
+    /// for the rest.
+    pub fn span(self) -> usize {
+        match self {
+            Self::K4 | Self::K6 => SPAN,
+            _ => 1,
+        }
+    }
+
+    /// f32 scalars per row at the head of a span: `d` and `−dmin` for K4,
+    /// `d` for K6. Kept once per 256 weights, not multiplied out into every
+    /// block: K4 reads 4.75 bits a weight instead of 6, K6 6.625 instead
+    /// of 8, and decode is bound by what it reads. The products `d·sc`,
+    /// made in registers, are exact (an f16's 11 bits times 6 or 8 bits),
+    /// so the values are the ones a stored product would give.
+    fn head_scalars(self) -> usize {
+        match self {
+            Self::K4 => 2,
+            Self::K6 => 1,
+            _ => 0,
+        }
+    }
+
+    /// Bytes of one row's span as the re-cut stream stores it: its head,
+    /// then its blocks.
+    pub fn span_bytes(self) -> usize {
+        4 * self.head_scalars() + self.span() * self.block_bytes()
     }
 
     /// Bytes of weights after the scales in a file block.
@@ -116,7 +154,9 @@ impl Encoding {
 
 /// A weight `[rows, cols]` (outputs × inputs) as interleaved records: for
 /// each group of 16 rows and each block of 32 inputs, the 16 blocks' scales
-/// side by side, then their payloads element by element.
+/// side by side, then their payloads element by element. In K4 and K6 each
+/// span of 8 records is preceded by its head: the 16 rows' f32 super-block
+/// scalars, side by side.
 #[derive(Debug, Clone)]
 pub struct PackedMatrix {
     encoding: Encoding,
@@ -127,8 +167,10 @@ pub struct PackedMatrix {
 
 impl PackedMatrix {
     /// Packs `raw`, a matrix of `rows` rows of `cols / 32` blocks each in
-    /// the file's layout. Output row `r` is read from source row
-    /// `source_rows[r]` when given (llama.cpp's rope order, undone).
+    /// the file's layout (in K4 and K6, each span of 8 blocks after its
+    /// head, see [`Encoding::span_bytes`]). Output row `r` is read from
+    /// source row `source_rows[r]` when given (llama.cpp's rope order,
+    /// undone).
     pub fn new(
         encoding: Encoding,
         rows: usize,
@@ -136,42 +178,54 @@ impl PackedMatrix {
         raw: &[u8],
         source_rows: Option<&[usize]>,
     ) -> Result<Self, String> {
-        let block_bytes = encoding.block_bytes();
-        let blocks = cols / BLOCK;
-        if !cols.is_multiple_of(BLOCK) {
-            return Err(format!("{cols} inputs is not a multiple of {BLOCK}"));
+        let (span, span_bytes) = (encoding.span(), encoding.span_bytes());
+        if !cols.is_multiple_of(span * BLOCK) {
+            return Err(format!(
+                "{cols} inputs is not a multiple of {} in {encoding:?}",
+                span * BLOCK
+            ));
         }
-        if raw.len() != rows * blocks * block_bytes {
+        let spans = cols / (span * BLOCK);
+        if raw.len() != rows * spans * span_bytes {
             return Err(format!(
                 "{} bytes for {rows} × {cols} weights in {encoding:?}, expected {}",
                 raw.len(),
-                rows * blocks * block_bytes
+                rows * spans * span_bytes
             ));
         }
         if source_rows.is_some_and(|s| s.len() != rows || s.iter().any(|&r| r >= rows)) {
             return Err("the row order does not fit the matrix".into());
         }
-        let record = GROUP * block_bytes;
-        let groups = rows.div_ceil(GROUP);
+        let (block_bytes, heads) = (encoding.block_bytes(), encoding.head_scalars());
+        let (head, record) = (GROUP * 4 * heads, GROUP * block_bytes);
+        let packed_span = head + span * record;
         // Rows past the end stay zero: scales 0 unpack to 0.
-        let mut data = vec![0u8; groups * blocks * record];
+        let mut data = vec![0u8; rows.div_ceil(GROUP) * spans * packed_span];
         let (scales, element) = (encoding.scales(), encoding.element_bytes());
         let scalar = encoding.scalar_bytes();
         let elements = encoding.payload_bytes() / element;
         for row in 0..rows {
             let source = source_rows.map_or(row, |s| s[row]);
             let (group, c) = (row / GROUP, row % GROUP);
-            for b in 0..blocks {
-                let src = &raw[(source * blocks + b) * block_bytes..][..block_bytes];
-                let dst = &mut data[(group * blocks + b) * record..][..record];
-                for s in 0..scales {
-                    dst[(s * GROUP + c) * scalar..][..scalar]
-                        .copy_from_slice(&src[s * scalar..][..scalar]);
+            for s in 0..spans {
+                let src = &raw[(source * spans + s) * span_bytes..][..span_bytes];
+                let dst = &mut data[(group * spans + s) * packed_span..][..packed_span];
+                for h in 0..heads {
+                    dst[(h * GROUP + c) * 4..][..4].copy_from_slice(&src[h * 4..][..4]);
                 }
-                let (payload, out) = (&src[scales * scalar..], &mut dst[scales * GROUP * scalar..]);
-                for e in 0..elements {
-                    out[(e * GROUP + c) * element..][..element]
-                        .copy_from_slice(&payload[e * element..][..element]);
+                for b in 0..span {
+                    let src = &src[4 * heads + b * block_bytes..][..block_bytes];
+                    let dst = &mut dst[head + b * record..][..record];
+                    for s in 0..scales {
+                        dst[(s * GROUP + c) * scalar..][..scalar]
+                            .copy_from_slice(&src[s * scalar..][..scalar]);
+                    }
+                    let (payload, out) =
+                        (&src[scales * scalar..], &mut dst[scales * GROUP * scalar..]);
+                    for e in 0..elements {
+                        out[(e * GROUP + c) * element..][..element]
+                            .copy_from_slice(&payload[e * element..][..element]);
+                    }
                 }
             }
         }
@@ -282,11 +336,20 @@ impl PackedMatrix {
         dots
     }
 
-    /// The records of a group of 16 rows, one per block of 32 inputs.
-    pub(crate) fn records(&self, group: usize) -> std::slice::ChunksExact<'_, u8> {
-        let record = GROUP * self.encoding.block_bytes();
-        let blocks = self.cols / BLOCK;
-        self.data[group * blocks * record..][..blocks * record].chunks_exact(record)
+    /// The records of a group of 16 rows, one per block of 32 inputs, each
+    /// with the head of its span (empty where the encoding has none).
+    pub(crate) fn records(&self, group: usize) -> impl Iterator<Item = (&[u8], &[u8])> {
+        let encoding = self.encoding;
+        let head = GROUP * 4 * encoding.head_scalars();
+        let record = GROUP * encoding.block_bytes();
+        let packed_span = head + encoding.span() * record;
+        let per_group = self.cols / (encoding.span() * BLOCK) * packed_span;
+        self.data[group * per_group..][..per_group]
+            .chunks_exact(packed_span)
+            .flat_map(move |span| {
+                let (head, records) = span.split_at(head);
+                records.chunks_exact(record).map(move |r| (head, r))
+            })
     }
 
     /// Calls `f(k, w)` for every input `k` in order, `w` holding the weights
@@ -294,7 +357,7 @@ impl PackedMatrix {
     /// vectorize: every inner loop is the 16 lanes of one input.
     #[inline(always)]
     fn for_each_input(&self, group: usize, mut f: impl FnMut(usize, &[f32; GROUP])) {
-        for (b, r) in self.records(group).enumerate() {
+        for (b, (head, r)) in self.records(group).enumerate() {
             let k = b * BLOCK;
             match self.encoding {
                 Encoding::Q4_0 => {
@@ -342,9 +405,14 @@ impl PackedMatrix {
                     }
                 }
                 Encoding::K4 => {
-                    let (d, o) = (f32_lanes(r), f32_lanes(&r[4 * GROUP..]));
+                    let (sc, m) = (byte_lanes(r), byte_lanes(&r[GROUP..]));
+                    let (d, n) = (f32_lanes(head), f32_lanes(&head[4 * GROUP..]));
+                    let (d, o) = (
+                        each_lane(|c| d[c] * sc[c] as f32),
+                        each_lane(|c| n[c] * m[c] as f32),
+                    );
                     for j in 0..BLOCK / 2 {
-                        let q = byte_lanes(&r[8 * GROUP + j * GROUP..]);
+                        let q = byte_lanes(&r[2 * GROUP + j * GROUP..]);
                         f(k + j, &each_lane(|c| (q[c] & 0x0F) as f32 * d[c] + o[c]));
                         f(
                             k + j + BLOCK / 2,
@@ -371,10 +439,14 @@ impl PackedMatrix {
                     }
                 }
                 Encoding::K6 => {
-                    let (lo, hi) = (f32_lanes(r), f32_lanes(&r[4 * GROUP..]));
+                    let (lo, hi, d) = (byte_lanes(r), byte_lanes(&r[GROUP..]), f32_lanes(head));
+                    let (lo, hi) = (
+                        each_lane(|c| d[c] * lo[c] as i8 as f32),
+                        each_lane(|c| d[c] * hi[c] as i8 as f32),
+                    );
                     for j in 0..BLOCK / 2 {
-                        let q = byte_lanes(&r[8 * GROUP + j * GROUP..]);
-                        let h = byte_lanes(&r[24 * GROUP + (j % 8) * GROUP..]);
+                        let q = byte_lanes(&r[2 * GROUP + j * GROUP..]);
+                        let h = byte_lanes(&r[18 * GROUP + (j % 8) * GROUP..]);
                         let shift = 2 * (j / 8);
                         let six = |low: u8, high: u8| (low | ((high & 3) << 4)) as i32 - 32;
                         f(
@@ -592,6 +664,14 @@ mod tests {
             (GgmlDType::Q5_1, 96),
         ] {
             let (packed, w) = random_matrix(dtype, rows, cols);
+            // K4 and K6 keep their integer scales, and the f32 ones once
+            // per 256 weights: 4.75 and 6.625 bits a weight.
+            let bits = packed.bytes() as f64 * 8.0 / (packed.groups() * GROUP * cols) as f64;
+            match dtype {
+                GgmlDType::Q4K => assert_eq!(bits, 4.75),
+                GgmlDType::Q6K => assert_eq!(bits, 6.625),
+                _ => {}
+            }
             let mut panel = vec![0f32; cols * packed.groups() * GROUP];
             for group in 0..packed.groups() {
                 let width = packed.groups() * GROUP;

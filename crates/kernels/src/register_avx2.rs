@@ -30,7 +30,7 @@ pub(crate) unsafe fn dot_group<const R: usize>(
             }
         };
         let low_nibbles = _mm256_set1_epi32(0x0F);
-        for (b, r) in matrix.records(group).enumerate() {
+        for (b, (head, r)) in matrix.records(group).enumerate() {
             let (k, p) = (b * BLOCK, r.as_ptr());
             // Lanes 0..8 and 8..16 of 16 halves, 16 unsigned or signed bytes.
             let halves = |at: usize| {
@@ -39,6 +39,9 @@ pub(crate) unsafe fn dot_group<const R: usize>(
             let bytes = |at: usize| [0, 8].map(|half| _mm_loadl_epi64(p.add(at + half).cast()));
             let unsigned = |at: usize| bytes(at).map(|q| _mm256_cvtepu8_epi32(q));
             let floats = |at: usize| [0, 32].map(|half| _mm256_loadu_ps(p.add(at + half).cast()));
+            // The span's head: 16 f32 per scalar.
+            let head = head.as_ptr().cast::<f32>();
+            let head = |at: usize| [0, 8].map(|half| _mm256_loadu_ps(head.add(at + half)));
             let scale = |q: [__m256i; 2], d: [__m256; 2]| {
                 [0, 1].map(|i| _mm256_mul_ps(_mm256_cvtepi32_ps(q[i]), d[i]))
             };
@@ -82,10 +85,13 @@ pub(crate) unsafe fn dot_group<const R: usize>(
                 }
                 Encoding::K4 => {
                     // d·Σ x·q + o·Σ x, as in the AVX-512 kernel.
-                    let (d, o) = (floats(0), floats(4 * GROUP));
+                    let (d, o) = (
+                        scale(unsigned(0), head(0)),
+                        scale(unsigned(GROUP), head(GROUP)),
+                    );
                     let mut dots = [[_mm256_setzero_ps(); 2]; R];
                     for j in 0..BLOCK / 2 {
-                        let q = unsigned(8 * GROUP + j * GROUP);
+                        let q = unsigned(2 * GROUP + j * GROUP);
                         let lo = q.map(|q| _mm256_cvtepi32_ps(_mm256_and_si256(q, low_nibbles)));
                         let hi = q.map(|q| _mm256_cvtepi32_ps(_mm256_srli_epi32(q, 4)));
                         let first = x.as_ptr().add((k + j) * R);
@@ -133,10 +139,11 @@ pub(crate) unsafe fn dot_group<const R: usize>(
                     }
                 }
                 Encoding::K6 => {
-                    let (lo, hi) = (floats(0), floats(4 * GROUP));
+                    let signed = |at: usize| bytes(at).map(|q| _mm256_cvtepi8_epi32(q));
+                    let (lo, hi) = (scale(signed(0), head(0)), scale(signed(GROUP), head(0)));
                     for j in 0..BLOCK / 2 {
-                        let q = unsigned(8 * GROUP + j * GROUP);
-                        let h = unsigned(24 * GROUP + (j % 8) * GROUP);
+                        let q = unsigned(2 * GROUP + j * GROUP);
+                        let h = unsigned(18 * GROUP + (j % 8) * GROUP);
                         let shift = 2 * (j / 8) as i32;
                         let (low_shift, high_shift) =
                             (_mm_cvtsi32_si128(shift), _mm_cvtsi32_si128(shift + 4));

@@ -26,11 +26,15 @@ pub(crate) unsafe fn dot_group<const R: usize>(
             }
         };
         let low_nibbles = _mm512_set1_epi32(0x0F);
-        for (b, r) in matrix.records(group).enumerate() {
+        for (b, (head, r)) in matrix.records(group).enumerate() {
             let (k, p) = (b * BLOCK, r.as_ptr());
             let halves = |at: usize| _mm512_cvtph_ps(_mm256_loadu_si256(p.add(at).cast()));
             let bytes = |at: usize| _mm_loadu_si128(p.add(at).cast());
             let floats = |at: usize| _mm512_loadu_ps(p.add(at).cast());
+            // The span's head: 16 f32 per scalar.
+            let head = |at: usize| _mm512_loadu_ps(head.as_ptr().cast::<f32>().add(at));
+            // An integer scale times a head scalar, exactly.
+            let times = |q: __m512i, h: __m512| _mm512_mul_ps(_mm512_cvtepi32_ps(q), h);
             match matrix.encoding() {
                 Encoding::Q4_0 => {
                     let (d, eight) = (halves(0), _mm512_set1_epi32(8));
@@ -90,10 +94,11 @@ pub(crate) unsafe fn dot_group<const R: usize>(
                     // which is what a few rows are bound by. The row
                     // accumulators wait in memory while the block's dots
                     // take the registers.
-                    let (d, o) = (floats(0), floats(4 * GROUP));
+                    let d = times(_mm512_cvtepu8_epi32(bytes(0)), head(0));
+                    let o = times(_mm512_cvtepu8_epi32(bytes(GROUP)), head(GROUP));
                     let mut dots = [_mm512_setzero_ps(); R];
                     for j in 0..BLOCK / 2 {
-                        let q = _mm512_cvtepu8_epi32(bytes(8 * GROUP + j * GROUP));
+                        let q = _mm512_cvtepu8_epi32(bytes(2 * GROUP + j * GROUP));
                         let lo = _mm512_cvtepi32_ps(_mm512_and_si512(q, low_nibbles));
                         let hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4));
                         let first = x.as_ptr().add((k + j) * R);
@@ -135,7 +140,8 @@ pub(crate) unsafe fn dot_group<const R: usize>(
                     }
                 }
                 Encoding::K6 => {
-                    let (lo, hi) = (floats(0), floats(4 * GROUP));
+                    let lo = times(_mm512_cvtepi8_epi32(bytes(0)), head(0));
+                    let hi = times(_mm512_cvtepi8_epi32(bytes(GROUP)), head(0));
                     let (three, offset) = (_mm512_set1_epi32(3), _mm512_set1_epi32(32));
                     // (low | (high >> shift & 3) << 4) − 32, lane by lane.
                     let six = |low: __m512i, high: __m512i, shift: i32| {
@@ -150,8 +156,8 @@ pub(crate) unsafe fn dot_group<const R: usize>(
                         _mm512_cvtepi32_ps(q)
                     };
                     for j in 0..BLOCK / 2 {
-                        let q = _mm512_cvtepu8_epi32(bytes(8 * GROUP + j * GROUP));
-                        let h = _mm512_cvtepu8_epi32(bytes(24 * GROUP + (j % 8) * GROUP));
+                        let q = _mm512_cvtepu8_epi32(bytes(2 * GROUP + j * GROUP));
+                        let h = _mm512_cvtepu8_epi32(bytes(18 * GROUP + (j % 8) * GROUP));
                         let shift = 2 * (j / 8) as i32;
                         let first = six(_mm512_and_si512(q, low_nibbles), h, shift);
                         let second = six(_mm512_srli_epi32(q, 4), h, shift + 4);
