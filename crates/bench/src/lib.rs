@@ -1,5 +1,5 @@
-//! r3's benchmark harnesses: batched generation, the verifiers, and a GRPO
-//! step, each returning one JSON object with the machine it ran on and
+//! r3's benchmark harnesses: batched generation, the packed products
+//! alone, the verifiers, and a GRPO step, each returning one JSON object with the machine it ran on and
 //! every phase as a fraction of the machine's measured limits. Kept out of
 //! the user tool: the stand-in task, the fabricated failures and the
 //! `/proc` probes are measuring instruments, not product.
@@ -8,6 +8,7 @@
 
 pub mod device_check;
 pub mod generate;
+pub mod kernels;
 pub mod machine;
 pub mod train;
 pub mod verify;

@@ -11,6 +11,10 @@ use crate::ModelArgs;
 pub enum BenchCommand {
     /// Prefill and decode throughput of batched generation
     Generate(GenerateBench),
+    /// Weights per second of the packed products per encoding, the matrix
+    /// in cache and streamed: whether decoding is bound by memory or by
+    /// the kernels
+    Kernels(KernelsBench),
     /// Verdicts per second of the verifiers
     Verify(VerifyBench),
     /// Seconds per GRPO step, split by phase, and peak memory
@@ -49,6 +53,23 @@ pub struct TrainBench {
     limit_seconds: f64,
     #[command(flatten)]
     lora: crate::train::LoraArgs,
+}
+
+#[derive(Args)]
+pub struct KernelsBench {
+    /// Input rows of each product (1: decoding at batch 1)
+    #[arg(long, default_value_t = 1)]
+    rows: usize,
+    /// Seconds per encoding and placement
+    #[arg(long, default_value_t = 1.0)]
+    seconds: f64,
+    /// MiB the streamed copies of each matrix add up to (far beyond the
+    /// L3, so that they are read from memory)
+    #[arg(long, default_value_t = 384)]
+    streamed_mib: usize,
+    /// Seconds spent measuring the machine's read rate first; 0 skips it
+    #[arg(long, default_value_t = 1.0)]
+    limit_seconds: f64,
 }
 
 #[derive(Args)]
@@ -96,6 +117,7 @@ pub struct GenerateBench {
 pub fn run(command: BenchCommand) -> Result<()> {
     let report = match command {
         BenchCommand::Generate(args) => r3_bench::generate::run(&args.bench())?,
+        BenchCommand::Kernels(args) => r3_bench::kernels::run(&args.bench())?,
         BenchCommand::Verify(args) => r3_bench::verify::run(&args.bench())?,
         BenchCommand::Train(args) => r3_bench::train::run(&args.bench()?)?,
     };
@@ -115,6 +137,17 @@ impl GenerateBench {
             f32: self.f32,
             limit_seconds: self.limit_seconds,
             release_memory: crate::release_freed_memory,
+        }
+    }
+}
+
+impl KernelsBench {
+    fn bench(self) -> r3_bench::kernels::KernelsBench {
+        r3_bench::kernels::KernelsBench {
+            rows: self.rows,
+            seconds: self.seconds,
+            streamed_bytes: self.streamed_mib << 20,
+            limit_seconds: self.limit_seconds,
         }
     }
 }

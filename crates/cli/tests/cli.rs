@@ -428,6 +428,54 @@ fn bench_generate_runs_a_random_init_shape() {
     assert!(err.contains("vocab_size 1000"), "{err}");
 }
 
+/// `r3 bench kernels` times every packed encoding in cache and streamed,
+/// with the bits a weight each reads (K4 and K6 with their integer scales).
+#[test]
+fn bench_kernels_times_every_encoding() {
+    let (ok, out, err) = r3(&[
+        "bench",
+        "kernels",
+        "--seconds",
+        "0.01",
+        "--streamed-mib",
+        "8",
+        "--limit-seconds",
+        "0.05",
+    ]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let encodings = v["encodings"].as_array().unwrap();
+    let bits: Vec<(&str, f64)> = encodings
+        .iter()
+        .map(|e| {
+            for place in ["in_cache", "streamed"] {
+                assert!(e[place]["weights_per_s"].as_f64().unwrap() > 0.0, "{e}");
+            }
+            assert!(e["streamed"]["bytes"].as_u64().unwrap() >= 8 << 20, "{e}");
+            assert!(
+                e["streamed_fraction_of_limit"].as_f64().unwrap() > 0.0,
+                "{e}"
+            );
+            (
+                e["encoding"].as_str().unwrap(),
+                e["bits_per_weight"].as_f64().unwrap(),
+            )
+        })
+        .collect();
+    let expected = [
+        ("Q4_0", 4.5),
+        ("Q4_1", 5.0),
+        ("Q8_0", 8.5),
+        ("F16", 16.0),
+        ("Bf16", 16.0),
+        ("K4", 4.75),
+        ("K5", 7.0),
+        ("K6", 6.625),
+        ("K8", 11.0),
+    ];
+    assert_eq!(bits, expected, "{v}");
+}
+
 /// `r3 init` writes a random model of a shape, with the default model's
 /// tokenizer, that loads; `r3 device-check` runs its whole comparison on
 /// it (the CPU against itself here: no difference, and the compared
