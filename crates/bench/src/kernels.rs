@@ -42,7 +42,9 @@ const CACHED_ROWS: usize = 2048;
 /// The products to time: `rows` input rows (1 is batch-1 decoding) for
 /// `seconds` per encoding and placement.
 pub struct KernelsBench {
+    /// Input rows of each product: 1 is decoding at batch 1.
     pub rows: usize,
+    /// Seconds each encoding is timed in each placement.
     pub seconds: f64,
     /// Bytes the streamed copies of a matrix add up to at least: far
     /// beyond the L3 to measure memory, a few MB in tests.
@@ -92,6 +94,8 @@ fn packed(dtype: GgmlDType, rows: usize) -> Result<PackedMatrix> {
     PackedMatrix::new(encoding, rows, COLS, &blocks, None).map_err(BenchError::Invalid)
 }
 
+/// Times every packed encoding in the cache and streamed, after the
+/// machine's read rate; one JSON object with the machine.
 pub fn run(bench: &KernelsBench) -> Result<Value> {
     if bench.rows == 0 || bench.seconds <= 0.0 {
         return Err(BenchError::Invalid(

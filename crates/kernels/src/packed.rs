@@ -28,7 +28,7 @@ pub const BLOCK: usize = 32;
 pub const GROUP: usize = 16;
 
 /// Blocks of a K-quant super-block (256 weights), which share a head.
-pub const SPAN: usize = 8;
+const SPAN: usize = 8;
 
 /// How a block of 32 weights of one output row is stored: the GGUF block
 /// types, and plain 16-bit floats taken 32 at a time.
@@ -108,8 +108,8 @@ impl Encoding {
 
     /// f32 scalars per row at the head of a span: `d` and `−dmin` for K4,
     /// `d` for K6. Kept once per 256 weights, not multiplied out into every
-    /// block: K4 reads 4.75 bits a weight instead of 6, K6 6.625 instead
-    /// of 8, and decode is bound by what it reads. The products `d·sc`,
+    /// block: K4 takes 4.75 bits a weight instead of 6, K6 6.625 instead
+    /// of 8, in memory and in what each decode step reads. The products `d·sc`,
     /// made in registers, are exact (an f16's 11 bits times 6 or 8 bits),
     /// so the values are the ones a stored product would give.
     fn head_scalars(self) -> usize {
