@@ -3,7 +3,9 @@
 //! every weight once a token, so its speed is whichever of two limits binds:
 //! the memory's read rate or the kernel's own instructions. The two rates
 //! side by side say which: streamed ≈ in cache means the kernel binds, and
-//! fewer bytes will not make decoding faster on this machine.
+//! fewer bytes will not make decoding faster on this machine. With many
+//! rows (batched decoding) the products are FLOP-bound, and their GFLOP/s
+//! are given against the GEMM peak.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -104,6 +106,9 @@ pub fn run(bench: &KernelsBench) -> Result<Value> {
     }
     let limits = Limits::measure(bench.limit_seconds, true);
     let read_rate = limits.as_ref().map(|l| l.read_gb_per_s);
+    let gemm_peak = limits.as_ref().map(|l| l.gemm_gflops);
+    // Two FLOPs (a multiply and an add) per weight and input row.
+    let gflops = |rate: &Rate| 2.0 * bench.rows as f64 * rate.weights_per_s / 1e9;
     let x = Tensor::randn(0f32, 1.0, (bench.rows, COLS), &Device::Cpu)?;
     let mut encodings = Vec::new();
     for dtype in TYPES {
@@ -124,14 +129,17 @@ pub fn run(bench: &KernelsBench) -> Result<Value> {
                 "bytes": cached.bytes(),
                 "weights_per_s": in_cache.weights_per_s,
                 "gb_per_s": in_cache.bytes_per_s / 1e9,
+                "gflops": gflops(&in_cache),
             },
             "streamed": {
                 "bytes": copies * cached.bytes(),
                 "weights_per_s": from_memory.weights_per_s,
                 "gb_per_s": from_memory.bytes_per_s / 1e9,
+                "gflops": gflops(&from_memory),
             },
             "streamed_over_in_cache": from_memory.weights_per_s / in_cache.weights_per_s,
             "streamed_fraction_of_limit": fraction(from_memory.bytes_per_s, 1.0, read_rate),
+            "in_cache_fraction_of_gemm_peak": fraction(gflops(&in_cache) * 1e9, 1.0, gemm_peak),
         }));
     }
     Ok(json!({
@@ -143,7 +151,7 @@ pub fn run(bench: &KernelsBench) -> Result<Value> {
         "cached_rows": CACHED_ROWS,
         "seconds": bench.seconds,
         "streamed_bytes": bench.streamed_bytes,
-        "formula": "weights_per_s = passes × Σ rows·cols ÷ seconds over packed_matmul([rows, cols] × each matrix); streamed: copies of the matrix adding up to ≥ streamed_bytes, read in turn; streamed_fraction_of_limit = streamed bytes/s ÷ the measured read rate",
+        "formula": "weights_per_s = passes × Σ rows·cols ÷ seconds over packed_matmul([rows, cols] × each matrix); streamed: copies of the matrix adding up to ≥ streamed_bytes, read in turn; streamed_fraction_of_limit = streamed bytes/s ÷ the measured read rate; gflops = 2 × rows × weights_per_s, in_cache_fraction_of_gemm_peak = in-cache gflops ÷ the measured GEMM peak (what binds with many rows)",
         "encodings": encodings,
     }))
 }

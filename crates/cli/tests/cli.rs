@@ -456,6 +456,16 @@ fn bench_kernels_times_every_encoding() {
                 e["streamed_fraction_of_limit"].as_f64().unwrap() > 0.0,
                 "{e}"
             );
+            // One input row: two FLOPs a weight.
+            let (rate, gflops) = (
+                e["in_cache"]["weights_per_s"].as_f64().unwrap(),
+                e["in_cache"]["gflops"].as_f64().unwrap(),
+            );
+            assert!((gflops - 2.0 * rate / 1e9).abs() <= 1e-9 * gflops, "{e}");
+            assert!(
+                e["in_cache_fraction_of_gemm_peak"].as_f64().unwrap() > 0.0,
+                "{e}"
+            );
             (
                 e["encoding"].as_str().unwrap(),
                 e["bits_per_weight"].as_f64().unwrap(),
