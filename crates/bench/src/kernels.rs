@@ -12,9 +12,8 @@ use std::time::Instant;
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
-use r3_kernels::kquants::recut;
 use r3_kernels::matmul::packed_matmul;
-use r3_kernels::packed::{Encoding, PackedMatrix};
+use r3_kernels::packed::PackedMatrix;
 use serde_json::{json, Value};
 
 use crate::machine::{self, fraction, Limits};
@@ -87,13 +86,12 @@ fn rate(x: &Tensor, matrices: &[Arc<[PackedMatrix]>], seconds: f64) -> Result<Ra
 /// loader packs a file's tensor.
 fn packed(dtype: GgmlDType, rows: usize) -> Result<PackedMatrix> {
     let values = Tensor::randn(0f32, 1.0, (rows, COLS), &Device::Cpu)?;
-    let raw = QTensor::quantize(&values, dtype)?.data()?.into_owned();
-    let (encoding, blocks) = match (Encoding::of_ggml(dtype), recut(dtype, &raw)) {
-        (Some(encoding), _) => (encoding, raw),
-        (None, Some(recut)) => recut.map_err(BenchError::Invalid)?,
-        (None, None) => return Err(BenchError::Invalid(format!("{dtype:?} is not packed"))),
-    };
-    PackedMatrix::new(encoding, rows, COLS, &blocks, None).map_err(BenchError::Invalid)
+    let quantized = QTensor::quantize(&values, dtype)?;
+    let raw = quantized.data()?;
+    PackedMatrix::from_ggml(dtype, rows, COLS, &raw, None)
+        .ok_or_else(|| format!("{dtype:?} is not packed"))
+        .and_then(|packed| packed)
+        .map_err(BenchError::Invalid)
 }
 
 /// Times every packed encoding in the cache and streamed, after the

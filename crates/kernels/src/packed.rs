@@ -237,6 +237,27 @@ impl PackedMatrix {
         })
     }
 
+    /// `raw`, a GGUF tensor's blocks of `dtype`, packed: as stored where a
+    /// kernel reads the type, re-cut first (`kquants.rs`) where one reads
+    /// its re-cut form; `None` for types with neither.
+    pub fn from_ggml(
+        dtype: GgmlDType,
+        rows: usize,
+        cols: usize,
+        raw: &[u8],
+        source_rows: Option<&[usize]>,
+    ) -> Option<Result<Self, String>> {
+        if let Some(encoding) = Encoding::of_ggml(dtype) {
+            return Some(Self::new(encoding, rows, cols, raw, source_rows));
+        }
+        let recut = crate::kquants::recut(dtype, raw)?;
+        Some(
+            recut.and_then(|(encoding, blocks)| {
+                Self::new(encoding, rows, cols, &blocks, source_rows)
+            }),
+        )
+    }
+
     /// Outputs.
     pub fn rows(&self) -> usize {
         self.rows
@@ -613,14 +634,9 @@ mod tests {
         let t = Tensor::from_vec(values, (rows, cols), &Device::Cpu).unwrap();
         let q = QTensor::quantize(&t, dtype).unwrap();
         let raw = q.data().unwrap();
-        let packed = match crate::kquants::recut(dtype, &raw) {
-            Some(recut) => {
-                let (encoding, blocks) = recut.unwrap();
-                PackedMatrix::new(encoding, rows, cols, &blocks, None)
-            }
-            None => PackedMatrix::new(Encoding::of_ggml(dtype).unwrap(), rows, cols, &raw, None),
-        }
-        .unwrap();
+        let packed = PackedMatrix::from_ggml(dtype, rows, cols, &raw, None)
+            .unwrap()
+            .unwrap();
         let dequantized = q.dequantize(&Device::Cpu).unwrap();
         (
             packed,

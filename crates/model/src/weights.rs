@@ -1,6 +1,5 @@
 //! Named weight tensors under HF names, in and out of safetensors.
 
-use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -11,7 +10,6 @@ use candle_core::{DType, Device, Tensor};
 use crate::error::{ModelError, Result};
 use crate::formats::rope_rows::unpermute_rope_rows;
 use crate::formats::safetensors::{read_safetensors, shard_files};
-use r3_kernels::kquants::recut;
 use r3_kernels::packed::{Encoding, PackedMatrix};
 
 /// One tensor as its file stores it, so that inference can keep a compact
@@ -185,7 +183,7 @@ impl Weights {
         if !cols.is_multiple_of(r3_kernels::packed::BLOCK) {
             return Ok(None);
         }
-        let (encoding, raw, rope_heads): (_, Cow<[u8]>, _) = match stored {
+        let packed = match stored {
             Stored::Dense(t) => {
                 let encoding = match t.dtype() {
                     DType::F16 => Encoding::F16,
@@ -193,31 +191,22 @@ impl Weights {
                     _ => return Ok(None),
                 };
                 let bits = half_bits(t).map_err(|e| fail(&e))?;
-                let raw = bits.iter().flat_map(|b| b.to_le_bytes()).collect();
-                (encoding, Cow::Owned(raw), None)
+                let raw: Vec<u8> = bits.iter().flat_map(|b| b.to_le_bytes()).collect();
+                PackedMatrix::new(encoding, rows, cols, &raw, None)
             }
             Stored::Blocks { tensor, rope_heads } => {
                 let raw = tensor.data().map_err(|e| fail(&e))?;
-                match (
-                    Encoding::of_ggml(tensor.dtype()),
-                    recut(tensor.dtype(), &raw),
-                ) {
-                    (Some(encoding), _) => (encoding, raw, *rope_heads),
-                    (None, Some(recut)) => {
-                        let (encoding, blocks) = recut.map_err(|e| fail(&e))?;
-                        (encoding, Cow::Owned(blocks), *rope_heads)
-                    }
-                    (None, None) => return Ok(None),
+                let order = match rope_heads {
+                    Some(heads) => Some(rope_source_rows(rows, *heads).map_err(|e| fail(&e))?),
+                    None => None,
+                };
+                match PackedMatrix::from_ggml(tensor.dtype(), rows, cols, &raw, order.as_deref()) {
+                    Some(packed) => packed,
+                    None => return Ok(None),
                 }
             }
         };
-        let order = match rope_heads {
-            Some(heads) => Some(rope_source_rows(rows, heads).map_err(|e| fail(&e))?),
-            None => None,
-        };
-        PackedMatrix::new(encoding, rows, cols, &raw, order.as_deref())
-            .map(Some)
-            .map_err(|e| fail(&e))
+        packed.map(Some).map_err(|e| fail(&e))
     }
 
     pub fn contains(&self, name: &str) -> bool {
