@@ -19,20 +19,34 @@ use rayon::prelude::*;
 
 use crate::device_matmul::device_matmul;
 use crate::gemm::Mat;
-use crate::packed::{interleave, interleaved_len, register_rows, PackedMatrix, GROUP};
+use crate::level::CpuLevel;
+use crate::packed::{interleave, interleaved_len, register_rows, Encoding, PackedMatrix, GROUP};
 use crate::storage::f32_slice;
 
 /// Products with at most this many rows take the split path; larger ones
 /// (prefill) have enough rows for gemm's own parallelism.
 const MAX_SPLIT_ROWS: usize = 64;
 
-/// Products of at most this many register passes ([`register_rows`]
-/// rows each) keep packed weights in registers (`PackedMatrix::dot_group`);
-/// more rows share an unpacked panel and gemm. Measured on Qwen2.5-Coder-1.5B
-/// Q4_K_M decoding: AVX-512 (16-row passes) at batch 16 53 against 34 tok/s
-/// for the panel, at 32 53 against 43; AVX2 (4-row passes) at 16 26
-/// against 34, so two passes there.
-const MAX_REGISTER_PASSES: usize = 2;
+/// The most rows a product with weights in `encoding` keeps them in
+/// registers (`PackedMatrix::dot_group`, [`register_rows`] rows a pass);
+/// more rows share an unpacked panel and gemm. Every pass unpacks the
+/// weights again, so more passes pay where unpacking is cheap beside the
+/// multiply-adds. Measured on Qwen2.5-Coder-1.5B Q4_K_M decoding with
+/// AVX-512 (16-row passes): two passes, at batch 16 53 against 34 tok/s
+/// for the panel, at 32 53 against 43. With AVX2 (4-row passes), `r3
+/// bench kernels --rows 9..=32` in cache on a Zen 3 (GFLOP/s, register
+/// against panel, two rounds): K4 (Q4_K) 88–133 against 49–118 at every
+/// count, so eight passes; K6 (Q6_K) 47–73 against 34–62 up to 16 rows,
+/// 67–74 against 79–90 at 32, so four; the other encodings 49–82 against
+/// 53–119 past 8 rows (they multiply every weight by its scale), so two.
+fn max_register_rows(encoding: Encoding) -> usize {
+    let passes = match (CpuLevel::current(), encoding) {
+        (CpuLevel::Avx2, Encoding::K4) => 8,
+        (CpuLevel::Avx2, Encoding::K6) => 4,
+        _ => 2,
+    };
+    passes * register_rows()
+}
 
 /// Output columns per task, in 16-column units: small enough that a
 /// 576-column projection still gives each thread a few blocks to balance
@@ -363,14 +377,15 @@ impl CustomOp1 for PackedProduct<'_> {
             offset += part.rows();
         }
         let pass = register_rows();
-        let in_registers = pass > 0 && m <= MAX_REGISTER_PASSES * pass;
-        let interleaved = if in_registers {
+        let in_registers =
+            |part: &PackedMatrix| pass > 0 && m <= max_register_rows(part.encoding());
+        let interleaved = if self.parts.iter().any(in_registers) {
             interleaved_passes(x, m, k, pass)
         } else {
             Vec::new()
         };
         tasks.into_par_iter().for_each(|(part, offset, groups)| {
-            if in_registers {
+            if in_registers(part) {
                 // SAFETY: as below, for columns offset + 16·groups.
                 return unsafe { output.dot_groups(part, offset, groups, &interleaved, k, pass) };
             }
@@ -414,44 +429,46 @@ mod tests {
     }
 
     /// Every batch size from 1 to 33 rows (every pass width, and the panel
-    /// past the register range): the product with the dequantized Q4_K
-    /// weights, and in the register range each row's bits as when it is
-    /// alone, so that a row's tokens do not depend on how many rows decode
-    /// beside it.
+    /// past the register range), for each re-cut K-quant of a Q4_K_M
+    /// model: the product with the dequantized weights, and in the
+    /// register range each row's bits as when it is alone, so that a row's
+    /// tokens do not depend on how many rows decode beside it.
     #[test]
     fn a_packed_product_of_any_batch_size_is_the_dequantized_product() {
-        let (rows, cols) = (48, 256);
-        let w = random(&[rows, cols], 7, 1.0);
-        let q = QTensor::quantize(&w, GgmlDType::Q4K).unwrap();
-        let (encoding, blocks) = crate::kquants::recut(GgmlDType::Q4K, &q.data().unwrap())
-            .expect("Q4_K is re-cut")
-            .unwrap();
-        let parts: Arc<[PackedMatrix]> =
-            vec![PackedMatrix::new(encoding, rows, cols, &blocks, None).unwrap()].into();
-        let dequantized = q.dequantize(&Device::Cpu).unwrap();
-        let x = random(&[33, cols], 11, 1.0);
-        let alone: Vec<Vec<f32>> = (0..33)
-            .map(|r| {
-                let row = x.i(r..r + 1).unwrap();
-                packed_matmul(&row, &parts)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap()
-            })
-            .collect();
-        let in_registers = MAX_REGISTER_PASSES * register_rows();
-        for m in 1..=33 {
-            let x = x.i(0..m).unwrap();
-            let got = packed_matmul(&x, &parts).unwrap();
-            let want = x.matmul(&dequantized.t().unwrap()).unwrap();
-            let difference = max_relative_difference(&got, &want);
-            assert!(difference < 1e-5, "{m} rows: {difference}");
-            if m <= in_registers {
-                for (r, row) in got.to_vec2::<f32>().unwrap().iter().enumerate() {
-                    let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-                    assert_eq!(bits(row), bits(&alone[r]), "row {r} of {m}");
+        for dtype in [GgmlDType::Q4K, GgmlDType::Q6K] {
+            let (rows, cols) = (48, 256);
+            let w = random(&[rows, cols], 7, 1.0);
+            let q = QTensor::quantize(&w, dtype).unwrap();
+            let (encoding, blocks) = crate::kquants::recut(dtype, &q.data().unwrap())
+                .expect("a K-quant is re-cut")
+                .unwrap();
+            let parts: Arc<[PackedMatrix]> =
+                vec![PackedMatrix::new(encoding, rows, cols, &blocks, None).unwrap()].into();
+            let dequantized = q.dequantize(&Device::Cpu).unwrap();
+            let x = random(&[33, cols], 11, 1.0);
+            let alone: Vec<Vec<f32>> = (0..33)
+                .map(|r| {
+                    let row = x.i(r..r + 1).unwrap();
+                    packed_matmul(&row, &parts)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1()
+                        .unwrap()
+                })
+                .collect();
+            let in_registers = max_register_rows(encoding);
+            for m in 1..=33 {
+                let x = x.i(0..m).unwrap();
+                let got = packed_matmul(&x, &parts).unwrap();
+                let want = x.matmul(&dequantized.t().unwrap()).unwrap();
+                let difference = max_relative_difference(&got, &want);
+                assert!(difference < 1e-5, "{dtype:?}, {m} rows: {difference}");
+                if m <= in_registers {
+                    for (r, row) in got.to_vec2::<f32>().unwrap().iter().enumerate() {
+                        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                        assert_eq!(bits(row), bits(&alone[r]), "{dtype:?}, row {r} of {m}");
+                    }
                 }
             }
         }
