@@ -36,14 +36,14 @@ const MAX_SPLIT_ROWS: usize = 64;
 /// for the panel, at 32 53 against 43. With AVX2 (4-row passes), `r3
 /// bench kernels --rows 9..=32` in cache on a Zen 3 (GFLOP/s, register
 /// against panel, two rounds): K4 (Q4_K) 88–133 against 49–118 at every
-/// count, and Q4_0 and Q4_1, summed as block dots like K4, 101–129
-/// against 80–119, so eight passes; K6 (Q6_K) 47–73 against 34–62 up to
+/// count, and Q4_0, Q4_1 and Q8_0, summed as block dots like K4, 101–143
+/// against 80–126, so eight passes; K6 (Q6_K) 47–73 against 34–62 up to
 /// 16 rows, 67–74 against 79–90 at 32, so four; the other encodings 49–82
 /// against 53–119 past 8 rows (they multiply every weight by its scale),
 /// so two.
 fn max_register_rows(encoding: Encoding) -> usize {
     let passes = match (CpuLevel::current(), encoding) {
-        (CpuLevel::Avx2, Encoding::K4 | Encoding::Q4_0 | Encoding::Q4_1) => 8,
+        (CpuLevel::Avx2, Encoding::K4 | Encoding::Q4_0 | Encoding::Q4_1 | Encoding::Q8_0) => 8,
         (CpuLevel::Avx2, Encoding::K6) => 4,
         _ => 2,
     };
