@@ -431,21 +431,27 @@ mod tests {
     }
 
     /// Every batch size from 1 to 33 rows (every pass width, and the panel
-    /// past the register range), for each re-cut K-quant of a Q4_K_M
-    /// model: the product with the dequantized weights, and in the
-    /// register range each row's bits as when it is alone, so that a row's
-    /// tokens do not depend on how many rows decode beside it.
+    /// past the register range), for each encoding with a register range
+    /// of its own (the K-quants of a Q4_K_M model, Q4_1, Q8_0): the
+    /// product with the dequantized weights, and in the register range
+    /// each row's bits as when it is alone, so that a row's tokens do not
+    /// depend on how many rows decode beside it.
     #[test]
     fn a_packed_product_of_any_batch_size_is_the_dequantized_product() {
-        for dtype in [GgmlDType::Q4K, GgmlDType::Q6K] {
+        for dtype in [
+            GgmlDType::Q4K,
+            GgmlDType::Q6K,
+            GgmlDType::Q4_1,
+            GgmlDType::Q8_0,
+        ] {
             let (rows, cols) = (48, 256);
             let w = random(&[rows, cols], 7, 1.0);
             let q = QTensor::quantize(&w, dtype).unwrap();
-            let (encoding, blocks) = crate::kquants::recut(dtype, &q.data().unwrap())
-                .expect("a K-quant is re-cut")
+            let packed = PackedMatrix::from_ggml(dtype, rows, cols, &q.data().unwrap(), None)
+                .expect("a kept or re-cut type")
                 .unwrap();
-            let parts: Arc<[PackedMatrix]> =
-                vec![PackedMatrix::new(encoding, rows, cols, &blocks, None).unwrap()].into();
+            let encoding = packed.encoding();
+            let parts: Arc<[PackedMatrix]> = vec![packed].into();
             let dequantized = q.dequantize(&Device::Cpu).unwrap();
             let x = random(&[33, cols], 11, 1.0);
             let alone: Vec<Vec<f32>> = (0..33)
