@@ -734,18 +734,19 @@ mod tests {
                         assert_eq!(panel[k * width + row], w[k], "{dtype:?} unpack");
                         assert_eq!(single[k], w[k], "{dtype:?} unpack_row");
                     }
-                    // A K4 block (and a Q4_0 or Q4_1 one with AVX2) sums
-                    // d·Σ x·q + o·Σ x: its rounding scales with |d·q| + |o|
-                    // ≤ |w| + 2·|o|, and |o| (the block's offset: −min, or
-                    // −8·d) is at most its largest |w|.
+                    // A K4 block (and a Q4_0, Q4_1 or K5 one with AVX2)
+                    // sums d·Σ x·q + o·Σ x: its rounding scales with |d·q|
+                    // + |o| ≤ |w| + 2·|o|, and |o| (the block's offset:
+                    // −min, or −8·d) is at most its largest |w|.
                     let scale: Vec<f64> = w
                         .chunks_exact(BLOCK)
                         .flat_map(|block| {
                             let largest = block.iter().fold(0f32, |a, v| a.max(v.abs())) as f64;
                             block.iter().map(move |&v| match dtype {
-                                GgmlDType::Q4K | GgmlDType::Q4_0 | GgmlDType::Q4_1 => {
-                                    v.abs() as f64 + 2.0 * largest
-                                }
+                                GgmlDType::Q4K
+                                | GgmlDType::Q5K
+                                | GgmlDType::Q4_0
+                                | GgmlDType::Q4_1 => v.abs() as f64 + 2.0 * largest,
                                 _ => v.abs() as f64,
                             })
                         })

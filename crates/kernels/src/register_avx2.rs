@@ -46,9 +46,26 @@ pub(crate) unsafe fn dot_group<const R: usize>(
             let scale = |q: [__m256i; 2], d: [__m256; 2]| {
                 [0, 1].map(|i| _mm256_mul_ps(_mm256_cvtepi32_ps(q[i]), d[i]))
             };
+            let floats_of = |q: [__m256i; 2]| q.map(|q| _mm256_cvtepi32_ps(q));
+            // A block of weights d·q + o summed as d·Σ x·q + o·Σ x, the
+            // block sums following the inputs (see `interleave`): a
+            // multiply and an add fewer per weight than dequantizing first.
+            let finish = |acc: &mut [[__m256; 2]; R],
+                          dots: [[__m256; 2]; R],
+                          d: [__m256; 2],
+                          o: [__m256; 2]| {
+                let sums = x.as_ptr().add(matrix.cols() * R + b * R);
+                for (r, (acc, dot)) in acc.iter_mut().zip(dots).enumerate() {
+                    let sum = _mm256_set1_ps(*sums.add(r));
+                    for i in 0..2 {
+                        acc[i] = _mm256_fmadd_ps(d[i], dot[i], acc[i]);
+                        acc[i] = _mm256_fmadd_ps(o[i], sum, acc[i]);
+                    }
+                }
+            };
             match matrix.encoding() {
                 Encoding::Q8_0 => {
-                    // d·Σ x·q, a multiply fewer per weight (see K4 below).
+                    // d·Σ x·q, a multiply fewer per weight (as `finish`, no offset).
                     let d = halves(0);
                     let mut dots = [[_mm256_setzero_ps(); 2]; R];
                     for j in 0..BLOCK {
@@ -68,9 +85,6 @@ pub(crate) unsafe fn dot_group<const R: usize>(
                     }
                 }
                 Encoding::Q4_0 | Encoding::Q4_1 | Encoding::K4 => {
-                    // Σ x·(d·q + o) as d·Σ x·q + o·Σ x, the block sums
-                    // following the inputs (see `interleave`): a multiply
-                    // and an add fewer per weight than dequantizing first.
                     // Q4_0's offset is −8·d (exact).
                     let (d, o, quants) = match matrix.encoding() {
                         Encoding::Q4_0 => {
@@ -87,32 +101,16 @@ pub(crate) unsafe fn dot_group<const R: usize>(
                     let mut dots = [[_mm256_setzero_ps(); 2]; R];
                     for j in 0..BLOCK / 2 {
                         let q = unsigned(quants + j * GROUP);
-                        let lo = q.map(|q| _mm256_cvtepi32_ps(_mm256_and_si256(q, low_nibbles)));
-                        let hi = q.map(|q| _mm256_cvtepi32_ps(_mm256_srli_epi32(q, 4)));
-                        let first = x.as_ptr().add((k + j) * R);
-                        let second = x.as_ptr().add((k + j + BLOCK / 2) * R);
-                        for (r, dot) in dots.iter_mut().enumerate() {
-                            let (a, c) = (
-                                _mm256_set1_ps(*first.add(r)),
-                                _mm256_set1_ps(*second.add(r)),
-                            );
-                            for i in 0..2 {
-                                dot[i] = _mm256_fmadd_ps(a, lo[i], dot[i]);
-                                dot[i] = _mm256_fmadd_ps(c, hi[i], dot[i]);
-                            }
-                        }
+                        let lo = q.map(|q| _mm256_and_si256(q, low_nibbles));
+                        let hi = q.map(|q| _mm256_srli_epi32(q, 4));
+                        add(&mut dots, k + j, floats_of(lo));
+                        add(&mut dots, k + j + BLOCK / 2, floats_of(hi));
                     }
-                    let sums = x.as_ptr().add(matrix.cols() * R + b * R);
-                    for (r, (acc, dot)) in acc.iter_mut().zip(dots).enumerate() {
-                        let sum = _mm256_set1_ps(*sums.add(r));
-                        for i in 0..2 {
-                            acc[i] = _mm256_fmadd_ps(d[i], dot[i], acc[i]);
-                            acc[i] = _mm256_fmadd_ps(o[i], sum, acc[i]);
-                        }
-                    }
+                    finish(&mut acc, dots, d, o);
                 }
                 Encoding::K5 => {
                     let (d, o) = (floats(0), floats(4 * GROUP));
+                    let mut dots = [[_mm256_setzero_ps(); 2]; R];
                     for j in 0..BLOCK / 2 {
                         let q = unsigned(8 * GROUP + j * GROUP);
                         let first = unsigned((24 + j / 8) * GROUP);
@@ -124,14 +122,10 @@ pub(crate) unsafe fn dot_group<const R: usize>(
                             lo[i] = five(_mm256_and_si256(q[i], low_nibbles), first[i], bit);
                             hi[i] = five(_mm256_srli_epi32(q[i], 4), second[i], bit);
                         }
-                        let (lo, hi) = (scale(lo, d), scale(hi, d));
-                        add(&mut acc, k + j, [0, 1].map(|i| _mm256_add_ps(lo[i], o[i])));
-                        add(
-                            &mut acc,
-                            k + j + BLOCK / 2,
-                            [0, 1].map(|i| _mm256_add_ps(hi[i], o[i])),
-                        );
+                        add(&mut dots, k + j, floats_of(lo));
+                        add(&mut dots, k + j + BLOCK / 2, floats_of(hi));
                     }
+                    finish(&mut acc, dots, d, o);
                 }
                 Encoding::K6 => {
                     let signed = |at: usize| bytes(at).map(|q| _mm256_cvtepi8_epi32(q));
