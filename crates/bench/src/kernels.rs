@@ -12,7 +12,8 @@ use std::time::Instant;
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
-use r3_kernels::matmul::packed_matmul;
+use r3_kernels::int8::{has_int8_kernel, Activations};
+use r3_kernels::matmul::packed_matmul_with;
 use r3_kernels::packed::PackedMatrix;
 use serde_json::{json, Value};
 
@@ -52,6 +53,9 @@ pub struct KernelsBench {
     pub streamed_bytes: usize,
     /// Seconds spent measuring the machine's read rate first; 0 skips it.
     pub limit_seconds: f64,
+    /// Inputs exact or rounded to 8 bits (where an encoding has an
+    /// integer kernel).
+    pub activations: Activations,
 }
 
 /// One placement's rate.
@@ -60,18 +64,24 @@ struct Rate {
     bytes_per_s: f64,
 }
 
-/// Times `packed_matmul(x, m)` over `matrices` in turn for `seconds`.
-fn rate(x: &Tensor, matrices: &[Arc<[PackedMatrix]>], seconds: f64) -> Result<Rate> {
+/// Times `packed_matmul_with(x, m, activations)` over `matrices` in turn
+/// for `seconds`.
+fn rate(
+    x: &Tensor,
+    matrices: &[Arc<[PackedMatrix]>],
+    seconds: f64,
+    activations: Activations,
+) -> Result<Rate> {
     let (weights, bytes) = matrices.iter().fold((0, 0), |(w, b), m| {
         (w + m[0].rows() * m[0].cols(), b + m[0].bytes())
     });
     for m in matrices {
-        packed_matmul(x, m)?;
+        packed_matmul_with(x, m, activations)?;
     }
     let (start, mut passes) = (Instant::now(), 0usize);
     while passes == 0 || start.elapsed().as_secs_f64() < seconds {
         for m in matrices {
-            packed_matmul(x, m)?;
+            packed_matmul_with(x, m, activations)?;
         }
         passes += 1;
     }
@@ -117,12 +127,15 @@ pub fn run(bench: &KernelsBench) -> Result<Value> {
         let streamed: Vec<Arc<[PackedMatrix]>> = (0..copies)
             .map(|_| Arc::from(vec![cached.clone()]))
             .collect();
-        let in_cache = rate(&x, &[Arc::from(vec![cached.clone()])], bench.seconds)?;
-        let from_memory = rate(&x, &streamed, bench.seconds)?;
+        let cache = [Arc::from(vec![cached.clone()])];
+        let in_cache = rate(&x, &cache, bench.seconds, bench.activations)?;
+        let from_memory = rate(&x, &streamed, bench.seconds, bench.activations)?;
         encodings.push(json!({
             "ggml": format!("{dtype:?}"),
             "encoding": format!("{:?}", cached.encoding()),
             "bits_per_weight": bits,
+            "int8_inputs": bench.activations == Activations::Int8
+                && has_int8_kernel(cached.encoding()),
             "in_cache": {
                 "bytes": cached.bytes(),
                 "weights_per_s": in_cache.weights_per_s,

@@ -3,9 +3,10 @@
 
 use anyhow::{bail, Result};
 use clap::{Args, Subcommand};
+use r3_kernels::int8::Activations;
 use r3_train::config::TrainConfig;
 
-use crate::ModelArgs;
+use crate::{DecodeArgs, ModelArgs};
 
 #[derive(Subcommand)]
 pub enum BenchCommand {
@@ -70,6 +71,10 @@ pub struct KernelsBench {
     /// Seconds spent measuring the machine's read rate first; 0 skips it
     #[arg(long, default_value_t = 1.0)]
     limit_seconds: f64,
+    /// Round the inputs to 8 bits a block of 32 where the encoding has an
+    /// integer kernel (as `--int8-decode` does for generation)
+    #[arg(long)]
+    int8: bool,
 }
 
 #[derive(Args)]
@@ -89,9 +94,11 @@ pub struct VerifyBench {
 pub struct GenerateBench {
     #[command(flatten)]
     model: ModelArgs,
+    #[command(flatten)]
+    decode: DecodeArgs,
     /// A model of this shape (an HF config.json, e.g. configs/Qwen2.5-1.5B.json)
     /// with random weights, and the tokenizer of --model (default: the default model's)
-    #[arg(long, conflicts_with = "adapter")]
+    #[arg(long, conflicts_with_all = ["adapter", "int8_decode"])]
     random_init: Option<std::path::PathBuf>,
     #[arg(long, default_value_t = 1)]
     batch: usize,
@@ -106,7 +113,7 @@ pub struct GenerateBench {
     temperature: f64,
     /// Expand every weight to f32 instead of keeping packed encodings: the
     /// baseline the packed kernels are measured against
-    #[arg(long)]
+    #[arg(long, conflicts_with = "int8_decode")]
     f32: bool,
     /// Seconds spent measuring each of the machine's limits (GEMM rate,
     /// memory read rate) before the work; 0 skips them
@@ -128,7 +135,7 @@ pub fn run(command: BenchCommand) -> Result<()> {
 impl GenerateBench {
     fn bench(self) -> r3_bench::generate::GenerateBench {
         r3_bench::generate::GenerateBench {
-            model: self.model.spec(),
+            model: self.model.sampling_spec(self.decode),
             random_init: self.random_init,
             batch: self.batch,
             prompt_tokens: self.prompt_tokens,
@@ -148,6 +155,11 @@ impl KernelsBench {
             seconds: self.seconds,
             streamed_bytes: self.streamed_mib << 20,
             limit_seconds: self.limit_seconds,
+            activations: if self.int8 {
+                Activations::Int8
+            } else {
+                Activations::Exact
+            },
         }
     }
 }

@@ -10,12 +10,14 @@ use r3_generate::{Generator, SamplingParams};
 use r3_model::atomic::write_dir_atomic;
 use r3_model::{KvCache, Message};
 
-use crate::{model, ModelArgs, SamplingArgs};
+use crate::{model, DecodeArgs, ModelArgs, SamplingArgs};
 
 #[derive(Args)]
 pub struct GenerateArgs {
     #[command(flatten)]
     model: ModelArgs,
+    #[command(flatten)]
+    decode: DecodeArgs,
     /// The user message
     #[arg(
         long,
@@ -65,7 +67,7 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
     if args.sampling.max_new_tokens == 0 {
         bail!("--max-new-tokens must be at least 1");
     }
-    let model = model::load(&args.model.spec())?;
+    let model = model::load(&args.model.sampling_spec(args.decode))?;
     let mut messages = Vec::new();
     if let Some(system) = &args.system {
         messages.push(Message::new("system", system.as_str()));

@@ -153,8 +153,7 @@ pub fn demo(args: DemoArgs) -> Result<()> {
     let trained_spec = ModelSpec {
         path: Some(checkpoint.clone()),
         adapter: None,
-        device: args.model.device,
-        precision: args.model.dtype,
+        ..args.model.spec()
     };
     let trained = model::load(&trained_spec)?;
     let after = run_eval(

@@ -12,7 +12,7 @@ use r3_loop::Policy;
 use crate::config::{DataConfig, EngineConfig, EvalConfig, MineConfig};
 use crate::progress::Phases;
 use crate::tasks::TaskArgs;
-use crate::{model, ModelArgs};
+use crate::{model, DecodeArgs, ModelArgs};
 
 /// Where records come from.
 #[derive(Args, Clone)]
@@ -74,6 +74,8 @@ pub struct EvalArgs {
     #[command(flatten)]
     pub model: ModelArgs,
     #[command(flatten)]
+    pub decode: DecodeArgs,
+    #[command(flatten)]
     pub task: TaskArgs,
     #[command(flatten)]
     pub data: DataArgs,
@@ -101,7 +103,7 @@ impl EvalArgs {
     /// The validated settings these arguments ask for.
     fn config(&self) -> Result<EvalConfig> {
         let config = EvalConfig {
-            model: self.model.spec(),
+            model: self.model.sampling_spec(self.decode),
             engines: self.engines.config(),
             task: self.task.config()?,
             data: self.data.config(),
@@ -164,6 +166,8 @@ pub struct MineArgs {
     #[command(flatten)]
     pub model: ModelArgs,
     #[command(flatten)]
+    pub decode: DecodeArgs,
+    #[command(flatten)]
     pub task: TaskArgs,
     #[command(flatten)]
     pub data: DataArgs,
@@ -187,7 +191,7 @@ impl MineArgs {
     /// The validated settings these arguments ask for.
     fn config(&self) -> Result<MineConfig> {
         let config = MineConfig {
-            model: self.model.spec(),
+            model: self.model.sampling_spec(self.decode),
             engines: self.engines.config(),
             task: self.task.config()?,
             data: self.data.config(),

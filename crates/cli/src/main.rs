@@ -80,6 +80,16 @@ pub struct ModelArgs {
     pub dtype: r3_model::Precision,
 }
 
+/// How the commands that only sample decode.
+#[derive(Args, Clone, Copy)]
+pub struct DecodeArgs {
+    /// Decode with each block of 32 inputs rounded to 8 bits, as llama.cpp
+    /// does: faster on CPUs, for sampling only (products change by about
+    /// 1/254 of a value; Q4_0, Q4_1, Q4_K and Q6_K weights)
+    #[arg(long)]
+    pub int8_decode: bool,
+}
+
 impl ModelArgs {
     pub fn spec(&self) -> model::ModelSpec {
         model::ModelSpec {
@@ -87,6 +97,19 @@ impl ModelArgs {
             adapter: self.adapter.clone(),
             device: self.device,
             precision: self.dtype,
+            activations: r3_model::Activations::Exact,
+        }
+    }
+
+    /// [`ModelArgs::spec`] for a command that only samples, decoding as
+    /// `decode` says.
+    pub fn sampling_spec(&self, decode: DecodeArgs) -> model::ModelSpec {
+        model::ModelSpec {
+            activations: match decode.int8_decode {
+                true => r3_model::Activations::Int8,
+                false => r3_model::Activations::Exact,
+            },
+            ..self.spec()
         }
     }
 }

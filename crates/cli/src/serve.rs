@@ -5,12 +5,14 @@ use std::net::{IpAddr, SocketAddr};
 use anyhow::{Context, Result};
 use clap::Args;
 
-use crate::{model, ModelArgs};
+use crate::{model, DecodeArgs, ModelArgs};
 
 #[derive(Args)]
 pub struct ServeArgs {
     #[command(flatten)]
     model: ModelArgs,
+    #[command(flatten)]
+    decode: DecodeArgs,
     /// Address to listen on; anything but localhost exposes the model to
     /// the network
     #[arg(long, default_value = "127.0.0.1")]
@@ -34,7 +36,7 @@ pub fn serve(args: ServeArgs) -> Result<()> {
     if args.max_rows == 0 {
         anyhow::bail!("--max-rows must be at least 1");
     }
-    let model = model::load(&args.model.spec())?;
+    let model = model::load(&args.model.sampling_spec(args.decode))?;
     let name = args.served_model_name.clone().unwrap_or_else(|| {
         let source = model.adapter.as_ref().unwrap_or(&model.loaded.path);
         source

@@ -216,6 +216,7 @@ fn report_draws_charts_and_compares_evaluations() {
             first_try: Proportion::new(correct, 40),
             second_try: Proportion::new(correct + 2, 40),
             fixed_by_retry: 2,
+            int8_decode: false,
             settings: EvalSettings {
                 attempt: greedy.clone(),
                 reflection: greedy.clone(),

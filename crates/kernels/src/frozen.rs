@@ -88,7 +88,11 @@ impl CustomOp1 for FrozenPacked {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        PackedProduct { parts: &self.parts }.cpu_fwd(storage, layout)
+        PackedProduct {
+            parts: &self.parts,
+            activations: crate::int8::Activations::Exact,
+        }
+        .cpu_fwd(storage, layout)
     }
 
     fn bwd(

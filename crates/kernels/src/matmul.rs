@@ -19,6 +19,7 @@ use rayon::prelude::*;
 
 use crate::device_matmul::device_matmul;
 use crate::gemm::Mat;
+use crate::int8::{has_int8_kernel, Activations, Int8Rows};
 use crate::level::CpuLevel;
 use crate::packed::{interleave, interleaved_len, register_rows, Encoding, PackedMatrix, GROUP};
 use crate::storage::f32_slice;
@@ -77,11 +78,27 @@ pub fn matmul(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
 /// every part side by side, `[m, Σ n_i]`. Packed weights are frozen: where
 /// `x` needs a gradient, the backward pass gives it one through them.
 pub fn packed_matmul(x: &Tensor, parts: &Arc<[PackedMatrix]>) -> candle_core::Result<Tensor> {
+    packed_matmul_with(x, parts, Activations::Exact)
+}
+
+/// [`packed_matmul`] with the register kernels taking `activations`
+/// (rounded to 8 bits for a sampling model's decode steps); products with
+/// more rows, or that need a gradient, always take them exact.
+pub fn packed_matmul_with(
+    x: &Tensor,
+    parts: &Arc<[PackedMatrix]>,
+    activations: Activations,
+) -> candle_core::Result<Tensor> {
     if x.track_op() {
         return crate::frozen::packed(x, parts);
     }
-    x.contiguous()?.apply_op1_no_bwd(&PackedProduct { parts })
+    x.contiguous()?
+        .apply_op1_no_bwd(&PackedProduct { parts, activations })
 }
+
+/// Rows a pass of the integer kernel takes: its sums fill AVX2's 16
+/// vector registers at 4 rows, on AVX-512 CPUs too (it is an AVX2 kernel).
+const INT8_PASS: usize = 4;
 
 /// Splits `units` into contiguous blocks of about `UNITS_PER_BLOCK`, as
 /// many as a multiple of the thread count, sizes differing by at most one.
@@ -185,6 +202,53 @@ impl SharedOutput {
             }
         }
     }
+
+    /// [`SharedOutput::dot_groups`] with the integer kernel, on rows
+    /// rounded pass by pass ([`INT8_PASS`] rows each, [`int8_passes`]).
+    ///
+    /// # Safety
+    /// As [`SharedOutput::dot_groups`]; `part`'s encoding has an integer
+    /// kernel.
+    unsafe fn int8_dot_groups(
+        &self,
+        part: &PackedMatrix,
+        first: usize,
+        groups: Range<usize>,
+        x: &[Int8Rows],
+    ) {
+        // SAFETY: the caller upholds this function's contract (its doc),
+        // which is all its raw reads, writes and intrinsics rely on.
+        unsafe {
+            for group in groups {
+                let column = group * GROUP;
+                let valid = GROUP.min(part.rows() - column);
+                let write = |r: usize, dots: &[f32; GROUP]| {
+                    let dst = self.ptr.add(r * self.row_stride + first + column);
+                    std::ptr::copy_nonoverlapping(dots.as_ptr(), dst, valid);
+                };
+                for (pass, rows) in x.iter().enumerate() {
+                    let r0 = pass * INT8_PASS;
+                    macro_rules! widths {
+                        ($($r:literal)*) => {
+                            match rows.rows() {
+                                $($r => crate::int8::dot_group::<$r>(part, group, rows)
+                                    .map(|dots| dots_into(dots, r0, &write)),)*
+                                _ => unreachable!("a pass has 1 to {INT8_PASS} rows"),
+                            }
+                        };
+                    }
+                    widths!(1 2 3 4).expect("an encoding with an integer kernel");
+                }
+            }
+        }
+    }
+}
+
+/// `x [m, k]` rounded to 8 bits in passes of [`INT8_PASS`] rows.
+fn int8_passes(x: &[f32], m: usize, k: usize) -> Vec<Int8Rows> {
+    passes(m, INT8_PASS)
+        .map(|(r0, rows)| Int8Rows::new(&x[r0 * k..(r0 + rows) * k], rows, k))
+        .collect()
 }
 
 /// The passes of a register product over `m` rows: (first row, rows),
@@ -345,6 +409,7 @@ pub fn fold_panels<T: Send>(
 
 pub(crate) struct PackedProduct<'a> {
     pub(crate) parts: &'a [PackedMatrix],
+    pub(crate) activations: Activations,
 }
 
 impl CustomOp1 for PackedProduct<'_> {
@@ -382,12 +447,28 @@ impl CustomOp1 for PackedProduct<'_> {
         let pass = register_rows();
         let in_registers =
             |part: &PackedMatrix| pass > 0 && m <= max_register_rows(part.encoding());
-        let interleaved = if self.parts.iter().any(in_registers) {
+        let int8 = |part: &PackedMatrix| {
+            self.activations == Activations::Int8
+                && in_registers(part)
+                && has_int8_kernel(part.encoding())
+        };
+        let exact = |part: &PackedMatrix| in_registers(part) && !int8(part);
+        let interleaved = if self.parts.iter().any(exact) {
             interleaved_passes(x, m, k, pass)
         } else {
             Vec::new()
         };
+        let rounded = if self.parts.iter().any(int8) {
+            int8_passes(x, m, k)
+        } else {
+            Vec::new()
+        };
         tasks.into_par_iter().for_each(|(part, offset, groups)| {
+            if int8(part) {
+                // SAFETY: as below, for columns offset + 16·groups; the
+                // encoding has an integer kernel.
+                return unsafe { output.int8_dot_groups(part, offset, groups, &rounded) };
+            }
             if in_registers(part) {
                 // SAFETY: as below, for columns offset + 16·groups.
                 return unsafe { output.dot_groups(part, offset, groups, &interleaved, k, pass) };
@@ -441,6 +522,7 @@ mod tests {
     fn a_packed_product_of_any_batch_size_is_the_dequantized_product() {
         for dtype in [
             GgmlDType::Q4K,
+            GgmlDType::Q5K,
             GgmlDType::Q6K,
             GgmlDType::Q4_1,
             GgmlDType::Q8_0,
@@ -478,6 +560,57 @@ mod tests {
                         let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
                         assert_eq!(bits(row), bits(&alone[r]), "{dtype:?}, row {r} of {m}");
                     }
+                }
+            }
+        }
+    }
+
+    /// With inputs rounded to 8 bits, every batch size in the register
+    /// range gives each row the bits it has alone (and the rounded
+    /// product of `crate::int8`'s tests, within its rounding of the exact
+    /// one); past the range the product is exact.
+    #[test]
+    fn an_int8_product_of_any_batch_size_gives_each_row_its_bits_alone() {
+        for dtype in [GgmlDType::Q4K, GgmlDType::Q6K, GgmlDType::Q4_0] {
+            let (rows, cols) = (48, 256);
+            let w = random(&[rows, cols], 3, 1.0);
+            let q = QTensor::quantize(&w, dtype).unwrap();
+            let packed = PackedMatrix::from_ggml(dtype, rows, cols, &q.data().unwrap(), None)
+                .unwrap()
+                .unwrap();
+            let encoding = packed.encoding();
+            let parts: Arc<[PackedMatrix]> = vec![packed].into();
+            let dequantized = q.dequantize(&Device::Cpu).unwrap();
+            let x = random(&[33, cols], 13, 1.0);
+            let product = |x: &Tensor| packed_matmul_with(x, &parts, Activations::Int8).unwrap();
+            let alone: Vec<Vec<u32>> = (0..33)
+                .map(|r| {
+                    let row = product(&x.i(r..r + 1).unwrap()).flatten_all().unwrap();
+                    row.to_vec1::<f32>()
+                        .unwrap()
+                        .iter()
+                        .map(|f| f.to_bits())
+                        .collect()
+                })
+                .collect();
+            let in_registers = if register_rows() > 0 {
+                max_register_rows(encoding)
+            } else {
+                0
+            };
+            for m in 1..=33 {
+                let x = x.i(0..m).unwrap();
+                let got = product(&x);
+                let want = x.matmul(&dequantized.t().unwrap()).unwrap();
+                let difference = max_relative_difference(&got, &want);
+                if m <= in_registers {
+                    assert!(difference < 0.02, "{dtype:?}, {m} rows: {difference}");
+                    for (r, row) in got.to_vec2::<f32>().unwrap().iter().enumerate() {
+                        let bits: Vec<u32> = row.iter().map(|f| f.to_bits()).collect();
+                        assert_eq!(bits, alone[r], "{dtype:?}, row {r} of {m}");
+                    }
+                } else {
+                    assert!(difference < 1e-5, "{dtype:?}, {m} rows: {difference}");
                 }
             }
         }

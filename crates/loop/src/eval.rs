@@ -4,6 +4,7 @@
 use std::path::Path;
 
 use r3_generate::SamplingParams;
+use r3_model::Activations;
 use r3_tasks::Record;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -81,6 +82,9 @@ pub fn run(
         bound["engines"] = serde_json::json!(engines.urls());
         bound["engine_model"] = engines.model.clone().into();
     }
+    if config.model.activations == Activations::Int8 {
+        bound["activations"] = "int8".into();
+    }
     let partial = out.join(PARTIAL_DIR);
     let mut transcripts = finished_chunks(&partial, &binding(&records, &bound), chunk)?;
     let mut failures = transcripts
@@ -104,7 +108,8 @@ pub fn run(
         write(&partial.join(format!("{start:08}.jsonl")), &jsonl(&done))?;
         transcripts.extend(done);
     }
-    let summary = summarize(&transcripts, &settings);
+    let mut summary = summarize(&transcripts, &settings);
+    summary.int8_decode = config.model.activations == Activations::Int8;
     let json = serde_json::to_vec_pretty(&summary).expect("a summary serializes");
     write(&out.join(SUMMARY_FILE), &json)?;
     write(&out.join(TRANSCRIPTS_FILE), &jsonl(&transcripts))?;
@@ -212,6 +217,9 @@ pub struct EvalSummary {
     pub second_try: Proportion,
     /// Failures whose retry succeeded.
     pub fixed_by_retry: usize,
+    /// Whether decoding rounded its inputs to 8 bits (`--int8-decode`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub int8_decode: bool,
     pub settings: EvalSettings,
 }
 
@@ -298,6 +306,7 @@ fn summarize(transcripts: &[Transcript], settings: &EvalSettings) -> EvalSummary
         first_try,
         second_try,
         fixed_by_retry: fixed,
+        int8_decode: false,
         settings: settings.clone(),
     }
 }

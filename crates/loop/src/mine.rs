@@ -8,6 +8,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use r3_generate::SamplingParams;
+use r3_model::Activations;
 use r3_tasks::Record;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -164,6 +165,10 @@ pub fn run(
     if let Backend::Engines(engines) = policy.backend {
         settings["engines"] = serde_json::json!(engines.urls());
         settings["engine_model"] = engines.model.clone().into();
+    }
+    // Only when decoding rounds its inputs, likewise.
+    if config.model.activations == Activations::Int8 {
+        settings["activations"] = "int8".into();
     }
     mine(
         &rollouts,

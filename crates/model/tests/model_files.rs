@@ -226,3 +226,45 @@ fn transformers_5_rope_parameters_give_the_gguf_logits() {
     let b = last_logits(&Llama::new(&gg.config, &gg.weights).unwrap(), &ids);
     assert_eq!(max_abs_diff(&a, &b), 0.0, "identical logits");
 }
+
+/// A model made for sampling with 8-bit inputs (`--int8-decode`) runs the
+/// integer kernels on its Q4_0, Q4_1, Q4_K and Q6_K weights: through a
+/// prompt and decode steps, its logits stay within the inputs' rounding of
+/// the exact model's (and differ from them where the CPU runs the integer
+/// kernel); its Q8_0 weights, which have none, give the exact logits.
+#[test]
+fn int8_decoding_stays_within_its_rounding_of_the_exact_logits() {
+    let tiny = TinyModel::new(Architecture::Llama, 256, 2, 11).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let integer = r3_kernels::CpuLevel::current() >= r3_kernels::CpuLevel::Avx2;
+    for dtype in [
+        GgmlDType::Q4_0,
+        GgmlDType::Q4_1,
+        GgmlDType::Q4K,
+        GgmlDType::Q6K,
+        GgmlDType::Q8_0,
+    ] {
+        let path = dir.path().join(format!("{dtype:?}.gguf"));
+        tiny.write_gguf(&path, dtype).unwrap();
+        let loaded = r3_model::load(&path).unwrap();
+        let exact = Llama::new(&loaded.config, &loaded.weights).unwrap();
+        let int8 = exact.clone().with_activations(r3_model::Activations::Int8);
+        let prompts: [&[u32]; 2] = [&[1, 2, 3, 4, 5, 6, 7], &[8, 9]];
+        let steps: [[&[u32]; 2]; 2] = [[&[20], &[21]], [&[40], &[41]]];
+        let mut caches = [0, 1].map(|_| KvCache::new(&tiny.config, 2, 8));
+        for (s, segments) in std::iter::once(prompts).chain(steps).enumerate() {
+            let [a, b] = [&exact, &int8].map(|model| {
+                let i = usize::from(std::ptr::eq(model, &int8));
+                let hidden = model.forward(&segments, &mut caches[i]).unwrap();
+                model.all_logits(&hidden).unwrap()
+            });
+            let (diff, scale) = (max_abs_diff(&a, &b), max_abs(&a).unwrap());
+            assert!(
+                diff <= 0.03 * scale,
+                "{dtype:?} step {s}: {diff} of {scale}"
+            );
+            let rounded = integer && dtype != GgmlDType::Q8_0;
+            assert_eq!(diff > 0.0, rounded, "{dtype:?} step {s}: {diff}");
+        }
+    }
+}

@@ -105,6 +105,10 @@ pub struct TrainConfig {
     pub gradient_checkpointing: bool,
     /// Most rows decoded at once during rollouts.
     pub generation_batch_rows: usize,
+    /// Rollouts decode with each block of 32 inputs rounded to 8 bits
+    /// (`r3_kernels::int8`): faster on CPUs; the importance weights correct
+    /// the gap to the exact policy, as for an engine's.
+    pub int8_decode: bool,
     /// The tokens that learn (an ablation knob; keep `reflection`).
     pub train_on: TrainOn,
     /// Train LoRA adapters on the frozen base instead of every weight
@@ -205,6 +209,7 @@ impl Default for TrainConfig {
             micro_batch_size: 8,
             gradient_checkpointing: true,
             generation_batch_rows: 32,
+            int8_decode: false,
             train_on: TrainOn::Reflection,
             use_peft: false,
             lora_r: 16,

@@ -202,7 +202,12 @@ impl<'a> Trainer<'a> {
         }
         let snapshot = match &engines {
             Some(_) => None,
-            None => Some(self.train_model.for_generation()?),
+            None => Some(self.train_model.for_generation()?.with_activations(
+                match c.int8_decode {
+                    true => r3_model::Activations::Int8,
+                    false => r3_model::Activations::Exact,
+                },
+            )),
         };
         let policy = match (&engines, &snapshot) {
             (Some(sync), _) => Policy::with_backend(Backend::Engines(&sync.engines), self.model),

@@ -7,7 +7,8 @@ use std::sync::Arc;
 
 use candle_core::{DType, Tensor};
 use r3_kernels::device_matmul::device_matmul;
-use r3_kernels::matmul::{matmul, packed_matmul};
+use r3_kernels::int8::Activations;
+use r3_kernels::matmul::{matmul, packed_matmul_with};
 use r3_kernels::packed::PackedMatrix;
 
 use crate::error::Result;
@@ -105,6 +106,9 @@ pub(super) struct Linear {
     /// The same adapters as two products, for a model that generates
     /// ([`Linear::stack_adapters`]); `None` where gradients may flow.
     pub(super) stacked: Option<StackedAdapters>,
+    /// How a packed weight's decode products take their inputs: rounded
+    /// to 8 bits in a model that only samples (`Llama::with_activations`).
+    pub(super) activations: Activations,
 }
 
 /// Every adapter of a projection as two products, `(x · Aᵀ) · Bᵀ`: the
@@ -153,6 +157,7 @@ impl Linear {
                     parts: parts.to_vec(),
                     adapters: vec![None; parts.len()],
                     stacked: None,
+                    activations: Activations::Exact,
                 }]);
             }
         }
@@ -176,6 +181,7 @@ impl Linear {
                         parts: vec![part.clone()],
                         adapters: vec![None],
                         stacked: None,
+                        activations: Activations::Exact,
                     })
                 })
                 .collect();
@@ -190,6 +196,7 @@ impl Linear {
             parts: parts.to_vec(),
             adapters: vec![None; parts.len()],
             stacked: None,
+            activations: Activations::Exact,
         }])
     }
 
@@ -218,7 +225,7 @@ impl Linear {
         let rows = x.reshape((b * t, inp))?;
         let mut y = match &self.weight {
             ProjectionWeight::Dense(weight_t) => matmul(&rows, &cast_like(weight_t, &rows)?)?,
-            ProjectionWeight::Packed(parts) => packed_matmul(&rows, parts)?,
+            ProjectionWeight::Packed(parts) => packed_matmul_with(&rows, parts, self.activations)?,
         };
         if let Some(bias) = &self.bias {
             y = y.broadcast_add(&cast_like(bias, &y)?)?;

@@ -26,6 +26,7 @@ mod vocab;
 use candle_core::{DType, Device, Tensor, Var};
 
 use crate::exec::Exec;
+use r3_kernels::int8::Activations;
 use r3_kernels::packed::PackedMatrix;
 
 use crate::cache::KvCache;
@@ -103,6 +104,9 @@ pub struct Llama {
     /// The type of weights and activations (f32, or bf16); logits and
     /// log-probs are f32 whatever it is.
     dtype: DType,
+    /// How packed weights' decode products take their inputs
+    /// ([`Llama::with_activations`]).
+    activations: Activations,
 }
 
 impl Llama {
@@ -172,6 +176,7 @@ impl Llama {
             inv_freq: c.inv_freq(),
             device: weights.device().clone(),
             dtype: weights.dtype(),
+            activations: Activations::Exact,
         })
     }
 
@@ -203,6 +208,18 @@ impl Llama {
         }
         view.stack_adapters()?;
         Ok(view)
+    }
+
+    /// The same model with its packed weights' decode products (a few
+    /// rows, in registers) taking `activations`: [`Activations::Int8`]
+    /// rounds their inputs to 8 bits, for a model that only samples and
+    /// samples faster so (`r3_kernels::int8`); never for one that scores.
+    pub fn with_activations(mut self, activations: Activations) -> Self {
+        self.activations = activations;
+        for linear in self.layers.iter_mut().flat_map(|l| l.linears_mut()) {
+            linear.activations = activations;
+        }
+        self
     }
 
     /// Every projection's adapters as two products (`Linear::stack_adapters`).
@@ -392,7 +409,9 @@ impl Llama {
 
     /// Logits of `rows`, in f32 whatever the decoder's type.
     fn project(&self, rows: &Tensor) -> Result<Tensor> {
-        let logits = self.output().project(rows, self.lm_head_t.as_ref())?;
+        let logits = self
+            .output()
+            .project(rows, self.lm_head_t.as_ref(), self.activations)?;
         Ok(logits.to_dtype(DType::F32)?)
     }
 

@@ -9,7 +9,8 @@ use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
 use r3_kernels::device_matmul::device_matmul;
-use r3_kernels::matmul::{matmul, packed_matmul};
+use r3_kernels::int8::Activations;
+use r3_kernels::matmul::{matmul, packed_matmul_with};
 use r3_kernels::packed::PackedMatrix;
 use rayon::prelude::*;
 
@@ -63,10 +64,16 @@ impl VocabTable {
     }
 
     /// Logits `rows [n, hidden] · tableᵀ`; `transposed` is the dense
-    /// table's `[hidden, vocab]` copy when the decoder keeps one.
-    pub(super) fn project(&self, rows: &Tensor, transposed: Option<&Tensor>) -> Result<Tensor> {
+    /// table's `[hidden, vocab]` copy when the decoder keeps one, and
+    /// `activations` how a packed table's decode products take `rows`.
+    pub(super) fn project(
+        &self,
+        rows: &Tensor,
+        transposed: Option<&Tensor>,
+        activations: Activations,
+    ) -> Result<Tensor> {
         Ok(match (self, transposed) {
-            (Self::Packed(parts), _) => packed_matmul(rows, parts)?,
+            (Self::Packed(parts), _) => packed_matmul_with(rows, parts, activations)?,
             (Self::Dense(_), Some(w_t)) => matmul(rows, &cast_like(w_t, rows)?)?,
             (Self::Dense(w), None) => device_matmul(rows, &cast_like(w, rows)?.t()?)?,
         })

@@ -1,0 +1,412 @@
+//! Decoding with inputs rounded to 8 bits, as llama.cpp decodes: each
+//! block of 32 inputs of a row becomes 32 signed bytes under one f32
+//! scale, and the register kernel sums `q_x · q_w` in integers, 32
+//! products an instruction, where the exact kernel converts every weight
+//! to f32 first. On an AVX2 Zen 3 the exact 4- and 6-bit kernels are bound
+//! by their instructions, not by memory (docs/performance.md, "Where
+//! batch-1 decoding is bound"); the integer ones are not.
+//!
+//! The products change by the inputs' rounding (a relative error of about
+//! 1/254 a value), so this is for sampling only, never for scoring or
+//! training: a model made for generation opts in, and the importance
+//! weights of training measure and correct the sampler–trainer gap as
+//! they do for an external engine's.
+
+use crate::level::CpuLevel;
+use crate::packed::{Encoding, PackedMatrix, BLOCK, GROUP};
+
+/// How a packed product's inputs enter the register kernels.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Activations {
+    /// As they are: the product of the dequantized weights, to rounding.
+    #[default]
+    Exact,
+    /// Rounded to 8 bits a block of 32 ([`Int8Rows`]) where the weights'
+    /// encoding has an integer kernel ([`has_int8_kernel`]); exact elsewhere.
+    Int8,
+}
+
+/// Whether products with weights in `encoding` have an integer kernel:
+/// the 4-bit nibble layouts (Q4_0, Q4_1, Q4_K) and Q6_K, which make up
+/// the Q4_0, Q4_1 and Q4_K_M models r3 fetches.
+pub fn has_int8_kernel(encoding: Encoding) -> bool {
+    matches!(
+        encoding,
+        Encoding::Q4_0 | Encoding::Q4_1 | Encoding::K4 | Encoding::K6
+    )
+}
+
+/// Groups of four inputs in a block.
+pub(crate) const GROUPS: usize = BLOCK / 4;
+
+/// `R` rows of inputs rounded to 8 bits, interleaved for the integer
+/// kernels as [`crate::packed::interleave`] interleaves f32 rows.
+pub struct Int8Rows {
+    /// Block `b`, group `g`, row `r` at `(b·8 + g)·R + r`: inputs
+    /// `32b + 4g ..+ 4` as signed bytes, little-endian in an `i32` (the
+    /// kernel broadcasts it against four inputs of 8 output rows at once).
+    pub(crate) groups: Vec<i32>,
+    /// Block `b`, row `r` at `b·R + r`: the scale `d`, the inputs being
+    /// about `d·q`.
+    pub(crate) scales: Vec<f32>,
+    /// Block `b`, row `r`: `Σ x` of the exact inputs, for offsets (`o·Σ x`).
+    pub(crate) sums: Vec<f32>,
+    /// Block `b`, row `r`, half `h` at `(b·R + r)·2 + h`: `Σ q` over inputs
+    /// `16h ..+ 16`, for Q6_K's `q − 32` under a scale per half.
+    pub(crate) half_sums: Vec<i32>,
+    rows: usize,
+}
+
+impl Int8Rows {
+    /// `x`, `rows` rows of `cols` inputs (a multiple of 32), rounded: each
+    /// block's largest magnitude becomes ±127.
+    pub fn new(x: &[f32], rows: usize, cols: usize) -> Self {
+        let blocks = cols / BLOCK;
+        let mut out = Self {
+            groups: vec![0; blocks * GROUPS * rows],
+            scales: vec![0.0; blocks * rows],
+            sums: vec![0.0; blocks * rows],
+            half_sums: vec![0; blocks * rows * 2],
+            rows,
+        };
+        for (r, row) in x.chunks_exact(cols).take(rows).enumerate() {
+            for (b, block) in row.chunks_exact(BLOCK).enumerate() {
+                let largest = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let d = largest / 127.0;
+                let q: [i8; BLOCK] = std::array::from_fn(|i| {
+                    if d > 0.0 {
+                        (block[i] / d).round().clamp(-127.0, 127.0) as i8
+                    } else {
+                        0
+                    }
+                });
+                for g in 0..GROUPS {
+                    let bytes = [0, 1, 2, 3].map(|i| q[4 * g + i] as u8);
+                    out.groups[(b * GROUPS + g) * rows + r] = i32::from_le_bytes(bytes);
+                }
+                out.scales[b * rows + r] = d;
+                out.sums[b * rows + r] = block.iter().sum();
+                for h in 0..2 {
+                    let half = &q[h * BLOCK / 2..(h + 1) * BLOCK / 2];
+                    out.half_sums[(b * rows + r) * 2 + h] = half.iter().map(|&v| v as i32).sum();
+                }
+            }
+        }
+        out
+    }
+
+    /// Rows held.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Input `k` of row `r`, as rounded.
+    fn quant(&self, r: usize, k: usize) -> i32 {
+        let group = self.groups[(k / 4) * self.rows + r];
+        group.to_le_bytes()[k % 4] as i8 as i32
+    }
+}
+
+/// `dots[r][c] = Σ_k x[r][k] · W[16·group + c, k]` with `x` rounded
+/// ([`Int8Rows`]) and the weights unpacked in registers, at this CPU's
+/// level; `None` where the encoding has no integer kernel. Each row is
+/// summed in the same order whatever `R` is.
+pub(crate) fn dot_group<const R: usize>(
+    matrix: &PackedMatrix,
+    group: usize,
+    x: &Int8Rows,
+) -> Option<[[f32; GROUP]; R]> {
+    dot_group_at(CpuLevel::current(), matrix, group, x)
+}
+
+/// [`dot_group`] at `level` (at most what the CPU runs): tests compare
+/// every level the machine has. AVX-512 CPUs take the AVX2 kernel.
+pub(crate) fn dot_group_at<const R: usize>(
+    level: CpuLevel,
+    matrix: &PackedMatrix,
+    group: usize,
+    x: &Int8Rows,
+) -> Option<[[f32; GROUP]; R]> {
+    assert!(
+        x.rows == R && x.sums.len() * BLOCK == R * matrix.cols(),
+        "{R} rounded rows of {} inputs",
+        matrix.cols()
+    );
+    assert!(
+        level <= CpuLevel::detected(),
+        "{level:?} is beyond this CPU"
+    );
+    if !has_int8_kernel(matrix.encoding()) {
+        return None;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if level >= CpuLevel::Avx2 {
+        // SAFETY: the CPU supports AVX2, FMA and F16C (checked above), `x`
+        // holds R rows of `cols` inputs and the encoding has an integer
+        // kernel.
+        return Some(unsafe { crate::register_int8_avx2::dot_group(matrix, group, x) });
+    }
+    dot_group_portable(matrix, group, x)
+}
+
+/// [`dot_group`] in plain Rust: the reference the vector kernel is
+/// tested against, bit for bit (the integer sums are exact and the f32
+/// steps after them the same, in the same order). `None` where the
+/// encoding has no integer kernel.
+pub(crate) fn dot_group_portable<const R: usize>(
+    matrix: &PackedMatrix,
+    group: usize,
+    x: &Int8Rows,
+) -> Option<[[f32; GROUP]; R]> {
+    if !has_int8_kernel(matrix.encoding()) {
+        return None;
+    }
+    let mut dots = [[0f32; GROUP]; R];
+    for (b, (head, record)) in matrix.records(group).enumerate() {
+        let w = BlockWeights::new(matrix.encoding(), head, record);
+        for (r, dot) in dots.iter_mut().enumerate() {
+            let (d_x, sum) = (x.scales[b * R + r], x.sums[b * R + r]);
+            let half_sum = |h: usize| x.half_sums[(b * R + r) * 2 + h];
+            for (c, dot) in dot.iter_mut().enumerate() {
+                let integer = |inputs: std::ops::Range<usize>| -> i32 {
+                    inputs
+                        .map(|i| x.quant(r, b * BLOCK + i) * w.quants[c][i] as i32)
+                        .sum()
+                };
+                match matrix.encoding() {
+                    Encoding::K6 => {
+                        for h in 0..2 {
+                            let half = h * BLOCK / 2..(h + 1) * BLOCK / 2;
+                            let sum = (integer(half) - 32 * half_sum(h)) as f32;
+                            *dot = (w.scale[h][c] * d_x).mul_add(sum, *dot);
+                        }
+                    }
+                    _ => {
+                        let sum_q = integer(0..BLOCK) as f32;
+                        *dot = (w.scale[0][c] * d_x).mul_add(sum_q, *dot);
+                        *dot = w.offset[c].mul_add(sum, *dot);
+                    }
+                }
+            }
+        }
+    }
+    Some(dots)
+}
+
+/// One record's 16 blocks as the integer kernels see them: unsigned
+/// quants, a scale (two for Q6_K's halves) and an offset per row.
+struct BlockWeights {
+    quants: [[u8; BLOCK]; GROUP],
+    scale: [[f32; GROUP]; 2],
+    offset: [f32; GROUP],
+}
+
+impl BlockWeights {
+    fn new(encoding: Encoding, head: &[u8], record: &[u8]) -> Self {
+        let f16 = |at: usize, c: usize| {
+            half::f16::from_le_bytes([record[at + 2 * c], record[at + 2 * c + 1]]).to_f32()
+        };
+        let head_f32 = |at: usize, c: usize| {
+            let i = at + 4 * c;
+            f32::from_le_bytes([head[i], head[i + 1], head[i + 2], head[i + 3]])
+        };
+        let mut w = Self {
+            quants: [[0; BLOCK]; GROUP],
+            scale: [[0.0; GROUP]; 2],
+            offset: [0.0; GROUP],
+        };
+        let nibbles = |w: &mut Self, at: usize| {
+            for j in 0..BLOCK / 2 {
+                for c in 0..GROUP {
+                    let q = record[at + j * GROUP + c];
+                    w.quants[c][j] = q & 0x0F;
+                    w.quants[c][j + BLOCK / 2] = q >> 4;
+                }
+            }
+        };
+        match encoding {
+            Encoding::Q4_0 => {
+                nibbles(&mut w, 2 * GROUP);
+                for c in 0..GROUP {
+                    w.scale[0][c] = f16(0, c);
+                    w.offset[c] = w.scale[0][c] * -8.0;
+                }
+            }
+            Encoding::Q4_1 => {
+                nibbles(&mut w, 4 * GROUP);
+                for c in 0..GROUP {
+                    w.scale[0][c] = f16(0, c);
+                    w.offset[c] = f16(2 * GROUP, c);
+                }
+            }
+            Encoding::K4 => {
+                nibbles(&mut w, 2 * GROUP);
+                for c in 0..GROUP {
+                    w.scale[0][c] = head_f32(0, c) * record[c] as f32;
+                    w.offset[c] = head_f32(4 * GROUP, c) * record[GROUP + c] as f32;
+                }
+            }
+            Encoding::K6 => {
+                nibbles(&mut w, 2 * GROUP);
+                for j in 0..BLOCK / 2 {
+                    for c in 0..GROUP {
+                        let h = record[18 * GROUP + (j % 8) * GROUP + c];
+                        let shift = 2 * (j / 8);
+                        w.quants[c][j] |= ((h >> shift) & 3) << 4;
+                        w.quants[c][j + BLOCK / 2] |= ((h >> (shift + 4)) & 3) << 4;
+                    }
+                }
+                for c in 0..GROUP {
+                    w.scale[0][c] = head_f32(0, c) * record[c] as i8 as f32;
+                    w.scale[1][c] = head_f32(0, c) * record[GROUP + c] as i8 as f32;
+                }
+            }
+            _ => unreachable!("has_int8_kernel is checked first"),
+        }
+        w
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_support::random;
+    use candle_core::quantized::{GgmlDType, QTensor};
+
+    fn packed(dtype: GgmlDType, rows: usize, cols: usize) -> (PackedMatrix, Vec<f32>) {
+        let w = random(&[rows, cols], 5, 1.0);
+        let q = QTensor::quantize(&w, dtype).unwrap();
+        let packed = PackedMatrix::from_ggml(dtype, rows, cols, &q.data().unwrap(), None)
+            .unwrap()
+            .unwrap();
+        let dequantized = q.dequantize(&candle_core::Device::Cpu).unwrap();
+        (
+            packed,
+            dequantized.flatten_all().unwrap().to_vec1().unwrap(),
+        )
+    }
+
+    /// The rounded inputs are within half a step of the exact ones, the
+    /// largest of a block is ±127, and the sums are the exact inputs'.
+    #[test]
+    fn rounding_keeps_each_input_within_half_a_step() {
+        let cols = 96;
+        let x: Vec<f32> = random(&[3, cols], 9, 2.0)
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let q = Int8Rows::new(&x, 3, cols);
+        for r in 0..3 {
+            for b in 0..cols / BLOCK {
+                let d = q.scales[b * 3 + r];
+                let block = &x[r * cols + b * BLOCK..][..BLOCK];
+                let mut largest = 0;
+                for (i, &v) in block.iter().enumerate() {
+                    let quant = q.quant(r, b * BLOCK + i);
+                    assert!((v - d * quant as f32).abs() <= d * 0.5 * (1.0 + 1e-5));
+                    largest = largest.max(quant.abs());
+                }
+                assert_eq!(largest, 127);
+                assert_eq!(q.sums[b * 3 + r], block.iter().sum::<f32>());
+                let halves: i32 = (0..2).map(|h| q.half_sums[(b * 3 + r) * 2 + h]).sum();
+                let all: i32 = (0..BLOCK).map(|i| q.quant(r, b * BLOCK + i)).sum();
+                assert_eq!(halves, all);
+            }
+        }
+    }
+
+    /// The integer product is the product of the dequantized weights with
+    /// the rounded inputs (to f32 rounding), for every encoding with an
+    /// integer kernel, and each vector level the machine runs gives the
+    /// reference's bits.
+    #[test]
+    fn integer_products_are_the_rounded_inputs_times_the_weights() {
+        const R: usize = 3;
+        for dtype in [
+            GgmlDType::Q4_0,
+            GgmlDType::Q4_1,
+            GgmlDType::Q4K,
+            GgmlDType::Q6K,
+        ] {
+            let (rows, cols) = (32, 512);
+            let (matrix, w) = packed(dtype, rows, cols);
+            let x: Vec<f32> = random(&[R, cols], 4, 1.0)
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let q = Int8Rows::new(&x, R, cols);
+            for group in 0..matrix.groups() {
+                let reference = dot_group_portable::<R>(&matrix, group, &q).unwrap();
+                for (r, dots) in reference.iter().enumerate() {
+                    for (c, &got) in dots.iter().enumerate() {
+                        let row = group * GROUP + c;
+                        let (mut want, mut scale) = (0f64, 0f64);
+                        for k in 0..cols {
+                            let b = k / BLOCK;
+                            let input = q.scales[b * R + r] as f64 * q.quant(r, k) as f64;
+                            // The offsets meet the exact inputs' sums.
+                            let offset_part = match dtype {
+                                GgmlDType::Q6K => 0.0,
+                                _ => {
+                                    let offset = matrix_offset(&matrix, group, b, c);
+                                    offset as f64 * (x[r * cols + k] as f64 - input)
+                                }
+                            };
+                            want += input * w[row * cols + k] as f64 + offset_part;
+                            scale += (x[r * cols + k] * w[row * cols + k]).abs() as f64;
+                        }
+                        let got = got as f64;
+                        assert!(
+                            (got - want).abs() <= 1e-5 * scale.max(1.0),
+                            "{dtype:?} row {r} column {c}: {got} against {want}"
+                        );
+                    }
+                }
+                for level in CpuLevel::available() {
+                    if let Some(dots) = dot_group_at::<R>(level, &matrix, group, &q) {
+                        assert_eq!(
+                            dots.map(|r| r.map(f32::to_bits)),
+                            reference.map(|r| r.map(f32::to_bits)),
+                            "{dtype:?} at {level:?}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// The offset of block `b` of row `16·group + c`, as the reference reads it.
+    fn matrix_offset(matrix: &PackedMatrix, group: usize, b: usize, c: usize) -> f32 {
+        let (head, record) = matrix.records(group).nth(b).unwrap();
+        BlockWeights::new(matrix.encoding(), head, record).offset[c]
+    }
+
+    /// Against the exact product, the rounding costs what 8 bits a block
+    /// should: well under 1% of the products' scale.
+    #[test]
+    fn rounding_costs_under_a_percent_of_the_product() {
+        const R: usize = 2;
+        for dtype in [GgmlDType::Q4K, GgmlDType::Q6K] {
+            let (rows, cols) = (16, 1536);
+            let (matrix, w) = packed(dtype, rows, cols);
+            let x: Vec<f32> = random(&[R, cols], 8, 1.0)
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let dots = dot_group_portable::<R>(&matrix, 0, &Int8Rows::new(&x, R, cols)).unwrap();
+            for r in 0..R {
+                for c in 0..rows {
+                    let exact: f32 = (0..cols).map(|k| x[r * cols + k] * w[c * cols + k]).sum();
+                    let scale: f32 = (0..cols)
+                        .map(|k| (x[r * cols + k] * w[c * cols + k]).abs())
+                        .sum();
+                    let error = (dots[r][c] - exact).abs() / scale;
+                    assert!(error < 0.005, "{dtype:?}: {error}");
+                }
+            }
+        }
+    }
+}
