@@ -12,8 +12,8 @@ use std::time::Instant;
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
-use r3_kernels::int8::{has_int8_kernel, Activations};
-use r3_kernels::matmul::packed_matmul_with;
+use r3_kernels::int8::Activations;
+use r3_kernels::matmul::{packed_matmul_with, takes_int8};
 use r3_kernels::packed::PackedMatrix;
 use serde_json::{json, Value};
 
@@ -135,7 +135,7 @@ pub fn run(bench: &KernelsBench) -> Result<Value> {
             "encoding": format!("{:?}", cached.encoding()),
             "bits_per_weight": bits,
             "int8_inputs": bench.activations == Activations::Int8
-                && has_int8_kernel(cached.encoding()),
+                && takes_int8(cached.encoding(), bench.rows),
             "in_cache": {
                 "bytes": cached.bytes(),
                 "weights_per_s": in_cache.weights_per_s,

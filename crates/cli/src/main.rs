@@ -85,7 +85,7 @@ pub struct ModelArgs {
 pub struct DecodeArgs {
     /// Decode with each block of 32 inputs rounded to 8 bits, as llama.cpp
     /// does: faster on CPUs, for sampling only (products change by about
-    /// 1/254 of a value; Q4_0, Q4_1, Q4_K and Q6_K weights)
+    /// 1/254 of a value; Q4_0, Q4_1, Q4_K, Q6_K and Q8_0 weights)
     #[arg(long)]
     pub int8_decode: bool,
 }

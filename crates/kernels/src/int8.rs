@@ -27,12 +27,12 @@ pub enum Activations {
 }
 
 /// Whether products with weights in `encoding` have an integer kernel:
-/// the 4-bit nibble layouts (Q4_0, Q4_1, Q4_K) and Q6_K, which make up
-/// the Q4_0, Q4_1 and Q4_K_M models r3 fetches.
+/// the 4-bit nibble layouts (Q4_0, Q4_1, Q4_K), Q6_K and Q8_0, which make
+/// up the Q4_0, Q4_1, Q8_0 and Q4_K_M models r3 fetches.
 pub fn has_int8_kernel(encoding: Encoding) -> bool {
     matches!(
         encoding,
-        Encoding::Q4_0 | Encoding::Q4_1 | Encoding::K4 | Encoding::K6
+        Encoding::Q4_0 | Encoding::Q4_1 | Encoding::Q8_0 | Encoding::K4 | Encoding::K6
     )
 }
 
@@ -170,7 +170,7 @@ pub(crate) fn dot_group_portable<const R: usize>(
             for (c, dot) in dot.iter_mut().enumerate() {
                 let integer = |inputs: std::ops::Range<usize>| -> i32 {
                     inputs
-                        .map(|i| x.quant(r, b * BLOCK + i) * w.quants[c][i] as i32)
+                        .map(|i| x.quant(r, b * BLOCK + i) * w.quants[c][i])
                         .sum()
                 };
                 match matrix.encoding() {
@@ -180,6 +180,10 @@ pub(crate) fn dot_group_portable<const R: usize>(
                             let sum = (integer(half) - 32 * half_sum(h)) as f32;
                             *dot = (w.scale[h][c] * d_x).mul_add(sum, *dot);
                         }
+                    }
+                    Encoding::Q8_0 => {
+                        let sum_q = integer(0..BLOCK) as f32;
+                        *dot = (w.scale[0][c] * d_x).mul_add(sum_q, *dot);
                     }
                     _ => {
                         let sum_q = integer(0..BLOCK) as f32;
@@ -193,10 +197,11 @@ pub(crate) fn dot_group_portable<const R: usize>(
     Some(dots)
 }
 
-/// One record's 16 blocks as the integer kernels see them: unsigned
-/// quants, a scale (two for Q6_K's halves) and an offset per row.
+/// One record's 16 blocks as the integer kernels see them: quants
+/// (unsigned, but Q8_0's), a scale (two for Q6_K's halves) and an offset
+/// per row.
 struct BlockWeights {
-    quants: [[u8; BLOCK]; GROUP],
+    quants: [[i32; BLOCK]; GROUP],
     scale: [[f32; GROUP]; 2],
     offset: [f32; GROUP],
 }
@@ -219,8 +224,8 @@ impl BlockWeights {
             for j in 0..BLOCK / 2 {
                 for c in 0..GROUP {
                     let q = record[at + j * GROUP + c];
-                    w.quants[c][j] = q & 0x0F;
-                    w.quants[c][j + BLOCK / 2] = q >> 4;
+                    w.quants[c][j] = (q & 0x0F) as i32;
+                    w.quants[c][j + BLOCK / 2] = (q >> 4) as i32;
                 }
             }
         };
@@ -239,6 +244,16 @@ impl BlockWeights {
                     w.offset[c] = f16(2 * GROUP, c);
                 }
             }
+            Encoding::Q8_0 => {
+                for j in 0..BLOCK {
+                    for c in 0..GROUP {
+                        w.quants[c][j] = record[2 * GROUP + j * GROUP + c] as i8 as i32;
+                    }
+                }
+                for c in 0..GROUP {
+                    w.scale[0][c] = f16(0, c);
+                }
+            }
             Encoding::K4 => {
                 nibbles(&mut w, 2 * GROUP);
                 for c in 0..GROUP {
@@ -252,8 +267,8 @@ impl BlockWeights {
                     for c in 0..GROUP {
                         let h = record[18 * GROUP + (j % 8) * GROUP + c];
                         let shift = 2 * (j / 8);
-                        w.quants[c][j] |= ((h >> shift) & 3) << 4;
-                        w.quants[c][j + BLOCK / 2] |= ((h >> (shift + 4)) & 3) << 4;
+                        w.quants[c][j] |= (((h >> shift) & 3) << 4) as i32;
+                        w.quants[c][j + BLOCK / 2] |= (((h >> (shift + 4)) & 3) << 4) as i32;
                     }
                 }
                 for c in 0..GROUP {
@@ -348,7 +363,7 @@ mod tests {
                             let input = q.scales[b * R + r] as f64 * q.quant(r, k) as f64;
                             // The offsets meet the exact inputs' sums.
                             let offset_part = match dtype {
-                                GgmlDType::Q6K => 0.0,
+                                GgmlDType::Q6K | GgmlDType::Q8_0 => 0.0,
                                 _ => {
                                     let offset = matrix_offset(&matrix, group, b, c);
                                     offset as f64 * (x[r * cols + k] as f64 - input)
@@ -388,7 +403,7 @@ mod tests {
     #[test]
     fn rounding_costs_under_a_percent_of_the_product() {
         const R: usize = 2;
-        for dtype in [GgmlDType::Q4K, GgmlDType::Q6K] {
+        for dtype in [GgmlDType::Q4K, GgmlDType::Q6K, GgmlDType::Q8_0] {
             let (rows, cols) = (16, 1536);
             let (matrix, w) = packed(dtype, rows, cols);
             let x: Vec<f32> = random(&[R, cols], 8, 1.0)

@@ -100,6 +100,26 @@ pub fn packed_matmul_with(
 /// vector registers at 4 rows, on AVX-512 CPUs too (it is an AVX2 kernel).
 const INT8_PASS: usize = 4;
 
+/// The most rows a product with weights in `encoding` takes the integer
+/// kernel at (within the register range): Q8_0's signed weights cost two
+/// more operations a row, and past one pass it measured 8% slower than
+/// the exact kernel (`r3 bench kernels --rows 8 --int8`, Zen 3), where it
+/// is 20% faster at one row; the others gain at every count.
+fn max_int8_rows(encoding: Encoding) -> usize {
+    match encoding {
+        _ if !has_int8_kernel(encoding) => 0,
+        Encoding::Q8_0 => INT8_PASS,
+        _ => usize::MAX,
+    }
+}
+
+/// Whether a product of `rows` rows with weights in `encoding` takes the
+/// integer kernel when its activations are [`Activations::Int8`]: in the
+/// register range, where the encoding has one that pays at that count.
+pub fn takes_int8(encoding: Encoding, rows: usize) -> bool {
+    register_rows() > 0 && rows <= max_register_rows(encoding) && rows <= max_int8_rows(encoding)
+}
+
 /// Splits `units` into contiguous blocks of about `UNITS_PER_BLOCK`, as
 /// many as a multiple of the thread count, sizes differing by at most one.
 pub(crate) fn blocks(units: usize) -> impl Iterator<Item = Range<usize>> {
@@ -448,9 +468,7 @@ impl CustomOp1 for PackedProduct<'_> {
         let in_registers =
             |part: &PackedMatrix| pass > 0 && m <= max_register_rows(part.encoding());
         let int8 = |part: &PackedMatrix| {
-            self.activations == Activations::Int8
-                && in_registers(part)
-                && has_int8_kernel(part.encoding())
+            self.activations == Activations::Int8 && takes_int8(part.encoding(), m)
         };
         let exact = |part: &PackedMatrix| in_registers(part) && !int8(part);
         let interleaved = if self.parts.iter().any(exact) {
@@ -565,13 +583,17 @@ mod tests {
         }
     }
 
-    /// With inputs rounded to 8 bits, every batch size in the register
-    /// range gives each row the bits it has alone (and the rounded
-    /// product of `crate::int8`'s tests, within its rounding of the exact
-    /// one); past the range the product is exact.
+    /// With inputs rounded to 8 bits, every batch size that takes the
+    /// integer kernel gives each row the bits it has alone (within the
+    /// inputs' rounding of the exact product); any other is exact.
     #[test]
     fn an_int8_product_of_any_batch_size_gives_each_row_its_bits_alone() {
-        for dtype in [GgmlDType::Q4K, GgmlDType::Q6K, GgmlDType::Q4_0] {
+        for dtype in [
+            GgmlDType::Q4K,
+            GgmlDType::Q6K,
+            GgmlDType::Q4_0,
+            GgmlDType::Q8_0,
+        ] {
             let (rows, cols) = (48, 256);
             let w = random(&[rows, cols], 3, 1.0);
             let q = QTensor::quantize(&w, dtype).unwrap();
@@ -593,17 +615,12 @@ mod tests {
                         .collect()
                 })
                 .collect();
-            let in_registers = if register_rows() > 0 {
-                max_register_rows(encoding)
-            } else {
-                0
-            };
             for m in 1..=33 {
                 let x = x.i(0..m).unwrap();
                 let got = product(&x);
                 let want = x.matmul(&dequantized.t().unwrap()).unwrap();
                 let difference = max_relative_difference(&got, &want);
-                if m <= in_registers {
+                if takes_int8(encoding, m) {
                     assert!(difference < 0.02, "{dtype:?}, {m} rows: {difference}");
                     for (r, row) in got.to_vec2::<f32>().unwrap().iter().enumerate() {
                         let bits: Vec<u32> = row.iter().map(|f| f.to_bits()).collect();

@@ -6,11 +6,19 @@
 //! by four rounded inputs and adds pairs, `vpmaddwd` adds the pairs: 32
 //! products in three instructions, where the exact kernel spends about
 //! three on each 8 weights before its multiply-add.
+//!
+//! One function per encoding family, each compiled on its own: with every
+//! family in one loop, the one-row kernel of the 4-bit ones ran 20-25%
+//! slower once Q8_0 joined (measured).
 
 use std::arch::x86_64::*;
 
 use crate::int8::{Int8Rows, GROUPS};
 use crate::packed::{Encoding, PackedMatrix, GROUP};
+
+/// Eight-lane sums of `R` rows, in [`transpose`]'s order of the group's 16
+/// output rows.
+type Sums<const R: usize> = [[__m256; 2]; R];
 
 /// # Safety
 /// The CPU must support AVX2, FMA and F16C, `x` must hold `R` rows of
@@ -22,125 +30,13 @@ pub(crate) unsafe fn dot_group<const R: usize>(
     group: usize,
     x: &Int8Rows,
 ) -> [[f32; GROUP]; R] {
-    // SAFETY: the caller upholds this function's contract (its doc),
-    // which is all its raw reads, writes and intrinsics rely on.
+    // SAFETY: the caller upholds this function's contract (its doc).
     unsafe {
-        // Accumulators in the transposed order: rows 0-3 and 8-11 of the
-        // group, then 4-7 and 12-15 (see `transpose`).
-        let mut acc = [[_mm256_setzero_ps(); 2]; R];
-        let ones = _mm256_set1_epi16(1);
-        let nibbles = _mm256_set1_epi8(0x0F);
-        let bit_pairs = _mm256_set1_epi8(0x30);
-        let encoding = matrix.encoding();
-        for (b, (head, r)) in matrix.records(group).enumerate() {
-            let p = r.as_ptr();
-            let inputs = x.groups.as_ptr().add(b * GROUPS * R);
-            // Σ q_x·q_w over `w`'s four inputs (group `g` of the block),
-            // added to each row's two 8-lane sums.
-            let add = |sums: &mut [[__m256i; 2]; R], g: usize, w: [__m256i; 2]| {
-                for (row, sums) in sums.iter_mut().enumerate() {
-                    let q = _mm256_set1_epi32(*inputs.add(g * R + row));
-                    for i in 0..2 {
-                        let pairs = _mm256_maddubs_epi16(w[i], q);
-                        sums[i] = _mm256_add_epi32(sums[i], _mm256_madd_epi16(pairs, ones));
-                    }
-                }
-            };
-            let halves = |at: usize| {
-                transposed(
-                    [0, 8].map(|h| _mm256_cvtph_ps(_mm_loadu_si128(p.add(at + 2 * h).cast()))),
-                )
-            };
-            let head = head.as_ptr().cast::<f32>();
-            let head = |at: usize| [0, 8].map(|h| _mm256_loadu_ps(head.add(at + h)));
-            // 16 integer scales (unsigned or signed bytes) times the head's d.
-            let scaled = |at: usize, d: [__m256; 2], signed: bool| {
-                transposed([0, 8].map(|h| {
-                    let q = _mm_loadl_epi64(p.add(at + h).cast());
-                    let q = if signed {
-                        _mm256_cvtepi8_epi32(q)
-                    } else {
-                        _mm256_cvtepu8_epi32(q)
-                    };
-                    _mm256_mul_ps(_mm256_cvtepi32_ps(q), d[h / 8])
-                }))
-            };
-            let block = b * R;
-            if encoding == Encoding::K6 {
-                let (lo, hi) = (scaled(0, head(0), true), scaled(GROUP, head(0), true));
-                let mut sums = [[[_mm256_setzero_si256(); 2]; R]; 2];
-                for j in (0..16).step_by(4) {
-                    let q = transpose(p.add(2 * GROUP + j * GROUP));
-                    let h = transpose(p.add(18 * GROUP + (j % 8) * GROUP));
-                    // Input j's bit pair at bits 2·(j / 8), input j + 16's
-                    // four higher: both moved to bits 4..5 (16-bit shifts,
-                    // whose spill across bytes the mask drops).
-                    let (first, second) = if j < 8 {
-                        (h.map(|h| _mm256_slli_epi16(h, 4)), h)
-                    } else {
-                        (
-                            h.map(|h| _mm256_slli_epi16(h, 2)),
-                            h.map(|h| _mm256_srli_epi16(h, 2)),
-                        )
-                    };
-                    let six = |low: [__m256i; 2], high: [__m256i; 2]| {
-                        [0, 1].map(|i| {
-                            _mm256_or_si256(
-                                _mm256_and_si256(low[i], nibbles),
-                                _mm256_and_si256(high[i], bit_pairs),
-                            )
-                        })
-                    };
-                    add(&mut sums[0], j / 4, six(q, first));
-                    let upper = q.map(|q| _mm256_srli_epi16(q, 4));
-                    add(&mut sums[1], GROUPS / 2 + j / 4, six(upper, second));
-                }
-                for row in 0..R {
-                    let d_x = _mm256_set1_ps(x.scales[block + row]);
-                    for (half, scale) in [lo, hi].iter().enumerate() {
-                        let minus = _mm256_set1_epi32(32 * x.half_sums[(block + row) * 2 + half]);
-                        for i in 0..2 {
-                            let sum = _mm256_sub_epi32(sums[half][row][i], minus);
-                            let s = _mm256_mul_ps(scale[i], d_x);
-                            acc[row][i] = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(sum), acc[row][i]);
-                        }
-                    }
-                }
-                continue;
-            }
-            let (d, o, quants) = match encoding {
-                Encoding::Q4_0 => {
-                    let d = halves(0);
-                    (
-                        d,
-                        d.map(|d| _mm256_mul_ps(d, _mm256_set1_ps(-8.0))),
-                        2 * GROUP,
-                    )
-                }
-                Encoding::Q4_1 => (halves(0), halves(2 * GROUP), 4 * GROUP),
-                _ => (
-                    scaled(0, head(0), false),
-                    scaled(GROUP, head(GROUP), false),
-                    2 * GROUP,
-                ),
-            };
-            let mut sums = [[_mm256_setzero_si256(); 2]; R];
-            for j in (0..16).step_by(4) {
-                let q = transpose(p.add(quants + j * GROUP));
-                add(&mut sums, j / 4, q.map(|q| _mm256_and_si256(q, nibbles)));
-                let upper = q.map(|q| _mm256_and_si256(_mm256_srli_epi16(q, 4), nibbles));
-                add(&mut sums, GROUPS / 2 + j / 4, upper);
-            }
-            for row in 0..R {
-                let d_x = _mm256_set1_ps(x.scales[block + row]);
-                let sum = _mm256_set1_ps(x.sums[block + row]);
-                for i in 0..2 {
-                    let s = _mm256_mul_ps(d[i], d_x);
-                    acc[row][i] = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(sums[row][i]), acc[row][i]);
-                    acc[row][i] = _mm256_fmadd_ps(o[i], sum, acc[row][i]);
-                }
-            }
-        }
+        let acc = match matrix.encoding() {
+            Encoding::Q8_0 => bytes::<R>(matrix, group, x),
+            Encoding::K6 => six_bits::<R>(matrix, group, x),
+            _ => nibbles::<R>(matrix, group, x),
+        };
         acc.map(|acc| {
             let [lo, hi] = transposed(acc);
             let mut out = [0f32; GROUP];
@@ -151,24 +47,234 @@ pub(crate) unsafe fn dot_group<const R: usize>(
     }
 }
 
+/// Q4_0, Q4_1 and Q4_K (K4): `d·Σ q_x·q + o·Σ x` a block, the quants
+/// nibbles (input `j` low, `j + 16` high).
+///
+/// # Safety
+/// As [`dot_group`], for these encodings.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline(never)]
+unsafe fn nibbles<const R: usize>(matrix: &PackedMatrix, group: usize, x: &Int8Rows) -> Sums<R> {
+    // SAFETY: as [`dot_group`]; every read is within a record or its head.
+    unsafe {
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        let low = _mm256_set1_epi8(0x0F);
+        for (b, (head, r)) in matrix.records(group).enumerate() {
+            let p = r.as_ptr();
+            let (d, o, quants) = match matrix.encoding() {
+                Encoding::Q4_0 => {
+                    let d = halves(p);
+                    (
+                        d,
+                        d.map(|d| _mm256_mul_ps(d, _mm256_set1_ps(-8.0))),
+                        2 * GROUP,
+                    )
+                }
+                Encoding::Q4_1 => (halves(p), halves(p.add(2 * GROUP)), 4 * GROUP),
+                _ => {
+                    let head = head.as_ptr().cast::<f32>();
+                    let d = scaled(p, head, false);
+                    (d, scaled(p.add(GROUP), head.add(GROUP), false), 2 * GROUP)
+                }
+            };
+            let inputs = x.groups.as_ptr().add(b * GROUPS * R);
+            let mut sums = [[_mm256_setzero_si256(); 2]; R];
+            for j in (0..16).step_by(4) {
+                let q = transpose(p.add(quants + j * GROUP));
+                let lower = q.map(|q| _mm256_and_si256(q, low));
+                add(&mut sums, inputs.add(j / 4 * R), lower);
+                let upper = q.map(|q| _mm256_and_si256(_mm256_srli_epi16(q, 4), low));
+                add(&mut sums, inputs.add((GROUPS / 2 + j / 4) * R), upper);
+            }
+            for row in 0..R {
+                let d_x = _mm256_set1_ps(x.scales[b * R + row]);
+                let sum = _mm256_set1_ps(x.sums[b * R + row]);
+                for i in 0..2 {
+                    let s = _mm256_mul_ps(d[i], d_x);
+                    acc[row][i] = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(sums[row][i]), acc[row][i]);
+                    acc[row][i] = _mm256_fmadd_ps(o[i], sum, acc[row][i]);
+                }
+            }
+        }
+        acc
+    }
+}
+
+/// Q6_K (K6): `s_h·(Σ q_x·q − 32·Σ q_x)` for each half `h` of a block,
+/// the quants a nibble and a bit pair.
+///
+/// # Safety
+/// As [`dot_group`], for K6.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline(never)]
+unsafe fn six_bits<const R: usize>(matrix: &PackedMatrix, group: usize, x: &Int8Rows) -> Sums<R> {
+    // SAFETY: as [`dot_group`]; every read is within a record or its head.
+    unsafe {
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        let (low, pair) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x30));
+        for (b, (head, r)) in matrix.records(group).enumerate() {
+            let p = r.as_ptr();
+            let head = head.as_ptr().cast::<f32>();
+            let scales = [scaled(p, head, true), scaled(p.add(GROUP), head, true)];
+            let inputs = x.groups.as_ptr().add(b * GROUPS * R);
+            let mut sums = [[[_mm256_setzero_si256(); 2]; R]; 2];
+            for j in (0..16).step_by(4) {
+                let q = transpose(p.add(2 * GROUP + j * GROUP));
+                let h = transpose(p.add(18 * GROUP + (j % 8) * GROUP));
+                // Input j's bit pair at bits 2·(j / 8), input j + 16's
+                // four higher: both moved to bits 4..5 (16-bit shifts,
+                // whose spill across bytes the mask drops).
+                let (first, second) = if j < 8 {
+                    (h.map(|h| _mm256_slli_epi16(h, 4)), h)
+                } else {
+                    (
+                        h.map(|h| _mm256_slli_epi16(h, 2)),
+                        h.map(|h| _mm256_srli_epi16(h, 2)),
+                    )
+                };
+                let six = |nibble: [__m256i; 2], bits: [__m256i; 2]| {
+                    [0, 1].map(|i| {
+                        _mm256_or_si256(
+                            _mm256_and_si256(nibble[i], low),
+                            _mm256_and_si256(bits[i], pair),
+                        )
+                    })
+                };
+                add(&mut sums[0], inputs.add(j / 4 * R), six(q, first));
+                let upper = q.map(|q| _mm256_srli_epi16(q, 4));
+                let second_half = six(upper, second);
+                add(
+                    &mut sums[1],
+                    inputs.add((GROUPS / 2 + j / 4) * R),
+                    second_half,
+                );
+            }
+            for row in 0..R {
+                let d_x = _mm256_set1_ps(x.scales[b * R + row]);
+                for (half, scale) in scales.iter().enumerate() {
+                    let minus = _mm256_set1_epi32(32 * x.half_sums[(b * R + row) * 2 + half]);
+                    for i in 0..2 {
+                        let sum = _mm256_sub_epi32(sums[half][row][i], minus);
+                        let s = _mm256_mul_ps(scale[i], d_x);
+                        acc[row][i] = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(sum), acc[row][i]);
+                    }
+                }
+            }
+        }
+        acc
+    }
+}
+
+/// Q8_0: `d·Σ q_x·q` a block, the quants signed bytes, multiplied as
+/// `|q|` times `q_x` with `q`'s sign (`vpmaddubsw` wants one factor
+/// unsigned; a pair is at most 2·128·127, within 16 bits).
+///
+/// # Safety
+/// As [`dot_group`], for Q8_0.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline(never)]
+unsafe fn bytes<const R: usize>(matrix: &PackedMatrix, group: usize, x: &Int8Rows) -> Sums<R> {
+    // SAFETY: as [`dot_group`]; every read is within a record.
+    unsafe {
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        let ones = _mm256_set1_epi16(1);
+        for (b, (_, r)) in matrix.records(group).enumerate() {
+            let p = r.as_ptr();
+            let d = halves(p);
+            let inputs = x.groups.as_ptr().add(b * GROUPS * R);
+            let mut sums = [[_mm256_setzero_si256(); 2]; R];
+            for g in 0..GROUPS {
+                let w = transpose(p.add(2 * GROUP + 4 * g * GROUP));
+                let magnitude = w.map(|w| _mm256_abs_epi8(w));
+                for (row, sums) in sums.iter_mut().enumerate() {
+                    let q = _mm256_set1_epi32(*inputs.add(g * R + row));
+                    for i in 0..2 {
+                        let signed = _mm256_sign_epi8(q, w[i]);
+                        let pairs = _mm256_maddubs_epi16(magnitude[i], signed);
+                        sums[i] = _mm256_add_epi32(sums[i], _mm256_madd_epi16(pairs, ones));
+                    }
+                }
+            }
+            for row in 0..R {
+                let d_x = _mm256_set1_ps(x.scales[b * R + row]);
+                for i in 0..2 {
+                    let s = _mm256_mul_ps(d[i], d_x);
+                    acc[row][i] = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(sums[row][i]), acc[row][i]);
+                }
+            }
+        }
+        acc
+    }
+}
+
+/// `Σ q_x·q_w` over `w`'s four inputs of each of `R` rows (their rounded
+/// inputs at `inputs`, one `i32` a row), added to the rows' sums.
+#[inline(always)]
+unsafe fn add<const R: usize>(sums: &mut [[__m256i; 2]; R], inputs: *const i32, w: [__m256i; 2]) {
+    // SAFETY: only called from the kernels above, whose CPU has AVX2, with
+    // R rounded inputs at `inputs`.
+    unsafe {
+        let ones = _mm256_set1_epi16(1);
+        for (row, sums) in sums.iter_mut().enumerate() {
+            let q = _mm256_set1_epi32(*inputs.add(row));
+            for i in 0..2 {
+                let pairs = _mm256_maddubs_epi16(w[i], q);
+                sums[i] = _mm256_add_epi32(sums[i], _mm256_madd_epi16(pairs, ones));
+            }
+        }
+    }
+}
+
+/// The 16 f16 scalars at `p`, in [`transpose`]'s order.
+#[inline(always)]
+unsafe fn halves(p: *const u8) -> [__m256; 2] {
+    // SAFETY: only called from the kernels above, whose CPU has AVX2 and
+    // F16C, on 32 bytes of a record.
+    unsafe {
+        let first = _mm256_cvtph_ps(_mm_loadu_si128(p.cast()));
+        let second = _mm256_cvtph_ps(_mm_loadu_si128(p.add(16).cast()));
+        transposed([first, second])
+    }
+}
+
+/// 16 integer scales at `p` (unsigned or `signed` bytes) times the 16 f32
+/// at `d` (a span's head), in [`transpose`]'s order: exact products.
+#[inline(always)]
+unsafe fn scaled(p: *const u8, d: *const f32, signed: bool) -> [__m256; 2] {
+    // SAFETY: only called from the kernels above, whose CPU has AVX2, on
+    // 16 bytes of a record and 16 f32 of its head. (No closures here: one
+    // kept out of line made K4 three times slower, measured.)
+    unsafe {
+        let (first, second) = (_mm_loadl_epi64(p.cast()), _mm_loadl_epi64(p.add(8).cast()));
+        let (first, second) = if signed {
+            (_mm256_cvtepi8_epi32(first), _mm256_cvtepi8_epi32(second))
+        } else {
+            (_mm256_cvtepu8_epi32(first), _mm256_cvtepu8_epi32(second))
+        };
+        transposed([
+            _mm256_mul_ps(_mm256_cvtepi32_ps(first), _mm256_loadu_ps(d)),
+            _mm256_mul_ps(_mm256_cvtepi32_ps(second), _mm256_loadu_ps(d.add(8))),
+        ])
+    }
+}
+
 /// Four quant rows of 16 bytes at `p` (inputs `j ..+ 4` of the group's 16
 /// output rows) as 32-bit lanes of four bytes, one output row each: output
 /// rows 0-3 and 8-11 in the first vector, 4-7 and 12-15 in the second.
 #[inline(always)]
 unsafe fn transpose(p: *const u8) -> [__m256i; 2] {
-    // SAFETY: only called from `dot_group`, whose CPU has AVX2, on 64
-    // bytes of a record.
+    // SAFETY: only called from the kernels above, whose CPU has AVX2, on
+    // 64 bytes of a record.
     unsafe {
         let zip = _mm256_setr_epi8(
             0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15, 0, 8, 1, 9, 2, 10, 3, 11, 4, 12,
             5, 13, 6, 14, 7, 15,
         );
         // Rows j and j + 1 byte by byte, output rows 0-7 | 8-15; then j + 2, j + 3.
-        let pair = |at: usize| {
-            let v = _mm256_loadu_si256(p.add(at).cast());
-            _mm256_shuffle_epi8(_mm256_permute4x64_epi64::<0xD8>(v), zip)
-        };
-        let (first, second) = (pair(0), pair(2 * GROUP));
+        let first = _mm256_loadu_si256(p.cast());
+        let first = _mm256_shuffle_epi8(_mm256_permute4x64_epi64::<0xD8>(first), zip);
+        let second = _mm256_loadu_si256(p.add(2 * GROUP).cast());
+        let second = _mm256_shuffle_epi8(_mm256_permute4x64_epi64::<0xD8>(second), zip);
         [
             _mm256_unpacklo_epi16(first, second),
             _mm256_unpackhi_epi16(first, second),
@@ -180,7 +286,7 @@ unsafe fn transpose(p: *const u8) -> [__m256i; 2] {
 /// and [`transpose`]'s (0-3 8-11, 4-7 12-15); the same swap both ways.
 #[inline(always)]
 unsafe fn transposed(v: [__m256; 2]) -> [__m256; 2] {
-    // SAFETY: only called from `dot_group`, whose CPU has AVX2.
+    // SAFETY: only called from the kernels above, whose CPU has AVX2.
     unsafe {
         [
             _mm256_permute2f128_ps::<0x20>(v[0], v[1]),
