@@ -351,6 +351,24 @@ fn values_that_used_to_panic() {
         "/proc/not-writable/eval",
     ]);
     assert!(!ok && err.contains("cannot write into --out"), "{err}");
+    let (ok, _, err) = r3(&[
+        "mine",
+        "--model",
+        &model,
+        "--task",
+        "answer",
+        "--data",
+        &data,
+        "--int8-decode",
+        "--engine",
+        "http://127.0.0.1:9",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        !ok && err.contains("--int8-decode is for r3's own decoder"),
+        "{err}"
+    );
 }
 
 /// The shipped shapes are the published models': their parameter counts

@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use r3_model::Activations;
 use r3_tasks::external::ExternalVerifier;
 use r3_tasks::{Prompts, Record, Task};
 
@@ -173,7 +174,7 @@ impl EvalConfig {
         if self.reflection_max_tokens == 0 {
             bail!("--reflection-max-tokens must be at least 1: a reflection needs a token");
         }
-        Ok(())
+        check_decoder(&self.model, self.engines.as_ref())
     }
 }
 
@@ -205,6 +206,15 @@ impl MineConfig {
         if self.max_new_tokens == 0 {
             bail!("--max-new-tokens must be at least 1");
         }
-        Ok(())
+        check_decoder(&self.model, self.engines.as_ref())
     }
+}
+
+/// `--int8-decode` chooses how r3's own decoder samples; engines sample
+/// with their own kernels, so the two together are a mistake to name.
+fn check_decoder(model: &ModelSpec, engines: Option<&EngineConfig>) -> Result<()> {
+    if model.activations == Activations::Int8 && engines.is_some() {
+        bail!("--int8-decode is for r3's own decoder; with --engine the engines sample");
+    }
+    Ok(())
 }

@@ -310,6 +310,12 @@ impl TrainConfig {
                 "must be at least 2: a group of one has no advantage",
             );
         }
+        if self.int8_decode && !self.engines.is_empty() {
+            return bad(
+                "int8_decode",
+                "is for r3's own decoder; with 'engines' the engines sample",
+            );
+        }
         if !(self.learning_rate > 0.0 && self.learning_rate.is_finite()) {
             return bad("learning_rate", "must be a positive number");
         }

@@ -21,6 +21,11 @@ fn unknown_keys_and_impossible_values_name_the_key() {
     assert!(error("", &["beta=-0.1"]).contains("beta"));
     assert!(error("", &["top_p=0"]).contains("top_p"));
     assert!(error("", &["nonsense"]).contains("key=value"));
+    let e = error(
+        "int8_decode = true\nengines = [\"http://127.0.0.1:9\"]\n",
+        &[],
+    );
+    assert!(e.contains("int8_decode"), "{e}");
     assert!(error("max_steps = \"many\"\n", &[]).contains("max_steps"));
     for timeout in ["-1", "nan", "inf", "1e300", "0"] {
         let e = error("", &[&format!("verifier_timeout={timeout}")]);
