@@ -79,6 +79,10 @@ reuse() {
     if [[ -f $2/summary.json && ! -d $OUT/$1 ]]; then
         cp -r "$2" "$OUT/$1"
         log "$1: the committed evaluation ($2)"
+    elif [[ -d $2/partial && ! -d $OUT/$1 ]]; then
+        # Unfinished: its finished chunks, from which `r3 eval` resumes.
+        cp -r "$2" "$OUT/$1"
+        log "$1: the committed chunks of an unfinished evaluation ($2)"
     fi
 }
 

@@ -22,10 +22,11 @@
 #
 # Resumable: every finished evaluation and the mined failures are kept,
 # training continues with --resume auto; rerun the same command. A run
-# often moves to a new machine, so the mined failures (finished or not:
-# mining resumes from their state) and the base evaluation, once
-# committed under docs/results/countdown-qwen2.5-coder-1.5b/, are where a
-# new run directory starts; training starts over there.
+# often moves to a new machine, so the mined failures and the base
+# evaluation, committed under docs/results/countdown-qwen2.5-coder-1.5b/
+# (finished or not: mining resumes from its state, the evaluation from
+# its finished chunks), are where a new run directory starts; training
+# starts over there.
 #   bash experiments/countdown-qwen2.5-coder-1.5b/run.sh [OUT]
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
