@@ -285,7 +285,7 @@ impl BlockWeights {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_support::random;
+    use crate::test_support::{random, random_values};
     use candle_core::quantized::{GgmlDType, QTensor};
 
     fn packed(dtype: GgmlDType, rows: usize, cols: usize) -> (PackedMatrix, Vec<f32>) {
@@ -306,11 +306,7 @@ mod tests {
     #[test]
     fn rounding_keeps_each_input_within_half_a_step() {
         let cols = 96;
-        let x: Vec<f32> = random(&[3, cols], 9, 2.0)
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let x: Vec<f32> = random_values(&[3, cols], 9, 2.0);
         let q = Int8Rows::new(&x, 3, cols);
         for r in 0..3 {
             for b in 0..cols / BLOCK {
@@ -346,11 +342,7 @@ mod tests {
         ] {
             let (rows, cols) = (32, 512);
             let (matrix, w) = packed(dtype, rows, cols);
-            let x: Vec<f32> = random(&[R, cols], 4, 1.0)
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
+            let x: Vec<f32> = random_values(&[R, cols], 4, 1.0);
             let q = Int8Rows::new(&x, R, cols);
             for group in 0..matrix.groups() {
                 let reference = dot_group_portable::<R>(&matrix, group, &q).unwrap();
@@ -406,11 +398,7 @@ mod tests {
         for dtype in [GgmlDType::Q4K, GgmlDType::Q6K, GgmlDType::Q8_0] {
             let (rows, cols) = (16, 1536);
             let (matrix, w) = packed(dtype, rows, cols);
-            let x: Vec<f32> = random(&[R, cols], 8, 1.0)
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
+            let x: Vec<f32> = random_values(&[R, cols], 8, 1.0);
             let dots = dot_group_portable::<R>(&matrix, 0, &Int8Rows::new(&x, R, cols)).unwrap();
             for r in 0..R {
                 for c in 0..rows {

@@ -530,6 +530,26 @@ mod tests {
         }
     }
 
+    /// A random 48-row matrix of `cols` inputs in `dtype`, packed as one
+    /// part, with its encoding and its dequantized values.
+    fn packed_parts(
+        dtype: GgmlDType,
+        cols: usize,
+        seed: u64,
+    ) -> (Encoding, Arc<[PackedMatrix]>, Tensor) {
+        let rows = 48;
+        let q = QTensor::quantize(&random(&[rows, cols], seed, 1.0), dtype).unwrap();
+        let packed = PackedMatrix::from_ggml(dtype, rows, cols, &q.data().unwrap(), None)
+            .expect("a kept or re-cut type")
+            .unwrap();
+        let encoding = packed.encoding();
+        (
+            encoding,
+            vec![packed].into(),
+            q.dequantize(&Device::Cpu).unwrap(),
+        )
+    }
+
     /// Every batch size from 1 to 33 rows (every pass width, and the panel
     /// past the register range), for each encoding with a register range
     /// of its own (Q4_K, Q5_K, Q6_K, Q4_1, Q8_0): the
@@ -545,15 +565,8 @@ mod tests {
             GgmlDType::Q4_1,
             GgmlDType::Q8_0,
         ] {
-            let (rows, cols) = (48, 256);
-            let w = random(&[rows, cols], 7, 1.0);
-            let q = QTensor::quantize(&w, dtype).unwrap();
-            let packed = PackedMatrix::from_ggml(dtype, rows, cols, &q.data().unwrap(), None)
-                .expect("a kept or re-cut type")
-                .unwrap();
-            let encoding = packed.encoding();
-            let parts: Arc<[PackedMatrix]> = vec![packed].into();
-            let dequantized = q.dequantize(&Device::Cpu).unwrap();
+            let cols = 256;
+            let (encoding, parts, dequantized) = packed_parts(dtype, cols, 7);
             let x = random(&[33, cols], 11, 1.0);
             let alone: Vec<Vec<f32>> = (0..33)
                 .map(|r| {
@@ -594,15 +607,8 @@ mod tests {
             GgmlDType::Q4_0,
             GgmlDType::Q8_0,
         ] {
-            let (rows, cols) = (48, 256);
-            let w = random(&[rows, cols], 3, 1.0);
-            let q = QTensor::quantize(&w, dtype).unwrap();
-            let packed = PackedMatrix::from_ggml(dtype, rows, cols, &q.data().unwrap(), None)
-                .unwrap()
-                .unwrap();
-            let encoding = packed.encoding();
-            let parts: Arc<[PackedMatrix]> = vec![packed].into();
-            let dequantized = q.dequantize(&Device::Cpu).unwrap();
+            let cols = 256;
+            let (encoding, parts, dequantized) = packed_parts(dtype, cols, 3);
             let x = random(&[33, cols], 13, 1.0);
             let product = |x: &Tensor| packed_matmul_with(x, &parts, Activations::Int8).unwrap();
             let alone: Vec<Vec<u32>> = (0..33)

@@ -28,3 +28,11 @@ pub fn max_relative_difference(a: &Tensor, b: &Tensor) -> f32 {
     let difference = (a - b).expect("tensors of one shape");
     largest(&difference) / largest(b).max(1e-6)
 }
+
+/// [`random`]'s values as a plain vector.
+pub fn random_values(dims: &[usize], seed: u64, amplitude: f32) -> Vec<f32> {
+    let t = random(dims, seed, amplitude);
+    t.flatten_all()
+        .and_then(|t| t.to_vec1())
+        .expect("an f32 tensor")
+}

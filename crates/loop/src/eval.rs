@@ -108,8 +108,8 @@ pub fn run(
         write(&partial.join(format!("{start:08}.jsonl")), &jsonl(&done))?;
         transcripts.extend(done);
     }
-    let mut summary = summarize(&transcripts, &settings);
-    summary.int8_decode = config.model.activations == Activations::Int8;
+    let int8_decode = config.model.activations == Activations::Int8;
+    let summary = summarize(&transcripts, &settings, int8_decode);
     let json = serde_json::to_vec_pretty(&summary).expect("a summary serializes");
     write(&out.join(SUMMARY_FILE), &json)?;
     write(&out.join(TRANSCRIPTS_FILE), &jsonl(&transcripts))?;
@@ -287,7 +287,11 @@ pub fn evaluate(
 }
 
 /// The paper's columns over `transcripts`.
-fn summarize(transcripts: &[Transcript], settings: &EvalSettings) -> EvalSummary {
+fn summarize(
+    transcripts: &[Transcript],
+    settings: &EvalSettings,
+    int8_decode: bool,
+) -> EvalSummary {
     let n = transcripts.len();
     let first = transcripts
         .iter()
@@ -306,7 +310,7 @@ fn summarize(transcripts: &[Transcript], settings: &EvalSettings) -> EvalSummary
         first_try,
         second_try,
         fixed_by_retry: fixed,
-        int8_decode: false,
+        int8_decode,
         settings: settings.clone(),
     }
 }
