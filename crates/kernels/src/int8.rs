@@ -13,7 +13,7 @@
 //! they do for an external engine's.
 
 use crate::level::CpuLevel;
-use crate::packed::{Encoding, PackedMatrix, BLOCK, GROUP};
+use crate::packed::{lane_offset, Encoding, PackedMatrix, BLOCK, GROUP};
 
 /// How a packed product's inputs enter the register kernels.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -223,7 +223,11 @@ impl BlockWeights {
         let nibbles = |w: &mut Self, at: usize| {
             for j in 0..BLOCK / 2 {
                 for c in 0..GROUP {
-                    let q = record[at + j * GROUP + c];
+                    let q = if encoding.by_lanes() {
+                        record[at + lane_offset(j, c)]
+                    } else {
+                        record[at + j * GROUP + c]
+                    };
                     w.quants[c][j] = (q & 0x0F) as i32;
                     w.quants[c][j + BLOCK / 2] = (q >> 4) as i32;
                 }

@@ -4,7 +4,7 @@
 
 use std::arch::x86_64::*;
 
-use crate::packed::{Encoding, PackedMatrix, BLOCK, GROUP};
+use crate::packed::{Encoding, PackedMatrix, BLOCK, GROUP, ROW_OF_LANE};
 
 /// # Safety
 /// The CPU must support AVX-512F, and `x` must hold `matrix.cols` inputs
@@ -26,6 +26,8 @@ pub(crate) unsafe fn dot_group<const R: usize>(
             }
         };
         let low_nibbles = _mm512_set1_epi32(0x0F);
+        let low_byte = _mm512_set1_epi32(0xFF);
+        let row_of_lane = _mm512_loadu_si512(ROW_OF_LANE.map(|r| r as i32).as_ptr().cast());
         for (b, (head, r)) in matrix.records(group).enumerate() {
             let (k, p) = (b * BLOCK, r.as_ptr());
             let halves = |at: usize| _mm512_cvtph_ps(_mm256_loadu_si256(p.add(at).cast()));
@@ -35,33 +37,55 @@ pub(crate) unsafe fn dot_group<const R: usize>(
             let head = |at: usize| _mm512_loadu_ps(head.as_ptr().cast::<f32>().add(at));
             // An integer scale times a head scalar, exactly.
             let times = |q: __m512i, h: __m512| _mm512_mul_ps(_mm512_cvtepi32_ps(q), h);
+            // The 64 bytes at `at` of a payload laid out by lanes (four
+            // inputs of the 16 rows), the lanes put in row order.
+            let rows = |at: usize| {
+                _mm512_permutexvar_epi32(row_of_lane, _mm512_loadu_si512(p.add(at).cast()))
+            };
+            // Byte `t` of each lane: one input of the 16 rows.
+            let byte = |v: __m512i, t: usize| {
+                _mm512_and_si512(
+                    _mm512_srl_epi32(v, _mm_cvtsi32_si128(8 * t as i32)),
+                    low_byte,
+                )
+            };
             match matrix.encoding() {
                 Encoding::Q4_0 => {
                     let (d, eight) = (halves(0), _mm512_set1_epi32(8));
-                    for j in 0..BLOCK / 2 {
-                        let q = _mm512_cvtepu8_epi32(bytes(2 * GROUP + j * GROUP));
-                        let lo = _mm512_sub_epi32(_mm512_and_si512(q, low_nibbles), eight);
-                        let hi = _mm512_sub_epi32(_mm512_srli_epi32(q, 4), eight);
-                        add(&mut acc, k + j, _mm512_mul_ps(_mm512_cvtepi32_ps(lo), d));
-                        add(
-                            &mut acc,
-                            k + j + BLOCK / 2,
-                            _mm512_mul_ps(_mm512_cvtepi32_ps(hi), d),
-                        );
+                    for j in (0..BLOCK / 2).step_by(4) {
+                        let quants = rows(2 * GROUP + j * GROUP);
+                        for t in 0..4 {
+                            let q = byte(quants, t);
+                            let lo = _mm512_sub_epi32(_mm512_and_si512(q, low_nibbles), eight);
+                            let hi = _mm512_sub_epi32(_mm512_srli_epi32(q, 4), eight);
+                            add(
+                                &mut acc,
+                                k + j + t,
+                                _mm512_mul_ps(_mm512_cvtepi32_ps(lo), d),
+                            );
+                            add(
+                                &mut acc,
+                                k + j + t + BLOCK / 2,
+                                _mm512_mul_ps(_mm512_cvtepi32_ps(hi), d),
+                            );
+                        }
                     }
                 }
                 Encoding::Q4_1 => {
                     let (d, m) = (halves(0), halves(2 * GROUP));
-                    for j in 0..BLOCK / 2 {
-                        let q = _mm512_cvtepu8_epi32(bytes(4 * GROUP + j * GROUP));
-                        let lo = _mm512_cvtepi32_ps(_mm512_and_si512(q, low_nibbles));
-                        let hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4));
-                        add(&mut acc, k + j, _mm512_add_ps(_mm512_mul_ps(lo, d), m));
-                        add(
-                            &mut acc,
-                            k + j + BLOCK / 2,
-                            _mm512_add_ps(_mm512_mul_ps(hi, d), m),
-                        );
+                    for j in (0..BLOCK / 2).step_by(4) {
+                        let quants = rows(4 * GROUP + j * GROUP);
+                        for t in 0..4 {
+                            let q = byte(quants, t);
+                            let lo = _mm512_cvtepi32_ps(_mm512_and_si512(q, low_nibbles));
+                            let hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4));
+                            add(&mut acc, k + j + t, _mm512_add_ps(_mm512_mul_ps(lo, d), m));
+                            add(
+                                &mut acc,
+                                k + j + t + BLOCK / 2,
+                                _mm512_add_ps(_mm512_mul_ps(hi, d), m),
+                            );
+                        }
                     }
                 }
                 Encoding::Q8_0 => {
@@ -97,15 +121,18 @@ pub(crate) unsafe fn dot_group<const R: usize>(
                     let d = times(_mm512_cvtepu8_epi32(bytes(0)), head(0));
                     let o = times(_mm512_cvtepu8_epi32(bytes(GROUP)), head(GROUP));
                     let mut dots = [_mm512_setzero_ps(); R];
-                    for j in 0..BLOCK / 2 {
-                        let q = _mm512_cvtepu8_epi32(bytes(2 * GROUP + j * GROUP));
-                        let lo = _mm512_cvtepi32_ps(_mm512_and_si512(q, low_nibbles));
-                        let hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4));
-                        let first = x.as_ptr().add((k + j) * R);
-                        let second = x.as_ptr().add((k + j + BLOCK / 2) * R);
-                        for (r, dot) in dots.iter_mut().enumerate() {
-                            *dot = _mm512_fmadd_ps(_mm512_set1_ps(*first.add(r)), lo, *dot);
-                            *dot = _mm512_fmadd_ps(_mm512_set1_ps(*second.add(r)), hi, *dot);
+                    for j in (0..BLOCK / 2).step_by(4) {
+                        let quants = rows(2 * GROUP + j * GROUP);
+                        for t in 0..4 {
+                            let q = byte(quants, t);
+                            let lo = _mm512_cvtepi32_ps(_mm512_and_si512(q, low_nibbles));
+                            let hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4));
+                            let first = x.as_ptr().add((k + j + t) * R);
+                            let second = x.as_ptr().add((k + j + t + BLOCK / 2) * R);
+                            for (r, dot) in dots.iter_mut().enumerate() {
+                                *dot = _mm512_fmadd_ps(_mm512_set1_ps(*first.add(r)), lo, *dot);
+                                *dot = _mm512_fmadd_ps(_mm512_set1_ps(*second.add(r)), hi, *dot);
+                            }
                         }
                     }
                     let sums = x.as_ptr().add(matrix.cols() * R + b * R);
