@@ -690,6 +690,25 @@ mod tests {
         gamma * magnitude
     }
 
+    /// The AVX-512 kernel puts a lanes-laid chunk in row order with
+    /// [`ROW_OF_LANE`] (a machine without AVX-512 never runs it): lane `l`
+    /// of the 16 holds that row's four bytes, and the order is its own
+    /// inverse, as that permute needs.
+    #[test]
+    fn row_of_lane_names_the_row_each_lane_holds() {
+        for (lane, &row) in ROW_OF_LANE.iter().enumerate() {
+            assert_eq!(ROW_OF_LANE[row], lane, "an involution");
+            for e in 0..BLOCK / 2 {
+                let chunk = e / 4 * 4 * GROUP;
+                assert_eq!(
+                    lane_offset(e, row),
+                    chunk + 4 * lane + e % 4,
+                    "row {row}, byte {e}"
+                );
+            }
+        }
+    }
+
     /// Every encoding, K-quants (re-cut) included: unpacking (a
     /// group, or one row) gives the dequantizer's values bit for bit, and every kernel the product
     /// with them within f32 rounding.
