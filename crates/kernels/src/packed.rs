@@ -164,7 +164,8 @@ impl Encoding {
 
 /// A weight `[rows, cols]` (outputs × inputs) as interleaved records: for
 /// each group of 16 rows and each block of 32 inputs, the 16 blocks' scales
-/// side by side, then their payloads element by element. In K4 and K6 each
+/// side by side, then their payloads element by element (in the 4-bit
+/// encodings four elements of a row together, [`lane_offset`]). In K4 and K6 each
 /// span of 8 records is preceded by its head: the 16 rows' f32 super-block
 /// scalars, side by side.
 #[derive(Debug, Clone)]

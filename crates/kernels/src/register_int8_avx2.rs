@@ -285,7 +285,7 @@ unsafe fn scaled(p: *const u8, d: *const f32, signed: bool) -> [__m256; 2] {
 }
 
 /// Four quant rows of 16 bytes at `p` (inputs `j ..+ 4` of the group's 16
-/// output rows, Q8_0's layout) as 32-bit lanes of four bytes, one output
+/// output rows, as Q6_K and Q8_0 are packed) as 32-bit lanes of four bytes, one output
 /// row each: output rows 0-3 and 8-11 in the first vector, 4-7 and 12-15
 /// in the second.
 #[inline(always)]
