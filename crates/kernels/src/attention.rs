@@ -4,8 +4,9 @@
 //! Written as matmuls, a decode step's attention is `batch · kv_heads` tiny
 //! GEMMs per layer (three query rows against a few hundred keys), each with
 //! its own dispatch and thread fan-out: about a millisecond per layer at
-//! batch 32, a fifth of the step. Here each row is one task: scores, softmax
-//! and the weighted sum of values for every head, reading the cache in
+//! batch 32, a fifth of the step. Here each row's kv head is one task (so
+//! that a batch of one row still spreads over the threads): scores, softmax
+//! and the weighted sum of values for the query heads that share it, reading the cache in
 //! place and writing the output in the `[batch, t, heads · head_dim]` layout
 //! the output projection wants. A cache column hidden from every query of a
 //! row (a hole: another row's token, in a batch whose rows joined at
@@ -18,7 +19,7 @@ use rayon::prelude::*;
 
 use crate::exp::exp;
 use crate::level::with_vector_features;
-use crate::reduce::{lanes_dot, lanes_sum};
+use crate::reduce::{lanes_dot, lanes_max, lanes_sum};
 use crate::storage::{f32_slice, with_f32_elements};
 
 /// Rows with at most this many new tokens take the fused path; longer
@@ -81,10 +82,26 @@ impl<'a> Rows<'a> {
         })
     }
 
+    /// The rows of batch row `b`'s kv head `h`.
+    fn head(&self, b: usize, h: usize) -> HeadRows<'a> {
+        HeadRows {
+            data: &self.data[b * self.batch_stride + h * self.head_stride..],
+            len_stride: self.len_stride,
+        }
+    }
+}
+
+/// One kv head's `[len, head_dim]` rows in the cache.
+#[derive(Clone, Copy)]
+struct HeadRows<'a> {
+    data: &'a [f32],
+    len_stride: usize,
+}
+
+impl<'a> HeadRows<'a> {
     #[inline(always)]
-    fn row(&self, b: usize, h: usize, j: usize, d: usize) -> &'a [f32] {
-        let at = b * self.batch_stride + h * self.head_stride + j * self.len_stride;
-        &self.data[at..at + d]
+    fn row(&self, j: usize, d: usize) -> &'a [f32] {
+        &self.data[j * self.len_stride..][..d]
     }
 }
 
@@ -112,63 +129,85 @@ impl CustomOp3 for CachedAttention<'_> {
         if self.mask.len() != batch * t * len || heads % kv_heads != 0 {
             candle_core::bail!("fused attention: mask or head counts do not fit")
         }
-        let mut out = vec![0f32; batch * t * heads * d];
-        out.par_chunks_mut(t * heads * d).enumerate().for_each_init(
-            || {
-                let scores = vec![0f32; heads / kv_heads * t * len];
-                (scores, Vec::with_capacity(len))
-            },
-            |(scores, visible), (b, out)| {
-                let row = RowAttention {
-                    q: &q[b * heads * t * d..][..heads * t * d],
-                    mask: &self.mask[b * t * len..][..t * len],
-                    keys: &keys,
-                    values: &values,
-                    b,
-                    heads,
-                    kv_heads,
-                    t,
-                    d,
-                    len,
-                    scale: self.scale,
-                };
-                row.run(scores, visible, out);
-            },
-        );
+        let group = heads / kv_heads;
+        // One task per row and kv head (a batch-1 step still splits over
+        // the threads), writing its query heads' outputs `[t, group · d]`.
+        let mut by_kv_head = vec![0f32; batch * kv_heads * t * group * d];
+        by_kv_head
+            .par_chunks_mut(t * group * d)
+            .enumerate()
+            .for_each_init(
+                || (vec![0f32; group * t * len], Vec::with_capacity(len)),
+                |(scores, visible), (task, out)| {
+                    let (b, kv_head) = (task / kv_heads, task % kv_heads);
+                    let heads_of_group = (b * heads + kv_head * group) * t * d;
+                    let attention = GroupAttention {
+                        q: &q[heads_of_group..][..group * t * d],
+                        mask: &self.mask[b * t * len..][..t * len],
+                        keys: keys.head(b, kv_head),
+                        values: values.head(b, kv_head),
+                        group,
+                        t,
+                        d,
+                        len,
+                        scale: self.scale,
+                    };
+                    attention.run(scores, visible, out);
+                },
+            );
+        let out = if t == 1 {
+            // `[batch, kv_heads, 1, group · d]` is `[batch, 1, heads · d]`.
+            by_kv_head
+        } else {
+            tokens_first(&by_kv_head, kv_heads, t, group * d)
+        };
         Ok((CpuStorage::F32(out), Shape::from((batch, t, heads * d))))
     }
 }
 
-/// Everything one batch row attends with: its queries `[heads, t, d]`,
-/// its mask `[t, len]` and its keys and values in the cache.
-struct RowAttention<'a> {
+/// `[batch, kv_heads, t, width]` as `[batch, t, kv_heads · width]`.
+fn tokens_first(x: &[f32], kv_heads: usize, t: usize, width: usize) -> Vec<f32> {
+    let mut out = vec![0f32; x.len()];
+    for (b, row) in out.chunks_exact_mut(t * kv_heads * width).enumerate() {
+        for (token, slot) in row.chunks_exact_mut(kv_heads * width).enumerate() {
+            for (kv_head, slot) in slot.chunks_exact_mut(width).enumerate() {
+                slot.copy_from_slice(&x[((b * kv_heads + kv_head) * t + token) * width..][..width]);
+            }
+        }
+    }
+    out
+}
+
+/// Everything one batch row's query heads that share a kv head attend
+/// with: their queries `[group, t, d]`, the row's mask `[t, len]` and the
+/// kv head's keys and values in the cache.
+struct GroupAttention<'a> {
     q: &'a [f32],
     mask: &'a [f32],
-    keys: &'a Rows<'a>,
-    values: &'a Rows<'a>,
-    b: usize,
-    heads: usize,
-    kv_heads: usize,
+    keys: HeadRows<'a>,
+    values: HeadRows<'a>,
+    group: usize,
     t: usize,
     d: usize,
     len: usize,
     scale: f32,
 }
 
-impl RowAttention<'_> {
-    /// Writes `out` `[t, heads, d]`, with the widest vector instructions the
-    /// CPU has (the loops below are written for the compiler to vectorize).
+impl GroupAttention<'_> {
+    /// Writes `out` `[t, group, d]`, with the widest vector instructions
+    /// the CPU has (the loops below are written for the compiler to
+    /// vectorize).
     fn run(&self, scores: &mut [f32], visible: &mut Vec<usize>, out: &mut [f32]) {
         with_vector_features!(self.run_portable(scores, visible, out))
     }
 
-    /// The query heads that share a kv head are done together, so that each
-    /// key and value row is read from memory once for all of them. Only the
-    /// columns some query of the row sees take part: a hidden column's
-    /// weight is exactly 0, so leaving it out changes nothing but the cost.
+    /// The query heads are done together, so that each key and value row
+    /// is read from memory once for all of them. Only the columns some
+    /// query of the row sees take part: a hidden column's weight is
+    /// exactly 0, so leaving it out changes nothing but the cost.
     #[inline(always)]
     fn run_portable(&self, scores: &mut [f32], visible: &mut Vec<usize>, out: &mut [f32]) {
-        let (t, d, len) = (self.t, self.d, self.len);
+        let (group, t, d, len) = (self.group, self.t, self.d, self.len);
         visible.clear();
         visible
             .extend((0..len).filter(|&j| (0..t).any(|token| self.mask[token * len + j] > HIDDEN)));
@@ -179,35 +218,34 @@ impl RowAttention<'_> {
         let first = (0..t)
             .find(|&token| self.mask[token * len..][..len].iter().any(|&m| m > HIDDEN))
             .unwrap_or(t);
-        let group = self.heads / self.kv_heads;
-        // Query `n` of a group is head `kv_head · group + n / t`, token `n % t`.
-        let query = |kv_head: usize, n: usize| {
-            let h = kv_head * group + n / t;
-            &self.q[(h * t + n % t) * d..][..d]
-        };
-        let queries = || (0..group * t).filter(|n| n % t >= first);
-        for kv_head in 0..self.kv_heads {
-            for (i, &j) in visible.iter().enumerate() {
-                let key = self.keys.row(self.b, kv_head, j, d);
-                for n in queries() {
-                    let mask = self.mask[(n % t) * len + j];
-                    scores[n * seen + i] = lanes_dot(query(kv_head, n), key) * self.scale + mask;
+        // Scores `[group, t, seen]`: query head `g`, token `token` is row
+        // `g · t + token`.
+        for (i, &j) in visible.iter().enumerate() {
+            let key = self.keys.row(j, d);
+            for g in 0..group {
+                for token in first..t {
+                    let query = &self.q[(g * t + token) * d..][..d];
+                    let mask = self.mask[token * len + j];
+                    scores[(g * t + token) * seen + i] = lanes_dot(query, key) * self.scale + mask;
                 }
             }
-            for n in queries() {
-                let row = &mut scores[n * seen..][..seen];
-                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        }
+        for g in 0..group {
+            for token in first..t {
+                let row = &mut scores[(g * t + token) * seen..][..seen];
+                let max = lanes_max(row);
                 row.iter_mut().for_each(|score| *score = exp(*score - max));
-                let total = lanes_sum(row);
-                row.iter_mut().for_each(|p| *p /= total);
+                let inverse = 1.0 / lanes_sum(row);
+                row.iter_mut().for_each(|p| *p *= inverse);
             }
-            for (i, &j) in visible.iter().enumerate() {
-                let value = self.values.row(self.b, kv_head, j, d);
-                for n in queries() {
-                    let p = scores[n * seen + i];
+        }
+        for (i, &j) in visible.iter().enumerate() {
+            let value = self.values.row(j, d);
+            for g in 0..group {
+                for token in first..t {
+                    let p = scores[(g * t + token) * seen + i];
                     if p != 0.0 {
-                        let h = kv_head * group + n / t;
-                        axpy(p, value, &mut out[((n % t) * self.heads + h) * d..][..d]);
+                        axpy(p, value, &mut out[(token * group + g) * d..][..d]);
                     }
                 }
             }
@@ -219,5 +257,106 @@ impl RowAttention<'_> {
 fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
     for (y, x) in y.iter_mut().zip(x) {
         *y += alpha * x;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_support::{max_relative_difference, random};
+
+    /// Row 0 sees its causal prefix; row 1 the same with two holes (another
+    /// row's columns); row 2's first token is a padding slot that sees
+    /// nothing. Token `i` of `t` sees the columns up to `len − t + i`.
+    fn mask(batch: usize, t: usize, len: usize) -> Vec<f32> {
+        let mut mask = vec![-1e9f32; batch * t * len];
+        for b in 0..batch {
+            for token in 0..t {
+                if b % 3 == 2 && token == 0 && t > 1 {
+                    continue;
+                }
+                for j in 0..=len - t + token {
+                    if !(b % 3 == 1 && (j == 2 || j == 5)) {
+                        mask[(b * t + token) * len + j] = 0.0;
+                    }
+                }
+            }
+        }
+        mask
+    }
+
+    /// Softmax attention in f64, one query at a time; a query that sees no
+    /// column gives 0.
+    fn reference(q: &Tensor, k: &Tensor, v: &Tensor, mask: &[f32], scale: f32) -> Tensor {
+        let (batch, heads, t, d) = q.dims4().unwrap();
+        let (kv_heads, len) = (k.dim(1).unwrap(), k.dim(2).unwrap());
+        let values = |x: &Tensor| x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let (q, k, v) = (values(q), values(k), values(v));
+        let mut out = vec![0f32; batch * t * heads * d];
+        for b in 0..batch {
+            for h in 0..heads {
+                let kv = h / (heads / kv_heads);
+                let cache =
+                    |x: &[f32], j: usize, e: usize| x[((b * kv_heads + kv) * len + j) * d + e];
+                for token in 0..t {
+                    let row = &mask[(b * t + token) * len..][..len];
+                    if row.iter().all(|&m| m <= HIDDEN) {
+                        continue;
+                    }
+                    let scores: Vec<f64> = (0..len)
+                        .map(|j| {
+                            let dot: f64 = (0..d)
+                                .map(|e| {
+                                    q[((b * heads + h) * t + token) * d + e] as f64
+                                        * cache(&k, j, e) as f64
+                                })
+                                .sum();
+                            dot * scale as f64 + row[j] as f64
+                        })
+                        .collect();
+                    let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                    let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+                    let total: f64 = weights.iter().sum();
+                    for e in 0..d {
+                        let sum: f64 = (0..len).map(|j| weights[j] * cache(&v, j, e) as f64).sum();
+                        out[((b * t + token) * heads + h) * d + e] = (sum / total) as f32;
+                    }
+                }
+            }
+        }
+        Tensor::from_vec(out, (batch, t, heads * d), q_device()).unwrap()
+    }
+
+    fn q_device() -> &'static candle_core::Device {
+        &candle_core::Device::Cpu
+    }
+
+    #[test]
+    fn cached_attention_is_softmax_attention_over_the_visible_columns() {
+        // Head sizes with and without a tail past the 16 lanes; grouped
+        // (3 query heads a kv head) and not; one token a row and several.
+        for (heads, kv_heads, d) in [(6, 2, 20), (4, 4, 64), (9, 3, 64)] {
+            for t in [1, 3] {
+                let (batch, len, scale) = (4, 13, 1.0 / (d as f32).sqrt());
+                let q = random(&[batch, heads, t, d], 1, 1.0);
+                let k = random(&[batch, kv_heads, len, d], 2, 1.0);
+                let v = random(&[batch, kv_heads, len, d], 3, 1.0);
+                let mask = mask(batch, t, len);
+                let mask_tensor =
+                    Tensor::from_vec(mask.clone(), (batch, 1, 1, t, len), q_device()).unwrap();
+                let got = cached_attention(&q, &k, &v, &mask_tensor, scale).unwrap();
+                let expected = reference(&q, &k, &v, &mask, scale);
+                let difference = max_relative_difference(&got, &expected);
+                assert!(
+                    difference < 1e-5,
+                    "heads {heads}/{kv_heads}, d {d}, t {t}: {difference}"
+                );
+                if t > 1 {
+                    // The padding slot's output is exactly 0.
+                    let slot = got.get(2).unwrap().get(0).unwrap().abs().unwrap();
+                    assert_eq!(slot.max(0).unwrap().to_scalar::<f32>().unwrap(), 0.0);
+                }
+            }
+        }
     }
 }

@@ -12,7 +12,7 @@
 //! weights of training measure and correct the sampler–trainer gap as
 //! they do for an external engine's.
 
-use crate::level::CpuLevel;
+use crate::level::{with_vector_features, CpuLevel};
 use crate::packed::{lane_offset, Encoding, PackedMatrix, BLOCK, GROUP};
 
 /// How a packed product's inputs enter the register kernels.
@@ -69,30 +69,47 @@ impl Int8Rows {
             half_sums: vec![0; blocks * rows * 2],
             rows,
         };
+        with_vector_features!(out.round(x, cols));
+        out
+    }
+
+    /// Fills the rows from `x`, in loops written for the compiler to
+    /// vectorize: the largest magnitude in eight running maxima, and the
+    /// rounding to nearest with ties to even, one vector instruction (ties
+    /// away from zero, `f32::round`, is a library call per input, which
+    /// took a third of this function's time in batch-1 decoding).
+    #[inline(always)]
+    fn round(&mut self, x: &[f32], cols: usize) {
+        let rows = self.rows;
         for (r, row) in x.chunks_exact(cols).take(rows).enumerate() {
             for (b, block) in row.chunks_exact(BLOCK).enumerate() {
-                let largest = block.iter().fold(0f32, |m, v| m.max(v.abs()));
-                let d = largest / 127.0;
-                let q: [i8; BLOCK] = std::array::from_fn(|i| {
-                    if d > 0.0 {
-                        (block[i] / d).round().clamp(-127.0, 127.0) as i8
-                    } else {
-                        0
+                let mut maxima = [0f32; 8];
+                for chunk in block.chunks_exact(8) {
+                    for (m, v) in maxima.iter_mut().zip(chunk) {
+                        *m = m.max(v.abs());
                     }
-                });
+                }
+                let largest = maxima.iter().fold(0f32, |m, v| m.max(*v));
+                let d = largest / 127.0;
+                let inverse = if d > 0.0 { 1.0 / d } else { 0.0 };
+                // A plain loop: `array::from_fn` is not inlined into this
+                // function's vector features.
+                let mut q = [0i8; BLOCK];
+                for (q, v) in q.iter_mut().zip(block) {
+                    *q = (v * inverse).round_ties_even().clamp(-127.0, 127.0) as i8;
+                }
                 for g in 0..GROUPS {
                     let bytes = [0, 1, 2, 3].map(|i| q[4 * g + i] as u8);
-                    out.groups[(b * GROUPS + g) * rows + r] = i32::from_le_bytes(bytes);
+                    self.groups[(b * GROUPS + g) * rows + r] = i32::from_le_bytes(bytes);
                 }
-                out.scales[b * rows + r] = d;
-                out.sums[b * rows + r] = block.iter().sum();
+                self.scales[b * rows + r] = d;
+                self.sums[b * rows + r] = block.iter().sum();
                 for h in 0..2 {
                     let half = &q[h * BLOCK / 2..(h + 1) * BLOCK / 2];
-                    out.half_sums[(b * rows + r) * 2 + h] = half.iter().map(|&v| v as i32).sum();
+                    self.half_sums[(b * rows + r) * 2 + h] = half.iter().map(|&v| v as i32).sum();
                 }
             }
         }
-        out
     }
 
     /// Rows held.
