@@ -5,10 +5,10 @@
 //! GEMMs per layer (three query rows against a few hundred keys), each with
 //! its own dispatch and thread fan-out: about a millisecond per layer at
 //! batch 32, a fifth of the step. Here each row's kv head is one task (so
-//! that a batch of one row still spreads over the threads): scores, softmax
-//! and the weighted sum of values for the query heads that share it, reading the cache in
-//! place and writing the output in the `[batch, t, heads · head_dim]` layout
-//! the output projection wants. A cache column hidden from every query of a
+//! that a batch of one row still spreads over the threads): scores,
+//! softmax and the weighted sum of values for the query heads that share
+//! it, reading the cache in place, the output gathered in the `[batch, t,
+//! heads · head_dim]` layout the output projection wants. A cache column hidden from every query of a
 //! row (a hole: another row's token, in a batch whose rows joined at
 //! different times) takes no part, so a row costs its own columns, not the
 //! batch's. There is no backward: forwards that need
@@ -264,6 +264,7 @@ fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
 mod tests {
     use super::*;
     use crate::test_support::{max_relative_difference, random};
+    use candle_core::Device;
 
     /// Row 0 sees its causal prefix; row 1 the same with two holes (another
     /// row's columns); row 2's first token is a padding slot that sees
@@ -324,11 +325,7 @@ mod tests {
                 }
             }
         }
-        Tensor::from_vec(out, (batch, t, heads * d), q_device()).unwrap()
-    }
-
-    fn q_device() -> &'static candle_core::Device {
-        &candle_core::Device::Cpu
+        Tensor::from_vec(out, (batch, t, heads * d), &Device::Cpu).unwrap()
     }
 
     #[test]
@@ -343,7 +340,7 @@ mod tests {
                 let v = random(&[batch, kv_heads, len, d], 3, 1.0);
                 let mask = mask(batch, t, len);
                 let mask_tensor =
-                    Tensor::from_vec(mask.clone(), (batch, 1, 1, t, len), q_device()).unwrap();
+                    Tensor::from_vec(mask.clone(), (batch, 1, 1, t, len), &Device::Cpu).unwrap();
                 let got = cached_attention(&q, &k, &v, &mask_tensor, scale).unwrap();
                 let expected = reference(&q, &k, &v, &mask, scale);
                 let difference = max_relative_difference(&got, &expected);
