@@ -101,23 +101,25 @@ pub fn packed_matmul_with(
 const INT8_PASS: usize = 4;
 
 /// The most rows a product with weights in `encoding` takes the integer
-/// kernel at (within the register range): Q8_0's signed weights cost two
-/// more operations a row, and past one pass it measured 8% slower than
-/// the exact kernel (`r3 bench kernels --rows 8 --int8`, Zen 3), where it
-/// is 20% faster at one row; the others gain at every count.
+/// kernel at: Q8_0's signed weights cost two more operations a row, and
+/// past one pass it measured 8% slower than the exact kernel (`r3 bench
+/// kernels --rows 8 --int8`, Zen 3), where it is 20% faster at one row;
+/// the others up to the register range of the fastest exact kernels (K4's),
+/// K6 included, whose exact kernel hands over to the panel at 16 rows on
+/// AVX2.
 fn max_int8_rows(encoding: Encoding) -> usize {
     match encoding {
         _ if !has_int8_kernel(encoding) => 0,
         Encoding::Q8_0 => INT8_PASS,
-        _ => usize::MAX,
+        _ => max_register_rows(Encoding::K4),
     }
 }
 
 /// Whether a product of `rows` rows with weights in `encoding` takes the
-/// integer kernel when its activations are [`Activations::Int8`]: in the
-/// register range, where the encoding has one that pays at that count.
+/// integer kernel when its activations are [`Activations::Int8`]: where
+/// the encoding has one that pays at that count.
 pub fn takes_int8(encoding: Encoding, rows: usize) -> bool {
-    register_rows() > 0 && rows <= max_register_rows(encoding) && rows <= max_int8_rows(encoding)
+    register_rows() > 0 && rows <= max_int8_rows(encoding)
 }
 
 /// Splits `units` into contiguous blocks of about `UNITS_PER_BLOCK`, as
