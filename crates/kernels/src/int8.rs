@@ -405,6 +405,53 @@ mod tests {
         }
     }
 
+    /// The largest sums a block can reach (every weight at its largest
+    /// quant, every input at ±127) come out of each vector level as out
+    /// of the reference, whose sums are 32-bit: the vector kernels' 16-bit
+    /// pair sums must not overflow.
+    #[test]
+    fn the_largest_block_sums_do_not_overflow() {
+        const R: usize = 2;
+        let (rows, cols) = (16, 512);
+        // One weight in 16 at -1, the others just under 1: quant 15 of 4
+        // bits (the minimum at -1), 63 of Q6_K's 6 (its scale set by -1
+        // as -32).
+        let w: Vec<f32> = (0..rows * cols)
+            .map(|i| if i % 16 == 0 { -1.0 } else { 31.0 / 32.0 })
+            .collect();
+        let x: Vec<f32> = (0..R * cols)
+            .map(|i| if i < cols { 1.0 } else { -1.0 })
+            .collect();
+        let q = Int8Rows::new(&x, R, cols);
+        assert!((0..cols).all(|k| q.quant(0, k) == 127 && q.quant(1, k) == -127));
+        for dtype in [GgmlDType::Q4_1, GgmlDType::Q4K, GgmlDType::Q6K] {
+            let tensor =
+                candle_core::Tensor::from_vec(w.clone(), (rows, cols), &candle_core::Device::Cpu)
+                    .unwrap();
+            let quantized = QTensor::quantize(&tensor, dtype).unwrap();
+            let matrix =
+                PackedMatrix::from_ggml(dtype, rows, cols, &quantized.data().unwrap(), None)
+                    .unwrap()
+                    .unwrap();
+            let reference = dot_group_portable::<R>(&matrix, 0, &q).unwrap();
+            let want = (cols / 16) as f32 * (15.0 * 31.0 / 32.0 - 1.0);
+            for (r, sign) in [(0, 1.0), (1, -1.0)] {
+                for &got in &reference[r] {
+                    assert!((got - sign * want).abs() < 0.02 * want, "{dtype:?}: {got}");
+                }
+            }
+            for level in CpuLevel::available() {
+                if let Some(dots) = dot_group_at::<R>(level, &matrix, 0, &q) {
+                    assert_eq!(
+                        dots.map(|r| r.map(f32::to_bits)),
+                        reference.map(|r| r.map(f32::to_bits)),
+                        "{dtype:?} at {level:?}"
+                    );
+                }
+            }
+        }
+    }
+
     /// The offset of block `b` of row `16·group + c`, as the reference reads it.
     fn matrix_offset(matrix: &PackedMatrix, group: usize, b: usize, c: usize) -> f32 {
         let (head, record) = matrix.records(group).nth(b).unwrap();

@@ -6,7 +6,9 @@
 //! records are transposed to as they are read; `vpmaddubsw` multiplies them
 //! by four rounded inputs and adds pairs, `vpmaddwd` adds the pairs: 32
 //! products in three instructions, where the exact kernel spends about
-//! three on each 8 weights before its multiply-add.
+//! three on each 8 weights before its multiply-add. The pairs are added in
+//! 16 bits first as far as their bounds allow (a whole block of the 4-bit
+//! encodings, two results of Q6_K's), and widened once.
 //!
 //! One function per encoding family, each compiled on its own: with every
 //! family in one loop, the one-row kernel of the 4-bit ones ran 20-25%
@@ -89,20 +91,29 @@ unsafe fn nibbles<const R: usize>(matrix: &PackedMatrix, group: usize, x: &Int8R
                 }
             };
             let inputs = x.groups.as_ptr().add(b * GROUPS * R);
-            let mut sums = [[_mm256_setzero_si256(); 2]; R];
+            // Pair sums of 16 bits for the whole block: its eight
+            // `vpmaddubsw` results a row are each at most 2·15·127 in
+            // magnitude (nibbles times inputs within ±127), so their sum,
+            // 30480 at most, cannot overflow, and one `vpmaddwd` a row
+            // widens it where each result took one (measured:
+            // docs/performance.md, "Sixteen-bit sums in the 4-bit
+            // integer kernel").
+            let mut pairs = [[_mm256_setzero_si256(); 2]; R];
             for j in (0..16).step_by(4) {
                 let q = by_lanes(p.add(quants + j * GROUP));
                 let lower = q.map(|q| _mm256_and_si256(q, low));
-                add(&mut sums, inputs.add(j / 4 * R), lower);
+                add_pairs(&mut pairs, inputs.add(j / 4 * R), lower);
                 let upper = q.map(|q| _mm256_and_si256(_mm256_srli_epi16(q, 4), low));
-                add(&mut sums, inputs.add((GROUPS / 2 + j / 4) * R), upper);
+                add_pairs(&mut pairs, inputs.add((GROUPS / 2 + j / 4) * R), upper);
             }
+            let ones = _mm256_set1_epi16(1);
             for row in 0..R {
                 let d_x = _mm256_set1_ps(x.scales[b * R + row]);
                 let sum = _mm256_set1_ps(x.sums[b * R + row]);
                 for i in 0..2 {
                     let s = _mm256_mul_ps(d[i], d_x);
-                    acc[row][i] = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(sums[row][i]), acc[row][i]);
+                    let dot = _mm256_madd_epi16(pairs[row][i], ones);
+                    acc[row][i] = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(dot), acc[row][i]);
                     acc[row][i] = _mm256_fmadd_ps(o[i], sum, acc[row][i]);
                 }
             }
@@ -122,7 +133,6 @@ unsafe fn six_bits<const R: usize>(matrix: &PackedMatrix, group: usize, x: &Int8
     // SAFETY: as [`dot_group`]; every read is within a record or its head.
     unsafe {
         let mut acc = [[_mm256_setzero_ps(); 2]; R];
-        let (low, pair) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x30));
         for (b, (head, r)) in matrix.records(group).enumerate() {
             let p = r.as_ptr();
             prefetch(r);
@@ -130,36 +140,15 @@ unsafe fn six_bits<const R: usize>(matrix: &PackedMatrix, group: usize, x: &Int8
             let scales = [scaled(p, head, true), scaled(p.add(GROUP), head, true)];
             let inputs = x.groups.as_ptr().add(b * GROUPS * R);
             let mut sums = [[[_mm256_setzero_si256(); 2]; R]; 2];
-            for j in (0..16).step_by(4) {
-                let q = transpose(p.add(2 * GROUP + j * GROUP));
-                let h = transpose(p.add(18 * GROUP + (j % 8) * GROUP));
-                // Input j's bit pair at bits 2·(j / 8), input j + 16's
-                // four higher: both moved to bits 4..5 (16-bit shifts,
-                // whose spill across bytes the mask drops).
-                let (first, second) = if j < 8 {
-                    (h.map(|h| _mm256_slli_epi16(h, 4)), h)
-                } else {
-                    (
-                        h.map(|h| _mm256_slli_epi16(h, 2)),
-                        h.map(|h| _mm256_srli_epi16(h, 2)),
-                    )
-                };
-                let six = |nibble: [__m256i; 2], bits: [__m256i; 2]| {
-                    [0, 1].map(|i| {
-                        _mm256_or_si256(
-                            _mm256_and_si256(nibble[i], low),
-                            _mm256_and_si256(bits[i], pair),
-                        )
-                    })
-                };
-                add(&mut sums[0], inputs.add(j / 4 * R), six(q, first));
-                let upper = q.map(|q| _mm256_srli_epi16(q, 4));
-                let second_half = six(upper, second);
-                add(
-                    &mut sums[1],
-                    inputs.add((GROUPS / 2 + j / 4) * R),
-                    second_half,
-                );
+            // Inputs j and j + 4 of each half in one 16-bit sum before it
+            // is widened: two `vpmaddubsw` results of at most 2·63·127 in
+            // magnitude, 32004 at most.
+            for j in [0, 8] {
+                let (a, b) = (six_bit_quants(p, j), six_bit_quants(p, j + 4));
+                for half in 0..2 {
+                    let at = |j: usize| inputs.add((half * GROUPS / 2 + j / 4) * R);
+                    add_two(&mut sums[half], [at(j), at(j + 4)], [a[half], b[half]]);
+                }
             }
             for row in 0..R {
                 let d_x = _mm256_set1_ps(x.scales[b * R + row]);
@@ -220,19 +209,86 @@ unsafe fn bytes<const R: usize>(matrix: &PackedMatrix, group: usize, x: &Int8Row
     }
 }
 
-/// `Σ q_x·q_w` over `w`'s four inputs of each of `R` rows (their rounded
-/// inputs at `inputs`, one `i32` a row), added to the rows' sums.
+/// The six-bit quants of inputs `j ..+ 4` of a Q6_K record at `p` (its
+/// first half) and of inputs `j + 16 ..+ 4` (its second), as
+/// [`transpose`] lays them out: a nibble and a bit pair each.
 #[inline(always)]
-unsafe fn add<const R: usize>(sums: &mut [[__m256i; 2]; R], inputs: *const i32, w: [__m256i; 2]) {
+unsafe fn six_bit_quants(p: *const u8, j: usize) -> [[__m256i; 2]; 2] {
+    // SAFETY: only called from the kernels above, whose CPU has AVX2, on a
+    // Q6_K record.
+    unsafe {
+        let (low, pair) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x30));
+        let q = transpose(p.add(2 * GROUP + j * GROUP));
+        let h = transpose(p.add(18 * GROUP + (j % 8) * GROUP));
+        // Input j's bit pair at bits 2·(j / 8), input j + 16's four
+        // higher: both moved to bits 4..5 (16-bit shifts, whose spill
+        // across bytes the mask drops).
+        let (first, second) = if j < 8 {
+            (h.map(|h| _mm256_slli_epi16(h, 4)), h)
+        } else {
+            (
+                h.map(|h| _mm256_slli_epi16(h, 2)),
+                h.map(|h| _mm256_srli_epi16(h, 2)),
+            )
+        };
+        let six = |nibble: [__m256i; 2], bits: [__m256i; 2]| {
+            [0, 1].map(|i| {
+                _mm256_or_si256(
+                    _mm256_and_si256(nibble[i], low),
+                    _mm256_and_si256(bits[i], pair),
+                )
+            })
+        };
+        [
+            six(q, first),
+            six(q.map(|q| _mm256_srli_epi16(q, 4)), second),
+        ]
+    }
+}
+
+/// `Σ q_x·q_w` over the four inputs of each of `w`'s two vectors, for
+/// each of `R` rows (their rounded inputs at `inputs[k]`, one `i32` a
+/// row), added to the rows' sums; the two products meet in 16 bits, so
+/// each must be at most 16383 in magnitude.
+#[inline(always)]
+unsafe fn add_two<const R: usize>(
+    sums: &mut [[__m256i; 2]; R],
+    inputs: [*const i32; 2],
+    w: [[__m256i; 2]; 2],
+) {
     // SAFETY: only called from the kernels above, whose CPU has AVX2, with
-    // R rounded inputs at `inputs`.
+    // R rounded inputs at each of `inputs`.
     unsafe {
         let ones = _mm256_set1_epi16(1);
         for (row, sums) in sums.iter_mut().enumerate() {
+            let q = inputs.map(|inputs| _mm256_set1_epi32(*inputs.add(row)));
+            for i in 0..2 {
+                let pairs = _mm256_add_epi16(
+                    _mm256_maddubs_epi16(w[0][i], q[0]),
+                    _mm256_maddubs_epi16(w[1][i], q[1]),
+                );
+                sums[i] = _mm256_add_epi32(sums[i], _mm256_madd_epi16(pairs, ones));
+            }
+        }
+    }
+}
+
+/// `q_x·q_w` over `w`'s four inputs of each of `R` rows (their rounded
+/// inputs at `inputs`, one `i32` a row) as pair sums of 16 bits, added to
+/// the rows' pair sums; the caller bounds how many are added.
+#[inline(always)]
+unsafe fn add_pairs<const R: usize>(
+    pairs: &mut [[__m256i; 2]; R],
+    inputs: *const i32,
+    w: [__m256i; 2],
+) {
+    // SAFETY: only called from the kernels above, whose CPU has AVX2, with
+    // R rounded inputs at `inputs`.
+    unsafe {
+        for (row, pairs) in pairs.iter_mut().enumerate() {
             let q = _mm256_set1_epi32(*inputs.add(row));
             for i in 0..2 {
-                let pairs = _mm256_maddubs_epi16(w[i], q);
-                sums[i] = _mm256_add_epi32(sums[i], _mm256_madd_epi16(pairs, ones));
+                pairs[i] = _mm256_add_epi16(pairs[i], _mm256_maddubs_epi16(w[i], q));
             }
         }
     }
