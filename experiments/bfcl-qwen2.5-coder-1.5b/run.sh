@@ -69,13 +69,18 @@ split
 results=$root/docs/results/bfcl-qwen2.5-coder-1.5b
 reuse_failures "$results/mined"
 mine "$OUT/train.jsonl" 4
-# The held-out evaluations are committed too (an hour or two each): a new
-# run directory starts from them (the split and the settings are fixed).
-# eval-trained is that of the committed adapter, so it is taken only where
-# this run evaluates that adapter (not when it trains again).
-reuse eval-base "$results/eval-base"
+# The evaluations, held out and forgetting, are committed too (up to an
+# hour or two each): a new run directory starts from them (the splits and
+# the settings are fixed), so that the ablation can follow at once. The
+# trained model's are those of the committed adapter, so they are taken
+# only where this run evaluates that adapter (not when it trains again).
+for name in eval-base forget-base forget-countdown-base; do
+    reuse "$name" "$results/$name"
+done
 if [[ ${TRAIN_AGAIN:-0} != 1 && ! -d $OUT/train ]]; then
-    reuse eval-trained "$results/eval-trained"
+    for name in eval-trained forget-trained forget-countdown-trained; do
+        reuse "$name" "$results/$name"
+    done
 fi
 # Training took sessions of a 2-core CPU (2026-12-03 to 05); its result,
 # checkpoint-30's adapter in bf16, is committed. A run directory without
