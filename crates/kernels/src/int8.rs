@@ -405,10 +405,12 @@ mod tests {
         }
     }
 
-    /// The largest sums a block can reach (every weight at its largest
-    /// quant, every input at ±127) come out of each vector level as out
-    /// of the reference, whose sums are 32-bit: the vector kernels' 16-bit
-    /// pair sums must not overflow.
+    /// The largest sums a block can reach come out of each vector level as
+    /// out of the reference, whose sums are 32-bit: the vector kernels'
+    /// 16-bit pair sums must not overflow. Every input is ±127 and 15
+    /// weights in 16 are at their largest quant, so the pair sums of odd
+    /// pairs (no weight of input 0 or 16 in them) reach the bounds: 30480
+    /// in the 4-bit kernel, 32004 in Q6_K's.
     #[test]
     fn the_largest_block_sums_do_not_overflow() {
         const R: usize = 2;
@@ -433,6 +435,12 @@ mod tests {
                 PackedMatrix::from_ggml(dtype, rows, cols, &quantized.data().unwrap(), None)
                     .unwrap()
                     .unwrap();
+            let largest = if dtype == GgmlDType::Q6K { 63 } else { 15 };
+            for (head, record) in matrix.records(0) {
+                let quants = BlockWeights::new(matrix.encoding(), head, record).quants;
+                let at_largest = quants.iter().flatten().filter(|&&q| q == largest);
+                assert_eq!(at_largest.count(), GROUP * (BLOCK - 2), "{dtype:?}");
+            }
             let reference = dot_group_portable::<R>(&matrix, 0, &q).unwrap();
             let want = (cols / 16) as f32 * (15.0 * 31.0 / 32.0 - 1.0);
             for (r, sign) in [(0, 1.0), (1, -1.0)] {
