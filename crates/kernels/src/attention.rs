@@ -330,9 +330,10 @@ mod tests {
 
     #[test]
     fn cached_attention_is_softmax_attention_over_the_visible_columns() {
-        // Head sizes with and without a tail past the 16 lanes; grouped
-        // (3 query heads a kv head) and not; one token a row and several.
-        for (heads, kv_heads, d) in [(6, 2, 20), (4, 4, 64), (9, 3, 64)] {
+        // Head sizes with and without a tail past the 16 lanes (128: the
+        // Qwen models'); grouped (3 query heads a kv head) and not; one
+        // token a row and several.
+        for (heads, kv_heads, d) in [(6, 2, 20), (4, 4, 64), (9, 3, 64), (4, 2, 128)] {
             for t in [1, 3] {
                 let (batch, len, scale) = (4, 13, 1.0 / (d as f32).sqrt());
                 let q = random(&[batch, heads, t, d], 1, 1.0);
