@@ -261,7 +261,7 @@ unsafe fn add_two<const R: usize>(
     unsafe {
         let ones = _mm256_set1_epi16(1);
         for (row, sums) in sums.iter_mut().enumerate() {
-            let q = inputs.map(|inputs| _mm256_set1_epi32(*inputs.add(row)));
+            let q = inputs.map(|at| _mm256_set1_epi32(*at.add(row)));
             for i in 0..2 {
                 let pairs = _mm256_add_epi16(
                     _mm256_maddubs_epi16(w[0][i], q[0]),
