@@ -25,8 +25,8 @@
 # often moves to a new machine, so the mined failures and the base
 # evaluation, committed under docs/results/countdown-qwen2.5-coder-1.5b/
 # (finished or not: mining resumes from its state, the evaluation from
-# its finished chunks), are where a new run directory starts; training
-# starts over there.
+# its finished chunks), are where a new run directory starts; so is the
+# trained adapter, once committed.
 #   bash experiments/countdown-qwen2.5-coder-1.5b/run.sh [OUT]
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
@@ -62,7 +62,17 @@ reuse_failures "$results/mined"
 mine "$OUT/train.jsonl" 16
 reuse eval-base "$results/eval-base"
 evaluate eval-base "$MODEL" "$OUT/heldout.jsonl"
-checkpoint=$(train)
+# Training took sessions of a 2-core CPU (2026-12-05 to 06); its result,
+# checkpoint-30's adapter in bf16, is committed. A run directory without
+# the training evaluates that adapter instead of training for hours again
+# (TRAIN_AGAIN=1 trains).
+adapter=$results/adapter
+if [[ ${TRAIN_AGAIN:-0} != 1 && -f $adapter/adapter_config.json && ! -d $OUT/train ]]; then
+    checkpoint=$adapter
+    log "train: the committed adapter ($adapter)"
+else
+    checkpoint=$(train)
+fi
 evaluate eval-trained "$checkpoint" "$OUT/heldout.jsonl"
 evaluate forget-trained "$checkpoint" "$OUT/forget-arithmetic.jsonl" answer 16 64
 evaluate forget-bfcl-trained "$checkpoint" "$OUT/forget-bfcl.jsonl" bfcl 256 192
