@@ -11,6 +11,10 @@
 #   PROMPTS  a prompts TOML for every step, or ""
 #   TRAIN    the training config (TOML)
 #   BASE_MODEL  the name `r3 fetch` knows the base by (artifacts only)
+#
+# bash reads a script as it runs it: change a running experiment's
+# run.sh only by replacing the file (git checkout, mv), never in place,
+# or the run goes on from its old offset in the new text.
 set -euo pipefail
 
 log() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$OUT/run.log" >&2; }
