@@ -137,6 +137,12 @@ artifacts() {
         "$R" report "$OUT/train" >/dev/null
         cp "$OUT/train/training.png" "$OUT/train/report.md" "$OUT/train/metrics.jsonl" "$dest/"
     fi
+    # The ablation's training (ablation.sh), beside the run's.
+    if [[ -d $OUT/train-retry ]]; then
+        "$R" report "$OUT/train-retry" >/dev/null
+        cp "$OUT/train-retry/metrics.jsonl" "$dest/metrics-retry.jsonl"
+        cp "$OUT/train-retry/training.png" "$dest/training-retry.png"
+    fi
     # The tables name the evaluations by their run directory: keep the
     # names, not this machine's paths.
     for table in results results-retry; do
