@@ -137,15 +137,25 @@ artifacts() {
         "$R" report "$OUT/train" >/dev/null
         cp "$OUT/train/training.png" "$OUT/train/report.md" "$OUT/train/metrics.jsonl" "$dest/"
     fi
-    # The ablation's training (ablation.sh), beside the run's.
-    if [[ -d $OUT/train-retry ]]; then
-        "$R" report "$OUT/train-retry" >/dev/null
-        cp "$OUT/train-retry/metrics.jsonl" "$dest/metrics-retry.jsonl"
-        cp "$OUT/train-retry/training.png" "$dest/training-retry.png"
+    # Further trainings beside the run's: the ablation (ablation.sh), the
+    # continuation (longer.sh), whose adapter is committed too.
+    local extra suffix
+    for extra in train-retry train-60; do
+        if [[ -d $OUT/$extra ]]; then
+            suffix=${extra#train-}
+            "$R" report "$OUT/$extra" >/dev/null
+            cp "$OUT/$extra/metrics.jsonl" "$dest/metrics-$suffix.jsonl"
+            cp "$OUT/$extra/training.png" "$dest/training-$suffix.png"
+        fi
+    done
+    if [[ -d $OUT/train-60 ]]; then
+        rm -rf "$dest/adapter-60"
+        "$R" export-adapter --adapter "$OUT/train-60/$(cat "$OUT/train-60/last")" \
+            --out "$dest/adapter-60" --base-model "$BASE_MODEL"
     fi
     # The tables name the evaluations by their run directory: keep the
     # names, not this machine's paths.
-    for table in results results-retry; do
+    for table in results results-retry results-60; do
         if [[ -f $OUT/$table.md ]]; then sed "s|$OUT/||g" "$OUT/$table.md" >"$dest/$table.md"; fi
     done
     # Examples: retries the trained model's reflection turned right, records

@@ -13,4 +13,5 @@ source "$root/experiments/lib.sh"
 
 artifacts "${DEST:-$root/docs/results/bfcl-qwen2.5-coder-1.5b}" \
     eval-base eval-trained forget-base forget-trained \
-    forget-countdown-base forget-countdown-trained eval-trained-retry
+    forget-countdown-base forget-countdown-trained eval-trained-retry \
+    eval-trained-60
