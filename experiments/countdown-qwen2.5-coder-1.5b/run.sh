@@ -70,6 +70,11 @@ adapter=$results/adapter
 if [[ ${TRAIN_AGAIN:-0} != 1 && -f $adapter/adapter_config.json && ! -d $OUT/train ]]; then
     checkpoint=$adapter
     log "train: the committed adapter ($adapter)"
+    # Its evaluations, committed as they finish, are those of checkpoint
+    # 30 in f32, of which the adapter is the bf16 copy.
+    for name in eval-trained forget-trained forget-bfcl-trained; do
+        reuse "$name" "$results/$name"
+    done
 else
     checkpoint=$(train)
 fi
