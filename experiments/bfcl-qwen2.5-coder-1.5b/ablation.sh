@@ -7,16 +7,7 @@
 # Resumable like run.sh: rerun the same command.
 #   bash experiments/bfcl-qwen2.5-coder-1.5b/ablation.sh [OUT]
 here=$(cd "$(dirname "$0")" && pwd)
-root=$(cd "$here/../.." && pwd)
-OUT=${1:-$root/runs/bfcl-qwen2.5-coder-1.5b}
-R=${R:-$root/target/release/r3}
-TASK=bfcl
-MODEL=$("$R" fetch qwen2.5-coder-1.5b)
-ATTEMPT_TOKENS=256
-REFLECTION_TOKENS=192
-PROMPTS=""
-TRAIN=$here/train.toml
-source "$root/experiments/lib.sh"
+source "$here/settings.sh" "$@"
 
 if [[ ! -f $OUT/results.md ]]; then
     echo "finish experiments/bfcl-qwen2.5-coder-1.5b/run.sh first: the ablation trains on its mined failures and compares with its eval-base" >&2

@@ -28,16 +28,7 @@
 # kept, training continues with --resume auto; rerun the same command.
 #   bash experiments/bfcl-qwen2.5-coder-1.5b/run.sh [OUT]
 here=$(cd "$(dirname "$0")" && pwd)
-root=$(cd "$here/../.." && pwd)
-OUT=${1:-$root/runs/bfcl-qwen2.5-coder-1.5b}
-R=${R:-$root/target/release/r3}
-TASK=bfcl
-MODEL=$("$R" fetch qwen2.5-coder-1.5b)
-ATTEMPT_TOKENS=256
-REFLECTION_TOKENS=192
-PROMPTS=""
-TRAIN=$here/train.toml
-source "$root/experiments/lib.sh"
+source "$here/settings.sh" "$@"
 
 start
 split() {
