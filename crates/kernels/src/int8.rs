@@ -137,7 +137,8 @@ pub(crate) fn dot_group<const R: usize>(
 }
 
 /// [`dot_group`] at `level` (at most what the CPU runs): tests compare
-/// every level the machine has. AVX-512 CPUs take the AVX2 kernel.
+/// every level the machine has. AVX-512 CPUs with VNNI take its kernel,
+/// those without it the AVX2 one.
 pub(crate) fn dot_group_at<const R: usize>(
     level: CpuLevel,
     matrix: &PackedMatrix,
@@ -157,13 +158,32 @@ pub(crate) fn dot_group_at<const R: usize>(
         return None;
     }
     #[cfg(target_arch = "x86_64")]
-    if level >= CpuLevel::Avx2 {
-        // SAFETY: the CPU supports AVX2, FMA and F16C (checked above), `x`
-        // holds R rows of `cols` inputs and the encoding has an integer
-        // kernel.
-        return Some(unsafe { crate::register_int8_avx2::dot_group(matrix, group, x) });
+    {
+        use crate::register_int8::{avx2, vnni};
+        if level >= CpuLevel::Avx512 && has_vnni() {
+            // SAFETY: the CPU supports AVX-512 VNNI, VL and BW besides
+            // AVX2, FMA and F16C (checked above and in `has_vnni`), `x`
+            // holds R rows of `cols` inputs and the encoding has an
+            // integer kernel.
+            return Some(unsafe { vnni::dot_group(matrix, group, x) });
+        }
+        if level >= CpuLevel::Avx2 {
+            // SAFETY: the CPU supports AVX2, FMA and F16C (checked above),
+            // `x` holds R rows of `cols` inputs and the encoding has an
+            // integer kernel.
+            return Some(unsafe { avx2::dot_group(matrix, group, x) });
+        }
     }
     dot_group_portable(matrix, group, x)
+}
+
+/// Whether the CPU has AVX-512 VNNI with the VL and BW extensions its
+/// 256-bit `vpdpbusd` needs (Ice Lake and later Xeons, Zen 4 and later).
+#[cfg(target_arch = "x86_64")]
+fn has_vnni() -> bool {
+    std::arch::is_x86_feature_detected!("avx512vnni")
+        && std::arch::is_x86_feature_detected!("avx512vl")
+        && std::arch::is_x86_feature_detected!("avx512bw")
 }
 
 /// [`dot_group`] in plain Rust: the reference the vector kernel is

@@ -22,7 +22,7 @@ pub mod pool;
 mod reduce;
 mod register_avx2;
 mod register_avx512;
-mod register_int8_avx2;
+mod register_int8;
 pub mod rms_norm;
 pub mod rope;
 pub mod softmax;

@@ -1,18 +1,22 @@
 #![cfg(target_arch = "x86_64")]
-//! The integer register kernel ([`crate::int8`]) for CPUs with AVX2 (and
-//! those with AVX-512, which have it too). Each 32-bit lane holds four
-//! weights of one output row (inputs `j ..+ 4`), as the 4-bit encodings
-//! are packed ([`crate::packed::lane_offset`]) and Q6_K's and Q8_0's
-//! records are transposed to as they are read; `vpmaddubsw` multiplies them
-//! by four rounded inputs and adds pairs, `vpmaddwd` adds the pairs: 32
-//! products in three instructions, where the exact kernel spends about
-//! three on each 8 weights before its multiply-add. The pairs are added in
-//! 16 bits first as far as their bounds allow (a whole block of the 4-bit
-//! encodings, two results of Q6_K's), and widened once.
+//! The integer register kernels ([`crate::int8`]) for x86: one for CPUs
+//! with AVX2 (and AVX-512 without VNNI), one for those with AVX-512 VNNI.
+//! Each 32-bit lane holds four weights of one output row (inputs
+//! `j ..+ 4`), as the 4-bit encodings are packed
+//! ([`crate::packed::lane_offset`]) and Q6_K's and Q8_0's records are
+//! transposed to as they are read, and one instruction multiplies them by
+//! four rounded inputs: 32 products, where the exact kernel spends about
+//! three instructions on each 8 weights before its multiply-add. How the
+//! products are added is all the two kernels differ in ([`Products`]):
+//! with AVX2, `vpmaddubsw` adds pairs in 16 bits, as far as their bounds
+//! allow (a whole block of the 4-bit encodings, two results of Q6_K's),
+//! and `vpmaddwd` widens them once; with VNNI, `vpdpbusd` adds all four
+//! into 32 bits in the one instruction, and its 32 vector registers hold
+//! the sums of more rows.
 //!
-//! One function per encoding family, each compiled on its own: with every
-//! family in one loop, the one-row kernel of the 4-bit ones ran 20-25%
-//! slower once Q8_0 joined (measured).
+//! One function per encoding family and instruction set, each compiled on
+//! its own: with every family in one loop, the one-row kernel of the 4-bit
+//! ones ran 20-25% slower once Q8_0 joined (measured).
 
 use std::arch::x86_64::*;
 
@@ -32,42 +36,181 @@ const PREFETCH: usize = 2048;
 /// output rows.
 type Sums<const R: usize> = [[__m256; 2]; R];
 
-/// # Safety
-/// The CPU must support AVX2, FMA and F16C, `x` must hold `R` rows of
-/// `matrix.cols` inputs, and the encoding must have an integer kernel
-/// ([`crate::int8::has_int8_kernel`]).
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn dot_group<const R: usize>(
-    matrix: &PackedMatrix,
-    group: usize,
-    x: &Int8Rows,
-) -> [[f32; GROUP]; R] {
-    // SAFETY: the caller upholds this function's contract (its doc).
-    unsafe {
-        let acc = match matrix.encoding() {
-            Encoding::Q8_0 => bytes::<R>(matrix, group, x),
-            Encoding::K6 => six_bits::<R>(matrix, group, x),
-            _ => nibbles::<R>(matrix, group, x),
-        };
-        acc.map(|acc| {
-            let [lo, hi] = swap_halves(acc);
-            let mut out = [0f32; GROUP];
-            _mm256_storeu_ps(out.as_mut_ptr(), lo);
-            _mm256_storeu_ps(out.as_mut_ptr().add(8), hi);
-            out
-        })
+/// How the kernels add `q_w·q_x` products four to a 32-bit lane, `q_w`
+/// unsigned bytes and `q_x` signed: the one step the AVX2 and VNNI kernels
+/// do differently. Each must give the same integers.
+trait Products {
+    /// Adds each lane's four products to a block's running sums, in the
+    /// width [`Products::widen`] takes them from.
+    unsafe fn add(sums: __m256i, w: __m256i, q: __m256i) -> __m256i;
+    /// A block's running sums as 32-bit lanes.
+    unsafe fn widen(sums: __m256i) -> __m256i;
+    /// `sums` (32-bit lanes) plus the products of each of `w` with its
+    /// `q`: where pairs are added in 16 bits, all `N` meet there first, so
+    /// the caller bounds `N`.
+    unsafe fn add_widened<const N: usize>(
+        sums: __m256i,
+        w: [__m256i; N],
+        q: [__m256i; N],
+    ) -> __m256i;
+}
+
+/// AVX2's `vpmaddubsw`: pair sums in 16 bits, widened by `vpmaddwd`.
+struct PairSums;
+
+impl Products for PairSums {
+    #[inline(always)]
+    unsafe fn add(sums: __m256i, w: __m256i, q: __m256i) -> __m256i {
+        // SAFETY: only called from the AVX2 kernels.
+        unsafe { _mm256_add_epi16(sums, _mm256_maddubs_epi16(w, q)) }
     }
+
+    #[inline(always)]
+    unsafe fn widen(sums: __m256i) -> __m256i {
+        // SAFETY: only called from the AVX2 kernels.
+        unsafe { _mm256_madd_epi16(sums, _mm256_set1_epi16(1)) }
+    }
+
+    #[inline(always)]
+    unsafe fn add_widened<const N: usize>(
+        sums: __m256i,
+        w: [__m256i; N],
+        q: [__m256i; N],
+    ) -> __m256i {
+        // SAFETY: only called from the AVX2 kernels.
+        unsafe {
+            let mut pairs = _mm256_setzero_si256();
+            for (w, q) in w.into_iter().zip(q) {
+                pairs = Self::add(pairs, w, q);
+            }
+            _mm256_add_epi32(sums, Self::widen(pairs))
+        }
+    }
+}
+
+/// AVX-512 VNNI's `vpdpbusd`: all four products into 32 bits at once.
+struct Vnni;
+
+impl Products for Vnni {
+    #[inline(always)]
+    unsafe fn add(sums: __m256i, w: __m256i, q: __m256i) -> __m256i {
+        // SAFETY: only called from the VNNI kernels.
+        unsafe { _mm256_dpbusd_epi32(sums, w, q) }
+    }
+
+    #[inline(always)]
+    unsafe fn widen(sums: __m256i) -> __m256i {
+        sums
+    }
+
+    #[inline(always)]
+    unsafe fn add_widened<const N: usize>(
+        mut sums: __m256i,
+        w: [__m256i; N],
+        q: [__m256i; N],
+    ) -> __m256i {
+        // SAFETY: only called from the VNNI kernels.
+        unsafe {
+            for (w, q) in w.into_iter().zip(q) {
+                sums = Self::add(sums, w, q);
+            }
+            sums
+        }
+    }
+}
+
+/// The entry point and its one function per encoding family, compiled for
+/// `$features` with `$products`' additions.
+macro_rules! kernels {
+    ($features:literal, $products:ty) => {
+        use super::*;
+
+        /// # Safety
+        /// The CPU must support the module's instructions, `x` must hold
+        /// `R` rows of `matrix.cols` inputs, and the encoding must have an
+        /// integer kernel ([`crate::int8::has_int8_kernel`]).
+        #[target_feature(enable = $features)]
+        pub(crate) unsafe fn dot_group<const R: usize>(
+            matrix: &PackedMatrix,
+            group: usize,
+            x: &Int8Rows,
+        ) -> [[f32; GROUP]; R] {
+            // SAFETY: the caller upholds this function's contract (its doc).
+            unsafe {
+                let acc = match matrix.encoding() {
+                    Encoding::Q8_0 => bytes_kernel::<R>(matrix, group, x),
+                    Encoding::K6 => six_bits_kernel::<R>(matrix, group, x),
+                    _ => nibbles_kernel::<R>(matrix, group, x),
+                };
+                acc.map(|acc| {
+                    let [lo, hi] = swap_halves(acc);
+                    let mut out = [0f32; GROUP];
+                    _mm256_storeu_ps(out.as_mut_ptr(), lo);
+                    _mm256_storeu_ps(out.as_mut_ptr().add(8), hi);
+                    out
+                })
+            }
+        }
+
+        #[target_feature(enable = $features)]
+        #[inline(never)]
+        unsafe fn nibbles_kernel<const R: usize>(
+            matrix: &PackedMatrix,
+            group: usize,
+            x: &Int8Rows,
+        ) -> Sums<R> {
+            // SAFETY: as [`dot_group`].
+            unsafe { nibbles::<R, $products>(matrix, group, x) }
+        }
+
+        #[target_feature(enable = $features)]
+        #[inline(never)]
+        unsafe fn six_bits_kernel<const R: usize>(
+            matrix: &PackedMatrix,
+            group: usize,
+            x: &Int8Rows,
+        ) -> Sums<R> {
+            // SAFETY: as [`dot_group`].
+            unsafe { six_bits::<R, $products>(matrix, group, x) }
+        }
+
+        #[target_feature(enable = $features)]
+        #[inline(never)]
+        unsafe fn bytes_kernel<const R: usize>(
+            matrix: &PackedMatrix,
+            group: usize,
+            x: &Int8Rows,
+        ) -> Sums<R> {
+            // SAFETY: as [`dot_group`].
+            unsafe { bytes::<R, $products>(matrix, group, x) }
+        }
+    };
+}
+
+/// The kernel for CPUs with AVX2, FMA and F16C.
+pub(crate) mod avx2 {
+    kernels!("avx2,fma,f16c", PairSums);
+}
+
+/// The kernel for CPUs with AVX-512 VNNI (and VL, BW, whose 256-bit forms
+/// it uses), besides AVX2, FMA and F16C.
+pub(crate) mod vnni {
+    kernels!("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni", Vnni);
 }
 
 /// Q4_0, Q4_1 and Q4_K (K4): `d·Σ q_x·q + o·Σ x` a block, the quants
 /// nibbles (input `j` low, `j + 16` high).
 ///
 /// # Safety
-/// As [`dot_group`], for these encodings.
-#[target_feature(enable = "avx2,fma,f16c")]
-#[inline(never)]
-unsafe fn nibbles<const R: usize>(matrix: &PackedMatrix, group: usize, x: &Int8Rows) -> Sums<R> {
-    // SAFETY: as [`dot_group`]; every read is within a record or its head.
+/// As [`avx2::dot_group`], for these encodings, inlined into a function
+/// with `P`'s instructions.
+#[inline(always)]
+unsafe fn nibbles<const R: usize, P: Products>(
+    matrix: &PackedMatrix,
+    group: usize,
+    x: &Int8Rows,
+) -> Sums<R> {
+    // SAFETY: as above; every read is within a record or its head.
     unsafe {
         let mut acc = [[_mm256_setzero_ps(); 2]; R];
         let low = _mm256_set1_epi8(0x0F);
@@ -91,28 +234,27 @@ unsafe fn nibbles<const R: usize>(matrix: &PackedMatrix, group: usize, x: &Int8R
                 }
             };
             let inputs = x.groups.as_ptr().add(b * GROUPS * R);
-            // Pair sums of 16 bits for the whole block: its eight
-            // `vpmaddubsw` results a row are each at most 2·15·127 in
-            // magnitude (nibbles times inputs within ±127), so their sum,
-            // 30480 at most, cannot overflow, and one `vpmaddwd` a row
-            // widens it where each result took one (measured:
-            // docs/performance.md, "Sixteen-bit sums in the 4-bit
-            // integer kernel").
-            let mut pairs = [[_mm256_setzero_si256(); 2]; R];
+            // One running sum for the whole block. In 16-bit pairs
+            // (AVX2), its eight `vpmaddubsw` results a row are each at
+            // most 2·15·127 in magnitude (nibbles times inputs within
+            // ±127), so their sum, 30480 at most, cannot overflow, and one
+            // `vpmaddwd` a row widens it where each result took one
+            // (measured: docs/performance.md, "Sixteen-bit sums in the
+            // 4-bit integer kernel").
+            let mut sums = [[_mm256_setzero_si256(); 2]; R];
             for j in (0..16).step_by(4) {
                 let q = by_lanes(p.add(quants + j * GROUP));
                 let lower = q.map(|q| _mm256_and_si256(q, low));
-                add_pairs(&mut pairs, inputs.add(j / 4 * R), lower);
+                add_products::<R, P>(&mut sums, inputs.add(j / 4 * R), lower);
                 let upper = q.map(|q| _mm256_and_si256(_mm256_srli_epi16(q, 4), low));
-                add_pairs(&mut pairs, inputs.add((GROUPS / 2 + j / 4) * R), upper);
+                add_products::<R, P>(&mut sums, inputs.add((GROUPS / 2 + j / 4) * R), upper);
             }
-            let ones = _mm256_set1_epi16(1);
             for row in 0..R {
                 let d_x = _mm256_set1_ps(x.scales[b * R + row]);
                 let sum = _mm256_set1_ps(x.sums[b * R + row]);
                 for i in 0..2 {
                     let s = _mm256_mul_ps(d[i], d_x);
-                    let dot = _mm256_madd_epi16(pairs[row][i], ones);
+                    let dot = P::widen(sums[row][i]);
                     acc[row][i] = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(dot), acc[row][i]);
                     acc[row][i] = _mm256_fmadd_ps(o[i], sum, acc[row][i]);
                 }
@@ -126,11 +268,14 @@ unsafe fn nibbles<const R: usize>(matrix: &PackedMatrix, group: usize, x: &Int8R
 /// the quants a nibble and a bit pair.
 ///
 /// # Safety
-/// As [`dot_group`], for K6.
-#[target_feature(enable = "avx2,fma,f16c")]
-#[inline(never)]
-unsafe fn six_bits<const R: usize>(matrix: &PackedMatrix, group: usize, x: &Int8Rows) -> Sums<R> {
-    // SAFETY: as [`dot_group`]; every read is within a record or its head.
+/// As [`nibbles`], for K6.
+#[inline(always)]
+unsafe fn six_bits<const R: usize, P: Products>(
+    matrix: &PackedMatrix,
+    group: usize,
+    x: &Int8Rows,
+) -> Sums<R> {
+    // SAFETY: as above; every read is within a record or its head.
     unsafe {
         let mut acc = [[_mm256_setzero_ps(); 2]; R];
         for (b, (head, r)) in matrix.records(group).enumerate() {
@@ -140,14 +285,15 @@ unsafe fn six_bits<const R: usize>(matrix: &PackedMatrix, group: usize, x: &Int8
             let scales = [scaled(p, head, true), scaled(p.add(GROUP), head, true)];
             let inputs = x.groups.as_ptr().add(b * GROUPS * R);
             let mut sums = [[[_mm256_setzero_si256(); 2]; R]; 2];
-            // Inputs j and j + 4 of each half in one 16-bit sum before it
-            // is widened: two `vpmaddubsw` results of at most 2·63·127 in
-            // magnitude, 32004 at most.
+            // Inputs j and j + 4 of each half added together (in one
+            // 16-bit sum before it is widened, with AVX2: two
+            // `vpmaddubsw` results of at most 2·63·127 in magnitude, 32004
+            // at most).
             for j in [0, 8] {
                 let (a, b) = (six_bit_quants(p, j), six_bit_quants(p, j + 4));
                 for half in 0..2 {
                     let at = |j: usize| inputs.add((half * GROUPS / 2 + j / 4) * R);
-                    add_two(&mut sums[half], [at(j), at(j + 4)], [a[half], b[half]]);
+                    add_two::<R, P>(&mut sums[half], [at(j), at(j + 4)], [a[half], b[half]]);
                 }
             }
             for row in 0..R {
@@ -171,14 +317,16 @@ unsafe fn six_bits<const R: usize>(matrix: &PackedMatrix, group: usize, x: &Int8
 /// unsigned; a pair is at most 2·128·127, within 16 bits).
 ///
 /// # Safety
-/// As [`dot_group`], for Q8_0.
-#[target_feature(enable = "avx2,fma,f16c")]
-#[inline(never)]
-unsafe fn bytes<const R: usize>(matrix: &PackedMatrix, group: usize, x: &Int8Rows) -> Sums<R> {
-    // SAFETY: as [`dot_group`]; every read is within a record.
+/// As [`nibbles`], for Q8_0.
+#[inline(always)]
+unsafe fn bytes<const R: usize, P: Products>(
+    matrix: &PackedMatrix,
+    group: usize,
+    x: &Int8Rows,
+) -> Sums<R> {
+    // SAFETY: as above; every read is within a record.
     unsafe {
         let mut acc = [[_mm256_setzero_ps(); 2]; R];
-        let ones = _mm256_set1_epi16(1);
         for (b, (_, r)) in matrix.records(group).enumerate() {
             let p = r.as_ptr();
             prefetch(r);
@@ -192,8 +340,7 @@ unsafe fn bytes<const R: usize>(matrix: &PackedMatrix, group: usize, x: &Int8Row
                     let q = _mm256_set1_epi32(*inputs.add(g * R + row));
                     for i in 0..2 {
                         let signed = _mm256_sign_epi8(q, w[i]);
-                        let pairs = _mm256_maddubs_epi16(magnitude[i], signed);
-                        sums[i] = _mm256_add_epi32(sums[i], _mm256_madd_epi16(pairs, ones));
+                        sums[i] = P::add_widened(sums[i], [magnitude[i]], [signed]);
                     }
                 }
             }
@@ -248,10 +395,11 @@ unsafe fn six_bit_quants(p: *const u8, j: usize) -> [[__m256i; 2]; 2] {
 
 /// `Σ q_x·q_w` over the four inputs of each of `w`'s two vectors, for
 /// each of `R` rows (their rounded inputs at `inputs[k]`, one `i32` a
-/// row), added to the rows' sums; the two products meet in 16 bits, so
-/// each must be at most 16383 in magnitude.
+/// row), added to the rows' sums; the two products may meet in 16 bits
+/// ([`Products::add_widened`]), so each must be at most 16383 in
+/// magnitude.
 #[inline(always)]
-unsafe fn add_two<const R: usize>(
+unsafe fn add_two<const R: usize, P: Products>(
     sums: &mut [[__m256i; 2]; R],
     inputs: [*const i32; 2],
     w: [[__m256i; 2]; 2],
@@ -259,36 +407,31 @@ unsafe fn add_two<const R: usize>(
     // SAFETY: only called from the kernels above, whose CPU has AVX2, with
     // R rounded inputs at each of `inputs`.
     unsafe {
-        let ones = _mm256_set1_epi16(1);
         for (row, sums) in sums.iter_mut().enumerate() {
             let q = inputs.map(|at| _mm256_set1_epi32(*at.add(row)));
             for i in 0..2 {
-                let pairs = _mm256_add_epi16(
-                    _mm256_maddubs_epi16(w[0][i], q[0]),
-                    _mm256_maddubs_epi16(w[1][i], q[1]),
-                );
-                sums[i] = _mm256_add_epi32(sums[i], _mm256_madd_epi16(pairs, ones));
+                sums[i] = P::add_widened(sums[i], [w[0][i], w[1][i]], q);
             }
         }
     }
 }
 
 /// `q_x·q_w` over `w`'s four inputs of each of `R` rows (their rounded
-/// inputs at `inputs`, one `i32` a row) as pair sums of 16 bits, added to
-/// the rows' pair sums; the caller bounds how many are added.
+/// inputs at `inputs`, one `i32` a row), added to the rows' block sums
+/// ([`Products::add`]; with 16-bit pairs the caller bounds how many).
 #[inline(always)]
-unsafe fn add_pairs<const R: usize>(
-    pairs: &mut [[__m256i; 2]; R],
+unsafe fn add_products<const R: usize, P: Products>(
+    sums: &mut [[__m256i; 2]; R],
     inputs: *const i32,
     w: [__m256i; 2],
 ) {
     // SAFETY: only called from the kernels above, whose CPU has AVX2, with
     // R rounded inputs at `inputs`.
     unsafe {
-        for (row, pairs) in pairs.iter_mut().enumerate() {
+        for (row, sums) in sums.iter_mut().enumerate() {
             let q = _mm256_set1_epi32(*inputs.add(row));
             for i in 0..2 {
-                pairs[i] = _mm256_add_epi16(pairs[i], _mm256_maddubs_epi16(w[i], q));
+                sums[i] = P::add(sums[i], w[i], q);
             }
         }
     }
