@@ -160,9 +160,9 @@ pub(crate) fn dot_group_at<const R: usize>(
     #[cfg(target_arch = "x86_64")]
     {
         use crate::register_int8::{avx2, vnni};
-        if level >= CpuLevel::Avx512 && has_vnni() {
+        if vnni_at(level) {
             // SAFETY: the CPU supports AVX-512 VNNI, VL and BW besides
-            // AVX2, FMA and F16C (checked above and in `has_vnni`), `x`
+            // AVX2, FMA and F16C (checked above and in `vnni_at`), `x`
             // holds R rows of `cols` inputs and the encoding has an
             // integer kernel.
             return Some(unsafe { vnni::dot_group(matrix, group, x) });
@@ -177,13 +177,22 @@ pub(crate) fn dot_group_at<const R: usize>(
     dot_group_portable(matrix, group, x)
 }
 
-/// Whether the CPU has AVX-512 VNNI with the VL and BW extensions its
-/// 256-bit `vpdpbusd` needs (Ice Lake and later Xeons, Zen 4 and later).
-#[cfg(target_arch = "x86_64")]
-fn has_vnni() -> bool {
-    std::arch::is_x86_feature_detected!("avx512vnni")
-        && std::arch::is_x86_feature_detected!("avx512vl")
-        && std::arch::is_x86_feature_detected!("avx512bw")
+/// Whether the integer kernel at `level` is the VNNI one: AVX-512 on a CPU
+/// with VNNI and the VL and BW extensions its 256-bit `vpdpbusd` needs
+/// (Ice Lake and later Xeons, Zen 4 and later).
+fn vnni_at(level: CpuLevel) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        level >= CpuLevel::Avx512
+            && std::arch::is_x86_feature_detected!("avx512vnni")
+            && std::arch::is_x86_feature_detected!("avx512vl")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = level;
+        false
+    }
 }
 
 /// [`dot_group`] in plain Rust: the reference the vector kernel is

@@ -104,8 +104,9 @@ const INT8_PASS: usize = 4;
 /// The most rows a product with weights in `encoding` takes the integer
 /// kernel at: Q8_0's signed weights cost two more operations a row, and
 /// past one pass it measured 8% slower than the exact kernel (`r3 bench
-/// kernels --rows 8 --int8`, Zen 3), where it is 20% faster at one row;
-/// the others up to the register range of the fastest exact kernels (K4's),
+/// kernels --rows 8 --int8`, Zen 3), where it is 20% faster at one row
+/// (with VNNI, past one pass, within the spread of the exact kernel:
+/// 152–198 against 153–178 GFLOP/s at 8–32 rows, Zen 4); the others up to the register range of the fastest exact kernels (K4's),
 /// K6 included, whose exact kernel hands over to the panel at 16 rows on
 /// AVX2.
 fn max_int8_rows(encoding: Encoding) -> usize {

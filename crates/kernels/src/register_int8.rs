@@ -11,8 +11,7 @@
 //! with AVX2, `vpmaddubsw` adds pairs in 16 bits, as far as their bounds
 //! allow (a whole block of the 4-bit encodings, two results of Q6_K's),
 //! and `vpmaddwd` widens them once; with VNNI, `vpdpbusd` adds all four
-//! into 32 bits in the one instruction, and its 32 vector registers hold
-//! the sums of more rows.
+//! into 32 bits in the one instruction.
 //!
 //! One function per encoding family and instruction set, each compiled on
 //! its own: with every family in one loop, the one-row kernel of the 4-bit
