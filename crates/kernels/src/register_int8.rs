@@ -122,6 +122,10 @@ impl Products for Vnni {
 /// `$features` with `$products`' additions.
 macro_rules! kernels {
     ($features:literal, $products:ty) => {
+        kernels!(@ $features, $products,
+            nibbles_kernel nibbles, six_bits_kernel six_bits, bytes_kernel bytes);
+    };
+    (@ $features:literal, $products:ty, $($kernel:ident $body:ident),*) => {
         use super::*;
 
         /// # Safety
@@ -151,38 +155,18 @@ macro_rules! kernels {
             }
         }
 
-        #[target_feature(enable = $features)]
-        #[inline(never)]
-        unsafe fn nibbles_kernel<const R: usize>(
-            matrix: &PackedMatrix,
-            group: usize,
-            x: &Int8Rows,
-        ) -> Sums<R> {
-            // SAFETY: as [`dot_group`].
-            unsafe { nibbles::<R, $products>(matrix, group, x) }
-        }
-
-        #[target_feature(enable = $features)]
-        #[inline(never)]
-        unsafe fn six_bits_kernel<const R: usize>(
-            matrix: &PackedMatrix,
-            group: usize,
-            x: &Int8Rows,
-        ) -> Sums<R> {
-            // SAFETY: as [`dot_group`].
-            unsafe { six_bits::<R, $products>(matrix, group, x) }
-        }
-
-        #[target_feature(enable = $features)]
-        #[inline(never)]
-        unsafe fn bytes_kernel<const R: usize>(
-            matrix: &PackedMatrix,
-            group: usize,
-            x: &Int8Rows,
-        ) -> Sums<R> {
-            // SAFETY: as [`dot_group`].
-            unsafe { bytes::<R, $products>(matrix, group, x) }
-        }
+        $(
+            #[target_feature(enable = $features)]
+            #[inline(never)]
+            unsafe fn $kernel<const R: usize>(
+                matrix: &PackedMatrix,
+                group: usize,
+                x: &Int8Rows,
+            ) -> Sums<R> {
+                // SAFETY: as [`dot_group`].
+                unsafe { $body::<R, $products>(matrix, group, x) }
+            }
+        )*
     };
 }
 
