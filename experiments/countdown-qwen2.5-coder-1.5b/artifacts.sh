@@ -11,6 +11,7 @@ TRAIN=$here/train.toml
 BASE_MODEL=qwen2.5-coder-1.5b
 source "$root/experiments/lib.sh"
 
+# The forgetting checks' "before" (forget-base, forget-bfcl-base) are the
+# BFCL run's committed evaluations, not copied again.
 artifacts "${DEST:-$root/docs/results/countdown-qwen2.5-coder-1.5b}" \
-    eval-base eval-trained forget-base forget-trained \
-    forget-bfcl-base forget-bfcl-trained
+    eval-base eval-trained forget-trained forget-bfcl-trained
