@@ -13,7 +13,7 @@ use std::time::Instant;
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use r3_kernels::int8::Activations;
-use r3_kernels::matmul::{packed_matmul_with, takes_int8};
+use r3_kernels::matmul::{packed_matmul_with, takes_bf16, takes_int8};
 use r3_kernels::packed::PackedMatrix;
 use serde_json::{json, Value};
 
@@ -53,8 +53,8 @@ pub struct KernelsBench {
     pub streamed_bytes: usize,
     /// Seconds spent measuring the machine's read rate first; 0 skips it.
     pub limit_seconds: f64,
-    /// Inputs exact or rounded to 8 bits (where an encoding has an
-    /// integer kernel).
+    /// Inputs exact, rounded to 8 bits (where an encoding has an integer
+    /// kernel) or, with the weights, to bf16 (past the register rows).
     pub activations: Activations,
 }
 
@@ -136,6 +136,8 @@ pub fn run(bench: &KernelsBench) -> Result<Value> {
             "bits_per_weight": bits,
             "int8_inputs": bench.activations == Activations::Int8
                 && takes_int8(cached.encoding(), bench.rows),
+            "bf16_products": bench.activations == Activations::Bf16
+                && takes_bf16(cached.encoding(), bench.rows),
             "in_cache": {
                 "bytes": cached.bytes(),
                 "weights_per_s": in_cache.weights_per_s,

@@ -149,6 +149,7 @@ pub fn run(bench: &TrainBench) -> Result<Value> {
         "max_retry_tokens": config.retry_max_tokens,
         "micro_batch_size": config.micro_batch_size,
         "gradient_checkpointing": config.gradient_checkpointing,
+        "bf16_products": config.bf16_products && r3_kernels::bf16::available(),
         "steps": config.max_steps,
         "beta": config.beta,
         "use_peft": config.use_peft,

@@ -48,6 +48,10 @@ pub struct TrainBench {
     /// Keep every activation instead of recomputing them in the backward
     #[arg(long)]
     no_gradient_checkpointing: bool,
+    /// The packed base's products of many rows in bf16 with f32 sums,
+    /// where the CPU has AVX512_BF16 (the config's `bf16_products`)
+    #[arg(long)]
+    bf16_products: bool,
     /// Seconds spent measuring the machine's GEMM rate before the work;
     /// 0 skips it
     #[arg(long, default_value_t = 1.0)]
@@ -75,6 +79,10 @@ pub struct KernelsBench {
     /// integer kernel (as `--int8-decode` does for generation)
     #[arg(long)]
     int8: bool,
+    /// Products past the register kernels' rows in bf16 with f32 sums,
+    /// where the CPU has AVX512_BF16 (as training's `bf16_products`)
+    #[arg(long, conflicts_with = "int8")]
+    bf16: bool,
 }
 
 #[derive(Args)]
@@ -155,10 +163,10 @@ impl KernelsBench {
             seconds: self.seconds,
             streamed_bytes: self.streamed_mib << 20,
             limit_seconds: self.limit_seconds,
-            activations: if self.int8 {
-                Activations::Int8
-            } else {
-                Activations::Exact
+            activations: match (self.int8, self.bf16) {
+                (true, _) => Activations::Int8,
+                (_, true) => Activations::Bf16,
+                _ => Activations::Exact,
             },
         }
     }
@@ -195,6 +203,7 @@ impl TrainBench {
             retry_temperature: 0.9,
             micro_batch_size: self.micro_batch_size,
             gradient_checkpointing: !self.no_gradient_checkpointing,
+            bf16_products: self.bf16_products,
             device: self.model.device,
             dtype: self.model.dtype,
             save_steps: 0,

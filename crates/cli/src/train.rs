@@ -178,6 +178,11 @@ pub fn run_train(config: TrainConfig, start: &Start) -> Result<PathBuf> {
     std::fs::create_dir_all(&config.output_dir)
         .with_context(|| format!("cannot create {}", config.output_dir.display()))?;
     let max_steps = config.max_steps;
+    if config.bf16_products && !r3_kernels::bf16::available() {
+        eprintln!(
+            "bf16_products: this CPU has no AVX512_BF16 (or R3_CPU is below avx512), so products stay f32"
+        );
+    }
     let (mined, max_failure_rate) = (failures.len(), config.max_failure_rate);
     let mut trainer = Trainer::new(
         config,

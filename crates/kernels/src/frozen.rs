@@ -8,6 +8,7 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 
 use crate::gemm::{gemm, Mat, Out};
+use crate::int8::Activations;
 use crate::matmul::{fold_panels, PackedProduct};
 use crate::packed::PackedMatrix;
 use crate::storage::{f32_slice, with_f32_elements};
@@ -19,10 +20,17 @@ pub fn dense(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     })
 }
 
-/// `x [m, k] · [W₁ᵀ | W₂ᵀ | …]` with the packed `W_i [n_i, k]` frozen.
-pub fn packed(x: &Tensor, parts: &Arc<[PackedMatrix]>) -> candle_core::Result<Tensor> {
+/// `x [m, k] · [W₁ᵀ | W₂ᵀ | …]` with the packed `W_i [n_i, k]` frozen,
+/// forward and backward taking `activations` (bf16 products, where the
+/// CPU has them, for mixed-precision training).
+pub fn packed(
+    x: &Tensor,
+    parts: &Arc<[PackedMatrix]>,
+    activations: Activations,
+) -> candle_core::Result<Tensor> {
     x.contiguous()?.apply_op1(FrozenPacked {
         parts: parts.clone(),
+        activations,
     })
 }
 
@@ -76,6 +84,7 @@ impl CustomOp1 for FrozenDense {
 
 struct FrozenPacked {
     parts: Arc<[PackedMatrix]>,
+    activations: Activations,
 }
 
 impl CustomOp1 for FrozenPacked {
@@ -90,7 +99,7 @@ impl CustomOp1 for FrozenPacked {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         PackedProduct {
             parts: &self.parts,
-            activations: crate::int8::Activations::Exact,
+            activations: self.activations,
         }
         .cpu_fwd(storage, layout)
     }
@@ -103,16 +112,21 @@ impl CustomOp1 for FrozenPacked {
     ) -> candle_core::Result<Option<Tensor>> {
         let grad_x = grad_y
             .contiguous()?
-            .apply_op1_no_bwd(&PackedTransposedProduct { parts: &self.parts })?;
+            .apply_op1_no_bwd(&PackedTransposedProduct {
+                parts: &self.parts,
+                bf16: self.activations == Activations::Bf16 && crate::bf16::available(),
+            })?;
         Ok(Some(grad_x))
     }
 }
 
 /// `g [m, Σ n_i] · [W₁; W₂; …]`: the input gradient through packed
 /// weights. Each task unpacks a block of 16-row groups into its thread's
-/// panel and adds that block's share into a per-thread sum.
+/// panel and adds that block's share into a per-thread sum, in bf16
+/// products where `bf16` is set.
 struct PackedTransposedProduct<'a> {
     parts: &'a [PackedMatrix],
+    bf16: bool,
 }
 
 impl CustomOp1 for PackedTransposedProduct<'_> {
@@ -138,6 +152,15 @@ impl CustomOp1 for PackedTransposedProduct<'_> {
             self.parts,
             || vec![0f32; m * k],
             |sum, panel| {
+                if self.bf16 {
+                    return crate::bf16::with_scratch(|rows, columns| {
+                        rows.fill(&g[panel.first..], m, panel.rows, n);
+                        columns.fill_across(panel.data, k, panel.width, panel.rows);
+                        // SAFETY: bf16 products are available; `sum` is
+                        // m × k, this task's own.
+                        unsafe { crate::bf16::product(rows, columns, k, sum.as_mut_ptr(), k, true) }
+                    });
+                }
                 // The panel is [k, width]: read transposed, its first
                 // `rows` columns are this block's rows of W.
                 let w_rows = Mat {
@@ -191,11 +214,25 @@ mod tests {
     fn packed_backward_gives_the_input_gradient_of_the_dequantized_product() {
         // 7 rows take the register kernels forward, 70 the unpacked panels.
         for m in [7, 70] {
-            packed_case(m);
+            packed_case(m, Activations::Exact, 1e-5);
         }
     }
 
-    fn packed_case(m: usize) {
+    /// With bf16 products the panels' forward and input gradient (70 rows)
+    /// are the dequantized product's to bf16 rounding, and, where the CPU
+    /// has the instruction, not the f32 ones bit for bit: the kernel ran.
+    #[test]
+    fn bf16_products_give_the_product_and_its_gradient_to_bf16_rounding() {
+        let exact = packed_case(70, Activations::Exact, 1e-5);
+        let bf16 = packed_case(70, Activations::Bf16, 2e-2);
+        let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let differ = (0..2).all(|i| values(&exact[i]) != values(&bf16[i]));
+        assert_eq!(differ, crate::bf16::available());
+    }
+
+    /// The packed product of `m` rows and its input gradient, checked
+    /// against the dequantized weights' to `tol`.
+    fn packed_case(m: usize, activations: Activations, tol: f32) -> [Tensor; 2] {
         let k = 64;
         let mut parts = Vec::new();
         let mut dense = Vec::new();
@@ -218,9 +255,9 @@ mod tests {
         let w_t = Tensor::cat(&dense, 0).unwrap().t().unwrap();
         let x = Var::from_tensor(&seeded((m, k), 3)).unwrap();
         let weights = seeded((m, 64), 4 + m as u64);
-        let y = packed(x.as_tensor(), &parts).unwrap();
+        let y = packed(x.as_tensor(), &parts, activations).unwrap();
         let reference = x.as_tensor().matmul(&w_t).unwrap();
-        close(&y, &reference, 1e-5);
+        close(&y, &reference, tol);
         let grad = |y: &Tensor| {
             (y * &weights)
                 .unwrap()
@@ -230,7 +267,9 @@ mod tests {
                 .unwrap()
         };
         let (ours, theirs) = (grad(&y), grad(&reference));
-        close(ours.get(&x).unwrap(), theirs.get(&x).unwrap(), 1e-5);
+        let gradient = ours.get(&x).unwrap().clone();
+        close(&gradient, theirs.get(&x).unwrap(), tol);
+        [y, gradient]
     }
 
     /// A frozen dense weight gets no gradient; the input gets candle's.

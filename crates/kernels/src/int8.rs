@@ -15,7 +15,7 @@
 use crate::level::{with_vector_features, CpuLevel};
 use crate::packed::{lane_offset, Encoding, PackedMatrix, BLOCK, GROUP};
 
-/// How a packed product's inputs enter the register kernels.
+/// How a packed product's inputs enter the kernels.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Activations {
     /// As they are: the product of the dequantized weights, to rounding.
@@ -24,6 +24,11 @@ pub enum Activations {
     /// Rounded to 8 bits a block of 32 ([`Int8Rows`]) where the weights'
     /// encoding has an integer kernel ([`has_int8_kernel`]); exact elsewhere.
     Int8,
+    /// Rounded to bf16, as the weights are, in the products of many rows
+    /// (unpacked panels: prefill, a training forward and its input
+    /// gradient) where the CPU has AVX512_BF16 ([`crate::bf16`]); exact
+    /// elsewhere. Mixed precision, for training as well as sampling.
+    Bf16,
 }
 
 /// Whether products with weights in `encoding` have an integer kernel:

@@ -8,6 +8,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod attention;
+pub mod bf16;
 pub mod device_matmul;
 pub mod exp;
 pub mod frozen;

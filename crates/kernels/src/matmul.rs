@@ -17,6 +17,7 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::bf16::{Bf16Columns, Bf16Rows};
 use crate::device_matmul::device_matmul;
 use crate::gemm::Mat;
 use crate::int8::{has_int8_kernel, Activations, Int8Rows};
@@ -90,7 +91,7 @@ pub fn packed_matmul_with(
     activations: Activations,
 ) -> candle_core::Result<Tensor> {
     if x.track_op() {
-        return crate::frozen::packed(x, parts);
+        return crate::frozen::packed(x, parts, activations);
     }
     x.contiguous()?
         .apply_op1_no_bwd(&PackedProduct { parts, activations })
@@ -122,6 +123,20 @@ fn max_int8_rows(encoding: Encoding) -> usize {
 /// the encoding has one that pays at that count.
 pub fn takes_int8(encoding: Encoding, rows: usize) -> bool {
     register_rows() > 0 && rows <= max_int8_rows(encoding)
+}
+
+/// Whether a product of `rows` rows with weights in `encoding` runs in
+/// bf16 when its activations are [`Activations::Bf16`]: past the register
+/// kernels' rows (their products stay exact), where the CPU has the
+/// instruction.
+pub fn takes_bf16(encoding: Encoding, rows: usize) -> bool {
+    crate::bf16::available() && !in_registers(encoding, rows)
+}
+
+/// Whether a product of `rows` rows keeps weights in `encoding` in
+/// registers ([`PackedMatrix::dot_group`]) rather than a panel and gemm.
+fn in_registers(encoding: Encoding, rows: usize) -> bool {
+    register_rows() > 0 && rows <= max_register_rows(encoding)
 }
 
 /// Splits `units` into contiguous blocks of about `UNITS_PER_BLOCK`, as
@@ -177,6 +192,18 @@ impl SharedOutput {
                 1,
             )
         }
+    }
+
+    /// `out[.., first..first + cols] = x · w` in bf16 products
+    /// ([`crate::bf16::product`]), on this thread.
+    ///
+    /// # Safety
+    /// bf16 products must be available, the output must have `x.rows` rows
+    /// of `row_stride` columns with `first + cols <= row_stride`, and no
+    /// other task may write those columns.
+    unsafe fn bf16_product(&self, first: usize, cols: usize, x: &Bf16Rows, w: &Bf16Columns) {
+        // SAFETY: the caller upholds this function's contract (its doc).
+        unsafe { crate::bf16::product(x, w, cols, self.ptr.add(first), self.row_stride, false) }
     }
 
     /// `out[.., first..] = x [m, k] · Wᵀ` for the rows `16·groups` of `part`
@@ -469,12 +496,11 @@ impl CustomOp1 for PackedProduct<'_> {
             offset += part.rows();
         }
         let pass = register_rows();
-        let in_registers =
-            |part: &PackedMatrix| pass > 0 && m <= max_register_rows(part.encoding());
+        let registers = |part: &PackedMatrix| in_registers(part.encoding(), m);
         let int8 = |part: &PackedMatrix| {
             self.activations == Activations::Int8 && takes_int8(part.encoding(), m)
         };
-        let exact = |part: &PackedMatrix| in_registers(part) && !int8(part);
+        let exact = |part: &PackedMatrix| registers(part) && !int8(part);
         let interleaved = if self.parts.iter().any(exact) {
             interleaved_passes(x, m, k, pass)
         } else {
@@ -485,17 +511,33 @@ impl CustomOp1 for PackedProduct<'_> {
         } else {
             Vec::new()
         };
+        let bf16 = |part: &PackedMatrix| {
+            self.activations == Activations::Bf16 && takes_bf16(part.encoding(), m)
+        };
+        let pairs = match self.parts.iter().any(bf16) {
+            true => Bf16Rows::new(x, m, k, k),
+            false => Bf16Rows::empty(),
+        };
         tasks.into_par_iter().for_each(|(part, offset, groups)| {
             if int8(part) {
                 // SAFETY: as below, for columns offset + 16·groups; the
                 // encoding has an integer kernel.
                 return unsafe { output.int8_dot_groups(part, offset, groups, &rounded) };
             }
-            if in_registers(part) {
+            if registers(part) {
                 // SAFETY: as below, for columns offset + 16·groups.
                 return unsafe { output.dot_groups(part, offset, groups, &interleaved, k, pass) };
             }
             with_panel(part, groups, |panel, width, first, cols| {
+                if bf16(part) {
+                    return crate::bf16::with_scratch(|_, columns| {
+                        columns.fill_down(panel, k, width, cols);
+                        // SAFETY: bf16 products are available; `out` is
+                        // m × n and this task alone writes columns offset +
+                        // first .. offset + first + cols < n.
+                        unsafe { output.bf16_product(offset + first, cols, &pairs, columns) }
+                    });
+                }
                 // SAFETY: `out` is m × n and this task alone writes columns
                 // offset + first .. offset + first + cols, within its part's
                 // n_i columns; x is m × k; the panel holds k rows of `width`

@@ -109,6 +109,12 @@ pub struct TrainConfig {
     /// (`r3_kernels::int8`): faster on CPUs; the importance weights correct
     /// the gap to the exact policy, as for an engine's.
     pub int8_decode: bool,
+    /// The frozen packed base's products of many rows (the training
+    /// forward and its input gradient) in bf16 arithmetic with f32 sums,
+    /// twice as fast where the CPU has AVX512_BF16 (`r3_kernels::bf16`):
+    /// mixed precision as TRL's `bf16` runs it, for LoRA on a packed base
+    /// (GGUF) in f32; products stay f32 on other CPUs.
+    pub bf16_products: bool,
     /// The tokens that learn (an ablation knob; keep `reflection`).
     pub train_on: TrainOn,
     /// Train LoRA adapters on the frozen base instead of every weight
@@ -210,6 +216,7 @@ impl Default for TrainConfig {
             gradient_checkpointing: true,
             generation_batch_rows: 32,
             int8_decode: false,
+            bf16_products: false,
             train_on: TrainOn::Reflection,
             use_peft: false,
             lora_r: 16,
@@ -314,6 +321,12 @@ impl TrainConfig {
             return bad(
                 "int8_decode",
                 "is for r3's own decoder; with 'engines' the engines sample",
+            );
+        }
+        if self.bf16_products && (!self.use_peft || self.dtype != Precision::F32) {
+            return bad(
+                "bf16_products",
+                "is for LoRA (use_peft = true) on a packed base computing in f32 (dtype = \"f32\")",
             );
         }
         if !(self.learning_rate > 0.0 && self.learning_rate.is_finite()) {

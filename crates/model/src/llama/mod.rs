@@ -210,10 +210,12 @@ impl Llama {
         Ok(view)
     }
 
-    /// The same model with its packed weights' decode products (a few
-    /// rows, in registers) taking `activations`: [`Activations::Int8`]
-    /// rounds their inputs to 8 bits, for a model that only samples and
-    /// samples faster so (`r3_kernels::int8`); never for one that scores.
+    /// The same model with its packed weights' products taking
+    /// `activations`: [`Activations::Int8`] rounds the inputs of decode
+    /// products (a few rows, in registers) to 8 bits, for a model that only
+    /// samples and samples faster so (`r3_kernels::int8`), never for one
+    /// that scores; [`Activations::Bf16`] runs products of many rows in bf16
+    /// with f32 sums, mixed precision for training too (`r3_kernels::bf16`).
     pub fn with_activations(mut self, activations: Activations) -> Self {
         self.activations = activations;
         for linear in self.layers.iter_mut().flat_map(|l| l.linears_mut()) {

@@ -77,7 +77,11 @@ impl<'a> Trainer<'a> {
             }
             None => Llama::trainable(&model.config, &policy)?,
         };
-        let train_model = train_model.computing_in(compute);
+        let train_model = match config.bf16_products {
+            true => train_model.with_activations(r3_model::Activations::Bf16),
+            false => train_model,
+        }
+        .computing_in(compute);
         // LoRA's reference is its own base with the adapters off: the same
         // weights, no second model.
         let mut base = reference.unwrap_or(policy);
