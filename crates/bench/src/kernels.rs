@@ -134,9 +134,9 @@ pub fn run(bench: &KernelsBench) -> Result<Value> {
             "ggml": format!("{dtype:?}"),
             "encoding": format!("{:?}", cached.encoding()),
             "bits_per_weight": bits,
-            "int8_inputs": bench.activations == Activations::Int8
+            "int8_inputs": bench.activations.int8_decode
                 && takes_int8(cached.encoding(), bench.rows),
-            "bf16_products": bench.activations == Activations::Bf16
+            "bf16_products": bench.activations.bf16_products
                 && takes_bf16(cached.encoding(), bench.rows),
             "in_cache": {
                 "bytes": cached.bytes(),

@@ -163,10 +163,9 @@ impl KernelsBench {
             seconds: self.seconds,
             streamed_bytes: self.streamed_mib << 20,
             limit_seconds: self.limit_seconds,
-            activations: match (self.int8, self.bf16) {
-                (true, _) => Activations::Int8,
-                (_, true) => Activations::Bf16,
-                _ => Activations::Exact,
+            activations: Activations {
+                int8_decode: self.int8,
+                bf16_products: self.bf16,
             },
         }
     }

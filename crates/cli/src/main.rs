@@ -97,7 +97,7 @@ impl ModelArgs {
             adapter: self.adapter.clone(),
             device: self.device,
             precision: self.dtype,
-            activations: r3_model::Activations::Exact,
+            activations: r3_model::Activations::EXACT,
         }
     }
 
@@ -105,9 +105,9 @@ impl ModelArgs {
     /// `decode` says.
     pub fn sampling_spec(&self, decode: DecodeArgs) -> model::ModelSpec {
         model::ModelSpec {
-            activations: match decode.int8_decode {
-                true => r3_model::Activations::Int8,
-                false => r3_model::Activations::Exact,
+            activations: r3_model::Activations {
+                int8_decode: decode.int8_decode,
+                ..r3_model::Activations::EXACT
             },
             ..self.spec()
         }

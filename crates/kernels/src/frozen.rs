@@ -114,7 +114,7 @@ impl CustomOp1 for FrozenPacked {
             .contiguous()?
             .apply_op1_no_bwd(&PackedTransposedProduct {
                 parts: &self.parts,
-                bf16: self.activations == Activations::Bf16 && crate::bf16::available(),
+                bf16: self.activations.bf16_products && crate::bf16::available(),
             })?;
         Ok(Some(grad_x))
     }
@@ -214,7 +214,7 @@ mod tests {
     fn packed_backward_gives_the_input_gradient_of_the_dequantized_product() {
         // 7 rows take the register kernels forward, 70 the unpacked panels.
         for m in [7, 70] {
-            packed_case(m, Activations::Exact, 1e-5);
+            packed_case(m, Activations::EXACT, 1e-5);
         }
     }
 
@@ -223,8 +223,12 @@ mod tests {
     /// has the instruction, not the f32 ones bit for bit: the kernel ran.
     #[test]
     fn bf16_products_give_the_product_and_its_gradient_to_bf16_rounding() {
-        let exact = packed_case(70, Activations::Exact, 1e-5);
-        let bf16 = packed_case(70, Activations::Bf16, 2e-2);
+        let exact = packed_case(70, Activations::EXACT, 1e-5);
+        let bf16_products = Activations {
+            bf16_products: true,
+            ..Activations::EXACT
+        };
+        let bf16 = packed_case(70, bf16_products, 2e-2);
         let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let differ = (0..2).all(|i| values(&exact[i]) != values(&bf16[i]));
         assert_eq!(differ, crate::bf16::available());

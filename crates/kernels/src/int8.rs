@@ -15,20 +15,29 @@
 use crate::level::{with_vector_features, CpuLevel};
 use crate::packed::{lane_offset, Encoding, PackedMatrix, BLOCK, GROUP};
 
-/// How a packed product's inputs enter the kernels.
+/// How a packed product's inputs enter the kernels: as they are (the
+/// product of the dequantized weights, to rounding) unless a model opts
+/// into a rounding, one for each kind of product.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum Activations {
-    /// As they are: the product of the dequantized weights, to rounding.
-    #[default]
-    Exact,
-    /// Rounded to 8 bits a block of 32 ([`Int8Rows`]) where the weights'
-    /// encoding has an integer kernel ([`has_int8_kernel`]); exact elsewhere.
-    Int8,
-    /// Rounded to bf16, as the weights are, in the products of many rows
-    /// (unpacked panels: prefill, a training forward and its input
-    /// gradient) where the CPU has AVX512_BF16 ([`crate::bf16`]); exact
-    /// elsewhere. Mixed precision, for training as well as sampling.
-    Bf16,
+pub struct Activations {
+    /// Decode products (a few rows, in registers) round their inputs to 8
+    /// bits a block of 32 ([`Int8Rows`]) where the weights' encoding has
+    /// an integer kernel ([`has_int8_kernel`]): for a model that only
+    /// samples.
+    pub int8_decode: bool,
+    /// Products of many rows (unpacked panels: prefill, a training forward
+    /// and its input gradient) round inputs and weights to bf16 and sum in
+    /// f32 where the CPU has AVX512_BF16 ([`crate::bf16`]): mixed
+    /// precision, for training as well as sampling.
+    pub bf16_products: bool,
+}
+
+impl Activations {
+    /// Every product exact.
+    pub const EXACT: Self = Self {
+        int8_decode: false,
+        bf16_products: false,
+    };
 }
 
 /// Whether products with weights in `encoding` have an integer kernel:

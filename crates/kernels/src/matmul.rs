@@ -79,7 +79,7 @@ pub fn matmul(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
 /// every part side by side, `[m, Σ n_i]`. Packed weights are frozen: where
 /// `x` needs a gradient, the backward pass gives it one through them.
 pub fn packed_matmul(x: &Tensor, parts: &Arc<[PackedMatrix]>) -> candle_core::Result<Tensor> {
-    packed_matmul_with(x, parts, Activations::Exact)
+    packed_matmul_with(x, parts, Activations::EXACT)
 }
 
 /// [`packed_matmul`] with the register kernels taking `activations`
@@ -119,14 +119,14 @@ fn max_int8_rows(encoding: Encoding) -> usize {
 }
 
 /// Whether a product of `rows` rows with weights in `encoding` takes the
-/// integer kernel when its activations are [`Activations::Int8`]: where
+/// integer kernel when its activations round decode inputs to 8 bits: where
 /// the encoding has one that pays at that count.
 pub fn takes_int8(encoding: Encoding, rows: usize) -> bool {
     register_rows() > 0 && rows <= max_int8_rows(encoding)
 }
 
 /// Whether a product of `rows` rows with weights in `encoding` runs in
-/// bf16 when its activations are [`Activations::Bf16`]: past the register
+/// bf16 when its activations ask for bf16 products: past the register
 /// kernels' rows (their products stay exact), where the CPU has the
 /// instruction.
 pub fn takes_bf16(encoding: Encoding, rows: usize) -> bool {
@@ -497,9 +497,8 @@ impl CustomOp1 for PackedProduct<'_> {
         }
         let pass = register_rows();
         let registers = |part: &PackedMatrix| in_registers(part.encoding(), m);
-        let int8 = |part: &PackedMatrix| {
-            self.activations == Activations::Int8 && takes_int8(part.encoding(), m)
-        };
+        let int8 =
+            |part: &PackedMatrix| self.activations.int8_decode && takes_int8(part.encoding(), m);
         let exact = |part: &PackedMatrix| registers(part) && !int8(part);
         let interleaved = if self.parts.iter().any(exact) {
             interleaved_passes(x, m, k, pass)
@@ -511,9 +510,8 @@ impl CustomOp1 for PackedProduct<'_> {
         } else {
             Vec::new()
         };
-        let bf16 = |part: &PackedMatrix| {
-            self.activations == Activations::Bf16 && takes_bf16(part.encoding(), m)
-        };
+        let bf16 =
+            |part: &PackedMatrix| self.activations.bf16_products && takes_bf16(part.encoding(), m);
         let pairs = match self.parts.iter().any(bf16) {
             true => Bf16Rows::new(x, m, k, k),
             false => Bf16Rows::empty(),
@@ -647,6 +645,10 @@ mod tests {
     /// inputs' rounding of the exact product); any other is exact.
     #[test]
     fn an_int8_product_of_any_batch_size_gives_each_row_its_bits_alone() {
+        const INT8: Activations = Activations {
+            int8_decode: true,
+            bf16_products: false,
+        };
         for dtype in [
             GgmlDType::Q4K,
             GgmlDType::Q6K,
@@ -656,7 +658,7 @@ mod tests {
             let cols = 256;
             let (encoding, parts, dequantized) = packed_parts(dtype, cols, 3);
             let x = random(&[33, cols], 13, 1.0);
-            let product = |x: &Tensor| packed_matmul_with(x, &parts, Activations::Int8).unwrap();
+            let product = |x: &Tensor| packed_matmul_with(x, &parts, INT8).unwrap();
             let alone: Vec<Vec<u32>> = (0..33)
                 .map(|r| {
                     let row = product(&x.i(r..r + 1).unwrap()).flatten_all().unwrap();

@@ -4,7 +4,6 @@
 use std::path::Path;
 
 use r3_generate::SamplingParams;
-use r3_model::Activations;
 use r3_tasks::Record;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -82,7 +81,7 @@ pub fn run(
         bound["engines"] = serde_json::json!(engines.urls());
         bound["engine_model"] = engines.model.clone().into();
     }
-    if config.model.activations == Activations::Int8 {
+    if config.model.activations.int8_decode {
         bound["activations"] = "int8".into();
     }
     let partial = out.join(PARTIAL_DIR);
@@ -108,7 +107,7 @@ pub fn run(
         write(&partial.join(format!("{start:08}.jsonl")), &jsonl(&done))?;
         transcripts.extend(done);
     }
-    let int8_decode = config.model.activations == Activations::Int8;
+    let int8_decode = config.model.activations.int8_decode;
     let summary = summarize(&transcripts, &settings, int8_decode);
     let json = serde_json::to_vec_pretty(&summary).expect("a summary serializes");
     write(&out.join(SUMMARY_FILE), &json)?;

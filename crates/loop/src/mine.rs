@@ -8,7 +8,6 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use r3_generate::SamplingParams;
-use r3_model::Activations;
 use r3_tasks::Record;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -167,7 +166,7 @@ pub fn run(
         settings["engine_model"] = engines.model.clone().into();
     }
     // Only when decoding rounds its inputs, likewise.
-    if config.model.activations == Activations::Int8 {
+    if config.model.activations.int8_decode {
         settings["activations"] = "int8".into();
     }
     mine(

@@ -29,8 +29,9 @@ pub struct ModelSpec {
     pub adapter: Option<PathBuf>,
     pub device: DeviceChoice,
     pub precision: Precision,
-    /// How decode steps take their inputs: [`Activations::Int8`] for a
-    /// model that only samples, faster on CPUs (`r3_kernels::int8`).
+    /// How packed products take their inputs: 8-bit decode inputs
+    /// (`int8_decode`) for a model that only samples, faster on CPUs
+    /// (`r3_kernels::int8`).
     pub activations: Activations,
 }
 

@@ -250,7 +250,10 @@ fn int8_decoding_stays_within_its_rounding_of_the_exact_logits() {
         tiny.write_gguf(&path, dtype).unwrap();
         let loaded = r3_model::load(&path).unwrap();
         let exact = Llama::new(&loaded.config, &loaded.weights).unwrap();
-        let int8 = exact.clone().with_activations(r3_model::Activations::Int8);
+        let int8 = exact.clone().with_activations(r3_model::Activations {
+            int8_decode: true,
+            ..r3_model::Activations::EXACT
+        });
         let prompts: [&[u32]; 2] = [&[1, 2, 3, 4, 5, 6, 7], &[8, 9]];
         let steps: [[&[u32]; 2]; 2] = [[&[20], &[21]], [&[40], &[41]]];
         let mut caches = [0, 1].map(|_| KvCache::new(&tiny.config, 2, 8));

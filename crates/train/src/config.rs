@@ -110,10 +110,11 @@ pub struct TrainConfig {
     /// the gap to the exact policy, as for an engine's.
     pub int8_decode: bool,
     /// The frozen packed base's products of many rows (the training
-    /// forward and its input gradient) in bf16 arithmetic with f32 sums,
-    /// twice as fast where the CPU has AVX512_BF16 (`r3_kernels::bf16`):
-    /// mixed precision as TRL's `bf16` runs it, for LoRA on a packed base
-    /// (GGUF) in f32; products stay f32 on other CPUs.
+    /// forward and its input gradient, reference scores, the rollouts'
+    /// prefill) in bf16 arithmetic with f32 sums, where the CPU has
+    /// AVX512_BF16 (`r3_kernels::bf16`): mixed precision as TRL's `bf16`
+    /// runs it, for LoRA on a packed base (GGUF) in f32; products stay f32
+    /// on other CPUs.
     pub bf16_products: bool,
     /// The tokens that learn (an ablation knob; keep `reflection`).
     pub train_on: TrainOn,

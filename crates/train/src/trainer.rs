@@ -203,9 +203,9 @@ impl<'a> Trainer<'a> {
         let snapshot = match &engines {
             Some(_) => None,
             None => Some(self.train_model.for_generation()?.with_activations(
-                match c.int8_decode {
-                    true => r3_model::Activations::Int8,
-                    false => r3_model::Activations::Exact,
+                r3_model::Activations {
+                    int8_decode: c.int8_decode,
+                    bf16_products: c.bf16_products,
                 },
             )),
         };

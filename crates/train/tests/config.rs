@@ -26,7 +26,10 @@ fn unknown_keys_and_impossible_values_name_the_key() {
         &[],
     );
     assert!(e.contains("int8_decode"), "{e}");
-    for bad in ["bf16_products = true\n", "bf16_products = true\nuse_peft = true\ndtype = \"bf16\"\n"] {
+    for bad in [
+        "bf16_products = true\n",
+        "bf16_products = true\nuse_peft = true\ndtype = \"bf16\"\n",
+    ] {
         let e = error(bad, &[]);
         assert!(e.contains("bf16_products"), "{bad}: {e}");
     }

@@ -157,7 +157,7 @@ impl Linear {
                     parts: parts.to_vec(),
                     adapters: vec![None; parts.len()],
                     stacked: None,
-                    activations: Activations::Exact,
+                    activations: Activations::EXACT,
                 }]);
             }
         }
@@ -181,7 +181,7 @@ impl Linear {
                         parts: vec![part.clone()],
                         adapters: vec![None],
                         stacked: None,
-                        activations: Activations::Exact,
+                        activations: Activations::EXACT,
                     })
                 })
                 .collect();
@@ -196,7 +196,7 @@ impl Linear {
             parts: parts.to_vec(),
             adapters: vec![None; parts.len()],
             stacked: None,
-            activations: Activations::Exact,
+            activations: Activations::EXACT,
         }])
     }
 

@@ -176,7 +176,7 @@ impl Llama {
             inv_freq: c.inv_freq(),
             device: weights.device().clone(),
             dtype: weights.dtype(),
-            activations: Activations::Exact,
+            activations: Activations::EXACT,
         })
     }
 
@@ -211,11 +211,11 @@ impl Llama {
     }
 
     /// The same model with its packed weights' products taking
-    /// `activations`: [`Activations::Int8`] rounds the inputs of decode
-    /// products (a few rows, in registers) to 8 bits, for a model that only
-    /// samples and samples faster so (`r3_kernels::int8`), never for one
-    /// that scores; [`Activations::Bf16`] runs products of many rows in bf16
-    /// with f32 sums, mixed precision for training too (`r3_kernels::bf16`).
+    /// `activations`: `int8_decode` rounds the inputs of decode products
+    /// (a few rows, in registers) to 8 bits, for a model that only samples
+    /// and samples faster so (`r3_kernels::int8`), never for one that
+    /// scores; `bf16_products` runs products of many rows in bf16 with f32
+    /// sums, mixed precision for training too (`r3_kernels::bf16`).
     pub fn with_activations(mut self, activations: Activations) -> Self {
         self.activations = activations;
         for linear in self.layers.iter_mut().flat_map(|l| l.linears_mut()) {

@@ -78,7 +78,10 @@ impl<'a> Trainer<'a> {
             None => Llama::trainable(&model.config, &policy)?,
         };
         let train_model = match config.bf16_products {
-            true => train_model.with_activations(r3_model::Activations::Bf16),
+            true => train_model.with_activations(r3_model::Activations {
+                bf16_products: true,
+                ..r3_model::Activations::EXACT
+            }),
             false => train_model,
         }
         .computing_in(compute);
