@@ -147,8 +147,8 @@ pub fn run(bench: &GenerateBench) -> Result<Value> {
         "machine": machine::describe(limits.as_ref()),
         "device": r3_model::device_name(model.llama.device()),
         "dtype": format!("{:?}", model.llama.dtype()),
-        // Decode steps' inputs: exact, or rounded to 8 bits (--int8-decode).
-        "activations": format!("{:?}", bench.model.activations),
+        // Products' inputs: exact, or rounded (--int8-decode, --bf16-products).
+        "activations": bench.model.activations.name().unwrap_or("exact"),
         "model": model.loaded.path,
         "batch": bench.batch,
         "prompt_tokens": bench.prompt_tokens,

@@ -106,7 +106,7 @@ pub struct GenerateBench {
     decode: DecodeArgs,
     /// A model of this shape (an HF config.json, e.g. configs/Qwen2.5-1.5B.json)
     /// with random weights, and the tokenizer of --model (default: the default model's)
-    #[arg(long, conflicts_with_all = ["adapter", "int8_decode"])]
+    #[arg(long, conflicts_with_all = ["adapter", "int8_decode", "bf16_products"])]
     random_init: Option<std::path::PathBuf>,
     #[arg(long, default_value_t = 1)]
     batch: usize,
@@ -121,7 +121,7 @@ pub struct GenerateBench {
     temperature: f64,
     /// Expand every weight to f32 instead of keeping packed encodings: the
     /// baseline the packed kernels are measured against
-    #[arg(long, conflicts_with = "int8_decode")]
+    #[arg(long, conflicts_with_all = ["int8_decode", "bf16_products"])]
     f32: bool,
     /// Seconds spent measuring each of the machine's limits (GEMM rate,
     /// memory read rate) before the work; 0 skips them

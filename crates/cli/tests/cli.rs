@@ -217,6 +217,7 @@ fn report_draws_charts_and_compares_evaluations() {
             second_try: Proportion::new(correct + 2, 40),
             fixed_by_retry: 2,
             int8_decode: false,
+            bf16_products: false,
             settings: EvalSettings {
                 attempt: greedy.clone(),
                 reflection: greedy.clone(),

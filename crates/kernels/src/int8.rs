@@ -38,6 +38,17 @@ impl Activations {
         int8_decode: false,
         bf16_products: false,
     };
+
+    /// The roundings as a run's settings record them (`None`: exact), so
+    /// that results and resumed runs say how they were computed.
+    pub fn name(&self) -> Option<&'static str> {
+        match (self.int8_decode, self.bf16_products) {
+            (false, false) => None,
+            (true, false) => Some("int8"),
+            (false, true) => Some("bf16"),
+            (true, true) => Some("int8+bf16"),
+        }
+    }
 }
 
 /// Whether products with weights in `encoding` have an integer kernel:

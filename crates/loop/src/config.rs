@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use r3_model::Activations;
 use r3_tasks::external::ExternalVerifier;
 use r3_tasks::{Prompts, Record, Task};
 
@@ -209,11 +210,12 @@ impl MineConfig {
     }
 }
 
-/// `--int8-decode` chooses how r3's own decoder samples; engines sample
-/// with their own kernels, so the two together are a mistake to name.
+/// `--int8-decode` and `--bf16-products` choose how r3's own decoder
+/// samples; engines sample with their own kernels, so either with them is
+/// a mistake to name.
 fn check_decoder(model: &ModelSpec, engines: Option<&EngineConfig>) -> Result<()> {
-    if model.activations.int8_decode && engines.is_some() {
-        bail!("--int8-decode is for r3's own decoder; with --engine the engines sample");
+    if model.activations != Activations::EXACT && engines.is_some() {
+        bail!("--int8-decode and --bf16-products are for r3's own decoder; with --engine the engines sample");
     }
     Ok(())
 }

@@ -4,6 +4,7 @@
 use std::path::Path;
 
 use r3_generate::SamplingParams;
+use r3_model::Activations;
 use r3_tasks::Record;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -81,8 +82,8 @@ pub fn run(
         bound["engines"] = serde_json::json!(engines.urls());
         bound["engine_model"] = engines.model.clone().into();
     }
-    if config.model.activations.int8_decode {
-        bound["activations"] = "int8".into();
+    if let Some(name) = config.model.activations.name() {
+        bound["activations"] = name.into();
     }
     let partial = out.join(PARTIAL_DIR);
     let mut transcripts = finished_chunks(&partial, &binding(&records, &bound), chunk)?;
@@ -107,8 +108,7 @@ pub fn run(
         write(&partial.join(format!("{start:08}.jsonl")), &jsonl(&done))?;
         transcripts.extend(done);
     }
-    let int8_decode = config.model.activations.int8_decode;
-    let summary = summarize(&transcripts, &settings, int8_decode);
+    let summary = summarize(&transcripts, &settings, config.model.activations);
     let json = serde_json::to_vec_pretty(&summary).expect("a summary serializes");
     write(&out.join(SUMMARY_FILE), &json)?;
     write(&out.join(TRANSCRIPTS_FILE), &jsonl(&transcripts))?;
@@ -219,6 +219,9 @@ pub struct EvalSummary {
     /// Whether decoding rounded its inputs to 8 bits (`--int8-decode`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub int8_decode: bool,
+    /// Whether prefill ran bf16 products (`--bf16-products`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub bf16_products: bool,
     pub settings: EvalSettings,
 }
 
@@ -289,7 +292,7 @@ pub fn evaluate(
 fn summarize(
     transcripts: &[Transcript],
     settings: &EvalSettings,
-    int8_decode: bool,
+    activations: Activations,
 ) -> EvalSummary {
     let n = transcripts.len();
     let first = transcripts
@@ -309,7 +312,8 @@ fn summarize(
         first_try,
         second_try,
         fixed_by_retry: fixed,
-        int8_decode,
+        int8_decode: activations.int8_decode,
+        bf16_products: activations.bf16_products,
         settings: settings.clone(),
     }
 }

@@ -166,8 +166,8 @@ pub fn run(
         settings["engine_model"] = engines.model.clone().into();
     }
     // Only when decoding rounds its inputs, likewise.
-    if config.model.activations.int8_decode {
-        settings["activations"] = "int8".into();
+    if let Some(name) = config.model.activations.name() {
+        settings["activations"] = name.into();
     }
     mine(
         &rollouts,
