@@ -352,24 +352,26 @@ fn values_that_used_to_panic() {
         "/proc/not-writable/eval",
     ]);
     assert!(!ok && err.contains("cannot write into --out"), "{err}");
-    let (ok, _, err) = r3(&[
-        "mine",
-        "--model",
-        &model,
-        "--task",
-        "answer",
-        "--data",
-        &data,
-        "--int8-decode",
-        "--engine",
-        "http://127.0.0.1:9",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
-    assert!(
-        !ok && err.contains("--int8-decode is for r3's own decoder"),
-        "{err}"
-    );
+    for rounding in ["--int8-decode", "--bf16-products"] {
+        let (ok, _, err) = r3(&[
+            "mine",
+            "--model",
+            &model,
+            "--task",
+            "answer",
+            "--data",
+            &data,
+            rounding,
+            "--engine",
+            "http://127.0.0.1:9",
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(
+            !ok && err.contains("--int8-decode and --bf16-products are for r3's own decoder"),
+            "{rounding}: {err}"
+        );
+    }
 }
 
 /// The shipped shapes are the published models': their parameter counts
