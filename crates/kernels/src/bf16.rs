@@ -14,8 +14,6 @@
 
 use std::cell::RefCell;
 
-use crate::level::CpuLevel;
-
 /// Rows of a product's left operand as bf16 pairs: inputs `2p, 2p + 1`
 /// of row `r` in the `u32` at `r · pairs + p`, the first in the low half
 /// (the order `vdpbf16ps` pairs them with the weights), an odd last input
@@ -31,6 +29,7 @@ pub(crate) struct Bf16Rows {
 pub fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
+        use crate::level::CpuLevel;
         CpuLevel::current() >= CpuLevel::Avx512 && std::arch::is_x86_feature_detected!("avx512bf16")
     }
     #[cfg(not(target_arch = "x86_64"))]
