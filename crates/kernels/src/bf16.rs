@@ -1,6 +1,7 @@
-//! Many-row products in bf16 arithmetic with f32 sums, for training on a
-//! frozen packed base (its forward and its input gradient): on CPUs with
-//! AVX512_BF16 (Zen 4, Cooper Lake, Sapphire Rapids and later)
+//! Many-row products in bf16 arithmetic with f32 sums, for prefill and
+//! for training on a frozen packed base (its forward and its input
+//! gradient): on CPUs with AVX512_BF16 (Zen 4, Cooper Lake, Sapphire
+//! Rapids and later)
 //! `vdpbf16ps` multiplies two pairs of bf16 values and adds both products
 //! into an f32 lane, 64 multiply-adds an instruction where an f32 FMA does
 //! 32: measured 231 against 115 GFLOP/s on one Zen 4 core.
