@@ -69,7 +69,7 @@ impl Bf16Rows {
     /// [`Bf16Rows::new`] into this buffer.
     pub(crate) fn fill(&mut self, x: &[f32], rows: usize, cols: usize, stride: usize) {
         let pairs = cols.div_ceil(2);
-        self.data.clear();
+        // Every pair is written below: no need to clear first.
         self.data.resize(rows * pairs, 0);
         for (r, out) in self.data.chunks_exact_mut(pairs.max(1)).enumerate() {
             let row = &x[r * stride..r * stride + cols];
@@ -85,7 +85,7 @@ impl Bf16Rows {
 
 /// Weights for [`product`]: `pairs` rows of `stride` columns of bf16
 /// pairs, `stride` a multiple of 32 (two vectors of pairs), the columns
-/// past the real ones zero.
+/// past the real ones padding whose sums are never stored.
 pub(crate) struct Bf16Columns {
     data: Vec<u32>,
     pairs: usize,
@@ -102,10 +102,11 @@ impl Bf16Columns {
         }
     }
 
-    /// Zeroed room for `pairs` rows of `cols` columns, rounded up.
+    /// Room for `pairs` rows of `cols` columns, rounded up. Nothing is
+    /// cleared: the fills write every real column, and the padding's sums
+    /// are never stored (the tiles' stores are masked to `cols`).
     fn reset(&mut self, pairs: usize, cols: usize) {
         (self.pairs, self.stride) = (pairs, cols.next_multiple_of(32));
-        self.data.clear();
         self.data.resize(pairs * self.stride, 0);
     }
 
@@ -525,6 +526,7 @@ mod tests {
             eprintln!("skipped: this CPU (or R3_CPU) has no AVX512_BF16");
             return;
         }
+        let (mut down, mut across) = (Bf16Columns::empty(), Bf16Columns::empty());
         for (m, k, cols, width) in [
             (13, 64, 48, 48),
             (1, 7, 5, 16),
@@ -541,14 +543,15 @@ mod tests {
                 .flat_map(|j| (0..k).map(move |i| (i, j)))
                 .map(|(i, j)| w[i * width + j])
                 .collect();
-            let (mut down, mut across) = (Bf16Columns::empty(), Bf16Columns::empty());
+            // The buffers are reused from case to case, as a thread's are
+            // from task to task: stale values must never leak through.
             down.fill_down(&w, k, width, cols);
             across.fill_across(&wt, cols, k, k);
-            for columns in [down, across] {
+            for columns in [&down, &across] {
                 for accumulate in [false, true] {
                     let mut out = prior.clone();
                     // SAFETY: `available` holds; `out` is m × cols.
-                    unsafe { product(&rows, &columns, cols, out.as_mut_ptr(), cols, accumulate) };
+                    unsafe { product(&rows, columns, cols, out.as_mut_ptr(), cols, accumulate) };
                     for r in 0..m {
                         for j in 0..cols {
                             let (sum, scale) =
