@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
-use r3_kernels::int8::Activations;
+use r3_kernels::matmul::Activations;
 use r3_kernels::matmul::{packed_matmul_with, takes_bf16, takes_int8};
 use r3_kernels::packed::PackedMatrix;
 use serde_json::{json, Value};

@@ -3,7 +3,7 @@
 
 use anyhow::{bail, Result};
 use clap::{Args, Subcommand};
-use r3_kernels::int8::Activations;
+use r3_kernels::matmul::Activations;
 use r3_train::config::TrainConfig;
 
 use crate::{DecodeArgs, ModelArgs};

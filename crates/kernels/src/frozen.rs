@@ -8,7 +8,7 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 
 use crate::gemm::{gemm, Mat, Out};
-use crate::int8::Activations;
+use crate::matmul::Activations;
 use crate::matmul::{fold_panels, PackedProduct};
 use crate::packed::PackedMatrix;
 use crate::storage::{f32_slice, with_f32_elements};

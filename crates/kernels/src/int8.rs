@@ -15,42 +15,6 @@
 use crate::level::{with_vector_features, CpuLevel};
 use crate::packed::{lane_offset, Encoding, PackedMatrix, BLOCK, GROUP};
 
-/// How a packed product's inputs enter the kernels: as they are (the
-/// product of the dequantized weights, to rounding) unless a model opts
-/// into a rounding, one for each kind of product.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Activations {
-    /// Decode products (a few rows, in registers) round their inputs to 8
-    /// bits a block of 32 ([`Int8Rows`]) where the weights' encoding has
-    /// an integer kernel ([`has_int8_kernel`]): for a model that only
-    /// samples.
-    pub int8_decode: bool,
-    /// Products of many rows (unpacked panels: prefill, a training forward
-    /// and its input gradient) round inputs and weights to bf16 and sum in
-    /// f32 where the CPU has AVX512_BF16 ([`crate::bf16`]): mixed
-    /// precision, for training as well as sampling.
-    pub bf16_products: bool,
-}
-
-impl Activations {
-    /// Every product exact.
-    pub const EXACT: Self = Self {
-        int8_decode: false,
-        bf16_products: false,
-    };
-
-    /// The roundings as a run's settings record them (`None`: exact), so
-    /// that results and resumed runs say how they were computed.
-    pub fn name(&self) -> Option<&'static str> {
-        match (self.int8_decode, self.bf16_products) {
-            (false, false) => None,
-            (true, false) => Some("int8"),
-            (false, true) => Some("bf16"),
-            (true, true) => Some("int8+bf16"),
-        }
-    }
-}
-
 /// Whether products with weights in `encoding` have an integer kernel:
 /// the 4-bit nibble layouts (Q4_0, Q4_1, Q4_K), Q6_K and Q8_0, which make
 /// up the Q4_0, Q4_1, Q8_0 and Q4_K_M models r3 fetches.

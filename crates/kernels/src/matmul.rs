@@ -20,10 +20,46 @@ use rayon::prelude::*;
 use crate::bf16::{Bf16Columns, Bf16Rows};
 use crate::device_matmul::device_matmul;
 use crate::gemm::Mat;
-use crate::int8::{has_int8_kernel, Activations, Int8Rows};
+use crate::int8::{has_int8_kernel, Int8Rows};
 use crate::level::CpuLevel;
 use crate::packed::{interleave, interleaved_len, register_rows, Encoding, PackedMatrix, GROUP};
 use crate::storage::f32_slice;
+
+/// How a packed product's inputs enter the kernels: as they are (the
+/// product of the dequantized weights, to rounding) unless a model opts
+/// into a rounding, one for each kind of product.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Activations {
+    /// Decode products (a few rows, in registers) round their inputs to 8
+    /// bits a block of 32 ([`crate::int8::Int8Rows`]) where the weights' encoding has
+    /// an integer kernel ([`has_int8_kernel`]): for a model that only
+    /// samples.
+    pub int8_decode: bool,
+    /// Products of many rows (unpacked panels: prefill, a training forward
+    /// and its input gradient) round inputs and weights to bf16 and sum in
+    /// f32 where the CPU has AVX512_BF16 ([`crate::bf16`]): mixed
+    /// precision, for training as well as sampling.
+    pub bf16_products: bool,
+}
+
+impl Activations {
+    /// Every product exact.
+    pub const EXACT: Self = Self {
+        int8_decode: false,
+        bf16_products: false,
+    };
+
+    /// The roundings as a run's settings record them (`None`: exact), so
+    /// that results and resumed runs say how they were computed.
+    pub fn name(&self) -> Option<&'static str> {
+        match (self.int8_decode, self.bf16_products) {
+            (false, false) => None,
+            (true, false) => Some("int8"),
+            (false, true) => Some("bf16"),
+            (true, true) => Some("int8+bf16"),
+        }
+    }
+}
 
 /// Products with at most this many rows take the split path; larger ones
 /// (prefill) have enough rows for gemm's own parallelism.

@@ -33,6 +33,6 @@ pub use error::{ModelError, Result};
 pub use exec::Exec;
 pub use llama::{ForwardInputs, Llama};
 pub use loader::{load, load_conversation, GenerationDefaults, LoadedModel, ModelFormat};
-pub use r3_kernels::int8::Activations;
+pub use r3_kernels::matmul::Activations;
 pub use tokenizer::Tokenizer;
 pub use weights::Weights;

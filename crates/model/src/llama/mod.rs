@@ -26,7 +26,7 @@ mod vocab;
 use candle_core::{DType, Device, Tensor, Var};
 
 use crate::exec::Exec;
-use r3_kernels::int8::Activations;
+use r3_kernels::matmul::Activations;
 use r3_kernels::packed::PackedMatrix;
 
 use crate::cache::KvCache;

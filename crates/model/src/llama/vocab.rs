@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
 use r3_kernels::device_matmul::device_matmul;
-use r3_kernels::int8::Activations;
+use r3_kernels::matmul::Activations;
 use r3_kernels::matmul::{matmul, packed_matmul_with};
 use r3_kernels::packed::PackedMatrix;
 use rayon::prelude::*;
