@@ -130,13 +130,15 @@ pub fn run(bench: &KernelsBench) -> Result<Value> {
         let cache = [Arc::from(vec![cached.clone()])];
         let in_cache = rate(&x, &cache, bench.seconds, bench.activations)?;
         let from_memory = rate(&x, &streamed, bench.seconds, bench.activations)?;
+        // Where both are asked for, an integer kernel takes the product.
+        let int8 = bench.activations.int8_decode && takes_int8(cached.encoding(), bench.rows);
         encodings.push(json!({
             "ggml": format!("{dtype:?}"),
             "encoding": format!("{:?}", cached.encoding()),
             "bits_per_weight": bits,
-            "int8_inputs": bench.activations.int8_decode
-                && takes_int8(cached.encoding(), bench.rows),
-            "bf16_products": bench.activations.bf16_products
+            "int8_inputs": int8,
+            "bf16_products": !int8
+                && bench.activations.bf16_products
                 && takes_bf16(cached.encoding(), bench.rows),
             "in_cache": {
                 "bytes": cached.bytes(),

@@ -84,8 +84,9 @@ pub struct ModelArgs {
 #[derive(Args, Clone, Copy)]
 pub struct DecodeArgs {
     /// Decode with each block of 32 inputs rounded to 8 bits, as llama.cpp
-    /// does: faster on CPUs, for sampling only (products change by about
-    /// 1/254 of a value; Q4_0, Q4_1, Q4_K, Q6_K and Q8_0 weights)
+    /// does (and prefill too where the CPU has AVX-512 VNNI and VBMI):
+    /// faster on CPUs, for sampling only (products change by about 1/254
+    /// of a value; Q4_0, Q4_1, Q4_K, Q6_K and Q8_0 weights)
     #[arg(long)]
     pub int8_decode: bool,
     /// Prefill's products in bf16 with f32 sums where the CPU has

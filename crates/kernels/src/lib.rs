@@ -14,6 +14,7 @@ pub mod exp;
 pub mod frozen;
 pub mod gemm;
 pub mod int8;
+pub mod int8_tile;
 pub mod kquants;
 pub mod level;
 pub mod machine;

@@ -21,6 +21,7 @@ use crate::bf16::{Bf16Columns, Bf16Rows};
 use crate::device_matmul::device_matmul;
 use crate::gemm::Mat;
 use crate::int8::{has_int8_kernel, Int8Rows};
+use crate::int8_tile::has_tile_kernel;
 use crate::level::CpuLevel;
 use crate::packed::{interleave, interleaved_len, register_rows, Encoding, PackedMatrix, GROUP};
 use crate::storage::f32_slice;
@@ -30,9 +31,12 @@ use crate::storage::f32_slice;
 /// into a rounding, one for each kind of product.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Activations {
-    /// Decode products (a few rows, in registers) round their inputs to 8
-    /// bits a block of 32 ([`crate::int8::Int8Rows`]) where the weights' encoding has
-    /// an integer kernel ([`has_int8_kernel`]): for a model that only
+    /// Products that sample round their inputs to 8 bits a block of 32
+    /// ([`crate::int8::Int8Rows`]) where the weights' encoding has an
+    /// integer kernel at that row count ([`takes_int8`]): decode steps in
+    /// registers everywhere, and where the CPU has AVX-512 VNNI and VBMI
+    /// every product past one register pass, prefill included
+    /// ([`crate::int8_tile`]), as llama.cpp samples. For a model that only
     /// samples.
     pub int8_decode: bool,
     /// Products of many rows (unpacked panels: prefill, a training forward
@@ -154,11 +158,24 @@ fn max_int8_rows(encoding: Encoding) -> usize {
     }
 }
 
-/// Whether a product of `rows` rows with weights in `encoding` takes the
-/// integer kernel when its activations round decode inputs to 8 bits: where
-/// the encoding has one that pays at that count.
+/// Whether a product of `rows` rows with weights in `encoding` takes an
+/// integer kernel when its activations round sampling inputs to 8 bits:
+/// the tile kernel past one register pass where the CPU has it, otherwise
+/// the register kernel where the encoding has one that pays at that count.
 pub fn takes_int8(encoding: Encoding, rows: usize) -> bool {
-    register_rows() > 0 && rows <= max_int8_rows(encoding)
+    int8_in_tiles(encoding, rows) || int8_in_registers(encoding, rows)
+}
+
+/// Whether such a product takes the register kernel.
+fn int8_in_registers(encoding: Encoding, rows: usize) -> bool {
+    register_rows() > 0 && rows <= max_int8_rows(encoding) && !int8_in_tiles(encoding, rows)
+}
+
+/// Whether such a product takes the tile kernel ([`crate::int8_tile`]):
+/// past one pass of the register kernel, which unpacks the weights again
+/// for every pass.
+fn int8_in_tiles(encoding: Encoding, rows: usize) -> bool {
+    rows > INT8_PASS && has_tile_kernel(encoding) && crate::int8_tile::available()
 }
 
 /// Whether a product of `rows` rows with weights in `encoding` runs in
@@ -533,9 +550,12 @@ impl CustomOp1 for PackedProduct<'_> {
         }
         let pass = register_rows();
         let registers = |part: &PackedMatrix| in_registers(part.encoding(), m);
-        let int8 =
-            |part: &PackedMatrix| self.activations.int8_decode && takes_int8(part.encoding(), m);
-        let exact = |part: &PackedMatrix| registers(part) && !int8(part);
+        let int8 = |part: &PackedMatrix| {
+            self.activations.int8_decode && int8_in_registers(part.encoding(), m)
+        };
+        let tiles =
+            |part: &PackedMatrix| self.activations.int8_decode && int8_in_tiles(part.encoding(), m);
+        let exact = |part: &PackedMatrix| registers(part) && !int8(part) && !tiles(part);
         let interleaved = if self.parts.iter().any(exact) {
             interleaved_passes(x, m, k, pass)
         } else {
@@ -546,13 +566,35 @@ impl CustomOp1 for PackedProduct<'_> {
         } else {
             Vec::new()
         };
-        let bf16 =
-            |part: &PackedMatrix| self.activations.bf16_products && takes_bf16(part.encoding(), m);
+        let rounded_tiles = match self.parts.iter().any(tiles) {
+            true => crate::int8_tile::round_tiles(x, m, k),
+            false => Vec::new(),
+        };
+        let bf16 = |part: &PackedMatrix| {
+            self.activations.bf16_products && !tiles(part) && takes_bf16(part.encoding(), m)
+        };
         let pairs = match self.parts.iter().any(bf16) {
             true => Bf16Rows::new(x, m, k, k),
             false => Bf16Rows::empty(),
         };
         tasks.into_par_iter().for_each(|(part, offset, groups)| {
+            #[cfg(target_arch = "x86_64")]
+            if tiles(part) {
+                // SAFETY: the tile kernel runs here and has this encoding
+                // (`int8_in_tiles`); `rounded_tiles` holds x's m rows of k
+                // inputs in tiles; `out` is m × n and this task alone
+                // writes columns offset + 16·groups, within its part's
+                // columns.
+                return unsafe {
+                    crate::int8_tile::product(
+                        part,
+                        groups,
+                        &rounded_tiles,
+                        output.ptr.add(offset),
+                        output.row_stride,
+                    )
+                };
+            }
             if int8(part) {
                 // SAFETY: as below, for columns offset + 16·groups; the
                 // encoding has an integer kernel.
@@ -676,8 +718,9 @@ mod tests {
         }
     }
 
-    /// With inputs rounded to 8 bits, every batch size that takes the
-    /// integer kernel gives each row the bits it has alone (within the
+    /// With inputs rounded to 8 bits, every batch size that takes an
+    /// integer kernel (in registers, or in tiles past one pass where the
+    /// CPU has them) gives each row the bits it has alone (within the
     /// inputs' rounding of the exact product); any other is exact.
     #[test]
     fn an_int8_product_of_any_batch_size_gives_each_row_its_bits_alone() {

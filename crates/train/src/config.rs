@@ -105,9 +105,11 @@ pub struct TrainConfig {
     pub gradient_checkpointing: bool,
     /// Most rows decoded at once during rollouts.
     pub generation_batch_rows: usize,
-    /// Rollouts decode with each block of 32 inputs rounded to 8 bits
-    /// (`r3_kernels::int8`): faster on CPUs; the importance weights correct
-    /// the gap to the exact policy, as for an engine's.
+    /// Rollouts decode (and, where the CPU has AVX-512 VNNI and VBMI,
+    /// prefill) with each block of 32 inputs rounded to 8 bits
+    /// (`r3_kernels::int8`, `r3_kernels::int8_tile`): faster on CPUs; the
+    /// importance weights correct the gap to the exact policy, as for an
+    /// engine's.
     pub int8_decode: bool,
     /// The frozen packed base's products of many rows (the training
     /// forward and its input gradient, reference scores, the rollouts'
