@@ -60,6 +60,8 @@ pub fn describe(limits: Option<&Limits>) -> Value {
         "f16c",
         "avx512f",
         "avx512bw",
+        "avx512_vnni",
+        "avx512vbmi",
         "avx512_bf16",
         "avx512_fp16",
     ];
