@@ -143,23 +143,6 @@ mod vector {
         }
     }
 
-    /// Runs `$body` with `$row` bound to each of `0..R` in turn, written
-    /// out: a constant index keeps each row's sums in a register, where
-    /// the compiler left loops of more than 9 rows rolled and their sums
-    /// in memory.
-    macro_rules! each_row {
-        ($rows:ident, $row:ident, $body:block) => {
-            each_row!(@ $rows, $row, $body, 0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15)
-        };
-        (@ $rows:ident, $row:ident, $body:block, $($i:literal)*) => {
-            const { assert!($rows <= 16) };
-            $(if $i < $rows {
-                let $row = $i;
-                $body
-            })*
-        };
-    }
-
     /// A tile's `R` rows times one group's 16 columns.
     struct Tile<'a> {
         matrix: &'a PackedMatrix,
@@ -255,8 +238,7 @@ mod vector {
                         self.x.scales.as_ptr().add(first),
                         self.x.sums.as_ptr().add(first),
                     );
-                    each_row!(R, row, {
-                        let acc = &mut acc[row];
+                    for (row, acc) in acc.iter_mut().enumerate() {
                         let mut sums = _mm512_setzero_si512();
                         for j in 0..4 {
                             let (lo, hi) = (*inputs[j].add(row), *inputs[GROUPS / 2 + j].add(row));
@@ -268,7 +250,7 @@ mod vector {
                         let s = _mm512_mul_ps(d, d_x);
                         *acc = _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(sums), *acc);
                         *acc = _mm512_fmadd_ps(o, sum, *acc);
-                    });
+                    }
                 }
                 acc
             }
@@ -298,8 +280,7 @@ mod vector {
                         self.x.scales.as_ptr().add(first),
                         self.x.half_sums.as_ptr().add(2 * first),
                     );
-                    each_row!(R, row, {
-                        let acc = &mut acc[row];
+                    for (row, acc) in acc.iter_mut().enumerate() {
                         let d_x = _mm512_set1_ps(*scales_x.add(row));
                         for (half, scale) in scales.iter().enumerate() {
                             // The sums start from −32·Σ q_x (the integers
@@ -313,7 +294,7 @@ mod vector {
                             let s = _mm512_mul_ps(*scale, d_x);
                             *acc = _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(sums), *acc);
                         }
-                    });
+                    }
                 }
                 acc
             }
