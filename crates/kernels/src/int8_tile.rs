@@ -14,7 +14,6 @@
 //! instruction. Without them the register kernels and the f32 (or bf16)
 //! panels keep these products.
 
-use crate::int8::Int8Rows;
 use crate::packed::Encoding;
 
 /// The most rows one tile multiplies per unpacked block: 16 f32 sums and
@@ -51,23 +50,6 @@ pub fn has_tile_kernel(encoding: Encoding) -> bool {
 #[cfg(target_arch = "x86_64")]
 pub(crate) use vector::product;
 
-/// `x`, `rows` rows of `cols` inputs, rounded to 8 bits in tiles of
-/// [`TILE_ROWS`] rows, each its own [`Int8Rows`]: a tile's inputs lie
-/// together, block after block, where one matrix of all the rows put a
-/// tile's 16 rows of a block 8 strides of `4·rows` bytes apart (prefill
-/// read them at 100 against bf16's 143 tokens/s). Rounded in parallel.
-pub(crate) fn round_tiles(x: &[f32], rows: usize, cols: usize) -> Vec<Int8Rows> {
-    use rayon::prelude::*;
-    (0..rows.div_ceil(TILE_ROWS))
-        .into_par_iter()
-        .map(|t| {
-            let r0 = t * TILE_ROWS;
-            let height = TILE_ROWS.min(rows - r0);
-            Int8Rows::new(&x[r0 * cols..(r0 + height) * cols], height, cols)
-        })
-        .collect()
-}
-
 #[cfg(target_arch = "x86_64")]
 mod vector {
     use std::arch::x86_64::*;
@@ -82,7 +64,7 @@ mod vector {
     const CHUNK_BYTES: usize = 192 * 1024;
 
     /// `out[r][16·g + c] = Σ_k x[r][k] · W[16·g + c][k]` for every row of
-    /// the rounded `tiles` ([`super::round_tiles`]: row `r` is row
+    /// the rounded `tiles` ([`Int8Rows::passes`] of [`TILE_ROWS`]: row `r` is row
     /// `r % 16` of tile `r / 16`) and every group `g` in `groups` (the
     /// columns of a group beyond the matrix's rows are not written).
     ///
@@ -415,7 +397,7 @@ mod tests {
             assert!(has_tile_kernel(matrix.encoding()));
             for m in heights {
                 let x = random_values(&[m, cols], m as u64, 1.5);
-                let tiles = round_tiles(&x, m, cols);
+                let tiles = Int8Rows::passes(&x, m, cols, TILE_ROWS);
                 let stride = 3 * GROUP + 5;
                 let mut out = vec![f32::NAN; m * stride];
                 // Groups 1 and 2 (columns 16..40) only.

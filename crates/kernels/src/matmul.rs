@@ -308,7 +308,7 @@ impl SharedOutput {
     }
 
     /// [`SharedOutput::dot_groups`] with the integer kernel, on rows
-    /// rounded pass by pass ([`INT8_PASS`] rows each, [`int8_passes`]).
+    /// rounded pass by pass ([`INT8_PASS`] rows each, [`Int8Rows::passes`]).
     ///
     /// # Safety
     /// As [`SharedOutput::dot_groups`]; `part`'s encoding has an integer
@@ -346,13 +346,6 @@ impl SharedOutput {
             }
         }
     }
-}
-
-/// `x [m, k]` rounded to 8 bits in passes of [`INT8_PASS`] rows.
-fn int8_passes(x: &[f32], m: usize, k: usize) -> Vec<Int8Rows> {
-    passes(m, INT8_PASS)
-        .map(|(r0, rows)| Int8Rows::new(&x[r0 * k..(r0 + rows) * k], rows, k))
-        .collect()
 }
 
 /// The passes of a register product over `m` rows: (first row, rows),
@@ -562,12 +555,12 @@ impl CustomOp1 for PackedProduct<'_> {
             Vec::new()
         };
         let rounded = if self.parts.iter().any(int8) {
-            int8_passes(x, m, k)
+            Int8Rows::passes(x, m, k, INT8_PASS)
         } else {
             Vec::new()
         };
         let rounded_tiles = match self.parts.iter().any(tiles) {
-            true => crate::int8_tile::round_tiles(x, m, k),
+            true => Int8Rows::passes(x, m, k, crate::int8_tile::TILE_ROWS),
             false => Vec::new(),
         };
         let bf16 = |part: &PackedMatrix| {
