@@ -222,16 +222,7 @@ impl GroupAttention<'_> {
         // `g · t + token`, a run's columns at its offset among the seen.
         let rows = group * t;
         let scores = &mut scores[..rows * seen];
-        #[cfg(target_arch = "x86_64")]
-        if d % 16 == 0 && crate::CpuLevel::current() == crate::CpuLevel::Avx512 {
-            // SAFETY: the CPU has AVX-512F (the level is at most what it
-            // runs), and `d` is a multiple of 16.
-            unsafe { self.scores_avx512(runs, first, seen, scores) };
-        } else {
-            self.scores_portable(runs, first, seen, scores);
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        self.scores_portable(runs, first, seen, scores);
+        self.scores((runs, first, seen), scores);
         for g in 0..group {
             for token in 0..t {
                 let row = &mut scores[(g * t + token) * seen..][..seen];
@@ -270,15 +261,14 @@ impl GroupAttention<'_> {
         }
     }
 
-    /// `scores[(g · t + token) · seen + i] = q · k_j · scale + mask` for
-    /// the `i`-th visible column `j`, in loops written for the compiler.
+    /// `scores[(g · t + token) · seen + i] = dot(q, k_j) · scale + mask`
+    /// for the `i`-th visible column `j`.
     #[inline(always)]
-    fn scores_portable(
+    fn scores_with(
         &self,
-        runs: &[Range<usize>],
-        first: usize,
-        seen: usize,
+        (runs, first, seen): (&[Range<usize>], usize, usize),
         scores: &mut [f32],
+        dot: impl Fn(&[f32], &[f32]) -> f32,
     ) {
         let (group, t, d, len) = (self.group, self.t, self.d, self.len);
         for (i, j) in runs.iter().flat_map(|run| run.clone()).enumerate() {
@@ -287,53 +277,51 @@ impl GroupAttention<'_> {
                 for token in first..t {
                     let query = &self.q[(g * t + token) * d..][..d];
                     let mask = self.mask[token * len + j];
-                    scores[(g * t + token) * seen + i] = lanes_dot(query, key) * self.scale + mask;
+                    scores[(g * t + token) * seen + i] = dot(query, key) * self.scale + mask;
                 }
             }
         }
     }
 
-    /// [`Self::scores_portable`] with 512-bit vectors: each dot product's
-    /// lanes summed by `vextract`/shuffle halvings, where the compiler
-    /// sums a portable loop's sixteen lanes in order (fifteen dependent
-    /// scalar additions, 60% of attention's time in a batch-1 profile).
-    ///
-    /// # Safety
-    /// The CPU must have AVX-512F, and `self.d` must be a multiple of 16.
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn scores_avx512(
-        &self,
-        runs: &[Range<usize>],
-        first: usize,
-        seen: usize,
-        scores: &mut [f32],
-    ) {
-        use std::arch::x86_64::*;
-        let (group, t, d, len) = (self.group, self.t, self.d, self.len);
-        for (i, j) in runs.iter().flat_map(|run| run.clone()).enumerate() {
-            let key = &self.keys.data[j * self.keys.len_stride..][..d];
-            for g in 0..group {
-                for token in first..t {
-                    let query = &self.q[(g * t + token) * d..][..d];
-                    let mut sum = _mm512_setzero_ps();
-                    for (q, k) in query.chunks_exact(16).zip(key.chunks_exact(16)) {
-                        // SAFETY: each chunk holds 16 values (d is a
-                        // multiple of 16); the CPU has AVX-512F.
-                        sum = unsafe {
-                            _mm512_fmadd_ps(
-                                _mm512_loadu_ps(q.as_ptr()),
-                                _mm512_loadu_ps(k.as_ptr()),
-                                sum,
-                            )
-                        };
-                    }
-                    let mask = self.mask[token * len + j];
-                    scores[(g * t + token) * seen + i] =
-                        _mm512_reduce_add_ps(sum) * self.scale + mask;
+    /// [`Self::scores_with`] the dot products the vector level has: the
+    /// compiler sums a portable loop's lanes in order (fifteen dependent
+    /// scalar additions, 60% of attention's time in a batch-1 profile),
+    /// the AVX2 and AVX-512 dots by shuffle halvings.
+    #[inline(always)]
+    fn scores(&self, columns: (&[Range<usize>], usize, usize), scores: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use crate::reduce::{dot_avx2, dot_avx512};
+            use crate::CpuLevel;
+            #[target_feature(enable = "avx512f")]
+            unsafe fn avx512(
+                a: &GroupAttention,
+                c: (&[Range<usize>], usize, usize),
+                s: &mut [f32],
+            ) {
+                // SAFETY: the CPU has AVX-512F and `d` is a multiple of 16
+                // (the caller's checks).
+                a.scores_with(c, s, |q, k| unsafe { dot_avx512(q, k) })
+            }
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn avx2(a: &GroupAttention, c: (&[Range<usize>], usize, usize), s: &mut [f32]) {
+                // SAFETY: the CPU has AVX2 and FMA and `d` is a multiple of
+                // 8 (the caller's checks).
+                a.scores_with(c, s, |q, k| unsafe { dot_avx2(q, k) })
+            }
+            match CpuLevel::current() {
+                // SAFETY: the level is at most what the CPU runs.
+                CpuLevel::Avx512 if self.d.is_multiple_of(16) => {
+                    return unsafe { avx512(self, columns, scores) }
                 }
+                // SAFETY: as above.
+                CpuLevel::Avx512 | CpuLevel::Avx2 if self.d.is_multiple_of(8) => {
+                    return unsafe { avx2(self, columns, scores) }
+                }
+                _ => {}
             }
         }
+        self.scores_with(columns, scores, lanes_dot)
     }
 
     /// Fills `runs` with the row's visible columns (some query sees them),

@@ -54,3 +54,55 @@ pub(crate) fn lanes_dot(a: &[f32], b: &[f32]) -> f32 {
     }
     lanes.iter().sum::<f32>() + tail
 }
+
+/// `Σ a ⊙ b` in 512-bit vectors, the lanes summed by shuffle halvings.
+///
+/// # Safety
+/// The CPU must have AVX-512F; `a` and `b` must be as long, a multiple of
+/// 16.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+pub(crate) unsafe fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    debug_assert!(a.len() == b.len() && a.len().is_multiple_of(16));
+    let mut sum = _mm512_setzero_ps();
+    for (a, b) in a.chunks_exact(16).zip(b.chunks_exact(16)) {
+        // SAFETY: each chunk holds 16 values.
+        sum = unsafe {
+            _mm512_fmadd_ps(
+                _mm512_loadu_ps(a.as_ptr()),
+                _mm512_loadu_ps(b.as_ptr()),
+                sum,
+            )
+        };
+    }
+    _mm512_reduce_add_ps(sum)
+}
+
+/// `Σ a ⊙ b` in 256-bit vectors, the lanes summed by shuffle halvings.
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA; `a` and `b` must be as long, a
+/// multiple of 8.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+pub(crate) unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    debug_assert!(a.len() == b.len() && a.len().is_multiple_of(8));
+    let mut sum = _mm256_setzero_ps();
+    for (a, b) in a.chunks_exact(8).zip(b.chunks_exact(8)) {
+        // SAFETY: each chunk holds 8 values.
+        sum = unsafe {
+            _mm256_fmadd_ps(
+                _mm256_loadu_ps(a.as_ptr()),
+                _mm256_loadu_ps(b.as_ptr()),
+                sum,
+            )
+        };
+    }
+    let half = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps(sum, 1));
+    let pairs = _mm_add_ps(half, _mm_movehl_ps(half, half));
+    _mm_cvtss_f32(_mm_add_ss(pairs, _mm_movehdup_ps(pairs)))
+}
