@@ -283,10 +283,11 @@ impl GroupAttention<'_> {
         }
     }
 
-    /// [`Self::scores_with`] the dot products the vector level has: the
-    /// compiler sums a portable loop's lanes in order (fifteen dependent
-    /// scalar additions, 60% of attention's time in a batch-1 profile),
-    /// the AVX2 and AVX-512 dots by shuffle halvings.
+    /// [`Self::scores_with`] with the dot product of the level this runs
+    /// at: the AVX2 and AVX-512 dots sum their lanes by shuffle halvings,
+    /// where the compiler sums a portable loop's lanes in order (fifteen
+    /// dependent scalar additions, 60% of attention's time in a batch-1
+    /// profile).
     #[inline(always)]
     fn scores(&self, columns: (&[Range<usize>], usize, usize), scores: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
