@@ -76,9 +76,11 @@ impl Int8Rows {
             let rows = height.min(rows - r0);
             Self::new(&x[r0 * cols..(r0 + rows) * cols], rows, cols)
         };
-        match rows.div_ceil(height) {
-            0 | 1 => (0..rows.div_ceil(height)).map(pass).collect(),
-            passes => (0..passes).into_par_iter().map(pass).collect(),
+        let passes = rows.div_ceil(height);
+        if passes > 1 {
+            (0..passes).into_par_iter().map(pass).collect()
+        } else {
+            (0..passes).map(pass).collect()
         }
     }
 
