@@ -1,7 +1,8 @@
-//! Log-probabilities of the trained spans (the reflections): a group's
-//! shared prompt prefix is run once and forked, and log-probs are computed
-//! only at the trained positions — the training forward stops at the end of
-//! each reflection.
+//! Log-probabilities of the trained spans (the reflections, or the
+//! retries): the spans' contexts share a prefix (the task's prompt, and
+//! for a group's reflections everything before them), which is run once
+//! and forked; log-probs are computed only at the trained positions — the
+//! training forward stops at the end of each span.
 //!
 //! The differentiable forward comes in two forms. The plain one keeps every
 //! activation for autograd. The recomputed one ("gradient checkpointing")
@@ -17,15 +18,17 @@ use crate::optim::Gradients;
 use crate::spans::TrainedSpan;
 use crate::Result;
 
-/// A batch of spans laid out for the decoder: a head pass over the prefixes
-/// (once when every row shares it), a fork to one cache row per span, and a
-/// tail pass whose outputs predict exactly the trained ids.
+/// A batch of spans laid out for the decoder: a head pass over the
+/// contexts' longest common prefix (once, when there is one), a fork to one
+/// cache row per span, and a tail pass whose outputs predict exactly the
+/// trained ids. Under retry credit each context ends in its own reflection,
+/// so a head of identical contexts only would run the shared prompt once
+/// per row.
 struct ScoringBatch<'a> {
-    /// Each distinct prefix but its last id.
-    heads: Vec<&'a [u32]>,
-    /// Cache rows to fork after the head pass; `None` when prefixes differ.
-    fork: Option<Vec<usize>>,
-    /// Per row: its prefix's last id, then its trained ids but the last.
+    /// The contexts' longest common prefix, short of every context's last
+    /// id (a tail's first input predicts its first trained id).
+    head: &'a [u32],
+    /// Per row: the rest of its context, then its trained ids but the last.
     tails: Vec<Vec<u32>>,
     /// The trained ids, row after row.
     targets: Vec<u32>,
@@ -37,44 +40,57 @@ struct ScoringBatch<'a> {
 
 impl<'a> ScoringBatch<'a> {
     fn new(spans: &[TrainedSpan<'a>], temperature: f64) -> Self {
-        let prefixes: Vec<&'a [u32]> = spans.iter().map(|s| s.context).collect();
-        let tokens: Vec<&[u32]> = spans.iter().map(|s| s.tokens).collect();
-        let shared = prefixes.windows(2).all(|w| w[0] == w[1]);
-        let distinct = if shared {
-            &prefixes[..1]
-        } else {
-            &prefixes[..]
-        };
+        let first = spans.first().map_or(&[][..], |s| s.context);
+        let shared = spans
+            .iter()
+            .map(|s| {
+                let common = first.iter().zip(s.context).take_while(|(a, b)| a == b);
+                common.count().min(s.context.len() - 1)
+            })
+            .min()
+            .unwrap_or(0);
         Self {
-            heads: distinct.iter().map(|p| &p[..p.len() - 1]).collect(),
-            fork: shared.then(|| vec![0; tokens.len()]),
-            tails: prefixes
+            head: &first[..shared],
+            tails: spans
                 .iter()
-                .zip(&tokens)
-                .map(|(p, r)| {
-                    std::iter::once(p[p.len() - 1])
-                        .chain(r[..r.len() - 1].iter().copied())
-                        .collect()
+                .map(|s| {
+                    let trained = &s.tokens[..s.tokens.len() - 1];
+                    [&s.context[shared..], trained].concat()
                 })
                 .collect(),
-            targets: tokens.iter().flat_map(|r| r.iter().copied()).collect(),
-            lengths: tokens.iter().map(|r| r.len()).collect(),
+            targets: spans
+                .iter()
+                .flat_map(|s| s.tokens.iter().copied())
+                .collect(),
+            lengths: spans.iter().map(|s| s.tokens.len()).collect(),
             temperature,
         }
     }
 
-    /// Columns a cache needs for the head pass, and for the tail pass too
-    /// when the rows are not forked (a fork allocates its own).
-    fn capacity(&self) -> usize {
-        let longest_head = self.heads.iter().map(|h| h.len()).max().unwrap_or(0);
-        match self.fork {
-            Some(_) => longest_head,
-            None => longest_head + self.tails.iter().map(Vec::len).max().unwrap_or(0),
+    fn has_head(&self) -> bool {
+        !self.head.is_empty()
+    }
+
+    fn longest_tail(&self) -> usize {
+        self.tails.iter().map(Vec::len).max().unwrap_or(0)
+    }
+
+    /// The cache the first pass writes: one row for the head, or one per
+    /// span when there is none; with room for that pass (a fork allocates
+    /// its own).
+    fn cache(&self, config: &r3_model::ModelConfig, differentiable: bool) -> KvCache {
+        let (rows, capacity) = match self.has_head() {
+            true => (1, self.head.len()),
+            false => (self.tails.len(), self.longest_tail()),
+        };
+        match differentiable {
+            true => KvCache::differentiable(config, rows),
+            false => KvCache::new(config, rows, capacity),
         }
     }
 
-    fn has_heads(&self) -> bool {
-        self.heads.iter().any(|h| !h.is_empty())
+    fn head_refs(&self) -> [&[u32]; 1] {
+        [self.head]
     }
 
     fn tail_refs(&self) -> Vec<&[u32]> {
@@ -84,10 +100,12 @@ impl<'a> ScoringBatch<'a> {
     /// The cache after the head pass, with one row per span and room for
     /// the tail pass.
     fn fork(&self, cache: KvCache) -> Result<KvCache> {
-        let longest_tail = self.tails.iter().map(Vec::len).max().unwrap_or(0);
-        Ok(match &self.fork {
-            Some(rows) => cache.select_rows(rows, cache.len() + longest_tail)?,
-            None => cache,
+        Ok(match self.has_head() {
+            true => {
+                let rows = vec![0; self.tails.len()];
+                cache.select_rows(&rows, cache.len() + self.longest_tail())?
+            }
+            false => cache,
         })
     }
 
@@ -118,10 +136,9 @@ impl<'a> ScoringBatch<'a> {
 }
 
 /// log p of every trained token at `temperature` (the one it was sampled
-/// at), concatenated span after span: span `i`
-/// scores its `tokens` following its `context`. When every span has the
-/// same context (the G reflections of one failure) it is computed once and
-/// forked. With `differentiable` the result stays in the autograd graph
+/// at), concatenated span after span: span `i` scores its `tokens`
+/// following its `context`. The contexts' common prefix (the G rollouts of
+/// one failure share the prompt at least) is computed once and forked. With `differentiable` the result stays in the autograd graph
 /// (the plain training forward); without, it is computed on the fast path
 /// (reference, old policy).
 pub fn span_logprobs(
@@ -131,13 +148,9 @@ pub fn span_logprobs(
     differentiable: bool,
 ) -> Result<Tensor> {
     let layout = ScoringBatch::new(spans, temperature);
-    let mut cache = if differentiable {
-        KvCache::differentiable(&model.config, layout.heads.len())
-    } else {
-        KvCache::new(&model.config, layout.heads.len(), layout.capacity())
-    };
-    if layout.has_heads() {
-        model.forward(&layout.heads, &mut cache)?;
+    let mut cache = layout.cache(&model.config, differentiable);
+    if layout.has_head() {
+        model.forward(&layout.head_refs(), &mut cache)?;
     }
     let mut cache = layout.fork(cache)?;
     let hidden = model.forward(&layout.tail_refs(), &mut cache)?;
@@ -162,8 +175,8 @@ pub struct LoraShape {
 }
 
 /// The matrix-product FLOPs (2 per multiply-add) one micro-batch's forward
-/// and backward need, counted as [`ScoringBatch`] lays the spans out (a shared
-/// prefix once, each row's tail at its own positions; no padding). Per
+/// and backward need, counted as [`ScoringBatch`] lays the spans out (the
+/// common prefix once, each row's tail at its own positions; no padding). Per
 /// token at context `c`: dense `D = layers·(2h(q+2kv) + 2qh + 6h·mlp)`,
 /// attention `A(c) = layers·4qc`; per trained position the output head `H
 /// = 2h·vocab`. Forward `F = Σ(D + A) + n·H` (plus LoRA's `2r·(in+out)` per
@@ -181,11 +194,9 @@ pub fn training_flops(
     let attention = |c: usize| config.token_flops(c) - dense;
     // Every position that runs through the layers, with its context.
     let mut contexts: Vec<usize> = Vec::new();
-    for head in &layout.heads {
-        contexts.extend(1..=head.len());
-    }
-    for (span, tail) in spans.iter().zip(&layout.tails) {
-        let start = span.context.len() - 1;
+    let start = layout.head.len();
+    contexts.extend(1..=start);
+    for tail in &layout.tails {
         contexts.extend((1..=tail.len()).map(|j| start + j));
     }
     let positions = contexts.len() as f64;
@@ -277,10 +288,10 @@ impl<'m, 'a> Recompute<'m, 'a> {
     /// layer's output up.
     fn forward(model: &'m Llama, layout: ScoringBatch<'a>) -> Result<(Self, Tensor)> {
         let layers = model.num_layers();
-        let mut cache = KvCache::differentiable(&model.config, layout.heads.len());
+        let mut cache = layout.cache(&model.config, true);
         let mut head_inputs = Vec::with_capacity(layers);
-        if layout.has_heads() {
-            let planned = model.plan(&layout.heads, &mut cache)?;
+        if layout.has_head() {
+            let planned = model.plan(&layout.head_refs(), &mut cache)?;
             let mut x = model.embed(&planned)?.detach();
             for layer in 0..layers {
                 let next = model.layer_forward(layer, &x, &planned, &mut cache)?;
@@ -358,10 +369,10 @@ impl<'m, 'a> Recompute<'m, 'a> {
                     _ => model.embed(planned)?,
                 })
             };
-        let mut cache = KvCache::differentiable(&model.config, self.layout.heads.len());
+        let mut cache = self.layout.cache(&model.config, true);
         let mut surrogate = None;
-        if self.layout.has_heads() {
-            let planned = model.plan(&self.layout.heads, &mut cache)?;
+        if self.layout.has_head() {
+            let planned = model.plan(&self.layout.head_refs(), &mut cache)?;
             let out = run(head_input.as_ref(), &planned, &mut cache)?;
             if let Some(g) = &head_grad {
                 surrogate = Some((out * g)?.sum_all()?);

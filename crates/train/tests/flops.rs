@@ -1,6 +1,7 @@
 //! The FLOP count of a training pass, against a count by hand for two
 //! reflections sharing a prompt: the prefix once, each tail at its own
-//! positions, the head only at trained positions.
+//! positions, the head only at trained positions; and for two retries
+//! whose contexts diverge after the prompt.
 
 use r3_model::tiny::TinyModel;
 use r3_model::Architecture;
@@ -54,4 +55,28 @@ fn training_flops_count_what_the_layout_runs() {
     let expected =
         (forward + adapters(2.0)) + (6.0 * dense + 2.0 * attention + head + adapters(4.0));
     assert_eq!(training_flops(&c, &spans, frozen), expected);
+}
+
+#[test]
+fn training_flops_run_a_common_prefix_once_when_contexts_diverge() {
+    let c = TinyModel::new(Architecture::Llama, 64, 2, 1)
+        .unwrap()
+        .config;
+    let (a, b) = ([5u32, 6, 7, 1], [5u32, 6, 7, 2, 3]);
+    let spans = [span(&a, &[8]), span(&b, &[10, 11])];
+    // Head: [5, 6, 7] at contexts 1-3; tails [1] at 4 and [2, 3, 10] at 4-6.
+    let contexts = [1, 2, 3, 4, 4, 5, 6];
+    let (h, mlp) = (c.hidden_size as f64, c.intermediate_size as f64);
+    let q = (c.num_heads * c.head_dim) as f64;
+    let kv = (c.num_kv_heads * c.head_dim) as f64;
+    let layers = c.num_layers as f64;
+    let dense = layers * (2.0 * h * (q + 2.0 * kv) + 2.0 * q * h + 6.0 * h * mlp);
+    let attention: f64 = contexts.iter().map(|&k| layers * 4.0 * q * k as f64).sum();
+    let head = 3.0 * 2.0 * h * c.vocab_size as f64;
+    let forward = 7.0 * dense + attention + head;
+    let full = TrainedShape {
+        lora: None,
+        recompute: false,
+    };
+    assert_eq!(training_flops(&c, &spans, full), 3.0 * forward);
 }

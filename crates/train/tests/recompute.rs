@@ -3,7 +3,9 @@
 //! for a group sharing one prefix and for rows with different prefixes,
 //! training every weight or LoRA adapters on a frozen base. And batching
 //! changes nothing either: spans of different lengths, whose padding the
-//! forward leaves out of its products, score as each does alone.
+//! forward leaves out of its products, score as each does alone, with
+//! contexts identical, unrelated, or sharing a prompt and then diverging
+//! (retry credit: each row's own reflection before its retry).
 
 mod common;
 
@@ -103,9 +105,15 @@ fn spans_of_different_lengths_score_in_a_batch_as_each_does_alone() {
     let prefix: Vec<u32> = (0..7).map(|i| (i * 19 + 3) % 250).collect();
     let other: Vec<u32> = (0..10).map(|i| (i * 23 + 11) % 250).collect();
     let spans: [&[u32]; 3] = [&[5, 9, 200, 3, 77, 78, 79], &[17], &[42, 43, 44]];
+    let diverging = |tail: &[u32]| [prefix.as_slice(), tail].concat();
+    // Common prefix the whole prompt; then one context the prompt itself,
+    // so the head stops short of its last id.
+    let (a, b, c) = (diverging(&[1, 2]), diverging(&[3]), diverging(&[4, 5, 6]));
     for (prefixes, arch) in [
         ([prefix.as_slice(); 3], Architecture::Llama),
         ([&prefix, &other, &prefix], Architecture::Qwen2),
+        ([&a, &b, &c], Architecture::Llama),
+        ([&a, &prefix, &c], Architecture::Qwen2),
     ] {
         for (recompute, lora) in [(false, false), (true, false), (true, true)] {
             let (batched_lp, batched) = run(arch, &prefixes, &spans, recompute, lora);
