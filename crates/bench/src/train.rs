@@ -148,6 +148,7 @@ pub fn run(bench: &TrainBench) -> Result<Value> {
         "max_reflection_tokens": config.max_completion_length,
         "max_retry_tokens": config.retry_max_tokens,
         "micro_batch_size": config.micro_batch_size,
+        "train_on": config.train_on,
         "gradient_checkpointing": config.gradient_checkpointing,
         "bf16_products": config.bf16_products && r3_kernels::bf16::available(),
         "steps": config.max_steps,

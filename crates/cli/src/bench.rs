@@ -45,6 +45,10 @@ pub struct TrainBench {
     /// Reflections per forward/backward pass (the trainer's default)
     #[arg(long, default_value_t = 8)]
     micro_batch_size: usize,
+    /// Which tokens carry the loss (the config's `train_on`): reflection,
+    /// or retry (the ablation crediting the retry's tokens)
+    #[arg(long, default_value = "reflection")]
+    train_on: String,
     /// Keep every activation instead of recomputing them in the backward
     #[arg(long)]
     no_gradient_checkpointing: bool,
@@ -187,12 +191,15 @@ impl TrainBench {
         if self.batch == 0 || self.group < 2 || self.steps == 0 {
             bail!("need --batch ≥ 1, --group ≥ 2 and --steps ≥ 1");
         }
-        let lora = TrainConfig::load(None, &self.lora.overrides())?;
+        let mut overrides = self.lora.overrides();
+        overrides.push(format!("train_on={:?}", self.train_on));
+        let loaded = TrainConfig::load(None, &overrides)?;
         let config = TrainConfig {
-            use_peft: lora.use_peft,
-            lora_r: lora.lora_r,
-            lora_alpha: lora.lora_alpha,
-            lora_target_modules: lora.lora_target_modules,
+            use_peft: loaded.use_peft,
+            lora_r: loaded.lora_r,
+            lora_alpha: loaded.lora_alpha,
+            lora_target_modules: loaded.lora_target_modules,
+            train_on: loaded.train_on,
             output_dir: std::env::temp_dir().join(format!("r3-bench-train-{}", std::process::id())),
             max_steps: self.steps,
             failures_per_step: self.batch,
