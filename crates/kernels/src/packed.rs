@@ -791,7 +791,7 @@ mod tests {
                         assert_eq!(panel[k * width + row], w[k], "{dtype:?} unpack");
                         assert_eq!(single[k], w[k], "{dtype:?} unpack_row");
                     }
-                    // A K4 block (and a Q4_0, Q4_1 or K5 one with AVX2)
+                    // A K4, Q4_0 or Q4_1 block (and a K5 one with AVX2)
                     // sums d·Σ x·q + o·Σ x: its rounding scales with |d·q|
                     // + |o| ≤ |w| + 2·|o|, and |o| (the block's offset:
                     // −min, or −8·d) is at most its largest |w|.

@@ -50,44 +50,6 @@ pub(crate) unsafe fn dot_group<const R: usize>(
                 )
             };
             match matrix.encoding() {
-                Encoding::Q4_0 => {
-                    let (d, eight) = (halves(0), _mm512_set1_epi32(8));
-                    for j in (0..BLOCK / 2).step_by(4) {
-                        let quants = rows(2 * GROUP + j * GROUP);
-                        for t in 0..4 {
-                            let q = byte(quants, t);
-                            let lo = _mm512_sub_epi32(_mm512_and_si512(q, low_nibbles), eight);
-                            let hi = _mm512_sub_epi32(_mm512_srli_epi32(q, 4), eight);
-                            add(
-                                &mut acc,
-                                k + j + t,
-                                _mm512_mul_ps(_mm512_cvtepi32_ps(lo), d),
-                            );
-                            add(
-                                &mut acc,
-                                k + j + t + BLOCK / 2,
-                                _mm512_mul_ps(_mm512_cvtepi32_ps(hi), d),
-                            );
-                        }
-                    }
-                }
-                Encoding::Q4_1 => {
-                    let (d, m) = (halves(0), halves(2 * GROUP));
-                    for j in (0..BLOCK / 2).step_by(4) {
-                        let quants = rows(4 * GROUP + j * GROUP);
-                        for t in 0..4 {
-                            let q = byte(quants, t);
-                            let lo = _mm512_cvtepi32_ps(_mm512_and_si512(q, low_nibbles));
-                            let hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4));
-                            add(&mut acc, k + j + t, _mm512_add_ps(_mm512_mul_ps(lo, d), m));
-                            add(
-                                &mut acc,
-                                k + j + t + BLOCK / 2,
-                                _mm512_add_ps(_mm512_mul_ps(hi, d), m),
-                            );
-                        }
-                    }
-                }
                 Encoding::Q8_0 => {
                     let d = halves(0);
                     for j in 0..BLOCK {
@@ -111,18 +73,29 @@ pub(crate) unsafe fn dot_group<const R: usize>(
                         );
                     }
                 }
-                Encoding::K4 => {
-                    // Σ x·(d·q + o) as d·Σ x·q + o·Σ x, the block sums
+                Encoding::Q4_0 | Encoding::Q4_1 | Encoding::K4 => {
+                    // Σ x·(d·q + o) as d·Σ x·q + o·Σ x (Q4_0's offset is
+                    // −8·d, exact; Q4_1's its minimum), the block sums
                     // following the inputs (see `interleave`): a multiply
                     // and an add fewer per weight than dequantizing first,
                     // which is what a few rows are bound by. The row
                     // accumulators wait in memory while the block's dots
                     // take the registers.
-                    let d = times(_mm512_cvtepu8_epi32(bytes(0)), head(0));
-                    let o = times(_mm512_cvtepu8_epi32(bytes(GROUP)), head(GROUP));
+                    let (d, o, quants) = match matrix.encoding() {
+                        Encoding::Q4_0 => {
+                            let d = halves(0);
+                            (d, _mm512_mul_ps(d, _mm512_set1_ps(-8.0)), 2 * GROUP)
+                        }
+                        Encoding::Q4_1 => (halves(0), halves(2 * GROUP), 4 * GROUP),
+                        _ => (
+                            times(_mm512_cvtepu8_epi32(bytes(0)), head(0)),
+                            times(_mm512_cvtepu8_epi32(bytes(GROUP)), head(GROUP)),
+                            2 * GROUP,
+                        ),
+                    };
                     let mut dots = [_mm512_setzero_ps(); R];
                     for j in (0..BLOCK / 2).step_by(4) {
-                        let quants = rows(2 * GROUP + j * GROUP);
+                        let quants = rows(quants + j * GROUP);
                         for t in 0..4 {
                             let q = byte(quants, t);
                             let lo = _mm512_cvtepi32_ps(_mm512_and_si512(q, low_nibbles));
