@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # LoRA and packed K-quants, measured side by side in one session (issue 12):
 # full fine-tuning against LoRA on the default model; LoRA steps on the Qwen
-# models (frozen, packed Q4_K_M base); decoding with packed K8 weights
+# models (frozen, packed Q4_K_M base); decoding with packed weights
 # against the same model expanded to f32. One JSON object per line on
 # stdout (each carries the machine). Qwen models come from
 # `r3 fetch`; pass which: bash scripts/bench_lora.sh 0.5b 1.5b

@@ -21,7 +21,7 @@ use crate::machine::{self, fraction, Limits};
 use crate::{BenchError, Result};
 
 /// The GGUF types timed, each as r3 packs it.
-const TYPES: [GgmlDType; 9] = [
+const TYPES: [GgmlDType; 10] = [
     GgmlDType::Q4_0,
     GgmlDType::Q4_1,
     GgmlDType::Q8_0,
@@ -31,6 +31,7 @@ const TYPES: [GgmlDType; 9] = [
     GgmlDType::Q5K,
     GgmlDType::Q6K,
     GgmlDType::Q5_0,
+    GgmlDType::Q5_1,
 ];
 
 /// Inputs of every matrix: Qwen2.5-1.5B's hidden size, a whole number of

@@ -1,20 +1,18 @@
-//! K-quants (Q4_K, Q5_K, Q6_K) and the 5-bit Q5_0/Q5_1 — what Q4_K_M
-//! files hold — re-cut into the 32-input blocks the packed kernels read.
-//! The quants keep their own width:
+//! K-quants (Q4_K, Q5_K, Q6_K) re-cut into the 32-input blocks the packed
+//! kernels read (the Q5_0 and Q8_0 a Q4_K_M file also holds are read as
+//! stored). The quants keep their own width:
 //! - Q4_K → [`Encoding::K4`]: the sub-block's 6-bit scale and minimum as
 //!   bytes, 32 nibbles, and per super-block (256 weights) a head of f32
 //!   `d`, `−dmin` (4.75 bits a weight);
+//! - Q5_K → [`Encoding::K5`]: as K4, with the 32 fifth bits as a word
+//!   (5.75 bits a weight);
 //! - Q6_K → [`Encoding::K6`]: a signed 8-bit scale per 16 weights, 32
 //!   nibbles and 32 bit pairs, and per super-block a head `d` (6.625 bits a
-//!   weight);
-//! - Q5_K and Q5_1 → [`Encoding::K5`]: f32 scale and offset (multiplied
-//!   out), 32 nibbles and 32 fifth bits (7 bits a weight);
-//! - Q5_0 → [`Encoding::K8`]: a scale per half, an offset, each quant as a
-//!   byte (11 bits a weight; its `(q − 16)·d` has no exact `q·s + o` form).
+//!   weight).
 //!
-//! The values are those of GGUF's own dequantization, bit for bit (`q·s +
-//! o` is `d₁·q − m₁`, `(d·sc)·q` and `q·d + m` as ggml rounds them; the
-//! kernels' `d·sc` and `−dmin·m` are exact products).
+//! The values are those of GGUF's own dequantization, bit for bit: ggml's
+//! `d₁·q − m₁` is `q·(d·sc)` plus `−dmin·m`, and the kernels' `d·sc` and
+//! `−dmin·m` are exact products.
 
 use candle_core::quantized::GgmlDType;
 use half::f16;
@@ -23,10 +21,6 @@ use crate::packed::{Encoding, BLOCK};
 
 /// Weights per K-quant super-block.
 const SUPER: usize = 256;
-
-/// Bytes of one block of [`Encoding::K8`]: two scales and an offset (f32),
-/// then 32 signed quants.
-const K8_BYTES: usize = 12 + BLOCK;
 
 /// Appends the re-cut blocks of one GGUF block.
 type Convert = fn(&[u8], &mut Vec<u8>);
@@ -41,8 +35,6 @@ pub fn recut(dtype: GgmlDType, raw: &[u8]) -> Option<Result<(Encoding, Vec<u8>),
         GgmlDType::Q4K => (144, SUPER, Encoding::K4, q4k),
         GgmlDType::Q5K => (176, SUPER, Encoding::K5, q5k),
         GgmlDType::Q6K => (210, SUPER, Encoding::K6, q6k),
-        GgmlDType::Q5_0 => (22, BLOCK, Encoding::K8, q5_0),
-        GgmlDType::Q5_1 => (24, BLOCK, Encoding::K5, q5_1),
         _ => return None,
     };
     if !raw.len().is_multiple_of(bytes) {
@@ -51,31 +43,18 @@ pub fn recut(dtype: GgmlDType, raw: &[u8]) -> Option<Result<(Encoding, Vec<u8>),
             raw.len()
         )));
     }
-    // Spans (8 blocks under a head in K4 and K6, else one block) a GGUF
-    // block becomes.
+    // Spans (8 blocks under a head) a GGUF block becomes.
     let spans = weights / (encoding.span() * BLOCK);
     let mut out = Vec::with_capacity(raw.len() / bytes * spans * encoding.span_bytes());
     for block in raw.chunks_exact(bytes) {
         convert(block, &mut out);
     }
-    debug_assert_eq!(Encoding::K8.block_bytes(), K8_BYTES);
     debug_assert_eq!(out.len(), raw.len() / bytes * spans * encoding.span_bytes());
     Some(Ok((encoding, out)))
 }
 
 fn f16_at(bytes: &[u8]) -> f32 {
     f16::from_le_bytes([bytes[0], bytes[1]]).to_f32()
-}
-
-/// One K8 block: `q·lo` for the first 16 quants, `q·hi` for the rest, plus
-/// `offset`.
-fn push(out: &mut Vec<u8>, lo: f32, hi: f32, offset: f32, quants: impl Iterator<Item = i8>) {
-    for v in [lo, hi, offset] {
-        out.extend_from_slice(&v.to_le_bytes());
-    }
-    let start = out.len();
-    out.extend(quants.map(|q| q as u8));
-    debug_assert_eq!(out.len() - start, BLOCK);
 }
 
 /// The 6-bit scale and minimum of sub-block `j` of a Q4_K/Q5_K block's
@@ -110,32 +89,25 @@ fn q4k(b: &[u8], out: &mut Vec<u8>) {
     }
 }
 
-/// Q5_K: as Q4_K, with a fifth bit per weight in 32 bytes of `qh`. Each
-/// 32 become a [`Encoding::K5`] block.
+/// Q5_K: as Q4_K, with a fifth bit per weight in 32 bytes of `qh` (bit
+/// `j` of byte `l`: weight `l` of sub-block `j`). The head is Q4_K's; each
+/// 32 weights become a [`Encoding::K5`] block: K4's scale and minimum, the
+/// fifth bits of quants `0..32` as a little-endian word, then K4's nibbles.
 fn q5k(b: &[u8], out: &mut Vec<u8>) {
     let (d, dmin, scales) = (f16_at(&b[0..]), f16_at(&b[2..]), &b[4..16]);
     let (qh, qs) = (&b[16..48], &b[48..176]);
+    out.extend_from_slice(&d.to_le_bytes());
+    out.extend_from_slice(&(-dmin).to_le_bytes());
     for j in 0..SUPER / BLOCK {
         let (sc, m) = scale_min(j, scales);
-        let (scale, min) = (d * sc as f32, dmin * m as f32);
         let bytes = &qs[(j / 2) * 32..][..32];
         let shift = 4 * (j % 2);
-        let quants: Vec<u8> = (0..BLOCK)
-            .map(|l| ((bytes[l] >> shift) & 0xF) | (((qh[l] >> j) & 1) << 4))
-            .collect();
-        push_k5(out, scale, -min, &quants);
+        let q = |l: usize| (bytes[l] >> shift) & 0xF;
+        let fifth = (0..BLOCK).fold(0u32, |word, l| word | (((qh[l] >> j) & 1) as u32) << l);
+        out.extend([sc, m]);
+        out.extend(fifth.to_le_bytes());
+        out.extend((0..BLOCK / 2).map(|i| q(i) | (q(i + BLOCK / 2) << 4)));
     }
-}
-
-/// One [`Encoding::K5`] block: scale and offset, byte `i` of 16 holding the
-/// low nibbles of quants `i` and `i + 16`, byte `b` of 4 the fifth bits of
-/// quants `8b … 8b + 7`.
-fn push_k5(out: &mut Vec<u8>, scale: f32, offset: f32, quants: &[u8]) {
-    out.extend_from_slice(&scale.to_le_bytes());
-    out.extend_from_slice(&offset.to_le_bytes());
-    let low = |l: usize| quants[l] & 0xF;
-    out.extend((0..BLOCK / 2).map(|i| low(i) | (low(i + BLOCK / 2) << 4)));
-    out.extend((0..4).map(|b| (0..8).fold(0u8, |byte, k| byte | ((quants[8 * b + k] >> 4) << k))));
 }
 
 /// Q6_K: 128 bytes of low nibbles, 64 of high bit pairs, 16 signed scales
@@ -164,38 +136,4 @@ fn q6k(b: &[u8], out: &mut Vec<u8>) {
             (0..8).map(|b| high(b) | high(b + 8) << 2 | high(b + 16) << 4 | high(b + 24) << 6),
         );
     }
-}
-
-/// The 5-bit quants of a Q5_0/Q5_1 block: the low nibbles of 16 bytes
-/// (weights j and j + 16), the fifth bits in a 32-bit word.
-fn five_bits<'a>(qh: &[u8], qs: &'a [u8]) -> impl Iterator<Item = i8> + 'a {
-    let high = u32::from_le_bytes([qh[0], qh[1], qh[2], qh[3]]);
-    (0..BLOCK).map(move |j| {
-        let low = if j < BLOCK / 2 {
-            qs[j] & 0xF
-        } else {
-            qs[j - BLOCK / 2] >> 4
-        };
-        (low | ((((high >> j) & 1) as u8) << 4)) as i8
-    })
-}
-
-/// Q5_0: `d` (f16), `qh`, 16 bytes of nibbles; `(q − 16)·d`.
-fn q5_0(b: &[u8], out: &mut Vec<u8>) {
-    let d = f16_at(b);
-    push(
-        out,
-        d,
-        d,
-        0.0,
-        five_bits(&b[2..6], &b[6..22]).map(|q| q - 16),
-    );
-}
-
-/// Q5_1: `d`, `m` (f16), `qh`, 16 bytes of nibbles; `q·d + m`, as a
-/// [`Encoding::K5`] block.
-fn q5_1(b: &[u8], out: &mut Vec<u8>) {
-    let (d, m) = (f16_at(b), f16_at(&b[2..]));
-    let quants: Vec<u8> = five_bits(&b[4..8], &b[8..24]).map(|q| q as u8).collect();
-    push_k5(out, d, m, &quants);
 }

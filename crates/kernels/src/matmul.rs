@@ -81,13 +81,14 @@ const MAX_SPLIT_ROWS: usize = 64;
 /// count, and Q4_0, Q4_1 and Q8_0, summed as block dots like K4, 101–143
 /// against 80–126, so eight passes; K6 (Q6_K) 47–73 against 34–62 up to
 /// 16 rows, 67–74 against 79–90 at 32, and K5 (Q5_K, block dots too) 80
-/// against 67–71 at 16, 80–83 against 92–97 at 32, so four; the other
+/// against 67–71 at 16, 80–83 against 92–97 at 32, so four, and four for
+/// Q5_0 and Q5_1, summed as K5 is (not measured apart); the other
 /// encodings 49–82 against 53–119 past 8 rows (they multiply every weight
 /// by its scale), so two.
 fn max_register_rows(encoding: Encoding) -> usize {
     let passes = match (CpuLevel::current(), encoding) {
         (CpuLevel::Avx2, Encoding::K4 | Encoding::Q4_0 | Encoding::Q4_1 | Encoding::Q8_0) => 8,
-        (CpuLevel::Avx2, Encoding::K5 | Encoding::K6) => 4,
+        (CpuLevel::Avx2, Encoding::K5 | Encoding::Q5_0 | Encoding::Q5_1 | Encoding::K6) => 4,
         _ => 2,
     };
     passes * register_rows()
@@ -667,7 +668,7 @@ mod tests {
 
     /// Every batch size from 1 to 33 rows (every pass width, and the panel
     /// past the register range), for each encoding with a register range
-    /// of its own (Q4_K, Q5_K, Q6_K, Q4_1, Q8_0): the
+    /// of its own (Q4_K, Q5_K, Q6_K, Q4_1, Q5_0, Q8_0): the
     /// product with the dequantized weights, and in the register range
     /// each row's bits as when it is alone, so that a row's tokens do not
     /// depend on how many rows decode beside it.
@@ -678,6 +679,7 @@ mod tests {
             GgmlDType::Q5K,
             GgmlDType::Q6K,
             GgmlDType::Q4_1,
+            GgmlDType::Q5_0,
             GgmlDType::Q8_0,
         ] {
             let cols = 256;

@@ -47,9 +47,14 @@ pub enum Encoding {
     /// the super-block's f32 `d` and `n = −dmin` (the span's head):
     /// `q·(d·sc) + n·m`.
     K4,
-    /// A Q5_K sub-block or a Q5_1 block (see `kquants.rs`): f32 scale `d`
-    /// and offset `o`, 32 nibbles as Q4_1 lays them out and 32 fifth bits
-    /// above them, making 5-bit quants `q`: `q·d + o`.
+    /// f16 scale `d`, the 32 fifth bits (bit `i` of quant `i`, as a
+    /// little-endian word), 32 nibbles: 5-bit quants `q`, `(q − 16)·d`.
+    Q5_0,
+    /// As Q5_0 with an f16 minimum `m` after `d`: `q·d + m`.
+    Q5_1,
+    /// A Q5_K sub-block (see `kquants.rs`): K4's integer scale and minimum
+    /// and head, with Q5_0's fifth bits before the nibbles:
+    /// `q·(d·sc) + n·m`.
     K5,
     /// A Q6_K sub-block (see `kquants.rs`): signed 8-bit scales `lo`,
     /// `hi`, 32 nibbles as Q4_1 lays them out and 32 bit pairs above them,
@@ -57,10 +62,6 @@ pub enum Encoding {
     /// head): `(q − 32)·(d·lo)` for the first 16, `(q − 32)·(d·hi)` for the
     /// rest.
     K6,
-    /// A Q5_0 block re-cut to 32 inputs (see
-    /// `kquants.rs`): f32 scales `lo`, `hi` and offset `o`, 32 signed bytes
-    /// `q`: `q·lo + o` for the first 16, `q·hi + o` for the rest.
-    K8,
 }
 
 impl Encoding {
@@ -69,6 +70,8 @@ impl Encoding {
         match dtype {
             GgmlDType::Q4_0 => Some(Self::Q4_0),
             GgmlDType::Q4_1 => Some(Self::Q4_1),
+            GgmlDType::Q5_0 => Some(Self::Q5_0),
+            GgmlDType::Q5_1 => Some(Self::Q5_1),
             GgmlDType::Q8_0 => Some(Self::Q8_0),
             GgmlDType::F16 => Some(Self::F16),
             GgmlDType::BF16 => Some(Self::Bf16),
@@ -79,42 +82,41 @@ impl Encoding {
     /// Scalars (`d`, `m`, …) at the head of a block.
     fn scales(self) -> usize {
         match self {
-            Self::K8 => 3,
-            Self::Q4_1 | Self::K4 | Self::K5 | Self::K6 => 2,
-            Self::Q4_0 | Self::Q8_0 => 1,
+            Self::Q4_1 | Self::Q5_1 | Self::K4 | Self::K5 | Self::K6 => 2,
+            Self::Q4_0 | Self::Q5_0 | Self::Q8_0 => 1,
             Self::F16 | Self::Bf16 => 0,
         }
     }
 
-    /// Bytes of one scalar: f16 in GGUF's blocks, f32 in re-cut ones, the
-    /// K-quants' own 6- or 8-bit integer scales in K4 and K6.
+    /// Bytes of one scalar: f16 in GGUF's blocks, the K-quants' own 6- or
+    /// 8-bit integer scales in the re-cut ones.
     fn scalar_bytes(self) -> usize {
         match self {
-            Self::K4 | Self::K6 => 1,
-            Self::K5 | Self::K8 => 4,
+            Self::K4 | Self::K5 | Self::K6 => 1,
             _ => 2,
         }
     }
 
-    /// Blocks under one head: a K-quant super-block's 8 for K4 and K6,
+    /// Blocks under one head: a K-quant super-block's 8 for K4, K5 and K6,
     /// whose blocks' integer scales multiply the head's; 1 (and no head)
     /// for the rest.
     pub fn span(self) -> usize {
         match self {
-            Self::K4 | Self::K6 => SPAN,
+            Self::K4 | Self::K5 | Self::K6 => SPAN,
             _ => 1,
         }
     }
 
-    /// f32 scalars per row at the head of a span: `d` and `−dmin` for K4,
-    /// `d` for K6. Kept once per 256 weights, not multiplied out into every
-    /// block: K4 takes 4.75 bits a weight instead of 6, K6 6.625 instead
-    /// of 8, in memory and in what each decode step reads. The products `d·sc`,
+    /// f32 scalars per row at the head of a span: `d` and `−dmin` for K4
+    /// and K5, `d` for K6. Kept once per 256 weights, not multiplied out
+    /// into every block: K4 takes 4.75 bits a weight instead of 6, K5 5.75
+    /// instead of 7, K6 6.625 instead of 8, in memory and in what each
+    /// decode step reads. The products `d·sc`,
     /// made in registers, are exact (an f16's 11 bits times 6 or 8 bits),
     /// so the values are the ones a stored product would give.
     fn head_scalars(self) -> usize {
         match self {
-            Self::K4 => 2,
+            Self::K4 | Self::K5 => 2,
             Self::K6 => 1,
             _ => 0,
         }
@@ -130,9 +132,9 @@ impl Encoding {
     fn payload_bytes(self) -> usize {
         match self {
             Self::Q4_0 | Self::Q4_1 | Self::K4 => BLOCK / 2,
-            Self::K5 => BLOCK / 2 + BLOCK / 8,
+            Self::Q5_0 | Self::Q5_1 | Self::K5 => BLOCK / 8 + BLOCK / 2,
             Self::K6 => BLOCK / 2 + BLOCK / 4,
-            Self::Q8_0 | Self::K8 => BLOCK,
+            Self::Q8_0 => BLOCK,
             Self::F16 | Self::Bf16 => 2 * BLOCK,
         }
     }
@@ -150,10 +152,15 @@ impl Encoding {
     /// ([`lane_offset`]): the 4-bit encodings, whose integer kernel would
     /// otherwise transpose every 64 bytes it reads (its one-row kernel ran
     /// 45% faster in cache and 15-25% streamed without that, measured),
-    /// and whose exact kernels read either layout at the same cost. Not
-    /// Q6_K: its exact kernel ran 13-30% slower by lanes (measured).
+    /// and whose exact kernels read either layout at the same cost; and
+    /// the 5-bit ones, whose fifth bits then lie as one 32-bit word a row,
+    /// a lane. Not Q6_K: its exact kernel ran 13-30% slower by lanes
+    /// (measured).
     pub(crate) fn by_lanes(self) -> bool {
-        matches!(self, Self::Q4_0 | Self::Q4_1 | Self::K4)
+        matches!(
+            self,
+            Self::Q4_0 | Self::Q4_1 | Self::K4 | Self::Q5_0 | Self::Q5_1 | Self::K5
+        )
     }
 
     /// Bytes of one block as the file (or, re-cut, `kquants.rs`) stores it.
@@ -456,21 +463,37 @@ impl PackedMatrix {
                         );
                     }
                 }
-                Encoding::K5 => {
-                    let (d, o) = (f32_lanes(r), f32_lanes(&r[4 * GROUP..]));
+                Encoding::Q5_0 | Encoding::Q5_1 | Encoding::K5 => {
+                    // `q·d + o`, Q5_0's `o` being −16·d: the products and
+                    // the sum are exact, so these are `(q − 16)·d`.
+                    let (d, o, payload) = match self.encoding {
+                        Encoding::Q5_0 => {
+                            let d = f16_lanes(r);
+                            (d, each_lane(|c| -16.0 * d[c]), &r[2 * GROUP..])
+                        }
+                        Encoding::Q5_1 => {
+                            (f16_lanes(r), f16_lanes(&r[2 * GROUP..]), &r[4 * GROUP..])
+                        }
+                        _ => {
+                            let (sc, m) = (byte_lanes(r), byte_lanes(&r[GROUP..]));
+                            let (d, n) = (f32_lanes(head), f32_lanes(&head[4 * GROUP..]));
+                            (
+                                each_lane(|c| d[c] * sc[c] as f32),
+                                each_lane(|c| n[c] * m[c] as f32),
+                                &r[2 * GROUP..],
+                            )
+                        }
+                    };
+                    let fifth = fifth_bits(payload);
+                    let five = |c: usize, low: u8, i: usize| {
+                        (low | (((fifth[c] >> i) & 1) as u8) << 4) as f32
+                    };
                     for j in 0..BLOCK / 2 {
-                        let q = byte_lanes(&r[8 * GROUP + j * GROUP..]);
-                        let first = byte_lanes(&r[(24 + j / 8) * GROUP..]);
-                        let second = byte_lanes(&r[(26 + j / 8) * GROUP..]);
-                        let bit = j % 8;
-                        let five = |low: u8, high: u8| (low | (((high >> bit) & 1) << 4)) as f32;
-                        f(
-                            k + j,
-                            &each_lane(|c| five(q[c] & 0x0F, first[c]) * d[c] + o[c]),
-                        );
+                        let q = lane_bytes(payload, BLOCK / 8 + j);
+                        f(k + j, &each_lane(|c| five(c, q[c] & 0x0F, j) * d[c] + o[c]));
                         f(
                             k + j + BLOCK / 2,
-                            &each_lane(|c| five(q[c] >> 4, second[c]) * d[c] + o[c]),
+                            &each_lane(|c| five(c, q[c] >> 4, j + BLOCK / 2) * d[c] + o[c]),
                         );
                     }
                 }
@@ -492,18 +515,6 @@ impl PackedMatrix {
                         f(
                             k + j + BLOCK / 2,
                             &each_lane(|c| six(q[c] >> 4, h[c] >> (shift + 4)) as f32 * hi[c]),
-                        );
-                    }
-                }
-                Encoding::K8 => {
-                    let (lo, hi) = (f32_lanes(r), f32_lanes(&r[4 * GROUP..]));
-                    let offset = f32_lanes(&r[8 * GROUP..]);
-                    for j in 0..BLOCK {
-                        let q = byte_lanes(&r[12 * GROUP + j * GROUP..]);
-                        let scale = if j < BLOCK / 2 { &lo } else { &hi };
-                        f(
-                            k + j,
-                            &each_lane(|c| q[c] as i8 as f32 * scale[c] + offset[c]),
                         );
                     }
                 }
@@ -563,6 +574,14 @@ fn lane_bytes(payload: &[u8], e: usize) -> [u8; GROUP] {
         .try_into()
         .expect("64 bytes");
     each_lane(|c| chunk[lane_offset(e % 4, c)])
+}
+
+/// The fifth bits of a 5-bit payload laid out by lanes (its first 4
+/// bytes a row): bit `i` of row `c`'s word is quant `i`'s.
+#[inline(always)]
+fn fifth_bits(payload: &[u8]) -> [u32; GROUP] {
+    let bytes = [0, 1, 2, 3].map(|e| lane_bytes(payload, e));
+    each_lane(|c| u32::from_le_bytes(bytes.map(|b| b[c])))
 }
 
 /// The 16 bytes at the start of `bytes`.
@@ -737,12 +756,16 @@ mod tests {
             (GgmlDType::Q5_1, 96),
         ] {
             let (packed, w) = random_matrix(dtype, rows, cols);
-            // K4 and K6 keep their integer scales, and the f32 ones once
-            // per 256 weights: 4.75 and 6.625 bits a weight.
+            // K4, K5 and K6 keep their integer scales, and the f32 ones
+            // once per 256 weights; the 5-bit GGUF blocks are read as
+            // stored.
             let bits = packed.bytes() as f64 * 8.0 / (packed.groups() * GROUP * cols) as f64;
             match dtype {
                 GgmlDType::Q4K => assert_eq!(bits, 4.75),
+                GgmlDType::Q5K => assert_eq!(bits, 5.75),
                 GgmlDType::Q6K => assert_eq!(bits, 6.625),
+                GgmlDType::Q5_0 => assert_eq!(bits, 5.5),
+                GgmlDType::Q5_1 => assert_eq!(bits, 6.0),
                 _ => {}
             }
             let mut panel = vec![0f32; cols * packed.groups() * GROUP];
@@ -791,10 +814,10 @@ mod tests {
                         assert_eq!(panel[k * width + row], w[k], "{dtype:?} unpack");
                         assert_eq!(single[k], w[k], "{dtype:?} unpack_row");
                     }
-                    // A K4, Q4_0 or Q4_1 block (and a K5 one with AVX2)
-                    // sums d·Σ x·q + o·Σ x: its rounding scales with |d·q|
-                    // + |o| ≤ |w| + 2·|o|, and |o| (the block's offset:
-                    // −min, or −8·d) is at most its largest |w|.
+                    // A 4- or 5-bit block sums d·Σ x·q + o·Σ x: its
+                    // rounding scales with |d·q| + |o| ≤ |w| + 2·|o|, and
+                    // |o| (the block's offset: −min, or −8·d, −16·d) is at
+                    // most its largest |w|.
                     let scale: Vec<f64> = w
                         .chunks_exact(BLOCK)
                         .flat_map(|block| {
@@ -803,7 +826,9 @@ mod tests {
                                 GgmlDType::Q4K
                                 | GgmlDType::Q5K
                                 | GgmlDType::Q4_0
-                                | GgmlDType::Q4_1 => v.abs() as f64 + 2.0 * largest,
+                                | GgmlDType::Q4_1
+                                | GgmlDType::Q5_0
+                                | GgmlDType::Q5_1 => v.abs() as f64 + 2.0 * largest,
                                 _ => v.abs() as f64,
                             })
                         })

@@ -30,7 +30,6 @@ pub(crate) unsafe fn dot_group<const R: usize>(
             }
         };
         let low_nibbles = _mm256_set1_epi32(0x0F);
-        let minus_8 = _mm256_set1_ps(-8.0);
         for (b, (head, r)) in matrix.records(group).enumerate() {
             let (k, p) = (b * BLOCK, r.as_ptr());
             // Lanes 0..8 and 8..16 of 16 halves, 16 unsigned or signed bytes.
@@ -39,7 +38,6 @@ pub(crate) unsafe fn dot_group<const R: usize>(
             };
             let bytes = |at: usize| [0, 8].map(|half| _mm_loadl_epi64(p.add(at + half).cast()));
             let unsigned = |at: usize| bytes(at).map(|q| _mm256_cvtepu8_epi32(q));
-            let floats = |at: usize| [0, 32].map(|half| _mm256_loadu_ps(p.add(at + half).cast()));
             // The span's head: 16 f32 per scalar.
             let head = head.as_ptr().cast::<f32>();
             let head = |at: usize| [0, 8].map(|half| _mm256_loadu_ps(head.add(at + half)));
@@ -84,15 +82,33 @@ pub(crate) unsafe fn dot_group<const R: usize>(
                         add(&mut acc, k + j, halves(j * 2 * GROUP));
                     }
                 }
-                Encoding::Q4_0 | Encoding::Q4_1 | Encoding::K4 => {
-                    // Q4_0's offset is −8·d (exact). Lanes in the payload's
-                    // order (`by_lanes`), as the accumulators are.
-                    let (d, o, quants) = match matrix.encoding() {
-                        Encoding::Q4_0 => {
+                Encoding::Q4_0
+                | Encoding::Q4_1
+                | Encoding::K4
+                | Encoding::Q5_0
+                | Encoding::Q5_1
+                | Encoding::K5 => {
+                    // Q4_0's offset is −8·d and Q5_0's −16·d (exact). Lanes
+                    // in the payload's order (`by_lanes`), as the
+                    // accumulators are.
+                    let encoding = matrix.encoding();
+                    let (d, o, payload) = match encoding {
+                        Encoding::Q4_0 | Encoding::Q5_0 => {
                             let d = halves(0);
-                            (d, d.map(|d| _mm256_mul_ps(d, minus_8)), 2 * GROUP)
+                            let offset = if encoding == Encoding::Q4_0 {
+                                -8.0
+                            } else {
+                                -16.0
+                            };
+                            (
+                                d,
+                                d.map(|d| _mm256_mul_ps(d, _mm256_set1_ps(offset))),
+                                2 * GROUP,
+                            )
                         }
-                        Encoding::Q4_1 => (halves(0), halves(2 * GROUP), 4 * GROUP),
+                        Encoding::Q4_1 | Encoding::Q5_1 => {
+                            (halves(0), halves(2 * GROUP), 4 * GROUP)
+                        }
                         _ => (
                             scale(unsigned(0), head(0)),
                             scale(unsigned(GROUP), head(GROUP)),
@@ -100,35 +116,31 @@ pub(crate) unsafe fn dot_group<const R: usize>(
                         ),
                     };
                     let (d, o) = (swap_halves(d), swap_halves(o));
+                    // The 5-bit encodings' fifth bits, a word a row, come
+                    // before the nibbles.
+                    let five_bit =
+                        matches!(encoding, Encoding::Q5_0 | Encoding::Q5_1 | Encoding::K5);
+                    let (fifth, quants) = if five_bit {
+                        (by_lanes(p.add(payload)), payload + 4 * GROUP)
+                    } else {
+                        ([_mm256_setzero_si256(); 2], payload)
+                    };
                     let mut dots = [[_mm256_setzero_ps(); 2]; R];
                     for j in (0..BLOCK / 2).step_by(4) {
                         let v = by_lanes(p.add(quants + j * GROUP));
                         for t in 0..4 {
                             let q = v.map(|v| byte(v, t));
-                            let lo = q.map(|q| _mm256_and_si256(q, low_nibbles));
-                            let hi = q.map(|q| _mm256_srli_epi32(q, 4));
+                            let mut lo = q.map(|q| _mm256_and_si256(q, low_nibbles));
+                            let mut hi = q.map(|q| _mm256_srli_epi32(q, 4));
+                            if five_bit {
+                                let i = _mm_cvtsi32_si128((j + t) as i32);
+                                for h in 0..2 {
+                                    (lo[h], hi[h]) = five(lo[h], hi[h], fifth[h], i);
+                                }
+                            }
                             add(&mut dots, k + j + t, floats_of(lo));
                             add(&mut dots, k + j + t + BLOCK / 2, floats_of(hi));
                         }
-                    }
-                    finish(&mut acc, dots, d, o);
-                }
-                Encoding::K5 => {
-                    let (d, o) = (floats(0), floats(4 * GROUP));
-                    let mut dots = [[_mm256_setzero_ps(); 2]; R];
-                    for j in 0..BLOCK / 2 {
-                        let q = unsigned(8 * GROUP + j * GROUP);
-                        let first = unsigned((24 + j / 8) * GROUP);
-                        let second = unsigned((26 + j / 8) * GROUP);
-                        let bit = _mm_cvtsi32_si128((j % 8) as i32);
-                        let (mut lo, mut hi) =
-                            ([_mm256_setzero_si256(); 2], [_mm256_setzero_si256(); 2]);
-                        for i in 0..2 {
-                            lo[i] = five(_mm256_and_si256(q[i], low_nibbles), first[i], bit);
-                            hi[i] = five(_mm256_srli_epi32(q[i], 4), second[i], bit);
-                        }
-                        add(&mut dots, k + j, floats_of(lo));
-                        add(&mut dots, k + j + BLOCK / 2, floats_of(hi));
                     }
                     finish(&mut acc, dots, d, o);
                 }
@@ -168,18 +180,6 @@ pub(crate) unsafe fn dot_group<const R: usize>(
                         add(&mut acc, k + j + BLOCK / 2, second);
                     }
                 }
-                Encoding::K8 => {
-                    let (lo, hi, offset) = (floats(0), floats(4 * GROUP), floats(8 * GROUP));
-                    for j in 0..BLOCK {
-                        let q = bytes(12 * GROUP + j * GROUP).map(|q| _mm256_cvtepi8_epi32(q));
-                        let scaled = scale(q, if j < BLOCK / 2 { lo } else { hi });
-                        add(
-                            &mut acc,
-                            k + j,
-                            [0, 1].map(|i| _mm256_add_ps(scaled[i], offset[i])),
-                        );
-                    }
-                }
                 Encoding::Bf16 => {
                     for j in 0..BLOCK {
                         add(
@@ -212,13 +212,18 @@ pub(crate) unsafe fn dot_group<const R: usize>(
 // `#[inline(always)]` function is inlined into `dot_group` and compiled
 // with its target features.
 
-/// `low | (high >> bit & 1) << 4`, lane by lane: a K5 weight.
+/// Quants `i` and `i + 16` of a 5-bit block, lane by lane: their nibbles
+/// `low` and `high` with the fifth bits `i` and `i + 16` of `fifth` above.
 #[inline(always)]
-unsafe fn five(low: __m256i, high: __m256i, bit: __m128i) -> __m256i {
+unsafe fn five(low: __m256i, high: __m256i, fifth: __m256i, i: __m128i) -> (__m256i, __m256i) {
     // SAFETY: only called from `dot_group`, whose CPU has AVX2.
     unsafe {
-        let high = _mm256_and_si256(_mm256_srl_epi32(high, bit), _mm256_set1_epi32(1));
-        _mm256_or_si256(low, _mm256_slli_epi32(high, 4))
+        let sixteen = _mm256_set1_epi32(16);
+        let bits = _mm256_srl_epi32(fifth, i);
+        (
+            _mm256_or_si256(low, _mm256_and_si256(_mm256_slli_epi32(bits, 4), sixteen)),
+            _mm256_or_si256(high, _mm256_and_si256(_mm256_srli_epi32(bits, 12), sixteen)),
+        )
     }
 }
 

@@ -32,7 +32,6 @@ pub(crate) unsafe fn dot_group<const R: usize>(
             let (k, p) = (b * BLOCK, r.as_ptr());
             let halves = |at: usize| _mm512_cvtph_ps(_mm256_loadu_si256(p.add(at).cast()));
             let bytes = |at: usize| _mm_loadu_si128(p.add(at).cast());
-            let floats = |at: usize| _mm512_loadu_ps(p.add(at).cast());
             // The span's head: 16 f32 per scalar.
             let head = |at: usize| _mm512_loadu_ps(head.as_ptr().cast::<f32>().add(at));
             // An integer scale times a head scalar, exactly.
@@ -73,33 +72,66 @@ pub(crate) unsafe fn dot_group<const R: usize>(
                         );
                     }
                 }
-                Encoding::Q4_0 | Encoding::Q4_1 | Encoding::K4 => {
+                Encoding::Q4_0
+                | Encoding::Q4_1
+                | Encoding::K4
+                | Encoding::Q5_0
+                | Encoding::Q5_1
+                | Encoding::K5 => {
                     // Σ x·(d·q + o) as d·Σ x·q + o·Σ x (Q4_0's offset is
-                    // −8·d, exact; Q4_1's its minimum), the block sums
-                    // following the inputs (see `interleave`): a multiply
-                    // and an add fewer per weight than dequantizing first,
-                    // which is what a few rows are bound by. The row
-                    // accumulators wait in memory while the block's dots
-                    // take the registers.
-                    let (d, o, quants) = match matrix.encoding() {
-                        Encoding::Q4_0 => {
+                    // −8·d and Q5_0's −16·d, exact; Q4_1's and Q5_1's their
+                    // minimum), the block sums following the inputs (see
+                    // `interleave`): a multiply and an add fewer per weight
+                    // than dequantizing first, which is what a few rows are
+                    // bound by. The row accumulators wait in memory while
+                    // the block's dots take the registers.
+                    let encoding = matrix.encoding();
+                    let (d, o, payload) = match encoding {
+                        Encoding::Q4_0 | Encoding::Q5_0 => {
                             let d = halves(0);
-                            (d, _mm512_mul_ps(d, _mm512_set1_ps(-8.0)), 2 * GROUP)
+                            let offset = if encoding == Encoding::Q4_0 {
+                                -8.0
+                            } else {
+                                -16.0
+                            };
+                            (d, _mm512_mul_ps(d, _mm512_set1_ps(offset)), 2 * GROUP)
                         }
-                        Encoding::Q4_1 => (halves(0), halves(2 * GROUP), 4 * GROUP),
+                        Encoding::Q4_1 | Encoding::Q5_1 => {
+                            (halves(0), halves(2 * GROUP), 4 * GROUP)
+                        }
                         _ => (
                             times(_mm512_cvtepu8_epi32(bytes(0)), head(0)),
                             times(_mm512_cvtepu8_epi32(bytes(GROUP)), head(GROUP)),
                             2 * GROUP,
                         ),
                     };
+                    // The 5-bit encodings' fifth bits, a word a row, come
+                    // before the nibbles.
+                    let five_bit =
+                        matches!(encoding, Encoding::Q5_0 | Encoding::Q5_1 | Encoding::K5);
+                    let (fifth, quants) = if five_bit {
+                        (rows(payload), payload + 4 * GROUP)
+                    } else {
+                        (_mm512_setzero_si512(), payload)
+                    };
+                    let sixteen = _mm512_set1_epi32(16);
                     let mut dots = [_mm512_setzero_ps(); R];
                     for j in (0..BLOCK / 2).step_by(4) {
                         let quants = rows(quants + j * GROUP);
                         for t in 0..4 {
                             let q = byte(quants, t);
-                            let lo = _mm512_cvtepi32_ps(_mm512_and_si512(q, low_nibbles));
-                            let hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4));
+                            let (mut lo, mut hi) =
+                                (_mm512_and_si512(q, low_nibbles), _mm512_srli_epi32(q, 4));
+                            if five_bit {
+                                // Quant i's fifth bit is bit i: 16 where set.
+                                let bit = |i: usize| {
+                                    _mm512_test_epi32_mask(fifth, _mm512_set1_epi32(1 << i))
+                                };
+                                let i = j + t;
+                                lo = _mm512_mask_or_epi32(lo, bit(i), lo, sixteen);
+                                hi = _mm512_mask_or_epi32(hi, bit(i + BLOCK / 2), hi, sixteen);
+                            }
+                            let (lo, hi) = (_mm512_cvtepi32_ps(lo), _mm512_cvtepi32_ps(hi));
                             let first = x.as_ptr().add((k + j + t) * R);
                             let second = x.as_ptr().add((k + j + t + BLOCK / 2) * R);
                             for (r, dot) in dots.iter_mut().enumerate() {
@@ -112,31 +144,6 @@ pub(crate) unsafe fn dot_group<const R: usize>(
                     for (r, (acc, dot)) in acc.iter_mut().zip(dots).enumerate() {
                         *acc = _mm512_fmadd_ps(d, dot, *acc);
                         *acc = _mm512_fmadd_ps(o, _mm512_set1_ps(*sums.add(r)), *acc);
-                    }
-                }
-                Encoding::K5 => {
-                    let (d, o) = (floats(0), floats(4 * GROUP));
-                    let one = _mm512_set1_epi32(1);
-                    // low | (high >> bit & 1) << 4, lane by lane.
-                    let five = |low: __m512i, high: __m512i, bit: i32| {
-                        let high =
-                            _mm512_and_si512(_mm512_srl_epi32(high, _mm_cvtsi32_si128(bit)), one);
-                        _mm512_cvtepi32_ps(_mm512_or_si512(low, _mm512_slli_epi32(high, 4)))
-                    };
-                    for j in 0..BLOCK / 2 {
-                        let q = _mm512_cvtepu8_epi32(bytes(8 * GROUP + j * GROUP));
-                        let first = _mm512_cvtepu8_epi32(bytes((24 + j / 8) * GROUP));
-                        let second = _mm512_cvtepu8_epi32(bytes((26 + j / 8) * GROUP));
-                        let bit = (j % 8) as i32;
-                        let lo = five(_mm512_and_si512(q, low_nibbles), first, bit);
-                        let hi = five(_mm512_srli_epi32(q, 4), second, bit);
-                        // Multiply, then add: the rounding of the dequantized value.
-                        add(&mut acc, k + j, _mm512_add_ps(_mm512_mul_ps(lo, d), o));
-                        add(
-                            &mut acc,
-                            k + j + BLOCK / 2,
-                            _mm512_add_ps(_mm512_mul_ps(hi, d), o),
-                        );
                     }
                 }
                 Encoding::K6 => {
@@ -163,20 +170,6 @@ pub(crate) unsafe fn dot_group<const R: usize>(
                         let second = six(_mm512_srli_epi32(q, 4), h, shift + 4);
                         add(&mut acc, k + j, _mm512_mul_ps(first, lo));
                         add(&mut acc, k + j + BLOCK / 2, _mm512_mul_ps(second, hi));
-                    }
-                }
-                Encoding::K8 => {
-                    let (lo, hi, offset) = (floats(0), floats(4 * GROUP), floats(8 * GROUP));
-                    for j in 0..BLOCK {
-                        let q =
-                            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes(12 * GROUP + j * GROUP)));
-                        let scale = if j < BLOCK / 2 { lo } else { hi };
-                        // Multiply, then add: the rounding of the dequantized value.
-                        add(
-                            &mut acc,
-                            k + j,
-                            _mm512_add_ps(_mm512_mul_ps(q, scale), offset),
-                        );
                     }
                 }
             }

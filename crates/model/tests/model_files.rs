@@ -122,9 +122,9 @@ fn gguf_quantizations_dequantize_to_the_stored_values() {
 
 #[test]
 fn packed_weights_are_the_dequantized_weights_and_decode_alike() {
-    // An inference decoder keeps Q4_0/Q4_1/Q8_0/F16/BF16 projections packed,
-    // and re-cuts Q4_K, Q5_K, Q6_K, Q5_0 and Q5_1 (to K4, K5, K6, K8, K5;
-    // f32 stays f32). Unpacked, every packed matrix must equal
+    // An inference decoder keeps Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/F16/BF16
+    // projections packed as stored, and re-cuts Q4_K, Q5_K and Q6_K (to K4,
+    // K5, K6; f32 stays f32). Unpacked, every packed matrix must equal
     // the dequantized tensor bit for bit — including llama.cpp's permuted
     // q/k rows and a vocabulary (271) that leaves the last 16-row group
     // partly empty — and the packed decoder must give the logits of the

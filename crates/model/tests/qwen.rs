@@ -1,5 +1,5 @@
 //! A real Qwen2 model stored as Q4_K_M: its K-quant projections stay packed
-//! (re-cut to K4, K6 and K8), and the packed decoder gives the logits of the decoder
+//! (Q4_K and Q6_K re-cut to K4 and K6, Q5_0 and Q8_0 as stored), and the packed decoder gives the logits of the decoder
 //! with every weight expanded to f32. Ignored by default (the file is 491
 //! MB, and CI does not fetch it); run it with `R3_QWEN_GGUF=$(r3 fetch
 //! qwen2.5-coder-0.5b) cargo test -p r3-model --test qwen -- --ignored`.
