@@ -50,10 +50,18 @@ pub(crate) unsafe fn dot_group<const R: usize>(
             };
             match matrix.encoding() {
                 Encoding::Q8_0 => {
+                    // d·Σ x·q, as the AVX2 kernel sums it: a multiply
+                    // fewer per weight than dequantizing first (one row:
+                    // 25.5–26.9 → 41.4–42.0 G weights/s in cache on a Zen
+                    // 4, measured).
                     let d = halves(0);
+                    let mut dots = [_mm512_setzero_ps(); R];
                     for j in 0..BLOCK {
                         let q = _mm512_cvtepi8_epi32(bytes(2 * GROUP + j * GROUP));
-                        add(&mut acc, k + j, _mm512_mul_ps(_mm512_cvtepi32_ps(q), d));
+                        add(&mut dots, k + j, _mm512_cvtepi32_ps(q));
+                    }
+                    for (acc, dot) in acc.iter_mut().zip(dots) {
+                        *acc = _mm512_fmadd_ps(d, dot, *acc);
                     }
                 }
                 Encoding::F16 => {
@@ -114,23 +122,31 @@ pub(crate) unsafe fn dot_group<const R: usize>(
                     } else {
                         (_mm512_setzero_si512(), payload)
                     };
-                    let sixteen = _mm512_set1_epi32(16);
+                    let nibbles = _mm512_set1_epi32(0x0F0F_0F0F);
                     let mut dots = [_mm512_setzero_ps(); R];
                     for j in (0..BLOCK / 2).step_by(4) {
                         let quants = rows(quants + j * GROUP);
+                        // Input j + t's quant and input j + t + 16's, as
+                        // 32-bit integers: the 5-bit ones whole, their fifth
+                        // bits placed a word at a time (10 operations for 8
+                        // quants, not 16 one by one).
+                        let (lo, hi) = if five_bit {
+                            let lo = _mm512_and_si512(quants, nibbles);
+                            let hi = _mm512_and_si512(_mm512_srli_epi32(quants, 4), nibbles);
+                            (
+                                _mm512_or_si512(lo, fifth_bits_at_4(fifth, j as i32)),
+                                _mm512_or_si512(hi, fifth_bits_at_4(fifth, (j + 16) as i32)),
+                            )
+                        } else {
+                            (quants, quants)
+                        };
                         for t in 0..4 {
-                            let q = byte(quants, t);
-                            let (mut lo, mut hi) =
-                                (_mm512_and_si512(q, low_nibbles), _mm512_srli_epi32(q, 4));
-                            if five_bit {
-                                // Quant i's fifth bit is bit i: 16 where set.
-                                let bit = |i: usize| {
-                                    _mm512_test_epi32_mask(fifth, _mm512_set1_epi32(1 << i))
-                                };
-                                let i = j + t;
-                                lo = _mm512_mask_or_epi32(lo, bit(i), lo, sixteen);
-                                hi = _mm512_mask_or_epi32(hi, bit(i + BLOCK / 2), hi, sixteen);
-                            }
+                            let (lo, hi) = if five_bit {
+                                (byte(lo, t), byte(hi, t))
+                            } else {
+                                let q = byte(quants, t);
+                                (_mm512_and_si512(q, low_nibbles), _mm512_srli_epi32(q, 4))
+                            };
                             let (lo, hi) = (_mm512_cvtepi32_ps(lo), _mm512_cvtepi32_ps(hi));
                             let first = x.as_ptr().add((k + j + t) * R);
                             let second = x.as_ptr().add((k + j + t + BLOCK / 2) * R);
@@ -179,5 +195,22 @@ pub(crate) unsafe fn dot_group<const R: usize>(
             _mm512_storeu_ps(out.as_mut_ptr(), lanes);
             out
         })
+    }
+}
+
+/// Bits `i..i + 4` of each lane of `fifth` at bit 4 of its bytes 0..4, the
+/// rest zero, in one multiply: `(b & 15) × 0x02040810` puts bit `t` of `b`
+/// at bit `8t + 4`, its four partial products in disjoint bit ranges (no
+/// carries).
+#[inline(always)]
+unsafe fn fifth_bits_at_4(fifth: __m512i, i: i32) -> __m512i {
+    // SAFETY: only called from `dot_group`, whose CPU has AVX-512F.
+    unsafe {
+        let bits = _mm512_and_si512(
+            _mm512_srl_epi32(fifth, _mm_cvtsi32_si128(i)),
+            _mm512_set1_epi32(0xF),
+        );
+        let spread = _mm512_mullo_epi32(bits, _mm512_set1_epi32(0x0204_0810));
+        _mm512_and_si512(spread, _mm512_set1_epi32(0x1010_1010))
     }
 }
