@@ -130,22 +130,21 @@ pub(crate) unsafe fn dot_group<const R: usize>(
                         // 32-bit integers: the 5-bit ones whole, their fifth
                         // bits placed a word at a time (10 operations for 8
                         // quants, not 16 one by one).
-                        let (lo, hi) = if five_bit {
+                        let whole = five_bit.then(|| {
                             let lo = _mm512_and_si512(quants, nibbles);
                             let hi = _mm512_and_si512(_mm512_srli_epi32(quants, 4), nibbles);
                             (
                                 _mm512_or_si512(lo, fifth_bits_at_4(fifth, j as i32)),
                                 _mm512_or_si512(hi, fifth_bits_at_4(fifth, (j + 16) as i32)),
                             )
-                        } else {
-                            (quants, quants)
-                        };
+                        });
                         for t in 0..4 {
-                            let (lo, hi) = if five_bit {
-                                (byte(lo, t), byte(hi, t))
-                            } else {
-                                let q = byte(quants, t);
-                                (_mm512_and_si512(q, low_nibbles), _mm512_srli_epi32(q, 4))
+                            let (lo, hi) = match whole {
+                                Some((lo, hi)) => (byte(lo, t), byte(hi, t)),
+                                None => {
+                                    let q = byte(quants, t);
+                                    (_mm512_and_si512(q, low_nibbles), _mm512_srli_epi32(q, 4))
+                                }
                             };
                             let (lo, hi) = (_mm512_cvtepi32_ps(lo), _mm512_cvtepi32_ps(hi));
                             let first = x.as_ptr().add((k + j + t) * R);
