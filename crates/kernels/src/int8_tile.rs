@@ -38,8 +38,9 @@ pub fn available() -> bool {
     }
 }
 
-/// Whether weights in `encoding` have a tile kernel: the nibble layouts
-/// (Q4_0, Q4_1, Q4_K) and Q6_K, all of a Q4_K_M model's products.
+/// Whether weights in `encoding` have a tile kernel: the 4-bit nibble
+/// layouts (Q4_0, Q4_1, Q4_K) and Q6_K, all of Qwen2.5-Coder-1.5B Q4_K_M's
+/// products (5-bit ones take the register kernel up to its rows).
 pub fn has_tile_kernel(encoding: Encoding) -> bool {
     matches!(
         encoding,

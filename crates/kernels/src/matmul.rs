@@ -727,6 +727,7 @@ mod tests {
             GgmlDType::Q4K,
             GgmlDType::Q6K,
             GgmlDType::Q4_0,
+            GgmlDType::Q5_0,
             GgmlDType::Q8_0,
         ] {
             let cols = 256;

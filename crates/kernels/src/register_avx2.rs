@@ -246,7 +246,7 @@ unsafe fn five(v: __m256i, fifth: __m256i, j: i32) -> (__m256i, __m256i) {
 /// at bit `8t + 4`, its four partial products in disjoint bit ranges (no
 /// carries).
 #[inline(always)]
-unsafe fn fifth_bits_at_4(fifth: __m256i, i: i32) -> __m256i {
+pub(crate) unsafe fn fifth_bits_at_4(fifth: __m256i, i: i32) -> __m256i {
     // SAFETY: only called from `dot_group`, whose CPU has AVX2.
     unsafe {
         let bits = _mm256_and_si256(

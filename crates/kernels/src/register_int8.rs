@@ -2,14 +2,15 @@
 //! The integer register kernels ([`crate::int8`]) for x86: one for CPUs
 //! with AVX2 (and AVX-512 without VNNI), one for those with AVX-512 VNNI.
 //! Each 32-bit lane holds four weights of one output row (inputs
-//! `j ..+ 4`), as the 4-bit encodings are packed
+//! `j ..+ 4`), as the 4- and 5-bit encodings are packed
 //! ([`crate::packed::lane_offset`]) and Q6_K's and Q8_0's records are
 //! transposed to as they are read, and one instruction multiplies them by
 //! four rounded inputs: 32 products, where the exact kernel spends about
 //! three instructions on each 8 weights before its multiply-add. How the
 //! products are added is all the two kernels differ in ([`Products`]):
 //! with AVX2, `vpmaddubsw` adds pairs in 16 bits, as far as their bounds
-//! allow (a whole block of the 4-bit encodings, two results of Q6_K's),
+//! allow (a whole block of the 4-bit encodings, half of the 5-bit ones',
+//! two results of Q6_K's),
 //! and `vpmaddwd` widens them once; with VNNI, `vpdpbusd` adds all four
 //! into 32 bits in the one instruction.
 //!
@@ -21,7 +22,7 @@ use std::arch::x86_64::*;
 
 use crate::int8::{Int8Rows, GROUPS};
 use crate::packed::{Encoding, PackedMatrix, GROUP};
-use crate::register_avx2::{by_lanes, swap_halves};
+use crate::register_avx2::{by_lanes, fifth_bits_at_4, swap_halves};
 
 /// How far ahead of the record being summed its group's stream is asked
 /// for. The integer kernels are quick enough that, streamed, they waited
@@ -181,8 +182,9 @@ pub(crate) mod vnni {
     kernels!("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni", Vnni);
 }
 
-/// Q4_0, Q4_1 and Q4_K (K4): `d·Σ q_x·q + o·Σ x` a block, the quants
-/// nibbles (input `j` low, `j + 16` high).
+/// Q4_0, Q4_1 and Q4_K (K4), and the 5-bit Q5_0, Q5_1 and Q5_K (K5):
+/// `d·Σ q_x·q + o·Σ x` a block, the quants nibbles (input `j` low, `j + 16`
+/// high) with the fifth bits, where there are some, above them.
 ///
 /// # Safety
 /// As [`avx2::dot_group`], for these encodings, inlined into a function
@@ -200,21 +202,35 @@ unsafe fn nibbles<const R: usize, P: Products>(
         for (b, (head, r)) in matrix.records(group).enumerate() {
             let p = r.as_ptr();
             prefetch(r);
-            let (d, o, quants) = match matrix.encoding() {
-                Encoding::Q4_0 => {
+            let encoding = matrix.encoding();
+            let (d, o, payload) = match encoding {
+                Encoding::Q4_0 | Encoding::Q5_0 => {
                     let d = halves(p);
+                    let offset = if encoding == Encoding::Q4_0 {
+                        -8.0
+                    } else {
+                        -16.0
+                    };
                     (
                         d,
-                        d.map(|d| _mm256_mul_ps(d, _mm256_set1_ps(-8.0))),
+                        d.map(|d| _mm256_mul_ps(d, _mm256_set1_ps(offset))),
                         2 * GROUP,
                     )
                 }
-                Encoding::Q4_1 => (halves(p), halves(p.add(2 * GROUP)), 4 * GROUP),
+                Encoding::Q4_1 | Encoding::Q5_1 => (halves(p), halves(p.add(2 * GROUP)), 4 * GROUP),
                 _ => {
                     let head = head.as_ptr().cast::<f32>();
                     let d = scaled(p, head, false);
                     (d, scaled(p.add(GROUP), head.add(GROUP), false), 2 * GROUP)
                 }
+            };
+            // The 5-bit encodings' fifth bits, a word a row, come before
+            // the nibbles.
+            let five_bit = matches!(encoding, Encoding::Q5_0 | Encoding::Q5_1 | Encoding::K5);
+            let (fifth, quants) = if five_bit {
+                (by_lanes(p.add(payload)), payload + 4 * GROUP)
+            } else {
+                ([_mm256_setzero_si256(); 2], payload)
             };
             let inputs = x.groups.as_ptr().add(b * GROUPS * R);
             // One running sum for the whole block. In 16-bit pairs
@@ -224,20 +240,41 @@ unsafe fn nibbles<const R: usize, P: Products>(
             // `vpmaddwd` a row widens it where each result took one
             // (measured: docs/performance.md, "Sixteen-bit sums in the
             // 4-bit integer kernel").
+            // 5-bit quants make each result up to 2·31·127, so their
+            // pairs are widened every four results (31496 at most).
             let mut sums = [[_mm256_setzero_si256(); 2]; R];
+            let mut widened = [[_mm256_setzero_si256(); 2]; R];
             for j in (0..16).step_by(4) {
                 let q = by_lanes(p.add(quants + j * GROUP));
-                let lower = q.map(|q| _mm256_and_si256(q, low));
+                let mut lower = q.map(|q| _mm256_and_si256(q, low));
+                let mut upper = q.map(|q| _mm256_and_si256(_mm256_srli_epi16(q, 4), low));
+                if five_bit {
+                    for h in 0..2 {
+                        lower[h] = _mm256_or_si256(lower[h], fifth_bits_at_4(fifth[h], j as i32));
+                        let high = fifth_bits_at_4(fifth[h], (j + 16) as i32);
+                        upper[h] = _mm256_or_si256(upper[h], high);
+                    }
+                }
                 add_products::<R, P>(&mut sums, inputs.add(j / 4 * R), lower);
-                let upper = q.map(|q| _mm256_and_si256(_mm256_srli_epi16(q, 4), low));
                 add_products::<R, P>(&mut sums, inputs.add((GROUPS / 2 + j / 4) * R), upper);
+                if five_bit && j == 4 {
+                    for (widened, sums) in widened.iter_mut().zip(&mut sums) {
+                        for i in 0..2 {
+                            widened[i] = P::widen(sums[i]);
+                            sums[i] = _mm256_setzero_si256();
+                        }
+                    }
+                }
             }
             for row in 0..R {
                 let d_x = _mm256_set1_ps(x.scales[b * R + row]);
                 let sum = _mm256_set1_ps(x.sums[b * R + row]);
                 for i in 0..2 {
                     let s = _mm256_mul_ps(d[i], d_x);
-                    let dot = P::widen(sums[row][i]);
+                    let mut dot = P::widen(sums[row][i]);
+                    if five_bit {
+                        dot = _mm256_add_epi32(dot, widened[row][i]);
+                    }
                     acc[row][i] = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(dot), acc[row][i]);
                     acc[row][i] = _mm256_fmadd_ps(o[i], sum, acc[row][i]);
                 }
