@@ -9,10 +9,9 @@
 //! three instructions on each 8 weights before its multiply-add. How the
 //! products are added is all the two kernels differ in ([`Products`]):
 //! with AVX2, `vpmaddubsw` adds pairs in 16 bits, as far as their bounds
-//! allow (a whole block of the 4-bit encodings, half of the 5-bit ones',
-//! two results of Q6_K's),
-//! and `vpmaddwd` widens them once; with VNNI, `vpdpbusd` adds all four
-//! into 32 bits in the one instruction.
+//! allow (a whole block of the 4-bit encodings, half a block of the 5-bit
+//! ones, two results of Q6_K's), and `vpmaddwd` widens them; with VNNI,
+//! `vpdpbusd` adds all four into 32 bits in the one instruction.
 //!
 //! One function per encoding family and instruction set, each compiled on
 //! its own: with every family in one loop, the one-row kernel of the 4-bit
