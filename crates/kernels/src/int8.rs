@@ -296,7 +296,7 @@ impl BlockWeights {
                 nibbles(&mut w, 2 * GROUP);
                 for c in 0..GROUP {
                     w.scale[0][c] = f16(0, c);
-                    w.offset[c] = w.scale[0][c] * -8.0;
+                    w.offset[c] = w.scale[0][c] * -encoding.centre();
                 }
             }
             Encoding::Q4_1 => {
@@ -325,12 +325,8 @@ impl BlockWeights {
             }
             Encoding::Q5_0 | Encoding::Q5_1 | Encoding::K5 => {
                 // The fifth bits, a word a row, then the nibbles.
-                let payload = if encoding == Encoding::Q5_1 {
-                    4 * GROUP
-                } else {
-                    2 * GROUP
-                };
-                nibbles(&mut w, payload + 4 * GROUP);
+                nibbles(&mut w, encoding.nibbles_start());
+                let payload = encoding.payload_start();
                 for c in 0..GROUP {
                     let fifth = [0, 1, 2, 3].map(|e| record[payload + lane_offset(e, c)]);
                     let fifth = u32::from_le_bytes(fifth);
@@ -340,7 +336,7 @@ impl BlockWeights {
                     match encoding {
                         Encoding::Q5_0 => {
                             w.scale[0][c] = f16(0, c);
-                            w.offset[c] = w.scale[0][c] * -16.0;
+                            w.offset[c] = w.scale[0][c] * -encoding.centre();
                         }
                         Encoding::Q5_1 => {
                             w.scale[0][c] = f16(0, c);

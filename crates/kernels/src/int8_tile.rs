@@ -189,21 +189,22 @@ mod vector {
                 let low = _mm512_set1_epi8(0x0F);
                 for (b, (head, r)) in self.matrix.records(self.group).enumerate() {
                     let p = r.as_ptr();
-                    let (d, o, quants) = match self.matrix.encoding() {
+                    let encoding = self.matrix.encoding();
+                    let (d, o) = match encoding {
                         Encoding::Q4_0 => {
                             let d = halves(p);
-                            (d, _mm512_mul_ps(d, _mm512_set1_ps(-8.0)), 2 * GROUP)
+                            (d, _mm512_mul_ps(d, _mm512_set1_ps(-encoding.centre())))
                         }
-                        Encoding::Q4_1 => (halves(p), halves(p.add(2 * GROUP)), 4 * GROUP),
+                        Encoding::Q4_1 => (halves(p), halves(p.add(2 * GROUP))),
                         _ => {
                             let head = head.as_ptr().cast::<f32>();
                             (
                                 scaled(p, head, false),
                                 scaled(p.add(GROUP), head.add(GROUP), false),
-                                2 * GROUP,
                             )
                         }
                     };
+                    let quants = encoding.nibbles_start();
                     let (d, o) = (
                         _mm512_permutexvar_ps(lane_columns(), d),
                         _mm512_permutexvar_ps(lane_columns(), o),

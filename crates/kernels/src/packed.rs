@@ -167,6 +167,35 @@ impl Encoding {
     pub fn block_bytes(self) -> usize {
         self.scalar_bytes() * self.scales() + self.payload_bytes()
     }
+
+    /// The quant that stands for zero in the 4- and 5-bit encodings: 8 in
+    /// Q4_0, 16 in Q5_0; 0 in Q4_1, Q5_1, K4 and K5, whose stored minimum
+    /// is their offset. The kernels subtract it once a block, as the offset
+    /// `−centre·d` (exact), not from each quant.
+    pub(crate) fn centre(self) -> f32 {
+        match self {
+            Self::Q4_0 => 8.0,
+            Self::Q5_0 => 16.0,
+            _ => 0.0,
+        }
+    }
+
+    /// Whether the quants have a fifth bit, stored apart from the nibbles.
+    pub(crate) fn has_fifth_bits(self) -> bool {
+        matches!(self, Self::Q5_0 | Self::Q5_1 | Self::K5)
+    }
+
+    /// Where a record's payload starts: after its 16 rows' scales.
+    pub(crate) fn payload_start(self) -> usize {
+        GROUP * self.scales() * self.scalar_bytes()
+    }
+
+    /// Where a record's nibbles start in the 4- and 5-bit encodings: at the
+    /// payload, or after the fifth bits (a 32-bit word a row) where there
+    /// are any.
+    pub(crate) fn nibbles_start(self) -> usize {
+        self.payload_start() + if self.has_fifth_bits() { 4 * GROUP } else { 0 }
+    }
 }
 
 /// A weight `[rows, cols]` (outputs × inputs) as interleaved records: for
@@ -466,30 +495,28 @@ impl PackedMatrix {
                 Encoding::Q5_0 | Encoding::Q5_1 | Encoding::K5 => {
                     // `q·d + o`, Q5_0's `o` being −16·d: the products and
                     // the sum are exact, so these are `(q − 16)·d`.
-                    let (d, o, payload) = match self.encoding {
+                    let e = self.encoding;
+                    let (d, o) = match e {
                         Encoding::Q5_0 => {
                             let d = f16_lanes(r);
-                            (d, each_lane(|c| -16.0 * d[c]), &r[2 * GROUP..])
+                            (d, each_lane(|c| -e.centre() * d[c]))
                         }
-                        Encoding::Q5_1 => {
-                            (f16_lanes(r), f16_lanes(&r[2 * GROUP..]), &r[4 * GROUP..])
-                        }
+                        Encoding::Q5_1 => (f16_lanes(r), f16_lanes(&r[2 * GROUP..])),
                         _ => {
                             let (sc, m) = (byte_lanes(r), byte_lanes(&r[GROUP..]));
                             let (d, n) = (f32_lanes(head), f32_lanes(&head[4 * GROUP..]));
                             (
                                 each_lane(|c| d[c] * sc[c] as f32),
                                 each_lane(|c| n[c] * m[c] as f32),
-                                &r[2 * GROUP..],
                             )
                         }
                     };
-                    let fifth = fifth_bits(payload);
+                    let fifth = fifth_bits(&r[e.payload_start()..]);
                     let five = |c: usize, low: u8, i: usize| {
                         (low | (((fifth[c] >> i) & 1) as u8) << 4) as f32
                     };
                     for j in 0..BLOCK / 2 {
-                        let q = lane_bytes(payload, BLOCK / 8 + j);
+                        let q = lane_bytes(&r[e.nibbles_start()..], j);
                         f(k + j, &each_lane(|c| five(c, q[c] & 0x0F, j) * d[c] + o[c]));
                         f(
                             k + j + BLOCK / 2,

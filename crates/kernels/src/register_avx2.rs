@@ -92,39 +92,28 @@ pub(crate) unsafe fn dot_group<const R: usize>(
                     // in the payload's order (`by_lanes`), as the
                     // accumulators are.
                     let encoding = matrix.encoding();
-                    let (d, o, payload) = match encoding {
+                    let (d, o) = match encoding {
                         Encoding::Q4_0 | Encoding::Q5_0 => {
                             let d = halves(0);
-                            let offset = if encoding == Encoding::Q4_0 {
-                                -8.0
-                            } else {
-                                -16.0
-                            };
-                            (
-                                d,
-                                d.map(|d| _mm256_mul_ps(d, _mm256_set1_ps(offset))),
-                                2 * GROUP,
-                            )
+                            let centre = _mm256_set1_ps(-encoding.centre());
+                            (d, d.map(|d| _mm256_mul_ps(d, centre)))
                         }
-                        Encoding::Q4_1 | Encoding::Q5_1 => {
-                            (halves(0), halves(2 * GROUP), 4 * GROUP)
-                        }
+                        Encoding::Q4_1 | Encoding::Q5_1 => (halves(0), halves(2 * GROUP)),
                         _ => (
                             scale(unsigned(0), head(0)),
                             scale(unsigned(GROUP), head(GROUP)),
-                            2 * GROUP,
                         ),
                     };
                     let (d, o) = (swap_halves(d), swap_halves(o));
                     // The 5-bit encodings' fifth bits, a word a row, come
                     // before the nibbles.
-                    let five_bit =
-                        matches!(encoding, Encoding::Q5_0 | Encoding::Q5_1 | Encoding::K5);
-                    let (fifth, quants) = if five_bit {
-                        (by_lanes(p.add(payload)), payload + 4 * GROUP)
+                    let five_bit = encoding.has_fifth_bits();
+                    let fifth = if five_bit {
+                        by_lanes(p.add(encoding.payload_start()))
                     } else {
-                        ([_mm256_setzero_si256(); 2], payload)
+                        [_mm256_setzero_si256(); 2]
                     };
+                    let quants = encoding.nibbles_start();
                     let mut dots = [[_mm256_setzero_ps(); 2]; R];
                     for j in (0..BLOCK / 2).step_by(4) {
                         let v = by_lanes(p.add(quants + j * GROUP));

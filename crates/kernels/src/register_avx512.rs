@@ -94,34 +94,26 @@ pub(crate) unsafe fn dot_group<const R: usize>(
                     // bound by. The row accumulators wait in memory while
                     // the block's dots take the registers.
                     let encoding = matrix.encoding();
-                    let (d, o, payload) = match encoding {
+                    let (d, o) = match encoding {
                         Encoding::Q4_0 | Encoding::Q5_0 => {
                             let d = halves(0);
-                            let offset = if encoding == Encoding::Q4_0 {
-                                -8.0
-                            } else {
-                                -16.0
-                            };
-                            (d, _mm512_mul_ps(d, _mm512_set1_ps(offset)), 2 * GROUP)
+                            (d, _mm512_mul_ps(d, _mm512_set1_ps(-encoding.centre())))
                         }
-                        Encoding::Q4_1 | Encoding::Q5_1 => {
-                            (halves(0), halves(2 * GROUP), 4 * GROUP)
-                        }
+                        Encoding::Q4_1 | Encoding::Q5_1 => (halves(0), halves(2 * GROUP)),
                         _ => (
                             times(_mm512_cvtepu8_epi32(bytes(0)), head(0)),
                             times(_mm512_cvtepu8_epi32(bytes(GROUP)), head(GROUP)),
-                            2 * GROUP,
                         ),
                     };
                     // The 5-bit encodings' fifth bits, a word a row, come
                     // before the nibbles.
-                    let five_bit =
-                        matches!(encoding, Encoding::Q5_0 | Encoding::Q5_1 | Encoding::K5);
-                    let (fifth, quants) = if five_bit {
-                        (rows(payload), payload + 4 * GROUP)
+                    let five_bit = encoding.has_fifth_bits();
+                    let fifth = if five_bit {
+                        rows(encoding.payload_start())
                     } else {
-                        (_mm512_setzero_si512(), payload)
+                        _mm512_setzero_si512()
                     };
+                    let quants = encoding.nibbles_start();
                     let nibbles = _mm512_set1_epi32(0x0F0F_0F0F);
                     let mut dots = [_mm512_setzero_ps(); R];
                     for j in (0..BLOCK / 2).step_by(4) {

@@ -202,35 +202,28 @@ unsafe fn nibbles<const R: usize, P: Products>(
             let p = r.as_ptr();
             prefetch(r);
             let encoding = matrix.encoding();
-            let (d, o, payload) = match encoding {
+            let (d, o) = match encoding {
                 Encoding::Q4_0 | Encoding::Q5_0 => {
                     let d = halves(p);
-                    let offset = if encoding == Encoding::Q4_0 {
-                        -8.0
-                    } else {
-                        -16.0
-                    };
-                    (
-                        d,
-                        d.map(|d| _mm256_mul_ps(d, _mm256_set1_ps(offset))),
-                        2 * GROUP,
-                    )
+                    let centre = _mm256_set1_ps(-encoding.centre());
+                    (d, d.map(|d| _mm256_mul_ps(d, centre)))
                 }
-                Encoding::Q4_1 | Encoding::Q5_1 => (halves(p), halves(p.add(2 * GROUP)), 4 * GROUP),
+                Encoding::Q4_1 | Encoding::Q5_1 => (halves(p), halves(p.add(2 * GROUP))),
                 _ => {
                     let head = head.as_ptr().cast::<f32>();
                     let d = scaled(p, head, false);
-                    (d, scaled(p.add(GROUP), head.add(GROUP), false), 2 * GROUP)
+                    (d, scaled(p.add(GROUP), head.add(GROUP), false))
                 }
             };
             // The 5-bit encodings' fifth bits, a word a row, come before
             // the nibbles.
-            let five_bit = matches!(encoding, Encoding::Q5_0 | Encoding::Q5_1 | Encoding::K5);
-            let (fifth, quants) = if five_bit {
-                (by_lanes(p.add(payload)), payload + 4 * GROUP)
+            let five_bit = encoding.has_fifth_bits();
+            let fifth = if five_bit {
+                by_lanes(p.add(encoding.payload_start()))
             } else {
-                ([_mm256_setzero_si256(); 2], payload)
+                [_mm256_setzero_si256(); 2]
             };
+            let quants = encoding.nibbles_start();
             let inputs = x.groups.as_ptr().add(b * GROUPS * R);
             // One running sum for the whole block. In 16-bit pairs
             // (AVX2), its eight `vpmaddubsw` results a row are each at
