@@ -5,6 +5,7 @@ use anyhow::{bail, Result};
 use clap::{Args, Subcommand};
 use r3_kernels::matmul::Activations;
 use r3_train::config::TrainConfig;
+use std::io::Write;
 
 use crate::{DecodeArgs, ModelArgs};
 
@@ -140,7 +141,7 @@ pub fn run(command: BenchCommand) -> Result<()> {
         BenchCommand::Verify(args) => r3_bench::verify::run(&args.bench())?,
         BenchCommand::Train(args) => r3_bench::train::run(&args.bench()?)?,
     };
-    println!("{report}");
+    writeln!(std::io::stdout(), "{report}")?;
     Ok(())
 }
 

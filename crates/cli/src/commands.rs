@@ -1,6 +1,7 @@
 //! `r3 generate`, `r3 logits`, `r3 merge`, `r3 export-adapter`, `r3 init`
 //! and `r3 fetch`.
 
+use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
@@ -96,7 +97,7 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
         &model.loaded.eos_token_ids,
     );
     let out = generator.generate(&[ids], &params)?;
-    println!("{}", out[0].text);
+    writeln!(std::io::stdout(), "{}", out[0].text)?;
     Ok(())
 }
 
@@ -123,7 +124,7 @@ pub fn logits(args: LogitsArgs) -> Result<()> {
         "argmax_per_position": argmax,
         "last_top_k": top,
     });
-    println!("{out}");
+    writeln!(std::io::stdout(), "{out}")?;
     Ok(())
 }
 
@@ -274,16 +275,17 @@ pub fn fetch(args: FetchArgs) -> Result<()> {
             } else {
                 "not fetched"
             };
-            println!(
+            writeln!(
+                std::io::stdout(),
                 "{:<20} {:>6} MB  {state:<12} {}",
                 known.name,
                 known.megabytes,
                 cached.display()
-            );
+            )?;
         }
         return Ok(());
     };
     let known = r3_fetch::known(&name).ok_or(r3_fetch::FetchError::Unknown(name))?;
-    println!("{}", known.fetch_noisily()?.display());
+    writeln!(std::io::stdout(), "{}", known.fetch_noisily()?.display())?;
     Ok(())
 }

@@ -7,6 +7,7 @@
 //! its prompts and training config, embedded), shortened by overrides,
 //! through the same library calls as `r3 eval`, `r3 mine` and `r3 train`.
 
+use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
@@ -161,32 +162,40 @@ pub fn demo(args: DemoArgs) -> Result<()> {
         &trained.policy(),
     )?;
 
-    println!("\nbase model ({}):", args.out.join("eval-base").display());
-    print_summary(&before);
-    println!(
+    let mut out = std::io::stdout();
+    writeln!(
+        out,
+        "\nbase model ({}):",
+        args.out.join("eval-base").display()
+    )?;
+    print_summary(&before)?;
+    writeln!(
+        out,
         "\nafter {} GRPO steps on reflections ({}):",
         args.steps,
         checkpoint.display()
-    );
-    print_summary(&after);
+    )?;
+    print_summary(&after)?;
     let delta = |a: f64, b: f64| (b - a) * 100.0;
-    println!(
+    writeln!(
+        out,
         "\nfirst try {:+.1} points, second try {:+.1} points on {} held-out records.",
         delta(before.first_try_accuracy, after.first_try_accuracy),
         delta(before.second_try_accuracy, after.second_try_accuracy),
         before.n
-    );
-    println!("{}", reward_signal(&train_dir.join("metrics.jsonl"))?);
-    println!(
+    )?;
+    writeln!(out, "{}", reward_signal(&train_dir.join("metrics.jsonl"))?)?;
+    writeln!(
+        out,
         "\npaired, on the same records:\n{}",
         r3_loop::report::compare(&args.out.join("eval-base"), &args.out.join("eval-trained"))?
-    );
+    )?;
     let overlap = after.second_try.low <= before.second_try.high
         && before.second_try.low <= after.second_try.high;
     if overlap {
-        println!("The 95% intervals overlap; the paired McNemar test above compares the same records and is the sharper test. Twelve steps on 60 records demonstrate the loop; see docs/results/arithmetic-smollm2.md for the long run.");
+        writeln!(out, "The 95% intervals overlap; the paired McNemar test above compares the same records and is the sharper test. Twelve steps on 60 records demonstrate the loop; see docs/results/arithmetic-smollm2.md for the long run.")?;
     }
-    println!("run directory: {}", args.out.display());
+    writeln!(out, "run directory: {}", args.out.display())?;
     Ok(())
 }
 

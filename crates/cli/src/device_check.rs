@@ -1,6 +1,7 @@
 //! `r3 device-check`: flags become an r3-bench device check, whose report
 //! is printed as one JSON line; a disagreement is an error.
 
+use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{bail, Result};
@@ -63,7 +64,7 @@ pub fn device_check(args: DeviceCheckArgs) -> Result<()> {
         bf16_tolerance: args.bf16_tolerance,
     };
     let report = r3_bench::device_check::run(&check)?;
-    println!("{report}");
+    writeln!(std::io::stdout(), "{report}")?;
     if report["ok"] != true {
         bail!(
             "{} disagrees with the CPU (see the JSON line)",

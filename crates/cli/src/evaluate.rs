@@ -1,6 +1,7 @@
 //! `r3 eval` and `r3 mine`: measure a model's first and second tries, and
 //! build the dataset of failures.
 
+use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::Result;
@@ -124,7 +125,7 @@ pub fn eval(args: EvalArgs) -> Result<()> {
     let summary = model::with_policy(&config.model, config.engines.as_ref(), |policy, _, _| {
         run_eval(&config, policy)
     })?;
-    print_summary(&summary);
+    print_summary(&summary)?;
     eprintln!(
         "wrote {}/summary.json and transcripts.jsonl",
         args.out.display()
@@ -140,21 +141,26 @@ pub fn run_eval(config: &EvalConfig, policy: &Policy<'_>) -> r3_loop::Result<Eva
     Ok(summary)
 }
 
-pub fn print_summary(s: &EvalSummary) {
-    println!(
+/// The accuracy table on stdout: the one output a script reads, kept apart
+/// from the progress on stderr.
+pub fn print_summary(s: &EvalSummary) -> std::io::Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
         "{:<12} {:>9} {:>9} {:>18}",
         "", "correct", "accuracy", "95% interval"
-    );
+    )?;
     for (name, p) in [("first try", s.first_try), ("second try", s.second_try)] {
-        println!(
+        writeln!(
+            out,
             "{:<12} {:>9} {:>9.3} {:>18}",
             name,
             format!("{}/{}", p.correct, p.n),
             p.accuracy,
             format!("[{:.3}, {:.3}]", p.low, p.high)
-        );
+        )?;
     }
-    println!("{:<12} {:>9}", "fixed", s.fixed_by_retry);
+    writeln!(out, "{:<12} {:>9}", "fixed", s.fixed_by_retry)
 }
 
 #[derive(Args)]

@@ -231,7 +231,21 @@ fn main() {
         Command::Bench { what } => bench::run(what),
     });
     if let Err(e) = result {
+        // A reader that stopped early (`r3 bench … | head`) asked for no
+        // more: not a failure, as in other Unix tools.
+        if reader_closed_stdout(&e) {
+            return;
+        }
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
+}
+
+/// Whether an error is a write to a pipe whose reader has gone.
+fn reader_closed_stdout(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }

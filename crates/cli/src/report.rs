@@ -1,6 +1,7 @@
 //! `r3 report`: PNG charts and a markdown summary of a training run, and a
 //! side-by-side comparison of two evaluations.
 
+use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::Result;
@@ -19,12 +20,12 @@ pub struct ReportArgs {
 
 pub fn report(args: ReportArgs) -> Result<()> {
     if let Some(dirs) = &args.compare {
-        println!("{}", compare(&dirs[0], &dirs[1])?);
+        writeln!(std::io::stdout(), "{}", compare(&dirs[0], &dirs[1])?)?;
         return Ok(());
     }
     let run = args.run.expect("clap requires a run directory");
     let (markdown, png) = r3_train::report::training_report(&run)?;
-    println!("{markdown}");
+    writeln!(std::io::stdout(), "{markdown}")?;
     eprintln!(
         "wrote {} and {}",
         png.display(),

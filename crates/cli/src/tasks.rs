@@ -85,7 +85,7 @@ pub fn verify(args: VerifyArgs) -> Result<()> {
     if let Some(why) = task.broken() {
         bail!("{why}");
     }
-    println!("{}", serde_json::to_string(&verdict)?);
+    writeln!(std::io::stdout(), "{}", serde_json::to_string(&verdict)?)?;
     Ok(())
 }
 

@@ -1,6 +1,7 @@
 //! The attacks of the second hostile-user review, kept as tests: paths r3
 //! did not create, flags and config values that ran unchecked, shapes and
-//! ranks that aborted on allocation, a device check with nothing to check.
+//! ranks that aborted on allocation, a device check with nothing to check,
+//! a reader that closed the output early.
 
 mod common;
 
@@ -250,4 +251,30 @@ fn the_demo_writes_only_into_its_own_directory() {
     assert!(!ok && err.contains("did not write"), "{err}");
     let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
     assert_eq!(names.len(), 1);
+}
+
+/// `r3 bench … | head` panicked ("failed printing to stdout: Broken pipe")
+/// when the reader had gone before the report was written. A reader that
+/// stops early asked for no more: the command ends quietly, with success.
+#[test]
+fn a_reader_that_stops_early_is_not_a_crash() {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_r3"))
+        .args([
+            "bench",
+            "kernels",
+            "--seconds",
+            "0.01",
+            "--streamed-mib",
+            "8",
+            "--limit-seconds",
+            "0.05",
+        ])
+        .stdout(writer)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
 }
