@@ -25,8 +25,11 @@ pub(crate) unsafe fn dot_group<const R: usize>(
                 *acc = _mm512_fmadd_ps(_mm512_set1_ps(*inputs.add(r)), w, *acc);
             }
         };
-        let low_nibbles = _mm512_set1_epi32(0x0F);
-        let low_byte = _mm512_set1_epi32(0xFF);
+        // The floats 0..=31, for quants looked up by lane permutes.
+        let small_floats = _mm512_setr_ps(
+            0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0, 15.0,
+        );
+        let next_floats = _mm512_add_ps(small_floats, _mm512_set1_ps(16.0));
         let row_of_lane = _mm512_loadu_si512(ROW_OF_LANE.map(|r| r as i32).as_ptr().cast());
         for (b, (head, r)) in matrix.records(group).enumerate() {
             let (k, p) = (b * BLOCK, r.as_ptr());
@@ -40,13 +43,6 @@ pub(crate) unsafe fn dot_group<const R: usize>(
             // inputs of the 16 rows), the lanes put in row order.
             let rows = |at: usize| {
                 _mm512_permutexvar_epi32(row_of_lane, _mm512_loadu_si512(p.add(at).cast()))
-            };
-            // Byte `t` of each lane: one input of the 16 rows.
-            let byte = |v: __m512i, t: usize| {
-                _mm512_and_si512(
-                    _mm512_srl_epi32(v, _mm_cvtsi32_si128(8 * t as i32)),
-                    low_byte,
-                )
             };
             match matrix.encoding() {
                 Encoding::Q8_0 => {
@@ -118,10 +114,14 @@ pub(crate) unsafe fn dot_group<const R: usize>(
                     let mut dots = [_mm512_setzero_ps(); R];
                     for j in (0..BLOCK / 2).step_by(4) {
                         let quants = rows(quants + j * GROUP);
-                        // Input j + t's quant and input j + t + 16's, as
-                        // 32-bit integers: the 5-bit ones whole, their fifth
-                        // bits placed a word at a time (10 operations for 8
-                        // quants, not 16 one by one).
+                        // Input j + t's quant and input j + t + 16's as
+                        // floats, looked up by lane permutes, which read
+                        // only an index's low 4 bits (5 bits from two
+                        // tables): a shift and a permute a vector of
+                        // weights where a shift, a mask and a conversion
+                        // took three. The 5-bit quants are made whole
+                        // first, their fifth bits placed a word at a time
+                        // (10 operations for 8 quants, not 16 one by one).
                         let whole = five_bit.then(|| {
                             let lo = _mm512_and_si512(quants, nibbles);
                             let hi = _mm512_and_si512(_mm512_srli_epi32(quants, 4), nibbles);
@@ -131,14 +131,24 @@ pub(crate) unsafe fn dot_group<const R: usize>(
                             )
                         });
                         for t in 0..4 {
+                            let at =
+                                |v: __m512i| _mm512_srl_epi32(v, _mm_cvtsi32_si128(8 * t as i32));
                             let (lo, hi) = match whole {
-                                Some((lo, hi)) => (byte(lo, t), byte(hi, t)),
+                                Some((lo, hi)) => (
+                                    _mm512_permutex2var_ps(small_floats, at(lo), next_floats),
+                                    _mm512_permutex2var_ps(small_floats, at(hi), next_floats),
+                                ),
                                 None => {
-                                    let q = byte(quants, t);
-                                    (_mm512_and_si512(q, low_nibbles), _mm512_srli_epi32(q, 4))
+                                    let q = at(quants);
+                                    (
+                                        _mm512_permutexvar_ps(q, small_floats),
+                                        _mm512_permutexvar_ps(
+                                            _mm512_srli_epi32(q, 4),
+                                            small_floats,
+                                        ),
+                                    )
                                 }
                             };
-                            let (lo, hi) = (_mm512_cvtepi32_ps(lo), _mm512_cvtepi32_ps(hi));
                             let first = x.as_ptr().add((k + j + t) * R);
                             let second = x.as_ptr().add((k + j + t + BLOCK / 2) * R);
                             for (r, dot) in dots.iter_mut().enumerate() {
@@ -168,10 +178,6 @@ pub(crate) unsafe fn dot_group<const R: usize>(
                         times(_mm512_cvtepi8_epi32(bytes(0)), head(0)),
                         times(_mm512_cvtepi8_epi32(bytes(GROUP)), head(0)),
                     ];
-                    let low_floats = _mm512_setr_ps(
-                        0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0, 13.0,
-                        14.0, 15.0,
-                    );
                     let high_floats = _mm512_setr_ps(
                         -32.0, -16.0, 0.0, 16.0, -32.0, -16.0, 0.0, 16.0, -32.0, -16.0, 0.0, 16.0,
                         -32.0, -16.0, 0.0, 16.0,
@@ -191,7 +197,7 @@ pub(crate) unsafe fn dot_group<const R: usize>(
                             };
                             let high = _mm512_srl_epi32(h, _mm_cvtsi32_si128(shift as i32));
                             let w = _mm512_add_ps(
-                                _mm512_permutexvar_ps(low, low_floats),
+                                _mm512_permutexvar_ps(low, small_floats),
                                 _mm512_permutexvar_ps(high, high_floats),
                             );
                             add(&mut dots, k + j + half * BLOCK / 2, w);
