@@ -38,13 +38,19 @@ pub fn available() -> bool {
     }
 }
 
-/// Whether weights in `encoding` have a tile kernel: the 4-bit nibble
-/// layouts (Q4_0, Q4_1, Q4_K) and Q6_K, all of Qwen2.5-Coder-1.5B Q4_K_M's
-/// products (5-bit ones take the register kernel up to its rows).
+/// Whether weights in `encoding` have a tile kernel: the 4- and 5-bit
+/// nibble layouts (Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K) and Q6_K, all of
+/// the Qwen2.5-Coder Q4_K_M models' products but the 0.5B's Q8_0 head.
 pub fn has_tile_kernel(encoding: Encoding) -> bool {
     matches!(
         encoding,
-        Encoding::Q4_0 | Encoding::Q4_1 | Encoding::K4 | Encoding::K6
+        Encoding::Q4_0
+            | Encoding::Q4_1
+            | Encoding::K4
+            | Encoding::Q5_0
+            | Encoding::Q5_1
+            | Encoding::K5
+            | Encoding::K6
     )
 }
 
@@ -59,6 +65,7 @@ mod vector {
     use super::TILE_ROWS;
     use crate::int8::{Int8Rows, GROUPS};
     use crate::packed::{Encoding, PackedMatrix, GROUP};
+    use crate::register_avx512::fifth_bits_at_4;
 
     /// Bytes of rounded inputs a chunk of tiles keeps in cache while
     /// every group of a task's columns passes over it.
@@ -177,8 +184,9 @@ mod vector {
             (std::array::from_fn(|g| first.wrapping_add(g * m)), b * m)
         }
 
-        /// Q4_0, Q4_1 and Q4_K, as [`crate::register_int8`]'s `nibbles`:
-        /// `d·Σ q_x·q + o·Σ x` a block.
+        /// Q4_0, Q4_1, Q4_K and their 5-bit forms, as
+        /// [`crate::register_int8`]'s `nibbles`: `d·Σ q_x·q + o·Σ x` a
+        /// block.
         #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")]
         #[inline(never)]
         unsafe fn nibbles<const R: usize>(&self) -> [__m512; R] {
@@ -191,11 +199,11 @@ mod vector {
                     let p = r.as_ptr();
                     let encoding = self.matrix.encoding();
                     let (d, o) = match encoding {
-                        Encoding::Q4_0 => {
+                        Encoding::Q4_0 | Encoding::Q5_0 => {
                             let d = halves(p);
                             (d, _mm512_mul_ps(d, _mm512_set1_ps(-encoding.centre())))
                         }
-                        Encoding::Q4_1 => (halves(p), halves(p.add(2 * GROUP))),
+                        Encoding::Q4_1 | Encoding::Q5_1 => (halves(p), halves(p.add(2 * GROUP))),
                         _ => {
                             let head = head.as_ptr().cast::<f32>();
                             (
@@ -209,6 +217,11 @@ mod vector {
                         _mm512_permutexvar_ps(lane_columns(), d),
                         _mm512_permutexvar_ps(lane_columns(), o),
                     );
+                    // The 5-bit encodings' fifth bits: a word a column,
+                    // in the nibbles' lane order.
+                    let fifth = encoding
+                        .has_fifth_bits()
+                        .then(|| _mm512_loadu_si512(p.add(encoding.payload_start()).cast()));
                     // Inputs 4j ..+ 4 (low nibbles) and 16 + 4j ..+ 4 (high).
                     let mut lower = [_mm512_setzero_si512(); 4];
                     let mut upper = [_mm512_setzero_si512(); 4];
@@ -216,6 +229,11 @@ mod vector {
                         let q = _mm512_loadu_si512(p.add(quants + 4 * j * GROUP).cast());
                         lower[j] = _mm512_and_si512(q, low);
                         upper[j] = _mm512_and_si512(_mm512_srli_epi16(q, 4), low);
+                        if let Some(fifth) = fifth {
+                            let i = 4 * j as i32;
+                            lower[j] = _mm512_or_si512(lower[j], fifth_bits_at_4(fifth, i));
+                            upper[j] = _mm512_or_si512(upper[j], fifth_bits_at_4(fifth, 16 + i));
+                        }
                     }
                     let (inputs, first) = self.block_inputs(b);
                     let (scales, sums_x) = (
@@ -392,6 +410,9 @@ mod tests {
             (GgmlDType::Q4_1, 256, vec![7, 33]),
             (GgmlDType::Q4K, 768, vec![5, 12, 16, 17, 300]),
             (GgmlDType::Q6K, 512, vec![6, 16, 31, 400]),
+            (GgmlDType::Q5_0, 256, vec![5, 16, 40]),
+            (GgmlDType::Q5_1, 256, vec![9, 33]),
+            (GgmlDType::Q5K, 512, vec![5, 16, 17]),
         ];
         for (dtype, cols, heights) in cases {
             let rows = 40;

@@ -222,8 +222,9 @@ pub(crate) unsafe fn dot_group<const R: usize>(
 /// at bit `8t + 4`, its four partial products in disjoint bit ranges (no
 /// carries).
 #[inline(always)]
-unsafe fn fifth_bits_at_4(fifth: __m512i, i: i32) -> __m512i {
-    // SAFETY: only called from `dot_group`, whose CPU has AVX-512F.
+pub(crate) unsafe fn fifth_bits_at_4(fifth: __m512i, i: i32) -> __m512i {
+    // SAFETY: only called from `dot_group` and the tile kernel, whose CPUs
+    // have AVX-512F.
     unsafe {
         let bits = _mm512_and_si512(
             _mm512_srl_epi32(fifth, _mm_cvtsi32_si128(i)),
