@@ -38,20 +38,10 @@ pub fn available() -> bool {
     }
 }
 
-/// Whether weights in `encoding` have a tile kernel: the 4- and 5-bit
-/// nibble layouts (Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K) and Q6_K, all of
-/// the Qwen2.5-Coder Q4_K_M models' products but the 0.5B's Q8_0 head.
+/// Whether weights in `encoding` have a tile kernel: every encoding with
+/// an integer kernel (the 4- and 5-bit nibble layouts, Q6_K and Q8_0).
 pub fn has_tile_kernel(encoding: Encoding) -> bool {
-    matches!(
-        encoding,
-        Encoding::Q4_0
-            | Encoding::Q4_1
-            | Encoding::K4
-            | Encoding::Q5_0
-            | Encoding::Q5_1
-            | Encoding::K5
-            | Encoding::K6
-    )
+    crate::int8::has_int8_kernel(encoding)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -163,6 +153,7 @@ mod vector {
             unsafe {
                 let acc = match self.matrix.encoding() {
                     Encoding::K6 => self.six_bits::<R>(),
+                    Encoding::Q8_0 => self.eight_bits::<R>(),
                     _ => self.nibbles::<R>(),
                 };
                 let mask: __mmask16 = ((1u32 << self.valid) - 1) as __mmask16;
@@ -301,6 +292,46 @@ mod vector {
                 acc
             }
         }
+        /// Q8_0, as [`crate::register_int8`]'s `bytes`: `d·Σ q_x·q` a
+        /// block. `vpdpbusd` wants its first factor unsigned: each row's
+        /// inputs are moved up by 128 (`q_x + 128`, their sign bits
+        /// flipped, one scalar XOR a broadcast) and its sums start from
+        /// `−128·Σ q`, made once a block for all the rows; the integers
+        /// stay exact.
+        #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")]
+        #[inline(never)]
+        unsafe fn eight_bits<const R: usize>(&self) -> [__m512; R] {
+            // SAFETY: as [`Tile::run`]; every read is within a record or
+            // within `x`.
+            unsafe {
+                let mut acc = [_mm512_setzero_ps(); R];
+                let by_128 = _mm512_set1_epi8(-128);
+                for (b, (_, r)) in self.matrix.records(self.group).enumerate() {
+                    let p = r.as_ptr();
+                    let d = _mm512_permutexvar_ps(lane_columns(), halves(p));
+                    // Inputs 4j ..+ 4, and 128·Σ q.
+                    let mut quants = [_mm512_setzero_si512(); GROUPS];
+                    let mut moved = _mm512_setzero_si512();
+                    for (j, q) in quants.iter_mut().enumerate() {
+                        *q = transpose(p.add(2 * GROUP + 4 * j * GROUP));
+                        moved = _mm512_dpbusd_epi32(moved, by_128, *q);
+                    }
+                    let start = _mm512_sub_epi32(_mm512_setzero_si512(), moved);
+                    let (inputs, first) = self.block_inputs(b);
+                    let scales_x = self.x.scales.as_ptr().add(first);
+                    for (row, acc) in acc.iter_mut().enumerate() {
+                        let mut sums = start;
+                        for (j, q) in quants.iter().enumerate() {
+                            let up = *inputs[j].add(row) ^ 0x8080_8080_u32 as i32;
+                            sums = _mm512_dpbusd_epi32(sums, _mm512_set1_epi32(up), *q);
+                        }
+                        let s = _mm512_mul_ps(d, _mm512_set1_ps(*scales_x.add(row)));
+                        *acc = _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(sums), *acc);
+                    }
+                }
+                acc
+            }
+        }
     }
 
     /// The six-bit quants of inputs `j ..+ 4` of a Q6_K record at `p` (its
@@ -413,6 +444,7 @@ mod tests {
             (GgmlDType::Q5_0, 256, vec![5, 16, 40]),
             (GgmlDType::Q5_1, 256, vec![9, 33]),
             (GgmlDType::Q5K, 512, vec![5, 16, 17]),
+            (GgmlDType::Q8_0, 256, vec![5, 16, 33]),
         ];
         for (dtype, cols, heights) in cases {
             let rows = 40;
