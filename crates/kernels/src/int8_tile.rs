@@ -10,8 +10,8 @@
 //! depend on how many rows sample beside it.
 //!
 //! It needs AVX-512 VNNI and VBMI (Ice Lake and later Xeons, Zen 4 and
-//! later): `vpermb` transposes Q6_K's input-major records into lanes in one
-//! instruction. Without them the register kernels and the f32 (or bf16)
+//! later): `vpermb` transposes Q6_K's and Q8_0's input-major records into
+//! lanes in one instruction. Without them the register kernels and the f32 (or bf16)
 //! panels keep these products.
 
 use crate::packed::Encoding;
