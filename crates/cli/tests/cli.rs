@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{r3, tiny_model_and_data};
+use common::{r3, tiny_model_and_data, QUICK_BENCH_KERNELS};
 
 #[test]
 fn verify_prints_one_json_verdict() {
@@ -454,16 +454,7 @@ fn bench_generate_runs_a_random_init_shape() {
 /// with the bits a weight each reads (K4 and K6 with their integer scales).
 #[test]
 fn bench_kernels_times_every_encoding() {
-    let (ok, out, err) = r3(&[
-        "bench",
-        "kernels",
-        "--seconds",
-        "0.01",
-        "--streamed-mib",
-        "8",
-        "--limit-seconds",
-        "0.05",
-    ]);
+    let (ok, out, err) = r3(&QUICK_BENCH_KERNELS);
     assert!(ok, "{err}");
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     let encodings = v["encodings"].as_array().unwrap();

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{init_tiny, r3, tiny_model_and_data};
+use common::{init_tiny, r3, tiny_model_and_data, QUICK_BENCH_KERNELS};
 
 /// `r3 init --out d/project.new` removed a user's `d/project.tmp`.
 #[test]
@@ -261,16 +261,7 @@ fn a_reader_that_stops_early_is_not_a_crash() {
     let (reader, writer) = std::io::pipe().unwrap();
     drop(reader);
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_r3"))
-        .args([
-            "bench",
-            "kernels",
-            "--seconds",
-            "0.01",
-            "--streamed-mib",
-            "8",
-            "--limit-seconds",
-            "0.05",
-        ])
+        .args(QUICK_BENCH_KERNELS)
         .stdout(writer)
         .output()
         .unwrap();

@@ -11,8 +11,8 @@
 //!
 //! It needs AVX-512 VNNI and VBMI (Ice Lake and later Xeons, Zen 4 and
 //! later): `vpermb` transposes Q6_K's and Q8_0's input-major records into
-//! lanes in one instruction. Without them the register kernels and the f32 (or bf16)
-//! panels keep these products.
+//! lanes in one instruction. Without them the register kernels and the
+//! f32 (or bf16) panels keep these products.
 
 use crate::packed::Encoding;
 
@@ -292,6 +292,7 @@ mod vector {
                 acc
             }
         }
+
         /// Q8_0, as [`crate::register_int8`]'s `bytes`: `d·Σ q_x·q` a
         /// block. `vpdpbusd` wants its first factor unsigned: each row's
         /// inputs are moved up by 128 (`q_x + 128`, their sign bits

@@ -4,6 +4,19 @@
 
 use std::process::Command;
 
+/// `r3 bench kernels` at its shortest: every encoding for a moment, a
+/// small streamed copy, a short probe of the read rate.
+pub const QUICK_BENCH_KERNELS: [&str; 8] = [
+    "bench",
+    "kernels",
+    "--seconds",
+    "0.01",
+    "--streamed-mib",
+    "8",
+    "--limit-seconds",
+    "0.05",
+];
+
 /// Runs `r3 ARGS`: (success, stdout, stderr).
 pub fn r3(args: &[&str]) -> (bool, String, String) {
     r3_in(std::path::Path::new("."), args)
