@@ -292,65 +292,49 @@ impl BlockWeights {
             }
         };
         match encoding {
-            Encoding::Q4_0 => {
-                nibbles(&mut w, 2 * GROUP);
+            Encoding::Q4_0
+            | Encoding::Q4_1
+            | Encoding::K4
+            | Encoding::Q5_0
+            | Encoding::Q5_1
+            | Encoding::K5 => {
+                // The fifth bits, if any, a word a row, then the nibbles.
+                nibbles(&mut w, encoding.nibbles_start());
+                let payload = encoding.payload_start();
                 for c in 0..GROUP {
-                    w.scale[0][c] = f16(0, c);
-                    w.offset[c] = w.scale[0][c] * -encoding.centre();
-                }
-            }
-            Encoding::Q4_1 => {
-                nibbles(&mut w, 4 * GROUP);
-                for c in 0..GROUP {
-                    w.scale[0][c] = f16(0, c);
-                    w.offset[c] = f16(2 * GROUP, c);
+                    if encoding.has_fifth_bits() {
+                        let fifth = [0, 1, 2, 3].map(|e| record[payload + lane_offset(e, c)]);
+                        let fifth = u32::from_le_bytes(fifth);
+                        for (i, q) in w.quants[c].iter_mut().enumerate() {
+                            *q |= (((fifth >> i) & 1) << 4) as i32;
+                        }
+                    }
+                    (w.scale[0][c], w.offset[c]) = match encoding {
+                        Encoding::Q4_0 | Encoding::Q5_0 => {
+                            let d = f16(0, c);
+                            (d, d * -encoding.centre())
+                        }
+                        Encoding::Q4_1 | Encoding::Q5_1 => (f16(0, c), f16(2 * GROUP, c)),
+                        _ => (
+                            head_f32(0, c) * record[c] as f32,
+                            head_f32(4 * GROUP, c) * record[GROUP + c] as f32,
+                        ),
+                    };
                 }
             }
             Encoding::Q8_0 => {
                 for j in 0..BLOCK {
                     for c in 0..GROUP {
-                        w.quants[c][j] = record[2 * GROUP + j * GROUP + c] as i8 as i32;
+                        let at = encoding.payload_start() + j * GROUP + c;
+                        w.quants[c][j] = record[at] as i8 as i32;
                     }
                 }
                 for c in 0..GROUP {
                     w.scale[0][c] = f16(0, c);
                 }
             }
-            Encoding::K4 => {
-                nibbles(&mut w, 2 * GROUP);
-                for c in 0..GROUP {
-                    w.scale[0][c] = head_f32(0, c) * record[c] as f32;
-                    w.offset[c] = head_f32(4 * GROUP, c) * record[GROUP + c] as f32;
-                }
-            }
-            Encoding::Q5_0 | Encoding::Q5_1 | Encoding::K5 => {
-                // The fifth bits, a word a row, then the nibbles.
-                nibbles(&mut w, encoding.nibbles_start());
-                let payload = encoding.payload_start();
-                for c in 0..GROUP {
-                    let fifth = [0, 1, 2, 3].map(|e| record[payload + lane_offset(e, c)]);
-                    let fifth = u32::from_le_bytes(fifth);
-                    for (i, q) in w.quants[c].iter_mut().enumerate() {
-                        *q |= (((fifth >> i) & 1) << 4) as i32;
-                    }
-                    match encoding {
-                        Encoding::Q5_0 => {
-                            w.scale[0][c] = f16(0, c);
-                            w.offset[c] = w.scale[0][c] * -encoding.centre();
-                        }
-                        Encoding::Q5_1 => {
-                            w.scale[0][c] = f16(0, c);
-                            w.offset[c] = f16(2 * GROUP, c);
-                        }
-                        _ => {
-                            w.scale[0][c] = head_f32(0, c) * record[c] as f32;
-                            w.offset[c] = head_f32(4 * GROUP, c) * record[GROUP + c] as f32;
-                        }
-                    }
-                }
-            }
             Encoding::K6 => {
-                nibbles(&mut w, 2 * GROUP);
+                nibbles(&mut w, encoding.payload_start());
                 for j in 0..BLOCK / 2 {
                     for c in 0..GROUP {
                         let h = record[18 * GROUP + (j % 8) * GROUP + c];

@@ -196,6 +196,28 @@ impl Encoding {
     pub(crate) fn nibbles_start(self) -> usize {
         self.payload_start() + if self.has_fifth_bits() { 4 * GROUP } else { 0 }
     }
+
+    /// A 4- or 5-bit record's 16 scales `d` and offsets `o`, each weight
+    /// being `q·d + o`: the one place the portable unpacking reads them.
+    /// Q4_0's and Q5_0's `o` is `−centre·d`; the products and the sum are
+    /// exact, so these are `(q − centre)·d`.
+    fn scale_and_offset(self, head: &[u8], record: &[u8]) -> ([f32; GROUP], [f32; GROUP]) {
+        match self {
+            Self::Q4_0 | Self::Q5_0 => {
+                let d = f16_lanes(record);
+                (d, each_lane(|c| -self.centre() * d[c]))
+            }
+            Self::Q4_1 | Self::Q5_1 => (f16_lanes(record), f16_lanes(&record[2 * GROUP..])),
+            _ => {
+                let (sc, m) = (byte_lanes(record), byte_lanes(&record[GROUP..]));
+                let (d, n) = (f32_lanes(head), f32_lanes(&head[4 * GROUP..]));
+                (
+                    each_lane(|c| d[c] * sc[c] as f32),
+                    each_lane(|c| n[c] * m[c] as f32),
+                )
+            }
+        }
+    }
 }
 
 /// A weight `[rows, cols]` (outputs × inputs) as interleaved records: for
@@ -432,29 +454,15 @@ impl PackedMatrix {
         for (b, (head, r)) in self.records(group).enumerate() {
             let k = b * BLOCK;
             match self.encoding {
-                Encoding::Q4_0 => {
-                    let d = f16_lanes(&r[..2 * GROUP]);
+                Encoding::Q4_0 | Encoding::Q4_1 | Encoding::K4 => {
+                    let (d, o) = self.encoding.scale_and_offset(head, r);
+                    let nibbles = &r[self.encoding.nibbles_start()..];
                     for j in 0..BLOCK / 2 {
-                        let q = lane_bytes(&r[2 * GROUP..], j);
-                        f(
-                            k + j,
-                            &each_lane(|c| ((q[c] & 0x0F) as i16 - 8) as f32 * d[c]),
-                        );
+                        let q = lane_bytes(nibbles, j);
+                        f(k + j, &each_lane(|c| (q[c] & 0x0F) as f32 * d[c] + o[c]));
                         f(
                             k + j + BLOCK / 2,
-                            &each_lane(|c| ((q[c] >> 4) as i16 - 8) as f32 * d[c]),
-                        );
-                    }
-                }
-                Encoding::Q4_1 => {
-                    let d = f16_lanes(&r[..2 * GROUP]);
-                    let m = f16_lanes(&r[2 * GROUP..4 * GROUP]);
-                    for j in 0..BLOCK / 2 {
-                        let q = lane_bytes(&r[4 * GROUP..], j);
-                        f(k + j, &each_lane(|c| (q[c] & 0x0F) as f32 * d[c] + m[c]));
-                        f(
-                            k + j + BLOCK / 2,
-                            &each_lane(|c| (q[c] >> 4) as f32 * d[c] + m[c]),
+                            &each_lane(|c| (q[c] >> 4) as f32 * d[c] + o[c]),
                         );
                     }
                 }
@@ -476,41 +484,9 @@ impl PackedMatrix {
                         f(k + j, &each_lane(|c| f32::from_bits((h[c] as u32) << 16)));
                     }
                 }
-                Encoding::K4 => {
-                    let (sc, m) = (byte_lanes(r), byte_lanes(&r[GROUP..]));
-                    let (d, n) = (f32_lanes(head), f32_lanes(&head[4 * GROUP..]));
-                    let (d, o) = (
-                        each_lane(|c| d[c] * sc[c] as f32),
-                        each_lane(|c| n[c] * m[c] as f32),
-                    );
-                    for j in 0..BLOCK / 2 {
-                        let q = lane_bytes(&r[2 * GROUP..], j);
-                        f(k + j, &each_lane(|c| (q[c] & 0x0F) as f32 * d[c] + o[c]));
-                        f(
-                            k + j + BLOCK / 2,
-                            &each_lane(|c| (q[c] >> 4) as f32 * d[c] + o[c]),
-                        );
-                    }
-                }
                 Encoding::Q5_0 | Encoding::Q5_1 | Encoding::K5 => {
-                    // `q·d + o`, Q5_0's `o` being −16·d: the products and
-                    // the sum are exact, so these are `(q − 16)·d`.
                     let e = self.encoding;
-                    let (d, o) = match e {
-                        Encoding::Q5_0 => {
-                            let d = f16_lanes(r);
-                            (d, each_lane(|c| -e.centre() * d[c]))
-                        }
-                        Encoding::Q5_1 => (f16_lanes(r), f16_lanes(&r[2 * GROUP..])),
-                        _ => {
-                            let (sc, m) = (byte_lanes(r), byte_lanes(&r[GROUP..]));
-                            let (d, n) = (f32_lanes(head), f32_lanes(&head[4 * GROUP..]));
-                            (
-                                each_lane(|c| d[c] * sc[c] as f32),
-                                each_lane(|c| n[c] * m[c] as f32),
-                            )
-                        }
-                    };
+                    let (d, o) = e.scale_and_offset(head, r);
                     let fifth = fifth_bits(&r[e.payload_start()..]);
                     let five = |c: usize, low: u8, i: usize| {
                         (low | (((fifth[c] >> i) & 1) as u8) << 4) as f32
