@@ -401,9 +401,16 @@ impl PackedMatrix {
         match level {
             // SAFETY: the CPU supports AVX-512F (checked above) and `x`
             // holds `cols` inputs of `R` rows.
-            CpuLevel::Avx512 => {
+            CpuLevel::Avx512 if self.encoding != Encoding::K6 => {
                 return unsafe { crate::register_avx512::dot_group(self, group, x) }
             }
+            // SAFETY: as above, and the CPU has VBMI and BW (checked).
+            CpuLevel::Avx512 if crate::register_avx512::has_k6_kernel() => {
+                return unsafe { crate::register_avx512::dot_group_k6(self, group, x) }
+            }
+            // SAFETY: an AVX-512 CPU supports AVX2, FMA and F16C, and `x`
+            // holds `cols` inputs of `R` rows.
+            CpuLevel::Avx512 => return unsafe { crate::register_avx2::dot_group(self, group, x) },
             // SAFETY: the CPU supports AVX2, FMA and F16C (checked above),
             // and `x` holds `cols` inputs of `R` rows.
             CpuLevel::Avx2 => return unsafe { crate::register_avx2::dot_group(self, group, x) },

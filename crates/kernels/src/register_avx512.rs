@@ -163,49 +163,106 @@ pub(crate) unsafe fn dot_group<const R: usize>(
                         *acc = _mm512_fmadd_ps(o, _mm512_set1_ps(*sums.add(r)), *acc);
                     }
                 }
-                Encoding::K6 => {
-                    // Each half's Σ x·(q − 32)·s as s·Σ x·(q − 32), a
-                    // multiply fewer per weight than dequantizing first;
-                    // q − 32 as the sum of two floats looked up by lane
-                    // permutes, which read only an index's low 4 bits (so
-                    // neither part is masked): the low nibble from 0..=15,
-                    // the high bit pair's 16·p − 32. Small integers, so the
-                    // sum is exact: two permutes and an add where masks,
-                    // shifts, an or, a subtraction and a conversion took
-                    // six. The halves are summed one after the other, so
-                    // that one set of dots takes the registers.
-                    let scales = [
-                        times(_mm512_cvtepi8_epi32(bytes(0)), head(0)),
-                        times(_mm512_cvtepi8_epi32(bytes(GROUP)), head(0)),
-                    ];
-                    let high_floats = _mm512_setr_ps(
-                        -32.0, -16.0, 0.0, 16.0, -32.0, -16.0, 0.0, 16.0, -32.0, -16.0, 0.0, 16.0,
-                        -32.0, -16.0, 0.0, 16.0,
-                    );
-                    for (half, scale) in scales.into_iter().enumerate() {
-                        let mut dots = [_mm512_setzero_ps(); R];
-                        for j in 0..BLOCK / 2 {
-                            let q = _mm512_cvtepu8_epi32(bytes(2 * GROUP + j * GROUP));
-                            let h = _mm512_cvtepu8_epi32(bytes(18 * GROUP + (j % 8) * GROUP));
-                            // Input j's quant: the low nibble, its pair at
-                            // bits 2·(j / 8); input j + 16's: the high
-                            // nibble, its pair four bits higher.
-                            let (low, shift) = if half == 0 {
-                                (q, 2 * (j / 8))
-                            } else {
-                                (_mm512_srli_epi32(q, 4), 2 * (j / 8) + 4)
-                            };
-                            let high = _mm512_srl_epi32(h, _mm_cvtsi32_si128(shift as i32));
-                            let w = _mm512_add_ps(
-                                _mm512_permutexvar_ps(low, small_floats),
-                                _mm512_permutexvar_ps(high, high_floats),
-                            );
-                            add(&mut dots, k + j + half * BLOCK / 2, w);
-                        }
-                        for (acc, dot) in acc.iter_mut().zip(dots) {
-                            *acc = _mm512_fmadd_ps(scale, dot, *acc);
+                // Q6_K takes `dot_group_k6`, which needs VBMI.
+                Encoding::K6 => unreachable!("Q6_K's AVX-512 kernel is dot_group_k6"),
+            }
+        }
+        acc.map(|lanes| {
+            let mut out = [0f32; GROUP];
+            _mm512_storeu_ps(out.as_mut_ptr(), lanes);
+            out
+        })
+    }
+}
+
+/// Whether the CPU runs [`dot_group_k6`] (VBMI's byte permutes; every
+/// AVX-512 CPU since Ice Lake and Zen 4). Q6_K takes the AVX2 kernel on
+/// AVX-512 CPUs without it.
+pub(crate) fn has_k6_kernel() -> bool {
+    std::arch::is_x86_feature_detected!("avx512vbmi")
+        && std::arch::is_x86_feature_detected!("avx512bw")
+}
+
+/// [`dot_group`] for Q6_K. Each half of a block (its own scale `s`) sums
+/// `s·Σ x·(q − 32)`. Four inputs' 6-bit quants are made at once, a byte
+/// each (the low nibble and its bit pair, one bitwise select), and turned
+/// into `q − 32` by one byte permute that reads them as its indices; each
+/// input's 16 bytes are then permuted to the top of the rows' lanes, the
+/// rest zeroed, so that one conversion gives `(q − 32)·2²⁴` exactly, and
+/// `s·2⁻²⁴` (exact) takes the factor back: the same bits as summing
+/// `q − 32`. Two operations a vector of weights beside the multiply-adds,
+/// where two permutes of floats, shifts and an add took six.
+///
+/// # Safety
+/// The CPU must support AVX-512F, BW and VBMI ([`has_k6_kernel`]), the
+/// matrix must be Q6_K, and `x` must hold `matrix.cols` inputs of `R`
+/// interleaved rows.
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
+pub(crate) unsafe fn dot_group_k6<const R: usize>(
+    matrix: &PackedMatrix,
+    group: usize,
+    x: &[f32],
+) -> [[f32; GROUP]; R] {
+    debug_assert_eq!(matrix.encoding(), Encoding::K6);
+    // SAFETY: the caller upholds this function's contract (its doc),
+    // which is all its raw reads, writes and intrinsics rely on.
+    unsafe {
+        let mut acc = [_mm512_setzero_ps(); R];
+        // `q − 32` at index q (a byte permute reads an index's low 6 bits).
+        let minus_32: [i8; 64] = std::array::from_fn(|q| q as i8 - 32);
+        let minus_32 = _mm512_loadu_si512(minus_32.as_ptr().cast());
+        // Input t's byte of row c (byte 16t + c of four inputs' 64) to
+        // the top byte of lane c; the other bytes are zeroed.
+        let to_top: [__m512i; 4] = std::array::from_fn(|t| {
+            let index: [u8; 64] = std::array::from_fn(|i| (16 * t + i / 4) as u8);
+            _mm512_loadu_si512(index.as_ptr().cast())
+        });
+        let top_bytes = 0x8888_8888_8888_8888;
+        let nibbles = _mm512_set1_epi8(0x0F);
+        let unscale = _mm512_set1_ps(1.0 / (1u32 << 24) as f32);
+        for (b, (head, r)) in matrix.records(group).enumerate() {
+            let (k, p) = (b * BLOCK, r.as_ptr());
+            let d = _mm512_loadu_ps(head.as_ptr().cast());
+            for half in 0..2 {
+                let scale = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+                    p.add(half * GROUP).cast(),
+                )));
+                let scale = _mm512_mul_ps(_mm512_mul_ps(scale, d), unscale);
+                let mut dots = [_mm512_setzero_ps(); R];
+                for j in (0..BLOCK / 2).step_by(4) {
+                    // Inputs j..j + 4 of the half, 16 bytes each: their
+                    // nibbles (the low ones in the first half, the high
+                    // in the second) and the bytes of their bit pairs, at
+                    // bits 2·(j / 8), 4 higher in the second half.
+                    let q = _mm512_loadu_si512(p.add(2 * GROUP + j * GROUP).cast());
+                    let h = _mm512_loadu_si512(p.add(18 * GROUP + (j % 8) * GROUP).cast());
+                    let low = if half == 0 {
+                        q
+                    } else {
+                        _mm512_srli_epi32(q, 4)
+                    };
+                    let pair = 2 * (j / 8) + 4 * half;
+                    let pair_at_4 = if pair <= 4 {
+                        _mm512_sll_epi32(h, _mm_cvtsi32_si128(4 - pair as i32))
+                    } else {
+                        _mm512_srl_epi32(h, _mm_cvtsi32_si128(pair as i32 - 4))
+                    };
+                    // Bits 0-3 from the nibble, the rest from the pair's
+                    // byte (bits 6 and 7 are not read).
+                    let quants = _mm512_ternarylogic_epi32(nibbles, low, pair_at_4, 0xCA);
+                    let centred = _mm512_permutexvar_epi8(quants, minus_32);
+                    for (t, to_top) in to_top.iter().enumerate() {
+                        let w = _mm512_cvtepi32_ps(_mm512_maskz_permutexvar_epi8(
+                            top_bytes, *to_top, centred,
+                        ));
+                        let inputs = x.as_ptr().add((k + half * BLOCK / 2 + j + t) * R);
+                        for (r, dot) in dots.iter_mut().enumerate() {
+                            *dot = _mm512_fmadd_ps(_mm512_set1_ps(*inputs.add(r)), w, *dot);
                         }
                     }
+                }
+                for (acc, dot) in acc.iter_mut().zip(dots) {
+                    *acc = _mm512_fmadd_ps(scale, dot, *acc);
                 }
             }
         }
