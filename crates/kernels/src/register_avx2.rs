@@ -144,38 +144,54 @@ pub(crate) unsafe fn dot_group<const R: usize>(
                 }
                 Encoding::K6 => {
                     let signed = |at: usize| bytes(at).map(|q| _mm256_cvtepi8_epi32(q));
-                    let (lo, hi) = (scale(signed(0), head(0)), scale(signed(GROUP), head(0)));
-                    // (q − 32)·s as q·s − 32·s in one FMA: the same rounding
-                    // (32·s and the difference are exact), an operation
-                    // fewer per 8 weights.
-                    let minus_32 = _mm256_set1_ps(-32.0);
-                    let (lo_offset, hi_offset) = (
-                        lo.map(|s| _mm256_mul_ps(s, minus_32)),
-                        hi.map(|s| _mm256_mul_ps(s, minus_32)),
-                    );
-                    for j in 0..BLOCK / 2 {
-                        let q = unsigned(2 * GROUP + j * GROUP);
-                        let h = unsigned(18 * GROUP + (j % 8) * GROUP);
-                        let (mut first, mut second) =
-                            ([_mm256_setzero_ps(); 2], [_mm256_setzero_ps(); 2]);
-                        for i in 0..2 {
-                            let (low, high) = (
-                                _mm256_and_si256(q[i], low_nibbles),
-                                _mm256_srli_epi32(q[i], 4),
-                            );
-                            // Input j's pair sits at bits 2·(j / 8), input
-                            // j + 16's four bits higher: both moved to bits
-                            // 4..5 by immediate shifts.
-                            let (a, b) = if j < 8 {
-                                (six::<4, 0>(low, h[i]), six::<0, 0>(high, h[i]))
-                            } else {
-                                (six::<2, 0>(low, h[i]), six::<0, 2>(high, h[i]))
+                    let scales = [signed(0), signed(GROUP)].map(|s| scale(s, head(0)));
+                    // Each half's Σ x·(q − 32)·s as s·Σ x·(q − 32), a
+                    // multiply fewer per weight than dequantizing first.
+                    // Two inputs' quants made at once, a byte each (the
+                    // nibble or'ed with its bit pair moved to bits 4..5,
+                    // less 32), then each input's 16 bytes widened to the
+                    // rows' lanes: about 4 operations a vector of weights
+                    // beside the multiply-adds, where widening first, then
+                    // shifting and masking lane by lane, took 7. The halves
+                    // are summed one after the other, so that one set of
+                    // dots takes the registers.
+                    let (nibbles, pairs) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x30));
+                    let centre = _mm256_set1_epi8(32);
+                    for (half, scale) in scales.into_iter().enumerate() {
+                        let mut dots = [[_mm256_setzero_ps(); 2]; R];
+                        for j in (0..BLOCK / 2).step_by(2) {
+                            let q = _mm256_loadu_si256(p.add(2 * GROUP + j * GROUP).cast());
+                            let h = _mm256_loadu_si256(p.add(18 * GROUP + (j % 8) * GROUP).cast());
+                            // Input j's nibble is the low one in the first
+                            // half, the high one in the second; its pair sits
+                            // at bits 2·(j / 8), four higher in the second.
+                            let (low, pair_at_4) = match (half, j < 8) {
+                                (0, true) => (q, _mm256_slli_epi32::<4>(h)),
+                                (0, false) => (q, _mm256_slli_epi32::<2>(h)),
+                                (_, true) => (_mm256_srli_epi32::<4>(q), h),
+                                (_, false) => {
+                                    (_mm256_srli_epi32::<4>(q), _mm256_srli_epi32::<2>(h))
+                                }
                             };
-                            first[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a), lo[i], lo_offset[i]);
-                            second[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(b), hi[i], hi_offset[i]);
+                            let quants = _mm256_or_si256(
+                                _mm256_and_si256(low, nibbles),
+                                _mm256_and_si256(pair_at_4, pairs),
+                            );
+                            let centred = _mm256_sub_epi8(quants, centre);
+                            let inputs = [
+                                _mm256_castsi256_si128(centred),
+                                _mm256_extracti128_si256::<1>(centred),
+                            ];
+                            for (t, input) in inputs.into_iter().enumerate() {
+                                let w = widen(input).map(|q| _mm256_cvtepi32_ps(q));
+                                add(&mut dots, k + half * BLOCK / 2 + j + t, w);
+                            }
                         }
-                        add(&mut acc, k + j, first);
-                        add(&mut acc, k + j + BLOCK / 2, second);
+                        for (acc, dot) in acc.iter_mut().zip(dots) {
+                            for i in 0..2 {
+                                acc[i] = _mm256_fmadd_ps(scale[i], dot[i], acc[i]);
+                            }
+                        }
                     }
                 }
                 Encoding::Bf16 => {
@@ -204,11 +220,11 @@ pub(crate) unsafe fn dot_group<const R: usize>(
     }
 }
 
-// The two helpers below are functions, not closures: the compiler kept a
-// closure like `six` out of line, its vectors passed through memory (10% of
-// Qwen2.5-Coder-1.5B's batch-1 decode in the closure alone, measured). An
-// `#[inline(always)]` function is inlined into `dot_group` and compiled
-// with its target features.
+// The helpers below are functions, not closures: the compiler kept such a
+// closure (Q6_K's quants, once) out of line, its vectors passed through
+// memory (10% of Qwen2.5-Coder-1.5B's batch-1 decode in the closure alone,
+// measured). An `#[inline(always)]` function is inlined into `dot_group`
+// and compiled with its target features.
 
 /// The 5-bit quants of inputs `j..j + 4` (byte `t` of the first word:
 /// input `j + t`) and `j + 16..j + 20` (the second), lane by lane, from the
@@ -247,15 +263,16 @@ pub(crate) unsafe fn fifth_bits_at_4(fifth: __m256i, i: i32) -> __m256i {
     }
 }
 
-/// `low | (high << LEFT >> RIGHT & 0x30)`, lane by lane: a K6 quant `q`
-/// (unsigned; the 32 it is offset by is taken off with its scale), its
-/// high bit pair moved from wherever the record keeps it to bits 4..5.
+/// One input's 16 quant bytes as the rows' lanes, sign-extended: rows
+/// 0..8 and 8..16.
 #[inline(always)]
-unsafe fn six<const LEFT: i32, const RIGHT: i32>(low: __m256i, high: __m256i) -> __m256i {
+unsafe fn widen(v: __m128i) -> [__m256i; 2] {
     // SAFETY: only called from `dot_group`, whose CPU has AVX2.
     unsafe {
-        let high = _mm256_srli_epi32::<RIGHT>(_mm256_slli_epi32::<LEFT>(high));
-        _mm256_or_si256(low, _mm256_and_si256(high, _mm256_set1_epi32(0x30)))
+        [
+            _mm256_cvtepi8_epi32(v),
+            _mm256_cvtepi8_epi32(_mm_unpackhi_epi64(v, v)),
+        ]
     }
 }
 
