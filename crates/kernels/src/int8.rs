@@ -325,8 +325,7 @@ impl BlockWeights {
             Encoding::Q8_0 => {
                 for j in 0..BLOCK {
                     for c in 0..GROUP {
-                        let at = encoding.payload_start() + j * GROUP + c;
-                        w.quants[c][j] = record[at] as i8 as i32;
+                        w.quants[c][j] = record[encoding.input_bytes(j) + c] as i8 as i32;
                     }
                 }
                 for c in 0..GROUP {
@@ -337,7 +336,7 @@ impl BlockWeights {
                 nibbles(&mut w, encoding.payload_start());
                 for j in 0..BLOCK / 2 {
                     for c in 0..GROUP {
-                        let h = record[18 * GROUP + (j % 8) * GROUP + c];
+                        let h = record[Encoding::k6_pairs(j) + c];
                         let shift = 2 * (j / 8);
                         w.quants[c][j] |= (((h >> shift) & 3) << 4) as i32;
                         w.quants[c][j + BLOCK / 2] |= (((h >> (shift + 4)) & 3) << 4) as i32;

@@ -314,7 +314,7 @@ mod vector {
                     let mut quants = [_mm512_setzero_si512(); GROUPS];
                     let mut moved = _mm512_setzero_si512();
                     for (j, q) in quants.iter_mut().enumerate() {
-                        *q = transpose(p.add(2 * GROUP + 4 * j * GROUP));
+                        *q = transpose(p.add(Encoding::Q8_0.input_bytes(4 * j)));
                         moved = _mm512_dpbusd_epi32(moved, by_128, *q);
                     }
                     let start = _mm512_sub_epi32(_mm512_setzero_si512(), moved);
@@ -345,8 +345,8 @@ mod vector {
         // AVX-512 BW and VBMI, on a Q6_K record.
         unsafe {
             let (low, pair) = (_mm512_set1_epi8(0x0F), _mm512_set1_epi8(0x30));
-            let q = transpose(p.add(2 * GROUP + j * GROUP));
-            let h = transpose(p.add(18 * GROUP + (j % 8) * GROUP));
+            let q = transpose(p.add(Encoding::K6.input_bytes(j)));
+            let h = transpose(p.add(Encoding::k6_pairs(j)));
             // Input j's bit pair at bits 2·(j / 8), input j + 16's four
             // higher: both moved to bits 4..5 (16-bit shifts, whose spill
             // across bytes the mask drops).

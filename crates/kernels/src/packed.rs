@@ -197,6 +197,21 @@ impl Encoding {
         self.payload_start() + if self.has_fifth_bits() { 4 * GROUP } else { 0 }
     }
 
+    /// Where input `j`'s 16 bytes (one a row) start in a Q8_0 or Q6_K
+    /// record, whose payloads are input-major: in Q8_0 its quants
+    /// (`j < 32`); in Q6_K its nibbles (`j < 16`; the high nibbles are
+    /// input `j + 16`'s).
+    pub(crate) fn input_bytes(self, j: usize) -> usize {
+        self.payload_start() + j * GROUP
+    }
+
+    /// Where the 16 bytes (one a row) holding Q6_K input `j`'s high bit
+    /// pair start, `j < 16`: after the nibbles, byte `j mod 8`, the pair at
+    /// bits `2·(j / 8)`, input `j + 16`'s four bits higher.
+    pub(crate) fn k6_pairs(j: usize) -> usize {
+        Self::K6.input_bytes(BLOCK / 2 + j % 8)
+    }
+
     /// A 4- or 5-bit record's 16 scales `d` and offsets `o`, each weight
     /// being `q·d + o`: the one place the portable unpacking reads them.
     /// Q4_0's and Q5_0's `o` is `−centre·d`; the products and the sum are
@@ -476,7 +491,7 @@ impl PackedMatrix {
                 Encoding::Q8_0 => {
                     let d = f16_lanes(&r[..2 * GROUP]);
                     for j in 0..BLOCK {
-                        let q = byte_lanes(&r[2 * GROUP + j * GROUP..]);
+                        let q = byte_lanes(&r[self.encoding.input_bytes(j)..]);
                         f(k + j, &each_lane(|c| q[c] as i8 as f32 * d[c]));
                     }
                 }
@@ -514,8 +529,8 @@ impl PackedMatrix {
                         each_lane(|c| d[c] * hi[c] as i8 as f32),
                     );
                     for j in 0..BLOCK / 2 {
-                        let q = byte_lanes(&r[2 * GROUP + j * GROUP..]);
-                        let h = byte_lanes(&r[18 * GROUP + (j % 8) * GROUP..]);
+                        let q = byte_lanes(&r[Encoding::K6.input_bytes(j)..]);
+                        let h = byte_lanes(&r[Encoding::k6_pairs(j)..]);
                         let shift = 2 * (j / 8);
                         let six = |low: u8, high: u8| (low | ((high & 3) << 4)) as i32 - 32;
                         f(

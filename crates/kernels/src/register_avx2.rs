@@ -67,7 +67,7 @@ pub(crate) unsafe fn dot_group<const R: usize>(
                     let d = halves(0);
                     let mut dots = [[_mm256_setzero_ps(); 2]; R];
                     for j in 0..BLOCK {
-                        let q = bytes(2 * GROUP + j * GROUP)
+                        let q = bytes(Encoding::Q8_0.input_bytes(j))
                             .map(|q| _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)));
                         add(&mut dots, k + j, q);
                     }
@@ -160,8 +160,8 @@ pub(crate) unsafe fn dot_group<const R: usize>(
                     for (half, scale) in scales.into_iter().enumerate() {
                         let mut dots = [[_mm256_setzero_ps(); 2]; R];
                         for j in (0..BLOCK / 2).step_by(2) {
-                            let q = _mm256_loadu_si256(p.add(2 * GROUP + j * GROUP).cast());
-                            let h = _mm256_loadu_si256(p.add(18 * GROUP + (j % 8) * GROUP).cast());
+                            let q = _mm256_loadu_si256(p.add(Encoding::K6.input_bytes(j)).cast());
+                            let h = _mm256_loadu_si256(p.add(Encoding::k6_pairs(j)).cast());
                             // Input j's nibble is the low one in the first
                             // half, the high one in the second; its pair sits
                             // at bits 2·(j / 8), four higher in the second.

@@ -53,7 +53,7 @@ pub(crate) unsafe fn dot_group<const R: usize>(
                     let d = halves(0);
                     let mut dots = [_mm512_setzero_ps(); R];
                     for j in 0..BLOCK {
-                        let q = _mm512_cvtepi8_epi32(bytes(2 * GROUP + j * GROUP));
+                        let q = _mm512_cvtepi8_epi32(bytes(Encoding::Q8_0.input_bytes(j)));
                         add(&mut dots, k + j, _mm512_cvtepi32_ps(q));
                     }
                     for (acc, dot) in acc.iter_mut().zip(dots) {
@@ -234,8 +234,8 @@ pub(crate) unsafe fn dot_group_k6<const R: usize>(
                     // nibbles (the low ones in the first half, the high
                     // in the second) and the bytes of their bit pairs, at
                     // bits 2·(j / 8), 4 higher in the second half.
-                    let q = _mm512_loadu_si512(p.add(2 * GROUP + j * GROUP).cast());
-                    let h = _mm512_loadu_si512(p.add(18 * GROUP + (j % 8) * GROUP).cast());
+                    let q = _mm512_loadu_si512(p.add(Encoding::K6.input_bytes(j)).cast());
+                    let h = _mm512_loadu_si512(p.add(Encoding::k6_pairs(j)).cast());
                     let low = if half == 0 {
                         q
                     } else {

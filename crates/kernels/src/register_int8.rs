@@ -346,7 +346,7 @@ unsafe fn bytes<const R: usize, P: Products>(
             let inputs = x.groups.as_ptr().add(b * GROUPS * R);
             let mut sums = [[_mm256_setzero_si256(); 2]; R];
             for g in 0..GROUPS {
-                let w = transpose(p.add(2 * GROUP + 4 * g * GROUP));
+                let w = transpose(p.add(Encoding::Q8_0.input_bytes(4 * g)));
                 let magnitude = w.map(|w| _mm256_abs_epi8(w));
                 for (row, sums) in sums.iter_mut().enumerate() {
                     let q = _mm256_set1_epi32(*inputs.add(g * R + row));
@@ -377,8 +377,8 @@ unsafe fn six_bit_quants(p: *const u8, j: usize) -> [[__m256i; 2]; 2] {
     // Q6_K record.
     unsafe {
         let (low, pair) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x30));
-        let q = transpose(p.add(2 * GROUP + j * GROUP));
-        let h = transpose(p.add(18 * GROUP + (j % 8) * GROUP));
+        let q = transpose(p.add(Encoding::K6.input_bytes(j)));
+        let h = transpose(p.add(Encoding::k6_pairs(j)));
         // Input j's bit pair at bits 2·(j / 8), input j + 16's four
         // higher: both moved to bits 4..5 (16-bit shifts, whose spill
         // across bytes the mask drops).
