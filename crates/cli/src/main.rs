@@ -66,7 +66,7 @@ pub struct ModelArgs {
     /// An HF model directory, a GGUF file, a LoRA adapter directory (loaded
     /// on its base), a Hugging Face id (org/name[@revision][:file.gguf],
     /// from the shared HF cache) or a name `r3 fetch` knows
-    /// [default: SmolLM2-135M-Instruct]
+    /// [default: smollm2-135m, SmolLM2-135M-Instruct's Q4_1 GGUF]
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// A PEFT LoRA adapter directory to apply on the model
@@ -84,9 +84,10 @@ pub struct ModelArgs {
 #[derive(Args, Clone, Copy)]
 pub struct DecodeArgs {
     /// Decode with each block of 32 inputs rounded to 8 bits, as llama.cpp
-    /// does (and prefill too where the CPU has AVX-512 VNNI and VBMI):
-    /// faster on CPUs, for sampling only (products change by about 1/254
-    /// of a value; Q4_0, Q4_1, Q4_K, Q6_K and Q8_0 weights)
+    /// does (and prefill too: 4- and 5-bit weights with AVX2, all of them
+    /// with AVX-512 VNNI and VBMI): faster on CPUs, for sampling only
+    /// (products change by about 1/254 of a value; Q4_0, Q4_1, Q4_K, Q5_0,
+    /// Q5_1, Q5_K, Q6_K and Q8_0 weights)
     #[arg(long)]
     pub int8_decode: bool,
     /// Prefill's products in bf16 with f32 sums where the CPU has

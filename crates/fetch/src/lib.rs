@@ -31,7 +31,11 @@ pub enum FetchError {
     Invalid { path: PathBuf, message: String },
     #[error("{0}")]
     Pip(String),
-    #[error("unknown model '{0}' (r3 can fetch: {names})", names = NAMES.join(", "))]
+    #[error(
+        "unknown model '{0}': no such file or directory, and not a name r3 can fetch ({names}) \
+         or a Hugging Face id (org/name)",
+        names = NAMES.join(", ")
+    )]
     Unknown(String),
 }
 
@@ -141,6 +145,12 @@ pub fn resolve_model(arg: Option<&Path>) -> Result<PathBuf> {
     }
     match hub::HubId::parse(text) {
         Some(id) => hub::resolve(&id),
+        // A bare word that is no file, no known name and no hub id (the
+        // default model's own name, say) gets the names r3 knows, not a
+        // missing file's error.
+        None if path.components().count() == 1 && path.extension().is_none() => {
+            Err(FetchError::Unknown(text.to_string()))
+        }
         None => Ok(path.to_path_buf()),
     }
 }
@@ -323,5 +333,20 @@ mod tests {
         assert!(known("gpt-5").is_none());
         let e = FetchError::Unknown("gpt-5".into()).to_string();
         assert!(e.contains("qwen2.5-coder-1.5b"), "{e}");
+    }
+
+    /// A bare word that names nothing is refused with the names r3 knows;
+    /// a missing path is handed on for its loader to name.
+    #[test]
+    fn an_unknown_bare_name_is_refused_with_the_known_names() {
+        let e = resolve_model(Some(Path::new("SmolLM2-135M-Instruct"))).unwrap_err();
+        assert!(matches!(e, FetchError::Unknown(_)), "{e}");
+        assert!(e.to_string().contains("smollm2-135m"), "{e}");
+        for path in ["runs/missing/model.gguf", "model.gguf", "./model"] {
+            assert_eq!(
+                resolve_model(Some(Path::new(path))).unwrap(),
+                Path::new(path)
+            );
+        }
     }
 }
