@@ -148,13 +148,21 @@ const INT8_PASS: usize = 4;
 /// past one pass it measured 8% slower than the exact kernel (`r3 bench
 /// kernels --rows 8 --int8`, Zen 3), where it is 20% faster at one row
 /// (with VNNI, past one pass, within the spread of the exact kernel:
-/// 152–198 against 153–178 GFLOP/s at 8–32 rows, Zen 4); the others up to the register range of the fastest exact kernels (K4's),
-/// K6 included, whose exact kernel hands over to the panel at 16 rows on
-/// AVX2.
+/// 152–198 against 153–178 GFLOP/s at 8–32 rows, Zen 4); K6 up to the
+/// register range of the fastest exact kernels (K4's), its exact kernel
+/// handing over to the panel at 16 rows on AVX2 and its integer one
+/// slower than the f32 panel past that (128–133 against 142–175 GFLOP/s
+/// at 64 and 256 rows, Zen 3). At the AVX2 level, with no tile kernel,
+/// the 4- and 5-bit encodings take the integer kernel at any count, the
+/// prompts' prefill included: at 64 and 256 rows it ran 1.3–1.9× the
+/// panel for Q4_0, Q4_1 and K4 and 1.05–1.5× for the 5-bit ones (`r3
+/// bench kernels --rows 64 --int8`, Zen 3; docs/performance.md). Past
+/// AVX2 the f32 panel is twice as wide, so they stop where K6 does.
 fn max_int8_rows(encoding: Encoding) -> usize {
-    match encoding {
+    match (CpuLevel::current(), encoding) {
         _ if !has_int8_kernel(encoding) => 0,
-        Encoding::Q8_0 => INT8_PASS,
+        (_, Encoding::Q8_0) => INT8_PASS,
+        (CpuLevel::Avx2, encoding) if encoding != Encoding::K6 => usize::MAX,
         _ => max_register_rows(Encoding::K4),
     }
 }
@@ -732,9 +740,9 @@ mod tests {
         ] {
             let cols = 256;
             let (encoding, parts, dequantized) = packed_parts(dtype, cols, 3);
-            let x = random(&[33, cols], 13, 1.0);
+            let x = random(&[70, cols], 13, 1.0);
             let product = |x: &Tensor| packed_matmul_with(x, &parts, INT8).unwrap();
-            let alone: Vec<Vec<u32>> = (0..33)
+            let alone: Vec<Vec<u32>> = (0..70)
                 .map(|r| {
                     let row = product(&x.i(r..r + 1).unwrap()).flatten_all().unwrap();
                     row.to_vec1::<f32>()
@@ -744,7 +752,8 @@ mod tests {
                         .collect()
                 })
                 .collect();
-            for m in 1..=33 {
+            // Past the register passes too: 70 rows is a short prompt's prefill.
+            for m in (1..=33).chain([70]) {
                 let x = x.i(0..m).unwrap();
                 let got = product(&x);
                 let want = x.matmul(&dequantized.t().unwrap()).unwrap();
