@@ -404,10 +404,16 @@ mod tests {
     /// The integer product is the product of the dequantized weights with
     /// the rounded inputs (to f32 rounding), for every encoding with an
     /// integer kernel, and each vector level the machine runs gives the
-    /// reference's bits.
+    /// reference's bits, at one, two and three rows (the AVX2 kernels
+    /// compile the nibble encodings apart up to two).
     #[test]
     fn integer_products_are_the_rounded_inputs_times_the_weights() {
-        const R: usize = 3;
+        rounded_inputs_times_the_weights::<1>();
+        rounded_inputs_times_the_weights::<2>();
+        rounded_inputs_times_the_weights::<3>();
+    }
+
+    fn rounded_inputs_times_the_weights<const R: usize>() {
         for dtype in [
             GgmlDType::Q4_0,
             GgmlDType::Q4_1,

@@ -123,7 +123,8 @@ impl Products for Vnni {
 macro_rules! kernels {
     ($features:literal, $products:ty) => {
         kernels!(@ $features, $products,
-            nibbles_kernel nibbles, six_bits_kernel six_bits, bytes_kernel bytes);
+            nibbles_kernel nibbles, four_bits_kernel four_bits, five_bits_kernel five_bits,
+            six_bits_kernel six_bits, bytes_kernel bytes);
     };
     (@ $features:literal, $products:ty, $($kernel:ident $body:ident),*) => {
         use super::*;
@@ -143,7 +144,9 @@ macro_rules! kernels {
                 let acc = match matrix.encoding() {
                     Encoding::Q8_0 => bytes_kernel::<R>(matrix, group, x),
                     Encoding::K6 => six_bits_kernel::<R>(matrix, group, x),
-                    _ => nibbles_kernel::<R>(matrix, group, x),
+                    _ if R > 2 => nibbles_kernel::<R>(matrix, group, x),
+                    e if e.has_fifth_bits() => five_bits_kernel::<R>(matrix, group, x),
+                    _ => four_bits_kernel::<R>(matrix, group, x),
                 };
                 acc.map(|acc| {
                     let [lo, hi] = swap_halves(acc);
@@ -181,15 +184,69 @@ pub(crate) mod vnni {
     kernels!("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni", Vnni);
 }
 
+/// Q4_0, Q4_1 and Q4_K (K4): [`nibbles`] compiled for them alone.
+///
+/// # Safety
+/// As [`nibbles`], for these encodings.
+#[inline(always)]
+unsafe fn four_bits<const R: usize, P: Products>(
+    matrix: &PackedMatrix,
+    group: usize,
+    x: &Int8Rows,
+) -> Sums<R> {
+    // SAFETY: as above.
+    unsafe { nibbles_of::<R, P, FOUR_BITS>(matrix, group, x) }
+}
+
+/// Q5_0, Q5_1 and Q5_K (K5): [`nibbles`] compiled for them alone.
+///
+/// # Safety
+/// As [`nibbles`], for these encodings.
+#[inline(always)]
+unsafe fn five_bits<const R: usize, P: Products>(
+    matrix: &PackedMatrix,
+    group: usize,
+    x: &Int8Rows,
+) -> Sums<R> {
+    // SAFETY: as above.
+    unsafe { nibbles_of::<R, P, FIVE_BITS>(matrix, group, x) }
+}
+
+/// [`nibbles_of`] with the fifth bits asked for a block at a time.
+///
+/// # Safety
+/// As [`nibbles_of`].
+#[inline(always)]
+unsafe fn nibbles<const R: usize, P: Products>(
+    matrix: &PackedMatrix,
+    group: usize,
+    x: &Int8Rows,
+) -> Sums<R> {
+    // SAFETY: as above.
+    unsafe { nibbles_of::<R, P, ASK_FIFTH_BITS>(matrix, group, x) }
+}
+
+/// Which nibble encodings a [`nibbles_of`] is compiled for: the 4-bit
+/// ones, the 5-bit ones, or either (asked of the matrix). Compiled for
+/// one family, the one-row 4-bit kernel keeps every value in registers
+/// and ran 1.4–1.5× (Q4_0, Q4_1, K4) and the 5-bit ones 1.15–1.25×, two
+/// rows 1.05–1.15×; from three rows the compiler unrolls that form and
+/// spills (3 rows 0.75–0.8×), so they take the form that asks (`r3 bench
+/// kernels --int8`, Zen 3, docs/performance.md).
+const ASK_FIFTH_BITS: u8 = 0;
+const FOUR_BITS: u8 = 4;
+const FIVE_BITS: u8 = 5;
+
 /// Q4_0, Q4_1 and Q4_K (K4), and the 5-bit Q5_0, Q5_1 and Q5_K (K5):
 /// `d·Σ q_x·q + o·Σ x` a block, the quants nibbles (input `j` low, `j + 16`
 /// high) with the fifth bits, where there are some, above them.
 ///
 /// # Safety
-/// As [`avx2::dot_group`], for these encodings, inlined into a function
-/// with `P`'s instructions.
+/// As [`avx2::dot_group`], for these encodings (`BITS` as
+/// [`ASK_FIFTH_BITS`] says), inlined into a function with `P`'s
+/// instructions.
 #[inline(always)]
-unsafe fn nibbles<const R: usize, P: Products>(
+unsafe fn nibbles_of<const R: usize, P: Products, const BITS: u8>(
     matrix: &PackedMatrix,
     group: usize,
     x: &Int8Rows,
@@ -217,7 +274,11 @@ unsafe fn nibbles<const R: usize, P: Products>(
             };
             // The 5-bit encodings' fifth bits, a word a row, come before
             // the nibbles.
-            let five_bit = encoding.has_fifth_bits();
+            let five_bit = match BITS {
+                FOUR_BITS => false,
+                FIVE_BITS => true,
+                _ => encoding.has_fifth_bits(),
+            };
             let fifth = if five_bit {
                 by_lanes(p.add(encoding.payload_start()))
             } else {
