@@ -154,8 +154,8 @@ const INT8_PASS: usize = 4;
 /// slower than the f32 panel past that (128–133 against 142–175 GFLOP/s
 /// at 64 and 256 rows, Zen 3). At the AVX2 level, with no tile kernel,
 /// the 4- and 5-bit encodings take the integer kernel at any count, the
-/// prompts' prefill included: at 64 and 256 rows it ran 1.3–1.9× the
-/// panel for Q4_0, Q4_1 and K4 and 1.05–1.5× for the 5-bit ones (`r3
+/// prompts' prefill included: at 64 and 256 rows it ran 1.3–2.0× the
+/// panel for Q4_0, Q4_1 and K4 and 1.0–1.6× for the 5-bit ones (`r3
 /// bench kernels --rows 64 --int8`, Zen 3; docs/performance.md). Past
 /// AVX2 the f32 panel is twice as wide, so they stop where K6 does.
 fn max_int8_rows(encoding: Encoding) -> usize {

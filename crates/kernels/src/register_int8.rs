@@ -39,6 +39,10 @@ type Sums<const R: usize> = [[__m256; 2]; R];
 /// unsigned bytes and `q_x` signed: the one step the AVX2 and VNNI kernels
 /// do differently. Each must give the same integers.
 trait Products {
+    /// The most rows a pass whose nibble kernels are compiled per family
+    /// ([`FOUR_BITS`], [`FIVE_BITS`]) may have: where that was measured
+    /// faster.
+    const FAMILY_ROWS: usize;
     /// Adds each lane's four products to a block's running sums, in the
     /// width [`Products::widen`] takes them from.
     unsafe fn add(sums: __m256i, w: __m256i, q: __m256i) -> __m256i;
@@ -58,6 +62,8 @@ trait Products {
 struct PairSums;
 
 impl Products for PairSums {
+    const FAMILY_ROWS: usize = 2;
+
     #[inline(always)]
     unsafe fn add(sums: __m256i, w: __m256i, q: __m256i) -> __m256i {
         // SAFETY: only called from the AVX2 kernels.
@@ -91,6 +97,9 @@ impl Products for PairSums {
 struct Vnni;
 
 impl Products for Vnni {
+    /// None: the per-family forms were measured with AVX2 only.
+    const FAMILY_ROWS: usize = 0;
+
     #[inline(always)]
     unsafe fn add(sums: __m256i, w: __m256i, q: __m256i) -> __m256i {
         // SAFETY: only called from the VNNI kernels.
@@ -144,7 +153,7 @@ macro_rules! kernels {
                 let acc = match matrix.encoding() {
                     Encoding::Q8_0 => bytes_kernel::<R>(matrix, group, x),
                     Encoding::K6 => six_bits_kernel::<R>(matrix, group, x),
-                    _ if R > 2 => nibbles_kernel::<R>(matrix, group, x),
+                    _ if R > <$products>::FAMILY_ROWS => nibbles_kernel::<R>(matrix, group, x),
                     e if e.has_fifth_bits() => five_bits_kernel::<R>(matrix, group, x),
                     _ => four_bits_kernel::<R>(matrix, group, x),
                 };
@@ -227,12 +236,13 @@ unsafe fn nibbles<const R: usize, P: Products>(
 }
 
 /// Which nibble encodings a [`nibbles_of`] is compiled for: the 4-bit
-/// ones, the 5-bit ones, or either (asked of the matrix). Compiled for
-/// one family, the one-row 4-bit kernel keeps every value in registers
-/// and ran 1.4–1.5× (Q4_0, Q4_1, K4) and the 5-bit ones 1.15–1.25×, two
-/// rows 1.05–1.15×; from three rows the compiler unrolls that form and
-/// spills (3 rows 0.75–0.8×), so they take the form that asks (`r3 bench
-/// kernels --int8`, Zen 3, docs/performance.md).
+/// ones, the 5-bit ones, or either (asked of the matrix). With AVX2,
+/// compiled for one family, the one-row 4-bit kernel keeps every value in
+/// registers and ran 1.4–1.5× (Q4_0, Q4_1, K4) and the 5-bit ones
+/// 1.15–1.25×, two rows 1.05–1.15×; from three rows the compiler unrolls
+/// that form and spills (3 rows 0.75–0.8×), so they take the form that
+/// asks (`r3 bench kernels --int8`, Zen 3, docs/performance.md;
+/// [`Products::FAMILY_ROWS`]).
 const ASK_FIFTH_BITS: u8 = 0;
 const FOUR_BITS: u8 = 4;
 const FIVE_BITS: u8 = 5;
