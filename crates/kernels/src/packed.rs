@@ -455,7 +455,20 @@ impl PackedMatrix {
     /// The records of a group of 16 rows, one per block of 32 inputs, each
     /// with the head of its span (empty where the encoding has none).
     pub(crate) fn records(&self, group: usize) -> impl Iterator<Item = (&[u8], &[u8])> {
-        let encoding = self.encoding;
+        self.records_as(self.encoding, group)
+    }
+
+    /// [`Self::records`] for a kernel compiled for one encoding, which
+    /// passes it as a constant, so that the walk's sizes are constants
+    /// too: walked with the matrix's encoding read at run time, the 4- and
+    /// 5-bit integer kernels spent about a fifth of their time choosing
+    /// and dividing (`perf annotate`, docs/performance.md).
+    pub(crate) fn records_as(
+        &self,
+        encoding: Encoding,
+        group: usize,
+    ) -> impl Iterator<Item = (&[u8], &[u8])> {
+        debug_assert_eq!(encoding, self.encoding);
         let head = GROUP * 4 * encoding.head_scalars();
         let record = GROUP * encoding.block_bytes();
         let packed_span = head + encoding.span() * record;

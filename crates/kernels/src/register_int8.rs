@@ -39,10 +39,6 @@ type Sums<const R: usize> = [[__m256; 2]; R];
 /// unsigned bytes and `q_x` signed: the one step the AVX2 and VNNI kernels
 /// do differently. Each must give the same integers.
 trait Products {
-    /// The most rows a pass whose nibble kernels are compiled per family
-    /// ([`FOUR_BITS`], [`FIVE_BITS`]) may have: where that was measured
-    /// faster.
-    const FAMILY_ROWS: usize;
     /// Adds each lane's four products to a block's running sums, in the
     /// width [`Products::widen`] takes them from.
     unsafe fn add(sums: __m256i, w: __m256i, q: __m256i) -> __m256i;
@@ -62,8 +58,6 @@ trait Products {
 struct PairSums;
 
 impl Products for PairSums {
-    const FAMILY_ROWS: usize = 2;
-
     #[inline(always)]
     unsafe fn add(sums: __m256i, w: __m256i, q: __m256i) -> __m256i {
         // SAFETY: only called from the AVX2 kernels.
@@ -97,9 +91,6 @@ impl Products for PairSums {
 struct Vnni;
 
 impl Products for Vnni {
-    /// None: the per-family forms were measured with AVX2 only.
-    const FAMILY_ROWS: usize = 0;
-
     #[inline(always)]
     unsafe fn add(sums: __m256i, w: __m256i, q: __m256i) -> __m256i {
         // SAFETY: only called from the VNNI kernels.
@@ -131,11 +122,6 @@ impl Products for Vnni {
 /// `$features` with `$products`' additions.
 macro_rules! kernels {
     ($features:literal, $products:ty) => {
-        kernels!(@ $features, $products,
-            nibbles_kernel nibbles, four_bits_kernel four_bits, five_bits_kernel five_bits,
-            six_bits_kernel six_bits, bytes_kernel bytes);
-    };
-    (@ $features:literal, $products:ty, $($kernel:ident $body:ident),*) => {
         use super::*;
 
         /// # Safety
@@ -153,9 +139,12 @@ macro_rules! kernels {
                 let acc = match matrix.encoding() {
                     Encoding::Q8_0 => bytes_kernel::<R>(matrix, group, x),
                     Encoding::K6 => six_bits_kernel::<R>(matrix, group, x),
-                    _ if R > <$products>::FAMILY_ROWS => nibbles_kernel::<R>(matrix, group, x),
-                    e if e.has_fifth_bits() => five_bits_kernel::<R>(matrix, group, x),
-                    _ => four_bits_kernel::<R>(matrix, group, x),
+                    Encoding::Q4_0 => nibbles_kernel::<R, { Encoding::Q4_0 as u8 }>(matrix, group, x),
+                    Encoding::Q4_1 => nibbles_kernel::<R, { Encoding::Q4_1 as u8 }>(matrix, group, x),
+                    Encoding::K4 => nibbles_kernel::<R, { Encoding::K4 as u8 }>(matrix, group, x),
+                    Encoding::Q5_0 => nibbles_kernel::<R, { Encoding::Q5_0 as u8 }>(matrix, group, x),
+                    Encoding::Q5_1 => nibbles_kernel::<R, { Encoding::Q5_1 as u8 }>(matrix, group, x),
+                    _ => nibbles_kernel::<R, { Encoding::K5 as u8 }>(matrix, group, x),
                 };
                 acc.map(|acc| {
                     let [lo, hi] = swap_halves(acc);
@@ -167,6 +156,20 @@ macro_rules! kernels {
             }
         }
 
+        #[target_feature(enable = $features)]
+        #[inline(never)]
+        unsafe fn nibbles_kernel<const R: usize, const ENCODING: u8>(
+            matrix: &PackedMatrix,
+            group: usize,
+            x: &Int8Rows,
+        ) -> Sums<R> {
+            // SAFETY: as [`dot_group`].
+            unsafe { nibbles::<R, $products, ENCODING>(matrix, group, x) }
+        }
+
+        kernels!(@ $features, $products, six_bits_kernel six_bits, bytes_kernel bytes);
+    };
+    (@ $features:literal, $products:ty, $($kernel:ident $body:ident),*) => {
         $(
             #[target_feature(enable = $features)]
             #[inline(never)]
@@ -193,70 +196,35 @@ pub(crate) mod vnni {
     kernels!("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni", Vnni);
 }
 
-/// Q4_0, Q4_1 and Q4_K (K4): [`nibbles`] compiled for them alone.
-///
-/// # Safety
-/// As [`nibbles`], for these encodings.
-#[inline(always)]
-unsafe fn four_bits<const R: usize, P: Products>(
-    matrix: &PackedMatrix,
-    group: usize,
-    x: &Int8Rows,
-) -> Sums<R> {
-    // SAFETY: as above.
-    unsafe { nibbles_of::<R, P, FOUR_BITS>(matrix, group, x) }
+/// The nibble encoding whose `as u8` is `code`: each of [`nibbles`]'
+/// forms is compiled for one encoding, so that its record sizes, scales
+/// and fifth bits are constants. Compiled per family (4- or 5-bit) with
+/// the encoding read at run time, the one-row kernel already ran
+/// 1.15–1.5× the form that asked a block at a time whether there were
+/// fifth bits; compiled per encoding, from three rows too, the 5-bit ones
+/// ran ~1.1–1.5× that form and the 4-bit ones as fast (`r3 bench kernels
+/// --int8`, Zen 3, docs/performance.md).
+const fn nibble_encoding(code: u8) -> Encoding {
+    match code {
+        c if c == Encoding::Q4_0 as u8 => Encoding::Q4_0,
+        c if c == Encoding::Q4_1 as u8 => Encoding::Q4_1,
+        c if c == Encoding::K4 as u8 => Encoding::K4,
+        c if c == Encoding::Q5_0 as u8 => Encoding::Q5_0,
+        c if c == Encoding::Q5_1 as u8 => Encoding::Q5_1,
+        _ => Encoding::K5,
+    }
 }
-
-/// Q5_0, Q5_1 and Q5_K (K5): [`nibbles`] compiled for them alone.
-///
-/// # Safety
-/// As [`nibbles`], for these encodings.
-#[inline(always)]
-unsafe fn five_bits<const R: usize, P: Products>(
-    matrix: &PackedMatrix,
-    group: usize,
-    x: &Int8Rows,
-) -> Sums<R> {
-    // SAFETY: as above.
-    unsafe { nibbles_of::<R, P, FIVE_BITS>(matrix, group, x) }
-}
-
-/// [`nibbles_of`] with the fifth bits asked for a block at a time.
-///
-/// # Safety
-/// As [`nibbles_of`].
-#[inline(always)]
-unsafe fn nibbles<const R: usize, P: Products>(
-    matrix: &PackedMatrix,
-    group: usize,
-    x: &Int8Rows,
-) -> Sums<R> {
-    // SAFETY: as above.
-    unsafe { nibbles_of::<R, P, ASK_FIFTH_BITS>(matrix, group, x) }
-}
-
-/// Which nibble encodings a [`nibbles_of`] is compiled for: the 4-bit
-/// ones, the 5-bit ones, or either (asked of the matrix). With AVX2,
-/// compiled for one family, the one-row 4-bit kernel keeps every value in
-/// registers and ran 1.4–1.5× (Q4_0, Q4_1, K4) and the 5-bit ones
-/// 1.15–1.25×, two rows 1.05–1.15×; from three rows the compiler unrolls
-/// that form and spills (3 rows 0.75–0.8×), so they take the form that
-/// asks (`r3 bench kernels --int8`, Zen 3, docs/performance.md;
-/// [`Products::FAMILY_ROWS`]).
-const ASK_FIFTH_BITS: u8 = 0;
-const FOUR_BITS: u8 = 4;
-const FIVE_BITS: u8 = 5;
 
 /// Q4_0, Q4_1 and Q4_K (K4), and the 5-bit Q5_0, Q5_1 and Q5_K (K5):
 /// `d·Σ q_x·q + o·Σ x` a block, the quants nibbles (input `j` low, `j + 16`
 /// high) with the fifth bits, where there are some, above them.
 ///
 /// # Safety
-/// As [`avx2::dot_group`], for these encodings (`BITS` as
-/// [`ASK_FIFTH_BITS`] says), inlined into a function with `P`'s
-/// instructions.
+/// As [`avx2::dot_group`], for the matrix's encoding, which must be the
+/// one `ENCODING` stands for ([`nibble_encoding`]), inlined into a function
+/// with `P`'s instructions.
 #[inline(always)]
-unsafe fn nibbles_of<const R: usize, P: Products, const BITS: u8>(
+unsafe fn nibbles<const R: usize, P: Products, const ENCODING: u8>(
     matrix: &PackedMatrix,
     group: usize,
     x: &Int8Rows,
@@ -265,10 +233,11 @@ unsafe fn nibbles_of<const R: usize, P: Products, const BITS: u8>(
     unsafe {
         let mut acc = [[_mm256_setzero_ps(); 2]; R];
         let low = _mm256_set1_epi8(0x0F);
-        for (b, (head, r)) in matrix.records(group).enumerate() {
+        let encoding = nibble_encoding(ENCODING);
+        let five_bit = encoding.has_fifth_bits();
+        for (b, (head, r)) in matrix.records_as(encoding, group).enumerate() {
             let p = r.as_ptr();
             prefetch(r);
-            let encoding = matrix.encoding();
             let (d, o) = match encoding {
                 Encoding::Q4_0 | Encoding::Q5_0 => {
                     let d = halves(p);
@@ -284,11 +253,6 @@ unsafe fn nibbles_of<const R: usize, P: Products, const BITS: u8>(
             };
             // The 5-bit encodings' fifth bits, a word a row, come before
             // the nibbles.
-            let five_bit = match BITS {
-                FOUR_BITS => false,
-                FIVE_BITS => true,
-                _ => encoding.has_fifth_bits(),
-            };
             let fifth = if five_bit {
                 by_lanes(p.add(encoding.payload_start()))
             } else {
