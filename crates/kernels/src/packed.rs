@@ -65,6 +65,22 @@ pub enum Encoding {
 }
 
 impl Encoding {
+    /// Every encoding in the order declared, so that `ALL[e as usize] ==
+    /// e`: a kernel compiled for one encoding takes it as a `u8` constant
+    /// and reads it back here, and its sizes fold into constants.
+    pub(crate) const ALL: [Encoding; 10] = [
+        Self::Q4_0,
+        Self::Q4_1,
+        Self::Q8_0,
+        Self::F16,
+        Self::Bf16,
+        Self::K4,
+        Self::Q5_0,
+        Self::Q5_1,
+        Self::K5,
+        Self::K6,
+    ];
+
     /// The encoding of a GGUF tensor type, when it has a packed kernel.
     pub fn of_ggml(dtype: GgmlDType) -> Option<Self> {
         match dtype {
@@ -716,6 +732,13 @@ pub(crate) fn register_rows() -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_encoding_is_at_its_own_code() {
+        for e in Encoding::ALL {
+            assert_eq!(Encoding::ALL[e as usize], e);
+        }
+    }
     use candle_core::quantized::QTensor;
     use rand::{Rng, SeedableRng};
 

@@ -17,6 +17,41 @@ pub(crate) unsafe fn dot_group<const R: usize>(
     group: usize,
     x: &[f32],
 ) -> [[f32; GROUP]; R] {
+    // SAFETY (each arm): as this function, for the matrix's own encoding.
+    match matrix.encoding() {
+        Encoding::Q4_0 => unsafe { dot_group_as::<R, { Encoding::Q4_0 as u8 }>(matrix, group, x) },
+        Encoding::Q4_1 => unsafe { dot_group_as::<R, { Encoding::Q4_1 as u8 }>(matrix, group, x) },
+        Encoding::K4 => unsafe { dot_group_as::<R, { Encoding::K4 as u8 }>(matrix, group, x) },
+        _ => unsafe { dot_group_as::<R, ANY_ENCODING>(matrix, group, x) },
+    }
+}
+
+/// The `ENCODING` of a [`dot_group_as`] that reads the matrix's encoding
+/// at run time.
+const ANY_ENCODING: u8 = u8::MAX;
+
+/// [`dot_group`] compiled for one encoding (`ENCODING`, its `as u8`), so
+/// that its record sizes and scales are constants and no block asks which
+/// encoding it holds, or for any ([`ANY_ENCODING`]). Compiled on their
+/// own, the 4-bit encodings ran 1.1–1.3× at one row and up to 1.15× at
+/// four; the 5-bit ones gained nothing and K6 ran at half its rate (its
+/// two halves' loops unrolled whole, it seems), so those share the form
+/// that asks (`r3 bench kernels`, Zen 3, docs/performance.md).
+///
+/// # Safety
+/// As [`dot_group`], for a matrix in that encoding (any, with
+/// [`ANY_ENCODING`]).
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline(never)]
+unsafe fn dot_group_as<const R: usize, const ENCODING: u8>(
+    matrix: &PackedMatrix,
+    group: usize,
+    x: &[f32],
+) -> [[f32; GROUP]; R] {
+    let encoding = match ENCODING {
+        ANY_ENCODING => matrix.encoding(),
+        _ => Encoding::ALL[ENCODING as usize],
+    };
     // SAFETY: the caller upholds this function's contract (its doc),
     // which is all its raw reads, writes and intrinsics rely on.
     unsafe {
@@ -30,7 +65,7 @@ pub(crate) unsafe fn dot_group<const R: usize>(
             }
         };
         let low_nibbles = _mm256_set1_epi32(0x0F);
-        for (b, (head, r)) in matrix.records(group).enumerate() {
+        for (b, (head, r)) in matrix.records_as(encoding, group).enumerate() {
             let (k, p) = (b * BLOCK, r.as_ptr());
             // Lanes 0..8 and 8..16 of 16 halves, 16 unsigned or signed bytes.
             let halves = |at: usize| {
@@ -61,7 +96,7 @@ pub(crate) unsafe fn dot_group<const R: usize>(
                     }
                 }
             };
-            match matrix.encoding() {
+            match encoding {
                 Encoding::Q8_0 => {
                     // d·Σ x·q, a multiply fewer per weight (as `finish`, no offset).
                     let d = halves(0);
@@ -91,7 +126,6 @@ pub(crate) unsafe fn dot_group<const R: usize>(
                     // Q4_0's offset is −8·d and Q5_0's −16·d (exact). Lanes
                     // in the payload's order (`by_lanes`), as the
                     // accumulators are.
-                    let encoding = matrix.encoding();
                     let (d, o) = match encoding {
                         Encoding::Q4_0 | Encoding::Q5_0 => {
                             let d = halves(0);
@@ -209,7 +243,7 @@ pub(crate) unsafe fn dot_group<const R: usize>(
                 }
             }
         }
-        let by_lanes = matrix.encoding().by_lanes();
+        let by_lanes = encoding.by_lanes();
         acc.map(|acc| {
             let [lo, hi] = if by_lanes { swap_halves(acc) } else { acc };
             let mut out = [0f32; GROUP];

@@ -13,9 +13,11 @@
 //! ones, two results of Q6_K's), and `vpmaddwd` widens them; with VNNI,
 //! `vpdpbusd` adds all four into 32 bits in the one instruction.
 //!
-//! One function per encoding family and instruction set, each compiled on
-//! its own: with every family in one loop, the one-row kernel of the 4-bit
-//! ones ran 20-25% slower once Q8_0 joined (measured).
+//! One function per encoding (per family for K6 and Q8_0) and instruction
+//! set, each compiled on its own: with every family in one loop, the
+//! one-row kernel of the 4-bit ones ran 20-25% slower once Q8_0 joined,
+//! and one form for all the nibble encodings slower still ([`nibbles`];
+//! measured).
 
 use std::arch::x86_64::*;
 
@@ -196,32 +198,22 @@ pub(crate) mod vnni {
     kernels!("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni", Vnni);
 }
 
-/// The nibble encoding whose `as u8` is `code`: each of [`nibbles`]'
-/// forms is compiled for one encoding, so that its record sizes, scales
-/// and fifth bits are constants. Compiled per family (4- or 5-bit) with
-/// the encoding read at run time, the one-row kernel already ran
-/// 1.15–1.5× the form that asked a block at a time whether there were
-/// fifth bits; compiled per encoding, from three rows too, the 5-bit ones
-/// ran ~1.1–1.5× that form and the 4-bit ones as fast (`r3 bench kernels
-/// --int8`, Zen 3, docs/performance.md).
-const fn nibble_encoding(code: u8) -> Encoding {
-    match code {
-        c if c == Encoding::Q4_0 as u8 => Encoding::Q4_0,
-        c if c == Encoding::Q4_1 as u8 => Encoding::Q4_1,
-        c if c == Encoding::K4 as u8 => Encoding::K4,
-        c if c == Encoding::Q5_0 as u8 => Encoding::Q5_0,
-        c if c == Encoding::Q5_1 as u8 => Encoding::Q5_1,
-        _ => Encoding::K5,
-    }
-}
-
 /// Q4_0, Q4_1 and Q4_K (K4), and the 5-bit Q5_0, Q5_1 and Q5_K (K5):
 /// `d·Σ q_x·q + o·Σ x` a block, the quants nibbles (input `j` low, `j + 16`
-/// high) with the fifth bits, where there are some, above them.
+/// high) with the fifth bits, where there are some, above them. Each
+/// form is compiled for one encoding (`ENCODING`, its `as u8`), so that
+/// its record sizes, scales and fifth bits are constants. Compiled per
+/// family (4- or 5-bit) with the encoding read at run time, the one-row
+/// kernel already ran 1.15–1.5× the form that asked a block at a time
+/// whether there were fifth bits; compiled per encoding, one row ran
+/// 1.3–1.7× (4-bit) and 1.1–1.25× (5-bit) the per-family forms, and at
+/// four and 32 rows the 5-bit ones ran 1.0–1.4× the asking form, the
+/// 4-bit ones 0.96–1.15× (`r3 bench kernels --int8`, Zen 3,
+/// docs/performance.md).
 ///
 /// # Safety
 /// As [`avx2::dot_group`], for the matrix's encoding, which must be the
-/// one `ENCODING` stands for ([`nibble_encoding`]), inlined into a function
+/// one `ENCODING` stands for ([`Encoding::ALL`]), inlined into a function
 /// with `P`'s instructions.
 #[inline(always)]
 unsafe fn nibbles<const R: usize, P: Products, const ENCODING: u8>(
@@ -233,7 +225,7 @@ unsafe fn nibbles<const R: usize, P: Products, const ENCODING: u8>(
     unsafe {
         let mut acc = [[_mm256_setzero_ps(); 2]; R];
         let low = _mm256_set1_epi8(0x0F);
-        let encoding = nibble_encoding(ENCODING);
+        let encoding = Encoding::ALL[ENCODING as usize];
         let five_bit = encoding.has_fifth_bits();
         for (b, (head, r)) in matrix.records_as(encoding, group).enumerate() {
             let p = r.as_ptr();
@@ -325,7 +317,7 @@ unsafe fn six_bits<const R: usize, P: Products>(
     // SAFETY: as above; every read is within a record or its head.
     unsafe {
         let mut acc = [[_mm256_setzero_ps(); 2]; R];
-        for (b, (head, r)) in matrix.records(group).enumerate() {
+        for (b, (head, r)) in matrix.records_as(Encoding::K6, group).enumerate() {
             let p = r.as_ptr();
             prefetch(r);
             let head = head.as_ptr().cast::<f32>();
@@ -374,7 +366,7 @@ unsafe fn bytes<const R: usize, P: Products>(
     // SAFETY: as above; every read is within a record.
     unsafe {
         let mut acc = [[_mm256_setzero_ps(); 2]; R];
-        for (b, (_, r)) in matrix.records(group).enumerate() {
+        for (b, (_, r)) in matrix.records_as(Encoding::Q8_0, group).enumerate() {
             let p = r.as_ptr();
             prefetch(r);
             let d = halves(p);
