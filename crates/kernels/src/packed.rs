@@ -732,6 +732,8 @@ pub(crate) fn register_rows() -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::quantized::QTensor;
+    use rand::{Rng, SeedableRng};
 
     #[test]
     fn every_encoding_is_at_its_own_code() {
@@ -739,8 +741,6 @@ mod tests {
             assert_eq!(Encoding::ALL[e as usize], e);
         }
     }
-    use candle_core::quantized::QTensor;
-    use rand::{Rng, SeedableRng};
 
     /// A random `[rows, cols]` matrix in `dtype`, packed, and its values as
     /// the dequantizer gives them.
