@@ -304,7 +304,14 @@ unsafe fn nibbles<const R: usize, P: Products, const ENCODING: u8>(
 }
 
 /// Q6_K (K6): `s_h·(Σ q_x·q − 32·Σ q_x)` for each half `h` of a block,
-/// the quants a nibble and a bit pair.
+/// the quants a nibble and a bit pair. A block's 16 vectors of quants are
+/// made first (inputs `j` and `j + 8` from one read of their bit pairs'
+/// bytes), then each half is summed: summing both halves at once needed
+/// twice the sums, more than AVX2's 16 registers hold at four rows. Against
+/// the form that read each bit pair twice and summed both halves
+/// together: the same at one and four rows, 1.06× at 16 and 32 (`r3 bench
+/// kernels --int8`, Zen 3, three alternated rounds; docs/performance.md,
+/// "The R3 step's profile on a Zen 3").
 ///
 /// # Safety
 /// As [`nibbles`], for K6.
@@ -317,30 +324,36 @@ unsafe fn six_bits<const R: usize, P: Products>(
     // SAFETY: as above; every read is within a record or its head.
     unsafe {
         let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        // [half][g]: the quants of inputs 4g ..+ 4 of each half.
+        let mut quants = [[[_mm256_setzero_si256(); 2]; GROUPS / 2]; 2];
         for (b, (head, r)) in matrix.records_as(Encoding::K6, group).enumerate() {
             let p = r.as_ptr();
             prefetch(r);
-            let head = head.as_ptr().cast::<f32>();
-            let scales = [scaled(p, head, true), scaled(p.add(GROUP), head, true)];
-            let inputs = x.groups.as_ptr().add(b * GROUPS * R);
-            let mut sums = [[[_mm256_setzero_si256(); 2]; R]; 2];
-            // Inputs j and j + 4 of each half added together (in one
-            // 16-bit sum before it is widened, with AVX2: two
-            // `vpmaddubsw` results of at most 2·63·127 in magnitude, 32004
-            // at most).
-            for j in [0, 8] {
-                let (a, b) = (six_bit_quants(p, j), six_bit_quants(p, j + 4));
+            for j in [0, 4] {
+                let [first, second] = six_bit_quants(p, j);
                 for half in 0..2 {
-                    let at = |j: usize| inputs.add((half * GROUPS / 2 + j / 4) * R);
-                    add_two::<R, P>(&mut sums[half], [at(j), at(j + 4)], [a[half], b[half]]);
+                    quants[half][j / 4] = first[half];
+                    quants[half][j / 4 + 2] = second[half];
                 }
             }
-            for row in 0..R {
-                let d_x = _mm256_set1_ps(x.scales[b * R + row]);
-                for (half, scale) in scales.iter().enumerate() {
+            let head = head.as_ptr().cast::<f32>();
+            let inputs = x.groups.as_ptr().add(b * GROUPS * R);
+            for (half, quants) in quants.iter().enumerate() {
+                let scale = scaled(p.add(half * GROUP), head, true);
+                let at = |g: usize| inputs.add((half * GROUPS / 2 + g) * R);
+                // Inputs j and j + 8 of the half added together (in one
+                // 16-bit sum before it is widened, with AVX2: two
+                // `vpmaddubsw` results of at most 2·63·127 in magnitude,
+                // 32004 at most).
+                let mut sums = [[_mm256_setzero_si256(); 2]; R];
+                for g in 0..2 {
+                    add_two::<R, P>(&mut sums, [at(g), at(g + 2)], [quants[g], quants[g + 2]]);
+                }
+                for (row, sums) in sums.iter().enumerate() {
+                    let d_x = _mm256_set1_ps(x.scales[b * R + row]);
                     let minus = _mm256_set1_epi32(32 * x.half_sums[(b * R + row) * 2 + half]);
                     for i in 0..2 {
-                        let sum = _mm256_sub_epi32(sums[half][row][i], minus);
+                        let sum = _mm256_sub_epi32(sums[i], minus);
                         let s = _mm256_mul_ps(scale[i], d_x);
                         acc[row][i] = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(sum), acc[row][i]);
                     }
@@ -395,28 +408,18 @@ unsafe fn bytes<const R: usize, P: Products>(
     }
 }
 
-/// The six-bit quants of inputs `j ..+ 4` of a Q6_K record at `p` (its
-/// first half) and of inputs `j + 16 ..+ 4` (its second), as
-/// [`transpose`] lays them out: a nibble and a bit pair each.
+/// The six-bit quants of a Q6_K record at `p`, `j < 8`: of inputs `j
+/// ..+ 4` and `j + 16 ..+ 4` (its first and second half), then of inputs
+/// `j + 8 ..+ 4` and `j + 24 ..+ 4`, as [`transpose`] lays them out: a
+/// nibble and a bit pair each, the four inputs of a row sharing the bytes
+/// of their bit pairs.
 #[inline(always)]
-unsafe fn six_bit_quants(p: *const u8, j: usize) -> [[__m256i; 2]; 2] {
+unsafe fn six_bit_quants(p: *const u8, j: usize) -> [[[__m256i; 2]; 2]; 2] {
     // SAFETY: only called from the kernels above, whose CPU has AVX2, on a
     // Q6_K record.
     unsafe {
         let (low, pair) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x30));
-        let q = transpose(p.add(Encoding::K6.input_bytes(j)));
         let h = transpose(p.add(Encoding::k6_pairs(j)));
-        // Input j's bit pair at bits 2·(j / 8), input j + 16's four
-        // higher: both moved to bits 4..5 (16-bit shifts, whose spill
-        // across bytes the mask drops).
-        let (first, second) = if j < 8 {
-            (h.map(|h| _mm256_slli_epi16(h, 4)), h)
-        } else {
-            (
-                h.map(|h| _mm256_slli_epi16(h, 2)),
-                h.map(|h| _mm256_srli_epi16(h, 2)),
-            )
-        };
         let six = |nibble: [__m256i; 2], bits: [__m256i; 2]| {
             [0, 1].map(|i| {
                 _mm256_or_si256(
@@ -425,9 +428,23 @@ unsafe fn six_bit_quants(p: *const u8, j: usize) -> [[__m256i; 2]; 2] {
                 )
             })
         };
+        // The bit pairs of inputs j, j + 8, j + 16 and j + 24 at bits 0,
+        // 2, 4 and 6, each moved to bits 4..5 (16-bit shifts, whose spill
+        // across bytes the mask drops).
+        let first = transpose(p.add(Encoding::K6.input_bytes(j)));
+        let second = transpose(p.add(Encoding::K6.input_bytes(j + 8)));
         [
-            six(q, first),
-            six(q.map(|q| _mm256_srli_epi16(q, 4)), second),
+            [
+                six(first, h.map(|h| _mm256_slli_epi16::<4>(h))),
+                six(first.map(|q| _mm256_srli_epi16::<4>(q)), h),
+            ],
+            [
+                six(second, h.map(|h| _mm256_slli_epi16::<2>(h))),
+                six(
+                    second.map(|q| _mm256_srli_epi16::<4>(q)),
+                    h.map(|h| _mm256_srli_epi16::<2>(h)),
+                ),
+            ],
         ]
     }
 }
