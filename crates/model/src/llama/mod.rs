@@ -24,6 +24,7 @@ mod names;
 mod vocab;
 
 use candle_core::{DType, Device, Tensor, Var};
+use rayon::prelude::*;
 
 use crate::exec::Exec;
 use r3_kernels::matmul::Activations;
@@ -144,21 +145,25 @@ impl Llama {
     fn build(config: &ModelConfig, weights: &Weights, layout: WeightLayout) -> Result<Self> {
         let c = config;
         let shape = [c.vocab_size, c.hidden_size];
-        let embed_tokens = VocabTable::load(weights, "model.embed_tokens.weight", shape, layout)?;
-        let lm_head = if weights.contains("lm_head.weight") {
-            Some(VocabTable::load(weights, "lm_head.weight", shape, layout)?)
-        } else if c.tie_word_embeddings {
-            None
-        } else {
-            return Err(ModelError::tensor(
-                &weights.source,
-                "lm_head.weight",
-                "missing and the embeddings are not tied",
-            ));
-        };
-        let layers = (0..c.num_layers)
-            .map(|i| DecoderLayer::load(weights, i, c, layout))
-            .collect::<Result<Vec<_>>>()?;
+        // Every table and layer is converted on its own, on every core:
+        // packing Qwen2.5-Coder-1.5B's tensors one after another kept one
+        // core of two busy for most of a 27 s load (docs/performance.md,
+        // "The R3 step's profile on a Zen 3").
+        let ((embed_tokens, lm_head), layers) = rayon::join(
+            || {
+                rayon::join(
+                    || VocabTable::load(weights, "model.embed_tokens.weight", shape, layout),
+                    || Self::load_lm_head(c, weights, layout),
+                )
+            },
+            || {
+                (0..c.num_layers)
+                    .into_par_iter()
+                    .map(|i| DecoderLayer::load(weights, i, c, layout))
+                    .collect::<Result<Vec<_>>>()
+            },
+        );
+        let (embed_tokens, lm_head, layers) = (embed_tokens?, lm_head?, layers?);
         let lm_head_t = match (layout, lm_head.as_ref().unwrap_or(&embed_tokens)) {
             (WeightLayout::Packed, VocabTable::Dense(w)) => Some(w.t()?.contiguous()?),
             _ => None,
@@ -178,6 +183,32 @@ impl Llama {
             dtype: weights.dtype(),
             activations: Activations::EXACT,
         })
+    }
+
+    /// The output projection's own table, `None` where it is the
+    /// embeddings'.
+    fn load_lm_head(
+        c: &ModelConfig,
+        weights: &Weights,
+        layout: WeightLayout,
+    ) -> Result<Option<VocabTable>> {
+        let shape = [c.vocab_size, c.hidden_size];
+        if weights.contains("lm_head.weight") {
+            Ok(Some(VocabTable::load(
+                weights,
+                "lm_head.weight",
+                shape,
+                layout,
+            )?))
+        } else if c.tie_word_embeddings {
+            Ok(None)
+        } else {
+            Err(ModelError::tensor(
+                &weights.source,
+                "lm_head.weight",
+                "missing and the embeddings are not tied",
+            ))
+        }
     }
 
     /// The output projection `[vocab, hidden]`.
