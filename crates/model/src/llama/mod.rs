@@ -153,7 +153,7 @@ impl Llama {
             || {
                 rayon::join(
                     || VocabTable::load(weights, "model.embed_tokens.weight", shape, layout),
-                    || Self::load_lm_head(c, weights, layout),
+                    || Self::load_lm_head(c, weights, shape, layout),
                 )
             },
             || {
@@ -190,16 +190,11 @@ impl Llama {
     fn load_lm_head(
         c: &ModelConfig,
         weights: &Weights,
+        shape: [usize; 2],
         layout: WeightLayout,
     ) -> Result<Option<VocabTable>> {
-        let shape = [c.vocab_size, c.hidden_size];
         if weights.contains("lm_head.weight") {
-            Ok(Some(VocabTable::load(
-                weights,
-                "lm_head.weight",
-                shape,
-                layout,
-            )?))
+            VocabTable::load(weights, "lm_head.weight", shape, layout).map(Some)
         } else if c.tie_word_embeddings {
             Ok(None)
         } else {
