@@ -14,9 +14,12 @@ if [[ ! -f $OUT/results.md ]]; then
     exit 1
 fi
 start
+# A checkpoint every step (train.toml's 2 is changeable on resume and
+# changes no result): a step takes ~50 minutes here and a session stops
+# without warning, so every other stop lost a finished step.
 timed train-retry "$R" train --config "$TRAIN" --resume auto \
     --set "failures=\"$OUT/failures.jsonl\"" --set "output_dir=\"$OUT/train-retry\"" \
-    --set "model=\"$MODEL\"" --set 'train_on="retry"'
+    --set "model=\"$MODEL\"" --set 'train_on="retry"' --set save_steps=1
 checkpoint="$OUT/train-retry/$(cat "$OUT/train-retry/last")"
 evaluate eval-trained-retry "$checkpoint" "$OUT/heldout.jsonl"
 "$R" report --compare "$OUT/eval-base" "$OUT/eval-trained-retry" >"$OUT/results-retry.md"
