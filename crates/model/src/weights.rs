@@ -2,12 +2,11 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
-use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{ModelError, Result};
+use crate::formats::gguf::GgufTensor;
 use crate::formats::rope_rows::unpermute_rope_rows;
 use crate::formats::safetensors::{read_safetensors, shard_files};
 use r3_kernels::packed::{Encoding, PackedMatrix};
@@ -18,10 +17,10 @@ use r3_kernels::packed::{Encoding, PackedMatrix};
 enum Stored {
     /// Plain values: f32, f16 or bf16.
     Dense(Tensor),
-    /// GGUF blocks. With `rope_heads`, the rows are in llama.cpp's rope
-    /// order for that many heads.
+    /// GGUF blocks, in the mapped file. With `rope_heads`, the rows are in
+    /// llama.cpp's rope order for that many heads.
     Blocks {
-        tensor: Arc<QTensor>,
+        tensor: GgufTensor,
         rope_heads: Option<usize>,
     },
 }
@@ -30,7 +29,7 @@ impl Stored {
     fn dims(&self) -> &[usize] {
         match self {
             Stored::Dense(t) => t.dims(),
-            Stored::Blocks { tensor, .. } => tensor.shape().dims(),
+            Stored::Blocks { tensor, .. } => tensor.dims(),
         }
     }
 }
@@ -109,17 +108,14 @@ impl Weights {
     /// of rope heads whose row order must be undone, if any.
     pub(crate) fn from_blocks(
         source: impl Into<PathBuf>,
-        tensors: HashMap<String, (QTensor, Option<usize>)>,
+        tensors: HashMap<String, (GgufTensor, Option<usize>)>,
     ) -> Self {
         Self {
             source: source.into(),
             tensors: tensors
                 .into_iter()
                 .map(|(name, (tensor, rope_heads))| {
-                    let stored = Stored::Blocks {
-                        tensor: Arc::new(tensor),
-                        rope_heads,
-                    };
+                    let stored = Stored::Blocks { tensor, rope_heads };
                     (name, stored)
                 })
                 .collect(),
@@ -154,14 +150,13 @@ impl Weights {
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let f32 = match self.stored(name, shape)? {
             Stored::Dense(t) => t.to_dtype(DType::F32),
-            Stored::Blocks { tensor, rope_heads } => {
-                tensor
-                    .dequantize(&Device::Cpu)
-                    .and_then(|t| match rope_heads {
-                        Some(heads) => unpermute_rope_rows(&t, *heads),
-                        None => Ok(t),
-                    })
-            }
+            Stored::Blocks { tensor, rope_heads } => tensor
+                .to_qtensor()
+                .and_then(|t| t.dequantize(&Device::Cpu))
+                .and_then(|t| match rope_heads {
+                    Some(heads) => unpermute_rope_rows(&t, *heads),
+                    None => Ok(t),
+                }),
         };
         f32.and_then(|t| t.to_dtype(self.dtype)?.to_device(&self.device))
             .map_err(|e| ModelError::tensor(&self.source, name, e))
@@ -195,12 +190,12 @@ impl Weights {
                 PackedMatrix::new(encoding, rows, cols, &raw, None)
             }
             Stored::Blocks { tensor, rope_heads } => {
-                let raw = tensor.data().map_err(|e| fail(&e))?;
+                let raw = tensor.bytes();
                 let order = match rope_heads {
                     Some(heads) => Some(rope_source_rows(rows, *heads).map_err(|e| fail(&e))?),
                     None => None,
                 };
-                match PackedMatrix::from_ggml(tensor.dtype(), rows, cols, &raw, order.as_deref()) {
+                match PackedMatrix::from_ggml(tensor.dtype(), rows, cols, raw, order.as_deref()) {
                     Some(packed) => packed,
                     None => return Ok(None),
                 }

@@ -62,6 +62,15 @@ fn truncated_and_garbage_gguf() {
         let e = error_of(&path);
         assert!(e.contains("m.gguf"), "cut at {cut}: {e}");
     }
+    // Cut inside the tensors' data: the tensor that runs past the end is
+    // named, with what it lacks (checked before any of the mapped file is
+    // read).
+    std::fs::write(&path, &bytes[..bytes.len() - 100]).unwrap();
+    let e = error_of(&path);
+    assert!(
+        e.contains("remaining in the file") && e.contains(".weight"),
+        "{e}"
+    );
     std::fs::write(&path, b"definitely not a model").unwrap();
     let e = error_of(&path);
     assert!(e.contains("not a valid GGUF"), "{e}");

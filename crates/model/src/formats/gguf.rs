@@ -1,15 +1,20 @@
 //! GGUF files: hyper-parameters from the metadata, weights kept in their
 //! blocks and renamed to their HF names (llama.cpp's q/k row permutation is
-//! undone when they are read).
+//! undone when they are read). The tensors are read where the file is
+//! mapped into memory, not copied out of it first.
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufReader, Read, Seek};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
+use candle_core::quantized::ggml_file::qtensor_from_ggml;
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
+use memmap2::Mmap;
 
 use crate::config::{Architecture, ModelConfig, RopeScaling};
 use crate::error::{ModelError, Result};
@@ -39,6 +44,43 @@ const SUPPORTED: &[GgmlDType] = &[
     GgmlDType::Q6K,
     GgmlDType::Q8K,
 ];
+
+/// One tensor's blocks as the file stores them, in the mapped file: what
+/// [`Weights`] keeps of a GGUF tensor until a decoder asks for it, packed
+/// or as f32.
+#[derive(Debug, Clone)]
+pub(crate) struct GgufTensor {
+    map: Arc<Mmap>,
+    range: Range<usize>,
+    dtype: GgmlDType,
+    dims: Vec<usize>,
+}
+
+impl GgufTensor {
+    pub(crate) fn bytes(&self) -> &[u8] {
+        &self.map[self.range.clone()]
+    }
+
+    pub(crate) fn dtype(&self) -> GgmlDType {
+        self.dtype
+    }
+
+    pub(crate) fn dims(&self) -> &[usize] {
+        &self.dims
+    }
+
+    /// The blocks as candle's quantized tensor, to dequantize. candle reads
+    /// them as typed blocks (f16 and f32 fields), and a file's offsets need
+    /// only be multiples of its `general.alignment`: copied first into
+    /// memory aligned for any block type.
+    pub(crate) fn to_qtensor(&self) -> candle_core::Result<QTensor> {
+        let bytes = self.bytes();
+        let mut words = vec![0u64; bytes.len().div_ceil(8)];
+        let aligned = &mut bytemuck::cast_slice_mut::<u64, u8>(&mut words)[..bytes.len()];
+        aligned.copy_from_slice(bytes);
+        qtensor_from_ggml(self.dtype, aligned, self.dims.clone(), &Device::Cpu)
+    }
+}
 
 impl GgufFile {
     pub fn open(path: &Path) -> Result<Self> {
@@ -200,29 +242,62 @@ impl GgufFile {
         Ok(config)
     }
 
-    /// The blocks of tensor `name`, read from the file.
-    fn tensor_blocks(&self, name: &str) -> Result<QTensor> {
+    /// The file mapped into memory, read-only. Packing reads each tensor's
+    /// blocks where they lie (the page cache's own pages, in parallel),
+    /// where reading them into memory first cost the load a copy of the
+    /// whole file in fresh pages, which the kernel zeroes before use.
+    #[allow(unsafe_code)]
+    fn map(&self) -> Result<Arc<Mmap>> {
+        let file = File::open(&self.path).map_err(|e| ModelError::io(&self.path, e))?;
+        // SAFETY: the map is only read. Were another process to change the
+        // file while it is mapped, the weights read would change with it
+        // (truncating it would fault the reads), as with candle's and
+        // safetensors' own maps; r3 never writes a model file it loads.
+        let map = unsafe { Mmap::map(&file) }.map_err(|e| ModelError::io(&self.path, e))?;
+        Ok(Arc::new(map))
+    }
+
+    /// Tensor `name`'s blocks in `map`: a supported encoding, whole blocks,
+    /// all of them inside the file.
+    fn tensor(&self, name: &str, map: &Arc<Mmap>) -> Result<GgufTensor> {
+        let fail = |why: String| ModelError::tensor(&self.path, name, why);
         let info = self
             .content
             .tensor_infos
             .get(name)
-            .ok_or_else(|| ModelError::tensor(&self.path, name, "missing"))?;
-        if !SUPPORTED.contains(&info.ggml_dtype) {
-            return Err(ModelError::tensor(
-                &self.path,
-                name,
-                format!("quantization {:?} is not supported", info.ggml_dtype),
-            ));
+            .ok_or_else(|| fail("missing".into()))?;
+        let dtype = info.ggml_dtype;
+        if !SUPPORTED.contains(&dtype) {
+            return Err(fail(format!("quantization {dtype:?} is not supported")));
         }
-        let file = File::open(&self.path).map_err(|e| ModelError::io(&self.path, e))?;
-        let mut reader = BufReader::new(file);
-        info.read(&mut reader, self.content.tensor_data_offset, &Device::Cpu)
-            .map_err(|e| ModelError::tensor(&self.path, name, e))
+        let elements = info.shape.elem_count();
+        if !elements.is_multiple_of(dtype.block_size()) {
+            return Err(fail(format!(
+                "{elements} weights are not a whole number of {dtype:?} blocks of {}",
+                dtype.block_size()
+            )));
+        }
+        let bytes = elements / dtype.block_size() * dtype.type_size();
+        let start = self.content.tensor_data_offset.saturating_add(info.offset);
+        let remaining = (map.len() as u64).saturating_sub(start);
+        if bytes as u64 > remaining {
+            return Err(fail(format!(
+                "needs {bytes} bytes at offset {start}, only {remaining} remaining in the file"
+            )));
+        }
+        let start = start as usize;
+        Ok(GgufTensor {
+            map: map.clone(),
+            range: start..start + bytes,
+            dtype,
+            dims: info.shape.dims().to_vec(),
+        })
     }
 
     fn tensor_f32(&self, name: &str) -> Result<Tensor> {
-        self.tensor_blocks(name)?
-            .dequantize(&Device::Cpu)
+        self.tensor(name, &self.map()?)?
+            .to_qtensor()
+            .and_then(|t| t.dequantize(&Device::Cpu))
             .map_err(|e| ModelError::tensor(&self.path, name, e))
     }
 
@@ -233,6 +308,7 @@ impl GgufFile {
             config.architecture,
             Architecture::Llama | Architecture::Mistral
         );
+        let map = self.map()?;
         let mut tensors = HashMap::new();
         for name in self.content.tensor_infos.keys() {
             if name == "rope_freqs.weight" {
@@ -250,7 +326,7 @@ impl GgufFile {
                 true if hf.contains("k_proj.") => Some(config.num_kv_heads),
                 _ => None,
             };
-            tensors.insert(hf, (self.tensor_blocks(name)?, rope_heads));
+            tensors.insert(hf, (self.tensor(name, &map)?, rope_heads));
         }
         Ok(Weights::from_blocks(&self.path, tensors))
     }
