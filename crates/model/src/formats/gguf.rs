@@ -277,7 +277,9 @@ impl GgufFile {
                 dtype.block_size()
             )));
         }
-        let bytes = elements / dtype.block_size() * dtype.type_size();
+        let bytes = (elements / dtype.block_size())
+            .checked_mul(dtype.type_size())
+            .ok_or_else(|| fail(format!("{elements} weights are more than memory holds")))?;
         let start = self.content.tensor_data_offset.saturating_add(info.offset);
         let remaining = (map.len() as u64).saturating_sub(start);
         if bytes as u64 > remaining {
