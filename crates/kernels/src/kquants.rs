@@ -25,65 +25,32 @@ const SUPER: usize = 256;
 /// Appends the re-cut blocks of one GGUF block.
 type Convert = fn(&[u8], &mut Vec<u8>);
 
-/// A matrix of GGUF K-quant blocks (`raw`, as the file stores them),
-/// re-cut a row at a time as the packer asks for each: a re-cut copy of the
-/// whole matrix would be written once and read once, in fresh pages.
-pub(crate) struct KQuantRows<'a> {
-    raw: &'a [u8],
-    /// Bytes of one row in the file.
-    row_bytes: usize,
-    /// Bytes of one GGUF block.
-    block_bytes: usize,
-    convert: Convert,
-}
-
-impl<'a> KQuantRows<'a> {
-    /// `raw` as `rows` rows of `cols` weights in `dtype`, with the encoding
-    /// they are re-cut into; `None` for types that are not re-cut.
-    pub(crate) fn new(
-        dtype: GgmlDType,
-        rows: usize,
-        cols: usize,
-        raw: &'a [u8],
-    ) -> Option<Result<(Encoding, Self), String>> {
-        // (bytes of a block, the encoding, the conversion)
-        let (block_bytes, encoding, convert): (usize, Encoding, Convert) = match dtype {
-            GgmlDType::Q4K => (144, Encoding::K4, q4k),
-            GgmlDType::Q5K => (176, Encoding::K5, q5k),
-            GgmlDType::Q6K => (210, Encoding::K6, q6k),
-            _ => return None,
-        };
-        if !cols.is_multiple_of(SUPER) {
-            return Some(Err(format!(
-                "{cols} inputs is not a whole number of {dtype:?} blocks of {SUPER}"
-            )));
-        }
-        let row_bytes = cols / SUPER * block_bytes;
-        if raw.len() != rows * row_bytes {
-            return Some(Err(format!(
-                "{} bytes for {rows} × {cols} weights in {dtype:?}, expected {}",
-                raw.len(),
-                rows * row_bytes
-            )));
-        }
-        let rows = Self {
-            raw,
-            row_bytes,
-            block_bytes,
-            convert,
-        };
-        Some(Ok((encoding, rows)))
+/// `raw`, blocks of `dtype` as a GGUF file stores them (any number of
+/// rows, each a whole number of blocks), re-cut into blocks of 32 inputs in
+/// the same order, with the encoding they are in; `None` for types that
+/// are not re-cut.
+pub fn recut(dtype: GgmlDType, raw: &[u8]) -> Option<Result<(Encoding, Vec<u8>), String>> {
+    // (bytes of a block, weights in it, the encoding, the conversion)
+    let (bytes, weights, encoding, convert): (usize, usize, Encoding, Convert) = match dtype {
+        GgmlDType::Q4K => (144, SUPER, Encoding::K4, q4k),
+        GgmlDType::Q5K => (176, SUPER, Encoding::K5, q5k),
+        GgmlDType::Q6K => (210, SUPER, Encoding::K6, q6k),
+        _ => return None,
+    };
+    if !raw.len().is_multiple_of(bytes) {
+        return Some(Err(format!(
+            "{} bytes is not a whole number of {dtype:?} blocks",
+            raw.len()
+        )));
     }
-
-    /// Row `r` re-cut into `out` (replacing what it held): blocks of 32
-    /// inputs, each span of 8 after its head ([`Encoding::span_bytes`]).
-    pub(crate) fn recut_row(&self, r: usize, out: &mut Vec<u8>) {
-        out.clear();
-        let row = &self.raw[r * self.row_bytes..][..self.row_bytes];
-        for block in row.chunks_exact(self.block_bytes) {
-            (self.convert)(block, out);
-        }
+    // Spans (8 blocks under a head) a GGUF block becomes.
+    let spans = weights / (encoding.span() * BLOCK);
+    let mut out = Vec::with_capacity(raw.len() / bytes * spans * encoding.span_bytes());
+    for block in raw.chunks_exact(bytes) {
+        convert(block, &mut out);
     }
+    debug_assert_eq!(out.len(), raw.len() / bytes * spans * encoding.span_bytes());
+    Some(Ok((encoding, out)))
 }
 
 fn f16_at(bytes: &[u8]) -> f32 {

@@ -19,7 +19,6 @@
 use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Tensor};
 
-use crate::kquants::KQuantRows;
 use crate::level::{with_vector_features, CpuLevel};
 
 /// Inputs per block, in every encoding here.
@@ -252,27 +251,6 @@ impl Encoding {
     }
 }
 
-/// Where [`PackedMatrix::pack`] reads each row of a matrix: its bytes as
-/// stored (`row_bytes` a row), or K-quant blocks re-cut a row at a time.
-enum SourceRows<'a> {
-    Stored { raw: &'a [u8], row_bytes: usize },
-    Recut(KQuantRows<'a>),
-}
-
-impl SourceRows<'_> {
-    /// Row `r` in the packer's input layout, from `raw` or re-cut into
-    /// `scratch`.
-    fn row<'s>(&'s self, r: usize, scratch: &'s mut Vec<u8>) -> &'s [u8] {
-        match self {
-            Self::Stored { raw, row_bytes } => &raw[r * row_bytes..][..*row_bytes],
-            Self::Recut(rows) => {
-                rows.recut_row(r, scratch);
-                scratch
-            }
-        }
-    }
-}
-
 /// A weight `[rows, cols]` (outputs × inputs) as interleaved records: for
 /// each group of 16 rows and each block of 32 inputs, the 16 blocks' scales
 /// side by side, then their payloads element by element (in the 4-bit
@@ -300,46 +278,6 @@ impl PackedMatrix {
         raw: &[u8],
         source_rows: Option<&[usize]>,
     ) -> Result<Self, String> {
-        let row_bytes = cols / (encoding.span() * BLOCK) * encoding.span_bytes();
-        if raw.len() != rows * row_bytes {
-            return Err(format!(
-                "{} bytes for {rows} × {cols} weights in {encoding:?}, expected {}",
-                raw.len(),
-                rows * row_bytes
-            ));
-        }
-        let source = SourceRows::Stored { raw, row_bytes };
-        Self::pack(encoding, rows, cols, &source, source_rows)
-    }
-
-    /// `raw`, a GGUF tensor's blocks of `dtype`, packed: as stored where a
-    /// kernel reads the type, re-cut a row at a time (`kquants.rs`) where
-    /// one reads its re-cut form; `None` for types with neither.
-    pub fn from_ggml(
-        dtype: GgmlDType,
-        rows: usize,
-        cols: usize,
-        raw: &[u8],
-        source_rows: Option<&[usize]>,
-    ) -> Option<Result<Self, String>> {
-        if let Some(encoding) = Encoding::of_ggml(dtype) {
-            return Some(Self::new(encoding, rows, cols, raw, source_rows));
-        }
-        let recut = KQuantRows::new(dtype, rows, cols, raw)?;
-        Some(recut.and_then(|(encoding, recut)| {
-            Self::pack(encoding, rows, cols, &SourceRows::Recut(recut), source_rows)
-        }))
-    }
-
-    /// Lays out `source`'s rows (see [`Self::new`]), whose length the
-    /// caller has checked against `rows × cols`.
-    fn pack(
-        encoding: Encoding,
-        rows: usize,
-        cols: usize,
-        source: &SourceRows<'_>,
-        source_rows: Option<&[usize]>,
-    ) -> Result<Self, String> {
         let (span, span_bytes) = (encoding.span(), encoding.span_bytes());
         if !cols.is_multiple_of(span * BLOCK) {
             return Err(format!(
@@ -348,6 +286,13 @@ impl PackedMatrix {
             ));
         }
         let spans = cols / (span * BLOCK);
+        if raw.len() != rows * spans * span_bytes {
+            return Err(format!(
+                "{} bytes for {rows} × {cols} weights in {encoding:?}, expected {}",
+                raw.len(),
+                rows * spans * span_bytes
+            ));
+        }
         if source_rows.is_some_and(|s| s.len() != rows || s.iter().any(|&r| r >= rows)) {
             return Err("the row order does not fit the matrix".into());
         }
@@ -359,12 +304,11 @@ impl PackedMatrix {
         let (scales, element) = (encoding.scales(), encoding.element_bytes());
         let scalar = encoding.scalar_bytes();
         let elements = encoding.payload_bytes() / element;
-        let mut scratch = Vec::with_capacity(spans * span_bytes);
         for row in 0..rows {
-            let source = source.row(source_rows.map_or(row, |s| s[row]), &mut scratch);
+            let source = source_rows.map_or(row, |s| s[row]);
             let (group, c) = (row / GROUP, row % GROUP);
             for s in 0..spans {
-                let src = &source[s * span_bytes..][..span_bytes];
+                let src = &raw[(source * spans + s) * span_bytes..][..span_bytes];
                 let dst = &mut data[(group * spans + s) * packed_span..][..packed_span];
                 for h in 0..heads {
                     dst[(h * GROUP + c) * 4..][..4].copy_from_slice(&src[h * 4..][..4]);
@@ -395,6 +339,27 @@ impl PackedMatrix {
             cols,
             data,
         })
+    }
+
+    /// `raw`, a GGUF tensor's blocks of `dtype`, packed: as stored where a
+    /// kernel reads the type, re-cut first (`kquants.rs`) where one reads
+    /// its re-cut form; `None` for types with neither.
+    pub fn from_ggml(
+        dtype: GgmlDType,
+        rows: usize,
+        cols: usize,
+        raw: &[u8],
+        source_rows: Option<&[usize]>,
+    ) -> Option<Result<Self, String>> {
+        if let Some(encoding) = Encoding::of_ggml(dtype) {
+            return Some(Self::new(encoding, rows, cols, raw, source_rows));
+        }
+        let recut = crate::kquants::recut(dtype, raw)?;
+        Some(
+            recut.and_then(|(encoding, blocks)| {
+                Self::new(encoding, rows, cols, &blocks, source_rows)
+            }),
+        )
     }
 
     /// Outputs.
