@@ -21,7 +21,7 @@ pub mod machine;
 pub mod matmul;
 pub mod packed;
 pub mod pool;
-mod reduce;
+pub mod reduce;
 mod register_avx2;
 mod register_avx512;
 mod register_int8;

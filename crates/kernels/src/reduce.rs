@@ -1,7 +1,8 @@
-//! Reductions of a row (max, sum, dot product), shared by the kernels, in a form the compiler
-//! vectorizes: `LANES` independent partial results, which a loop over
-//! `f32`s carried in one accumulator cannot have (the additions' order is
-//! fixed). Inlined into the callers' `with_vector_features!` bodies.
+//! Reductions of a row (max, sum, dot product), shared by the kernels and
+//! the optimizer's clipping norm, in a form the compiler vectorizes:
+//! `LANES` independent partial results, which a loop over `f32`s carried
+//! in one accumulator cannot have (the additions' order is fixed).
+//! Inlined into the callers' `with_vector_features!` bodies.
 
 /// One AVX-512 register, two AVX2 ones.
 const LANES: usize = 16;
@@ -53,6 +54,17 @@ pub(crate) fn lanes_dot(a: &[f32], b: &[f32]) -> f32 {
         }
     }
     lanes.iter().sum::<f32>() + tail
+}
+
+/// `Σ x²` of a vector of any length (a parameter's gradient, for its
+/// clipping norm), at the machine's vector level: runs of 4,096 summed by
+/// [`lanes_dot`], the runs added in f64 so that a long vector keeps its
+/// precision.
+pub fn sum_of_squares(x: &[f32]) -> f64 {
+    crate::level::with_vector_features!(x
+        .chunks(4096)
+        .map(|run| lanes_dot(run, run) as f64)
+        .sum::<f64>())
 }
 
 /// `Σ a ⊙ b` in 512-bit vectors, the lanes summed by shuffle halvings.
